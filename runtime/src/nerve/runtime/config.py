@@ -1,0 +1,230 @@
+"""Settings: one frozen model tree, loaded once by the entry point, then passed down.
+
+Sources, later ones winning: defaults, a YAML file, `NERVE_*` environment variables, command-line flags.
+An environment variable names a key path with `__` between levels: `NERVE_MQTT__URL`,
+`NERVE_EDGE__DEVICE`, `NERVE_CENTRAL__DISK__THRESHOLD`; its value is read as YAML (`90`, `[/, /data]`).
+Library code never reads the environment: only `load_settings` does, from the mapping it is given.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Final
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from nerve.runtime.errors import ConfigError
+from nerve.runtime.subjects import DEFAULT_PREFIX, check_prefix, check_token
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+ENV_PREFIX: Final = "NERVE_"
+DEFAULT_METRICS: Final = ("disk", "cpu", "memory", "load", "temperature")
+
+
+def _mqtt_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in {"mqtt", "tcp"} or not parts.hostname:
+        raise ValueError(f"expected mqtt://host:port, got {value!r}")
+    _ = parts.port  # raises ValueError on a bad port
+    return value
+
+
+def _nats_url(value: str) -> str:
+    for one in value.split(","):
+        parts = urlsplit(one.strip())
+        if parts.scheme not in {"nats", "tls"} or not parts.hostname:
+            raise ValueError(f"expected nats://host:port, got {one!r}")
+        _ = parts.port
+    return value
+
+
+def _device(value: str) -> str:
+    return check_token(value, "device id")
+
+
+def _metric(value: str) -> str:
+    return check_token(value, "metric")
+
+
+MqttUrl = Annotated[str, AfterValidator(_mqtt_url)]
+NatsUrl = Annotated[str, AfterValidator(_nats_url)]
+DeviceId = Annotated[str, AfterValidator(_device)]
+Metric = Annotated[str, AfterValidator(_metric)]
+
+
+def host_port(url: str, default_port: int) -> tuple[str, int]:
+    """The host and port of a broker URL."""
+    parts = urlsplit(url.split(",", maxsplit=1)[0].strip())
+    return parts.hostname or "127.0.0.1", parts.port or default_port
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MqttSettings(_Settings):
+    """Connection to mosquitto."""
+
+    url: MqttUrl = "mqtt://127.0.0.1:1883"
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+
+
+class NatsSettings(_Settings):
+    """Connection to NATS (JetStream on)."""
+
+    url: NatsUrl = "nats://127.0.0.1:4222"
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class EdgeSettings(_Settings):
+    """The device daemon."""
+
+    device: DeviceId | None = None
+    interval_s: float = Field(default=10.0, gt=0)
+    mounts: tuple[str, ...] = ("/",)
+    clear_temp_roots: tuple[Path, ...] = ()
+    trusted_keys: dict[str, str] = Field(
+        default_factory=dict, description="key id -> base64 Ed25519 public key"
+    )
+    trusted_keys_dir: Path | None = None
+    journal: Path | None = None
+    clock_skew_s: float = Field(default=30.0, ge=0)
+
+
+class BridgeSettings(_Settings):
+    """The MQTT ⇄ JetStream bridge."""
+
+    client_id: str = "nerve-bridge"
+    max_payload: int = Field(default=64 * 1024, gt=0, le=8 * 1024 * 1024)
+    metrics: tuple[Metric, ...] = DEFAULT_METRICS
+    downlink_durable: str = "nerve-bridge-downlink"
+
+
+class DiskRunbookSettings(_Settings):
+    """The disk-full runbook."""
+
+    threshold: float = Field(default=90.0, gt=0, le=100)
+    older_than_s: float = Field(default=3600.0, ge=0)
+    command_ttl_s: float = Field(default=60.0, gt=0)
+    result_timeout_s: float = Field(default=30.0, gt=0)
+    cooldown_s: float = Field(default=300.0, ge=0)
+
+
+class CentralSettings(_Settings):
+    """The central agents."""
+
+    keyid: str = "central"
+    signing_key: Path | None = None
+    disk: DiskRunbookSettings = DiskRunbookSettings()
+
+
+class Settings(_Settings):
+    """Everything, for every part."""
+
+    prefix: Annotated[str, AfterValidator(check_prefix)] = DEFAULT_PREFIX
+    data_dir: Path = Path(".nerve")
+    mqtt: MqttSettings = MqttSettings()
+    nats: NatsSettings = NatsSettings()
+    edge: EdgeSettings = EdgeSettings()
+    bridge: BridgeSettings = BridgeSettings()
+    central: CentralSettings = CentralSettings()
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _nested(path: list[str], value: object) -> dict[str, Any]:
+    tree: dict[str, Any] = {path[-1]: value}
+    for key in reversed(path[:-1]):
+        tree = {key: tree}
+    return tree
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file: {exc.strerror}", source=str(path)) from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not valid YAML: {exc}", source=str(path)) from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError("the top level must be a mapping of keys", source=str(path))
+    return document
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for name, raw in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or name == "NERVE_CONFIG":
+            continue
+        path = [level.lower() for level in name[len(ENV_PREFIX) :].split("__")]
+        if not all(path):
+            raise ConfigError("empty level in variable name", source="environment", key=name)
+        try:
+            value = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            value = raw
+        layer = _merge(layer, _nested(path, value))
+    return layer
+
+
+def _explain(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> ConfigError:
+    error = exc.errors()[0]
+    key = ".".join(str(loc) for loc in error["loc"])
+    source = "settings"
+    for name, layer in layers:
+        node: Any = layer
+        for loc in error["loc"]:
+            node = node.get(str(loc)) if isinstance(node, dict) else None
+        if node is not None:
+            source = name
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see configs/ for every key)"
+    more = len(exc.errors()) - 1
+    if more:
+        message += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return ConfigError(message, source=source, key=key)
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from a YAML file, `NERVE_*` variables in `env`, then `overrides`.
+
+    `overrides` is a nested mapping (from CLI flags). Raises `ConfigError` naming the source (the file,
+    `environment` or `command line`), the key and what was expected.
+    """
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if path is not None:
+        layers.append((str(path), _read_yaml(path)))
+    if env:
+        layers.append(("environment", _env_layer(env)))
+    if overrides:
+        layers.append(("command line", dict(overrides)))
+    merged: dict[str, Any] = {}
+    for _, layer in layers:
+        merged = _merge(merged, layer)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise _explain(exc, layers) from None

@@ -1,0 +1,161 @@
+"""The envelope: CloudEvents 1.0 attributes on every message nerve moves or keeps.
+
+`Event` (a reading or a discrete happening), `Command` (a request to a device, signed), `CommandResult`
+(what the device did about it) and `Fact` (an audit record, kept forever). Each has `specversion, id,
+source, type, subject (the device), time, data` plus the extensions `correlationid` (the chain it belongs
+to), `causationid` (the message that caused it) and `hops` (how many reactions deep it is).
+
+Models are frozen and forbid unknown attributes: a signed command must not smuggle fields its signature
+does not cover.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from nerve.runtime.subjects import check_token
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("time must carry a timezone (e.g. 2026-11-25T04:52:40Z)")
+    return value.astimezone(UTC)
+
+
+def _device(value: str) -> str:
+    return check_token(value, "device id")
+
+
+def _name(value: str) -> str:
+    return check_token(value, "name")
+
+
+UtcTime = Annotated[datetime, AfterValidator(_utc)]
+DeviceId = Annotated[str, AfterValidator(_device)]
+Token = Annotated[str, AfterValidator(_name)]
+MessageId = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+def new_id() -> str:
+    """A fresh message id (UUID4, hex)."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
+
+
+class Envelope(BaseModel):
+    """Attributes shared by every nerve message."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    specversion: Literal["1.0"] = "1.0"
+    id: MessageId = Field(default_factory=new_id)
+    source: str = Field(min_length=1, max_length=256)
+    type: str = Field(min_length=1, max_length=128)
+    subject: DeviceId
+    time: UtcTime = Field(default_factory=utcnow)
+    data: dict[str, Any] = Field(default_factory=dict)
+    correlationid: MessageId | None = None
+    causationid: MessageId | None = None
+    hops: int = Field(default=0, ge=0)
+
+    def caused(self) -> dict[str, Any]:
+        """Attributes for a message caused by this one: same chain, one hop further."""
+        return {
+            "correlationid": self.correlationid or self.id,
+            "causationid": self.id,
+            "hops": self.hops + 1,
+        }
+
+
+class Event(Envelope):
+    """Something that happened on a device: a reading (`nerve.telemetry.<metric>`) or an event."""
+
+
+class Command(Envelope):
+    """A request for a device to run an allow-listed `action` with `data` as its arguments.
+
+    Valid only until `expires`, and only with a signature (`keyid`, `sig`) by a key the device trusts.
+    """
+
+    action: Token
+    expires: UtcTime
+    keyid: str = ""
+    sig: str = ""
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        device: str,
+        action: str,
+        args: dict[str, Any],
+        source: str,
+        ttl: timedelta,
+        cause: Envelope | None = None,
+        command_id: str | None = None,
+    ) -> Self:
+        """A new unsigned command that expires `ttl` from now, chained to `cause` if given."""
+        now = utcnow()
+        chain = cause.caused() if cause is not None else {}
+        return cls(
+            id=command_id or new_id(),
+            source=source,
+            type=f"nerve.command.{action}",
+            subject=device,
+            time=now,
+            data=args,
+            action=action,
+            expires=now + ttl,
+            **chain,
+        )
+
+
+ResultStatus = Literal["ok", "failed", "rejected", "expired", "unknown"]
+
+
+class CommandResult(Envelope):
+    """What a device did with a command: `causationid` is the command's id."""
+
+    action: Token
+    status: ResultStatus
+    reason: str = ""
+
+    @classmethod
+    def for_command(
+        cls,
+        command: Command,
+        *,
+        source: str,
+        status: ResultStatus,
+        reason: str = "",
+        data: dict[str, Any] | None = None,
+    ) -> Self:
+        """The result of `command`, chained to it."""
+        return cls(
+            source=source,
+            type=f"nerve.result.{command.action}",
+            subject=command.subject,
+            action=command.action,
+            status=status,
+            reason=reason,
+            data=data or {},
+            **command.caused(),
+        )
+
+
+class Fact(Envelope):
+    """An audit record: what nerve saw, decided and did. Kept forever in NERVE_FACTS.
+
+    `kind` (a token) is the last level of its subject; `summary` is one line a person can read.
+    """
+
+    kind: Token
+    summary: str = ""

@@ -1,0 +1,137 @@
+"""Ed25519 signatures on commands: central signs, devices verify.
+
+The signature covers the canonical JSON of every attribute of the command but `sig` itself (keys
+sorted, no spaces), so it survives a trip through msgpack or JSON and any field changed in transit
+breaks it. Keys are files: `<keyid>.key` holds the base64 seed (mode 0600), `<keyid>.pub` the base64
+public key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+from typing import TYPE_CHECKING, Final
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+
+from nerve.runtime.errors import ConfigError, SignatureError
+from nerve.runtime.subjects import is_token
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from pathlib import Path
+
+    from nerve.runtime.envelope import Command
+
+PRIVATE_SUFFIX: Final = ".key"
+PUBLIC_SUFFIX: Final = ".pub"
+
+
+def canonical_bytes(command: Command) -> bytes:
+    """The bytes a command's signature covers."""
+    document = command.model_dump(mode="json", exclude={"sig"}, exclude_none=True)
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def generate_keypair(directory: Path, keyid: str, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write a new key pair `<keyid>.key` (0600) and `<keyid>.pub` into `directory`.
+
+    Raises `ConfigError` if the key id is not a token or the files exist and `overwrite` is false.
+    """
+    if not is_token(keyid):
+        raise ConfigError("key id must be 1-64 of A-Z a-z 0-9 _ -", key=keyid)
+    directory.mkdir(parents=True, exist_ok=True)
+    private, public = directory / f"{keyid}{PRIVATE_SUFFIX}", directory / f"{keyid}{PUBLIC_SUFFIX}"
+    if not overwrite and (private.exists() or public.exists()):
+        raise ConfigError("key files exist already (pass --force to replace them)", source=str(private))
+    key = SigningKey.generate()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(private, flags, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(base64.b64encode(bytes(key)).decode() + "\n")
+    public.write_text(base64.b64encode(bytes(key.verify_key)).decode() + "\n", encoding="ascii")
+    return private, public
+
+
+def _decode_key(text: str, *, source: str, size: int = 32) -> bytes:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError("key is not valid base64", source=source) from None
+    if len(raw) != size:
+        raise ConfigError(f"key must be {size} bytes, got {len(raw)}", source=source)
+    return raw
+
+
+class Signer:
+    """Signs commands with one private key."""
+
+    def __init__(self, keyid: str, key: SigningKey) -> None:
+        self.keyid = keyid
+        self._key = key
+
+    @classmethod
+    def from_file(cls, path: Path, keyid: str | None = None) -> Signer:
+        """Load `<keyid>.key`; the key id defaults to the file's stem. Raises `ConfigError`."""
+        try:
+            text = path.read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read signing key: {exc}", source=str(path)) from None
+        return cls(keyid or path.stem, SigningKey(_decode_key(text, source=str(path))))
+
+    @property
+    def public_key(self) -> str:
+        """The base64 public key that devices must trust."""
+        return base64.b64encode(bytes(self._key.verify_key)).decode()
+
+    def sign(self, command: Command) -> Command:
+        """Return `command` with `keyid` and `sig` set."""
+        unsigned = command.model_copy(update={"keyid": self.keyid, "sig": ""})
+        signature = self._key.sign(canonical_bytes(unsigned)).signature
+        return unsigned.model_copy(update={"sig": base64.b64encode(signature).decode()})
+
+
+class Verifier:
+    """Checks command signatures against the keys a device trusts (several, for rotation)."""
+
+    def __init__(self, trusted: Mapping[str, VerifyKey]) -> None:
+        self._trusted = dict(trusted)
+
+    @classmethod
+    def from_config(cls, keys: Mapping[str, str], directory: Path | None = None) -> Verifier:
+        """Trust the base64 keys in `keys` and every `<keyid>.pub` in `directory`. Raises `ConfigError`."""
+        trusted = {
+            keyid: VerifyKey(_decode_key(text, source=f"trusted key {keyid!r}"))
+            for keyid, text in keys.items()
+        }
+        if directory is not None:
+            if not directory.is_dir():
+                raise ConfigError("trusted keys directory does not exist", source=str(directory))
+            for path in sorted(directory.glob(f"*{PUBLIC_SUFFIX}")):
+                text = path.read_text(encoding="ascii")
+                trusted[path.stem] = VerifyKey(_decode_key(text, source=str(path)))
+        return cls(trusted)
+
+    @property
+    def keyids(self) -> frozenset[str]:
+        """The key ids trusted."""
+        return frozenset(self._trusted)
+
+    def verify(self, command: Command) -> None:
+        """Return if `command` is signed by a trusted key; raise `SignatureError` saying why not."""
+        if not command.sig or not command.keyid:
+            raise SignatureError("command is not signed")
+        key = self._trusted.get(command.keyid)
+        if key is None:
+            raise SignatureError(f"command is signed by unknown key id {command.keyid!r}")
+        try:
+            signature = base64.b64decode(command.sig, validate=True)
+        except (binascii.Error, ValueError):
+            raise SignatureError("signature is not valid base64") from None
+        try:
+            key.verify(canonical_bytes(command), signature)
+        except (BadSignatureError, ValueError):
+            raise SignatureError("bad signature: the command was altered or forged") from None
