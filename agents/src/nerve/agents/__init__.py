@@ -1,1 +1,16 @@
-"""nerve.agents."""
+"""nerve.agents: the agents that ship with nerve."""
+
+from typing import TYPE_CHECKING
+
+from nerve.agents.disk import DiskRunbook
+
+if TYPE_CHECKING:
+    from nerve.runtime.agent import Agent
+    from nerve.runtime.config import Settings
+
+__all__ = ["DiskRunbook", "builtin_agents"]
+
+
+def builtin_agents(settings: "Settings") -> list["Agent"]:
+    """The agents `nerve central` runs."""
+    return [DiskRunbook(settings.central.disk)]

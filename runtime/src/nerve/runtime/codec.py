@@ -73,7 +73,7 @@ def load_document(payload: bytes) -> object:
         raise DecodeError("payload is neither msgpack nor UTF-8 text") from None
     try:
         return json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long int, too deeply nested
         raise DecodeError(f"payload is not valid JSON: {exc}") from None
 
 
@@ -150,7 +150,7 @@ def wrap_raw(address: Address, payload: bytes, *, source: str) -> Event:
         raise DecodeError("raw payload is not UTF-8 text") from None
     try:
         document: object = json.loads(text) if text else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, over-long int, too deeply nested
         document = None
     data = raw_data(address, document, text)
     try:

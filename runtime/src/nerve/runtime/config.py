@@ -188,11 +188,17 @@ def _explain(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> 
     error = exc.errors()[0]
     key = ".".join(str(loc) for loc in error["loc"])
     source = "settings"
+    missing = object()  # a key set to null in a layer still names that layer
     for name, layer in layers:
         node: Any = layer
         for loc in error["loc"]:
-            node = node.get(str(loc)) if isinstance(node, dict) else None
-        if node is not None:
+            if isinstance(node, dict):
+                node = node.get(str(loc), missing)
+            elif isinstance(node, list | tuple) and isinstance(loc, int) and 0 <= loc < len(node):
+                node = node[loc]  # an item of a list setting (bridge.metrics.1)
+            else:
+                node = missing
+        if node is not missing:
             source = name
     message = error["msg"]
     if error["type"] == "extra_forbidden":

@@ -23,7 +23,10 @@ from nerve.runtime.subjects import check_token
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("time must carry a timezone (e.g. 2026-11-25T04:52:40Z)")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00; pydantic only turns ValueError into errors
+        raise ValueError("time is out of range once converted to UTC") from None
 
 
 def _device(value: str) -> str:
@@ -43,6 +46,18 @@ MessageId = Annotated[str, Field(min_length=1, max_length=128)]
 def new_id() -> str:
     """A fresh message id (UUID4, hex)."""
     return uuid.uuid4().hex
+
+
+_DERIVED_NAMESPACE = uuid.UUID("6f1c1f1e-5e7a-4f43-9a35-8f2f3b9a6a10")
+
+
+def derived_id(*parts: str) -> str:
+    """A message id determined by `parts` (UUID5): the same reaction to the same cause gets the same id.
+
+    This is what makes reactions idempotent: a handler that runs twice for one event publishes messages
+    with the same ids, and JetStream's dedup stores them once.
+    """
+    return uuid.uuid5(_DERIVED_NAMESPACE, "\x1f".join(parts)).hex
 
 
 def utcnow() -> datetime:
@@ -137,9 +152,11 @@ class CommandResult(Envelope):
         status: ResultStatus,
         reason: str = "",
         data: dict[str, Any] | None = None,
+        result_id: str | None = None,
     ) -> Self:
         """The result of `command`, chained to it."""
         return cls(
+            id=result_id or new_id(),
             source=source,
             type=f"nerve.result.{command.action}",
             subject=command.subject,

@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
+import msgpack
 import nats
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
 from nerve.runtime.codec import to_msgpack
+from nerve.runtime.envelope import utcnow
 from nerve.runtime.errors import BrokerUnavailable
+from nerve.runtime.subjects import Address, Kind, deadletter_subject
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -18,7 +21,7 @@ if TYPE_CHECKING:
     from nats.js.api import PubAck
 
     from nerve.runtime.config import NatsSettings
-    from nerve.runtime.envelope import Envelope
+    from nerve.runtime.envelope import Envelope, Fact
 
 log = logging.getLogger(__name__)
 
@@ -65,3 +68,61 @@ async def publish_envelope(
     return await js.publish(
         subject, to_msgpack(envelope), timeout=timeout, headers={MSG_ID_HEADER: envelope.id}
     )
+
+
+REASON_HEADER: Final = "Nerve-Reason"
+ORIGIN_HEADER: Final = "Nerve-Origin"
+_HEADER_VALUE_MAX: Final = 512
+
+
+def dead_letter_body(*, part: str, reason: str, origin: str, payload: bytes) -> bytes:
+    """The msgpack record kept in NERVE_DEADLETTER: why, where it came from, and the original bytes."""
+    packed: bytes = msgpack.packb(
+        {
+            "part": part,
+            "reason": reason,
+            "origin": origin,
+            "time": utcnow().isoformat(),
+            "payload": payload,
+        }
+    )
+    return packed
+
+
+def _header_safe(value: str) -> str:
+    # Header values must not carry line breaks; the full text is in the body anyway.
+    return " ".join(value.split())[:_HEADER_VALUE_MAX]
+
+
+async def publish_dead_letter(
+    js: JetStreamContext,
+    *,
+    prefix: str,
+    part: str,
+    reason: str,
+    origin: str,
+    payload: bytes,
+    timeout: float = PUBLISH_TIMEOUT_S,
+) -> PubAck:
+    """Keep what `part` could not handle in NERVE_DEADLETTER, with the reason and the original bytes.
+
+    `origin` is the MQTT topic or NATS subject it came from.
+    """
+    return await js.publish(
+        deadletter_subject(part, prefix),
+        dead_letter_body(part=part, reason=reason, origin=origin, payload=payload),
+        timeout=timeout,
+        headers={REASON_HEADER: _header_safe(reason), ORIGIN_HEADER: _header_safe(origin)},
+    )
+
+
+def fact_subject(fact: Fact, prefix: str) -> str:
+    """The subject a fact is kept under: `<prefix>.<device>.facts.<kind>`."""
+    return Address(device=fact.subject, kind=Kind.FACTS, name=fact.kind).subject(prefix)
+
+
+async def publish_fact(
+    js: JetStreamContext, fact: Fact, *, prefix: str, timeout: float = PUBLISH_TIMEOUT_S
+) -> PubAck:
+    """Keep `fact` in NERVE_FACTS, once (deduplicated by its id)."""
+    return await publish_envelope(js, fact_subject(fact, prefix), fact, timeout=timeout)

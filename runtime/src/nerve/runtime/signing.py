@@ -50,6 +50,7 @@ def generate_keypair(directory: Path, keyid: str, *, overwrite: bool = False) ->
     key = SigningKey.generate()
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     fd = os.open(private, flags, 0o600)
+    os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a file that exists (overwrite)
     with os.fdopen(fd, "w", encoding="ascii") as handle:
         handle.write(base64.b64encode(bytes(key)).decode() + "\n")
     public.write_text(base64.b64encode(bytes(key.verify_key)).decode() + "\n", encoding="ascii")
@@ -111,7 +112,10 @@ class Verifier:
             if not directory.is_dir():
                 raise ConfigError("trusted keys directory does not exist", source=str(directory))
             for path in sorted(directory.glob(f"*{PUBLIC_SUFFIX}")):
-                text = path.read_text(encoding="ascii")
+                try:
+                    text = path.read_text(encoding="ascii")
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise ConfigError(f"cannot read trusted key: {exc}", source=str(path)) from None
                 trusted[path.stem] = VerifyKey(_decode_key(text, source=str(path)))
         return cls(trusted)
 

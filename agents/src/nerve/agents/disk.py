@@ -1,0 +1,270 @@
+"""The disk-full runbook: a disk reading at or over the threshold opens an incident and clears temp files.
+
+1. A `disk` reading ≥ threshold on a device with no open incident (and not cooling down) opens one.
+   The claim is atomic (a JetStream KV `create`), so two central processes never open two incidents.
+2. It signs and sends `clear_temp` to the device and keeps facts: incident opened, command issued.
+3. The device's result closes the incident (resolved or failed) with facts: the result, and a summary a
+   person on the dev team can read. No result before the timeout fails the incident.
+4. The device then cools down (`cooldown_s`): readings in that time open nothing (no alert storms).
+
+Every id this agent publishes derives from the reading that opened the incident, so a redelivered
+reading or a restarted central publishes the same messages again and JetStream keeps them once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+
+from nerve.runtime.agent import Agent, AgentContext, Subscription
+from nerve.runtime.envelope import CommandResult, Envelope, Event, derived_id
+from nerve.runtime.subjects import Kind
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+    from nerve.runtime.config import DiskRunbookSettings
+
+log = logging.getLogger(__name__)
+
+BUCKET: Final = "nerve_incidents"
+ACTION: Final = "clear_temp"
+
+
+@dataclass(frozen=True, slots=True)
+class Incident:
+    """The state of one device's disk incident, kept in the KV bucket under the device id."""
+
+    state: Literal["open", "cooling"]
+    incident_id: str
+    command_id: str
+    device: str
+    mount: str
+    value: float
+    opened_at: float
+    deadline: float
+    until: float = 0.0
+
+    def encode(self) -> bytes:
+        """As stored in KV."""
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Incident:
+        """From KV."""
+        return cls(**json.loads(raw))
+
+
+def _mib(size: object) -> str:
+    return f"{size / 1048576:.1f} MiB" if isinstance(size, int | float) else "? MiB"
+
+
+class DiskRunbook(Agent):
+    """Clears temp files on a device whose disk is nearly full; see the module docstring."""
+
+    name: ClassVar[str] = "disk"
+    subscriptions: ClassVar[tuple[Subscription, ...]] = (
+        Subscription(Kind.TELEMETRY, "disk"),
+        Subscription(Kind.RESULTS, ACTION),
+    )
+
+    def __init__(self, settings: DiskRunbookSettings) -> None:
+        self._settings = settings
+        self._kv: KeyValue | None = None
+        # Open incidents this process watches for timeouts: device -> deadline.
+        self._deadlines: dict[str, float] = {}
+
+    @property
+    def kv(self) -> KeyValue:
+        """The incidents bucket (after `start`)."""
+        if self._kv is None:
+            msg = "DiskRunbook.start() was not called"
+            raise RuntimeError(msg)
+        return self._kv
+
+    async def start(self, ctx: AgentContext) -> None:
+        """Create the incidents bucket and pick up incidents a previous run left open."""
+        self._kv = await ctx.js.create_key_value(bucket=BUCKET, history=1)
+        try:
+            keys = await self.kv.keys()
+        except NoKeysError:
+            keys = []
+        for device in keys:
+            incident = await self._get(device)
+            if incident is not None and incident.state == "open":
+                self._deadlines[device] = incident.deadline
+
+    async def _get(self, device: str) -> Incident | None:
+        try:
+            entry = await self.kv.get(device)
+        except KeyNotFoundError:
+            return None
+        return Incident.decode(entry.value) if entry.value else None
+
+    async def handle(self, envelope: Envelope, ctx: AgentContext) -> None:
+        """Route a reading or a result."""
+        if isinstance(envelope, CommandResult):
+            await self._on_result(envelope, ctx)
+        elif isinstance(envelope, Event):
+            await self._on_reading(envelope, ctx)
+
+    async def _claim(self, device: str, incident: Incident) -> Incident | None:
+        """Store `incident` unless another one is open or cooling; return the one that holds."""
+        try:
+            await self.kv.create(device, incident.encode())
+        except KeyWrongLastSequenceError:
+            entry = await self.kv.get(device)
+            current = Incident.decode(entry.value) if entry.value else None
+            if current is not None and (
+                current.incident_id == incident.incident_id  # a redelivery: carry on with it
+                or current.state == "open"
+                or current.until > time.time()
+            ):
+                return current
+            try:
+                await self.kv.update(device, incident.encode(), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                return await self._get(device)  # another process claimed it just now
+        return incident
+
+    async def _on_reading(self, reading: Event, ctx: AgentContext) -> None:
+        value = reading.data.get("value")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return
+        if value < self._settings.threshold:
+            return
+        device = reading.subject
+        mount = str(reading.data.get("mount", "?"))
+        now = time.time()
+        proposal = Incident(
+            state="open",
+            incident_id=derived_id(reading.id, "incident"),
+            command_id=derived_id(reading.id, "command", device, ACTION),
+            device=device,
+            mount=mount,
+            value=float(value),
+            opened_at=now,
+            deadline=now + self._settings.result_timeout_s,
+        )
+        incident = await self._claim(device, proposal)
+        if incident is None or incident.incident_id != proposal.incident_id:
+            log.debug("disk: %s at %.1f%% but an incident is open or cooling", device, value)
+            return
+        command = await ctx.command(
+            reading,
+            device=device,
+            action=ACTION,
+            args={"older_than_s": self._settings.older_than_s},
+            ttl=timedelta(seconds=self._settings.command_ttl_s),
+        )
+        self._deadlines[device] = incident.deadline
+        threshold = self._settings.threshold
+        await ctx.fact(
+            reading,
+            kind="incident_opened",
+            summary=f"{device}: disk {mount} at {value:.1f}% (threshold {threshold:g}%): incident opened",
+            data={"incident_id": incident.incident_id, "value": value, "mount": mount},
+        )
+        await ctx.fact(
+            reading,
+            kind="command_issued",
+            summary=(
+                f"{device}: sent {ACTION} (files older than {self._settings.older_than_s:g}s), "
+                f"command {command.id}, expires {command.expires.isoformat()}"
+            ),
+            data={"incident_id": incident.incident_id, "command_id": command.id, "action": ACTION},
+        )
+        log.info(
+            "disk: %s at %.1f%%: incident %s opened, %s sent", device, value, incident.incident_id, ACTION
+        )
+
+    async def _close(self, device: str, incident: Incident) -> bool:
+        """Move an open incident to cooling; False if it was not open any more (closed elsewhere)."""
+        try:
+            entry = await self.kv.get(device)
+        except KeyNotFoundError:
+            return False
+        current = Incident.decode(entry.value) if entry.value else None
+        if current is None or current.state != "open" or current.incident_id != incident.incident_id:
+            return False
+        cooling = Incident(
+            **{**asdict(current), "state": "cooling", "until": time.time() + self._settings.cooldown_s}
+        )
+        try:
+            await self.kv.update(device, cooling.encode(), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            return False
+        self._deadlines.pop(device, None)
+        return True
+
+    async def _on_result(self, result: CommandResult, ctx: AgentContext) -> None:
+        device = result.subject
+        incident = await self._get(device)
+        if incident is None or incident.command_id != result.causationid:
+            log.debug("disk: result %s matches no open incident on %s", result.id, device)
+            return
+        data: dict[str, Any] = result.data
+        took = time.time() - incident.opened_at
+        resolved = result.status == "ok"
+        await ctx.fact(
+            result,
+            kind="command_result",
+            summary=f"{device}: {ACTION} {result.status}" + (f": {result.reason}" if result.reason else ""),
+            data={"incident_id": incident.incident_id, "status": result.status, **data},
+        )
+        if resolved:
+            summary = (
+                f"Incident on {device} resolved in {took:.2f}s: disk {incident.mount} was at "
+                f"{incident.value:.1f}%; {ACTION} deleted {data.get('files_deleted', '?')} files and "
+                f"freed {_mib(data.get('bytes_freed'))}."
+            )
+        else:
+            summary = (
+                f"Incident on {device} FAILED after {took:.2f}s: disk {incident.mount} was at "
+                f"{incident.value:.1f}%; {ACTION} came back {result.status}"
+                + (f" ({result.reason})" if result.reason else "")
+                + ". Needs a person."
+            )
+        await ctx.fact(
+            result,
+            kind="incident_resolved" if resolved else "incident_failed",
+            summary=summary,
+            data={"incident_id": incident.incident_id, "seconds": round(took, 3), "status": result.status},
+        )
+        await self._close(device, incident)
+
+    async def tick(self, ctx: AgentContext) -> None:
+        """Fail open incidents whose device did not answer in time."""
+        now = time.time()
+        for device, deadline in list(self._deadlines.items()):
+            if deadline > now:
+                continue
+            incident = await self._get(device)
+            if incident is None or incident.state != "open":
+                self._deadlines.pop(device, None)
+                continue
+            if not await self._close(device, incident):
+                continue
+            cause = Event(
+                id=incident.incident_id,
+                source=ctx.source,
+                type="nerve.incident.timeout",
+                subject=device,
+            )
+            await ctx.fact(
+                cause,
+                kind="incident_failed",
+                summary=(
+                    f"Incident on {device} FAILED: disk {incident.mount} at {incident.value:.1f}% and no "
+                    f"result to {ACTION} within {self._settings.result_timeout_s:g}s. Needs a person."
+                ),
+                data={"incident_id": incident.incident_id, "command_id": incident.command_id},
+                key="timeout",
+            )
+            log.warning("disk: incident %s on %s timed out", incident.incident_id, device)

@@ -1,0 +1,111 @@
+"""Uplink: what an MQTT message becomes in JetStream.
+
+`translate` is pure: topic and bytes in, either a `Forward` (subject, body, dedup id) or a `Reject`
+(the reason, for the dead-letter stream). It never raises for any input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from nerve.runtime.codec import (
+    MODEL_OF_KIND,
+    envelope_from,
+    is_envelope,
+    is_msgpack_map,
+    load_document,
+    to_msgpack,
+    wrap_raw,
+)
+from nerve.runtime.errors import DecodeError, PayloadTooLarge, TopicError
+from nerve.runtime.subjects import Kind, parse_topic
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+    from nerve.runtime.subjects import Address
+
+UPLINK_KINDS = frozenset({Kind.TELEMETRY, Kind.EVENTS, Kind.RESULTS})
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """Store `body` on `subject`; `msg_id` is the dedup id (the event id)."""
+
+    subject: str
+    body: bytes
+    msg_id: str
+    device: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Dead-letter the message: `reason` says why."""
+
+    reason: str
+
+
+def uplink_filters(prefix: str) -> list[str]:
+    """The MQTT subscriptions of the uplink.
+
+    `#` rather than `+` after the kind, so a topic with extra levels reaches the bridge and is
+    dead-lettered with a reason instead of being ignored by the broker.
+    """
+    return [f"{prefix}/+/{kind.value}/#" for kind in sorted(UPLINK_KINDS)]
+
+
+def _enveloped(address: Address, document: object, payload: bytes, *, as_msgpack: bool) -> Forward:
+    envelope = envelope_from(document, MODEL_OF_KIND[address.kind])
+    if envelope.subject != address.device:
+        raise DecodeError(
+            f"envelope subject {envelope.subject!r} does not match the topic's device {address.device!r}"
+        )
+    # Already-valid msgpack is forwarded as it came: no second encode on the hot path.
+    body = payload if as_msgpack else to_msgpack(envelope)
+    return Forward(subject="", body=body, msg_id=envelope.id, device=address.device)
+
+
+def translate(
+    topic: str, payload: bytes, *, prefix: str, metrics: Collection[str], max_payload: int
+) -> Forward | Reject:
+    """Turn an MQTT message into what the bridge stores, or the reason it cannot."""
+    try:
+        if len(payload) > max_payload:
+            raise PayloadTooLarge(len(payload), max_payload)
+        address = parse_topic(topic, prefix)
+        if address.kind not in UPLINK_KINDS:
+            return Reject(f"{address.kind.value} are not accepted from devices")
+        if address.kind is Kind.TELEMETRY and address.name not in metrics:
+            return Reject(
+                f"unknown metric {address.name!r} (known: {', '.join(sorted(metrics))}; "
+                "add it to bridge.metrics)"
+            )
+        subject = address.subject(prefix)
+        if is_msgpack_map(payload):
+            document = load_document(payload)
+            if not is_envelope(document):
+                return Reject("msgpack payloads must be envelopes (with specversion)")
+            forward = _enveloped(address, document, payload, as_msgpack=True)
+        else:
+            document = _json_object(payload)
+            if is_envelope(document):
+                forward = _enveloped(address, document, payload, as_msgpack=False)
+            else:
+                event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+                forward = Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=address.device)
+    except (TopicError, DecodeError) as exc:
+        return Reject(str(exc))
+    return Forward(subject=subject, body=forward.body, msg_id=forward.msg_id, device=forward.device)
+
+
+def _json_object(payload: bytes) -> object:
+    """The parsed JSON object if `payload` is one, else None (raw text is handled by `wrap_raw`)."""
+    stripped = payload.lstrip()
+    if not stripped.startswith(b"{"):
+        return None
+    try:
+        return json.loads(stripped)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None

@@ -1,0 +1,188 @@
+"""Central: runs agents on durable JetStream consumers.
+
+Each agent subscription gets a durable push consumer with a deliver group (`nerve-agent-<name>-<kind>`),
+so several central processes share the work and a restarted one carries on where the last left off.
+A message is acknowledged after its handler returned. Undecodable messages and messages that failed
+`MAX_DELIVER` times go to the dead-letter stream with the reason. Messages more than `max_hops`
+reactions deep are dropped, and a fact says so (the loop guard).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Final
+
+from nats.errors import Error as NatsError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from nerve.runtime.agent import DEFAULT_MAX_HOPS, Agent, AgentContext, Reject, Retry
+from nerve.runtime.backoff import Backoff
+from nerve.runtime.codec import MODEL_OF_KIND, decode
+from nerve.runtime.errors import BrokerUnavailable, DecodeError
+from nerve.runtime.jetstream import connect, publish_dead_letter
+from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.agent import Subscription
+    from nerve.runtime.config import Settings
+    from nerve.runtime.envelope import Envelope
+    from nerve.runtime.signing import Signer
+
+log = logging.getLogger(__name__)
+
+PART: Final = "central"
+MAX_DELIVER: Final = 5
+ACK_WAIT_S: Final = 30.0
+MAX_ACK_PENDING: Final = 1000
+TICK_S: Final = 0.5
+RETRY_DELAY_S: Final = 1.0
+
+
+def consumer_name(agent: Agent, subscription: Subscription) -> str:
+    """The durable consumer (and deliver group) of one agent subscription."""
+    return f"nerve-agent-{agent.name}-{subscription.kind.value}-{subscription.name.replace('*', 'all')}"
+
+
+class Central:
+    """Runs `agents` until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        signer: Signer,
+        agents: Sequence[Agent],
+        max_hops: int = DEFAULT_MAX_HOPS,
+    ) -> None:
+        self._settings = settings
+        self._signer = signer
+        self._agents = list(agents)
+        self._max_hops = max_hops
+        self.ready = asyncio.Event()
+        self.handled = 0
+        self.deadlettered = 0
+
+    async def run(self) -> None:
+        """Run every agent until cancelled."""
+        nc = await self._connect()
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, self._settings.prefix)
+            async with asyncio.TaskGroup() as tasks:
+                for agent in self._agents:
+                    ctx = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=agent.name)
+                    await agent.start(ctx)
+                    for subscription in agent.subscriptions:
+                        sub = await self._subscribe(js, agent, subscription)
+                        tasks.create_task(
+                            self._consume(agent, ctx, subscription, sub),
+                            name=f"central-{consumer_name(agent, subscription)}",
+                        )
+                    tasks.create_task(self._ticks(agent, ctx), name=f"central-{agent.name}-tick")
+                self.ready.set()
+                log.info("central: running %s", ", ".join(agent.name for agent in self._agents))
+        finally:
+            self.ready.clear()
+            await nc.close()
+
+    async def _connect(self) -> NatsClient:
+        backoff = Backoff()
+        while True:
+            try:
+                return await connect(self._settings.nats, name="nerve-central")
+            except BrokerUnavailable as exc:
+                delay = backoff.next_delay()
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+
+    async def _subscribe(
+        self, js: JetStreamContext, agent: Agent, subscription: Subscription
+    ) -> JetStreamContext.PushSubscription:
+        name = consumer_name(agent, subscription)
+        return await js.subscribe(
+            subscription.subject(self._settings.prefix),
+            durable=name,
+            queue=name,
+            stream=STREAM_OF_KIND[subscription.kind],
+            manual_ack=True,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ACK_WAIT_S,
+                max_deliver=MAX_DELIVER,
+                max_ack_pending=MAX_ACK_PENDING,
+                deliver_policy=DeliverPolicy.ALL,
+            ),
+        )
+
+    async def _ticks(self, agent: Agent, ctx: AgentContext) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            try:
+                await agent.tick(ctx)
+            except (NatsError, TimeoutError) as exc:
+                log.warning("central: %s tick failed: %s", agent.name, exc)
+
+    async def _consume(
+        self,
+        agent: Agent,
+        ctx: AgentContext,
+        subscription: Subscription,
+        sub: JetStreamContext.PushSubscription,
+    ) -> None:
+        model = MODEL_OF_KIND[subscription.kind]
+        async for msg in sub.messages:
+            await self._deliver(agent, ctx, model, msg)
+
+    async def _dead_letter(self, ctx: AgentContext, msg: Msg, reason: str) -> None:
+        await publish_dead_letter(
+            ctx.js, prefix=ctx.prefix, part=PART, reason=reason, origin=msg.subject, payload=msg.data
+        )
+        await msg.term()
+        self.deadlettered += 1
+        log.warning("central: dead-lettered %s: %s", msg.subject, reason)
+
+    async def _deliver(self, agent: Agent, ctx: AgentContext, model: type[Envelope], msg: Msg) -> None:
+        try:
+            envelope = decode(msg.data, model)
+        except DecodeError as exc:
+            await self._dead_letter(ctx, msg, f"{agent.name}: {exc.reason}")
+            return
+        if envelope.hops > self._max_hops:
+            await ctx.fact(
+                envelope,
+                kind="loop_guard",
+                summary=(
+                    f"{agent.name} dropped {envelope.type} {envelope.id}: {envelope.hops} hops deep, "
+                    f"past the limit of {self._max_hops}"
+                ),
+                key=agent.name,
+            )
+            await msg.ack()
+            return
+        try:
+            await agent.handle(envelope, ctx)
+        except Reject as exc:
+            await self._dead_letter(ctx, msg, f"{agent.name}: {exc.reason}")
+        except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop the agent
+            # A handler's failure must not stop the agent: redeliver, and give up after MAX_DELIVER.
+            delivered = msg.metadata.num_delivered
+            if delivered >= MAX_DELIVER:
+                await self._dead_letter(
+                    ctx, msg, f"{agent.name}: failed {delivered} times, last: {type(exc).__name__}: {exc}"
+                )
+            else:
+                level = logging.INFO if isinstance(exc, Retry) else logging.ERROR
+                log.log(
+                    level, "central: %s failed on %s (try %d): %s", agent.name, msg.subject, delivered, exc
+                )
+                await msg.nak(delay=RETRY_DELAY_S)
+        else:
+            await msg.ack()
+            self.handled += 1

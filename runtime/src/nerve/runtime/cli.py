@@ -1,0 +1,234 @@
+"""The `nerve` command.
+
+`nerve up` (everything on one host), `nerve demo` (a spike through the whole arc, timed), `nerve facts`,
+`nerve keys generate`, and one command per part: `nerve edge`, `nerve bridge`, `nerve central`.
+Settings come from `--config` (or `NERVE_CONFIG`), `NERVE_*` variables, then flags. Errors print one
+clear line and exit 2; nerve's own errors never show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+from nerve.runtime.config import load_settings
+from nerve.runtime.errors import NerveError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Coroutine, Sequence
+
+    from nerve.runtime.config import Settings
+
+log = logging.getLogger("nerve")
+
+EXIT_ERROR: Final = 2
+EXIT_INTERRUPTED: Final = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="YAML settings file (default: $NERVE_CONFIG)")
+    common.add_argument("--mqtt-url", help="mosquitto, e.g. mqtt://127.0.0.1:1883")
+    common.add_argument("--nats-url", help="NATS, e.g. nats://127.0.0.1:4222")
+    common.add_argument("--log-level", default=None, help="debug, info, warning (default: info)")
+
+    parser = argparse.ArgumentParser(prog="nerve", description="event-driven agent runtime for edge fleets")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = sub.add_parser("up", parents=[common], help="run the whole stack on this host")
+    _stack_flags(up)
+    demo = sub.add_parser("demo", parents=[common], help="inject a disk spike and show the whole arc")
+    demo.add_argument("--device", default="demo-01", help="device id (default: demo-01)")
+    demo.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each step")
+    demo.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: a temp dir)")
+
+    facts = sub.add_parser("facts", parents=[common], help="print the audit facts, newest last")
+    facts.add_argument("--device", help="only this device's facts")
+    facts.add_argument("--limit", type=int, default=0, help="only the last N facts")
+
+    keys = sub.add_parser("keys", help="signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    generate = keys_sub.add_parser("generate", help="write an Ed25519 key pair")
+    generate.add_argument("--dir", type=Path, default=Path(), help="where to write (default: .)")
+    generate.add_argument("--keyid", default="central", help="key id and file stem (default: central)")
+    generate.add_argument("--force", action="store_true", help="replace existing key files")
+
+    edge = sub.add_parser("edge", parents=[common], help="run the device daemon")
+    edge.add_argument("--device", help="device id (default: the host name)")
+    sub.add_parser("bridge", parents=[common], help="run the MQTT <-> JetStream bridge")
+    sub.add_parser("central", parents=[common], help="run the central agents")
+    return parser
+
+
+def _stack_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="this host's device id (default: the host name)")
+    parser.add_argument("--mqtt-port", type=int, help="mosquitto port on 127.0.0.1 (default: 1883)")
+    parser.add_argument("--nats-port", type=int, help="NATS port on 127.0.0.1 (default: 4222)")
+    parser.add_argument("--data-dir", type=Path, help="brokers' data, keys, scratch (default: .nerve)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "mqtt_url", None):
+        overrides.setdefault("mqtt", {})["url"] = args.mqtt_url
+    if getattr(args, "nats_url", None):
+        overrides.setdefault("nats", {})["url"] = args.nats_url
+    if getattr(args, "mqtt_port", None):
+        overrides.setdefault("mqtt", {})["url"] = f"mqtt://127.0.0.1:{args.mqtt_port}"
+    if getattr(args, "nats_port", None):
+        overrides.setdefault("nats", {})["url"] = f"nats://127.0.0.1:{args.nats_port}"
+    if getattr(args, "data_dir", None):
+        overrides["data_dir"] = str(args.data_dir)
+    return overrides
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    config = args.config or (Path(os.environ["NERVE_CONFIG"]) if os.environ.get("NERVE_CONFIG") else None)
+    return load_settings(config, env=os.environ, overrides=_overrides(args))
+
+
+async def _until_signalled(job: Coroutine[Any, Any, int]) -> int:
+    """Run `job`; SIGINT or SIGTERM cancels it, so everything it started shuts down cleanly."""
+    task = asyncio.ensure_future(job)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def _up(args: argparse.Namespace) -> int:
+    from nerve.runtime.stack import Stack  # noqa: PLC0415 - needs every part installed
+
+    settings = _settings(args)
+    device = args.device or settings.edge.device or _default_device()
+    async with Stack(settings=settings, device=device) as stack:
+        info = stack.info
+        assert info is not None  # noqa: S101 - set by __aenter__
+        started = f" (started: {', '.join(info.started_brokers)})" if info.started_brokers else ""
+        print(
+            f"nerve is up: device {info.device}, mqtt {info.mqtt_host}:{info.mqtt_port}, "
+            f"nats {info.nats_url}, data {info.data_dir}{started}\n"
+            f"  try:   {info.try_command(settings.prefix)}\n"
+            f"  then:  nerve facts --nats-url {info.nats_url}\n"
+            f"  clear_temp cleans only {info.scratch}. Ctrl-C stops everything.",
+            flush=True,
+        )
+        await stack.wait()
+    return 0
+
+
+def _default_device() -> str:
+    from nerve.edge.agent import default_device_id  # noqa: PLC0415
+
+    return default_device_id()
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from nerve.runtime.demo import run_demo  # noqa: PLC0415
+
+    return await run_demo(
+        base=load_settings(
+            args.config, env={}, overrides={k: v for k, v in _overrides(args).items() if k != "data_dir"}
+        ),
+        device=args.device,
+        timeout=args.timeout,
+        data_dir=args.data_dir,
+    )
+
+
+async def _facts(args: argparse.Namespace) -> int:
+    from nerve.runtime.facts import print_facts  # noqa: PLC0415
+
+    return await print_facts(_settings(args), device=args.device, limit=args.limit)
+
+
+async def _edge(args: argparse.Namespace) -> int:
+    from nerve.edge.daemon import open_edge  # noqa: PLC0415
+
+    async with open_edge(_settings(args), device=args.device) as edge:
+        await edge.run()
+    return 0
+
+
+async def _bridge(args: argparse.Namespace) -> int:
+    from nerve.bridge import Bridge  # noqa: PLC0415
+
+    await Bridge(settings=_settings(args)).run()
+    return 0
+
+
+async def _central(args: argparse.Namespace) -> int:
+    from nerve.agents import builtin_agents  # noqa: PLC0415
+    from nerve.runtime.central import Central  # noqa: PLC0415
+    from nerve.runtime.errors import ConfigError  # noqa: PLC0415
+    from nerve.runtime.signing import Signer  # noqa: PLC0415
+
+    settings = _settings(args)
+    if settings.central.signing_key is None:
+        msg = "central needs a signing key: set central.signing_key (see `nerve keys generate`)"
+        raise ConfigError(msg, key="central.signing_key")
+    signer = Signer.from_file(settings.central.signing_key, settings.central.keyid)
+    await Central(settings=settings, signer=signer, agents=builtin_agents(settings)).run()
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from nerve.runtime.signing import generate_keypair  # noqa: PLC0415
+
+    private, public = generate_keypair(args.dir, args.keyid, overwrite=args.force)
+    print(f"wrote {private} (private, mode 0600: central signs with it)")
+    print(f"wrote {public} (public: give it to devices as a trusted key)")
+    return 0
+
+
+COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]] = {
+    "up": _up,
+    "demo": _demo,
+    "facts": _facts,
+    "edge": _edge,
+    "bridge": _bridge,
+    "central": _central,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `nerve` command; returns the exit status."""
+    args = _parser().parse_args(argv)
+    quiet = args.command in {"demo", "facts", "keys"}
+    level = (getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper()
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    try:
+        if args.command == "keys":
+            return _keys(args)
+        return asyncio.run(_until_signalled(COMMANDS[args.command](args)))
+    except NerveError as exc:
+        print(f"nerve {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith(("nerve.", "nats")):
+            raise
+        print(
+            f"nerve {args.command}: error: {exc.name} is not installed (install the full `nerve` package)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

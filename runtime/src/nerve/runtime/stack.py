@@ -1,0 +1,195 @@
+"""The all-in-one local stack behind `nerve up` and `nerve demo`.
+
+Brokers: if nothing answers at the configured MQTT / NATS address, mosquitto and nats-server are started
+as child processes with their data under the data dir, and stopped on the way out. Then central, bridge
+and edge run in this process, in one TaskGroup, in that order (so no reading reaches JetStream before
+its consumer exists). Dev mode: the edge's `clear_temp` works on `<data dir>/scratch`, never /tmp, and
+trusts the central key that the stack generates under `<data dir>/keys`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, NoReturn, Self
+
+from nerve.runtime.brokers import ManagedBroker, Mosquitto, NatsServer, port_answers
+from nerve.runtime.config import Settings, host_port
+from nerve.runtime.errors import ConfigError
+from nerve.runtime.signing import PRIVATE_SUFFIX, PUBLIC_SUFFIX, Signer, generate_keypair
+
+if TYPE_CHECKING:
+    from pathlib import Path
+    from types import TracebackType
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S: Final = 30.0
+LOOPBACK: Final = {"127.0.0.1", "localhost", "::1"}
+
+
+@dataclass(frozen=True, slots=True)
+class StackInfo:
+    """What a started stack looks like, for the ready line."""
+
+    device: str
+    mqtt_host: str
+    mqtt_port: int
+    nats_url: str
+    data_dir: Path
+    scratch: Path
+    started_brokers: tuple[str, ...]
+
+    def try_command(self, prefix: str) -> str:
+        """The `mosquitto_pub` line a person can paste to inject a disk spike."""
+        return (
+            f"mosquitto_pub -h {self.mqtt_host} -p {self.mqtt_port} "
+            f"-t {prefix}/{self.device}/telemetry/disk -m '{{\"value\": 95}}'"
+        )
+
+
+class Stack:
+    """Brokers (when needed), central, bridge and edge, as one async context manager."""
+
+    def __init__(self, *, settings: Settings, device: str) -> None:
+        self._device = device
+        data_dir = settings.data_dir.resolve()
+        self._data_dir = data_dir
+        self._scratch = data_dir / "scratch"
+        keys = data_dir / "keys"
+        self._settings = settings.model_copy(
+            update={
+                "data_dir": data_dir,
+                "edge": settings.edge.model_copy(
+                    update={
+                        "device": device,
+                        "clear_temp_roots": (self._scratch,),
+                        "trusted_keys_dir": keys,
+                        "journal": data_dir / "edge-journal.sqlite3",
+                    }
+                ),
+                "central": settings.central.model_copy(
+                    update={"signing_key": keys / f"{settings.central.keyid}{PRIVATE_SUFFIX}"}
+                ),
+            }
+        )
+        self._brokers: list[ManagedBroker] = []
+        self._tasks: asyncio.TaskGroup | None = None
+        self._stack_task: asyncio.Task[None] | None = None
+        self.info: StackInfo | None = None
+
+    @property
+    def settings(self) -> Settings:
+        """The settings every part runs with (brokers' URLs, scratch root, keys filled in)."""
+        return self._settings
+
+    async def _ensure_broker(self, url: str, default_port: int, kind: type[ManagedBroker]) -> None:
+        host, port = host_port(url, default_port)
+        if await port_answers(host, port):
+            log.info("using the %s already answering at %s:%d", kind.name, host, port)
+            return
+        if host not in LOOPBACK:
+            raise ConfigError(
+                f"nothing answers at {url}, and nerve only starts brokers on this machine (127.0.0.1)",
+                key=f"{'mqtt' if kind is Mosquitto else 'nats'}.url",
+            )
+        broker = kind(port=port, data_dir=self._data_dir / kind.name)
+        await broker.start()
+        self._brokers.append(broker)
+        log.info("started %s on 127.0.0.1:%d (data in %s)", kind.name, port, broker.data_dir)
+
+    def _ensure_keys(self) -> Signer:
+        keys = self._data_dir / "keys"
+        keyid = self._settings.central.keyid
+        private = keys / f"{keyid}{PRIVATE_SUFFIX}"
+        if not private.exists():
+            generate_keypair(keys, keyid)
+        elif not (keys / f"{keyid}{PUBLIC_SUFFIX}").exists():
+            raise ConfigError("private key without its .pub beside it", source=str(private))
+        return Signer.from_file(private, keyid)
+
+    async def __aenter__(self) -> Self:
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._scratch.mkdir(exist_ok=True)
+        try:
+            await self._ensure_broker(self._settings.mqtt.url, 1883, Mosquitto)
+            await self._ensure_broker(self._settings.nats.url, 4222, NatsServer)
+            signer = self._ensure_keys()
+            ready = asyncio.Event()
+            self._stack_task = asyncio.create_task(self._run_parts(signer, ready), name="nerve-stack")
+            ready_wait = asyncio.create_task(ready.wait())
+            done, _ = await asyncio.wait(
+                {self._stack_task, ready_wait}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            ready_wait.cancel()
+            if self._stack_task in done:
+                self._stack_task.result()  # raises what stopped it
+            if not ready.is_set():
+                _not_ready("the stack")
+        except BaseException:
+            await self._shutdown()
+            raise
+        host, port = host_port(self._settings.mqtt.url, 1883)
+        self.info = StackInfo(
+            device=self._device,
+            mqtt_host=host,
+            mqtt_port=port,
+            nats_url=self._settings.nats.url,
+            data_dir=self._data_dir,
+            scratch=self._scratch,
+            started_brokers=tuple(b.name for b in self._brokers),
+        )
+        return self
+
+    async def _run_parts(self, signer: Signer, ready: asyncio.Event) -> None:
+        # Imported here: an edge-only install has no bridge or agents, and `nerve edge` must not need them.
+        from nerve.agents import builtin_agents  # noqa: PLC0415
+        from nerve.bridge import Bridge  # noqa: PLC0415
+        from nerve.edge.daemon import open_edge  # noqa: PLC0415
+        from nerve.runtime.central import Central  # noqa: PLC0415
+
+        settings = self._settings
+        central = Central(settings=settings, signer=signer, agents=builtin_agents(settings))
+        bridge = Bridge(settings=settings)
+        async with open_edge(settings, device=self._device) as edge, asyncio.TaskGroup() as tasks:
+            tasks.create_task(central.run(), name="central")
+            await _wait_ready(central.ready, "central")
+            tasks.create_task(bridge.run(), name="bridge")
+            await _wait_ready(bridge.ready, "bridge")
+            tasks.create_task(edge.run(), name="edge")
+            await _wait_ready(edge.ready, "edge")
+            ready.set()
+
+    async def wait(self) -> None:
+        """Run until cancelled, or until a part fails (its error is raised)."""
+        if self._stack_task is not None:
+            await asyncio.shield(self._stack_task)
+
+    async def _shutdown(self) -> None:
+        if self._stack_task is not None and not self._stack_task.done():
+            self._stack_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._stack_task
+        for broker in reversed(self._brokers):
+            await broker.stop()
+        self._brokers.clear()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._shutdown()
+
+
+async def _wait_ready(event: asyncio.Event, part: str) -> None:
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await event.wait()
+    except TimeoutError:
+        _not_ready(part)
+
+
+def _not_ready(part: str) -> NoReturn:
+    msg = f"{part} was not ready within {READY_TIMEOUT_S:g}s (is the broker reachable?)"
+    raise ConfigError(msg)
