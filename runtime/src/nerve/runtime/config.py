@@ -180,6 +180,10 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw else raw
         except yaml.YAMLError:
             value = raw
+        if value is not None and not isinstance(value, dict | list):
+            # A scalar stays text: pydantic reads "85" or "true" by the key's type, and a device id
+            # `123`, `001` or `yes` stays the string it is (YAML would make it 123, 1, True).
+            value = raw
         layer = _merge(layer, _nested(path, value))
     return layer
 

@@ -1,0 +1,162 @@
+"""The bridge against a real mosquitto and a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import msgpack
+import pytest
+
+from nerve.bridge import Bridge
+from nerve.runtime.codec import decode, to_msgpack
+from nerve.runtime.envelope import Command, CommandResult, Event, Fact
+from nerve.runtime.jetstream import REASON_HEADER, publish_envelope
+from nerve.runtime.mqtt import make_client
+from nerve.runtime.streams import ensure_streams
+from nerve.runtime.testing import stream_messages, wait_for_count
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    import aiomqtt
+    from nats.aio.client import Client as NatsClient
+
+    from nerve.runtime.brokers import NatsServer
+    from nerve.runtime.config import Settings
+
+pytestmark = pytest.mark.broker
+
+
+@contextlib.asynccontextmanager
+async def running(bridge: Bridge) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(bridge.run())
+    try:
+        async with asyncio.timeout(10):
+            await bridge.ready.wait()
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@contextlib.asynccontextmanager
+async def publisher(settings: Settings, name: str = "test-pub") -> AsyncIterator[aiomqtt.Client]:
+    async with make_client(settings.mqtt, identifier=name, persistent=False) as client:
+        yield client
+
+
+async def test_raw_and_enveloped_readings_are_stored_once(settings: Settings, nc: NatsClient) -> None:
+    js = nc.jetstream()
+    event = Event(source="test", type="nerve.telemetry.cpu", subject="pi-01", data={"value": 12.5})
+    async with running(Bridge(settings=settings)), publisher(settings) as pub:
+        await pub.publish("nerve/pi-01/telemetry/disk", b"95", qos=1)
+        await pub.publish("nerve/pi-01/telemetry/cpu", to_msgpack(event), qos=1)
+        await pub.publish("nerve/pi-01/telemetry/cpu", to_msgpack(event), qos=1)  # a duplicate
+        await pub.publish("nerve/pi-01/telemetry/memory", b'{"value": 40}', qos=1)
+        await wait_for_count(js, "NERVE_TELEMETRY", 3)
+        await asyncio.sleep(0.2)
+    messages = await stream_messages(js, "NERVE_TELEMETRY")
+    assert [m.subject for m in messages] == [
+        "nerve.pi-01.telemetry.disk",
+        "nerve.pi-01.telemetry.cpu",
+        "nerve.pi-01.telemetry.memory",
+    ]
+    events = [decode(m.data, Event) for m in messages]
+    assert events[0].data == {"value": 95}
+    assert events[1] == event
+    assert messages[1].headers["Nats-Msg-Id"] == event.id
+
+
+async def test_bad_input_is_dead_lettered_and_bridge_keeps_going(settings: Settings, nc: NatsClient) -> None:
+    js = nc.jetstream()
+    bad = [
+        ("nerve/pi-01/telemetry/disk", b"not-a-number", "must be a number"),
+        ("nerve/bad$id/telemetry/disk", b"95", "device id 'bad$id' is not valid"),
+        ("nerve/pi-01/telemetry/humidity", b"95", "unknown metric 'humidity'"),
+        ("nerve/pi-01/telemetry/disk", b"9" * (settings.bridge.max_payload + 1), "exceeds the limit"),
+        ("nerve/pi-01/telemetry/disk", b"\x85\xa1a\x01", "malformed msgpack"),
+    ]
+    bridge = Bridge(settings=settings)
+    async with running(bridge), publisher(settings) as pub:
+        for topic, payload, _ in bad:
+            await pub.publish(topic, payload, qos=1)
+        await pub.publish("nerve/pi-01/telemetry/disk", b"91", qos=1)
+        await wait_for_count(js, "NERVE_DEADLETTER", len(bad))
+        await wait_for_count(js, "NERVE_TELEMETRY", 1)
+    dead = await stream_messages(js, "NERVE_DEADLETTER")
+    assert len(dead) == len(bad)
+    assert bridge.stats.deadlettered == len(bad)
+    for message, (topic, payload, reason) in zip(dead, bad, strict=True):
+        assert message.subject == "nerve.deadletter.bridge"
+        record = msgpack.unpackb(message.data)
+        assert reason in record["reason"]
+        assert record["origin"] == topic
+        assert record["payload"] == payload
+        assert reason in message.headers[REASON_HEADER]
+    stored = await stream_messages(js, "NERVE_TELEMETRY")
+    assert decode(stored[0].data, Event).data == {"value": 91}
+
+
+async def test_command_goes_down_and_expired_one_does_not(settings: Settings, nc: NatsClient) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    fresh = Command.create(
+        device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60)
+    )
+    stale = Command.create(
+        device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=-1)
+    )
+    async with publisher(settings, "device") as device:
+        await device.subscribe("nerve/pi-01/commands/+", qos=1)
+        await publish_envelope(js, "nerve.pi-01.commands.clear_temp", stale)
+        await publish_envelope(js, "nerve.pi-01.commands.clear_temp", fresh)
+        async with running(Bridge(settings=settings)):
+            async with asyncio.timeout(10):
+                message = await anext(aiomqtt_messages(device))
+            assert message.topic.value == "nerve/pi-01/commands/clear_temp"
+            assert isinstance(message.payload, bytes)
+            assert decode(message.payload, Command) == fresh
+            await wait_for_count(js, "NERVE_RESULTS", 1)
+            await wait_for_count(js, "NERVE_FACTS", 1)
+    result = decode((await stream_messages(js, "NERVE_RESULTS"))[0].data, CommandResult)
+    assert result.status == "expired"
+    assert result.causationid == stale.id
+    fact = decode((await stream_messages(js, "NERVE_FACTS"))[0].data, Fact)
+    assert fact.kind == "command_expired"
+    consumer = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
+    assert consumer.num_ack_pending == 0
+    assert consumer.num_pending == 0
+
+
+def aiomqtt_messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
+    return aiter(client.messages)
+
+
+async def test_nats_restart_loses_nothing_acknowledged(settings: Settings, nats_server: NatsServer) -> None:
+    """Readings published while nats-server is down are stored once it is back."""
+    total = 60
+    async with running(Bridge(settings=settings)), publisher(settings) as pub:
+        for i in range(20):
+            await pub.publish(f"nerve/dev-{i % 3}/telemetry/disk", str(i).encode(), qos=1)
+        await nats_server.kill()
+        for i in range(20, total):
+            await pub.publish(f"nerve/dev-{i % 3}/telemetry/disk", str(i).encode(), qos=1)
+        await asyncio.sleep(0.5)
+        await nats_server.start()
+        import nats  # noqa: PLC0415
+
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await wait_for_count(js, "NERVE_TELEMETRY", total, timeout=30)
+            values = sorted(
+                decode(m.data, Event).data["value"] for m in await stream_messages(js, "NERVE_TELEMETRY")
+            )
+        finally:
+            await nc.close()
+    # Raw payloads are at-least-once: every value is there, and a redelivery may add a copy.
+    assert set(values) == set(range(total))
