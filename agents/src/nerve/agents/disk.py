@@ -153,7 +153,7 @@ class DiskRunbook(Agent):
             deadline=now + self._settings.result_timeout_s,
         )
         incident = await self._claim(device, proposal)
-        if incident is None or incident.incident_id != proposal.incident_id:
+        if incident is None or incident.incident_id != proposal.incident_id or incident.state != "open":
             log.debug("disk: %s at %.1f%% but an incident is open or cooling", device, value)
             return
         command = await ctx.command(

@@ -1,0 +1,199 @@
+"""The disk runbook on central, against a real nats-server (the device's side is played by the test)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import msgpack
+import pytest
+
+from nerve.agents import DiskRunbook
+from nerve.runtime.central import Central
+from nerve.runtime.codec import decode
+from nerve.runtime.config import load_settings
+from nerve.runtime.envelope import Command, CommandResult, Event, Fact
+from nerve.runtime.jetstream import publish_envelope
+from nerve.runtime.signing import Signer, Verifier, generate_keypair
+from nerve.runtime.streams import ensure_streams
+from nerve.runtime.testing import stream_messages, wait_for_count
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.brokers import NatsServer
+    from nerve.runtime.config import Settings
+
+pytestmark = pytest.mark.broker
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Signer, Verifier]:
+    private, _ = generate_keypair(tmp_path / "keys", "central")
+    return Signer.from_file(private), Verifier.from_config({}, tmp_path / "keys")
+
+
+@pytest.fixture
+def central_settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
+    return load_settings(
+        overrides={
+            "nats": {"url": nats_server.url},
+            "data_dir": str(tmp_path),
+            "central": {"disk": {"result_timeout_s": 1.0, "cooldown_s": 60}},
+        }
+    )
+
+
+@contextlib.asynccontextmanager
+async def central(settings: Settings, signer: Signer) -> AsyncIterator[Central]:
+    runner = Central(settings=settings, signer=signer, agents=[DiskRunbook(settings.central.disk)])
+    task = asyncio.create_task(runner.run())
+    try:
+        async with asyncio.timeout(10):
+            await runner.ready.wait()
+        yield runner
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def reading(device: str, value: float) -> Event:
+    return Event(
+        source="test", type="nerve.telemetry.disk", subject=device, data={"value": value, "mount": "/"}
+    )
+
+
+async def facts_of(js: JetStreamContext) -> list[Fact]:
+    return [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]
+
+
+async def commands_of(js: JetStreamContext) -> list[Command]:
+    return [decode(m.data, Command) for m in await stream_messages(js, "NERVE_COMMANDS")]
+
+
+async def test_spike_sends_signed_command_and_result_resolves(
+    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+) -> None:
+    signer, verifier = keys
+    js = nc.jetstream()
+    async with central(central_settings, signer):
+        spike = reading("pi-01", 97)
+        await publish_envelope(js, "nerve.pi-01.telemetry.disk", reading("pi-01", 50))  # below: nothing
+        await publish_envelope(js, "nerve.pi-01.telemetry.disk", spike)
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands_of(js)
+        verifier.verify(command)  # raises if the signature is bad
+        assert command.action == "clear_temp"
+        assert command.subject == "pi-01"
+        assert command.causationid == spike.id
+        assert command.hops == 1
+        assert command.data == {"older_than_s": central_settings.central.disk.older_than_s}
+        result = CommandResult.for_command(
+            command, source="test", status="ok", data={"files_deleted": 3, "bytes_freed": 3 * 1048576}
+        )
+        await publish_envelope(js, "nerve.pi-01.results.clear_temp", result)
+        await wait_for_count(js, "NERVE_FACTS", 4)
+    kinds = [fact.kind for fact in await facts_of(js)]
+    assert kinds == ["incident_opened", "command_issued", "command_result", "incident_resolved"]
+    summary = (await facts_of(js))[-1].summary
+    assert "resolved" in summary
+    assert "97.0%" in summary
+    assert "3 files" in summary
+
+
+async def test_redelivered_spike_and_second_spike_send_one_command(
+    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+) -> None:
+    js = nc.jetstream()
+    signer, _ = keys
+    spike = reading("pi-02", 95)
+    async with central(central_settings, signer):
+        await publish_envelope(js, "nerve.pi-02.telemetry.disk", spike)
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        # The same reading stored again (past JetStream's dedup, e.g. a raw re-publish) and a new spike.
+        await js.publish("nerve.pi-02.telemetry.disk", (await stream_messages(js, "NERVE_TELEMETRY"))[0].data)
+        await publish_envelope(js, "nerve.pi-02.telemetry.disk", reading("pi-02", 99))
+        await publish_envelope(js, "nerve.pi-03.telemetry.disk", reading("pi-03", 99))
+        await wait_for_count(js, "NERVE_COMMANDS", 2)
+        await asyncio.sleep(0.5)
+    devices = [command.subject for command in await commands_of(js)]
+    assert devices == ["pi-02", "pi-03"]
+
+
+async def test_no_result_fails_the_incident_after_timeout(
+    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+) -> None:
+    js = nc.jetstream()
+    signer, _ = keys
+    async with central(central_settings, signer):
+        await publish_envelope(js, "nerve.pi-04.telemetry.disk", reading("pi-04", 93))
+        await wait_for_count(js, "NERVE_FACTS", 3, timeout=10)
+    facts = await facts_of(js)
+    assert [fact.kind for fact in facts] == ["incident_opened", "command_issued", "incident_failed"]
+    assert "no result" in facts[-1].summary
+
+
+async def test_failed_result_fails_the_incident(
+    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+) -> None:
+    js = nc.jetstream()
+    signer, _ = keys
+    async with central(central_settings, signer):
+        await publish_envelope(js, "nerve.pi-05.telemetry.disk", reading("pi-05", 93))
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands_of(js)
+        rejected = CommandResult.for_command(command, source="t", status="rejected", reason="bad signature")
+        await publish_envelope(js, "nerve.pi-05.results.clear_temp", rejected)
+        await wait_for_count(js, "NERVE_FACTS", 4)
+    facts = await facts_of(js)
+    assert facts[-1].kind == "incident_failed"
+    assert "bad signature" in facts[-1].summary
+
+
+async def test_open_incident_survives_a_central_restart(
+    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+) -> None:
+    js = nc.jetstream()
+    signer, _ = keys
+    async with central(central_settings, signer):
+        await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 96))
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+    (command,) = await commands_of(js)
+    async with central(central_settings, signer):
+        await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 98))  # incident is open
+        result = CommandResult.for_command(command, source="t", status="ok", data={"files_deleted": 0})
+        await publish_envelope(js, "nerve.pi-06.results.clear_temp", result)
+        await wait_for_count(js, "NERVE_FACTS", 4)
+    assert len(await commands_of(js)) == 1
+    assert (await facts_of(js))[-1].kind == "incident_resolved"
+
+
+async def test_undecodable_and_too_deep_messages(
+    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve")
+    signer, _ = keys
+    runner: Central
+    async with central(central_settings, signer) as runner:
+        await js.publish("nerve.pi-07.telemetry.disk", b"\x81\xa1x\xc1")  # malformed msgpack
+        looping = Event(source="t", type="nerve.telemetry.disk", subject="pi-07", data={"value": 99}, hops=9)
+        await publish_envelope(js, "nerve.pi-07.telemetry.disk", looping)
+        await wait_for_count(js, "NERVE_DEADLETTER", 1)
+        await wait_for_count(js, "NERVE_FACTS", 1)
+        assert runner.deadlettered == 1
+    (dead,) = await stream_messages(js, "NERVE_DEADLETTER")
+    record = msgpack.unpackb(dead.data)
+    assert dead.subject == "nerve.deadletter.central"
+    assert "malformed msgpack" in record["reason"]
+    assert record["payload"] == b"\x81\xa1x\xc1"
+    (fact,) = await facts_of(js)
+    assert fact.kind == "loop_guard"
+    assert "9 hops" in fact.summary
+    assert await commands_of(js) == []
