@@ -1,0 +1,33 @@
+"""The example configs we ship load, and a typo in one is an error naming file and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nerve.runtime.config import load_settings
+from nerve.runtime.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["nerve.yaml", "edge.yaml", "bridge.yaml", "central.yaml"])
+def test_example_config_loads(name: str) -> None:
+    settings = load_settings(CONFIGS / name)
+    assert settings.prefix == "nerve"
+
+
+def test_typo_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "edge.yaml"
+    path.write_text((CONFIGS / "edge.yaml").read_text().replace("interval_s:", "intervall_s:"))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert str(path) in str(caught.value)
+    assert "edge.intervall_s" in str(caught.value)
+
+
+def test_systemd_units_run_the_nerve_command() -> None:
+    for part in ("edge", "bridge", "central"):
+        unit = (CONFIGS / "systemd" / f"nerve-{part}.service").read_text()
+        assert f"nerve {part} --config /etc/nerve/{part}.yaml" in unit
