@@ -161,7 +161,7 @@ async def main() -> int:
             stop_s = time.perf_counter() - started
     print()
     print(
-        f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; spikes sequential, one device each"
+        f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; spikes one at a time"
     )
     floor_stats = percentiles(floor_ms)
     print(line("baseline: mosquitto QoS1 round trip", floor_stats, len(floor_ms)))
