@@ -20,7 +20,7 @@ import aiomqtt
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from nerve.bridge.uplink import Forward, translate, uplink_filters
+from nerve.bridge.uplink import Forward, Reject, translate, uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.codec import decode
 from nerve.runtime.envelope import Command, CommandResult, Fact, derived_id, utcnow
@@ -176,9 +176,13 @@ class Bridge:
                 else bytes(str(message.payload), "utf-8")
             )
             topic = message.topic.value
-            outcome = translate(
-                topic, payload, prefix=self._prefix, metrics=self._metrics, max_payload=max_payload
-            )
+            try:
+                outcome = translate(
+                    topic, payload, prefix=self._prefix, metrics=self._metrics, max_payload=max_payload
+                )
+            except Exception as exc:
+                log.exception("bridge: translating a message from %s failed", topic)
+                outcome = Reject(f"internal error while translating: {type(exc).__name__}: {exc}")
             if isinstance(outcome, Forward):
                 await self._store(js, outcome)
                 self.stats.stored += 1

@@ -97,6 +97,9 @@ def translate(
                 forward = Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=address.device)
     except (TopicError, DecodeError) as exc:
         return Reject(str(exc))
+    except (ValueError, OverflowError, RecursionError, TypeError) as exc:
+        # e.g. an integer too large for msgpack: valid JSON, but nothing we can store as an envelope.
+        return Reject(f"cannot store this payload: {type(exc).__name__}: {exc}")
     return Forward(subject=subject, body=forward.body, msg_id=forward.msg_id, device=forward.device)
 
 
@@ -107,5 +110,5 @@ def _json_object(payload: bytes) -> object:
         return None
     try:
         return json.loads(stripped)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return None

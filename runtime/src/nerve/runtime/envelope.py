@@ -79,7 +79,7 @@ class Envelope(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     correlationid: MessageId | None = None
     causationid: MessageId | None = None
-    hops: int = Field(default=0, ge=0)
+    hops: int = Field(default=0, ge=0, le=1_000_000)
 
     def caused(self) -> dict[str, Any]:
         """Attributes for a message caused by this one: same chain, one hop further."""

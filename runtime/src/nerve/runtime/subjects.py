@@ -134,4 +134,6 @@ def deadletter_subject(part: str, prefix: str = DEFAULT_PREFIX) -> str:
 
     Three tokens, where device subjects have four: the two can never overlap, whatever a device is called.
     """
+    if part != "*":
+        check_token(part, "dead-letter part")
     return f"{subject_root(prefix)}.deadletter.{part}"

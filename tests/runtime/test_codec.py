@@ -1,0 +1,523 @@
+"""Unit tests of nerve.runtime.codec: msgpack/JSON round trips, decode failures, raw payload wrapping."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nerve.runtime.codec import (
+    DEFAULT_MAX_PAYLOAD,
+    MODEL_OF_KIND,
+    decode,
+    envelope_from,
+    is_envelope,
+    is_msgpack_map,
+    load_document,
+    raw_data,
+    to_json,
+    to_msgpack,
+    wrap_raw,
+)
+from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact
+from nerve.runtime.errors import DecodeError, PayloadTooLarge
+from nerve.runtime.subjects import Address, Kind
+
+TIME = datetime(2026, 11, 25, 4, 52, 40, 123456, tzinfo=UTC)
+DATA: dict[str, Any] = {
+    "value": 95.5,
+    "count": 3,
+    "big": 2**62,
+    "neg": -(2**40),
+    "ok": True,
+    "none": None,
+    "text": "dïsk ✓ 日本",
+    "list": [1, "two", 3.0, [4], {"five": 5}],
+    "nested": {"a": {"b": {"c": []}}},
+}
+BASE: dict[str, Any] = {
+    "id": "e-1",
+    "source": "edge/pi-01",
+    "type": "nerve.telemetry.disk",
+    "subject": "pi-01",
+    "time": TIME,
+    "data": DATA,
+    "correlationid": "chain-1",
+    "causationid": "cause-1",
+    "hops": 2,
+}
+
+EVENT = Event.model_validate(BASE)
+COMMAND = Command.model_validate(
+    {
+        **BASE,
+        "action": "clear_temp",
+        "expires": TIME + timedelta(seconds=60),
+        "keyid": "central",
+        "sig": "c2ln",
+    }
+)
+RESULT = CommandResult.model_validate(
+    {**BASE, "action": "clear_temp", "status": "failed", "reason": "disk ro"}
+)
+FACT = Fact.model_validate({**BASE, "kind": "runbook_ran", "summary": "cleared /tmp"})
+ALL = [EVENT, COMMAND, RESULT, FACT]
+TELEMETRY = Address("pi-01", Kind.TELEMETRY, "disk")
+EVENTS = Address("pi-01", Kind.EVENTS, "door")
+
+
+def ids(envelope: Envelope) -> str:
+    return type(envelope).__name__
+
+
+# --- round trips -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("envelope", ALL, ids=ids)
+def test_msgpack_round_trip(envelope: Envelope) -> None:
+    payload = to_msgpack(envelope)
+    assert is_msgpack_map(payload)
+    again = decode(payload, type(envelope))
+    assert again == envelope
+    assert type(again) is type(envelope)
+    assert to_msgpack(again) == payload
+
+
+@pytest.mark.parametrize("envelope", ALL, ids=ids)
+def test_json_round_trip(envelope: Envelope) -> None:
+    payload = to_json(envelope)
+    assert not is_msgpack_map(payload)
+    assert b'": ' not in payload  # compact
+    assert b', "' not in payload
+    assert "日本".encode() in payload or b"\\u65e5" in payload  # UTF-8 text, however escaped
+    json.loads(payload)  # valid JSON text
+    again = decode(payload, type(envelope))
+    assert again == envelope
+    assert to_json(again) == payload
+
+
+@pytest.mark.parametrize("envelope", ALL, ids=ids)
+def test_json_to_msgpack_to_json(envelope: Envelope) -> None:
+    via_json = decode(to_json(envelope), type(envelope))
+    via_both = decode(to_msgpack(via_json), type(envelope))
+    assert via_both == envelope
+
+
+def test_none_attributes_are_left_out() -> None:
+    e = Event(source="s", type="t", subject="pi-01")
+    document = msgpack.unpackb(to_msgpack(e))
+    assert "correlationid" not in document
+    assert "causationid" not in document
+    assert set(document) == {"specversion", "id", "source", "type", "subject", "time", "data", "hops"}
+    assert "correlationid" not in json.loads(to_json(e))
+
+
+def test_time_is_iso_utc_on_the_wire() -> None:
+    document = msgpack.unpackb(to_msgpack(EVENT))
+    assert isinstance(document["time"], str)
+    assert datetime.fromisoformat(document["time"]) == TIME
+
+
+def test_decode_tells_msgpack_from_json() -> None:
+    assert decode(to_msgpack(EVENT), Event) == decode(to_json(EVENT), Event)
+    assert decode(b"  \n" + to_json(EVENT) + b"\n", Event) == EVENT  # JSON with whitespace around
+
+
+def test_msgpack_map16_is_detected() -> None:
+    # 16+ keys use map16 (0xde): still recognised as msgpack, and then refused for the extra keys
+    document = {**EVENT.model_dump(mode="json"), **{f"x{i}": i for i in range(10)}}
+    payload = msgpack.packb(document)
+    assert payload[0] == 0xDE
+    with pytest.raises(DecodeError, match="not a valid Event: x0: Extra inputs are not permitted"):
+        decode(payload, Event)
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        (b"", False),
+        (b"{}", False),
+        (b"\x80", True),
+        (b"\x8f", True),
+        (b"\xde\x00\x00", True),
+        (b"\xdf\x00\x00\x00\x00", True),
+        (b"\x90", False),  # fixarray
+        (b"\xc0", False),
+    ],
+)
+def test_is_msgpack_map(payload: bytes, expected: bool) -> None:
+    assert is_msgpack_map(payload) is expected
+
+
+def test_is_envelope() -> None:
+    assert is_envelope({"specversion": "1.0"})
+    assert not is_envelope({"value": 95})
+    assert not is_envelope(["specversion"])
+    assert not is_envelope("specversion")
+
+
+def test_model_of_kind() -> None:
+    assert set(MODEL_OF_KIND) == set(Kind)
+    assert MODEL_OF_KIND[Kind.TELEMETRY] is Event
+    assert MODEL_OF_KIND[Kind.EVENTS] is Event
+    assert MODEL_OF_KIND[Kind.COMMANDS] is Command
+    assert MODEL_OF_KIND[Kind.RESULTS] is CommandResult
+    assert MODEL_OF_KIND[Kind.FACTS] is Fact
+
+
+# --- decode failures ---------------------------------------------------------------------------------
+
+
+def test_malformed_msgpack() -> None:
+    with pytest.raises(DecodeError, match=r"^malformed msgpack") as info:
+        decode(b"\x81\xc1\xc1", Event)  # 0xc1 is never used by msgpack
+    assert info.value.reason.startswith("malformed msgpack")
+
+
+def test_truncated_msgpack() -> None:
+    payload = to_msgpack(EVENT)
+    for cut in (1, 5, len(payload) // 2, len(payload) - 1):
+        with pytest.raises(DecodeError, match=r"^malformed msgpack"):
+            decode(payload[:cut], Event)
+
+
+def test_msgpack_with_trailing_bytes() -> None:
+    with pytest.raises(DecodeError, match=r"^malformed msgpack"):
+        decode(to_msgpack(EVENT) + b"\x00", Event)
+
+
+def test_msgpack_with_non_string_keys() -> None:
+    with pytest.raises(DecodeError, match=r"^malformed msgpack"):
+        decode(msgpack.packb({1: "x"}), Event)
+
+
+def test_non_utf8() -> None:
+    with pytest.raises(DecodeError, match=r"^payload is neither msgpack nor UTF-8 text$"):
+        decode(b"\xff\xfe\x00garbage", Event)
+
+
+@pytest.mark.parametrize("payload", [b"not json", b"{", b'{"a": }', b"", b"   "])
+def test_invalid_json(payload: bytes) -> None:
+    with pytest.raises(DecodeError, match=r"^payload is not valid JSON"):
+        decode(payload, Event)
+
+
+@pytest.mark.parametrize(
+    ("payload", "got"),
+    [(b"[1, 2]", "list"), (b"95", "int"), (b'"x"', "str"), (b"null", "NoneType"), (b"NaN", "float")],
+)
+def test_json_that_is_not_a_map(payload: bytes, got: str) -> None:
+    with pytest.raises(DecodeError, match=f"^a Event must be a map, got {got}$"):
+        decode(payload, Event)
+
+
+def test_json_of_wrong_shape_names_attributes() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(b'{"specversion": "1.0", "value": 95}', Event)
+    reason = info.value.reason
+    assert reason.startswith("not a valid Event: ")
+    for attribute in ("source", "type", "subject", "value"):
+        assert attribute in reason
+
+
+def test_bad_attribute_value_is_named() -> None:
+    payload = to_json(EVENT).replace(b'"pi-01"', b'"pi.01"')
+    with pytest.raises(DecodeError, match=r"subject: Value error, device id 'pi\.01' is not valid"):
+        decode(payload, Event)
+
+
+def test_decode_checks_the_model() -> None:
+    with pytest.raises(DecodeError, match="not a valid Event: action"):
+        decode(to_msgpack(COMMAND), Event)  # extra attributes of a command are not an event's
+    with pytest.raises(DecodeError, match="not a valid Command") as info:
+        decode(to_msgpack(EVENT), Command)
+    assert "action" in info.value.reason
+    assert "expires" in info.value.reason
+
+
+def test_reason_lists_at_most_five_problems() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(json.dumps({f"x{i}": i for i in range(10)}).encode(), Event)
+    assert info.value.reason.count(";") == 4
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(b"[" * 5000, id="deep-json-array"),
+        pytest.param(b'{"a":' * 5000, id="deep-json-object"),
+        pytest.param(b"9" * 5000, id="int-over-4300-digits"),
+        pytest.param(b'{"hops": ' + b"9" * 5000 + b"}", id="nested-int-over-4300-digits"),
+        pytest.param(b"\x81\xa1a" * 5000 + b"\xc0", id="deep-msgpack"),
+        pytest.param(
+            json.dumps({**EVENT.model_dump(mode="json"), "time": "0001-01-01T00:00:00+01:00"}).encode(),
+            id="time-overflows-in-utc",
+        ),
+    ],
+)
+def test_hostile_payloads_are_decode_errors(payload: bytes) -> None:
+    # Each of these used to escape as RecursionError / ValueError / OverflowError.
+    with pytest.raises(DecodeError):
+        decode(payload, Event)
+
+
+def test_oversize() -> None:
+    payload = to_msgpack(EVENT)
+    with pytest.raises(PayloadTooLarge) as info:
+        decode(payload, Event, max_size=len(payload) - 1)
+    error = info.value
+    assert isinstance(error, DecodeError)
+    assert error.size == len(payload)
+    assert error.limit == len(payload) - 1
+    assert str(len(payload)) in error.reason
+    assert str(len(payload) - 1) in error.reason
+    assert decode(payload, Event, max_size=len(payload)) == EVENT  # the limit itself is allowed
+
+
+def test_oversize_is_checked_before_parsing() -> None:
+    with pytest.raises(PayloadTooLarge, match=f"exceeds the limit of {DEFAULT_MAX_PAYLOAD} bytes"):
+        decode(b"\xff" * (DEFAULT_MAX_PAYLOAD + 1), Event)
+
+
+def test_load_document_and_envelope_from() -> None:
+    assert load_document(b'{"a": 1}') == {"a": 1}
+    assert load_document(msgpack.packb({"a": [1, 2]})) == {"a": [1, 2]}
+    assert envelope_from(EVENT.model_dump(mode="json"), Event) == EVENT
+    with pytest.raises(DecodeError, match="a Fact must be a map, got list"):
+        envelope_from([], Fact)
+
+
+# --- properties ---------------------------------------------------------------------------------------
+
+json_leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+)
+json_values = st.recursive(
+    json_leaves,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+msgpack_ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
+hostile_leaves = (
+    json_leaves
+    | msgpack_ints
+    | st.floats()
+    | st.binary(max_size=8)
+    | st.sampled_from(["1.0", "pi-01", "2026-11-25T04:52:40Z", "0001-01-01T00:00:00+01:00", ""])
+)
+hostile_values = st.recursive(
+    hostile_leaves,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+attribute_names = st.sampled_from(
+    ["specversion", "id", "source", "type", "subject", "time", "data", "hops", "correlationid", "action"]
+)
+hostile_maps = st.dictionaries(attribute_names | st.text(max_size=6), hostile_values, max_size=12)
+tokens = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-", min_size=1, max_size=64)
+
+
+def decode_or_decode_error(payload: bytes, model: type[Envelope]) -> None:
+    try:
+        envelope = decode(payload, model)
+    except DecodeError as exc:
+        reason = exc.reason
+    else:
+        assert isinstance(envelope, model)
+        return
+    assert reason, "a dead-letter needs a reason"
+
+
+@given(payload=st.binary(max_size=256))
+def test_decode_arbitrary_bytes_only_raises_decode_error(payload: bytes) -> None:
+    decode_or_decode_error(payload, Event)
+
+
+@given(first=st.sampled_from([*range(0x80, 0x90), 0xDE, 0xDF]), rest=st.binary(max_size=256))
+def test_decode_arbitrary_msgpack_looking_bytes_only_raises_decode_error(first: int, rest: bytes) -> None:
+    decode_or_decode_error(bytes([first]) + rest, Event)
+
+
+@given(document=hostile_maps, model=st.sampled_from([Event, Command, CommandResult, Fact]))
+def test_decode_arbitrary_msgpack_maps_only_raises_decode_error(
+    document: dict[str, Any], model: type[Envelope]
+) -> None:
+    decode_or_decode_error(msgpack.packb(document), model)
+
+
+offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(lambda m: timezone(timedelta(minutes=m)))
+time_values = st.sampled_from(
+    ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "2026-11-25T04:52:40", "2026-13-01T00:00:00Z"]
+) | st.datetimes(timezones=offsets).map(datetime.isoformat)
+one_bad_attribute = st.one_of(
+    st.tuples(attribute_names, hostile_leaves),
+    st.tuples(st.sampled_from(["time", "expires"]), time_values),
+).map(lambda pair: {**COMMAND.model_dump(mode="json"), pair[0]: pair[1]})
+
+
+@given(document=one_bad_attribute, model=st.sampled_from([Event, Command, CommandResult, Fact]))
+def test_decode_envelope_with_one_bad_attribute_only_raises_decode_error(
+    document: dict[str, Any], model: type[Envelope]
+) -> None:
+    decode_or_decode_error(msgpack.packb(document), model)
+    decode_or_decode_error(json.dumps(document, default=repr).encode(), model)
+
+
+@given(
+    document=json_values
+    | st.integers()
+    | hostile_maps.map(lambda d: {k: v for k, v in d.items() if not isinstance(v, bytes)})
+)
+def test_decode_arbitrary_json_only_raises_decode_error(document: object) -> None:
+    try:
+        payload = json.dumps(document).encode()
+    except TypeError:  # bytes nested deeper: not JSON
+        return
+    decode_or_decode_error(payload, Event)
+
+
+@given(
+    data=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
+    device=tokens,
+    hops=st.integers(min_value=0, max_value=1_000_000),
+    time=st.datetimes(
+        min_value=datetime(1970, 1, 2),  # noqa: DTZ001
+        max_value=datetime(9000, 1, 1),  # noqa: DTZ001
+        timezones=st.just(UTC),
+    ),
+    correlationid=st.none() | st.text(min_size=1, max_size=128),
+)
+def test_round_trip_property(
+    data: dict[str, Any], device: str, hops: int, time: datetime, correlationid: str | None
+) -> None:
+    e = Event(
+        source="s", type="t", subject=device, time=time, data=data, hops=hops, correlationid=correlationid
+    )
+    assert decode(to_msgpack(e), Event) == e
+    assert decode(to_json(e), Event) == e
+
+
+# --- raw payloads -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "data"),
+    [
+        (b"95", {"value": 95}),
+        (b"95.5", {"value": 95.5}),
+        (b" 95 \n", {"value": 95}),
+        (b"-3", {"value": -3}),
+        (b"1e3", {"value": 1000.0}),
+        (b'{"value": 95}', {"value": 95}),
+        (b'{"value": 95, "mount": "/"}', {"value": 95, "mount": "/"}),
+        (b'{"value": 0.0}', {"value": 0.0}),
+    ],
+)
+def test_wrap_raw_telemetry(payload: bytes, data: dict[str, Any]) -> None:
+    before = datetime.now(UTC)
+    e = wrap_raw(TELEMETRY, payload, source="mqtt://nerve/pi-01/telemetry/disk")
+    assert e.data == data
+    assert type(e.data["value"]) is type(data["value"])  # 95 stays an int
+    assert e.type == "nerve.telemetry.disk"
+    assert e.subject == "pi-01"
+    assert e.source == "mqtt://nerve/pi-01/telemetry/disk"
+    assert e.hops == 0
+    assert e.correlationid is None
+    assert before <= e.time <= datetime.now(UTC)
+    assert decode(to_msgpack(e), Event) == e
+
+
+def test_wrapped_events_get_fresh_ids() -> None:
+    assert wrap_raw(TELEMETRY, b"95", source="s").id != wrap_raw(TELEMETRY, b"95", source="s").id
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"abc",
+        b"NaN",
+        b"Infinity",
+        b"-Infinity",
+        b"1e400",
+        b"true",
+        b"false",
+        b"null",
+        b'"95"',
+        b'{"value": "x"}',
+        b'{"value": true}',
+        b'{"value": NaN}',
+        b'{"value": null}',
+        b"{}",
+        b"[1]",
+        b"",
+        b"  \n",
+        b"95 percent",
+        b"9" * 5000,
+        b"[" * 5000,
+    ],
+)
+def test_wrap_raw_telemetry_refusals(payload: bytes) -> None:
+    with pytest.raises(DecodeError, match=r"telemetry (payload|map) for 'disk'") as info:
+        wrap_raw(TELEMETRY, payload, source="s")
+    assert "numeric 'value'" in info.value.reason
+
+
+def test_wrap_raw_refusal_quotes_a_long_payload_shortened() -> None:
+    with pytest.raises(DecodeError) as info:
+        wrap_raw(TELEMETRY, b"x" * 500, source="s")
+    assert "x" * 40 + "…" in info.value.reason
+    assert "x" * 41 not in info.value.reason
+
+
+def test_wrap_raw_non_utf8() -> None:
+    with pytest.raises(DecodeError, match=r"^raw payload is not UTF-8 text$"):
+        wrap_raw(EVENTS, b"\xff\xfe", source="s")
+
+
+@pytest.mark.parametrize(
+    ("payload", "data"),
+    [
+        (b'{"door": "open", "n": 2}', {"door": "open", "n": 2}),
+        (b"door opened", {"message": "door opened"}),
+        (b"  door opened \n", {"message": "door opened"}),
+        (b"95", {"message": "95"}),
+        (b"[1, 2]", {"message": "[1, 2]"}),
+        (b"", {"message": ""}),
+        ("ω".encode(), {"message": "ω"}),
+    ],
+)
+def test_wrap_raw_events_accept_maps_and_text(payload: bytes, data: dict[str, Any]) -> None:
+    e = wrap_raw(EVENTS, payload, source="s")
+    assert e.data == data
+    assert e.type == "nerve.events.door"
+
+
+@pytest.mark.parametrize("kind", [Kind.RESULTS, Kind.COMMANDS, Kind.FACTS])
+def test_wrap_raw_refuses_other_kinds(kind: Kind) -> None:
+    with pytest.raises(DecodeError, match=f"^{kind.value} must be enveloped messages, not raw payloads$"):
+        wrap_raw(Address("pi-01", kind, "reboot"), b'{"status": "ok"}', source="s")
+
+
+def test_wrap_raw_with_invalid_address_is_a_decode_error() -> None:
+    with pytest.raises(DecodeError, match=r"^cannot wrap payload: subject"):
+        wrap_raw(Address("bad$id", Kind.TELEMETRY, "disk"), b"95", source="s")
+
+
+def test_raw_data_is_a_copy_with_string_keys() -> None:
+    document = {"value": 1}
+    data = raw_data(TELEMETRY, document, "")
+    assert data == document
+    assert data is not document
