@@ -101,3 +101,18 @@ def test_command_result_forwarded() -> None:
     outcome = run("nerve/pi-01/results/clear_temp", to_msgpack(result))
     assert isinstance(outcome, Forward)
     assert outcome.subject == "nerve.pi-01.results.clear_temp"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"value": 99999999999999999999999}',
+        b'{"value": 1, "x": ' + b"9" * 5000 + b"}",
+        b"{" * 5000,
+    ],
+)
+def test_unstorable_json_is_rejected_not_raised(payload: bytes) -> None:
+    outcome = translate(
+        "nerve/pi-01/telemetry/disk", payload, prefix="nerve", metrics=DEFAULT_METRICS, max_payload=65536
+    )
+    assert isinstance(outcome, Reject)
