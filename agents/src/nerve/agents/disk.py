@@ -61,6 +61,10 @@ class Incident:
         return cls(**json.loads(raw))
 
 
+def _disk(mount: str) -> str:
+    return f"disk {mount}" if mount else "disk"
+
+
 def _mib(size: object) -> str:
     return f"{size / 1048576:.1f} MiB" if isinstance(size, int | float) else "? MiB"
 
@@ -140,7 +144,7 @@ class DiskRunbook(Agent):
         if value < self._settings.threshold:
             return
         device = reading.subject
-        mount = str(reading.data.get("mount", "?"))
+        mount = str(reading.data.get("mount", ""))
         now = time.time()
         proposal = Incident(
             state="open",
@@ -168,7 +172,7 @@ class DiskRunbook(Agent):
         await ctx.fact(
             reading,
             kind="incident_opened",
-            summary=f"{device}: disk {mount} at {value:.1f}% (threshold {threshold:g}%): incident opened",
+            summary=f"{device}: {_disk(mount)} at {value:.1f}% (threshold {threshold:g}%): incident opened",
             data={"incident_id": incident.incident_id, "value": value, "mount": mount},
         )
         await ctx.fact(
@@ -220,13 +224,13 @@ class DiskRunbook(Agent):
         )
         if resolved:
             summary = (
-                f"Incident on {device} resolved in {took:.2f}s: disk {incident.mount} was at "
+                f"Incident on {device} resolved in {took:.2f}s: {_disk(incident.mount)} was at "
                 f"{incident.value:.1f}%; {ACTION} deleted {data.get('files_deleted', '?')} files and "
                 f"freed {_mib(data.get('bytes_freed'))}."
             )
         else:
             summary = (
-                f"Incident on {device} FAILED after {took:.2f}s: disk {incident.mount} was at "
+                f"Incident on {device} FAILED after {took:.2f}s: {_disk(incident.mount)} was at "
                 f"{incident.value:.1f}%; {ACTION} came back {result.status}"
                 + (f" ({result.reason})" if result.reason else "")
                 + ". Needs a person."
@@ -261,7 +265,7 @@ class DiskRunbook(Agent):
                 cause,
                 kind="incident_failed",
                 summary=(
-                    f"Incident on {device} FAILED: disk {incident.mount} at {incident.value:.1f}% and no "
+                    f"Incident on {device} FAILED: {_disk(incident.mount)} at {incident.value:.1f}% and no "
                     f"result to {ACTION} within {self._settings.result_timeout_s:g}s. Needs a person."
                 ),
                 data={"incident_id": incident.incident_id, "command_id": incident.command_id},

@@ -38,7 +38,11 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
     async def on_error(exc: Exception) -> None:
         log.warning("nats (%s): %s", name, exc)
 
+    client: list[NatsClient] = []
+
     async def on_disconnected() -> None:
+        if client and (client[0].is_closed or client[0].is_draining):
+            return  # our own close, not an outage
         log.warning("nats (%s): disconnected, reconnecting", name)
 
     async def on_reconnected() -> None:
@@ -46,7 +50,7 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
 
     servers = [url.strip() for url in settings.url.split(",")]
     try:
-        return await nats.connect(
+        connected = await nats.connect(
             servers=servers,
             name=name,
             connect_timeout=settings.connect_timeout_s,
@@ -59,6 +63,8 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
         )
     except (NoServersError, OSError, TimeoutError, NatsError) as exc:
         raise BrokerUnavailable(settings.url, str(exc) or type(exc).__name__) from exc
+    client.append(connected)
+    return connected
 
 
 async def publish_envelope(

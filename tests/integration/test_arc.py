@@ -1,0 +1,91 @@
+"""The whole reflex arc on real brokers, driven the way a person would: `mosquitto_pub`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from nerve.runtime.codec import decode
+from nerve.runtime.envelope import CommandResult, Fact
+from nerve.runtime.stack import Stack
+from nerve.runtime.testing import stream_messages, wait_for_count
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+
+    from nerve.runtime.brokers import Mosquitto
+    from nerve.runtime.config import Settings
+
+pytestmark = pytest.mark.broker
+
+MOSQUITTO_PUB = shutil.which("mosquitto_pub")
+
+
+async def mosquitto_pub(broker: Mosquitto, topic: str, message: str) -> None:
+    if MOSQUITTO_PUB is None:
+        pytest.fail("mosquitto_pub is not installed (make setup installs mosquitto-clients)")
+    process = await asyncio.create_subprocess_exec(
+        MOSQUITTO_PUB, "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1", "-t", topic, "-m", message
+    )
+    assert await process.wait() == 0
+
+
+async def test_spike_clears_old_files_and_keeps_facts(
+    settings: Settings, mosquitto: Mosquitto, nc: NatsClient
+) -> None:
+    js = nc.jetstream()
+    quiet = settings.model_copy(update={"edge": settings.edge.model_copy(update={"mounts": ()})})
+    async with Stack(settings=quiet, device="pi-01") as stack:
+        assert stack.info is not None
+        assert stack.info.started_brokers == ()  # the test's brokers answered: none started
+        scratch = stack.info.scratch
+        old = scratch / "old.log"
+        old.write_bytes(b"x" * 4096)
+        past = time.time() - 2 * 86400
+        os.utime(old, (past, past))
+        fresh = scratch / "fresh.log"
+        fresh.write_bytes(b"keep")
+        outside = scratch.parent / "outside.log"
+        outside.write_bytes(b"never")
+        os.utime(outside, (past, past))
+
+        await mosquitto_pub(mosquitto, "nerve/pi-01/telemetry/disk", '{"value": 97}')
+        await wait_for_count(js, "NERVE_FACTS", 4, timeout=15)
+
+    facts = [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]
+    assert [f.kind for f in facts] == [
+        "incident_opened",
+        "command_issued",
+        "command_result",
+        "incident_resolved",
+    ]
+    assert len({f.correlationid for f in facts}) == 1  # one chain
+    assert "deleted 1 files" in facts[-1].summary
+    (result_msg,) = await stream_messages(js, "NERVE_RESULTS")
+    result = decode(result_msg.data, CommandResult)
+    assert result.status == "ok"
+    assert result.data["files_deleted"] == 1
+    assert result.data["bytes_freed"] == 4096
+    assert not old.exists()
+    assert fresh.exists()
+    assert outside.exists()
+
+
+async def test_plain_number_spike_and_bad_input_together(
+    settings: Settings, mosquitto: Mosquitto, nc: NatsClient
+) -> None:
+    js = nc.jetstream()
+    quiet = settings.model_copy(update={"edge": settings.edge.model_copy(update={"mounts": ()})})
+    async with Stack(settings=quiet, device="pi-02"):
+        await mosquitto_pub(mosquitto, "nerve/pi-02/telemetry/disk", "abc")
+        await mosquitto_pub(mosquitto, "nerve/pi 02/telemetry/disk", "95")
+        await mosquitto_pub(mosquitto, "nerve/pi-02/telemetry/disk", "95")
+        await wait_for_count(js, "NERVE_FACTS", 4, timeout=15)
+        await wait_for_count(js, "NERVE_DEADLETTER", 2)
+    facts = [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]
+    assert facts[-1].kind == "incident_resolved"
