@@ -1,0 +1,283 @@
+"""The edge daemon: presence, readings and commands of one device over MQTT.
+
+One persistent MQTT session (`nerve-edge-<device>`), kept up forever with jittered backoff:
+
+- presence: `online` (retained) on `<prefix>/<device>/status` once connected, `offline` (retained)
+  when stopped, and the same `offline` as the broker-published will if the device dies;
+- readings: every `edge.interval_s`, one Event per sensor reading on `<prefix>/<device>/telemetry/<metric>`;
+- commands: each message on `<prefix>/<device>/commands/+` goes through the `Executor` (in a worker
+  thread: it fsyncs and runs the action) and its result is published on
+  `<prefix>/<device>/results/<action>`.
+
+A command message is acknowledged to mosquitto only after its result was published. A device that
+dies in between gets the command again from its persistent session, and the journal answers it with
+the recorded result (or "unknown" if it was still running): delivered at least once, run at most once.
+This module imports nothing that needs nats-py: an edge-only install has none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+import time
+from typing import TYPE_CHECKING, Final
+
+import aiomqtt
+
+from nerve.edge.sensors import CpuSampler, Reading, read_all
+from nerve.runtime.backoff import Backoff
+from nerve.runtime.codec import to_msgpack
+from nerve.runtime.envelope import Event, utcnow
+from nerve.runtime.errors import ConfigError
+from nerve.runtime.mqtt import ack, make_client
+from nerve.runtime.subjects import Address, Kind, is_token, status_topic
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from datetime import datetime
+
+    from nerve.edge.executor import Executor
+    from nerve.runtime.config import Settings
+    from nerve.runtime.envelope import CommandResult
+
+__all__ = ["OFFLINE", "ONLINE", "EdgeAgent", "default_device_id"]
+
+_log: Final = logging.getLogger(__name__)
+
+ONLINE: Final = b"online"
+OFFLINE: Final = b"offline"
+
+_GOODBYE_TIMEOUT_S: Final = 2.0
+# How long a stop waits for a command already running in its thread, so its result still goes out.
+_DRAIN_TIMEOUT_S: Final = 10.0
+# A connection that held this long was a working one: the next outage starts from short delays.
+_HELD_S: Final = 10.0
+
+
+def default_device_id() -> str:
+    """This host's name up to the first dot, as a device id.
+
+    Raises:
+        ConfigError: that label is not a valid device id (1-64 of A-Z a-z 0-9 _ -); the message
+            says to pass --device.
+    """
+    host = socket.gethostname()
+    label = host.split(".", 1)[0]
+    if is_token(label):
+        return label
+    raise ConfigError(
+        f"the host name {host!r} is not a valid device id (1-64 of A-Z a-z 0-9 _ -): pass --device",
+        key="edge.device",
+    )
+
+
+def _deliver_swallowed_cancellation() -> None:
+    """Raise `CancelledError` if this task was asked to stop but never told.
+
+    On Python 3.11, `asyncio.wait_for` (which aiomqtt awaits every PUBACK and SUBACK with) returns
+    normally when a cancellation lands as the awaited ack arrives, and the request is lost (fixed in
+    3.12). A loop that went on after that would never stop: its TaskGroup cancels a child only once.
+    Call it after each publish or subscribe in a loop; not while already handling a cancellation.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+class EdgeAgent:
+    """The daemon of one device: call `run()` and cancel it to stop.
+
+    `ready` is set while connected and subscribed (cleared when the connection drops). `dropped`
+    counts command messages that got no answer (see `Executor.handle`). `clock` stamps the readings.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        device: str,
+        executor: Executor,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        if not is_token(device):
+            raise ConfigError(
+                f"{device!r} is not a valid device id (1-64 of A-Z a-z 0-9 _ -)", key="edge.device"
+            )
+        if executor.device != device:
+            raise ConfigError(
+                f"the executor is for device {executor.device!r}, not {device!r}", key="edge.device"
+            )
+        self._settings = settings
+        self._device = device
+        self._executor = executor
+        self._clock = clock
+        self._prefix = settings.prefix
+        self._source = f"nerve://edge/{device}"
+        self._status_topic = status_topic(device, self._prefix)
+        self._commands = f"{self._prefix}/{device}/{Kind.COMMANDS}/+"
+        self._telemetry_topics: dict[str, str] = {}
+        self._cpu = CpuSampler()
+        self._dropped = 0
+        self.ready = asyncio.Event()
+
+    @property
+    def device(self) -> str:
+        """The device this agent speaks for."""
+        return self._device
+
+    @property
+    def dropped(self) -> int:
+        """How many command messages got no answer (oversized, or without a command id)."""
+        return self._dropped
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect forever (backoff, warning logged) until cancelled.
+
+        On cancellation it lets a command already running finish and answer (up to 10 s), publishes
+        `offline` (retained, best effort, 2 s), disconnects and re-raises `CancelledError`.
+        """
+        backoff = Backoff()
+        while True:
+            began = time.monotonic()
+            problem: BaseException | None = None
+            try:
+                await self._session()
+            except* aiomqtt.MqttError as group:
+                problem = group.exceptions[0]
+            if time.monotonic() - began >= _HELD_S:
+                backoff.reset()
+            delay = backoff.next_delay()
+            _log.warning(
+                "MQTT connection to %s failed: %s; reconnecting in %.1f s",
+                self._settings.mqtt.url,
+                problem,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        client = make_client(
+            self._settings.mqtt,
+            identifier=f"nerve-edge-{self._device}",
+            persistent=True,
+            will=aiomqtt.Will(topic=self._status_topic, payload=OFFLINE, qos=1, retain=True),
+            manual_ack=True,
+        )
+        try:
+            async with client:
+                try:
+                    await self._serve(client)
+                except asyncio.CancelledError:
+                    await self._say_offline(client)
+                    raise
+        except aiomqtt.MqttError:
+            # A disconnect that fails while stopping must not turn the stop into a reconnect.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
+            raise
+        finally:
+            self.ready.clear()
+
+    async def _serve(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self._commands, qos=1)
+        await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
+        _deliver_swallowed_cancellation()
+        self.ready.set()
+        _log.info("device %s online at %s", self._device, self._settings.mqtt.url)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._sensor_loop(client), name=f"nerve-edge-{self._device}-sensors")
+            tasks.create_task(self._command_loop(client), name=f"nerve-edge-{self._device}-commands")
+            # Wait in the body, not in the TaskGroup's exit: on Python 3.11 a child that fails while
+            # the parent waits in __aexit__ leaves the parent's cancel count raised for good (fixed in
+            # 3.12), and every later `cancelling()` check, ours or the caller's, would then see a stop
+            # that was never asked for. The loops never return: this ends by an error or a stop.
+            await asyncio.get_running_loop().create_future()
+
+    async def _say_offline(self, client: aiomqtt.Client) -> None:
+        try:
+            await client.publish(self._status_topic, OFFLINE, qos=1, retain=True, timeout=_GOODBYE_TIMEOUT_S)
+        except aiomqtt.MqttError as exc:
+            _log.warning("device %s: could not publish its offline status: %s", self._device, exc)
+        else:
+            _log.info("device %s offline", self._device)
+
+    async def _sensor_loop(self, client: aiomqtt.Client) -> None:
+        interval = self._settings.edge.interval_s
+        loop = asyncio.get_running_loop()
+        tick = loop.time()
+        while True:
+            # Cheap, non-blocking reads (see nerve.edge.sensors): no thread needed.
+            for reading in read_all(self._settings.edge.mounts, self._cpu):
+                await self._publish_reading(client, reading)
+                _deliver_swallowed_cancellation()
+            tick += interval
+            now = loop.time()
+            if tick < now:
+                # Behind (a slow broker): skip the missed ticks rather than publish a burst of them.
+                tick += math.ceil((now - tick) / interval) * interval
+            await asyncio.sleep(tick - now)
+
+    async def _publish_reading(self, client: aiomqtt.Client, reading: Reading) -> None:
+        topic = self._telemetry_topics.get(reading.metric)
+        if topic is None:
+            topic = Address(self._device, Kind.TELEMETRY, reading.metric).topic(self._prefix)
+            self._telemetry_topics[reading.metric] = topic
+        event = Event(
+            source=self._source,
+            type=f"nerve.telemetry.{reading.metric}",
+            subject=self._device,
+            time=self._clock(),
+            # Labels first: a label can never shadow the value or its unit.
+            data={**reading.labels, "value": reading.value, "unit": reading.unit},
+        )
+        await client.publish(topic, to_msgpack(event), qos=1)
+        _log.debug("published %s = %s %s", topic, reading.value, reading.unit)
+
+    async def _command_loop(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            await self._answer(client, message)
+            _deliver_swallowed_cancellation()
+
+    async def _answer(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+        work = asyncio.ensure_future(asyncio.to_thread(self._handle, topic, payload))
+        try:
+            result = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # Stopping while a command runs in its thread: it cannot be interrupted, so let it finish
+            # and answer before going (a stop never leaves a command that ran without its result).
+            try:
+                async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+                    await self._reply(client, message, topic, await work)
+            except (TimeoutError, aiomqtt.MqttError) as exc:
+                _log.warning("stopping without answering the command on %s: %r", topic, exc)
+            raise
+        await self._reply(client, message, topic, result)
+
+    def _handle(self, topic: str, payload: bytes) -> CommandResult | None:
+        try:
+            return self._executor.handle(topic, payload, prefix=self._prefix)
+        except Exception:  # noqa: BLE001 - logged with its traceback; see below
+            # Executor.handle never raises by contract; a bug must not stop the daemon, nor come back
+            # forever as a redelivered message.
+            _log.exception("message on %s could not be handled", topic)
+            return None
+
+    async def _reply(
+        self, client: aiomqtt.Client, message: aiomqtt.Message, topic: str, result: CommandResult | None
+    ) -> None:
+        if result is None:
+            self._dropped += 1
+        else:
+            action = topic.rsplit("/", 1)[-1]
+            if not is_token(action):
+                action = result.action
+            results = Address(self._device, Kind.RESULTS, action).topic(self._prefix)
+            await client.publish(results, to_msgpack(result), qos=1)
+            _log.debug("published %s: %s", results, result.status)
+        # Only now: a device that dies before this gets the command again, and the journal answers it.
+        ack(client, message)

@@ -1,0 +1,277 @@
+"""The command journal: what this device did with each command id, kept across restarts.
+
+It is what makes "a command id executes at most once" hold through crashes and replays. A command
+is recorded as `started` (committed and fsynced) before its action runs, and as `finished` with the
+encoded result it got afterwards. A `started` entry found later means the device stopped while the
+action ran: the executor must not run it again.
+
+SQLite in WAL mode with `synchronous=FULL` on every commit: commands are rare, and a lost `finished`
+record would turn a real answer into "unknown" after a power cut.
+
+```
+NerveError
+└── JournalError    the journal file cannot be opened, read or written (carries the path)
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Self
+
+from nerve.runtime.errors import NerveError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from datetime import datetime
+    from types import TracebackType
+
+    from nerve.runtime.config import Settings
+
+__all__ = [
+    "DEFAULT_RETENTION_S",
+    "CommandJournal",
+    "JournalEntry",
+    "JournalError",
+    "JournalState",
+    "journal_path",
+]
+
+DEFAULT_RETENTION_S: Final = 7 * 86400.0
+
+_log: Final = logging.getLogger(__name__)
+
+_SCHEMA_VERSION: Final = 1
+_PRUNE_EVERY_S: Final = 3600.0
+_BUSY_TIMEOUT_S: Final = 5.0
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS commands (
+    id          TEXT PRIMARY KEY,
+    state       TEXT NOT NULL CHECK (state IN ('started', 'finished')),
+    result      BLOB,
+    recorded_at REAL NOT NULL,
+    expires_at  REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS commands_expires_at ON commands (expires_at);
+"""
+
+
+class JournalError(NerveError):
+    """The command journal at `path` cannot be opened, read or written; `reason` says why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"command journal {path}: {reason}")
+
+
+class JournalState(StrEnum):
+    """How far a journalled command got."""
+
+    STARTED = "started"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class JournalEntry:
+    """What the journal holds for one command id.
+
+    `result` is the encoded `CommandResult` (msgpack) once `state` is `finished`, None while it is
+    `started`. Times are Unix seconds: `recorded_at` when the entry was first written, `expires_at`
+    when the command itself expired.
+    """
+
+    command_id: str
+    state: JournalState
+    result: bytes | None
+    recorded_at: float
+    expires_at: float
+
+
+def journal_path(settings: Settings, device: str) -> Path:
+    """Where the journal of `device` lives: `edge.journal`, else `<data_dir>/edge-<device>.journal`."""
+    return settings.edge.journal or settings.data_dir / f"edge-{device}.journal"
+
+
+class CommandJournal:
+    """A persistent record of each command id this device started and the result it gave.
+
+    Open it with the constructor (it creates the file and its directory), and close it with
+    `close()` or by using it as a context manager. Methods may be called from any thread, one at a
+    time (an internal lock serialises them), so the executor can run in a worker thread.
+
+    Growth is bounded: on open, and then at most hourly, entries whose command expired more than
+    `retention_s` ago are deleted. Entries are kept by their command's expiry, not by their age, so an
+    entry is never dropped while its command could still pass the executor's expiry check: the
+    retention must be longer than the clock skew the executor allows (the executor checks this).
+
+    Every method raises `JournalError` when SQLite fails or the journal is closed.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        retention_s: float = DEFAULT_RETENTION_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not retention_s > 0:
+            raise ValueError(f"retention_s must be > 0, not {retention_s!r}")
+        self._path = Path(path)
+        self._retention_s = retention_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._last_prune = 0.0
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise JournalError(self._path, f"cannot create its directory: {exc.strerror}") from None
+        self._connection: sqlite3.Connection | None = self._open()
+        try:
+            self.prune()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def path(self) -> Path:
+        """The SQLite file."""
+        return self._path
+
+    @property
+    def retention_s(self) -> float:
+        """How long after its command expired an entry is kept."""
+        return self._retention_s
+
+    def lookup(self, command_id: str) -> JournalEntry | None:
+        """The entry of `command_id`, or None if this device never journalled it."""
+        with self._cursor() as cursor:
+            row = cursor.execute(
+                "SELECT state, result, recorded_at, expires_at FROM commands WHERE id = ?", (command_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        state, result, recorded_at, expires_at = row
+        return JournalEntry(
+            command_id=command_id,
+            state=JournalState(state),
+            result=result,
+            recorded_at=recorded_at,
+            expires_at=expires_at,
+        )
+
+    def start(self, command_id: str, *, expires: datetime) -> bool:
+        """Record that `command_id` is about to run; durable (fsynced) when this returns.
+
+        Returns False, writing nothing, if the id has an entry already: the caller must not run it.
+        """
+        with self._cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO commands (id, state, result, recorded_at, expires_at) "
+                "VALUES (?, 'started', NULL, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (command_id, self._clock(), expires.timestamp()),
+            )
+            return cursor.rowcount == 1
+
+    def finish(self, command_id: str, result: bytes, *, expires: datetime) -> bool:
+        """Record the encoded result of `command_id`, started or not (a refusal is never started).
+
+        A result once recorded is never replaced: returns False, writing nothing, if the id is
+        `finished` already.
+        """
+        with self._cursor() as cursor:
+            cursor.execute(
+                "INSERT INTO commands (id, state, result, recorded_at, expires_at) "
+                "VALUES (?, 'finished', ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = 'finished', result = excluded.result "
+                "WHERE commands.state = 'started'",
+                (command_id, result, self._clock(), expires.timestamp()),
+            )
+            written = cursor.rowcount == 1
+        if self._clock() - self._last_prune >= _PRUNE_EVERY_S:
+            self.prune()
+        return written
+
+    def prune(self) -> int:
+        """Delete the entries whose command expired more than `retention_s` ago; return how many."""
+        now = self._clock()
+        with self._cursor() as cursor:
+            cursor.execute("DELETE FROM commands WHERE expires_at < ?", (now - self._retention_s,))
+            deleted = cursor.rowcount
+        self._last_prune = now
+        return deleted
+
+    def close(self) -> None:
+        """Close the file; calling it again does nothing."""
+        with self._lock:
+            connection, self._connection = self._connection, None
+            if connection is not None:
+                connection.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self._connection is not None else "closed"
+        return f"<CommandJournal {self._path} {state}>"
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            # Autocommit (isolation_level=None): each statement is its own transaction, which is all
+            # this needs. check_same_thread=False because the executor runs in worker threads; the
+            # lock keeps calls one at a time.
+            connection = sqlite3.connect(
+                self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(self._path, f"cannot open: {exc}") from None
+        try:
+            self._prepare(connection)
+        except sqlite3.Error as exc:
+            connection.close()
+            raise JournalError(self._path, f"cannot open: {exc}") from None
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            _log.warning("command journal %s: WAL is not available here, using %s", self._path, mode)
+        connection.execute("PRAGMA synchronous = FULL")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version not in {0, _SCHEMA_VERSION}:
+            raise JournalError(
+                self._path, f"written by another nerve version (schema {version}, expected {_SCHEMA_VERSION})"
+            )
+        connection.executescript(_SCHEMA)
+        connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
+
+    @contextmanager
+    def _cursor(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            if self._connection is None:
+                raise JournalError(self._path, "it is closed")
+            cursor = self._connection.cursor()
+            try:
+                yield cursor
+            except sqlite3.Error as exc:
+                raise JournalError(self._path, str(exc)) from None
+            finally:
+                cursor.close()

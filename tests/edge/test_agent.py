@@ -1,0 +1,511 @@
+"""The edge daemon against a real mosquitto: presence, readings, signed commands, refusals, restarts.
+
+A few fast tests without a broker come first (exports, imports, device id, the sensor loop's ticks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import nerve.edge
+from nerve.edge import (
+    OFFLINE,
+    ONLINE,
+    CommandJournal,
+    EdgeAgent,
+    Executor,
+    default_device_id,
+)
+from nerve.runtime.codec import decode, to_json, to_msgpack
+from nerve.runtime.config import MqttSettings, Settings
+from nerve.runtime.envelope import Command, CommandResult, Event
+from nerve.runtime.errors import ConfigError
+from nerve.runtime.mqtt import make_client
+from nerve.runtime.signing import Signer, Verifier, generate_keypair
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+    import aiomqtt
+
+    from nerve.runtime.brokers import Mosquitto
+
+DEVICE = "pi-01"
+HOUR = 3600.0
+# Generous for a loaded CI machine; locally every wait below ends in milliseconds.
+WAIT = 5.0
+RESULTS = f"nerve/{DEVICE}/results/+"
+STATUS = f"nerve/{DEVICE}/status"
+
+
+def put(path: Path, *, age: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * 10)
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def command_topic(action: str = "clear_temp") -> str:
+    return f"nerve/{DEVICE}/commands/{action}"
+
+
+def make(
+    action: str = "clear_temp",
+    args: dict[str, Any] | None = None,
+    *,
+    device: str = DEVICE,
+    ttl: timedelta = timedelta(minutes=1),
+) -> Command:
+    return Command.create(
+        device=device,
+        action=action,
+        args={"older_than_s": HOUR} if args is None else args,
+        source="nerve://central/test",
+        ttl=ttl,
+    )
+
+
+# --- without a broker -----------------------------------------------------------------------------
+
+
+def _isort_order(name: str) -> tuple[int, str]:
+    # The order ruff (RUF022) keeps: CONSTANTS, then Classes, then functions.
+    return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
+
+
+def test_public_names_are_sorted_and_complete() -> None:
+    assert nerve.edge.__all__ == sorted(nerve.edge.__all__, key=_isort_order)
+    for name in nerve.edge.__all__:
+        assert getattr(nerve.edge, name) is not None
+    for module in ("actions", "agent", "executor", "journal", "sensors"):
+        exported = getattr(nerve.edge, module).__all__
+        assert set(exported) <= set(nerve.edge.__all__), module
+
+
+def test_edge_imports_without_nats() -> None:
+    # An edge-only install has no nats-py: make it unimportable and import the whole edge package.
+    script = """
+import sys
+class NoNats:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nats" or name.startswith("nats."):
+            raise ImportError("nats-py is not installed on the edge")
+sys.meta_path.insert(0, NoNats())
+import nerve.edge
+import nerve.edge.agent, nerve.edge.executor, nerve.edge.journal
+assert not [m for m in sys.modules if m == "nats" or m.startswith("nats.")]
+"""
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_default_device_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "pi-07.lan.example")
+    assert default_device_id() == "pi-07"
+
+
+def test_default_device_id_refuses_a_bad_host_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "gethostname", lambda: "my pi")
+    with pytest.raises(ConfigError, match="pass --device") as caught:
+        default_device_id()
+    assert caught.value.key == "edge.device"
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    directory = tmp_path / "keys"
+    generate_keypair(directory, "central")
+    return directory
+
+
+@pytest.fixture
+def signer(keys: Path) -> Signer:
+    return Signer.from_file(keys / "central.key")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "tmp"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[CommandJournal]:
+    with CommandJournal(tmp_path / "journal.sqlite3") as opened:
+        yield opened
+
+
+def edge_settings(url: str, tmp_path: Path, root: Path, keys: Path, *, interval_s: float = 0.05) -> Settings:
+    return Settings.model_validate(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "mqtt": {"url": url},
+            "edge": {
+                "interval_s": interval_s,
+                "mounts": [str(tmp_path)],
+                "clear_temp_roots": [str(root)],
+                "trusted_keys_dir": str(keys),
+            },
+        }
+    )
+
+
+def make_agent(settings: Settings, journal: CommandJournal) -> EdgeAgent:
+    executor = Executor.from_settings(settings, device=DEVICE, journal=journal)
+    return EdgeAgent(settings=settings, device=DEVICE, executor=executor)
+
+
+def test_agent_and_executor_must_agree_on_the_device(
+    tmp_path: Path, root: Path, keys: Path, journal: CommandJournal
+) -> None:
+    settings = edge_settings("mqtt://127.0.0.1:1", tmp_path, root, keys)
+    executor = Executor(
+        device="pi-02",
+        verifier=Verifier.from_config({}, keys),
+        journal=journal,
+        clear_temp_roots=[root],
+        source="x",
+    )
+    with pytest.raises(ConfigError, match="pi-02"):
+        EdgeAgent(settings=settings, device=DEVICE, executor=executor)
+    with pytest.raises(ConfigError, match="not a valid device id"):
+        EdgeAgent(settings=settings, device="pi/02", executor=executor)
+
+
+class SlowClient:
+    """Stands in for aiomqtt.Client in the sensor loop: the first publish takes `stall` seconds."""
+
+    def __init__(self, stall: float) -> None:
+        self.stall = stall
+        self.topics: list[str] = []
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
+        assert decode(payload, Event).subject == DEVICE
+        assert qos == 1
+        if not self.topics:
+            await asyncio.sleep(self.stall)
+        self.topics.append(topic)
+
+
+async def test_sensor_loop_skips_missed_ticks(
+    tmp_path: Path, root: Path, keys: Path, journal: CommandJournal
+) -> None:
+    agent = make_agent(edge_settings("mqtt://127.0.0.1:1", tmp_path, root, keys, interval_s=0.1), journal)
+    client = SlowClient(stall=0.45)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(0.7):
+            await agent._sensor_loop(client)  # type: ignore[arg-type]
+    disk = [t for t in client.topics if t.endswith("/telemetry/disk")]
+    # Ticks at 0 (published late, at 0.45), then 0.5 and 0.6; catching up would add 0.1 to 0.4.
+    assert 2 <= len(disk) <= 4, client.topics
+
+
+# --- against a real mosquitto ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings(mosquitto: Mosquitto, tmp_path: Path, root: Path, keys: Path) -> Settings:
+    return edge_settings(mosquitto.url, tmp_path, root, keys)
+
+
+@pytest.fixture
+def agent(settings: Settings, journal: CommandJournal) -> EdgeAgent:
+    return make_agent(settings, journal)
+
+
+@contextlib.asynccontextmanager
+async def running(agent: EdgeAgent) -> AsyncIterator[asyncio.Task[None]]:
+    """The agent's `run()` as a task, ready (connected and subscribed); cancelled and awaited after."""
+    task = asyncio.create_task(agent.run(), name="edge-agent")
+    try:
+        async with asyncio.timeout(WAIT):
+            await agent.ready.wait()
+        yield task
+    finally:
+        task.cancel()
+        async with asyncio.timeout(WAIT):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@contextlib.asynccontextmanager
+async def central(url: str, *topics: str, name: str = "test-central") -> AsyncIterator[aiomqtt.Client]:
+    """A plain MQTT client, subscribed to `topics`, that plays central."""
+    async with make_client(MqttSettings(url=url), identifier=name, persistent=False) as client:
+        for topic in topics:
+            await client.subscribe(topic, qos=1)
+        yield client
+
+
+async def receive(client: aiomqtt.Client, *, timeout: float = WAIT) -> aiomqtt.Message:
+    async with asyncio.timeout(timeout):
+        return await anext(client.messages)
+
+
+async def result_of(client: aiomqtt.Client, topic: str, payload: bytes) -> tuple[str, CommandResult]:
+    await client.publish(topic, payload, qos=1)
+    message = await receive(client)
+    assert isinstance(message.payload, bytes)
+    return message.topic.value, decode(message.payload, CommandResult)
+
+
+@pytest.mark.broker
+async def test_presence_online_then_offline(mosquitto: Mosquitto, agent: EdgeAgent) -> None:
+    async with running(agent) as task, central(mosquitto.url, STATUS) as observer:
+        online = await receive(observer)
+        assert (online.payload, online.retain) == (ONLINE, True)
+        task.cancel()
+        offline = await receive(observer)
+        assert offline.payload == OFFLINE
+    async with central(mosquitto.url, STATUS, name="late-observer") as late:
+        retained = await receive(late)
+        assert (retained.payload, retained.retain) == (OFFLINE, True)
+
+
+_DYING_EDGE = """
+import asyncio, json, sys
+from pathlib import Path
+from nerve.edge import CommandJournal, EdgeAgent, Executor
+from nerve.runtime.config import Settings
+
+async def main():
+    settings = Settings.model_validate(json.loads(sys.argv[1]))
+    with CommandJournal(Path(sys.argv[2])) as journal:
+        executor = Executor.from_settings(settings, device=sys.argv[3], journal=journal)
+        agent = EdgeAgent(settings=settings, device=sys.argv[3], executor=executor)
+        task = asyncio.create_task(agent.run())
+        await agent.ready.wait()
+        print("ready", flush=True)
+        await task
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.broker
+async def test_offline_will_when_the_device_dies(
+    mosquitto: Mosquitto, settings: Settings, tmp_path: Path
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _DYING_EDGE,
+        settings.model_dump_json(),
+        str(tmp_path / "dying.sqlite3"),
+        DEVICE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(30):  # a fresh interpreter imports pydantic, paho, nacl
+            assert await process.stdout.readline() == b"ready\n"
+        async with central(mosquitto.url, STATUS) as observer:
+            assert (await receive(observer)).payload == ONLINE
+            process.send_signal(signal.SIGKILL)
+            will = await receive(observer)
+            assert will.payload == OFFLINE
+    finally:
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+
+
+@pytest.mark.broker
+async def test_readings_arrive_as_events(mosquitto: Mosquitto, agent: EdgeAgent, tmp_path: Path) -> None:
+    async with central(mosquitto.url, f"nerve/{DEVICE}/telemetry/+") as observer, running(agent):
+        seen: dict[str, Event] = {}
+        async with asyncio.timeout(WAIT):
+            while set(seen) != {"disk", "cpu", "memory"}:
+                message = await receive(observer)
+                assert isinstance(message.payload, bytes)
+                event = decode(message.payload, Event)
+                metric = message.topic.value.rsplit("/", 1)[-1]
+                assert message.topic.value == f"nerve/{DEVICE}/telemetry/{metric}"
+                seen[metric] = event
+    for metric, event in seen.items():
+        assert event.type == f"nerve.telemetry.{metric}"
+        assert event.source == f"nerve://edge/{DEVICE}"
+        assert event.subject == DEVICE
+        assert event.data["unit"] == "%"
+        assert 0 <= event.data["value"] <= 100
+    assert seen["disk"].data["mount"] == str(tmp_path)
+
+
+@pytest.mark.broker
+async def test_signed_clear_temp_runs_once(
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path
+) -> None:
+    old = put(root / "old.log", age=2 * HOUR)
+    new = put(root / "new.log", age=0)
+    payload = to_msgpack(signer.sign(make()))
+    async with running(agent), central(mosquitto.url, RESULTS) as client:
+        topic, first = await result_of(client, command_topic(), payload)
+        assert topic == f"nerve/{DEVICE}/results/clear_temp"
+        assert first.status == "ok", first.reason
+        assert (first.data["files_deleted"], first.data["bytes_freed"], first.data["skipped"]) == (1, 10, 0)
+        assert not old.exists()
+        assert new.exists()
+
+        later = put(root / "later.log", age=2 * HOUR)
+        _, again = await result_of(client, command_topic(), payload)
+        assert again == first
+        assert later.exists()
+
+
+@pytest.fixture
+def refusals(signer: Signer, tmp_path: Path) -> dict[str, tuple[str, bytes, str, str]]:
+    """Case name -> (topic, payload, expected status, a part of the expected reason)."""
+    genuine = signer.sign(make())
+    generate_keypair(tmp_path / "other", "intruder")
+    intruder = Signer.from_file(tmp_path / "other" / "intruder.key")
+    return {
+        "forged": (
+            command_topic(),
+            to_msgpack(genuine.model_copy(update={"data": {"older_than_s": 0}})),
+            "rejected",
+            "bad signature",
+        ),
+        "unknown-key": (
+            command_topic(),
+            to_msgpack(intruder.sign(make())),
+            "rejected",
+            "unknown key id 'intruder'",
+        ),
+        "unsigned": (command_topic(), to_json(make()), "rejected", "not signed"),
+        "expired": (
+            command_topic(),
+            to_msgpack(signer.sign(make(ttl=timedelta(minutes=-5)))),
+            "expired",
+            "command expired",
+        ),
+        "wrong-device": (
+            command_topic(),
+            to_msgpack(signer.sign(make(device="pi-02"))),
+            "rejected",
+            "command is for device 'pi-02'",
+        ),
+        "not-allow-listed": (
+            command_topic("reboot"),
+            to_msgpack(signer.sign(make("reboot", {}))),
+            "rejected",
+            "action 'reboot' is not allow-listed on this device",
+        ),
+        "bad-args": (
+            command_topic(),
+            to_msgpack(signer.sign(make(args={"path": "/etc"}))),
+            "rejected",
+            "argument 'path' is not a known argument",
+        ),
+    }
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    "case", ["forged", "unknown-key", "unsigned", "expired", "wrong-device", "not-allow-listed", "bad-args"]
+)
+async def test_refused_with_a_reason(
+    mosquitto: Mosquitto,
+    agent: EdgeAgent,
+    refusals: dict[str, tuple[str, bytes, str, str]],
+    root: Path,
+    case: str,
+) -> None:
+    victim = put(root / "victim.log", age=2 * HOUR)
+    topic, payload, status, reason = refusals[case]
+    async with running(agent), central(mosquitto.url, RESULTS) as client:
+        result_topic, result = await result_of(client, topic, payload)
+    assert result_topic == topic.replace("/commands/", "/results/")
+    assert result.status == status
+    assert reason in result.reason
+    assert result.subject == DEVICE
+    assert victim.exists()
+
+
+@pytest.mark.broker
+async def test_garbage_gets_no_answer_and_the_agent_goes_on(
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path
+) -> None:
+    old = put(root / "old.log", age=2 * HOUR)
+    command = signer.sign(make())
+    async with running(agent), central(mosquitto.url, RESULTS) as client:
+        await client.publish(command_topic(), b"\xc1\x00 certainly not a command", qos=1)
+        await client.publish(command_topic(), b'{"no": "id"}', qos=1)
+        _, result = await result_of(client, command_topic(), to_msgpack(command))
+        assert result.causationid == command.id
+        assert result.status == "ok"
+        assert agent.dropped == 2
+    assert not old.exists()
+
+
+@pytest.mark.broker
+async def test_interrupted_command_is_unknown_and_not_run(
+    mosquitto: Mosquitto, agent: EdgeAgent, journal: CommandJournal, signer: Signer, root: Path
+) -> None:
+    victim = put(root / "victim.log", age=2 * HOUR)
+    command = signer.sign(make())
+    journal.start(command.id, expires=command.expires)  # as if the device died while running it
+    async with running(agent), central(mosquitto.url, RESULTS) as client:
+        _, result = await result_of(client, command_topic(), to_msgpack(command))
+    assert result.status == "unknown"
+    assert result.reason == "the device restarted while running this command; not run again"
+    assert victim.exists()
+
+
+@pytest.mark.broker
+async def test_a_command_sent_while_the_device_is_away_runs_when_it_is_back(
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path
+) -> None:
+    old = put(root / "old.log", age=2 * HOUR)
+    async with running(agent):
+        pass  # the persistent session and its subscription now exist at the broker
+    command = signer.sign(make())
+    async with central(mosquitto.url, RESULTS) as client:
+        await client.publish(command_topic(), to_msgpack(command), qos=1)
+        async with running(agent):
+            message = await receive(client)
+    assert isinstance(message.payload, bytes)
+    result = decode(message.payload, CommandResult)
+    assert (result.causationid, result.status) == (command.id, "ok")
+    assert not old.exists()
+
+
+@pytest.mark.broker
+async def test_reconnects_after_the_broker_restarts(
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path
+) -> None:
+    old = put(root / "old.log", age=2 * HOUR)
+    async with running(agent):
+        await mosquitto.stop()
+        async with asyncio.timeout(WAIT):
+            while agent.ready.is_set():  # noqa: ASYNC110 - the agent offers no "disconnected" event
+                await asyncio.sleep(0.01)
+        await mosquitto.start()
+        async with asyncio.timeout(2 * WAIT):
+            await agent.ready.wait()
+        async with central(mosquitto.url, RESULTS) as client:
+            _, result = await result_of(client, command_topic(), to_msgpack(signer.sign(make())))
+    assert result.status == "ok"
+    assert not old.exists()
+
+
+def test_settings_round_trip_for_the_subprocess(tmp_path: Path, root: Path, keys: Path) -> None:
+    # The dying-edge test hands its settings over as JSON: they must come back the same.
+    settings = edge_settings("mqtt://127.0.0.1:1883", tmp_path, root, keys)
+    assert Settings.model_validate(json.loads(settings.model_dump_json())) == settings
