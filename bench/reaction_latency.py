@@ -160,9 +160,7 @@ async def main() -> int:
             code = await asyncio.wait_for(process.wait(), timeout=30)
             stop_s = time.perf_counter() - started
     print()
-    print(
-        f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; spikes one at a time"
-    )
+    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; spikes one at a time")
     floor_stats = percentiles(floor_ms)
     print(line("baseline: mosquitto QoS1 round trip", floor_stats, len(floor_ms)))
     if not reaction_ms:
