@@ -22,6 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nerve.bridge.uplink import Forward, Reject, translate, uplink_filters
 from nerve.runtime.backoff import Backoff
+from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import decode
 from nerve.runtime.envelope import Command, CommandResult, Fact, derived_id, utcnow
 from nerve.runtime.errors import BrokerUnavailable, DecodeError, TopicError
@@ -104,9 +105,10 @@ class Bridge:
                 self._settings.mqtt,
                 identifier=self._settings.bridge.client_id,
                 persistent=True,
+                # No PUBACK before JetStream stored it. That also bounds what waits here: mosquitto sends
+                # at most its in-flight window (max_inflight_messages) of unacknowledged QoS1 messages.
+                # (aiomqtt's own bound would discard messages when full, so it is left unset.)
                 manual_ack=True,
-                # Bounded: when JetStream is slow we stop reading and mosquitto keeps the messages.
-                max_queued_incoming=1000,
             )
             try:
                 async with client:
@@ -123,14 +125,24 @@ class Bridge:
                                 self._settings.mqtt.url,
                                 self._settings.nats.url,
                             )
+                            # Park in the body: on 3.11 a TaskGroup whose child fails while the parent
+                            # waits in __aexit__ leaves the parent's cancel count raised for good.
+                            await asyncio.Future()
                     finally:
                         self.ready.clear()
                         await downlink.unsubscribe()
             except* aiomqtt.MqttError as group:
-                self.stats.reconnects += 1
-                delay = backoff.next_delay()
-                log.warning("bridge: mqtt %s; reconnecting in %.1fs", group.exceptions[0], delay)
-                await asyncio.sleep(delay)
+                failure: BaseException = group.exceptions[0]
+            else:  # pragma: no cover - the body only ends by an exception
+                continue
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # We were cancelled and the disconnect surfaced as an MqttError: stop, don't reconnect.
+                raise asyncio.CancelledError
+            self.stats.reconnects += 1
+            delay = backoff.next_delay()
+            log.warning("bridge: mqtt %s; reconnecting in %.1fs", failure, delay)
+            await asyncio.sleep(delay)
 
     async def _store(self, js: JetStreamContext, forward: Forward) -> None:
         """Store until JetStream says so: retry (in order, holding back the rest) while NATS is away."""
@@ -191,6 +203,7 @@ class Bridge:
                 await self._dead_letter(js, reason=outcome.reason, origin=topic, payload=payload)
             # Only now, with the message safe in JetStream, may mosquitto forget it.
             ack(client, message)
+            checkpoint()
 
     async def _subscribe_downlink(self, js: JetStreamContext) -> JetStreamContext.PushSubscription:
         durable = self._settings.bridge.downlink_durable
@@ -213,6 +226,7 @@ class Bridge:
     ) -> None:
         async for msg in subscription.messages:
             await self._send_command(client, js, msg)
+            checkpoint()
 
     async def _send_command(self, client: aiomqtt.Client, js: JetStreamContext, msg: Msg) -> None:
         try:

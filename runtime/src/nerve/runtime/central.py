@@ -18,6 +18,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.agent import DEFAULT_MAX_HOPS, Agent, AgentContext, Reject, Retry
 from nerve.runtime.backoff import Backoff
+from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import MODEL_OF_KIND, decode
 from nerve.runtime.errors import BrokerUnavailable, DecodeError
 from nerve.runtime.jetstream import connect, publish_dead_letter
@@ -128,6 +129,7 @@ class Central:
                 await agent.tick(ctx)
             except (NatsError, TimeoutError) as exc:
                 log.warning("central: %s tick failed: %s", agent.name, exc)
+            checkpoint()
 
     async def _consume(
         self,
@@ -139,6 +141,7 @@ class Central:
         model = MODEL_OF_KIND[subscription.kind]
         async for msg in sub.messages:
             await self._deliver(agent, ctx, model, msg)
+            checkpoint()
 
     async def _dead_letter(self, ctx: AgentContext, msg: Msg, reason: str) -> None:
         await publish_dead_letter(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -10,7 +11,9 @@ import nats
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
+from nerve.runtime.brokers import port_answers
 from nerve.runtime.codec import to_msgpack
+from nerve.runtime.config import host_port
 from nerve.runtime.envelope import utcnow
 from nerve.runtime.errors import BrokerUnavailable
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
+DEFAULT_NATS_PORT: Final = 4222
 PUBLISH_TIMEOUT_S: Final = 5.0
 
 
@@ -49,18 +53,24 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
         log.info("nats (%s): reconnected", name)
 
     servers = [url.strip() for url in settings.url.split(",")]
+    # nats-py retries an initial connect as often as a reconnect (forever, here): ask the sockets first,
+    # so that "nothing listens there" is a clear error now rather than a silent wait.
+    answers = [await port_answers(*host_port(url, DEFAULT_NATS_PORT)) for url in servers]
+    if not any(answers):
+        raise BrokerUnavailable(settings.url, "nothing listens there")
     try:
-        connected = await nats.connect(
-            servers=servers,
-            name=name,
-            connect_timeout=settings.connect_timeout_s,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-        )
+        async with asyncio.timeout(settings.connect_timeout_s * 2):
+            connected = await nats.connect(
+                servers=servers,
+                name=name,
+                connect_timeout=settings.connect_timeout_s,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
+            )
     except (NoServersError, OSError, TimeoutError, NatsError) as exc:
         raise BrokerUnavailable(settings.url, str(exc) or type(exc).__name__) from exc
     client.append(connected)

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S: Final = 30.0
+SHUTDOWN_TIMEOUT_S: Final = 15.0
 LOOPBACK: Final = {"127.0.0.1", "localhost", "::1"}
 
 
@@ -170,8 +171,15 @@ class Stack:
     async def _shutdown(self) -> None:
         if self._stack_task is not None and not self._stack_task.done():
             self._stack_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stack_task
+            try:
+                async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await self._stack_task
+            except TimeoutError:
+                # Still stop the brokers: a part that hangs must not leave them running behind us.
+                log.error(  # noqa: TRY400 - a timeout: its traceback says nothing
+                    "the parts did not stop within %gs; stopping the brokers anyway", SHUTDOWN_TIMEOUT_S
+                )
         for broker in reversed(self._brokers):
             await broker.stop()
         self._brokers.clear()

@@ -1,0 +1,147 @@
+"""The `nerve` command as a user runs it: real processes, real brokers, exit codes and messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from nerve.runtime.brokers import free_port, port_answers
+
+if TYPE_CHECKING:
+    from nerve.runtime.config import Settings
+
+NERVE = str(Path(sys.executable).parent / "nerve")
+
+
+async def run(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        NERVE,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_config_typo_is_one_clear_line(tmp_path: Path) -> None:
+    config = tmp_path / "central.yaml"
+    config.write_text("central:\n  disk:\n    treshold: 80\n")
+    code, _, err = await run("central", "--config", str(config))
+    assert code == 2
+    assert f"{config}: central.disk.treshold: unknown key" in err
+    assert "Traceback" not in err
+
+
+async def test_bad_env_value_names_the_variable_source() -> None:
+    code, _, err = await run("facts", env={"NERVE_NATS__URL": "http://nope"})
+    assert code == 2
+    assert "environment: nats.url" in err
+    assert "Traceback" not in err
+
+
+async def test_unreachable_broker_is_a_clear_error() -> None:
+    port = free_port()
+    code, _, err = await run(
+        "facts", "--nats-url", f"nats://127.0.0.1:{port}", env={"NERVE_NATS__CONNECT_TIMEOUT_S": "1"}
+    )
+    assert code == 2
+    assert f"nats://127.0.0.1:{port} is unavailable" in err
+    assert "Traceback" not in err
+
+
+async def test_keys_generate(tmp_path: Path) -> None:
+    code, out, _ = await run("keys", "generate", "--dir", str(tmp_path), "--keyid", "ops-1")
+    assert code == 0
+    assert (tmp_path / "ops-1.key").stat().st_mode & 0o777 == 0o600
+    assert "ops-1.pub" in out
+    code, _, err = await run("keys", "generate", "--dir", str(tmp_path), "--keyid", "ops-1")
+    assert code == 2
+    assert "--force" in err
+
+
+async def test_central_without_key_says_how_to_get_one(settings: Settings) -> None:
+    code, _, err = await run("central", "--nats-url", settings.nats.url)
+    assert code == 2
+    assert "nerve keys generate" in err
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_demo_succeeds() -> None:
+    code, out, err = await run("demo", "--device", "cli-demo")
+    assert code == 0, out + err
+    assert "demo OK" in out
+    for step in (
+        "spike published",
+        "command on device topic",
+        "result from device",
+        "fact incident_resolved",
+    ):
+        assert step in out
+
+
+@pytest.mark.broker
+async def test_facts_prints_the_chain(settings: Settings, tmp_path: Path) -> None:
+    code, out, _ = await run("facts", "--nats-url", settings.nats.url)
+    assert code == 0
+    assert "no facts yet" in out
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) -> None:
+    mqtt_port, nats_port = free_port(), free_port()
+    process = await asyncio.create_subprocess_exec(
+        NERVE,
+        "up",
+        "--device",
+        "up-test",
+        "--mqtt-port",
+        str(mqtt_port),
+        "--nats-port",
+        str(nats_port),
+        "--data-dir",
+        str(tmp_path / "data"),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        ready = (await process.stdout.readline()).decode()
+    assert ready.startswith("nerve is up: device up-test")
+    assert "started: mosquitto, nats-server" in ready
+    rest = (await process.stdout.readline()).decode()
+    assert f"mosquitto_pub -h 127.0.0.1 -p {mqtt_port} -t nerve/up-test/telemetry/disk" in rest
+    assert await port_answers("127.0.0.1", mqtt_port)
+    assert await port_answers("127.0.0.1", nats_port)
+
+    # A spike typed by a person goes through, and `nerve facts` shows it.
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/up-test/telemetry/disk", "-m", "96"
+    )
+    assert await pub.wait() == 0
+    async with asyncio.timeout(15):
+        while True:
+            code, out, _ = await run(
+                "facts", "--nats-url", f"nats://127.0.0.1:{nats_port}", "--device", "up-test"
+            )
+            assert code == 0
+            if "incident_resolved" in out:
+                break
+            await asyncio.sleep(0.2)
+
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(20):
+        assert await process.wait() == 0
+    assert not await port_answers("127.0.0.1", mqtt_port)
+    assert not await port_answers("127.0.0.1", nats_port)

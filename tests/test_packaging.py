@@ -1,0 +1,35 @@
+"""The layout promises: import names, no leaking top-level modules, an edge install without nats-py."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+
+import pytest
+
+
+@pytest.mark.parametrize("name", ["runtime", "edge", "bridge", "agents"])
+def test_no_top_level_module_leaks(name: str) -> None:
+    assert importlib.util.find_spec(name) is None
+
+
+@pytest.mark.parametrize("part", ["runtime", "edge", "bridge", "agents"])
+def test_parts_import_as_nerve_subpackages(part: str) -> None:
+    module = importlib.import_module(f"nerve.{part}")
+    assert module.__name__ == f"nerve.{part}"
+
+
+def _needs_nats(distribution: str) -> list[str]:
+    return [r for r in importlib.metadata.requires(distribution) or [] if r.startswith("nats-py")]
+
+
+def test_edge_install_pulls_no_nats() -> None:
+    # nerve-edge needs nerve-runtime without its `nats` extra; nats-py is only in that extra.
+    assert _needs_nats("nerve-edge") == []
+    assert all("extra == 'nats'" in r.replace('"', "'") for r in _needs_nats("nerve-runtime"))
+    assert not any("[nats]" in r for r in importlib.metadata.requires("nerve-edge") or [])
+
+
+def test_central_parts_do_pull_nats() -> None:
+    for distribution in ("nerve-bridge", "nerve-agents"):
+        assert any("nerve-runtime[nats]" in r for r in importlib.metadata.requires(distribution) or [])
