@@ -145,3 +145,65 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
         assert await process.wait() == 0
     assert not await port_answers("127.0.0.1", mqtt_port)
     assert not await port_answers("127.0.0.1", nats_port)
+
+
+async def start_up(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio.subprocess.Process:
+    process = await asyncio.create_subprocess_exec(
+        NERVE,
+        "up",
+        "--device",
+        "k9",
+        "--mqtt-port",
+        str(mqtt_port),
+        "--nats-port",
+        str(nats_port),
+        "--data-dir",
+        str(data_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    async with asyncio.timeout(30):
+        assert (await process.stdout.readline()).startswith(b"nerve is up")
+    return process
+
+
+async def wait_closed(port: int) -> None:
+    async with asyncio.timeout(10):
+        while await port_answers("127.0.0.1", port):
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_kill_9_of_up_takes_its_brokers_and_keeps_the_facts(tmp_path: Path) -> None:
+    mqtt_port, nats_port = free_port(), free_port()
+    nats_url = f"nats://127.0.0.1:{nats_port}"
+    process = await start_up(tmp_path / "data", mqtt_port, nats_port)
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/k9/telemetry/disk", "-m", "99"
+    )
+    assert await pub.wait() == 0
+    async with asyncio.timeout(15):
+        while "incident_resolved" not in (await run("facts", "--nats-url", nats_url))[1]:
+            await asyncio.sleep(0.2)
+
+    process.kill()  # kill -9: no chance to clean up
+    await process.wait()
+    await wait_closed(mqtt_port)  # the brokers it started went with it
+    await wait_closed(nats_port)
+
+    process = await start_up(tmp_path / "data", mqtt_port, nats_port)
+    try:
+        code, out, _ = await run("facts", "--nats-url", nats_url, "--device", "k9")
+        assert code == 0
+        assert [line.split()[2] for line in out.splitlines()] == [
+            "incident_opened",
+            "command_issued",
+            "command_result",
+            "incident_resolved",
+        ]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await process.wait() == 0

@@ -494,7 +494,7 @@ async def test_reconnects_after_the_broker_restarts(
     async with running(agent):
         await mosquitto.stop()
         async with asyncio.timeout(WAIT):
-            while agent.ready.is_set():  # noqa: ASYNC110 - the agent offers no "disconnected" event
+            while agent.ready.is_set():
                 await asyncio.sleep(0.01)
         await mosquitto.start()
         async with asyncio.timeout(2 * WAIT):

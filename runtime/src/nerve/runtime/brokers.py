@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import pwd
@@ -174,6 +175,22 @@ log_timestamp_format %Y-%m-%dT%H:%M:%S
 """
 
 
+_PR_SET_PDEATHSIG: Final = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when nerve dies, even by SIGKILL (Linux only).
+
+    The broker runs in its own session so that a Ctrl-C reaches nerve alone (which then drains its
+    clients before stopping the broker); without this, a `kill -9` of nerve would leave it orphaned.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the broker may outlive a killed nerve
+        pass
+
+
 class ManagedBroker(ABC):
     """A broker process that nerve starts, watches for readiness, and stops.
 
@@ -265,6 +282,7 @@ class ManagedBroker(ABC):
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=self._data_dir,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         try:
             await self._wait_until_ready(self._process)
