@@ -207,3 +207,31 @@ async def test_kill_9_of_up_takes_its_brokers_and_keeps_the_facts(tmp_path: Path
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await process.wait() == 0
+
+
+@pytest.mark.broker
+async def test_deadletters_shows_reason_origin_and_bytes(settings: Settings) -> None:
+    from nerve.bridge import Bridge  # noqa: PLC0415
+
+    bridge = Bridge(settings=settings)
+    task = asyncio.create_task(bridge.run())
+    try:
+        async with asyncio.timeout(10):
+            await bridge.ready.wait()
+        port = settings.mqtt.url.rsplit(":", 1)[1]
+        pub = await asyncio.create_subprocess_exec(
+            "mosquitto_pub", "-p", port, "-q", "1", "-t", "nerve/pi-01/telemetry/disk", "-m", "hello"
+        )
+        assert await pub.wait() == 0
+        async with asyncio.timeout(10):
+            while bridge.stats.deadlettered == 0:
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    code, out, _ = await run("deadletters", "--nats-url", settings.nats.url)
+    assert code == 0
+    assert "bridge" in out
+    assert "nerve/pi-01/telemetry/disk" in out
+    assert "must be a number" in out
+    assert "b'hello'" in out

@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     facts = sub.add_parser("facts", parents=[common], help="print the audit facts, newest last")
     facts.add_argument("--device", help="only this device's facts")
     facts.add_argument("--limit", type=int, default=0, help="only the last N facts")
+    dead = sub.add_parser("deadletters", parents=[common], help="print what could not be handled, and why")
+    dead.add_argument("--limit", type=int, default=0, help="only the last N")
 
     keys = sub.add_parser("keys", help="signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
@@ -149,9 +151,15 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 async def _facts(args: argparse.Namespace) -> int:
-    from nerve.runtime.facts import print_facts  # noqa: PLC0415
+    from nerve.runtime.history import print_facts  # noqa: PLC0415
 
     return await print_facts(_settings(args), device=args.device, limit=args.limit)
+
+
+async def _deadletters(args: argparse.Namespace) -> int:
+    from nerve.runtime.history import print_dead_letters  # noqa: PLC0415
+
+    return await print_dead_letters(_settings(args), limit=args.limit)
 
 
 async def _edge(args: argparse.Namespace) -> int:
@@ -197,6 +205,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
     "up": _up,
     "demo": _demo,
     "facts": _facts,
+    "deadletters": _deadletters,
     "edge": _edge,
     "bridge": _bridge,
     "central": _central,
@@ -206,7 +215,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `nerve` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    quiet = args.command in {"demo", "facts", "keys"}
+    quiet = args.command in {"demo", "facts", "deadletters", "keys"}
     level = (getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper()
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
