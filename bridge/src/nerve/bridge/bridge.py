@@ -25,10 +25,10 @@ from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import decode
 from nerve.runtime.envelope import Command, CommandResult, Fact, derived_id, utcnow
-from nerve.runtime.errors import BrokerUnavailable, DecodeError, TopicError
+from nerve.runtime.errors import DecodeError, TopicError
 from nerve.runtime.jetstream import (
     MSG_ID_HEADER,
-    connect,
+    connect_forever,
     publish_dead_letter,
     publish_envelope,
     publish_fact,
@@ -38,7 +38,6 @@ from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
@@ -79,7 +78,7 @@ class Bridge:
 
     async def run(self) -> None:
         """Bridge until cancelled. Cancelling loses nothing: unacknowledged messages are redelivered."""
-        nc = await self._connect_nats()
+        nc = await connect_forever(self._settings.nats, name="nerve-bridge")
         try:
             js = nc.jetstream()
             await ensure_streams(js, self._prefix)
@@ -87,16 +86,6 @@ class Bridge:
         finally:
             self.ready.clear()
             await nc.close()
-
-    async def _connect_nats(self) -> NatsClient:
-        backoff = Backoff()
-        while True:
-            try:
-                return await connect(self._settings.nats, name="nerve-bridge")
-            except BrokerUnavailable as exc:
-                delay = backoff.next_delay()
-                log.warning("%s; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
 
     async def _run_mqtt(self, js: JetStreamContext) -> None:
         backoff = Backoff()

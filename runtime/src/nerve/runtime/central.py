@@ -17,17 +17,15 @@ from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.agent import DEFAULT_MAX_HOPS, Agent, AgentContext, Reject, Retry
-from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import MODEL_OF_KIND, decode
-from nerve.runtime.errors import BrokerUnavailable, DecodeError
-from nerve.runtime.jetstream import connect, publish_dead_letter
+from nerve.runtime.errors import DecodeError
+from nerve.runtime.jetstream import connect_forever, publish_dead_letter
 from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
@@ -72,7 +70,7 @@ class Central:
 
     async def run(self) -> None:
         """Run every agent until cancelled."""
-        nc = await self._connect()
+        nc = await connect_forever(self._settings.nats, name="nerve-central")
         try:
             js = nc.jetstream()
             await ensure_streams(js, self._settings.prefix)
@@ -92,16 +90,6 @@ class Central:
         finally:
             self.ready.clear()
             await nc.close()
-
-    async def _connect(self) -> NatsClient:
-        backoff = Backoff()
-        while True:
-            try:
-                return await connect(self._settings.nats, name="nerve-central")
-            except BrokerUnavailable as exc:
-                delay = backoff.next_delay()
-                log.warning("%s; retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
 
     async def _subscribe(
         self, js: JetStreamContext, agent: Agent, subscription: Subscription

@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.subjects import DEFAULT_PREFIX, check_prefix, check_token
+from nerve.runtime.subjects import DEFAULT_PREFIX, DeviceId, Metric, check_prefix
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -42,18 +42,8 @@ def _nats_url(value: str) -> str:
     return value
 
 
-def _device(value: str) -> str:
-    return check_token(value, "device id")
-
-
-def _metric(value: str) -> str:
-    return check_token(value, "metric")
-
-
 MqttUrl = Annotated[str, AfterValidator(_mqtt_url)]
 NatsUrl = Annotated[str, AfterValidator(_nats_url)]
-DeviceId = Annotated[str, AfterValidator(_device)]
-Metric = Annotated[str, AfterValidator(_metric)]
 
 
 def host_port(url: str, default_port: int) -> tuple[str, int]:

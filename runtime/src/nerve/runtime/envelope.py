@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from nerve.runtime.subjects import check_token
+from nerve.runtime.subjects import DeviceId, Token
 
 
 def _utc(value: datetime) -> datetime:
@@ -29,17 +29,7 @@ def _utc(value: datetime) -> datetime:
         raise ValueError("time is out of range once converted to UTC") from None
 
 
-def _device(value: str) -> str:
-    return check_token(value, "device id")
-
-
-def _name(value: str) -> str:
-    return check_token(value, "name")
-
-
 UtcTime = Annotated[datetime, AfterValidator(_utc)]
-DeviceId = Annotated[str, AfterValidator(_device)]
-Token = Annotated[str, AfterValidator(_name)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128)]
 
 

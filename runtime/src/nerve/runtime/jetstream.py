@@ -11,6 +11,7 @@ import nats
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 
+from nerve.runtime.backoff import Backoff
 from nerve.runtime.brokers import port_answers
 from nerve.runtime.codec import to_msgpack
 from nerve.runtime.config import host_port
@@ -75,6 +76,18 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
         raise BrokerUnavailable(settings.url, str(exc) or type(exc).__name__) from exc
     client.append(connected)
     return connected
+
+
+async def connect_forever(settings: NatsSettings, *, name: str) -> NatsClient:
+    """Connect to NATS, retrying with jittered backoff for as long as it takes (for daemons)."""
+    backoff = Backoff()
+    while True:
+        try:
+            return await connect(settings, name=name)
+        except BrokerUnavailable as exc:
+            delay = backoff.next_delay()
+            log.warning("%s; retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
 
 
 async def publish_envelope(

@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from functools import partial
+from typing import Annotated, Final
+
+from pydantic import AfterValidator
 
 from nerve.runtime.errors import TopicError
 
@@ -45,6 +48,12 @@ def check_token(value: str, what: str) -> str:
     if not is_token(value):
         raise ValueError(f"{what} {value!r} is not valid: use 1 to 64 of the characters A-Z a-z 0-9 _ -")
     return value
+
+
+#: Pydantic field types that refuse what is not a token, naming what it was meant to be.
+DeviceId = Annotated[str, AfterValidator(partial(check_token, what="device id"))]
+Metric = Annotated[str, AfterValidator(partial(check_token, what="metric"))]
+Token = Annotated[str, AfterValidator(partial(check_token, what="name"))]
 
 
 def check_prefix(prefix: str) -> str:
