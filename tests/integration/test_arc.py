@@ -6,16 +6,20 @@ import asyncio
 import os
 import shutil
 import time
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import pytest
 
-from nerve.runtime.codec import decode
-from nerve.runtime.envelope import CommandResult, Fact
+from nerve.runtime.codec import decode, to_json
+from nerve.runtime.envelope import Command, CommandResult, Fact
+from nerve.runtime.signing import Signer, generate_keypair
 from nerve.runtime.stack import Stack
 from nerve.runtime.testing import stream_messages, wait_for_count
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from nats.aio.client import Client as NatsClient
 
     from nerve.runtime.brokers import Mosquitto
@@ -89,3 +93,37 @@ async def test_plain_number_spike_and_bad_input_together(
         await wait_for_count(js, "NERVE_DEADLETTER", 2)
     facts = [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]
     assert facts[-1].kind == "incident_resolved"
+
+
+async def test_forged_command_is_refused_and_audited(
+    settings: Settings, mosquitto: Mosquitto, nc: NatsClient, tmp_path: Path
+) -> None:
+    """A command signed by a key the device does not trust: nothing deleted, refusal kept as a fact."""
+    js = nc.jetstream()
+    quiet = settings.model_copy(update={"edge": settings.edge.model_copy(update={"mounts": ()})})
+    private, _ = generate_keypair(tmp_path / "attacker", "central")  # same key id, different key
+    forged = Signer.from_file(private).sign(
+        Command.create(
+            device="pi-03",
+            action="clear_temp",
+            args={"older_than_s": 0},
+            source="evil",
+            ttl=timedelta(minutes=1),
+        )
+    )
+    async with Stack(settings=quiet, device="pi-03") as stack:
+        assert stack.info is not None
+        victim = stack.info.scratch / "precious.db"
+        victim.write_bytes(b"data")
+        await mosquitto_pub(mosquitto, "nerve/pi-03/commands/clear_temp", to_json(forged).decode())
+        await wait_for_count(js, "NERVE_FACTS", 1, timeout=15)
+        unsigned = forged.model_copy(update={"sig": "", "id": "unsigned-1"})
+        await mosquitto_pub(mosquitto, "nerve/pi-03/commands/clear_temp", to_json(unsigned).decode())
+        await wait_for_count(js, "NERVE_FACTS", 2, timeout=15)
+    assert victim.exists()
+    facts = [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]
+    assert [f.kind for f in facts] == ["command_rejected", "command_rejected"]
+    assert "bad signature" in facts[0].summary
+    assert "not signed" in facts[1].summary
+    results = [decode(m.data, CommandResult) for m in await stream_messages(js, "NERVE_RESULTS")]
+    assert {r.status for r in results} == {"rejected"}

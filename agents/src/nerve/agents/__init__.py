@@ -2,15 +2,16 @@
 
 from typing import TYPE_CHECKING
 
+from nerve.agents.audit import CommandAudit
 from nerve.agents.disk import DiskRunbook
 
 if TYPE_CHECKING:
     from nerve.runtime.agent import Agent
     from nerve.runtime.config import Settings
 
-__all__ = ["DiskRunbook", "builtin_agents"]
+__all__ = ["CommandAudit", "DiskRunbook", "builtin_agents"]
 
 
 def builtin_agents(settings: "Settings") -> list["Agent"]:
     """The agents `nerve central` runs."""
-    return [DiskRunbook(settings.central.disk)]
+    return [DiskRunbook(settings.central.disk), CommandAudit()]
