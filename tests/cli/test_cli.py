@@ -118,10 +118,10 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
     assert process.stdout is not None
     async with asyncio.timeout(30):
         ready = (await process.stdout.readline()).decode()
-    assert ready.startswith("nerve is up: device up-test")
-    assert "started: mosquitto, nats-server" in ready
-    rest = (await process.stdout.readline()).decode()
-    assert f"mosquitto_pub -h 127.0.0.1 -p {mqtt_port} -t nerve/up-test/telemetry/disk" in rest
+    assert ready.startswith("nerve is up: device up-test; try: ")
+    assert f"mosquitto_pub -h 127.0.0.1 -p {mqtt_port} -t nerve/up-test/telemetry/disk" in ready
+    details = (await process.stdout.readline()).decode()
+    assert "started: mosquitto, nats-server" in details
     assert await port_answers("127.0.0.1", mqtt_port)
     assert await port_answers("127.0.0.1", nats_port)
 

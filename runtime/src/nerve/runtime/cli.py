@@ -119,11 +119,11 @@ async def _up(args: argparse.Namespace) -> int:
         info = stack.info
         assert info is not None  # noqa: S101 - set by __aenter__
         started = f" (started: {', '.join(info.started_brokers)})" if info.started_brokers else ""
+        # One line that says it is ready and what to type; details after it.
+        print(f"nerve is up: device {info.device}; try: {info.try_command(settings.prefix)}", flush=True)
         print(
-            f"nerve is up: device {info.device}, mqtt {info.mqtt_host}:{info.mqtt_port}, "
-            f"nats {info.nats_url}, data {info.data_dir}{started}\n"
-            f"  try:   {info.try_command(settings.prefix)}\n"
-            f"  then:  nerve facts --nats-url {info.nats_url}\n"
+            f"  mqtt {info.mqtt_host}:{info.mqtt_port}, nats {info.nats_url}, data {info.data_dir}{started}\n"
+            f"  then: nerve facts --nats-url {info.nats_url}   (and: nerve deadletters)\n"
             f"  clear_temp cleans only {info.scratch}. Ctrl-C stops everything.",
             flush=True,
         )
