@@ -59,6 +59,13 @@ async def test_unreachable_broker_is_a_clear_error() -> None:
     assert "Traceback" not in err
 
 
+async def test_bad_log_level_is_refused_by_the_parser() -> None:
+    code, _, err = await run("facts", "--log-level", "loud")
+    assert code == 2
+    assert "invalid choice: 'loud'" in err
+    assert "Traceback" not in err
+
+
 async def test_keys_generate(tmp_path: Path) -> None:
     code, out, _ = await run("keys", "generate", "--dir", str(tmp_path), "--keyid", "ops-1")
     assert code == 0
@@ -195,6 +202,10 @@ async def test_kill_9_of_up_takes_its_brokers_and_keeps_the_facts(tmp_path: Path
 
     process = await start_up(tmp_path / "data", mqtt_port, nats_port)
     try:
+        # A second `nerve up` on the same data dir would fight the first over its MQTT sessions.
+        code, _, err = await run("up", "--data-dir", str(tmp_path / "data"), "--mqtt-port", str(mqtt_port))
+        assert code == 2
+        assert f"in use by a running nerve up (pid {process.pid})" in err
         code, out, _ = await run("facts", "--nats-url", nats_url, "--device", "k9")
         assert code == 0
         assert [line.split()[2] for line in out.splitlines()] == [

@@ -36,7 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--config", type=Path, help="YAML settings file (default: $NERVE_CONFIG)")
     common.add_argument("--mqtt-url", help="mosquitto, e.g. mqtt://127.0.0.1:1883")
     common.add_argument("--nats-url", help="NATS, e.g. nats://127.0.0.1:4222")
-    common.add_argument("--log-level", default=None, help="debug, info, warning (default: info)")
+    common.add_argument(
+        "--log-level",
+        default=None,
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="default: info (warning for demo, facts, deadletters)",
+    )
 
     parser = argparse.ArgumentParser(prog="nerve", description="event-driven agent runtime for edge fleets")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
+import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NoReturn, Self
+from typing import TYPE_CHECKING, Final, NoReturn, Self, TextIO
 
 from nerve.runtime.brokers import ManagedBroker, Mosquitto, NatsServer, port_answers
 from nerve.runtime.config import Settings, host_port
@@ -80,6 +82,7 @@ class Stack:
         self._tasks: asyncio.TaskGroup | None = None
         self._stack_task: asyncio.Task[None] | None = None
         self.info: StackInfo | None = None
+        self._lock: TextIO | None = None
 
     @property
     def settings(self) -> Settings:
@@ -111,8 +114,30 @@ class Stack:
             raise ConfigError("private key without its .pub beside it", source=str(private))
         return Signer.from_file(private, keyid)
 
+    def _lock_data_dir(self) -> None:
+        # Two stacks on one data dir would share client ids and fight over the MQTT sessions.
+        path = self._data_dir / "nerve-up.lock"
+        handle = path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(
+                f"{self._data_dir} is in use by a running nerve up (pid {holder}); "
+                "stop it or pass another --data-dir",
+                key="data_dir",
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock = handle
+
     async def __aenter__(self) -> Self:
         self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         self._scratch.mkdir(exist_ok=True)
         try:
             await self._ensure_broker(self._settings.mqtt.url, 1883, Mosquitto)
@@ -183,6 +208,9 @@ class Stack:
         for broker in reversed(self._brokers):
             await broker.stop()
         self._brokers.clear()
+        if self._lock is not None:
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
