@@ -8,7 +8,7 @@ STAMP := $(VENV)/.nerve-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NERVE_ARGS ?=
 
-.PHONY: setup run demo test lint typecheck pytest bench clean
+.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge clean
 
 setup: $(STAMP) system-deps
 
@@ -51,6 +51,12 @@ test: lint typecheck pytest
 
 bench: setup
 	$(BIN)/python bench/reaction_latency.py
+
+bench-edge: setup
+	$(BIN)/python bench/edge_footprint.py
+
+bench-bridge: setup
+	$(BIN)/python bench/bridge_throughput.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
