@@ -33,3 +33,20 @@ def test_edge_install_pulls_no_nats() -> None:
 def test_central_parts_do_pull_nats() -> None:
     for distribution in ("nerve-bridge", "nerve-agents"):
         assert any("nerve-runtime[nats]" in r for r in importlib.metadata.requires(distribution) or [])
+
+
+@pytest.mark.parametrize("part", ["runtime", "edge", "bridge", "agents"])
+def test_exported_members(part: str) -> None:
+    module = importlib.import_module(f"nerve.{part}")
+    exported = list(module.__all__)
+    # isort style, as ruff's RUF022 keeps it: CONSTANTS, then Classes, then functions.
+    assert exported == sorted(exported, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
+    assert len(set(exported)) == len(exported)
+    for name in exported:
+        assert hasattr(module, name), f"nerve.{part}.__all__ names {name}, which it does not have"
+    public = {
+        name
+        for name in vars(module)
+        if not name.startswith("_") and not isinstance(getattr(module, name), type(importlib))
+    }
+    assert public <= set(exported) | {"annotations", "TYPE_CHECKING"}, public - set(exported)
