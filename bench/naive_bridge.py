@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgpack
 import nats
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -71,7 +72,7 @@ async def run(mqtt_port: int, nats_port: int) -> None:
         loop.call_soon_threadsafe(queue.put_nowait, message)
 
     client = mqtt.Client(
-        mqtt.CallbackAPIVersion.VERSION2,
+        CallbackAPIVersion.VERSION2,
         client_id=CLIENT_ID,
         protocol=mqtt.MQTTv5,
         manual_ack=True,
@@ -86,10 +87,11 @@ async def run(mqtt_port: int, nats_port: int) -> None:
     try:
         while True:
             message = await queue.get()
-            document = msgpack.unpackb(message.payload)
+            payload = bytes(message.payload)
+            document = msgpack.unpackb(payload)
             await js.publish(
                 message.topic.replace("/", "."),
-                message.payload,
+                payload,
                 timeout=STORE_TIMEOUT_S,
                 headers={MSG_ID_HEADER: str(document["id"])},
             )
