@@ -28,6 +28,7 @@ import aiomqtt
 
 from nerve.edge.sensors import CpuSampler, Reading, read_all
 from nerve.runtime.backoff import Backoff
+from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import to_msgpack
 from nerve.runtime.envelope import Event, utcnow
 from nerve.runtime.errors import ConfigError
@@ -71,19 +72,6 @@ def default_device_id() -> str:
         f"the host name {host!r} is not a valid device id (1-64 of A-Z a-z 0-9 _ -): pass --device",
         key="edge.device",
     )
-
-
-def _deliver_swallowed_cancellation() -> None:
-    """Raise `CancelledError` if this task was asked to stop but never told.
-
-    On Python 3.11, `asyncio.wait_for` (which aiomqtt awaits every PUBACK and SUBACK with) returns
-    normally when a cancellation lands as the awaited ack arrives, and the request is lost (fixed in
-    3.12). A loop that went on after that would never stop: its TaskGroup cancels a child only once.
-    Call it after each publish or subscribe in a loop; not while already handling a cancellation.
-    """
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class EdgeAgent:
@@ -184,7 +172,7 @@ class EdgeAgent:
     async def _serve(self, client: aiomqtt.Client) -> None:
         await client.subscribe(self._commands, qos=1)
         await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
-        _deliver_swallowed_cancellation()
+        checkpoint()
         self.ready.set()
         _log.info("device %s online at %s", self._device, self._settings.mqtt.url)
         async with asyncio.TaskGroup() as tasks:
@@ -212,7 +200,7 @@ class EdgeAgent:
             # Cheap, non-blocking reads (see nerve.edge.sensors): no thread needed.
             for reading in read_all(self._settings.edge.mounts, self._cpu):
                 await self._publish_reading(client, reading)
-                _deliver_swallowed_cancellation()
+                checkpoint()
             tick += interval
             now = loop.time()
             if tick < now:
@@ -239,7 +227,7 @@ class EdgeAgent:
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
             await self._answer(client, message)
-            _deliver_swallowed_cancellation()
+            checkpoint()
 
     async def _answer(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
