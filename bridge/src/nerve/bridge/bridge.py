@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Final
 
 import aiomqtt
 from nats.errors import Error as NatsError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nerve.bridge.uplink import Forward, Reject, translate, uplink_filters
 from nerve.runtime.backoff import Backoff
@@ -32,6 +31,7 @@ from nerve.runtime.jetstream import (
     publish_dead_letter,
     publish_envelope,
     publish_fact,
+    shared_durable,
 )
 from nerve.runtime.mqtt import ack, make_client
 from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
@@ -195,19 +195,13 @@ class Bridge:
             checkpoint()
 
     async def _subscribe_downlink(self, js: JetStreamContext) -> JetStreamContext.PushSubscription:
-        durable = self._settings.bridge.downlink_durable
-        return await js.subscribe(
-            kind_filter(Kind.COMMANDS, self._prefix),
-            durable=durable,
-            queue=durable,
+        return await shared_durable(
+            js,
+            subject=kind_filter(Kind.COMMANDS, self._prefix),
             stream=STREAM_OF_KIND[Kind.COMMANDS],
-            manual_ack=True,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=DOWNLINK_ACK_WAIT_S,
-                max_ack_pending=DOWNLINK_MAX_ACK_PENDING,
-                deliver_policy=DeliverPolicy.ALL,
-            ),
+            name=self._settings.bridge.downlink_durable,
+            ack_wait_s=DOWNLINK_ACK_WAIT_S,
+            max_ack_pending=DOWNLINK_MAX_ACK_PENDING,
         )
 
     async def _downlink(

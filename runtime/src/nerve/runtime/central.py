@@ -14,13 +14,12 @@ import logging
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.agent import DEFAULT_MAX_HOPS, Agent, AgentContext, Reject, Retry
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import MODEL_OF_KIND, decode
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.jetstream import connect_forever, publish_dead_letter
+from nerve.runtime.jetstream import connect_forever, publish_dead_letter, shared_durable
 from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
 
 if TYPE_CHECKING:
@@ -94,20 +93,14 @@ class Central:
     async def _subscribe(
         self, js: JetStreamContext, agent: Agent, subscription: Subscription
     ) -> JetStreamContext.PushSubscription:
-        name = consumer_name(agent, subscription)
-        return await js.subscribe(
-            subscription.subject(self._settings.prefix),
-            durable=name,
-            queue=name,
+        return await shared_durable(
+            js,
+            subject=subscription.subject(self._settings.prefix),
             stream=STREAM_OF_KIND[subscription.kind],
-            manual_ack=True,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=ACK_WAIT_S,
-                max_deliver=MAX_DELIVER,
-                max_ack_pending=MAX_ACK_PENDING,
-                deliver_policy=DeliverPolicy.ALL,
-            ),
+            name=consumer_name(agent, subscription),
+            ack_wait_s=ACK_WAIT_S,
+            max_ack_pending=MAX_ACK_PENDING,
+            max_deliver=MAX_DELIVER,
         )
 
     async def _ticks(self, agent: Agent, ctx: AgentContext) -> None:

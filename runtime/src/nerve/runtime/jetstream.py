@@ -10,6 +10,7 @@ import msgpack
 import nats
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.brokers import port_answers
@@ -88,6 +89,37 @@ async def connect_forever(settings: NatsSettings, *, name: str) -> NatsClient:
             delay = backoff.next_delay()
             log.warning("%s; retrying in %.1fs", exc, delay)
             await asyncio.sleep(delay)
+
+
+async def shared_durable(
+    js: JetStreamContext,
+    *,
+    subject: str,
+    stream: str,
+    name: str,
+    ack_wait_s: float,
+    max_ack_pending: int,
+    max_deliver: int = -1,
+) -> JetStreamContext.PushSubscription:
+    """Bind to (creating if needed) durable push consumer `name`, shared by every process using it.
+
+    The deliver group has the consumer's name, so processes bound to it split the messages between them.
+    Explicit acks; a new consumer starts from the beginning of the stream (nothing is skipped).
+    """
+    return await js.subscribe(
+        subject,
+        durable=name,
+        queue=name,
+        stream=stream,
+        manual_ack=True,
+        config=ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=max_deliver,
+            max_ack_pending=max_ack_pending,
+            deliver_policy=DeliverPolicy.ALL,
+        ),
+    )
 
 
 async def publish_envelope(
