@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import urllib.request
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ import msgpack
 import pytest
 
 from nerve.bridge import Bridge
+from nerve.runtime.brokers import free_port, port_answers
 from nerve.runtime.codec import decode, to_msgpack
 from nerve.runtime.envelope import Command, CommandResult, Event, Fact
 from nerve.runtime.jetstream import REASON_HEADER, publish_envelope
@@ -160,3 +162,31 @@ async def test_nats_restart_loses_nothing_acknowledged(settings: Settings, nats_
             await nc.close()
     # Raw payloads are at-least-once: every value is there, and a redelivery may add a copy.
     assert set(values) == set(range(total))
+
+
+async def test_metrics_count_stored_duplicates_and_dead_letters(settings: Settings, nc: NatsClient) -> None:
+    port = free_port()
+    with_metrics = settings.model_copy(
+        update={"bridge": settings.bridge.model_copy(update={"metrics_port": port})}
+    )
+    js = nc.jetstream()
+    event = Event(source="test", type="nerve.telemetry.cpu", subject="pi-01", data={"value": 1})
+    bridge = Bridge(settings=with_metrics)
+    async with running(bridge), publisher(settings) as pub:
+        await pub.publish("nerve/pi-01/telemetry/cpu", to_msgpack(event), qos=1)
+        await pub.publish("nerve/pi-01/telemetry/cpu", to_msgpack(event), qos=1)
+        await pub.publish("nerve/pi-01/telemetry/cpu", b"oops", qos=1)
+        await wait_for_count(js, "NERVE_DEADLETTER", 1)
+        text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+    assert "nerve_bridge_received_total 3.0" in text
+    assert "nerve_bridge_stored_total 2.0" in text
+    assert "nerve_bridge_duplicates_total 1.0" in text
+    assert "nerve_bridge_deadlettered_total 1.0" in text
+    assert "nerve_bridge_in_flight 0.0" in text
+    assert not await port_answers("127.0.0.1", port)  # closed with the bridge
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - a loopback URL we built
+        body: bytes = response.read()
+    return body.decode()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 import aiomqtt
 from nats.errors import Error as NatsError
 
+from nerve.bridge.metrics import MetricsServer
 from nerve.bridge.uplink import Forward, Reject, translate, uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
@@ -56,11 +57,13 @@ DOWNLINK_ACK_WAIT_S: Final = 30.0
 
 @dataclass(slots=True)
 class BridgeStats:
-    """Counters since start (exported as metrics by a later version)."""
+    """Counters since start; served as Prometheus metrics when `bridge.metrics_port` is set."""
 
     received: int = 0
     stored: int = 0
+    duplicates: int = 0
     deadlettered: int = 0
+    in_flight: int = 0
     commands_sent: int = 0
     commands_expired: int = 0
     reconnects: int = 0
@@ -78,6 +81,23 @@ class Bridge:
 
     async def run(self) -> None:
         """Bridge until cancelled. Cancelling loses nothing: unacknowledged messages are redelivered."""
+        metrics = None
+        if self._settings.bridge.metrics_port is not None:
+            metrics = MetricsServer(
+                self.stats,
+                address=self._settings.bridge.metrics_address,
+                port=self._settings.bridge.metrics_port,
+            )
+            log.info(
+                "bridge: metrics on http://%s:%d/metrics", self._settings.bridge.metrics_address, metrics.port
+            )
+        try:
+            await self._bridge()
+        finally:
+            if metrics is not None:
+                metrics.close()
+
+    async def _bridge(self) -> None:
         nc = await connect_forever(self._settings.nats, name="nerve-bridge")
         try:
             js = nc.jetstream()
@@ -138,7 +158,7 @@ class Bridge:
         backoff = Backoff(maximum=2.0)
         while True:
             try:
-                await js.publish(
+                ack = await js.publish(
                     forward.subject,
                     forward.body,
                     timeout=STORE_TIMEOUT_S,
@@ -149,6 +169,8 @@ class Bridge:
                 log.warning("bridge: storing %s failed (%s); retrying in %.1fs", forward.subject, exc, delay)
                 await asyncio.sleep(delay)
             else:
+                if ack.duplicate:
+                    self.stats.duplicates += 1
                 return
 
     async def _dead_letter(self, js: JetStreamContext, *, reason: str, origin: str, payload: bytes) -> None:
@@ -171,6 +193,7 @@ class Bridge:
         max_payload = self._settings.bridge.max_payload
         async for message in client.messages:
             self.stats.received += 1
+            self.stats.in_flight += 1
             payload = (
                 message.payload
                 if isinstance(message.payload, bytes)
@@ -192,6 +215,7 @@ class Bridge:
                 await self._dead_letter(js, reason=outcome.reason, origin=topic, payload=payload)
             # Only now, with the message safe in JetStream, may mosquitto forget it.
             ack(client, message)
+            self.stats.in_flight -= 1
             checkpoint()
 
     async def _subscribe_downlink(self, js: JetStreamContext) -> JetStreamContext.PushSubscription:

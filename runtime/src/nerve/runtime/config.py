@@ -93,6 +93,8 @@ class BridgeSettings(_Settings):
     max_payload: int = Field(default=64 * 1024, gt=0, le=8 * 1024 * 1024)
     metrics: tuple[Metric, ...] = DEFAULT_METRICS
     downlink_durable: str = "nerve-bridge-downlink"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus; unset: off")
+    metrics_address: str = "127.0.0.1"
 
 
 class DiskRunbookSettings(_Settings):
