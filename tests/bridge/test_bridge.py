@@ -14,6 +14,7 @@ import pytest
 from nerve.bridge import Bridge
 from nerve.runtime.brokers import free_port, port_answers
 from nerve.runtime.codec import decode, to_msgpack
+from nerve.runtime.config import TopicMapping
 from nerve.runtime.envelope import Command, CommandResult, Event, Fact
 from nerve.runtime.jetstream import REASON_HEADER, publish_envelope
 from nerve.runtime.mqtt import make_client
@@ -190,3 +191,19 @@ def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - a loopback URL we built
         body: bytes = response.read()
     return body.decode()
+
+
+async def test_foreign_sensor_topic_is_mapped_end_to_end(settings: Settings, nc: NatsClient) -> None:
+    rule = TopicMapping(name="acme", topic="sensors/+/disk", device_level=2, metric="disk", value_field="pct")
+    mapped = settings.model_copy(update={"bridge": settings.bridge.model_copy(update={"mappings": (rule,)})})
+    js = nc.jetstream()
+    async with running(Bridge(settings=mapped)), publisher(settings) as pub:
+        await pub.publish("sensors/pi-09/disk", b'{"pct": 91}', qos=1)
+        await pub.publish("sensors/pi-09/disk", b'{"temp": 40}', qos=1)
+        await wait_for_count(js, "NERVE_TELEMETRY", 1)
+        await wait_for_count(js, "NERVE_DEADLETTER", 1)
+    (stored,) = await stream_messages(js, "NERVE_TELEMETRY")
+    assert stored.subject == "nerve.pi-09.telemetry.disk"
+    assert decode(stored.data, Event).data == {"value": 91}
+    (dead,) = await stream_messages(js, "NERVE_DEADLETTER")
+    assert "mapping 'acme'" in msgpack.unpackb(dead.data)["reason"]

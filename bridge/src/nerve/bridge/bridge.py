@@ -122,7 +122,9 @@ class Bridge:
             try:
                 async with client:
                     backoff.reset()
-                    await client.subscribe([(topic, 1) for topic in uplink_filters(self._prefix)])
+                    await client.subscribe(
+                        [(topic, 1) for topic in uplink_filters(self._prefix, self._settings.bridge.mappings)]
+                    )
                     downlink = await self._subscribe_downlink(js)
                     try:
                         async with asyncio.TaskGroup() as tasks:
@@ -202,7 +204,12 @@ class Bridge:
             topic = message.topic.value
             try:
                 outcome = translate(
-                    topic, payload, prefix=self._prefix, metrics=self._metrics, max_payload=max_payload
+                    topic,
+                    payload,
+                    prefix=self._prefix,
+                    metrics=self._metrics,
+                    max_payload=max_payload,
+                    mappings=self._settings.bridge.mappings,
                 )
             except Exception as exc:
                 log.exception("bridge: translating a message from %s failed", topic)

@@ -20,12 +20,12 @@ from nerve.runtime.codec import (
     wrap_raw,
 )
 from nerve.runtime.errors import DecodeError, PayloadTooLarge, TopicError
-from nerve.runtime.subjects import Kind, parse_topic
+from nerve.runtime.subjects import Address, Kind, is_token, parse_topic
 
 if TYPE_CHECKING:
-    from collections.abc import Collection
+    from collections.abc import Collection, Sequence
 
-    from nerve.runtime.subjects import Address
+    from nerve.runtime.config import TopicMapping
 
 UPLINK_KINDS = frozenset({Kind.TELEMETRY, Kind.EVENTS, Kind.RESULTS})
 
@@ -47,13 +47,46 @@ class Reject:
     reason: str
 
 
-def uplink_filters(prefix: str) -> list[str]:
-    """The MQTT subscriptions of the uplink.
+def uplink_filters(prefix: str, mappings: Sequence[TopicMapping] = ()) -> list[str]:
+    """The MQTT subscriptions of the uplink: nerve's own topics, then each mapping's foreign topic.
 
     `#` rather than `+` after the kind, so a topic with extra levels reaches the bridge and is
     dead-lettered with a reason instead of being ignored by the broker.
     """
-    return [f"{prefix}/+/{kind.value}/#" for kind in sorted(UPLINK_KINDS)]
+    return [f"{prefix}/+/{kind.value}/#" for kind in sorted(UPLINK_KINDS)] + [rule.topic for rule in mappings]
+
+
+def topic_matches(levels: list[str], topic: list[str]) -> bool:
+    """Tell whether an MQTT topic (split in levels) matches a subscription filter (split in levels)."""
+    for i, level in enumerate(levels):
+        if level == "#":
+            return True
+        if i >= len(topic) or (level not in {"+", topic[i]}):
+            return False
+    return len(levels) == len(topic)
+
+
+def _mapped(rule: TopicMapping, topic: str, payload: bytes) -> Forward:
+    """Apply a foreign-topic mapping; raise `DecodeError` naming the rule."""
+    device = topic.split("/")[rule.device_level - 1]
+    if not is_token(device):
+        raise DecodeError(
+            f"mapping {rule.name!r}: device id {device!r} (level {rule.device_level}) is not valid "
+            "(1-64 of A-Z a-z 0-9 _ -)"
+        )
+    address = Address(device=device, kind=Kind(rule.kind), name=rule.metric)
+    if rule.value_field is not None:
+        document = _json_object(payload)
+        if not isinstance(document, dict) or rule.value_field not in document:
+            raise DecodeError(
+                f"mapping {rule.name!r}: payload is not a JSON map with field {rule.value_field!r}"
+            )
+        payload = json.dumps(document[rule.value_field]).encode()
+    try:
+        event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+    except DecodeError as exc:
+        raise DecodeError(f"mapping {rule.name!r}: {exc.reason}") from None
+    return Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=device)
 
 
 def _enveloped(address: Address, document: object, payload: bytes, *, as_msgpack: bool) -> Forward:
@@ -68,39 +101,65 @@ def _enveloped(address: Address, document: object, payload: bytes, *, as_msgpack
 
 
 def translate(
-    topic: str, payload: bytes, *, prefix: str, metrics: Collection[str], max_payload: int
+    topic: str,
+    payload: bytes,
+    *,
+    prefix: str,
+    metrics: Collection[str],
+    max_payload: int,
+    mappings: Sequence[TopicMapping] = (),
 ) -> Forward | Reject:
-    """Turn an MQTT message into what the bridge stores, or the reason it cannot."""
+    """Turn an MQTT message into what the bridge stores, or the reason it cannot. Never raises."""
     try:
         if len(payload) > max_payload:
             raise PayloadTooLarge(len(payload), max_payload)
-        address = parse_topic(topic, prefix)
-        if address.kind not in UPLINK_KINDS:
-            return Reject(f"{address.kind.value} are not accepted from devices")
-        if address.kind is Kind.TELEMETRY and address.name not in metrics:
-            return Reject(
-                f"unknown metric {address.name!r} (known: {', '.join(sorted(metrics))}; "
-                "add it to bridge.metrics)"
-            )
-        subject = address.subject(prefix)
-        if is_msgpack_map(payload):
-            document = load_document(payload)
-            if not is_envelope(document):
-                return Reject("msgpack payloads must be envelopes (with specversion)")
-            forward = _enveloped(address, document, payload, as_msgpack=True)
-        else:
-            document = _json_object(payload)
-            if is_envelope(document):
-                forward = _enveloped(address, document, payload, as_msgpack=False)
-            else:
-                event = wrap_raw(address, payload, source=f"mqtt://{topic}")
-                forward = Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=address.device)
+        if topic.startswith(f"{prefix}/"):
+            return _own(topic, payload, prefix=prefix, metrics=metrics)
+        return _foreign(topic, payload, prefix=prefix, mappings=mappings)
     except (TopicError, DecodeError) as exc:
         return Reject(str(exc))
     except (ValueError, OverflowError, RecursionError, TypeError) as exc:
         # e.g. an integer too large for msgpack: valid JSON, but nothing we can store as an envelope.
         return Reject(f"cannot store this payload: {type(exc).__name__}: {exc}")
-    return Forward(subject=subject, body=forward.body, msg_id=forward.msg_id, device=forward.device)
+
+
+def _own(topic: str, payload: bytes, *, prefix: str, metrics: Collection[str]) -> Forward | Reject:
+    """A message on nerve's own scheme: enveloped (msgpack or JSON) or raw."""
+    address = parse_topic(topic, prefix)
+    if address.kind not in UPLINK_KINDS:
+        return Reject(f"{address.kind.value} are not accepted from devices")
+    if address.kind is Kind.TELEMETRY and address.name not in metrics:
+        return Reject(
+            f"unknown metric {address.name!r} (known: {', '.join(sorted(metrics))}; add it to bridge.metrics)"
+        )
+    if is_msgpack_map(payload):
+        document = load_document(payload)
+        if not is_envelope(document):
+            return Reject("msgpack payloads must be envelopes (with specversion)")
+        forward = _enveloped(address, document, payload, as_msgpack=True)
+    else:
+        document = _json_object(payload)
+        if is_envelope(document):
+            forward = _enveloped(address, document, payload, as_msgpack=False)
+        else:
+            event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+            forward = Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=address.device)
+    return Forward(
+        subject=address.subject(prefix), body=forward.body, msg_id=forward.msg_id, device=forward.device
+    )
+
+
+def _foreign(
+    topic: str, payload: bytes, *, prefix: str, mappings: Sequence[TopicMapping]
+) -> Forward | Reject:
+    """A third-party topic, brought into the scheme by the first mapping that matches it."""
+    levels = topic.split("/")
+    rule = next((r for r in mappings if topic_matches(r.topic.split("/"), levels)), None)
+    if rule is None:
+        return Reject(f"topic {topic!r} is outside {prefix!r}/ and matches no mapping")
+    mapped = _mapped(rule, topic, payload)
+    subject = Address(mapped.device, Kind(rule.kind), rule.metric).subject(prefix)
+    return Forward(subject=subject, body=mapped.body, msg_id=mapped.msg_id, device=mapped.device)
 
 
 def _json_object(payload: bytes) -> object:

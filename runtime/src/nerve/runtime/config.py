@@ -9,14 +9,14 @@ Library code never reads the environment: only `load_settings` does, from the ma
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.subjects import DEFAULT_PREFIX, DeviceId, Metric, check_prefix
+from nerve.runtime.subjects import DEFAULT_PREFIX, DeviceId, Metric, check_prefix, check_token
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -86,6 +86,44 @@ class EdgeSettings(_Settings):
     clock_skew_s: float = Field(default=30.0, ge=0)
 
 
+def topic_filter_levels(topic: str) -> list[str]:
+    """The levels of an MQTT subscription filter; raise `ValueError` if it is not a valid one."""
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if not level:
+            raise ValueError(f"topic filter {topic!r} has an empty level")
+        if level == "#" and i != len(levels) - 1:
+            raise ValueError(f"topic filter {topic!r}: '#' may only be the last level")
+        if ("+" in level or "#" in level) and level not in {"+", "#"}:
+            raise ValueError(f"topic filter {topic!r}: a wildcard must be a whole level")
+    return levels
+
+
+class TopicMapping(_Settings):
+    """A rule that brings a third-party topic into nerve's scheme.
+
+    `sensors/+/disk` with `device_level: 2`, `metric: disk`: the reading of `sensors/pi-07/disk` is stored
+    as `nerve.pi-07.telemetry.disk`; its value is the JSON field `value_field`, or the whole payload.
+    """
+
+    name: Annotated[str, AfterValidator(lambda v: check_token(v, "mapping name"))]
+    topic: str
+    device_level: int = Field(ge=1, description="1-based level of `topic` that holds the device id")
+    kind: Literal["telemetry", "events"] = "telemetry"
+    metric: Metric
+    value_field: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        levels = topic_filter_levels(self.topic)
+        if self.device_level > len(levels) or levels[self.device_level - 1] != "+":
+            raise ValueError(
+                f"mapping {self.name!r}: device_level {self.device_level} must point at a '+' level "
+                f"of {self.topic!r}"
+            )
+        return self
+
+
 class BridgeSettings(_Settings):
     """The MQTT ⇄ JetStream bridge."""
 
@@ -95,6 +133,20 @@ class BridgeSettings(_Settings):
     downlink_durable: str = "nerve-bridge-downlink"
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus; unset: off")
     metrics_address: str = "127.0.0.1"
+    mappings: tuple[TopicMapping, ...] = ()
+
+    @model_validator(mode="after")
+    def _check_mappings(self) -> Self:
+        names = [rule.name for rule in self.mappings]
+        if len(set(names)) != len(names):
+            raise ValueError(f"mapping names must be unique, got {names}")
+        for rule in self.mappings:
+            if rule.kind == "telemetry" and rule.metric not in self.metrics:
+                raise ValueError(
+                    f"mapping {rule.name!r}: metric {rule.metric!r} is not in bridge.metrics "
+                    f"{list(self.metrics)}"
+                )
+        return self
 
 
 class DiskRunbookSettings(_Settings):
@@ -125,6 +177,17 @@ class Settings(_Settings):
     edge: EdgeSettings = EdgeSettings()
     bridge: BridgeSettings = BridgeSettings()
     central: CentralSettings = CentralSettings()
+
+    @model_validator(mode="after")
+    def _check_mapping_topics(self) -> Self:
+        first = self.prefix.split("/")[0]
+        for rule in self.bridge.mappings:
+            if rule.topic.split("/")[0] in {first, "+", "#"}:
+                raise ValueError(
+                    f"mapping {rule.name!r}: topic {rule.topic!r} overlaps nerve's own topics "
+                    f"under {self.prefix!r}/; mappings are for foreign topics"
+                )
+        return self
 
 
 def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
