@@ -207,3 +207,23 @@ async def test_foreign_sensor_topic_is_mapped_end_to_end(settings: Settings, nc:
     assert decode(stored.data, Event).data == {"value": 91}
     (dead,) = await stream_messages(js, "NERVE_DEADLETTER")
     assert "mapping 'acme'" in msgpack.unpackb(dead.data)["reason"]
+
+
+async def test_two_bridges_share_the_uplink(settings: Settings, nc: NatsClient) -> None:
+    def member(name: str) -> Bridge:
+        bridge_settings = settings.bridge.model_copy(update={"client_id": name, "shared_group": "site-1"})
+        return Bridge(settings=settings.model_copy(update={"bridge": bridge_settings}))
+
+    first, second = member("bridge-a"), member("bridge-b")
+    js = nc.jetstream()
+    total = 400
+    async with running(first), running(second), publisher(settings) as pub:
+        for i in range(total):
+            event = Event(source="t", type="nerve.telemetry.cpu", subject=f"dev-{i % 4}", data={"value": i})
+            await pub.publish(f"nerve/dev-{i % 4}/telemetry/cpu", to_msgpack(event), qos=1)
+        await wait_for_count(js, "NERVE_TELEMETRY", total)
+        await asyncio.sleep(0.3)
+    assert first.stats.stored > 0
+    assert second.stats.stored > 0
+    assert first.stats.stored + second.stats.stored == total
+    assert (await js.stream_info("NERVE_TELEMETRY")).state.messages == total

@@ -123,7 +123,14 @@ class Bridge:
                 async with client:
                     backoff.reset()
                     await client.subscribe(
-                        [(topic, 1) for topic in uplink_filters(self._prefix, self._settings.bridge.mappings)]
+                        [
+                            (topic, 1)
+                            for topic in uplink_filters(
+                                self._prefix,
+                                self._settings.bridge.mappings,
+                                shared_group=self._settings.bridge.shared_group,
+                            )
+                        ]
                     )
                     downlink = await self._subscribe_downlink(js)
                     try:

@@ -47,13 +47,21 @@ class Reject:
     reason: str
 
 
-def uplink_filters(prefix: str, mappings: Sequence[TopicMapping] = ()) -> list[str]:
+def uplink_filters(
+    prefix: str, mappings: Sequence[TopicMapping] = (), *, shared_group: str | None = None
+) -> list[str]:
     """The MQTT subscriptions of the uplink: nerve's own topics, then each mapping's foreign topic.
 
     `#` rather than `+` after the kind, so a topic with extra levels reaches the bridge and is
-    dead-lettered with a reason instead of being ignored by the broker.
+    dead-lettered with a reason instead of being ignored by the broker. With `shared_group`, each is a
+    shared subscription (`$share/<group>/...`): mosquitto gives each message to one bridge of the group.
     """
-    return [f"{prefix}/+/{kind.value}/#" for kind in sorted(UPLINK_KINDS)] + [rule.topic for rule in mappings]
+    filters = [f"{prefix}/+/{kind.value}/#" for kind in sorted(UPLINK_KINDS)] + [
+        rule.topic for rule in mappings
+    ]
+    if shared_group is not None:
+        return [f"$share/{shared_group}/{topic}" for topic in filters]
+    return filters
 
 
 def topic_matches(levels: list[str], topic: list[str]) -> bool:

@@ -134,6 +134,10 @@ class BridgeSettings(_Settings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus; unset: off")
     metrics_address: str = "127.0.0.1"
     mappings: tuple[TopicMapping, ...] = ()
+    shared_group: Annotated[str, AfterValidator(lambda v: check_token(v, "shared group"))] | None = Field(
+        default=None,
+        description="several bridges with this group (and distinct client_id) share the uplink ($share)",
+    )
 
     @model_validator(mode="after")
     def _check_mappings(self) -> Self:
