@@ -36,7 +36,7 @@ from nerve.runtime.mqtt import make_client
 from nerve.runtime.signing import Signer, Verifier, generate_keypair
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterator
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     import aiomqtt
@@ -125,31 +125,6 @@ def test_default_device_id_refuses_a_bad_host_name(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ConfigError, match="pass --device") as caught:
         default_device_id()
     assert caught.value.key == "edge.device"
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Path:
-    directory = tmp_path / "keys"
-    generate_keypair(directory, "central")
-    return directory
-
-
-@pytest.fixture
-def signer(keys: Path) -> Signer:
-    return Signer.from_file(keys / "central.key")
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "tmp"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def journal(tmp_path: Path) -> Iterator[CommandJournal]:
-    with CommandJournal(tmp_path / "journal.sqlite3") as opened:
-        yield opened
 
 
 def edge_settings(url: str, tmp_path: Path, root: Path, keys: Path, *, interval_s: float = 0.05) -> Settings:

@@ -23,7 +23,7 @@ from nerve.runtime.errors import ConfigError
 from nerve.runtime.signing import Signer, Verifier, generate_keypair
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
     from pathlib import Path
 
 DEVICE = "pi-01"
@@ -70,31 +70,6 @@ def make(
         ttl=ttl,
         command_id=command_id,
     )
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Path:
-    directory = tmp_path / "keys"
-    generate_keypair(directory, "central")
-    return directory
-
-
-@pytest.fixture
-def signer(keys: Path) -> Signer:
-    return Signer.from_file(keys / "central.key")
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "tmp"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def journal(tmp_path: Path) -> Iterator[CommandJournal]:
-    with CommandJournal(tmp_path / "journal.sqlite3") as opened:
-        yield opened
 
 
 @pytest.fixture

@@ -1,0 +1,39 @@
+"""Fixtures of the edge tests: a signing key pair, a clear_temp root, an open journal."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from nerve.edge.journal import CommandJournal
+from nerve.runtime.signing import Signer, generate_keypair
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    directory = tmp_path / "keys"
+    generate_keypair(directory, "central")
+    return directory
+
+
+@pytest.fixture
+def signer(keys: Path) -> Signer:
+    return Signer.from_file(keys / "central.key")
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "tmp"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def journal(tmp_path: Path) -> Iterator[CommandJournal]:
+    with CommandJournal(tmp_path / "journal.sqlite3") as opened:
+        yield opened
