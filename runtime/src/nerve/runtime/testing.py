@@ -9,6 +9,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from nerve.runtime.history import read_stream
+
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
@@ -24,22 +26,21 @@ class StoredMessage:
 
 
 async def stream_messages(js: JetStreamContext, stream: str) -> list[StoredMessage]:
-    """Every message in `stream`, in order (for tests and tools: one request per message)."""
+    """Every message in `stream`, in order, with its subject and headers."""
     info = await js.stream_info(stream)
+    subjects = info.config.subjects or []
     messages: list[StoredMessage] = []
-    for seq in range(info.state.first_seq, info.state.last_seq + 1):
-        if info.state.messages == 0:
-            break
-        raw = await js.get_msg(stream, seq)
-        messages.append(
+    for subject in subjects:  # nerve's streams have one subject each
+        messages.extend(
             StoredMessage(
-                seq=raw.seq or seq,
-                subject=raw.subject or "",
-                data=raw.data or b"",
-                headers=dict(raw.headers or {}),
+                seq=msg.metadata.sequence.stream,
+                subject=msg.subject,
+                data=msg.data,
+                headers=dict(msg.headers or {}),
             )
+            for msg in await read_stream(js, stream, subject)
         )
-    return messages
+    return sorted(messages, key=lambda message: message.seq)
 
 
 async def wait_for_count(js: JetStreamContext, stream: str, count: int, *, timeout: float = 10.0) -> int:
