@@ -12,29 +12,31 @@ after mosquitto acknowledged the QoS1 publish. An expired command is not sent: a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import aiomqtt
 from nats.errors import Error as NatsError
 
 from nerve.bridge.metrics import MetricsServer
-from nerve.bridge.uplink import Forward, Reject, translate, uplink_filters
+from nerve.bridge.mqttwire import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
+from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
+from nerve.bridge.pump import Pump
+from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import decode
+from nerve.runtime.config import host_port
 from nerve.runtime.envelope import Command, CommandResult, Fact, derived_id, utcnow
 from nerve.runtime.errors import DecodeError, TopicError
 from nerve.runtime.jetstream import (
-    MSG_ID_HEADER,
     connect_forever,
     publish_dead_letter,
     publish_envelope,
     publish_fact,
     shared_durable,
 )
-from nerve.runtime.mqtt import ack, make_client
 from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
 
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 SOURCE: Final = "nerve://bridge"
 PART: Final = "bridge"
 STORE_TIMEOUT_S: Final = 5.0
+WATCH_INTERVAL_S: Final = 1.0
+DRAIN_TIMEOUT_S: Final = 5.0
 MQTT_PUBLISH_TIMEOUT_S: Final = 10.0
 # How many commands may be on their way to mosquitto at once; the rest wait in JetStream.
 DOWNLINK_MAX_ACK_PENDING: Final = 256
@@ -105,82 +109,97 @@ class Bridge:
             await self._run_mqtt(js)
         finally:
             self.ready.clear()
-            await nc.close()
+            with contextlib.suppress(NatsError, OSError, TimeoutError):
+                await nc.close()
 
     async def _run_mqtt(self, js: JetStreamContext) -> None:
         backoff = Backoff()
         while True:
-            client = make_client(
-                self._settings.mqtt,
-                identifier=self._settings.bridge.client_id,
-                persistent=True,
-                # No PUBACK before JetStream stored it. That also bounds what waits here: mosquitto sends
-                # at most its in-flight window (max_inflight_messages) of unacknowledged QoS1 messages.
-                # (aiomqtt's own bound would discard messages when full, so it is left unset.)
-                manual_ack=True,
-            )
             try:
-                async with client:
-                    backoff.reset()
-                    await client.subscribe(
-                        [
-                            (topic, 1)
-                            for topic in uplink_filters(
-                                self._prefix,
-                                self._settings.bridge.mappings,
-                                shared_group=self._settings.bridge.shared_group,
-                            )
-                        ]
-                    )
-                    downlink = await self._subscribe_downlink(js)
-                    try:
-                        async with asyncio.TaskGroup() as tasks:
-                            tasks.create_task(self._uplink(client, js), name="bridge-uplink")
-                            tasks.create_task(self._downlink(client, js, downlink), name="bridge-downlink")
-                            self.ready.set()
-                            log.info(
-                                "bridge: connected to %s and %s",
-                                self._settings.mqtt.url,
-                                self._settings.nats.url,
-                            )
-                            # Park in the body: on 3.11 a TaskGroup whose child fails while the parent
-                            # waits in __aexit__ leaves the parent's cancel count raised for good.
-                            await asyncio.Future()
-                    finally:
-                        self.ready.clear()
-                        await downlink.unsubscribe()
-            except* aiomqtt.MqttError as group:
+                await self._session(js, backoff)
+            except* (MqttWireError, NatsWireError) as group:
                 failure: BaseException = group.exceptions[0]
-            else:  # pragma: no cover - the body only ends by an exception
-                continue
             task = asyncio.current_task()
             if task is not None and task.cancelling():
-                # We were cancelled and the disconnect surfaced as an MqttError: stop, don't reconnect.
                 raise asyncio.CancelledError
             self.stats.reconnects += 1
             delay = backoff.next_delay()
-            log.warning("bridge: mqtt %s; reconnecting in %.1fs", failure, delay)
+            log.warning("bridge: %s; reconnecting in %.1fs", failure, delay)
             await asyncio.sleep(delay)
 
-    async def _store(self, js: JetStreamContext, forward: Forward) -> None:
-        """Store until JetStream says so: retry (in order, holding back the rest) while NATS is away."""
-        backoff = Backoff(maximum=2.0)
-        while True:
-            try:
-                ack = await js.publish(
-                    forward.subject,
-                    forward.body,
-                    timeout=STORE_TIMEOUT_S,
-                    headers={MSG_ID_HEADER: forward.msg_id},
+    async def _session(self, js: JetStreamContext, backoff: Backoff) -> None:
+        """One MQTT session and one NATS publishing connection, until either fails (or cancelled)."""
+        settings = self._settings
+        pump = Pump(
+            loop=asyncio.get_running_loop(),
+            stats=self.stats,
+            prefix=self._prefix,
+            metrics=self._metrics,
+            max_payload=settings.bridge.max_payload,
+            mappings=settings.bridge.mappings,
+            store_timeout_s=STORE_TIMEOUT_S,
+            max_in_flight=settings.bridge.max_in_flight,
+        )
+        nats_wire = await open_nats(settings.nats.url, name="nerve-bridge-uplink", on_acks=pump.on_acks)
+        pump.attach_nats(nats_wire)
+        mqtt_wire: MqttWire | None = None
+        try:
+            host, port = host_port(settings.mqtt.url, DEFAULT_MQTT_PORT)
+            mqtt_wire = await open_mqtt(
+                host,
+                port,
+                client_id=settings.bridge.client_id,
+                on_messages=pump.on_messages,
+                clean_start=False,
+                session_expiry_s=settings.mqtt.session_expiry_s,
+                keepalive_s=settings.mqtt.keepalive_s,
+                receive_maximum=settings.bridge.max_in_flight,
+            )
+            pump.attach_mqtt(mqtt_wire)
+            await mqtt_wire.subscribe(
+                uplink_filters(
+                    self._prefix, settings.bridge.mappings, shared_group=settings.bridge.shared_group
                 )
-            except (NatsError, TimeoutError) as exc:
-                delay = backoff.next_delay()
-                log.warning("bridge: storing %s failed (%s); retrying in %.1fs", forward.subject, exc, delay)
-                await asyncio.sleep(delay)
-            else:
-                if ack.duplicate:
-                    self.stats.duplicates += 1
-                return
+            )
+            backoff.reset()
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    tasks.create_task(self._downlink(mqtt_wire, js), name="bridge-downlink")
+                    tasks.create_task(self._watch(pump, mqtt_wire, nats_wire), name="bridge-watch")
+                    log.info("bridge: connected to %s and %s", settings.mqtt.url, settings.nats.url)
+                    # Park in the body: on 3.11 a TaskGroup whose child fails while the parent waits in
+                    # __aexit__ leaves the parent's cancel count raised for good.
+                    await asyncio.Future()
+            finally:
+                self.ready.clear()
+        finally:
+            if mqtt_wire is not None:
+                await self._drain(pump, mqtt_wire, nats_wire)
+                mqtt_wire.close()
+            nats_wire.close()
+
+    async def _drain(self, pump: Pump, mqtt_wire: MqttWire, nats_wire: NatsWire) -> None:
+        """Take nothing new, and give what is in flight a moment to be stored and acknowledged."""
+        drained = pump.stop_accepting()
+        if pump.in_flight and not (mqtt_wire.closed.done() or nats_wire.closed.done()):
+            log.info("bridge: draining %d in-flight messages", pump.in_flight)
+            with contextlib.suppress(TimeoutError, MqttWireError, NatsWireError):
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    await asyncio.wait(
+                        [drained, mqtt_wire.closed, nats_wire.closed], return_when=asyncio.FIRST_COMPLETED
+                    )
+
+    async def _watch(self, pump: Pump, mqtt_wire: MqttWire, nats_wire: NatsWire) -> None:
+        """Raise the reason as soon as either connection ends; meanwhile re-send stores left unanswered."""
+        closed = [mqtt_wire.closed, nats_wire.closed]
+        while True:
+            done, _ = await asyncio.wait(
+                closed, timeout=WATCH_INTERVAL_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            for future in done:
+                future.result()  # raises MqttWireError / NatsWireError
+            pump.check_timeouts()
+            checkpoint()
 
     async def _dead_letter(self, js: JetStreamContext, *, reason: str, origin: str, payload: bytes) -> None:
         backoff = Backoff(maximum=2.0)
@@ -198,40 +217,6 @@ class Bridge:
                 log.warning("bridge: dead-lettered a message from %s: %s", origin, reason)
                 return
 
-    async def _uplink(self, client: aiomqtt.Client, js: JetStreamContext) -> None:
-        max_payload = self._settings.bridge.max_payload
-        async for message in client.messages:
-            self.stats.received += 1
-            self.stats.in_flight += 1
-            payload = (
-                message.payload
-                if isinstance(message.payload, bytes)
-                else bytes(str(message.payload), "utf-8")
-            )
-            topic = message.topic.value
-            try:
-                outcome = translate(
-                    topic,
-                    payload,
-                    prefix=self._prefix,
-                    metrics=self._metrics,
-                    max_payload=max_payload,
-                    mappings=self._settings.bridge.mappings,
-                )
-            except Exception as exc:
-                log.exception("bridge: translating a message from %s failed", topic)
-                outcome = Reject(f"internal error while translating: {type(exc).__name__}: {exc}")
-            if isinstance(outcome, Forward):
-                await self._store(js, outcome)
-                self.stats.stored += 1
-                log.debug("bridge: stored %s id=%s", outcome.subject, outcome.msg_id)
-            else:
-                await self._dead_letter(js, reason=outcome.reason, origin=topic, payload=payload)
-            # Only now, with the message safe in JetStream, may mosquitto forget it.
-            ack(client, message)
-            self.stats.in_flight -= 1
-            checkpoint()
-
     async def _subscribe_downlink(self, js: JetStreamContext) -> JetStreamContext.PushSubscription:
         return await shared_durable(
             js,
@@ -242,14 +227,33 @@ class Bridge:
             max_ack_pending=DOWNLINK_MAX_ACK_PENDING,
         )
 
-    async def _downlink(
-        self, client: aiomqtt.Client, js: JetStreamContext, subscription: JetStreamContext.PushSubscription
-    ) -> None:
-        async for msg in subscription.messages:
-            await self._send_command(client, js, msg)
-            checkpoint()
+    async def _downlink(self, mqtt_wire: MqttWire, js: JetStreamContext) -> None:
+        """Send stored commands down until the session ends; NATS trouble is waited out, not fatal."""
+        backoff = Backoff()
+        while True:
+            try:
+                subscription = await self._subscribe_downlink(js)
+            except (NatsError, TimeoutError) as exc:
+                delay = backoff.next_delay()
+                log.warning("bridge: downlink: cannot bind its consumer (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            self.ready.set()
+            try:
+                async for msg in subscription.messages:
+                    try:
+                        await self._send_command(mqtt_wire, js, msg)
+                    except (NatsError, TimeoutError) as exc:
+                        # Not acknowledged: JetStream delivers it again after the ack wait.
+                        log.warning(
+                            "bridge: downlink: %s; the command will come again", exc or type(exc).__name__
+                        )
+                    checkpoint()
+            finally:
+                with contextlib.suppress(NatsError, TimeoutError):
+                    await subscription.unsubscribe()
 
-    async def _send_command(self, client: aiomqtt.Client, js: JetStreamContext, msg: Msg) -> None:
+    async def _send_command(self, mqtt_wire: MqttWire, js: JetStreamContext, msg: Msg) -> None:
         try:
             address = parse_subject(msg.subject, self._prefix)
             command = decode(msg.data, Command, max_size=self._settings.bridge.max_payload)
@@ -267,7 +271,7 @@ class Bridge:
             return
         topic = address.topic(self._prefix)
         async with asyncio.timeout(MQTT_PUBLISH_TIMEOUT_S):
-            await client.publish(topic, msg.data, qos=1)
+            await mqtt_wire.publish(topic, msg.data)
         # mosquitto has it (PUBACK): only now may JetStream forget it.
         await msg.ack()
         self.stats.commands_sent += 1

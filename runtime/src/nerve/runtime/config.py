@@ -131,6 +131,12 @@ class BridgeSettings(_Settings):
     max_payload: int = Field(default=64 * 1024, gt=0, le=8 * 1024 * 1024)
     metrics: tuple[Metric, ...] = DEFAULT_METRICS
     downlink_durable: str = "nerve-bridge-downlink"
+    max_in_flight: int = Field(
+        default=1000,
+        ge=1,
+        le=65535,
+        description="MQTT Receive Maximum: unacknowledged messages mosquitto may send the bridge at once",
+    )
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus; unset: off")
     metrics_address: str = "127.0.0.1"
     mappings: tuple[TopicMapping, ...] = ()

@@ -150,8 +150,8 @@ def dead_letter_body(*, part: str, reason: str, origin: str, payload: bytes) -> 
     return packed
 
 
-def _header_safe(value: str) -> str:
-    # Header values must not carry line breaks; the full text is in the body anyway.
+def header_safe(value: str) -> str:
+    """`value` fit for a header: no line breaks, at most 512 characters (the full text is in the body)."""
     return " ".join(value.split())[:_HEADER_VALUE_MAX]
 
 
@@ -173,7 +173,7 @@ async def publish_dead_letter(
         deadletter_subject(part, prefix),
         dead_letter_body(part=part, reason=reason, origin=origin, payload=payload),
         timeout=timeout,
-        headers={REASON_HEADER: _header_safe(reason), ORIGIN_HEADER: _header_safe(origin)},
+        headers={REASON_HEADER: header_safe(reason), ORIGIN_HEADER: header_safe(origin)},
     )
 
 

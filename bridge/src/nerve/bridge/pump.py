@@ -1,0 +1,277 @@
+"""The uplink's hot path: MQTT PUBLISHes in, JetStream stores pipelined, PUBACKs out in receive order.
+
+Per session (one MQTT connection, one NATS connection), everything runs in the two sockets' read
+callbacks, with no task per message:
+
+1. `on_messages` gets every PUBLISH one MQTT read brought. Each is translated (envelope checks, raw
+   values wrapped) and queued as an `HPUB` to its subject with its `Nats-Msg-Id`, or as a dead letter
+   with the reason; the whole batch leaves in one write.
+2. `on_acks` gets every JetStream ack one NATS read brought and marks those messages stored. Then the
+   PUBACKs of the stored head of the receive-order queue go back to mosquitto in one write: a message is
+   acknowledged only once it, and every message received before it, is in JetStream.
+
+What is not acknowledged stays mosquitto's: a bridge killed at any moment loses nothing, mosquitto sends
+it again on the next session, and JetStream's dedup (the event id) keeps it once. The queue is bounded by
+the Receive Maximum the bridge asks for when it connects: mosquitto sends no more unacknowledged
+messages than that, so when JetStream is slow or away the bridge simply stops getting new ones.
+
+mosquitto (2.0.11, measured) honours the Receive Maximum until the first PUBACK and then sends up to that
+many more for every PUBACK, so the pump keeps its own bound as well: at `max_in_flight` messages in flight
+it stops reading the MQTT socket, and reads again once half of them are stored.
+
+A store JetStream refuses (an error ack, no responders) is retried with backoff, holding back the PUBACKs
+behind it; one that gets no ack within `store_timeout_s` is published again (same id: stored once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from nerve.bridge.natswire import StoreAck, headers_block
+from nerve.bridge.uplink import Forward, Reject, translate
+from nerve.runtime.backoff import Backoff
+from nerve.runtime.jetstream import MSG_ID_HEADER, ORIGIN_HEADER, REASON_HEADER, dead_letter_body, header_safe
+from nerve.runtime.subjects import deadletter_subject
+
+if TYPE_CHECKING:
+    import asyncio
+    from collections.abc import Collection, Sequence
+
+    from nerve.bridge.bridge import BridgeStats
+    from nerve.bridge.mqttwire import Incoming, MqttWire
+    from nerve.bridge.natswire import NatsWire
+    from nerve.runtime.config import TopicMapping
+
+log = logging.getLogger(__name__)
+
+PART: Final = "bridge"
+# Room for the dead-letter record around a payload and for the HPUB headers, under the server's limit.
+DEAD_LETTER_OVERHEAD: Final = 4096
+
+
+@dataclass(slots=True)
+class InFlight:
+    """One received message on its way into JetStream."""
+
+    packet_id: int  # 0: QoS0, nothing to acknowledge
+    subject: str
+    headers: bytes
+    body: bytes
+    dead_letter: bool
+    origin: str
+    token: int = 0
+    sent_at: float = 0.0
+    attempts: int = 0
+    stored: bool = False
+
+
+class Pump:
+    """Moves one session's uplink; `attach` the NATS side before MQTT messages can arrive."""
+
+    def __init__(
+        self,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        stats: BridgeStats,
+        prefix: str,
+        metrics: Collection[str],
+        max_payload: int,
+        mappings: Sequence[TopicMapping],
+        store_timeout_s: float,
+        max_in_flight: int,
+    ) -> None:
+        self._loop = loop
+        self._stats = stats
+        self._prefix = prefix
+        self._metrics = metrics
+        self._max_payload = max_payload
+        self._mappings = mappings
+        self._store_timeout_s = store_timeout_s
+        self._high_water = max_in_flight
+        self._low_water = max_in_flight // 2
+        self._paused = False
+        self._deadletter_subject = deadletter_subject(PART, prefix)
+        self._queue: deque[InFlight] = deque()
+        self._by_token: dict[int, InFlight] = {}
+        self._next_token = 0
+        self._backoff = Backoff(maximum=2.0)
+        self._nats: NatsWire | None = None
+        self._mqtt: MqttWire | None = None
+        self._unsent_pubacks: list[int] = []
+        self._accepting = True
+        self._drained: asyncio.Future[None] | None = None
+
+    def attach_nats(self, nats: NatsWire) -> None:
+        """Publish through `nats` (before any MQTT message can arrive)."""
+        self._nats = nats
+
+    def attach_mqtt(self, mqtt: MqttWire) -> None:
+        """Acknowledge through `mqtt` (PUBACKs earned before this go out now)."""
+        self._mqtt = mqtt
+        if self._unsent_pubacks:
+            mqtt.puback(self._unsent_pubacks)
+            self._unsent_pubacks = []
+
+    @property
+    def in_flight(self) -> int:
+        """Messages received and not yet acknowledged."""
+        return len(self._queue)
+
+    # -- MQTT side
+
+    def on_messages(self, batch: list[Incoming]) -> None:
+        """Queue a store for every message of `batch` and send them in one write."""
+        if not self._accepting or self._nats is None:
+            return  # left unacknowledged: mosquitto sends them again on the next session
+        stats = self._stats
+        queue = self._queue
+        for message in batch:
+            stats.received += 1
+            entry = self._entry(message.topic, message.payload, message.packet_id)
+            queue.append(entry)
+            self._send(entry)
+        stats.in_flight = len(queue)
+        self._nats.flush()
+        if len(queue) >= self._high_water and self._mqtt is not None:
+            self._paused = True
+            self._mqtt.pause_reading()
+
+    def _entry(self, topic: str, payload: bytes, packet_id: int) -> InFlight:
+        try:
+            outcome = translate(
+                topic,
+                payload,
+                prefix=self._prefix,
+                metrics=self._metrics,
+                max_payload=self._max_payload,
+                mappings=self._mappings,
+            )
+        except Exception as exc:
+            log.exception("bridge: translating a message from %s failed", topic)
+            outcome = Reject(f"internal error while translating: {type(exc).__name__}: {exc}")
+        if isinstance(outcome, Forward):
+            limit = self._nats.max_payload if self._nats is not None else len(outcome.body)
+            try:
+                headers = headers_block({MSG_ID_HEADER: outcome.msg_id})
+            except ValueError:
+                outcome = Reject(f"event id {outcome.msg_id!r} cannot be a dedup id (it has a line break)")
+            else:
+                if len(headers) + len(outcome.body) <= limit:
+                    return InFlight(
+                        packet_id, outcome.subject, headers, outcome.body, dead_letter=False, origin=topic
+                    )
+                outcome = Reject(
+                    f"{len(outcome.body)} bytes is more than the NATS server accepts (max_payload {limit})"
+                )
+        return self._dead_letter_entry(topic, payload, packet_id, outcome.reason)
+
+    def _dead_letter_entry(self, topic: str, payload: bytes, packet_id: int, reason: str) -> InFlight:
+        limit = (self._nats.max_payload if self._nats is not None else 1024 * 1024) - DEAD_LETTER_OVERHEAD
+        if len(payload) > limit:
+            reason = f"{reason} [original {len(payload)} bytes, first {limit} kept]"
+            payload = payload[:limit]
+        headers = headers_block({REASON_HEADER: header_safe(reason), ORIGIN_HEADER: header_safe(topic)})
+        body = dead_letter_body(part=PART, reason=reason, origin=topic, payload=payload)
+        log.warning("bridge: dead-lettering a message from %s: %s", topic, reason)
+        return InFlight(packet_id, self._deadletter_subject, headers, body, dead_letter=True, origin=topic)
+
+    def _send(self, entry: InFlight) -> None:
+        if self._nats is None:  # pragma: no cover - on_messages checks
+            return
+        self._next_token += 1
+        entry.token = self._next_token
+        entry.sent_at = self._loop.time()
+        self._by_token[entry.token] = entry
+        self._nats.publish(entry.subject, entry.headers, entry.body, entry.token)
+
+    # -- NATS side
+
+    def on_acks(self, acks: list[StoreAck]) -> None:
+        """Mark stored what JetStream acknowledged; PUBACK the stored head of the queue."""
+        stats = self._stats
+        by_token = self._by_token
+        for ack in acks:
+            entry = by_token.pop(ack.token, None)
+            if entry is None:
+                continue  # the answer to an attempt that was re-sent since: the newer one counts
+            if ack.error is not None:
+                self._refused(entry, ack.error)
+                continue
+            entry.stored = True
+            if ack.duplicate:
+                stats.duplicates += 1
+            if entry.dead_letter:
+                stats.deadlettered += 1
+            else:
+                stats.stored += 1
+        self._release()
+
+    def _release(self) -> None:
+        queue = self._queue
+        packet_ids: list[int] = []
+        while queue and queue[0].stored:
+            packet_id = queue.popleft().packet_id
+            if packet_id:
+                packet_ids.append(packet_id)
+        if packet_ids:
+            self._backoff.reset()
+            if self._mqtt is None:
+                self._unsent_pubacks += packet_ids
+            else:
+                self._mqtt.puback(packet_ids)
+        self._stats.in_flight = len(queue)
+        if self._paused and len(queue) <= self._low_water and self._mqtt is not None:
+            self._paused = False
+            self._mqtt.resume_reading()
+        if not queue and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _refused(self, entry: InFlight, error: str) -> None:
+        entry.attempts += 1
+        delay = self._backoff.next_delay()
+        log.warning(
+            "bridge: storing a message from %s on %s failed (%s); retrying in %.1fs (attempt %d)",
+            entry.origin,
+            entry.subject,
+            error,
+            delay,
+            entry.attempts,
+        )
+        self._loop.call_later(delay, self._retry, entry)
+
+    def _retry(self, entry: InFlight) -> None:
+        if entry.stored or self._nats is None or self._nats.closed.done():
+            return  # stored meanwhile, or this session is over (mosquitto sends it again)
+        self._send(entry)
+        self._nats.flush()
+
+    def check_timeouts(self) -> None:
+        """Publish again what got no answer within `store_timeout_s` (same dedup id: stored once)."""
+        if self._nats is None or self._nats.closed.done():
+            return
+        deadline = self._loop.time() - self._store_timeout_s
+        late = [entry for entry in self._by_token.values() if entry.sent_at < deadline]
+        for entry in late:
+            del self._by_token[entry.token]
+            entry.attempts += 1
+            log.warning(
+                "bridge: no JetStream ack for a message from %s within %.0fs; publishing it again",
+                entry.origin,
+                self._store_timeout_s,
+            )
+            self._send(entry)
+        if late:
+            self._nats.flush()
+
+    # -- shutdown
+
+    def stop_accepting(self) -> asyncio.Future[None]:
+        """Take no new messages (they stay with mosquitto); the future is done once nothing is in flight."""
+        self._accepting = False
+        self._drained = self._loop.create_future()
+        if not self._queue:
+            self._drained.set_result(None)
+        return self._drained

@@ -1,0 +1,344 @@
+"""The bridge's MQTT v5 client: packets on the wire, split reads, protocol errors, and a real mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import struct
+from typing import TYPE_CHECKING
+
+import pytest
+
+from nerve.bridge.mqttwire import (
+    Incoming,
+    MqttWire,
+    MqttWireError,
+    open_mqtt,
+    packet,
+    parse_properties,
+    puback_packets,
+    read_varint,
+    utf8,
+    varint,
+)
+from nerve.runtime.config import MqttSettings, host_port
+from nerve.runtime.mqtt import make_client
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from nerve.runtime.brokers import Mosquitto
+
+
+class FakeTransport(asyncio.Transport):
+    """Records what the protocol writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def publish(topic: str, payload: bytes, packet_id: int = 0, *, properties: bytes = b"") -> bytes:
+    qos = 1 if packet_id else 0
+    header = utf8(topic) + (struct.pack("!H", packet_id) if packet_id else b"")
+    return packet(0x30 | (qos << 1), header + varint(len(properties)) + properties + payload)
+
+
+def connected(batches: list[list[Incoming]]) -> tuple[MqttWire, FakeTransport]:
+    wire = MqttWire(batches.append, keepalive_s=0)
+    transport = FakeTransport()
+    wire.connection_made(transport)
+    return wire, transport
+
+
+def test_varint_round_trips_at_every_boundary() -> None:
+    for value in (0, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455):
+        assert read_varint(varint(value), 0) == (value, len(varint(value)))
+    assert read_varint(b"\x80", 0) is None  # ends inside the integer
+    with pytest.raises(MqttWireError, match="longer than 4 bytes"):
+        read_varint(b"\x80\x80\x80\x80\x01", 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        varint(268_435_456)
+
+
+def test_puback_packets_are_short_form_in_order() -> None:
+    assert puback_packets([1, 0x1234, 7]) == b"\x40\x02\x00\x01" + b"\x40\x02\x12\x34" + b"\x40\x02\x00\x07"
+
+
+def test_properties_of_every_size_class_are_read_or_skipped() -> None:
+    props = (
+        b"\x01\x01"  # payload format indicator (byte)
+        b"\x21\x00\x0a"  # receive maximum (two bytes)
+        b"\x11\x00\x00\x00\x3c"  # session expiry (four bytes)
+        b"\x0b\x81\x01"  # subscription identifier (varint 129)
+        b"\x1f"
+        + utf8("why")  # reason string
+        + b"\x26"
+        + utf8("k")
+        + utf8("v")  # user property (pair)
+    )
+    found, end = parse_properties(varint(len(props)) + props, 0, 100)
+    assert found == {0x01: 1, 0x21: 10, 0x11: 60, 0x0B: 129, 0x1F: "why", 0x26: "v"}
+    assert end == len(props) + 1
+    with pytest.raises(MqttWireError, match="unknown property 0x7f"):
+        parse_properties(b"\x02\x7f\x00", 0, 3)
+    with pytest.raises(MqttWireError, match="run past the packet"):
+        parse_properties(b"\x09\x01\x00", 0, 3)
+
+
+async def test_publishes_split_at_every_byte_arrive_whole_and_in_order() -> None:
+    stream = (
+        publish("nerve/a/telemetry/cpu", b"1", 1)
+        + publish("nerve/b/telemetry/cpu", b"x" * 300, 2, properties=b"\x01\x01")
+        + publish("nerve/c/events/boot", b"", 0)
+        + b"\xd0\x00"  # PINGRESP between them
+        + publish("nerve/d/telemetry/cpu", b"4", 65535)
+    )
+    for cut in range(1, len(stream)):
+        batches: list[list[Incoming]] = []
+        wire, transport = connected(batches)
+        wire.data_received(stream[:cut])
+        wire.data_received(stream[cut:])
+        got = [m for batch in batches for m in batch]
+        assert got == [
+            Incoming("nerve/a/telemetry/cpu", b"1", 1),
+            Incoming("nerve/b/telemetry/cpu", b"x" * 300, 2),
+            Incoming("nerve/c/events/boot", b"", 0),
+            Incoming("nerve/d/telemetry/cpu", b"4", 65535),
+        ], cut
+        assert not transport.aborted
+
+
+async def test_one_read_is_one_batch_and_pubacks_are_one_write() -> None:
+    batches: list[list[Incoming]] = []
+    wire, transport = connected(batches)
+    wire.data_received(b"".join(publish(f"t/{i}", b"v", i + 1) for i in range(50)))
+    assert len(batches) == 1
+    assert [m.packet_id for m in batches[0]] == list(range(1, 51))
+    wire.puback([m.packet_id for m in batches[0]])
+    assert bytes(transport.written) == puback_packets(list(range(1, 51)))
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (packet(0x34, utf8("t") + b"\x00\x01\x00"), "QoS2"),
+        (b"\x30\xff\xff\xff\xff\x01", "longer than 4 bytes"),
+        (packet(0x30, b"\x00\x05ab"), "runs past the packet"),
+        (packet(0x30, utf8("t") + b"\x05\x01"), "runs past the packet"),
+        (packet(0x30, b"\x00\x02\xff\xfe\x00"), "malformed packet"),  # topic not UTF-8
+        (packet(0x50, b"\x00\x01"), "unexpected packet type 5"),  # PUBREC: we never publish at QoS2
+        (packet(0xE0, b"\x8e\x00"), "broker disconnected us"),  # session taken over
+    ],
+)
+async def test_protocol_violations_end_the_connection_with_the_reason(data: bytes, reason: str) -> None:
+    batches: list[list[Incoming]] = []
+    wire, transport = connected(batches)
+    wire.data_received(data)
+    assert transport.aborted
+    with pytest.raises(MqttWireError, match=reason):
+        await wire.closed
+    assert batches == []
+
+
+async def test_a_failing_handler_ends_the_connection() -> None:
+    def boom(batch: list[Incoming]) -> None:
+        raise RuntimeError(f"cannot take {len(batch)}")
+
+    wire = MqttWire(boom, keepalive_s=0)
+    transport = FakeTransport()
+    wire.connection_made(transport)
+    wire.data_received(publish("t", b"v", 1))
+    assert transport.aborted
+    with pytest.raises(MqttWireError, match="RuntimeError: cannot take 1"):
+        await wire.closed
+    wire.puback([1])  # closed: nothing is written any more
+    assert transport.written == b""
+
+
+@contextlib.asynccontextmanager
+async def fake_broker(reply: bytes) -> AsyncIterator[int]:
+    """A TCP server that answers whatever it gets with `reply` once; yields its port."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.read(1024)
+        writer.write(reply)
+        await writer.drain()
+        await reader.read(1024)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+async def open_at(port: int) -> MqttWire:
+    return await open_mqtt(
+        "127.0.0.1",
+        port,
+        client_id="t",
+        on_messages=lambda _batch: None,
+        clean_start=True,
+        session_expiry_s=0,
+        keepalive_s=30,
+        receive_maximum=10,
+        timeout_s=2,
+    )
+
+
+async def test_a_refused_connect_says_why() -> None:
+    async with fake_broker(packet(0x20, b"\x00\x86\x05\x1f" + utf8("no"))) as port:
+        with pytest.raises(
+            MqttWireError, match=r"refused the connection: bad user name or password \(0x86, no\)"
+        ):
+            await open_at(port)
+
+
+async def test_a_silent_broker_times_out_and_nothing_listening_is_named() -> None:
+    async with fake_broker(b"") as port:
+        with pytest.raises(MqttWireError, match="no CONNACK"):
+            await open_at(port)
+    with pytest.raises(MqttWireError, match=f"cannot connect to mqtt://127.0.0.1:{port}"):
+        await open_at(port)
+
+
+# --- against a real mosquitto --------------------------------------------------------------------
+
+
+async def wait_for(received: list[Incoming], count: int, arrived: asyncio.Event) -> None:
+    async with asyncio.timeout(5):
+        while len(received) < count:
+            arrived.clear()
+            await arrived.wait()
+
+
+@pytest.mark.broker
+async def test_receive_maximum_and_the_persistent_session(mosquitto: Mosquitto) -> None:
+    """mosquitto sends no more than the Receive Maximum unacknowledged; what was not acked comes again."""
+    host, port = host_port(mosquitto.url, 1883)
+    received: list[Incoming] = []
+    arrived = asyncio.Event()
+
+    def take(batch: list[Incoming]) -> None:
+        received.extend(batch)
+        arrived.set()
+
+    async def open_session() -> MqttWire:
+        return await open_mqtt(
+            host,
+            port,
+            client_id="bounded",
+            on_messages=take,
+            clean_start=False,
+            session_expiry_s=300,
+            keepalive_s=30,
+            receive_maximum=5,
+        )
+
+    wire = await open_session()
+    assert not wire.session_present
+    await wire.subscribe(["nerve/+/telemetry/#"])
+    sock = wire._transport.get_extra_info("socket")  # type: ignore[union-attr]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    async with make_client(MqttSettings(url=mosquitto.url), identifier="pub", persistent=False) as pub:
+        for i in range(12):
+            await pub.publish("nerve/pi/telemetry/cpu", str(i).encode(), qos=1)
+    await wait_for(received, 5, arrived)
+    await asyncio.sleep(0.3)
+    assert [m.payload for m in received] == [str(i).encode() for i in range(5)]  # no more than 5
+    # Gone without acknowledging any: the persistent session sends them again, in order, then the rest.
+    wire.close()
+    received.clear()
+    wire = await open_session()
+    assert wire.session_present
+    acked = 0
+    while acked < 12:
+        await wait_for(received, acked + 1, arrived)
+        wire.puback([m.packet_id for m in received[acked:]])
+        acked = len(received)
+    assert [m.payload for m in received] == [str(i).encode() for i in range(12)]
+    wire.close()
+
+
+@pytest.mark.broker
+async def test_paused_reading_leaves_messages_with_the_broker(mosquitto: Mosquitto) -> None:
+    host, port = host_port(mosquitto.url, 1883)
+    received: list[Incoming] = []
+    arrived = asyncio.Event()
+
+    def take(batch: list[Incoming]) -> None:
+        received.extend(batch)
+        arrived.set()
+
+    wire = await open_mqtt(
+        host,
+        port,
+        client_id="paused",
+        on_messages=take,
+        clean_start=True,
+        session_expiry_s=0,
+        keepalive_s=30,
+        receive_maximum=100,
+    )
+    await wire.subscribe(["nerve/+/telemetry/#"])
+    wire.pause_reading()
+    async with make_client(MqttSettings(url=mosquitto.url), identifier="pub", persistent=False) as pub:
+        for i in range(20):
+            await pub.publish("nerve/pi/telemetry/cpu", str(i).encode(), qos=1)
+    await asyncio.sleep(0.3)
+    assert received == []
+    wire.resume_reading()
+    await wait_for(received, 20, arrived)
+    assert [m.payload for m in received] == [str(i).encode() for i in range(20)]
+    wire.close()
+
+
+@pytest.mark.broker
+async def test_publish_waits_for_puback_and_a_stopped_broker_fails_it(mosquitto: Mosquitto) -> None:
+    host, port = host_port(mosquitto.url, 1883)
+    got: list[Incoming] = []
+    wire = await open_mqtt(
+        host,
+        port,
+        client_id="loop",
+        on_messages=got.extend,
+        clean_start=True,
+        session_expiry_s=0,
+        keepalive_s=30,
+        receive_maximum=10,
+    )
+    await wire.subscribe(["nerve/+/commands/#"])
+    await wire.publish("nerve/pi/commands/clear_temp", b"cmd")
+    for _ in range(50):
+        if got:
+            break
+        await asyncio.sleep(0.05)
+    assert [(m.topic, m.payload) for m in got] == [("nerve/pi/commands/clear_temp", b"cmd")]
+    await mosquitto.kill()
+    with pytest.raises(MqttWireError, match="connection"):
+        await asyncio.wait_for(wire.closed, 5)
+    with pytest.raises(MqttWireError, match="not connected"):
+        await wire.publish("nerve/pi/commands/clear_temp", b"cmd")

@@ -1,0 +1,235 @@
+"""The bridge's pipelined JetStream publisher: the protocol, split reads, errors, and a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from typing import TYPE_CHECKING
+
+import pytest
+
+from nerve.bridge.natswire import NO_RESPONDERS, NatsWire, NatsWireError, StoreAck, headers_block, open_nats
+from nerve.runtime.jetstream import MSG_ID_HEADER
+from nerve.runtime.streams import ensure_streams
+from nerve.runtime.testing import stream_messages
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from nats.aio.client import Client as NatsClient
+
+    from nerve.runtime.brokers import NatsServer
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.aborted = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def close(self) -> None:
+        self.aborted = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def connected(acks: list[StoreAck]) -> tuple[NatsWire, FakeTransport, bytes]:
+    wire = NatsWire(acks.extend)
+    transport = FakeTransport()
+    wire.connection_made(transport)
+    return wire, transport, wire._inbox
+
+
+def msg(subject: bytes, body: bytes) -> bytes:
+    return b"MSG %s 1 %d\r\n%s\r\n" % (subject, len(body), body)
+
+
+def test_headers_refuse_line_breaks() -> None:
+    assert headers_block({MSG_ID_HEADER: "abc-1"}) == b"NATS/1.0\r\nNats-Msg-Id: abc-1\r\n\r\n"
+    with pytest.raises(ValueError, match="line break"):
+        headers_block({MSG_ID_HEADER: "x\r\nNats-Expected-Stream: other"})
+
+
+async def test_acks_split_at_every_byte_are_all_read() -> None:
+    probe, _, _ = connected([])
+    inbox = probe._inbox
+    hdr = b"NATS/1.0 503\r\n\r\n"
+    stream = (
+        b"INFO {}\r\n"
+        + msg(inbox + b"1", b'{"stream":"NERVE_TELEMETRY","seq":1}')
+        + b"PING\r\n"
+        + msg(inbox + b"2", b'{"stream":"NERVE_TELEMETRY","seq":1,"duplicate":true}')
+        + b"+OK\r\n"
+        + msg(
+            inbox + b"3",
+            b'{"error":{"code":400,"err_code":10060,"description":"expected stream does not match"}}',
+        )
+        + b"HMSG %s3 1 %d %d\r\n%s\r\n" % (inbox + b"4", len(hdr), len(hdr), hdr)
+        + msg(b"_INBOX.someone-else.5", b"{}")
+    )
+    for cut in range(1, len(stream)):
+        acks: list[StoreAck] = []
+        wire = NatsWire(acks.extend)
+        wire._inbox = inbox
+        transport = FakeTransport()
+        wire.connection_made(transport)
+        wire.data_received(stream[:cut])
+        wire.data_received(stream[cut:])
+        assert acks == [
+            StoreAck(1, None, duplicate=False),
+            StoreAck(2, None, duplicate=True),
+            StoreAck(
+                3,
+                "JetStream refused it: expected stream does not match (code 400, err_code 10060)",
+                duplicate=False,
+            ),
+            StoreAck(43, NO_RESPONDERS, duplicate=False),
+        ], cut
+        assert bytes(transport.written) == b"PONG\r\n"
+        assert not transport.aborted
+
+
+async def test_publishes_go_out_in_one_write_with_their_reply_tokens() -> None:
+    wire, transport, inbox = connected([])
+    head = headers_block({MSG_ID_HEADER: "id-1"})
+    wire.publish("nerve.a.telemetry.cpu", head, b"body", 7)
+    wire.publish("nerve.b.telemetry.cpu", head, b"", 8)
+    assert transport.written == b""
+    wire.flush()
+    assert bytes(transport.written) == (
+        b"HPUB nerve.a.telemetry.cpu %s7 %d %d\r\n%sbody\r\n" % (inbox, len(head), len(head) + 4, head)
+        + b"HPUB nerve.b.telemetry.cpu %s8 %d %d\r\n%s\r\n" % (inbox, len(head), len(head), head)
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"-ERR 'Maximum Payload Violation'\r\n", "server error: Maximum Payload Violation"),
+        (b"BOGUS\r\n", "unexpected"),
+        (b"MSG x 1 notanumber\r\n", "malformed data"),
+        (b"x" * 5000, "control line too long"),
+    ],
+)
+async def test_errors_end_the_connection_with_the_reason(data: bytes, reason: str) -> None:
+    wire, transport, _ = connected([])
+    wire.data_received(data)
+    assert transport.aborted
+    with pytest.raises(NatsWireError, match=reason):
+        await wire.closed
+
+
+@contextlib.asynccontextmanager
+async def fake_server(
+    info: dict[str, object], answer: bytes = b"PONG\r\n"
+) -> AsyncIterator[tuple[int, list[bytes]]]:
+    """Says INFO, records the client's first line (CONNECT), answers; yields (port, lines)."""
+    lines: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+        lines.append(await reader.readline())
+        writer.write(answer)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            await reader.read(1024)
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], lines
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    ("userinfo", "expected"),
+    [
+        ("alice:s%40cret@", {"user": "alice", "pass": "s@cret"}),
+        ("tok3n@", {"auth_token": "tok3n"}),
+        ("", {}),
+    ],
+)
+async def test_credentials_from_the_url_go_into_connect(userinfo: str, expected: dict[str, str]) -> None:
+    async with fake_server({"headers": True, "max_payload": 2048}) as (port, lines):
+        wire = await open_nats(f"nats://{userinfo}127.0.0.1:{port}", name="t", on_acks=lambda _: None)
+        wire.close()
+    connect = json.loads(lines[0].removeprefix(b"CONNECT ").split(b"\r\n")[0])
+    assert {k: connect[k] for k in ("user", "pass", "auth_token") if k in connect} == expected
+    assert connect["headers"] is True
+    assert connect["no_responders"] is True
+    assert wire.max_payload == 2048
+
+
+async def test_refusals_and_absent_servers_are_named() -> None:
+    async with fake_server({"headers": True}, b"-ERR 'Authorization Violation'\r\n") as (port, _):
+        with pytest.raises(NatsWireError, match="Authorization Violation"):
+            await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None)
+    async with fake_server({"headers": False}) as (port, _):
+        with pytest.raises(NatsWireError, match="does not support headers"):
+            await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None)
+    with pytest.raises(
+        NatsWireError, match=rf"cannot connect to nats://127.0.0.1:{port}: .*Connect call failed"
+    ):
+        await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None, timeout_s=1)
+
+
+# --- against a real nats-server --------------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_stored_duplicate_no_responders_and_a_killed_server(
+    nats_server: NatsServer, nc: NatsClient
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve")
+    acks: list[StoreAck] = []
+    arrived = asyncio.Event()
+
+    def take(batch: list[StoreAck]) -> None:
+        acks.extend(batch)
+        arrived.set()
+
+    # Two servers in the URL: the first does not answer, the second does.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    wire = await open_nats(f"nats://127.0.0.1:{dead_port},{nats_server.url}", name="t", on_acks=take)
+    sock = wire._transport.get_extra_info("socket")  # type: ignore[union-attr]
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    for token, (subject, msg_id) in enumerate(
+        [("nerve.pi.telemetry.cpu", "a"), ("nerve.pi.telemetry.cpu", "a"), ("nowhere.at.all", "b")], start=1
+    ):
+        wire.publish(subject, headers_block({MSG_ID_HEADER: msg_id}), b"payload", token)
+    wire.flush()
+    async with asyncio.timeout(5):
+        while len(acks) < 3:
+            arrived.clear()
+            await arrived.wait()
+    # No responders comes from the server at once, ahead of JetStream's acks: order is by token.
+    assert sorted(acks, key=lambda ack: ack.token) == [
+        StoreAck(1, None, duplicate=False),
+        StoreAck(2, None, duplicate=True),
+        StoreAck(3, NO_RESPONDERS, duplicate=False),
+    ]
+    stored = await stream_messages(js, "NERVE_TELEMETRY")
+    assert [(m.data, (m.headers or {}).get(MSG_ID_HEADER)) for m in stored] == [(b"payload", "a")]
+    await nats_server.kill()
+    with pytest.raises(NatsWireError, match="connection"):
+        await asyncio.wait_for(wire.closed, 5)

@@ -1,0 +1,242 @@
+"""The uplink pump against fake wires: PUBACK order, retries, timeouts, dead letters, bounds, draining."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, cast
+
+import msgpack
+import pytest
+
+from nerve.bridge.bridge import BridgeStats
+from nerve.bridge.mqttwire import Incoming
+from nerve.bridge.natswire import StoreAck
+from nerve.bridge.pump import Pump
+from nerve.runtime.codec import to_msgpack
+from nerve.runtime.config import DEFAULT_METRICS
+from nerve.runtime.envelope import Event
+
+if TYPE_CHECKING:
+    from nerve.bridge.mqttwire import MqttWire
+    from nerve.bridge.natswire import NatsWire
+
+
+class FakeNats:
+    def __init__(self, max_payload: int = 1024 * 1024) -> None:
+        self.max_payload = max_payload
+        self.published: list[tuple[str, bytes, bytes, int]] = []
+        self.flushes = 0
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def publish(self, subject: str, headers: bytes, body: bytes, token: int) -> None:
+        self.published.append((subject, headers, body, token))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def tokens(self) -> list[int]:
+        return [token for *_, token in self.published]
+
+
+class FakeMqtt:
+    def __init__(self) -> None:
+        self.pubacks: list[list[int]] = []
+        self.paused = False
+        self.pauses = 0
+
+    def puback(self, packet_ids: list[int]) -> None:
+        self.pubacks.append(list(packet_ids))
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+def make_pump(
+    *,
+    max_in_flight: int = 100,
+    store_timeout_s: float = 5.0,
+    max_payload: int = 65536,
+    nats_max: int = 1 << 20,
+) -> tuple[Pump, FakeNats, FakeMqtt, BridgeStats]:
+    stats = BridgeStats()
+    pump = Pump(
+        loop=asyncio.get_running_loop(),
+        stats=stats,
+        prefix="nerve",
+        metrics=DEFAULT_METRICS,
+        max_payload=max_payload,
+        mappings=(),
+        store_timeout_s=store_timeout_s,
+        max_in_flight=max_in_flight,
+    )
+    nats, mqtt = FakeNats(nats_max), FakeMqtt()
+    pump.attach_nats(cast("NatsWire", nats))
+    pump.attach_mqtt(cast("MqttWire", mqtt))
+    return pump, nats, mqtt, stats
+
+
+def is_paused(mqtt: FakeMqtt) -> bool:
+    return mqtt.paused
+
+
+def reading(device: str, value: int, packet_id: int) -> Incoming:
+    return Incoming(f"nerve/{device}/telemetry/cpu", str(value).encode(), packet_id)
+
+
+def ok(token: int, *, duplicate: bool = False) -> StoreAck:
+    return StoreAck(token, None, duplicate=duplicate)
+
+
+async def test_pubacks_follow_receive_order_whatever_order_the_stores_finish_in() -> None:
+    pump, nats, mqtt, stats = make_pump()
+    pump.on_messages([reading("a", 1, 11), reading("b", 2, 0), reading("c", 3, 13)])
+    assert nats.flushes == 1  # one write for the batch
+    assert [subject for subject, *_ in nats.published] == [
+        "nerve.a.telemetry.cpu",
+        "nerve.b.telemetry.cpu",
+        "nerve.c.telemetry.cpu",
+    ]
+    t1, t2, t3 = nats.tokens()
+    pump.on_acks([ok(t3)])
+    assert mqtt.pubacks == []  # 11 is not stored yet: nothing behind it may be acknowledged
+    assert stats.in_flight == 3
+    pump.on_acks([ok(t1)])
+    assert mqtt.pubacks == [[11]]
+    pump.on_acks([ok(t2, duplicate=True)])
+    assert mqtt.pubacks == [[11], [13]]  # the QoS0 message (packet id 0) needs no PUBACK
+    assert (stats.received, stats.stored, stats.duplicates, stats.in_flight) == (3, 3, 1, 0)
+
+
+async def test_a_refused_store_is_retried_and_holds_back_what_follows() -> None:
+    pump, nats, mqtt, stats = make_pump()
+    pump.on_messages([reading("a", 1, 1), reading("a", 2, 2)])
+    t1, t2 = nats.tokens()
+    pump.on_acks([StoreAck(t1, "JetStream refused it: insufficient resources", duplicate=False), ok(t2)])
+    assert mqtt.pubacks == []
+    async with asyncio.timeout(5):
+        while len(nats.published) < 3:
+            await asyncio.sleep(0.01)
+    subject, headers, body, retry = nats.published[2]
+    assert (subject, headers, body) == nats.published[0][:3]  # the same message, same dedup id
+    pump.on_acks([ok(t1)])  # the first attempt's token is no longer awaited: ignored
+    assert mqtt.pubacks == []
+    pump.on_acks([ok(retry)])
+    assert mqtt.pubacks == [[1, 2]]
+    assert stats.stored == 2
+
+
+async def test_a_store_left_unanswered_is_published_again() -> None:
+    pump, nats, mqtt, _ = make_pump(store_timeout_s=0.05)
+    pump.on_messages([reading("a", 1, 1)])
+    pump.check_timeouts()
+    assert len(nats.published) == 1  # not late yet
+    await asyncio.sleep(0.1)
+    pump.check_timeouts()
+    assert len(nats.published) == 2
+    assert nats.published[0][:3] == nats.published[1][:3]
+    pump.on_acks([ok(nats.tokens()[1])])
+    assert mqtt.pubacks == [[1]]
+
+
+async def test_bad_input_is_dead_lettered_with_reason_and_bytes() -> None:
+    pump, nats, mqtt, stats = make_pump()
+    bad_id = Event(id="x\r\nNats-Expected-Stream: X", source="t", type="t", subject="pi", data={"value": 1})
+    pump.on_messages(
+        [
+            Incoming("nerve/pi/telemetry/nope", b"1", 1),
+            Incoming("elsewhere/pi", b"2", 2),
+            Incoming("nerve/pi/telemetry/cpu", to_msgpack(bad_id), 3),
+        ]
+    )
+    records = [msgpack.unpackb(body) for _, _, body, _ in nats.published]
+    assert [subject for subject, *_ in nats.published] == ["nerve.deadletter.bridge"] * 3
+    assert "unknown metric 'nope'" in records[0]["reason"]
+    assert "matches no mapping" in records[1]["reason"]
+    assert "line break" in records[2]["reason"]
+    assert [r["origin"] for r in records] == [
+        "nerve/pi/telemetry/nope",
+        "elsewhere/pi",
+        "nerve/pi/telemetry/cpu",
+    ]
+    assert records[0]["payload"] == b"1"
+    assert all(
+        b"Nerve-Reason: " in headers and b"\r\nNats-Expected" not in headers
+        for _, headers, _, _ in nats.published
+    )
+    pump.on_acks([ok(t) for t in nats.tokens()])
+    assert mqtt.pubacks == [[1, 2, 3]]
+    assert (stats.deadlettered, stats.stored) == (3, 0)
+
+
+async def test_what_nats_cannot_take_is_dead_lettered_and_cut_to_fit() -> None:
+    pump, nats, _, _ = make_pump(max_payload=60_000, nats_max=8192)
+    big = Event(source="t", type="t", subject="pi", data={"value": 1, "blob": "x" * 10_000})
+    pump.on_messages([Incoming("nerve/pi/events/big", to_msgpack(big), 1)])
+    subject, _, body, _ = nats.published[0]
+    record = msgpack.unpackb(body)
+    assert subject == "nerve.deadletter.bridge"
+    assert "more than the NATS server accepts (max_payload 8192)" in record["reason"]
+    assert "first 4096 kept" in record["reason"]
+    assert record["payload"] == to_msgpack(big)[:4096]
+
+
+async def test_reading_pauses_at_the_bound_and_resumes_at_half() -> None:
+    pump, nats, mqtt, _ = make_pump(max_in_flight=4)
+    pump.on_messages([reading("a", i, i + 1) for i in range(3)])
+    assert mqtt.pauses == 0
+    pump.on_messages([reading("a", 3, 4)])
+    assert is_paused(mqtt)
+    tokens = nats.tokens()
+    pump.on_acks([ok(tokens[0])])
+    assert is_paused(mqtt)  # 3 in flight: above half
+    pump.on_acks([ok(tokens[1])])
+    assert not is_paused(mqtt)
+    assert mqtt.pauses == 1
+
+
+async def test_stop_accepting_leaves_new_messages_with_the_broker_and_waits_for_the_rest() -> None:
+    pump, nats, mqtt, stats = make_pump()
+    pump.on_messages([reading("a", 1, 1)])
+    drained = pump.stop_accepting()
+    pump.on_messages([reading("a", 2, 2)])
+    assert len(nats.published) == 1
+    assert stats.received == 1
+    assert not drained.done()
+    pump.on_acks([ok(nats.tokens()[0])])
+    assert drained.done()
+    assert mqtt.pubacks == [[1]]  # 2 was never taken: mosquitto sends it again
+
+
+async def test_pubacks_earned_before_mqtt_is_attached_go_out_on_attach() -> None:
+    stats = BridgeStats()
+    pump = Pump(
+        loop=asyncio.get_running_loop(),
+        stats=stats,
+        prefix="nerve",
+        metrics=DEFAULT_METRICS,
+        max_payload=65536,
+        mappings=(),
+        store_timeout_s=5,
+        max_in_flight=10,
+    )
+    nats, mqtt = FakeNats(), FakeMqtt()
+    pump.attach_nats(cast("NatsWire", nats))
+    pump.on_messages([reading("a", 1, 5)])
+    pump.on_acks([ok(nats.tokens()[0])])
+    pump.attach_mqtt(cast("MqttWire", mqtt))
+    assert mqtt.pubacks == [[5]]
+
+
+@pytest.mark.parametrize("closed", [True, False])
+async def test_retries_stop_when_the_session_is_over(closed: bool) -> None:
+    pump, nats, _, _ = make_pump(store_timeout_s=0.01)
+    pump.on_messages([reading("a", 1, 1)])
+    if closed:
+        nats.closed.set_result(None)
+    await asyncio.sleep(0.05)
+    pump.check_timeouts()
+    assert len(nats.published) == (1 if closed else 2)
