@@ -5,22 +5,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import shutil
 import socket
+import subprocess
 from typing import TYPE_CHECKING
 
+import nats
 import pytest
 
 from nerve.bridge.natswire import NO_RESPONDERS, NatsWire, NatsWireError, StoreAck, headers_block, open_nats
+from nerve.runtime.brokers import NatsServer, free_port
 from nerve.runtime.jetstream import MSG_ID_HEADER
 from nerve.runtime.streams import ensure_streams
 from nerve.runtime.testing import stream_messages
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
-
-    from nerve.runtime.brokers import NatsServer
 
 
 class FakeTransport(asyncio.Transport):
@@ -233,3 +236,63 @@ async def test_stored_duplicate_no_responders_and_a_killed_server(
     await nats_server.kill()
     with pytest.raises(NatsWireError, match="connection"):
         await asyncio.wait_for(wire.closed, 5)
+
+
+class SecuredNatsServer(NatsServer):
+    """nats-server with JetStream, TLS (self-signed for 127.0.0.1) and a user/password."""
+
+    def _prepare(self) -> list[str]:
+        cert, key = self.data_dir / "cert.pem", self.data_dir / "key.pem"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        tls = ["--tls", "--tlscert", str(cert), "--tlskey", str(key)]
+        return [*super()._prepare(), *tls, "--user", "alice", "--pass", "s3cret"]
+
+
+@pytest.mark.broker
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+async def test_tls_and_credentials_against_a_real_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SecuredNatsServer(port=free_port(), data_dir=tmp_path / "nats") as server:
+        # The default context trusts what SSL_CERT_FILE names, as it would a site's own CA.
+        monkeypatch.setenv("SSL_CERT_FILE", str(server.data_dir / "cert.pem"))
+        host_port = server.url.removeprefix("nats://")
+        with pytest.raises(NatsWireError, match="Authorization Violation"):
+            await open_nats(f"tls://alice:wrong@{host_port}", name="t", on_acks=lambda _: None)
+        acks: list[StoreAck] = []
+        wire = await open_nats(f"tls://alice:s3cret@{host_port}", name="t", on_acks=acks.extend)
+        nc = await nats.connect(f"tls://alice:s3cret@{host_port}")
+        try:
+            await ensure_streams(nc.jetstream(), "nerve")
+            wire.publish("nerve.pi.telemetry.cpu", headers_block({MSG_ID_HEADER: "x"}), b"over tls", 1)
+            wire.flush()
+            async with asyncio.timeout(5):
+                while not acks:
+                    await asyncio.sleep(0.01)
+            assert acks == [StoreAck(1, None, duplicate=False)]
+            stored = await stream_messages(nc.jetstream(), "NERVE_TELEMETRY")
+            assert [m.data for m in stored] == [b"over tls"]
+        finally:
+            wire.close()
+            await nc.close()
