@@ -29,6 +29,7 @@ from nerve.edge.sensors import (
     MemorySensor,
     Reading,
     Sensor,
+    SensorError,
     TemperatureSensor,
 )
 from nerve.runtime.subjects import is_token
@@ -198,6 +199,8 @@ class Sampler:
         try:
             readings = list(one.sensor.read())
             problem = next((why for why in map(_unfit, readings) if why), None)
+        except SensorError as exc:
+            problem = str(exc)  # it names the metric and the file already
         except Exception as exc:  # noqa: BLE001 - one sensor's failure must not stop the others
             problem = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
         if problem is not None:
