@@ -207,6 +207,11 @@ class Outbox:
         return self._boot_id
 
     @property
+    def sequence(self) -> int:
+        """The sequence number of the last entry added (0 for a new, empty outbox)."""
+        return self._seq
+
+    @property
     def dropped(self) -> int:
         """How many telemetry entries the size cap dropped, ever (kept in the file)."""
         return self._dropped
