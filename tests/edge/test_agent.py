@@ -21,12 +21,15 @@ import pytest
 
 import nerve.edge
 from nerve.edge import (
+    DROPPED_EVENT,
     OFFLINE,
     ONLINE,
     CommandJournal,
     EdgeAgent,
     Executor,
     Outbox,
+    OutboxKind,
+    Reading,
     default_device_id,
     read_boot_id,
 )
@@ -465,3 +468,35 @@ def test_settings_round_trip_for_the_subprocess(tmp_path: Path, root: Path, keys
     # The dying-edge test hands its settings over as JSON: they must come back the same.
     settings = edge_settings("mqtt://127.0.0.1:1883", tmp_path, root, keys)
     assert Settings.model_validate(json.loads(settings.model_dump_json())) == settings
+
+
+def test_readings_past_the_cap_are_dropped_oldest_first_and_reported_as_an_event(
+    tmp_path: Path, root: Path, keys: Path, journal: CommandJournal
+) -> None:
+    settings = edge_settings("mqtt://127.0.0.1:1", tmp_path, root, keys)
+    with Outbox(tmp_path / "capped.sqlite3", device=DEVICE, max_bytes=64 * 1024) as outbox:
+        agent = make_agent(settings, journal, outbox)
+        for i in range(1000):
+            agent._write_reading(Reading(metric="cpu", value=float(i), unit="%"))
+        assert outbox.dropped > 0
+        entries = outbox.peek(2000)
+        reports = [decode(e.payload, Event) for e in entries if e.kind is OutboxKind.EVENTS]
+        readings = [decode(e.payload, Event) for e in entries if e.kind is OutboxKind.TELEMETRY]
+    assert reports
+    assert all(
+        e.topic == f"nerve/{DEVICE}/events/{DROPPED_EVENT}" for e in entries if e.kind is OutboxKind.EVENTS
+    )
+    assert sum(report.data["dropped"] for report in reports) == reports[-1].data["total"] == outbox.dropped
+    assert reports[-1].data["max_bytes"] == settings.edge.outbox.max_bytes
+    assert reports[0].type == f"nerve.events.{DROPPED_EVENT}"
+    # What is left of the readings is the newest, in order.
+    values = [event.data["value"] for event in readings]
+    assert values == [float(i) for i in range(1000 - len(values), 1000)]
+
+
+def test_writing_outside_run_is_a_clear_error(
+    tmp_path: Path, root: Path, keys: Path, journal: CommandJournal
+) -> None:
+    agent = make_agent(edge_settings("mqtt://127.0.0.1:1", tmp_path, root, keys), journal)
+    with pytest.raises(RuntimeError, match="only while it runs"):
+        agent._write_reading(Reading(metric="cpu", value=1.0, unit="%"))
