@@ -1,4 +1,4 @@
-"""Fixtures of the edge tests: a signing key pair, a clear_temp root, an open journal."""
+"""Fixtures of the edge tests: a signing key pair, a clear_temp root, an open journal and outbox."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from nerve.edge.journal import CommandJournal
+from nerve.edge.outbox import Outbox
 from nerve.runtime.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
@@ -36,4 +37,11 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def journal(tmp_path: Path) -> Iterator[CommandJournal]:
     with CommandJournal(tmp_path / "journal.sqlite3") as opened:
+        yield opened
+
+
+@pytest.fixture
+def outbox(tmp_path: Path) -> Iterator[Outbox]:
+    """The outbox of device pi-01 (the device of the agent tests)."""
+    with Outbox(tmp_path / "outbox.sqlite3", device="pi-01") as opened:
         yield opened

@@ -21,12 +21,17 @@ import pytest
 
 import nerve.edge
 from nerve.edge import (
+    DROPPED_EVENT,
     OFFLINE,
     ONLINE,
     CommandJournal,
     EdgeAgent,
     Executor,
+    Outbox,
+    OutboxKind,
+    Reading,
     default_device_id,
+    read_boot_id,
 )
 from nerve.runtime.codec import decode, to_json, to_msgpack
 from nerve.runtime.config import MqttSettings, Settings
@@ -91,7 +96,8 @@ def test_public_names_are_sorted_and_complete() -> None:
     assert nerve.edge.__all__ == sorted(nerve.edge.__all__, key=_isort_order)
     for name in nerve.edge.__all__:
         assert getattr(nerve.edge, name) is not None
-    for module in ("actions", "agent", "executor", "journal", "sensors"):
+    modules = ("actions", "agent", "executor", "journal", "outbox", "sampling", "sensor_plugins", "sensors")
+    for module in modules:
         exported = getattr(nerve.edge, module).__all__
         assert set(exported) <= set(nerve.edge.__all__), module
 
@@ -142,9 +148,9 @@ def edge_settings(url: str, tmp_path: Path, root: Path, keys: Path, *, interval_
     )
 
 
-def make_agent(settings: Settings, journal: CommandJournal) -> EdgeAgent:
+def make_agent(settings: Settings, journal: CommandJournal, outbox: Outbox | None = None) -> EdgeAgent:
     executor = Executor.from_settings(settings, device=DEVICE, journal=journal)
-    return EdgeAgent(settings=settings, device=DEVICE, executor=executor)
+    return EdgeAgent(settings=settings, device=DEVICE, executor=executor, outbox=outbox)
 
 
 def test_agent_and_executor_must_agree_on_the_device(
@@ -164,34 +170,6 @@ def test_agent_and_executor_must_agree_on_the_device(
         EdgeAgent(settings=settings, device="pi/02", executor=executor)
 
 
-class SlowClient:
-    """Stands in for aiomqtt.Client in the sensor loop: the first publish takes `stall` seconds."""
-
-    def __init__(self, stall: float) -> None:
-        self.stall = stall
-        self.topics: list[str] = []
-
-    async def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
-        assert decode(payload, Event).subject == DEVICE
-        assert qos == 1
-        if not self.topics:
-            await asyncio.sleep(self.stall)
-        self.topics.append(topic)
-
-
-async def test_sensor_loop_skips_missed_ticks(
-    tmp_path: Path, root: Path, keys: Path, journal: CommandJournal
-) -> None:
-    agent = make_agent(edge_settings("mqtt://127.0.0.1:1", tmp_path, root, keys, interval_s=0.1), journal)
-    client = SlowClient(stall=0.45)
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(0.7):
-            await agent._sensor_loop(client)  # type: ignore[arg-type]
-    disk = [t for t in client.topics if t.endswith("/telemetry/disk")]
-    # Ticks at 0 (published late, at 0.45), then 0.5 and 0.6; catching up would add 0.1 to 0.4.
-    assert 2 <= len(disk) <= 4, client.topics
-
-
 # --- against a real mosquitto ---------------------------------------------------------------------
 
 
@@ -201,8 +179,8 @@ def settings(mosquitto: Mosquitto, tmp_path: Path, root: Path, keys: Path) -> Se
 
 
 @pytest.fixture
-def agent(settings: Settings, journal: CommandJournal) -> EdgeAgent:
-    return make_agent(settings, journal)
+def agent(settings: Settings, journal: CommandJournal, outbox: Outbox) -> EdgeAgent:
+    return make_agent(settings, journal, outbox)
 
 
 @contextlib.asynccontextmanager
@@ -307,19 +285,25 @@ async def test_readings_arrive_as_events(mosquitto: Mosquitto, agent: EdgeAgent,
     async with central(mosquitto.url, f"nerve/{DEVICE}/telemetry/+") as observer, running(agent):
         seen: dict[str, Event] = {}
         async with asyncio.timeout(WAIT):
-            while set(seen) != {"disk", "cpu", "memory"}:
+            while not {"disk", "cpu", "memory", "load"} <= set(seen):
                 message = await receive(observer)
                 assert isinstance(message.payload, bytes)
                 event = decode(message.payload, Event)
                 metric = message.topic.value.rsplit("/", 1)[-1]
                 assert message.topic.value == f"nerve/{DEVICE}/telemetry/{metric}"
                 seen[metric] = event
+    assert set(seen) <= {"disk", "cpu", "memory", "load", "temperature"}
     for metric, event in seen.items():
         assert event.type == f"nerve.telemetry.{metric}"
         assert event.source == f"nerve://edge/{DEVICE}"
         assert event.subject == DEVICE
-        assert event.data["unit"] == "%"
-        assert 0 <= event.data["value"] <= 100
+        # The stable id from the outbox: device, boot id, sequence.
+        assert event.id.startswith(f"{DEVICE}.{read_boot_id()}.")
+    for metric in ("disk", "cpu", "memory"):
+        assert seen[metric].data["unit"] == "%"
+        assert 0 <= seen[metric].data["value"] <= 100
+    assert seen["load"].data["unit"] == "tasks"
+    assert seen["load"].data["value"] >= 0
     assert seen["disk"].data["mount"] == str(tmp_path)
 
 
@@ -484,3 +468,35 @@ def test_settings_round_trip_for_the_subprocess(tmp_path: Path, root: Path, keys
     # The dying-edge test hands its settings over as JSON: they must come back the same.
     settings = edge_settings("mqtt://127.0.0.1:1883", tmp_path, root, keys)
     assert Settings.model_validate(json.loads(settings.model_dump_json())) == settings
+
+
+def test_readings_past_the_cap_are_dropped_oldest_first_and_reported_as_an_event(
+    tmp_path: Path, root: Path, keys: Path, journal: CommandJournal
+) -> None:
+    settings = edge_settings("mqtt://127.0.0.1:1", tmp_path, root, keys)
+    with Outbox(tmp_path / "capped.sqlite3", device=DEVICE, max_bytes=64 * 1024) as outbox:
+        agent = make_agent(settings, journal, outbox)
+        for i in range(1000):
+            agent._write_reading(Reading(metric="cpu", value=float(i), unit="%"))
+        assert outbox.dropped > 0
+        entries = outbox.peek(2000)
+        reports = [decode(e.payload, Event) for e in entries if e.kind is OutboxKind.EVENTS]
+        readings = [decode(e.payload, Event) for e in entries if e.kind is OutboxKind.TELEMETRY]
+    assert reports
+    assert all(
+        e.topic == f"nerve/{DEVICE}/events/{DROPPED_EVENT}" for e in entries if e.kind is OutboxKind.EVENTS
+    )
+    assert sum(report.data["dropped"] for report in reports) == reports[-1].data["total"] == outbox.dropped
+    assert reports[-1].data["max_bytes"] == settings.edge.outbox.max_bytes
+    assert reports[0].type == f"nerve.events.{DROPPED_EVENT}"
+    # What is left of the readings is the newest, in order.
+    values = [event.data["value"] for event in readings]
+    assert values == [float(i) for i in range(1000 - len(values), 1000)]
+
+
+def test_writing_outside_run_is_a_clear_error(
+    tmp_path: Path, root: Path, keys: Path, journal: CommandJournal
+) -> None:
+    agent = make_agent(edge_settings("mqtt://127.0.0.1:1", tmp_path, root, keys), journal)
+    with pytest.raises(RuntimeError, match="only while it runs"):
+        agent._write_reading(Reading(metric="cpu", value=1.0, unit="%"))

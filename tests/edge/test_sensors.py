@@ -11,11 +11,19 @@ import pytest
 
 from nerve.edge.sensors import (
     CpuSampler,
+    CpuSensor,
+    DiskSensor,
+    LoadSensor,
+    MemorySensor,
     Reading,
+    Sensor,
     SensorError,
+    TemperatureSensor,
     disk_usage,
+    load_average,
     memory_usage,
     read_all,
+    temperatures,
 )
 from nerve.runtime.errors import NerveError
 
@@ -219,3 +227,108 @@ def test_a_reading_is_read_only() -> None:
         reading.labels["mount"] = "/x"  # type: ignore[index]
     assert reading == Reading(metric="disk", value=1.0, unit="%", labels={"mount": "/"})
     assert Reading(metric="cpu", value=1.0, unit="%").labels == {}
+
+
+# --- load and temperature -------------------------------------------------------------------------
+
+
+def test_load_from_loadavg(proc: Path) -> None:
+    (proc / "loadavg").write_text("0.45 0.28 0.12 2/144 7055\n")
+    reading = load_average(proc=proc)
+    assert (reading.metric, reading.value, reading.unit, dict(reading.labels)) == ("load", 0.45, "tasks", {})
+    assert LoadSensor(proc=proc).read() == [reading]
+
+
+@pytest.mark.parametrize("content", ["", "high 0.2 0.1\n", "-1 0 0 1/1 1\n", "nan 0 0\n"])
+def test_load_with_a_bad_loadavg_raises(proc: Path, content: str) -> None:
+    (proc / "loadavg").write_text(content)
+    with pytest.raises(SensorError, match="malformed") as info:
+        load_average(proc=proc)
+    assert info.value.metric == "load"
+    assert info.value.source == str(proc / "loadavg")
+
+
+def test_load_without_loadavg_raises(tmp_path: Path) -> None:
+    with pytest.raises(SensorError, match="loadavg"):
+        load_average(proc=tmp_path)
+
+
+def zone(thermal: Path, name: str, temp: str | None, kind: str | None = None) -> Path:
+    path = thermal / name
+    path.mkdir(parents=True)
+    if temp is not None:
+        (path / "temp").write_text(temp)
+    if kind is not None:
+        (path / "type").write_text(kind + "\n")
+    return path
+
+
+def test_temperature_per_zone_in_celsius(tmp_path: Path) -> None:
+    thermal = tmp_path / "thermal"
+    zone(thermal, "thermal_zone10", "30000\n")
+    zone(thermal, "thermal_zone0", "48312\n", kind="cpu-thermal")
+    zone(thermal, "thermal_zone2", "-5000\n")
+    (thermal / "cooling_device0").mkdir()  # not a zone
+    readings = temperatures(thermal=thermal)
+    assert [(r.metric, r.value, r.unit, dict(r.labels)) for r in readings] == [
+        ("temperature", 48.312, "°C", {"zone": "thermal_zone0", "type": "cpu-thermal"}),
+        ("temperature", -5.0, "°C", {"zone": "thermal_zone2"}),
+        ("temperature", 30.0, "°C", {"zone": "thermal_zone10"}),
+    ]
+
+
+def test_no_thermal_zones_is_no_readings_and_no_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.DEBUG):
+        assert temperatures(thermal=tmp_path / "absent") == []
+        assert TemperatureSensor(thermal=tmp_path / "absent").read() == []
+        (tmp_path / "empty").mkdir()
+        assert TemperatureSensor(thermal=tmp_path / "empty").read() == []
+    assert caplog.records == []
+
+
+def test_a_bad_zone_is_skipped_and_logged_once_until_it_reads_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    thermal = tmp_path / "thermal"
+    zone(thermal, "thermal_zone0", "41000")
+    bad = zone(thermal, "thermal_zone1", "garbage")
+    zone(thermal, "thermal_zone2", None)  # no temp file (EIO-like)
+    with pytest.raises(SensorError, match="malformed"):
+        temperatures(thermal=thermal)
+    sensor = TemperatureSensor(thermal=thermal)
+    with caplog.at_level(logging.WARNING, logger="nerve.edge.sensors"):
+        for _ in range(3):
+            assert [r.labels["zone"] for r in sensor.read()] == ["thermal_zone0"]
+    assert len(caplog.records) == 2  # one per bad zone, not one per read
+    assert "thermal_zone1" in caplog.records[0].getMessage()
+    caplog.clear()
+    (bad / "temp").write_text("42000")
+    with caplog.at_level(logging.WARNING, logger="nerve.edge.sensors"):
+        assert len(sensor.read()) == 2
+        (bad / "temp").write_text("broken again")
+        sensor.read()
+        sensor.read()
+    assert len(caplog.records) == 1
+
+
+def test_disk_sensor_skips_a_missing_mount_and_logs_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    missing = str(tmp_path / "gone")
+    sensor = DiskSensor(["/", missing])
+    with caplog.at_level(logging.WARNING, logger="nerve.edge.sensors"):
+        for _ in range(3):
+            assert [r.labels["mount"] for r in sensor.read()] == ["/"]
+    assert len(caplog.records) == 1
+    assert missing in caplog.text
+
+
+def test_builtin_sensors_are_sensors(proc: Path) -> None:
+    (proc / "loadavg").write_text("1.5 1 1 1/1 1\n")
+    for sensor in (DiskSensor(["/"]), CpuSensor(proc=proc), MemorySensor(proc=proc), LoadSensor(proc=proc)):
+        assert isinstance(sensor, Sensor)
+    cpu = CpuSensor(proc=proc)
+    assert cpu.read() == []  # the baseline
+    (proc / "stat").write_text(STAT_AFTER)
+    assert [r.value for r in cpu.read()] == [pytest.approx(40.0)]
+    assert [r.value for r in MemorySensor(proc=proc).read()] == [pytest.approx(25.0)]

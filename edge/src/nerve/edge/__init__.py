@@ -11,7 +11,7 @@ from nerve.edge.actions import (
     clear_temp,
     parse_clear_temp_args,
 )
-from nerve.edge.agent import OFFLINE, ONLINE, EdgeAgent, default_device_id
+from nerve.edge.agent import DROPPED_EVENT, OFFLINE, ONLINE, EdgeAgent, default_device_id
 from nerve.edge.executor import INTERRUPTED_REASON, Executor
 from nerve.edge.journal import (
     DEFAULT_RETENTION_S,
@@ -21,11 +21,46 @@ from nerve.edge.journal import (
     JournalState,
     journal_path,
 )
-from nerve.edge.sensors import CpuSampler, Reading, SensorError, disk_usage, memory_usage, read_all
+from nerve.edge.outbox import (
+    BOOT_ID_PATH,
+    DEFAULT_MAX_BYTES,
+    Outbox,
+    OutboxEntry,
+    OutboxError,
+    OutboxKind,
+    outbox_path,
+    read_boot_id,
+)
+from nerve.edge.sampling import Deadband, Sampler, ScheduledSensor, build_sensors
+from nerve.edge.sensor_plugins import ENTRY_POINT_GROUP, load_sensor_plugin
+from nerve.edge.sensors import (
+    BUILTIN_SENSORS,
+    DEFAULT_DEADBANDS,
+    CpuSampler,
+    CpuSensor,
+    DiskSensor,
+    LoadSensor,
+    MemorySensor,
+    Reading,
+    Sensor,
+    SensorError,
+    TemperatureSensor,
+    disk_usage,
+    load_average,
+    memory_usage,
+    read_all,
+    temperatures,
+)
 
 __all__ = [
+    "BOOT_ID_PATH",
+    "BUILTIN_SENSORS",
+    "DEFAULT_DEADBANDS",
+    "DEFAULT_MAX_BYTES",
     "DEFAULT_OLDER_THAN_S",
     "DEFAULT_RETENTION_S",
+    "DROPPED_EVENT",
+    "ENTRY_POINT_GROUP",
     "INTERRUPTED_REASON",
     "MAX_OLDER_THAN_S",
     "OFFLINE",
@@ -34,18 +69,37 @@ __all__ = [
     "ClearTempResult",
     "CommandJournal",
     "CpuSampler",
+    "CpuSensor",
+    "Deadband",
+    "DiskSensor",
     "EdgeAgent",
     "Executor",
     "JournalEntry",
     "JournalError",
     "JournalState",
+    "LoadSensor",
+    "MemorySensor",
+    "Outbox",
+    "OutboxEntry",
+    "OutboxError",
+    "OutboxKind",
     "Reading",
+    "Sampler",
+    "ScheduledSensor",
+    "Sensor",
     "SensorError",
+    "TemperatureSensor",
+    "build_sensors",
     "clear_temp",
     "default_device_id",
     "disk_usage",
     "journal_path",
+    "load_average",
+    "load_sensor_plugin",
     "memory_usage",
+    "outbox_path",
     "parse_clear_temp_args",
     "read_all",
+    "read_boot_id",
+    "temperatures",
 ]

@@ -4,13 +4,17 @@ One persistent MQTT session (`nerve-edge-<device>`), kept up forever with jitter
 
 - presence: `online` (retained) on `<prefix>/<device>/status` once connected, `offline` (retained)
   when stopped, and the same `offline` as the broker-published will if the device dies;
-- readings: every `edge.interval_s`, one Event per sensor reading on `<prefix>/<device>/telemetry/<metric>`;
+- readings: each sensor at its interval (see `nerve.edge.sampling`: deadband and heartbeat), one
+  Event per reading worth publishing on `<prefix>/<device>/telemetry/<metric>`;
 - commands: each message on `<prefix>/<device>/commands/+` goes through the `Executor` (in a worker
-  thread: it fsyncs and runs the action) and its result is published on
-  `<prefix>/<device>/results/<action>`.
+  thread: it fsyncs and runs the action) and its result is sent on `<prefix>/<device>/results/<action>`.
 
-A command message is acknowledged to mosquitto only after its result was published. A device that
-dies in between gets the command again from its persistent session, and the journal answers it with
+Nothing is published straight away: readings, events and results are written to the `Outbox`
+first, and a publisher task sends what it holds, in order, while connected, deleting each entry on
+its PUBACK. Sensors keep reading while the broker is away; what they read goes out when it is back.
+
+A command message is acknowledged to mosquitto only after its result is in the outbox. A device that
+dies before that gets the command again from its persistent session, and the journal answers it with
 the recorded result (or "unknown" if it was still running): delivered at least once, run at most once.
 This module imports nothing that needs nats-py: an edge-only install has none.
 """
@@ -18,15 +22,16 @@ This module imports nothing that needs nats-py: an edge-only install has none.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import math
 import socket
 import time
 from typing import TYPE_CHECKING, Final
 
 import aiomqtt
 
-from nerve.edge.sensors import CpuSampler, Reading, read_all
+from nerve.edge.outbox import Outbox, OutboxKind, outbox_path
+from nerve.edge.sampling import Sampler, build_sensors
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import to_msgpack
@@ -40,6 +45,8 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from nerve.edge.executor import Executor
+    from nerve.edge.sampling import ScheduledSensor
+    from nerve.edge.sensors import Reading
     from nerve.runtime.config import Settings
     from nerve.runtime.envelope import CommandResult
 
@@ -55,6 +62,9 @@ _GOODBYE_TIMEOUT_S: Final = 2.0
 _DRAIN_TIMEOUT_S: Final = 10.0
 # A connection that held this long was a working one: the next outage starts from short delays.
 _HELD_S: Final = 10.0
+# Entries taken from the outbox per query while publishing.
+_BATCH: Final = 64
+DROPPED_EVENT: Final = "outbox_dropped"
 
 
 def default_device_id() -> str:
@@ -79,6 +89,9 @@ class EdgeAgent:
 
     `ready` is set while connected and subscribed (cleared when the connection drops). `dropped`
     counts command messages that got no answer (see `Executor.handle`). `clock` stamps the readings.
+    `outbox` is where messages wait for the broker; without one, `run()` opens the configured one
+    (`edge.outbox`) and closes it when it ends. `sensors` default to what `edge.sensors` asks for
+    (built-ins and plugins, loaded here; see `nerve.edge.sampling.build_sensors`).
     """
 
     def __init__(
@@ -88,6 +101,8 @@ class EdgeAgent:
         device: str,
         executor: Executor,
         clock: Callable[[], datetime] = utcnow,
+        outbox: Outbox | None = None,
+        sensors: list[ScheduledSensor] | None = None,
     ) -> None:
         if not is_token(device):
             raise ConfigError(
@@ -106,7 +121,9 @@ class EdgeAgent:
         self._status_topic = status_topic(device, self._prefix)
         self._commands = f"{self._prefix}/{device}/{Kind.COMMANDS}/+"
         self._telemetry_topics: dict[str, str] = {}
-        self._cpu = CpuSampler()
+        self._sampler = Sampler(build_sensors(settings.edge) if sensors is None else sensors)
+        self._outbox = outbox
+        self._waiting = asyncio.Event()  # set when the outbox may hold something to publish
         self._dropped = 0
         self.ready = asyncio.Event()
 
@@ -120,12 +137,36 @@ class EdgeAgent:
         """How many command messages got no answer (oversized, or without a command id)."""
         return self._dropped
 
-    async def run(self) -> None:
-        """Connect, serve, and reconnect forever (backoff, warning logged) until cancelled.
+    @property
+    def outbox(self) -> Outbox | None:
+        """The outbox in use (None before `run()` opened the configured one, and after it closed it)."""
+        return self._outbox
 
-        On cancellation it lets a command already running finish and answer (up to 10 s), publishes
-        `offline` (retained, best effort, 2 s), disconnects and re-raises `CancelledError`.
+    async def run(self) -> None:
+        """Read the sensors; connect, serve and reconnect forever (backoff, warning logged) until cancelled.
+
+        Sensors keep reading into the outbox while the broker is away. On cancellation it lets a
+        command already running finish and answer (up to 10 s), publishes `offline` (retained, best
+        effort, 2 s), disconnects and re-raises `CancelledError`; what the outbox holds stays there
+        for the next run.
         """
+        with contextlib.ExitStack() as stack:
+            if self._outbox is None:
+                opened = Outbox(
+                    outbox_path(self._settings, self._device),
+                    device=self._device,
+                    max_bytes=self._settings.edge.outbox.max_bytes,
+                )
+                self._outbox = stack.enter_context(opened)
+                stack.callback(setattr, self, "_outbox", None)
+            self._waiting.set()
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._sensor_loop(), name=f"nerve-edge-{self._device}-sensors")
+                tasks.create_task(self._connection_loop(), name=f"nerve-edge-{self._device}-connection")
+                # Park in the body, not in the TaskGroup's exit (see `_serve`).
+                await asyncio.get_running_loop().create_future()
+
+    async def _connection_loop(self) -> None:
         backoff = Backoff()
         while True:
             began = time.monotonic()
@@ -176,7 +217,7 @@ class EdgeAgent:
         self.ready.set()
         _log.info("device %s online at %s", self._device, self._settings.mqtt.url)
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._sensor_loop(client), name=f"nerve-edge-{self._device}-sensors")
+            tasks.create_task(self._publish_loop(client), name=f"nerve-edge-{self._device}-publisher")
             tasks.create_task(self._command_loop(client), name=f"nerve-edge-{self._device}-commands")
             # Wait in the body, not in the TaskGroup's exit: on Python 3.11 a child that fails while
             # the parent waits in __aexit__ leaves the parent's cancel count raised for good (fixed in
@@ -192,37 +233,86 @@ class EdgeAgent:
         else:
             _log.info("device %s offline", self._device)
 
-    async def _sensor_loop(self, client: aiomqtt.Client) -> None:
-        interval = self._settings.edge.interval_s
+    async def _sensor_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        tick = loop.time()
         while True:
-            # Cheap, non-blocking reads (see nerve.edge.sensors): no thread needed.
-            for reading in read_all(self._settings.edge.mounts, self._cpu):
-                await self._publish_reading(client, reading)
-                checkpoint()
-            tick += interval
-            now = loop.time()
-            if tick < now:
-                # Behind (a slow broker): skip the missed ticks rather than publish a burst of them.
-                tick += math.ceil((now - tick) / interval) * interval
-            await asyncio.sleep(tick - now)
+            # Built-in reads are cheap and non-blocking (see nerve.edge.sensors): no thread needed.
+            for _, reading in self._sampler.poll(loop.time()):
+                self._write_reading(reading)
+            checkpoint()
+            due = self._sampler.next_due()
+            if due is None:
+                _log.warning("device %s: no sensor is enabled; it publishes no readings", self._device)
+                await loop.create_future()
+                continue  # never reached: the future is only ever cancelled
+            await asyncio.sleep(max(0.0, due - loop.time()))
 
-    async def _publish_reading(self, client: aiomqtt.Client, reading: Reading) -> None:
+    def _write_reading(self, reading: Reading) -> None:
         topic = self._telemetry_topics.get(reading.metric)
         if topic is None:
             topic = Address(self._device, Kind.TELEMETRY, reading.metric).topic(self._prefix)
             self._telemetry_topics[reading.metric] = topic
-        event = Event(
-            source=self._source,
-            type=f"nerve.telemetry.{reading.metric}",
-            subject=self._device,
-            time=self._clock(),
-            # Labels first: a label can never shadow the value or its unit.
-            data={**reading.labels, "value": reading.value, "unit": reading.unit},
-        )
-        await client.publish(topic, to_msgpack(event), qos=1)
-        _log.debug("published %s = %s %s", topic, reading.value, reading.unit)
+        when = self._clock()
+
+        def encode(event_id: str) -> bytes:
+            return to_msgpack(
+                Event(
+                    id=event_id,
+                    source=self._source,
+                    type=f"nerve.telemetry.{reading.metric}",
+                    subject=self._device,
+                    time=when,
+                    # Labels first: a label can never shadow the value or its unit.
+                    data={**reading.labels, "value": reading.value, "unit": reading.unit},
+                )
+            )
+
+        self._write(OutboxKind.TELEMETRY, topic, encode)
+        _log.debug("queued %s = %s %s", topic, reading.value, reading.unit)
+
+    def _write(self, kind: OutboxKind, topic: str, encode: Callable[[str], bytes]) -> None:
+        outbox = self._outbox
+        if outbox is None:  # only outside run(): nothing would ever send it
+            raise RuntimeError("the edge agent writes messages only while it runs")
+        _, dropped = outbox.add(kind, topic, encode)
+        self._waiting.set()
+        if dropped:
+            # Events are never dropped: this report reaches central even if more readings go.
+            topic = Address(self._device, Kind.EVENTS, DROPPED_EVENT).topic(self._prefix)
+            cap = self._settings.edge.outbox.max_bytes
+            data = {"dropped": dropped, "total": outbox.dropped, "max_bytes": cap}
+            self._write(
+                OutboxKind.EVENTS,
+                topic,
+                lambda event_id: to_msgpack(
+                    Event(
+                        id=event_id,
+                        source=self._source,
+                        type=f"nerve.events.{DROPPED_EVENT}",
+                        subject=self._device,
+                        time=self._clock(),
+                        data=data,
+                    )
+                ),
+            )
+
+    async def _publish_loop(self, client: aiomqtt.Client) -> None:
+        outbox = self._outbox
+        assert outbox is not None  # noqa: S101 - run() opened it before connecting
+        while True:
+            batch = outbox.peek(_BATCH)
+            if not batch:
+                self._waiting.clear()
+                await self._waiting.wait()
+                checkpoint()
+                continue
+            for entry in batch:
+                # One at a time, each waiting for its PUBACK: the order on the wire is the order
+                # of the outbox, and an entry is deleted only once the broker has it.
+                await client.publish(entry.topic, entry.payload, qos=1)
+                outbox.ack(entry)
+                checkpoint()
+            _log.debug("published %d message(s) from the outbox", len(batch))
 
     async def _command_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -265,7 +355,9 @@ class EdgeAgent:
             if not is_token(action):
                 action = result.action
             results = Address(self._device, Kind.RESULTS, action).topic(self._prefix)
-            await client.publish(results, to_msgpack(result), qos=1)
-            _log.debug("published %s: %s", results, result.status)
+            encoded = to_msgpack(result)
+            # A result keeps the id its journal recorded: a repeated command gets the same message.
+            self._write(OutboxKind.RESULTS, results, lambda _event_id: encoded)
+            _log.debug("queued %s: %s", results, result.status)
         # Only now: a device that dies before this gets the command again, and the journal answers it.
         ack(client, message)

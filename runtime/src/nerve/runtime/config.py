@@ -16,7 +16,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.subjects import DEFAULT_PREFIX, DeviceId, Metric, check_prefix, check_token
+from nerve.runtime.subjects import DEFAULT_PREFIX, DeviceId, Metric, Token, check_prefix, check_token
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -71,12 +71,37 @@ class NatsSettings(_Settings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
 
 
+class SensorSettings(_Settings):
+    """One sensor of the device daemon, built in (disk, cpu, memory, load, temperature) or a plugin.
+
+    Unset numbers fall back to the edge-wide `interval_s` and `heartbeat_s` and to the sensor's own
+    deadband (see `nerve.edge.sensors.DEFAULT_DEADBANDS`; 0 for a plugin: every change is published).
+    `options` go to a plugin's factory as they are; built-in sensors take none.
+    """
+
+    enabled: bool = True
+    interval_s: float | None = Field(default=None, gt=0)
+    deadband: float | None = Field(default=None, ge=0, description="in the reading's unit")
+    heartbeat_s: float | None = Field(default=None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutboxSettings(_Settings):
+    """The device's store-and-forward outbox (SQLite): what is written waits there until the broker has it."""
+
+    path: Path | None = Field(default=None, description="unset: <data_dir>/edge-<device>.outbox")
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
+
+
 class EdgeSettings(_Settings):
     """The device daemon."""
 
     device: DeviceId | None = None
     interval_s: float = Field(default=10.0, gt=0)
+    heartbeat_s: float = Field(default=300.0, gt=0)
     mounts: tuple[str, ...] = ("/",)
+    sensors: dict[Token, SensorSettings] = Field(default_factory=dict)
+    outbox: OutboxSettings = OutboxSettings()
     clear_temp_roots: tuple[Path, ...] = ()
     trusted_keys: dict[str, str] = Field(
         default_factory=dict, description="key id -> base64 Ed25519 public key"
