@@ -91,7 +91,17 @@ def test_public_names_are_sorted_and_complete() -> None:
     assert nerve.edge.__all__ == sorted(nerve.edge.__all__, key=_isort_order)
     for name in nerve.edge.__all__:
         assert getattr(nerve.edge, name) is not None
-    for module in ("actions", "agent", "executor", "journal", "sensors"):
+    for module in (
+        "actions",
+        "agent",
+        "allowlist",
+        "diagnostics",
+        "executor",
+        "journal",
+        "processes",
+        "sensors",
+        "system_actions",
+    ):
         exported = getattr(nerve.edge, module).__all__
         assert set(exported) <= set(nerve.edge.__all__), module
 
