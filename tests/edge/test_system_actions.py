@@ -422,6 +422,17 @@ def test_a_journalled_id_reused_by_another_command_is_refused_as_replayed(
     assert other.id == first.id
 
 
+def test_the_same_request_re_created_under_its_id_gets_the_recorded_result(
+    executor: Executor, signer: Signer, systemctl: Path
+) -> None:
+    # A central that restarts re-creates a command under its derived id, with a new time and expiry.
+    first, result = send(executor, signer, "restart_service", {"unit": "nginx.service"})
+    again, answer = send(executor, signer, "restart_service", {"unit": "nginx.service"}, command_id=first.id)
+    assert again.time != first.time or again.sig != first.sig
+    assert answer == result
+    assert calls(systemctl) == [["--no-ask-password", "restart", "nginx.service"]]
+
+
 def test_oversized_arguments_are_refused(executor: Executor, signer: Signer, tmp_path: Path) -> None:
     _, result = send(executor, signer, "run", {"script": "mark", "pad": "x" * 5000})
     assert result.status == "rejected"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,7 +39,7 @@ from nerve.edge.journal import JournalError, JournalState
 from nerve.runtime.codec import DEFAULT_MAX_PAYLOAD, decode, load_document, to_msgpack
 from nerve.runtime.envelope import Command, CommandResult, ResultStatus, utcnow
 from nerve.runtime.errors import ConfigError, DecodeError, PayloadTooLarge, SignatureError, TopicError
-from nerve.runtime.signing import Verifier, canonical_bytes
+from nerve.runtime.signing import Verifier
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
 
 if TYPE_CHECKING:
@@ -66,8 +67,14 @@ _CLEAR_TEMP: Final = "clear_temp"
 
 
 def command_digest(command: Command) -> bytes:
-    """What identifies a command's content in the journal: SHA-256 of its signed bytes and signature."""
-    return hashlib.sha256(canonical_bytes(command) + b"\x00" + command.sig.encode()).digest()
+    """What identifies a command's request in the journal: SHA-256 of its device, action and arguments.
+
+    Time, expiry and signature are left out on purpose: a central that re-creates the same command
+    under the same (derived) id after a restart gets the recorded result, not a refusal.
+    """
+    request = {"subject": command.subject, "action": command.action, "data": command.data}
+    text = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
+    return hashlib.sha256(text.encode()).digest()
 
 
 class Executor:
