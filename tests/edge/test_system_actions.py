@@ -138,6 +138,21 @@ def test_vacuum_journal_default_size(executor: Executor, signer: Signer, journal
     assert calls(journalctl) == [["--vacuum-size=256M"]]
 
 
+def test_vacuum_journal_through_a_root_oneshot_unit(  # noqa: PLR0917 - fixtures
+    tmp_path: Path, keys: Path, journal: CommandJournal, signer: Signer, systemctl: Path, journalctl: Path
+) -> None:
+    executor = make_executor(
+        tmp_path,
+        keys,
+        journal,
+        {"allow": ["vacuum_journal"], "systemctl": [str(systemctl)], "vacuum_unit": "nerve-journal-vacuum"},
+    )
+    _, result = send(executor, signer, "vacuum_journal", {"size_mb": 128})
+    assert result.status == "ok", result.reason
+    assert calls(systemctl) == [["--no-ask-password", "start", "nerve-journal-vacuum@128M.service"]]
+    assert calls(journalctl) == []
+
+
 @pytest.mark.parametrize(
     ("args", "reason"),
     [

@@ -56,6 +56,9 @@ def _outcome(outcome: ProgramOutcome, summary: str) -> dict[str, Any]:
 class VacuumJournal:
     """`vacuum_journal`: `journalctl --vacuum-size=<N>M`, N from `size_mb` within configured bounds.
 
+    With `vacuum_unit` set it runs `systemctl start <vacuum_unit>@<N>M.service` instead (see
+    configs/systemd/nerve-journal-vacuum@.service), so the daemon itself needs no root.
+
     Idempotent: vacuuming down to a size twice leaves what vacuuming once does.
     """
 
@@ -64,6 +67,8 @@ class VacuumJournal:
 
     def __init__(self, settings: ActionSettings) -> None:
         self._journalctl = settings.journalctl
+        self._systemctl = settings.systemctl
+        self._unit = settings.vacuum_unit
         self._timeout_s = settings.timeout_s
         self._max_output = settings.max_output_bytes
         self._default = settings.vacuum_default_mb
@@ -84,8 +89,14 @@ class VacuumJournal:
     def run(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """Vacuum; the data carries journalctl's exit code and output (it reports on stderr)."""
         size = int(args["size_mb"])
+        # Deleting journal files needs root: an unprivileged daemon starts a root oneshot unit instead.
+        argv = (
+            (*self._systemctl, "--no-ask-password", "start", f"{self._unit}@{size}M.service")
+            if self._unit
+            else (*self._journalctl, f"--vacuum-size={size}M")
+        )
         outcome = run_program(
-            (*self._journalctl, f"--vacuum-size={size}M"),
+            argv,
             timeout_s=self._timeout_s,
             max_output_bytes=self._max_output,
         )

@@ -120,6 +120,10 @@ class ActionSettings(_Settings):
     vacuum_default_mb: int = Field(default=256, ge=1)
     vacuum_min_mb: int = Field(default=64, ge=1, description="no command may vacuum below this")
     vacuum_max_mb: int = Field(default=65536, ge=1)
+    vacuum_unit: Annotated[str, AfterValidator(lambda v: check_token(v, "vacuum unit"))] | None = Field(
+        default=None,
+        description="unset: run journalctl; else `systemctl start <unit>@<N>M.service` (a root oneshot)",
+    )
     services: tuple[UnitName, ...] = Field(default=(), description="units restart_service may restart")
     scripts: dict[Annotated[str, AfterValidator(lambda v: check_token(v, "script name"))], ScriptSettings] = (
         Field(default_factory=dict)
