@@ -664,3 +664,13 @@ def test_bad_action_settings_name_the_key(actions: dict[str, Any], problem: str)
         load_settings(overrides={"edge": {"actions": actions}})
     assert problem in str(caught.value)
     assert "edge.actions" in str(caught.value)
+
+
+def test_a_command_at_the_hops_limit_is_still_answered(executor: Executor, signer: Signer) -> None:
+    # Found by the mutation property test: the answer's hops (one more) must not break the envelope.
+    command = signer.sign(
+        Command.create(device=DEVICE, action="reboot", args={}, source="t", ttl=timedelta(minutes=1))
+    ).model_copy(update={"hops": 1_000_000})
+    result = executor.handle(f"{PREFIX}/{DEVICE}/commands/reboot", to_msgpack(command), prefix=PREFIX)
+    assert result is not None
+    assert (result.status, result.hops) == ("rejected", 1_000_000)

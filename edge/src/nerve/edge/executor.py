@@ -62,6 +62,7 @@ _EXPIRED_SINCE_REASON: Final = (
 _UNREADABLE_REASON: Final = "the result recorded for this command cannot be read; not run again"
 _MAX_REASON_CHARS: Final = 500
 _MAX_ID_CHARS: Final = 128  # as `MessageId` in the envelope
+_MAX_HOPS: Final = 1_000_000  # as `Envelope.hops`
 
 _CLEAR_TEMP: Final = "clear_temp"
 
@@ -420,7 +421,7 @@ class Executor:
                 reason=_clip(exc.reason),
                 causationid=command_id,
                 correlationid=correlation,
-                hops=hops + 1,
+                hops=min(hops + 1, _MAX_HOPS),  # a hops past the envelope's limit still gets an answer
             )
         except ValidationError:
             _log.warning("message on %s dropped: %s", topic, exc.reason)
