@@ -96,7 +96,20 @@ def test_public_names_are_sorted_and_complete() -> None:
     assert nerve.edge.__all__ == sorted(nerve.edge.__all__, key=_isort_order)
     for name in nerve.edge.__all__:
         assert getattr(nerve.edge, name) is not None
-    modules = ("actions", "agent", "executor", "journal", "outbox", "sampling", "sensor_plugins", "sensors")
+    modules = (
+        "actions",
+        "agent",
+        "allowlist",
+        "diagnostics",
+        "executor",
+        "journal",
+        "outbox",
+        "processes",
+        "sampling",
+        "sensor_plugins",
+        "sensors",
+        "system_actions",
+    )
     for module in modules:
         exported = getattr(nerve.edge, module).__all__
         assert set(exported) <= set(nerve.edge.__all__), module

@@ -167,7 +167,7 @@ def test_action_that_raises_is_failed_and_journalled(
     def broken(**_: object) -> None:
         raise OSError("disk on fire")
 
-    monkeypatch.setattr("nerve.edge.executor.clear_temp", broken)
+    monkeypatch.setattr("nerve.edge.actions.clear_temp", broken)
     payload = to_msgpack(signer.sign(make()))
     result = executor.handle(topic(), payload, prefix=PREFIX)
     assert result is not None

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from nerve.edge.sampling import Deadband, Sampler, ScheduledSensor, build_sensors
-from nerve.edge.sensor_plugins import ENTRY_POINT_GROUP, load_sensor_plugin
+from nerve.edge.sensor_plugins import SENSOR_ENTRY_POINT_GROUP, load_sensor_plugin
 from nerve.edge.sensors import Reading, SensorError
 from nerve.runtime.config import EdgeSettings
 
@@ -243,12 +243,12 @@ NOT_A_SENSOR = 42
 
 
 def points(*pairs: tuple[str, str]) -> list[EntryPoint]:
-    return [EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP) for name, value in pairs]
+    return [EntryPoint(name=name, value=value, group=SENSOR_ENTRY_POINT_GROUP) for name, value in pairs]
 
 
 def installed_with(*pairs: tuple[str, str]) -> Any:
     def installed(group: str) -> list[EntryPoint]:
-        assert group == ENTRY_POINT_GROUP
+        assert group == SENSOR_ENTRY_POINT_GROUP
         return points(*pairs)
 
     return installed
@@ -310,7 +310,7 @@ def test_a_real_entry_point_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyP
     info = tmp_path / "nerve_test_water-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: nerve-test-water\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\nwater = nerve_test_water:Water\n")
+    (info / "entry_points.txt").write_text(f"[{SENSOR_ENTRY_POINT_GROUP}]\nwater = nerve_test_water:Water\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     importlib.invalidate_caches()
     try:

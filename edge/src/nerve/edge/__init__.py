@@ -6,13 +6,30 @@ Importing it never imports nats-py: an edge-only install has none.
 from nerve.edge.actions import (
     DEFAULT_OLDER_THAN_S,
     MAX_OLDER_THAN_S,
+    Action,
     ActionArgumentError,
+    ActionFailed,
+    ClearTemp,
     ClearTempResult,
     clear_temp,
     parse_clear_temp_args,
 )
 from nerve.edge.agent import DROPPED_EVENT, OFFLINE, ONLINE, EdgeAgent, default_device_id
-from nerve.edge.executor import INTERRUPTED_REASON, Executor
+from nerve.edge.allowlist import (
+    ACTION_ENTRY_POINT_GROUP,
+    ActionPluginError,
+    AllowList,
+    build_allow_list,
+    load_plugin,
+)
+from nerve.edge.diagnostics import CollectDiagnostics
+from nerve.edge.executor import (
+    DEFAULT_MAX_ARGS_BYTES,
+    INTERRUPTED_REASON,
+    RERUN_REASON,
+    Executor,
+    command_digest,
+)
 from nerve.edge.journal import (
     DEFAULT_RETENTION_S,
     CommandJournal,
@@ -31,8 +48,9 @@ from nerve.edge.outbox import (
     outbox_path,
     read_boot_id,
 )
+from nerve.edge.processes import ProgramOutcome, run_program
 from nerve.edge.sampling import Deadband, Sampler, ScheduledSensor, build_sensors
-from nerve.edge.sensor_plugins import ENTRY_POINT_GROUP, load_sensor_plugin
+from nerve.edge.sensor_plugins import SENSOR_ENTRY_POINT_GROUP, load_sensor_plugin
 from nerve.edge.sensors import (
     BUILTIN_SENSORS,
     DEFAULT_DEADBANDS,
@@ -51,22 +69,32 @@ from nerve.edge.sensors import (
     read_all,
     temperatures,
 )
+from nerve.edge.system_actions import RestartService, RunScript, VacuumJournal
 
 __all__ = [
+    "ACTION_ENTRY_POINT_GROUP",
     "BOOT_ID_PATH",
     "BUILTIN_SENSORS",
     "DEFAULT_DEADBANDS",
+    "DEFAULT_MAX_ARGS_BYTES",
     "DEFAULT_MAX_BYTES",
     "DEFAULT_OLDER_THAN_S",
     "DEFAULT_RETENTION_S",
     "DROPPED_EVENT",
-    "ENTRY_POINT_GROUP",
     "INTERRUPTED_REASON",
     "MAX_OLDER_THAN_S",
     "OFFLINE",
     "ONLINE",
+    "RERUN_REASON",
+    "SENSOR_ENTRY_POINT_GROUP",
+    "Action",
     "ActionArgumentError",
+    "ActionFailed",
+    "ActionPluginError",
+    "AllowList",
+    "ClearTemp",
     "ClearTempResult",
+    "CollectDiagnostics",
     "CommandJournal",
     "CpuSampler",
     "CpuSensor",
@@ -83,23 +111,31 @@ __all__ = [
     "OutboxEntry",
     "OutboxError",
     "OutboxKind",
+    "ProgramOutcome",
     "Reading",
+    "RestartService",
+    "RunScript",
     "Sampler",
     "ScheduledSensor",
     "Sensor",
     "SensorError",
     "TemperatureSensor",
+    "VacuumJournal",
+    "build_allow_list",
     "build_sensors",
     "clear_temp",
+    "command_digest",
     "default_device_id",
     "disk_usage",
     "journal_path",
     "load_average",
+    "load_plugin",
     "load_sensor_plugin",
     "memory_usage",
     "outbox_path",
     "parse_clear_temp_args",
     "read_all",
     "read_boot_id",
+    "run_program",
     "temperatures",
 ]

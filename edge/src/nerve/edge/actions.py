@@ -1,12 +1,13 @@
-"""The allow-listed actions a device executes on command; for now `clear_temp`.
+"""What an action is (the `Action` protocol, for built-ins and plugins alike), and `clear_temp`.
 
-A command's arguments come off the network, so each action has a strict parser that refuses
-anything it does not know. Arguments never name a path: what an action may touch (the roots of
+A command's arguments come off the network, so each action has a strict parser (`validate`) that
+refuses anything it does not know. Arguments never name a path: what an action may touch (the roots of
 `clear_temp`) comes only from the device's configuration.
 
 ```
 NerveError
-└── ActionArgumentError    a command's arguments are wrong (names the argument, says what fits)
+├── ActionArgumentError    a command's arguments are wrong (names the argument, says what fits)
+└── ActionFailed           an action ran and did not succeed (carries the reason and result data)
 ```
 """
 
@@ -19,7 +20,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol, runtime_checkable
 
 from nerve.runtime.errors import NerveError
 
@@ -29,7 +30,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_OLDER_THAN_S",
     "MAX_OLDER_THAN_S",
+    "Action",
     "ActionArgumentError",
+    "ActionFailed",
+    "ClearTemp",
     "ClearTempResult",
     "clear_temp",
     "parse_clear_temp_args",
@@ -58,6 +62,91 @@ class ActionArgumentError(NerveError):
         self.expected = expected
         self.got = got
         super().__init__(f"{action}: argument {argument!r} {got}; expected {expected}")
+
+
+class ActionFailed(NerveError):
+    """Raised by `Action.run`: the action ran and did not succeed.
+
+    The result is `failed` with `reason`, and `data` (what it did, the program's output, …) goes in
+    the result's `data`. Any other exception from `run` is also `failed`, with the exception as reason.
+    """
+
+    def __init__(self, reason: str, data: Mapping[str, Any] | None = None) -> None:
+        self.reason = reason
+        self.data = dict(data or {})
+        super().__init__(reason)
+
+
+@runtime_checkable
+class Action(Protocol):
+    """An action a device runs on a signed command: a built-in or a plugin (entry point `nerve.actions`).
+
+    The executor calls `validate` with the command's arguments (its `data`) once the command is
+    genuine, current and allow-listed; then, after the command id is journalled as started, `run`
+    with what `validate` returned. `run` is called from a worker thread and may block; it returns
+    the result's `data` (JSON-like: str, int, float, bool, None, lists, dicts with str keys).
+
+    `idempotent` says whether running the action twice is as good as once: after a crash during its
+    run, an idempotent action runs again when the command is delivered again (if not expired),
+    any other is answered `unknown` and never run again.
+    """
+
+    @property
+    def name(self) -> str:
+        """The action's name: the last level of its command topic, a token (`[A-Za-z0-9_-]`)."""
+        ...
+
+    @property
+    def idempotent(self) -> bool:
+        """True if running it again after an interrupted run is safe."""
+        ...
+
+    def validate(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Check the command's arguments; return them as `run` wants them.
+
+        Raises:
+            ActionArgumentError: an argument is unknown, missing, of the wrong type or out of range.
+                Nothing has run; the command is answered `rejected` with this message.
+        """
+        ...
+
+    def run(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Do it; return the result's `data`.
+
+        Raises:
+            ActionFailed: it ran and failed; the result is `failed` with its reason and data.
+        """
+        ...
+
+
+class ClearTemp:
+    """`clear_temp` as an `Action`: deletes old regular files under the configured roots only."""
+
+    name: Final = "clear_temp"
+    # Not idempotent: its cutoff moves with the clock, so a second run deletes more than the first
+    # would have; an interrupted clear_temp is reported `unknown`, central decides.
+    idempotent: Final = False
+
+    def __init__(self, roots: Sequence[Path], *, max_age_s: float = MAX_OLDER_THAN_S) -> None:
+        self._roots = tuple(roots)
+        self._max_age_s = max_age_s
+
+    def validate(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`older_than_s` only; see `parse_clear_temp_args`."""
+        return {_OLDER_THAN_S: parse_clear_temp_args(args, max_age_s=self._max_age_s)}
+
+    def run(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Delete; the data says how many files and bytes, what was skipped and why."""
+        done = clear_temp(roots=self._roots, older_than_s=float(args[_OLDER_THAN_S]))
+        return {
+            "files_deleted": done.files_deleted,
+            "bytes_freed": done.bytes_freed,
+            "skipped": done.skipped,
+            "errors": list(done.errors),
+            "errors_omitted": done.errors_omitted,
+            "limit_reached": done.limit_reached,
+            "summary": done.summary(),
+        }
 
 
 def parse_clear_temp_args(args: Mapping[str, object], *, max_age_s: float = MAX_OLDER_THAN_S) -> float:

@@ -6,8 +6,10 @@ Checks, in order, for a message on `<prefix>/<device>/commands/<action>`:
 2. the journal: a command id with a recorded result gets that result again (a replay of captured
    bytes too), and nothing runs;
 3. addressing (the command's subject and action match the device and the topic), the signature;
-4. a command the journal saw start but never finish (the device restarted while it ran) is answered
-   `unknown` and not run again; otherwise expiry (with the allowed clock skew), the allow-list and the
+4. an id the journal holds for a different command (another digest) is refused as replayed; a
+   command the journal saw start but never finish (the device restarted while it ran) is answered
+   `unknown` and not run again, unless its action is idempotent (then it runs again if not expired);
+   otherwise expiry (with the allowed clock skew), the size of the arguments, the allow-list and the
    action's arguments;
 5. then the journal records `started` (committed and fsynced), the action runs, the journal records
    the result.
@@ -21,15 +23,18 @@ a refusal that the genuine command would then get as its "recorded result".
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final
 
+import msgpack
 from pydantic import ValidationError
 
-from nerve.edge.actions import ActionArgumentError, clear_temp, parse_clear_temp_args
+from nerve.edge.actions import ActionArgumentError, ActionFailed, ClearTemp
+from nerve.edge.allowlist import build_allow_list
 from nerve.edge.journal import JournalError, JournalState
 from nerve.runtime.codec import DEFAULT_MAX_PAYLOAD, decode, load_document, to_msgpack
 from nerve.runtime.envelope import Command, CommandResult, ResultStatus, utcnow
@@ -40,22 +45,37 @@ from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
+    from nerve.edge.actions import Action
     from nerve.edge.journal import CommandJournal, JournalEntry
     from nerve.runtime.config import Settings
 
-__all__ = ["INTERRUPTED_REASON", "Executor"]
+__all__ = ["DEFAULT_MAX_ARGS_BYTES", "INTERRUPTED_REASON", "RERUN_REASON", "Executor", "command_digest"]
 
 _log: Final = logging.getLogger(__name__)
 
 INTERRUPTED_REASON: Final = "the device restarted while running this command; not run again"
+RERUN_REASON: Final = "run again: the device restarted while running it, and the action is idempotent"
+DEFAULT_MAX_ARGS_BYTES: Final = 4096
+_EXPIRED_SINCE_REASON: Final = (
+    "the device restarted while running this command, and it has expired since; not run again"
+)
 _UNREADABLE_REASON: Final = "the result recorded for this command cannot be read; not run again"
 _MAX_REASON_CHARS: Final = 500
 _MAX_ID_CHARS: Final = 128  # as `MessageId` in the envelope
+_MAX_HOPS: Final = 1_000_000  # as `Envelope.hops`
 
 _CLEAR_TEMP: Final = "clear_temp"
 
-# An action whose arguments were parsed, ready to run; it returns the result's `data`.
-_Prepared: TypeAlias = "Callable[[], dict[str, Any]]"
+
+def command_digest(command: Command) -> bytes:
+    """What identifies a command's request in the journal: SHA-256 of its device, action and arguments.
+
+    Time, expiry and signature are left out on purpose: a central that re-creates the same command
+    under the same (derived) id after a restart gets the recorded result, not a refusal.
+    """
+    request = {"subject": command.subject, "action": command.action, "data": command.data}
+    text = json.dumps(request, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=repr)
+    return hashlib.sha256(text.encode()).digest()
 
 
 class Executor:
@@ -65,8 +85,10 @@ class Executor:
     call it from a worker thread in async code. Calls must not overlap: the journal guarantees that
     an id never runs twice, but two overlapping deliveries of one id would get "already running".
 
-    The allow-list is `clear_temp`, on `clear_temp_roots`; with no roots configured it is refused as
-    not allow-listed.
+    The allow-list is `clear_temp` on `clear_temp_roots` (with no roots it is refused as not
+    allow-listed), plus `actions` (built by `from_settings` from `edge.actions`, plugins included);
+    `disabled` maps names to the reason they do not run, for the refusal. A command whose arguments
+    encode (msgpack) to more than `max_args_bytes` is refused before its action sees them.
 
     Raises `ConfigError` from the constructor: a device id that is not a token, a root that is not an
     absolute path, a clock skew that is negative or not shorter than the journal's retention (an
@@ -81,8 +103,11 @@ class Executor:
         journal: CommandJournal,
         clear_temp_roots: Sequence[Path],
         source: str,
+        actions: Sequence[Action] = (),
+        disabled: Mapping[str, str] | None = None,
         clock_skew_s: float = 30.0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         if not is_token(device):
@@ -99,20 +124,31 @@ class Executor:
             )
         if max_payload <= 0:
             raise ConfigError(f"must be > 0, got {max_payload!r}", key="max_payload")
+        if max_args_bytes <= 0:
+            raise ConfigError(f"must be > 0, got {max_args_bytes!r}", key="edge.actions.max_args_bytes")
         self._device = device
         self._verifier = verifier
         self._journal = journal
-        self._roots = roots
         self._source = source
         self._skew = timedelta(seconds=clock_skew_s)
         self._max_payload = max_payload
+        self._max_args_bytes = max_args_bytes
         self._clock = clock
-        self._actions: dict[str, Callable[[Mapping[str, Any]], _Prepared]] = {}
+        self._actions: dict[str, Action] = {}
         self._disabled: dict[str, str] = {}
+        # Ids whose action runs right now in this process: a `started` entry of any other id was
+        # left by a previous run of the device.
+        self._running: set[str] = set()
         if roots:
-            self._actions[_CLEAR_TEMP] = self._prepare_clear_temp
+            self._actions[_CLEAR_TEMP] = ClearTemp(roots)
         else:
             self._disabled[_CLEAR_TEMP] = "no clear_temp roots are configured"
+        for action in actions:
+            if action.name in self._actions:
+                raise ConfigError(f"action {action.name!r} is given twice", key="edge.actions.allow")
+            self._actions[action.name] = action
+            self._disabled.pop(action.name, None)
+        self._disabled.update({k: v for k, v in (disabled or {}).items() if k not in self._actions})
 
     @classmethod
     def from_settings(cls, settings: Settings, *, device: str, journal: CommandJournal) -> Executor:
@@ -125,14 +161,21 @@ class Executor:
             _log.warning(
                 "no trusted keys are configured: every command will be refused as signed by an unknown key"
             )
+        allowed = build_allow_list(settings.edge)
+        clear = allowed.actions.pop(_CLEAR_TEMP, None)
+        if clear is None and _CLEAR_TEMP not in allowed.disabled:
+            allowed.disabled[_CLEAR_TEMP] = "not in edge.actions.allow"
         return cls(
             device=device,
             verifier=verifier,
             journal=journal,
-            clear_temp_roots=settings.edge.clear_temp_roots,
+            clear_temp_roots=settings.edge.clear_temp_roots if clear is not None else (),
             source=f"nerve://edge/{device}",
+            actions=list(allowed.actions.values()),
+            disabled=allowed.disabled,
             clock_skew_s=settings.edge.clock_skew_s,
             max_payload=settings.bridge.max_payload,
+            max_args_bytes=settings.edge.actions.max_args_bytes,
         )
 
     @property
@@ -182,7 +225,9 @@ class Executor:
         except JournalError as exc:
             _log.error("command %s not run: %s", command.id, exc)
             return self._refuse(command, f"not run: {exc}")
-        if entry is not None and entry.state is JournalState.FINISHED:
+        digest = command_digest(command)
+        same = entry is not None and (entry.digest is None or entry.digest == digest)
+        if entry is not None and same and entry.state is JournalState.FINISHED:
             recorded = self._recorded(entry)
             if recorded is not None:
                 _log.debug("command %s seen before: answering with its recorded result", command.id)
@@ -190,14 +235,33 @@ class Executor:
         refusal = self._authenticate(command, topic_action)
         if refusal is not None:
             return self._refuse(command, refusal)
-        # The command is genuine from here on: what it gets is journalled, so a replay gets the same.
-        if entry is not None:
-            _log.warning(
-                "command %s was journalled before but has no readable result: not run again", command.id
+        if entry is None:
+            return self._admit(command, digest)
+        return self._seen_before(command, entry, digest, same=same)
+
+    def _seen_before(
+        self, command: Command, entry: JournalEntry, digest: bytes, *, same: bool
+    ) -> CommandResult:
+        """A genuine command whose id is journalled already, without a result to answer with."""
+        if not same:
+            # Not journalled: the entry stays the first command's.
+            return self._refuse(
+                command,
+                f"replayed: command id {command.id!r} was used before by a different command; not run",
             )
-            reason = INTERRUPTED_REASON if entry.state is JournalState.STARTED else _UNREADABLE_REASON
-            return self._record(command, self._result(command, "unknown", reason))
-        return self._admit(command)
+        if command.id in self._running:
+            return self._refuse(command, "not run: this command is already running on the device")
+        action = self._actions.get(command.action)
+        if entry.state is JournalState.STARTED and action is not None and action.idempotent:
+            _log.warning(
+                "command %s was interrupted by a restart: %s is idempotent, running it again",
+                command.id,
+                command.action,
+            )
+            return self._admit(command, digest, rerun=True)
+        _log.warning("command %s was journalled before but has no readable result: not run again", command.id)
+        reason = INTERRUPTED_REASON if entry.state is JournalState.STARTED else _UNREADABLE_REASON
+        return self._record(command, self._result(command, "unknown", reason))
 
     def _authenticate(self, command: Command, topic_action: str) -> str | None:
         """Why `command` is refused before anything about it is journalled, or None if it is genuine."""
@@ -212,50 +276,78 @@ class Executor:
             return str(exc)
         return None
 
-    def _admit(self, command: Command) -> CommandResult:
-        """Check expiry, allow-list and arguments of a genuine, new command, then run it."""
+    def _admit(self, command: Command, digest: bytes, *, rerun: bool = False) -> CommandResult:
+        """Check expiry, argument size, allow-list and arguments of a genuine command, then run it."""
+        refusal = self._precheck(command, rerun=rerun)
+        if refusal is not None:
+            status, reason = refusal
+            return self._record(command, self._result(command, status, reason), digest)
+        action = self._actions[command.action]
+        try:
+            args = action.validate(command.data)
+        except ActionArgumentError as exc:
+            return self._record(command, self._result(command, "rejected", str(exc)), digest)
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug is an answer, never a crash
+            _log.exception("command %s: %s could not check its arguments", command.id, command.action)
+            reason = _clip(f"{command.action} could not check its arguments: {type(exc).__name__}: {exc}")
+            return self._record(command, self._result(command, "rejected", reason), digest)
+        return self._execute(command, action, args, digest, rerun=rerun)
+
+    def _precheck(self, command: Command, *, rerun: bool) -> tuple[ResultStatus, str] | None:
+        """Why a genuine command is not run (expired, arguments too large, not allowed), or None."""
         now = self._clock()
         if now > command.expires + self._skew:
-            reason = (
+            if rerun:
+                return "unknown", _EXPIRED_SINCE_REASON
+            return "expired", (
                 f"command expired at {_stamp(command.expires)}; device time is {_stamp(now)} "
                 f"(clock skew allowed: {self._skew.total_seconds():g} s)"
             )
-            return self._record(command, self._result(command, "expired", reason))
-        prepare = self._actions.get(command.action)
-        if prepare is None:
+        size = _encoded_size(command.data)
+        if size > self._max_args_bytes:
+            return (
+                "rejected",
+                f"arguments too large: {size} bytes encoded, the limit is {self._max_args_bytes} bytes",
+            )
+        if command.action not in self._actions:
             reason = f"action {command.action!r} is not allow-listed on this device"
             if command.action in self._disabled:
                 reason += f" ({self._disabled[command.action]})"
-            return self._record(command, self._result(command, "rejected", reason))
-        try:
-            run = prepare(command.data)
-        except ActionArgumentError as exc:
-            return self._record(command, self._result(command, "rejected", str(exc)))
-        return self._execute(command, run)
+            return "rejected", reason
+        return None
 
-    def _execute(self, command: Command, run: _Prepared) -> CommandResult:
-        try:
-            claimed = self._journal.start(command.id, expires=command.expires)
-        except JournalError as exc:
-            _log.error("command %s not run: %s", command.id, exc)
-            return self._refuse(command, f"not run: {exc}")
-        if not claimed:
-            return self._refuse(command, "not run: this command is already running on the device")
+    def _execute(
+        self, command: Command, action: Action, args: Mapping[str, Any], digest: bytes, *, rerun: bool
+    ) -> CommandResult:
+        if not rerun:
+            try:
+                claimed = self._journal.start(command.id, expires=command.expires, digest=digest)
+            except JournalError as exc:
+                _log.error("command %s not run: %s", command.id, exc)
+                return self._refuse(command, f"not run: {exc}")
+            if not claimed:
+                return self._refuse(command, "not run: this command is already running on the device")
         _log.info("running %s (command %s from %s)", command.action, command.id, command.source)
+        self._running.add(command.id)
         try:
-            data = run()
+            data = action.run(args)
+        except ActionFailed as exc:
+            _log.warning("command %s: %s failed: %s", command.id, command.action, exc.reason)
+            result = self._result(command, "failed", _clip(exc.reason), data=exc.data)
         except Exception as exc:  # noqa: BLE001 - an action that fails is reported, never raised
             _log.exception("command %s: %s failed", command.id, command.action)
             result = self._result(
                 command, "failed", _clip(f"{command.action} raised {type(exc).__name__}: {exc}")
             )
         else:
-            result = self._result(command, "ok", data=data)
-        return self._record(command, result)
+            result = self._result(command, "ok", RERUN_REASON if rerun else "", data=data)
+        finally:
+            self._running.discard(command.id)
+        return self._record(command, result, digest)
 
-    def _record(self, command: Command, result: CommandResult) -> CommandResult:
+    def _record(self, command: Command, result: CommandResult, digest: bytes | None = None) -> CommandResult:
         try:
-            self._journal.finish(command.id, to_msgpack(result), expires=command.expires)
+            self._journal.finish(command.id, to_msgpack(result), expires=command.expires, digest=digest)
         except JournalError as exc:
             # The answer still goes out; a replay will get "unknown" (if started) or be checked again.
             _log.error("result of command %s not journalled: %s", command.id, exc)
@@ -329,7 +421,7 @@ class Executor:
                 reason=_clip(exc.reason),
                 causationid=command_id,
                 correlationid=correlation,
-                hops=hops + 1,
+                hops=min(hops + 1, _MAX_HOPS),  # a hops past the envelope's limit still gets an answer
             )
         except ValidationError:
             _log.warning("message on %s dropped: %s", topic, exc.reason)
@@ -337,20 +429,13 @@ class Executor:
         _log.info("command %s on %s refused: %s", command_id, topic, exc.reason)
         return result
 
-    def _prepare_clear_temp(self, args: Mapping[str, Any]) -> _Prepared:
-        return partial(self._clear_temp, parse_clear_temp_args(args))
 
-    def _clear_temp(self, older_than_s: float) -> dict[str, Any]:
-        done = clear_temp(roots=self._roots, older_than_s=older_than_s)
-        return {
-            "files_deleted": done.files_deleted,
-            "bytes_freed": done.bytes_freed,
-            "skipped": done.skipped,
-            "errors": list(done.errors),
-            "errors_omitted": done.errors_omitted,
-            "limit_reached": done.limit_reached,
-            "summary": done.summary(),
-        }
+def _encoded_size(data: Mapping[str, Any]) -> int:
+    try:
+        return len(msgpack.packb(data))
+    except (TypeError, ValueError, OverflowError):
+        # Cannot happen for decoded msgpack or JSON; if it does, the arguments fit no limit.
+        return 2**31
 
 
 def _stamp(moment: datetime) -> str:

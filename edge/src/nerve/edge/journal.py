@@ -48,7 +48,7 @@ DEFAULT_RETENTION_S: Final = 7 * 86400.0
 
 _log: Final = logging.getLogger(__name__)
 
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2
 _PRUNE_EVERY_S: Final = 3600.0
 _BUSY_TIMEOUT_S: Final = 5.0
 _SCHEMA: Final = """
@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS commands (
     state       TEXT NOT NULL CHECK (state IN ('started', 'finished')),
     result      BLOB,
     recorded_at REAL NOT NULL,
-    expires_at  REAL NOT NULL
+    expires_at  REAL NOT NULL,
+    digest      BLOB
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS commands_expires_at ON commands (expires_at);
 """
@@ -85,7 +86,8 @@ class JournalEntry:
 
     `result` is the encoded `CommandResult` (msgpack) once `state` is `finished`, None while it is
     `started`. Times are Unix seconds: `recorded_at` when the entry was first written, `expires_at`
-    when the command itself expired.
+    when the command itself expired. `digest` identifies the command that was journalled (None for
+    entries written before nerve kept it), so a different command reusing the id can be told apart.
     """
 
     command_id: str
@@ -93,6 +95,7 @@ class JournalEntry:
     result: bytes | None
     recorded_at: float
     expires_at: float
+    digest: bytes | None = None
 
 
 def journal_path(settings: Settings, device: str) -> Path:
@@ -154,45 +157,50 @@ class CommandJournal:
         """The entry of `command_id`, or None if this device never journalled it."""
         with self._cursor() as cursor:
             row = cursor.execute(
-                "SELECT state, result, recorded_at, expires_at FROM commands WHERE id = ?", (command_id,)
+                "SELECT state, result, recorded_at, expires_at, digest FROM commands WHERE id = ?",
+                (command_id,),
             ).fetchone()
         if row is None:
             return None
-        state, result, recorded_at, expires_at = row
+        state, result, recorded_at, expires_at, digest = row
         return JournalEntry(
             command_id=command_id,
             state=JournalState(state),
             result=result,
             recorded_at=recorded_at,
             expires_at=expires_at,
+            digest=digest,
         )
 
-    def start(self, command_id: str, *, expires: datetime) -> bool:
-        """Record that `command_id` is about to run; durable (fsynced) when this returns.
+    def start(self, command_id: str, *, expires: datetime, digest: bytes | None = None) -> bool:
+        """Record that `command_id` (whose content hashes to `digest`) is about to run; fsynced on return.
 
         Returns False, writing nothing, if the id has an entry already: the caller must not run it.
         """
         with self._cursor() as cursor:
             cursor.execute(
-                "INSERT INTO commands (id, state, result, recorded_at, expires_at) "
-                "VALUES (?, 'started', NULL, ?, ?) ON CONFLICT (id) DO NOTHING",
-                (command_id, self._clock(), expires.timestamp()),
+                "INSERT INTO commands (id, state, result, recorded_at, expires_at, digest) "
+                "VALUES (?, 'started', NULL, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (command_id, self._clock(), expires.timestamp(), digest),
             )
             return cursor.rowcount == 1
 
-    def finish(self, command_id: str, result: bytes, *, expires: datetime) -> bool:
+    def finish(
+        self, command_id: str, result: bytes, *, expires: datetime, digest: bytes | None = None
+    ) -> bool:
         """Record the encoded result of `command_id`, started or not (a refusal is never started).
 
         A result once recorded is never replaced: returns False, writing nothing, if the id is
-        `finished` already.
+        `finished` already. The digest of a started entry is kept.
         """
         with self._cursor() as cursor:
             cursor.execute(
-                "INSERT INTO commands (id, state, result, recorded_at, expires_at) "
-                "VALUES (?, 'finished', ?, ?, ?) "
-                "ON CONFLICT (id) DO UPDATE SET state = 'finished', result = excluded.result "
+                "INSERT INTO commands (id, state, result, recorded_at, expires_at, digest) "
+                "VALUES (?, 'finished', ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = 'finished', result = excluded.result, "
+                "digest = coalesce(commands.digest, excluded.digest) "
                 "WHERE commands.state = 'started'",
-                (command_id, result, self._clock(), expires.timestamp()),
+                (command_id, result, self._clock(), expires.timestamp(), digest),
             )
             written = cursor.rowcount == 1
         if self._clock() - self._last_prune >= _PRUNE_EVERY_S:
@@ -256,9 +264,16 @@ class CommandJournal:
             _log.warning("command journal %s: WAL is not available here, using %s", self._path, mode)
         connection.execute("PRAGMA synchronous = FULL")
         version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version not in {0, _SCHEMA_VERSION}:
+        if version not in {0, 1, _SCHEMA_VERSION}:
             raise JournalError(
                 self._path, f"written by another nerve version (schema {version}, expected {_SCHEMA_VERSION})"
+            )
+        if version == 1:
+            # Version 1 had no digest: its entries keep None, and are answered as before.
+            # One transaction: a crash in between must not leave the column without the version.
+            connection.executescript(
+                "BEGIN; ALTER TABLE commands ADD COLUMN digest BLOB; "
+                f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
             )
         connection.executescript(_SCHEMA)
         connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")

@@ -19,9 +19,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
     from importlib.metadata import EntryPoint
 
-__all__ = ["ENTRY_POINT_GROUP", "load_sensor_plugin"]
+__all__ = ["SENSOR_ENTRY_POINT_GROUP", "load_sensor_plugin"]
 
-ENTRY_POINT_GROUP: Final = "nerve.sensors"
+SENSOR_ENTRY_POINT_GROUP: Final = "nerve.sensors"
 
 _log: Final = logging.getLogger(__name__)
 
@@ -44,13 +44,13 @@ def load_sensor_plugin(
     returned something without a `read()` method. Each case is logged as one error line that names
     the plugin and says why (never a traceback); nothing is raised.
     """
-    found = [point for point in installed(ENTRY_POINT_GROUP) if point.name == name]
+    found = [point for point in installed(SENSOR_ENTRY_POINT_GROUP) if point.name == name]
     if not found:
         _log.error(
             "sensor plugin %r: no built-in sensor and no installed plugin (entry point group %r) has "
             "this name; check edge.sensors.%s",
             name,
-            ENTRY_POINT_GROUP,
+            SENSOR_ENTRY_POINT_GROUP,
             name,
         )
         return None

@@ -1,7 +1,8 @@
 """The `nerve` command.
 
 `nerve up` (everything on one host), `nerve demo` (a spike through the whole arc, timed), `nerve facts`,
-`nerve keys generate`, and one command per part: `nerve edge`, `nerve bridge`, `nerve central`.
+`nerve keys generate`, `nerve send` (an operator's signed command), and one command per part:
+`nerve edge`, `nerve bridge`, `nerve central`.
 Settings come from `--config` (or `NERVE_CONFIG`), `NERVE_*` variables, then flags. Errors print one
 clear line and exit 2; nerve's own errors never show a traceback.
 """
@@ -29,6 +30,31 @@ log = logging.getLogger("nerve")
 
 EXIT_ERROR: Final = 2
 EXIT_INTERRUPTED: Final = 130
+# `nerve send`: one status per outcome, so scripts can tell them apart. Here, not in nerve.runtime.send:
+# building the parser must not import nats-py (an edge-only install has none).
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_REJECTED: Final = 3
+EXIT_EXPIRED: Final = 4
+EXIT_UNKNOWN: Final = 5
+EXIT_TIMEOUT: Final = 6
+EXIT_OF_STATUS: Final = {
+    "ok": EXIT_OK,
+    "failed": EXIT_FAILED,
+    "rejected": EXIT_REJECTED,
+    "expired": EXIT_EXPIRED,
+    "unknown": EXIT_UNKNOWN,
+}
+SEND_EXIT_HELP: Final = f"""\
+exit status:
+  {EXIT_OK}  ok: the device ran the command
+  {EXIT_FAILED}  failed: it ran and did not succeed
+  {EXIT_ERROR}  bad arguments or settings (nothing was sent)
+  {EXIT_REJECTED}  rejected: the device refused it (the reason is printed)
+  {EXIT_EXPIRED}  expired: it expired before it could run
+  {EXIT_UNKNOWN}  unknown: the device restarted while running it, and did not run it again
+  {EXIT_TIMEOUT}  no result within --timeout (the command may still run until it expires)
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +92,34 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--dir", type=Path, default=Path(), help="where to write (default: .)")
     generate.add_argument("--keyid", default="central", help="key id and file stem (default: central)")
     generate.add_argument("--force", action="store_true", help="replace existing key files")
+
+    send = sub.add_parser(
+        "send",
+        parents=[common],
+        help="sign a command, send it to a device, print its result",
+        description="Sign ACTION for DEVICE with the central key, send it through JetStream and the "
+        "bridge, wait for the device's result and print it.",
+        epilog=SEND_EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    send.add_argument("device", metavar="DEVICE", help="device id")
+    send.add_argument("action", metavar="ACTION", help="action name, e.g. clear_temp")
+    send.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an argument (repeatable); VALUE is read as JSON if it is JSON (3600, true), else as text",
+    )
+    send.add_argument("--expires-in", default="60s", help="how long the command is valid (default: 60s)")
+    send.add_argument("--timeout", help="how long to wait for the result (default: the expiry plus 10s)")
+    send.add_argument(
+        "--key",
+        type=Path,
+        help="private key to sign with (default: central.signing_key, else <data_dir>/keys/<keyid>.key)",
+    )
+    send.add_argument("--data-dir", type=Path, help="where `nerve up` keeps its keys (default: .nerve)")
+    send.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
     edge = sub.add_parser("edge", parents=[common], help="run the device daemon")
     edge.add_argument("--device", help="device id (default: the host name)")
@@ -168,6 +222,42 @@ async def _deadletters(args: argparse.Namespace) -> int:
     return await print_dead_letters(_settings(args), limit=args.limit)
 
 
+async def _send(args: argparse.Namespace) -> int:
+    from nerve.runtime.codec import to_json  # noqa: PLC0415
+    from nerve.runtime.send import (  # noqa: PLC0415
+        format_result,
+        parse_args,
+        parse_duration,
+        send_command,
+        signer_for,
+    )
+
+    # Everything is checked before anything is sent.
+    arguments = parse_args(args.arg)
+    expires_in = parse_duration(args.expires_in, flag="--expires-in")
+    timeout = parse_duration(args.timeout, flag="--timeout") if args.timeout else expires_in + 10.0
+    settings = _settings(args)
+    signer = signer_for(settings, args.key)
+    command, result = await send_command(
+        settings,
+        signer=signer,
+        device=args.device,
+        action=args.action,
+        args=arguments,
+        expires_in=expires_in,
+        timeout=timeout,
+    )
+    if result is None:
+        print(
+            f"nerve send: no result from {args.device} within {timeout:g}s (command {command.id}); "
+            f"it may still run until it expires at {command.expires.isoformat(timespec='seconds')}",
+            file=sys.stderr,
+        )
+        return EXIT_TIMEOUT
+    print(to_json(result).decode() if args.json else format_result(result), flush=True)
+    return EXIT_OF_STATUS[result.status]
+
+
 async def _edge(args: argparse.Namespace) -> int:
     from nerve.edge.daemon import open_edge  # noqa: PLC0415
 
@@ -212,6 +302,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
     "demo": _demo,
     "facts": _facts,
     "deadletters": _deadletters,
+    "send": _send,
     "edge": _edge,
     "bridge": _bridge,
     "central": _central,
@@ -221,7 +312,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `nerve` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    quiet = args.command in {"demo", "facts", "deadletters", "keys"}
+    quiet = args.command in {"demo", "facts", "deadletters", "keys", "send"}
     level = (getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper()
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

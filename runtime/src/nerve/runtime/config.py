@@ -8,6 +8,7 @@ Library code never reads the environment: only `load_settings` does, from the ma
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self
 from urllib.parse import urlsplit
@@ -93,6 +94,83 @@ class OutboxSettings(_Settings):
     max_bytes: int = Field(default=16 * 1024 * 1024, ge=64 * 1024)
 
 
+BUILTIN_ACTIONS: Final = ("clear_temp", "vacuum_journal", "restart_service", "run", "collect_diagnostics")
+# A systemd unit name: no path, no option (never starts with '-'), a known unit type.
+_UNIT_PATTERN: Final = re.compile(
+    r"[A-Za-z0-9:_.\\@][A-Za-z0-9:_.\\@-]{0,200}\.(service|socket|timer|target|path|mount|slice)"
+)
+
+
+def _unit_name(value: str) -> str:
+    if not _UNIT_PATTERN.fullmatch(value):
+        raise ValueError(f"{value!r} is not a systemd unit name like nginx.service")
+    return value
+
+
+def _argv(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value or not all(value) or any("\0" in part for part in value):
+        raise ValueError("expected a non-empty list of non-empty strings (a program and its arguments)")
+    return value
+
+
+Argv = Annotated[tuple[str, ...], AfterValidator(_argv)]
+UnitName = Annotated[str, AfterValidator(_unit_name)]
+
+
+class ScriptSettings(_Settings):
+    """A script the `run` action may start by name: an argv list, never a shell line."""
+
+    argv: Argv
+    timeout_s: float = Field(default=60.0, gt=0, le=86400)
+
+    @model_validator(mode="after")
+    def _absolute(self) -> Self:
+        if not self.argv[0].startswith("/"):
+            raise ValueError(f"the program {self.argv[0]!r} must be an absolute path (no PATH lookup)")
+        return self
+
+
+class ActionSettings(_Settings):
+    """The actions a device runs on signed commands; `allow` is the allow-list."""
+
+    allow: tuple[Annotated[str, AfterValidator(lambda v: check_token(v, "action name"))], ...] = (
+        "clear_temp",
+    )
+    journalctl: Argv = ("journalctl",)
+    systemctl: Argv = ("systemctl",)
+    timeout_s: float = Field(default=60.0, gt=0, le=3600, description="journalctl and systemctl")
+    vacuum_default_mb: int = Field(default=256, ge=1)
+    vacuum_min_mb: int = Field(default=64, ge=1, description="no command may vacuum below this")
+    vacuum_max_mb: int = Field(default=65536, ge=1)
+    vacuum_unit: Annotated[str, AfterValidator(lambda v: check_token(v, "vacuum unit"))] | None = Field(
+        default=None,
+        description="unset: run journalctl; else `systemctl start <unit>@<N>M.service` (a root oneshot)",
+    )
+    services: tuple[UnitName, ...] = Field(default=(), description="units restart_service may restart")
+    scripts: dict[Annotated[str, AfterValidator(lambda v: check_token(v, "script name"))], ScriptSettings] = (
+        Field(default_factory=dict)
+    )
+    max_output_bytes: int = Field(default=4096, ge=0, le=32768, description="per stream, per command")
+    max_args_bytes: int = Field(default=4096, gt=0, le=65536, description="a command's arguments, as JSON")
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="action plugin name -> its options"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if len(set(self.allow)) != len(self.allow):
+            raise ValueError(f"allow lists an action twice: {list(self.allow)}")
+        if not self.vacuum_min_mb <= self.vacuum_default_mb <= self.vacuum_max_mb:
+            raise ValueError(
+                f"expected vacuum_min_mb <= vacuum_default_mb <= vacuum_max_mb, got {self.vacuum_min_mb}, "
+                f"{self.vacuum_default_mb}, {self.vacuum_max_mb}"
+            )
+        for name in self.plugins:
+            if name in BUILTIN_ACTIONS:
+                raise ValueError(f"plugins: {name!r} is a built-in action, not a plugin")
+        return self
+
+
 class EdgeSettings(_Settings):
     """The device daemon."""
 
@@ -109,6 +187,7 @@ class EdgeSettings(_Settings):
     trusted_keys_dir: Path | None = None
     journal: Path | None = None
     clock_skew_s: float = Field(default=30.0, ge=0)
+    actions: ActionSettings = ActionSettings()
 
 
 def topic_filter_levels(topic: str) -> list[str]:

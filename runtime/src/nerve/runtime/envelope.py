@@ -38,6 +38,8 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
+_MAX_HOPS = 1_000_000
+
 _DERIVED_NAMESPACE = uuid.UUID("6f1c1f1e-5e7a-4f43-9a35-8f2f3b9a6a10")
 
 
@@ -69,14 +71,15 @@ class Envelope(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     correlationid: MessageId | None = None
     causationid: MessageId | None = None
-    hops: int = Field(default=0, ge=0, le=1_000_000)
+    hops: int = Field(default=0, ge=0, le=_MAX_HOPS)
 
     def caused(self) -> dict[str, Any]:
         """Attributes for a message caused by this one: same chain, one hop further."""
         return {
             "correlationid": self.correlationid or self.id,
             "causationid": self.id,
-            "hops": self.hops + 1,
+            # Capped: an answer to a message at the limit must still be a valid message.
+            "hops": min(self.hops + 1, _MAX_HOPS),
         }
 
 

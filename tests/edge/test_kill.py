@@ -1,0 +1,167 @@
+"""SIGKILL of `nerve edge` while a command runs: after the restart the command is `unknown`, never re-run.
+
+The command runs a script that records its pid in a marker file and then sleeps. The edge process is
+killed with SIGKILL while the script sleeps, so the command is journalled `started` and never
+acknowledged to mosquitto. The restarted edge gets it again from its persistent session, and must
+answer `unknown` without running the script a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import yaml
+
+from nerve.edge import INTERRUPTED_REASON
+from nerve.runtime.codec import decode, to_msgpack
+from nerve.runtime.config import MqttSettings
+from nerve.runtime.envelope import Command, CommandResult
+from nerve.runtime.mqtt import make_client
+from nerve.runtime.signing import Signer, generate_keypair
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import aiomqtt
+
+    from nerve.runtime.brokers import Mosquitto
+
+NERVE = str(Path(sys.executable).parent / "nerve")
+DEVICE = "pi-kill"
+WAIT = 30.0  # a fresh interpreter imports pydantic, paho and nacl: generous for a loaded machine
+STATUS = f"nerve/{DEVICE}/status"
+RESULTS = f"nerve/{DEVICE}/results/+"
+COMMAND = f"nerve/{DEVICE}/commands/run"
+
+
+async def next_message(client: aiomqtt.Client, wanted: Callable[[aiomqtt.Message], bool]) -> aiomqtt.Message:
+    async with asyncio.timeout(WAIT):
+        async for message in client.messages:
+            if wanted(message):
+                return message
+    raise AssertionError("the message stream ended")  # pragma: no cover - the loop only ends by timeout
+
+
+def status_is(payload: bytes) -> Callable[[aiomqtt.Message], bool]:
+    return lambda message: message.topic.value == STATUS and message.payload == payload
+
+
+def is_result(message: aiomqtt.Message) -> bool:
+    return message.topic.value.startswith(f"nerve/{DEVICE}/results/")
+
+
+async def start_edge(config: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        NERVE,
+        "edge",
+        "--config",
+        str(config),
+        "--log-level",
+        "warning",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={key: value for key, value in os.environ.items() if not key.startswith("NERVE_")},
+    )
+
+
+def has_a_line(path: Path) -> bool:
+    return path.exists() and path.read_text().endswith("\n")
+
+
+async def wait_for_file(path: Path) -> None:
+    async with asyncio.timeout(WAIT):
+        while not has_a_line(path):
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_sigkill_during_a_command_it_is_unknown_after_restart_and_never_re_run(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    generate_keypair(tmp_path / "keys", "central")
+    signer = Signer.from_file(tmp_path / "keys" / "central.key")
+    marker = tmp_path / "marker"
+    config = tmp_path / "edge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "mqtt": {"url": mosquitto.url},
+                "data_dir": str(tmp_path / "data"),
+                "edge": {
+                    "device": DEVICE,
+                    "interval_s": 3600,
+                    "mounts": [],
+                    "trusted_keys_dir": str(tmp_path / "keys"),
+                    "journal": str(tmp_path / "data" / "journal.sqlite3"),
+                    "actions": {
+                        "allow": ["run"],
+                        "scripts": {
+                            "slow": {
+                                "argv": ["/bin/sh", "-c", f'echo $$ >> "{marker}"; exec sleep 60'],
+                                "timeout_s": 120,
+                            }
+                        },
+                    },
+                },
+            }
+        )
+    )
+    command = signer.sign(
+        Command.create(
+            device=DEVICE,
+            action="run",
+            args={"script": "slow"},
+            source="nerve://test",
+            ttl=timedelta(minutes=5),
+        )
+    )
+    observer = make_client(MqttSettings(url=mosquitto.url), identifier="kill-observer", persistent=False)
+    edge = await start_edge(config)
+    try:
+        async with observer:
+            await observer.subscribe([(STATUS, 1), (RESULTS, 1)])
+            await next_message(observer, status_is(b"online"))
+            await observer.publish(COMMAND, to_msgpack(command), qos=1)
+            await wait_for_file(marker)  # the script runs: the command is journalled `started`
+
+            edge.send_signal(signal.SIGKILL)
+            await edge.wait()
+            await next_message(observer, status_is(b"offline"))  # the broker saw it die (its will)
+
+            edge = await start_edge(config)
+            await next_message(observer, status_is(b"online"))
+            # mosquitto redelivers the unacknowledged command to the restarted edge by itself.
+            message = await next_message(observer, is_result)
+            assert isinstance(message.payload, bytes)
+            result = decode(message.payload, CommandResult)
+            assert message.topic.value == f"nerve/{DEVICE}/results/run"
+            assert (result.causationid, result.status, result.reason) == (
+                command.id,
+                "unknown",
+                INTERRUPTED_REASON,
+            )
+
+            # A replay of the captured bytes gets the same recorded answer, and runs nothing either.
+            await observer.publish(COMMAND, to_msgpack(command), qos=1)
+            again = await next_message(observer, is_result)
+            assert isinstance(again.payload, bytes)
+            assert decode(again.payload, CommandResult) == result
+        assert len(marker.read_text().splitlines()) == 1
+    finally:
+        if edge.returncode is None:
+            edge.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(WAIT):
+                await edge.wait()
+        # The script outlived the killed edge (systemd's control group would take it; a test has none).
+        for line in marker.read_text().splitlines() if marker.exists() else []:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(line), signal.SIGKILL)
