@@ -61,6 +61,7 @@ def make_pump(
     store_timeout_s: float = 5.0,
     max_payload: int = 65536,
     nats_max: int = 1 << 20,
+    attach_mqtt: bool = True,
 ) -> tuple[Pump, FakeNats, FakeMqtt, BridgeStats]:
     stats = BridgeStats()
     pump = Pump(
@@ -75,7 +76,8 @@ def make_pump(
     )
     nats, mqtt = FakeNats(nats_max), FakeMqtt()
     pump.attach_nats(cast("NatsWire", nats))
-    pump.attach_mqtt(cast("MqttWire", mqtt))
+    if attach_mqtt:
+        pump.attach_mqtt(cast("MqttWire", mqtt))
     return pump, nats, mqtt, stats
 
 
@@ -212,21 +214,10 @@ async def test_stop_accepting_leaves_new_messages_with_the_broker_and_waits_for_
 
 
 async def test_pubacks_earned_before_mqtt_is_attached_go_out_on_attach() -> None:
-    stats = BridgeStats()
-    pump = Pump(
-        loop=asyncio.get_running_loop(),
-        stats=stats,
-        prefix="nerve",
-        metrics=DEFAULT_METRICS,
-        max_payload=65536,
-        mappings=(),
-        store_timeout_s=5,
-        max_in_flight=10,
-    )
-    nats, mqtt = FakeNats(), FakeMqtt()
-    pump.attach_nats(cast("NatsWire", nats))
+    pump, nats, mqtt, _ = make_pump(attach_mqtt=False)
     pump.on_messages([reading("a", 1, 5)])
     pump.on_acks([ok(nats.tokens()[0])])
+    assert mqtt.pubacks == []
     pump.attach_mqtt(cast("MqttWire", mqtt))
     assert mqtt.pubacks == [[5]]
 
