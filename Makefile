@@ -8,7 +8,7 @@ STAMP := $(VENV)/.nerve-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 NERVE_ARGS ?=
 
-.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge clean
+.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt clean
 
 setup: $(STAMP) system-deps
 
@@ -57,6 +57,9 @@ bench-edge: setup
 
 bench-bridge: setup
 	$(BIN)/python bench/bridge_throughput.py
+
+bench-mqtt: setup
+	$(BIN)/python bench/mqtt_clients.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
