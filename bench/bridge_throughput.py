@@ -811,7 +811,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--publishers", type=int, default=1, help="publisher processes (default 1)")
     parser.add_argument("--profile", type=Path, help="py-spy (a)'s bridge; write collapsed stacks here")
     parser.add_argument("--publish-worker", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.profile is not None and not (BIN / "py-spy").exists():
+        parser.error(f"--profile needs py-spy in this venv: {BIN / 'pip'} install py-spy")
+    return args
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ set_tcp_nodelay true
 # The default (1000) silently drops QoS1 messages queued for a lagging or offline persistent
 # session, which breaks at-least-once uplink. 0 means no limit; memory is the bound.
 max_queued_messages 0
-# max_inflight_messages stays at its default (20).
+# max_inflight_messages stays at its default (20): it bounds MQTT 3.1.1 clients. An MQTT v5 client
+# such as the bridge sets its own window with the Receive Maximum it sends in CONNECT (bridge.max_in_flight).
 
 # One log, on stderr, so errors printed before a `log_dest file` would be opened (a bad config)
 # land in the same file as the rest.
