@@ -9,7 +9,7 @@ import msgpack
 import pytest
 
 from nerve.bridge.bridge import BridgeStats
-from nerve.bridge.mqttwire import Incoming
+from nerve.runtime.mqttwire import Incoming
 from nerve.bridge.natswire import StoreAck
 from nerve.bridge.pump import Pump
 from nerve.runtime.codec import to_msgpack
@@ -17,7 +17,7 @@ from nerve.runtime.config import DEFAULT_METRICS
 from nerve.runtime.envelope import Event
 
 if TYPE_CHECKING:
-    from nerve.bridge.mqttwire import MqttWire
+    from nerve.runtime.mqttwire import MqttWire
     from nerve.bridge.natswire import NatsWire
 
 

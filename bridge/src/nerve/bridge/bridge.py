@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final
 from nats.errors import Error as NatsError
 
 from nerve.bridge.metrics import MetricsServer
-from nerve.bridge.mqttwire import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
+from nerve.runtime.mqttwire import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
 from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
 from nerve.bridge.pump import Pump
 from nerve.bridge.uplink import uplink_filters

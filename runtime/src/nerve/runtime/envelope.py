@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from nerve.runtime.subjects import DeviceId, Token
+from nerve.runtime.fields import DeviceId, Token
 
 
 def _utc(value: datetime) -> datetime:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from nerve.bridge.mqttwire import (
+from nerve.runtime.mqttwire import (
     Incoming,
     MqttWire,
     MqttWireError,
