@@ -46,9 +46,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from nerve.runtime.mqttwire import Incoming, MqttWire, open_mqtt
 from nerve.runtime.brokers import LOCALHOST, Mosquitto, free_port
 from nerve.runtime.mqtt import NODELAY, ack
+from nerve.runtime.mqttwire import Incoming, MqttWire, open_mqtt
 
 if TYPE_CHECKING:
     from bench import bridge_throughput as bt  # how mypy, run from the repo root, sees it

@@ -28,9 +28,8 @@ import contextlib
 import logging
 import socket
 import time
-from typing import TYPE_CHECKING, Final
-
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
 from nerve.edge.outbox import Outbox, OutboxKind, outbox_path

@@ -35,6 +35,7 @@ import msgpack
 from nerve.edge.actions import ActionArgumentError, ActionFailed, ClearTemp
 from nerve.edge.allowlist import build_allow_list
 from nerve.edge.journal import JournalError, JournalState
+from nerve.runtime.errors import ConfigError, DecodeError, PayloadTooLarge, SignatureError, TopicError
 from nerve.runtime.plain_envelope import (
     DEFAULT_MAX_PAYLOAD,
     MAX_HOPS,
@@ -46,7 +47,6 @@ from nerve.runtime.plain_envelope import (
     load_document,
     parse_result,
 )
-from nerve.runtime.errors import ConfigError, DecodeError, PayloadTooLarge, SignatureError, TopicError
 from nerve.runtime.signing import Verifier
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
 
@@ -380,7 +380,11 @@ class Executor:
             # In its JSON form now: a value with none (from a plugin, say) fails here, not when sent.
             data = jsonable(data or {})
         except (TypeError, ValueError) as exc:
-            status, reason, data = "failed", _clip(f"{command.action} returned data with no JSON form: {exc}"), {}
+            status, reason, data = (
+                "failed",
+                _clip(f"{command.action} returned data with no JSON form: {exc}"),
+                {},
+            )
         return PlainResult(
             source=self._source,
             type=f"nerve.result.{command.action}",

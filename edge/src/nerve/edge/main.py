@@ -59,7 +59,9 @@ def main() -> int:
     handed = json.loads(text)
     settings = EdgeProcessSettings.from_json(handed["settings"])
     level = (handed["log_level"] or "info").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         return asyncio.run(until_signalled(_run(settings, handed["device"])))
     except NerveError as exc:

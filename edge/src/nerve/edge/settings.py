@@ -155,7 +155,7 @@ class SettingsView(Protocol):
 
 
 def handover_json(settings: Settings) -> str:
-    """What the lean edge process needs of validated `settings`, as JSON (see `EdgeProcessSettings.from_json`)."""
+    """What the lean edge process needs of validated `settings`, as JSON (`EdgeProcessSettings.from_json`)."""
     document = settings.model_dump(mode="json", include={"prefix", "data_dir", "mqtt", "edge"})
     document["bridge"] = {"max_payload": settings.bridge.max_payload}
     return json.dumps(document)

@@ -16,15 +16,28 @@ from pydantic import ValidationError
 
 from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact
 from nerve.runtime.errors import DecodeError, PayloadTooLarge
-from nerve.runtime.plain_envelope import DEFAULT_MAX_PAYLOAD as DEFAULT_MAX_PAYLOAD
-from nerve.runtime.plain_envelope import is_msgpack_map as is_msgpack_map
-from nerve.runtime.plain_envelope import load_document as load_document
+from nerve.runtime.plain_envelope import DEFAULT_MAX_PAYLOAD, is_msgpack_map, load_document
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
     from nerve.runtime.subjects import Address
 
 E = TypeVar("E", bound=Envelope)
+
+# Defined with the plain envelopes (the lean edge reads bytes without this module); kept here too.
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "MODEL_OF_KIND",
+    "decode",
+    "envelope_from",
+    "is_envelope",
+    "is_msgpack_map",
+    "load_document",
+    "raw_data",
+    "to_json",
+    "to_msgpack",
+    "wrap_raw",
+]
 
 _SHOWN_CHARS: Final = 40  # how much of a bad payload an error message quotes
 
