@@ -15,7 +15,7 @@ mosquitto (nerve's config, a free port on 127.0.0.1, a temp dir):
 
 Cases: paho-mqtt (own network thread, `manual_ack_set` + `ack`), aiomqtt (paho under asyncio, as
 `nerve.runtime.mqtt.make_client(manual_ack=True)` sets it up), gmqtt (asyncio; PUBACK when its async
-`on_message` returns) and nerve's own `nerve.bridge.mqttwire` (PUBACKs per batch in `on_messages`).
+`on_message` returns) and nerve's own `nerve.runtime.mqttwire` (PUBACKs per batch in `on_messages`).
 Each asks mosquitto for a Receive Maximum (how many unacknowledged messages it may send): 65535, the
 most MQTT v5 allows, except mqttwire at 1000, as the bridge runs it; `--receive-maximum` sets one for
 all. Without the property mosquitto would use its `max_inflight_messages`, 20. (mosquitto 2.0.11 holds
@@ -50,9 +50,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from nerve.bridge.mqttwire import Incoming, MqttWire, open_mqtt
 from nerve.runtime.brokers import LOCALHOST, Mosquitto, free_port
 from nerve.runtime.mqtt import NODELAY, ack
+from nerve.runtime.mqttwire import Incoming, MqttWire, open_mqtt
 
 if TYPE_CHECKING:
     from bench import bridge_throughput as bt  # how mypy, run from the repo root, sees it

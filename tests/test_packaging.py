@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 
@@ -50,3 +52,16 @@ def test_exported_members(part: str) -> None:
         if not name.startswith("_") and not isinstance(getattr(module, name), type(importlib))
     }
     assert public <= set(exported) | {"annotations", "TYPE_CHECKING"}, public - set(exported)
+
+
+def test_the_lean_edge_process_imports_no_pydantic_paho_aiomqtt_nor_nats() -> None:
+    # What `nerve edge` execs (nerve.edge.main) must stay small: see edge/README.md, "Footprint".
+    heavy = "{'pydantic', 'pydantic_core', 'paho', 'aiomqtt', 'nats', 'yaml'}"
+    code = (
+        "import sys, nerve.edge.main, nerve.edge; "
+        f"print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in {heavy})))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert found.stdout.split() == []

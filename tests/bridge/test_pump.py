@@ -9,16 +9,16 @@ import msgpack
 import pytest
 
 from nerve.bridge.bridge import BridgeStats
-from nerve.bridge.mqttwire import Incoming
 from nerve.bridge.natswire import StoreAck
 from nerve.bridge.pump import Pump
 from nerve.runtime.codec import to_msgpack
 from nerve.runtime.config import DEFAULT_METRICS
 from nerve.runtime.envelope import Event
+from nerve.runtime.mqttwire import Incoming
 
 if TYPE_CHECKING:
-    from nerve.bridge.mqttwire import MqttWire
     from nerve.bridge.natswire import NatsWire
+    from nerve.runtime.mqttwire import MqttWire
 
 
 class FakeNats:

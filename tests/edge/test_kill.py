@@ -72,6 +72,14 @@ async def start_edge(config: Path) -> asyncio.subprocess.Process:
     )
 
 
+def assert_lean(pid: int) -> None:
+    """`nerve edge` became the lean process (same PID), without pydantic: its native core is not mapped."""
+    assert b"nerve.edge.main" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    maps = Path(f"/proc/{pid}/maps").read_text(errors="replace")
+    assert "pydantic_core" not in maps
+    assert "_yaml" not in maps
+
+
 def has_a_line(path: Path) -> bool:
     return path.exists() and path.read_text().endswith("\n")
 
@@ -130,6 +138,7 @@ async def test_sigkill_during_a_command_it_is_unknown_after_restart_and_never_re
         async with observer:
             await observer.subscribe([(STATUS, 1), (RESULTS, 1)])
             await next_message(observer, status_is(b"online"))
+            assert_lean(edge.pid)
             await observer.publish(COMMAND, to_msgpack(command), qos=1)
             await wait_for_file(marker)  # the script runs: the command is journalled `started`
 

@@ -18,7 +18,7 @@ from nerve.edge.allowlist import ActionPluginError, build_allow_list, load_plugi
 from nerve.edge.diagnostics import CollectDiagnostics
 from nerve.edge.executor import INTERRUPTED_REASON, RERUN_REASON, Executor, command_digest
 from nerve.edge.processes import run_program
-from nerve.runtime.codec import to_msgpack
+from nerve.runtime.codec import decode, to_msgpack
 from nerve.runtime.config import Settings
 from nerve.runtime.envelope import Command, CommandResult
 from nerve.runtime.errors import ConfigError
@@ -27,10 +27,18 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from nerve.edge.journal import CommandJournal
+    from nerve.runtime.plain_envelope import PlainResult
     from nerve.runtime.signing import Signer
 
 DEVICE = "pi-01"
 PREFIX = "nerve"
+
+
+def as_model(result: PlainResult) -> CommandResult:
+    """The executor's plain answer, as the pydantic model decodes its bytes (which proves them valid)."""
+    model = decode(result.encode(), CommandResult)
+    assert model.model_dump(mode="json", exclude_none=True) == result.document()  # nothing lost on the way
+    return model
 
 
 def fake(path: Path, *, exit_code: int = 0, stderr: str = "", extra: str = "") -> Path:
@@ -79,7 +87,7 @@ def send(
     )
     result = executor.handle(f"{PREFIX}/{DEVICE}/commands/{action}", to_msgpack(command), prefix=PREFIX)
     assert result is not None
-    return command, result
+    return command, as_model(result)
 
 
 @pytest.fixture
@@ -433,7 +441,8 @@ def test_a_journalled_id_reused_by_another_command_is_refused_as_replayed(
     assert calls(systemctl) == [["--no-ask-password", "restart", "nginx.service"]]
     # The journal still answers the first command with its own result.
     again = executor.handle(f"{PREFIX}/{DEVICE}/commands/restart_service", to_msgpack(first), prefix=PREFIX)
-    assert again == result
+    assert again is not None
+    assert as_model(again) == result
     assert other.id == first.id
 
 

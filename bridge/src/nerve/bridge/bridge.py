@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Final
 from nats.errors import Error as NatsError
 
 from nerve.bridge.metrics import MetricsServer
-from nerve.bridge.mqttwire import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
 from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
 from nerve.bridge.pump import Pump
 from nerve.bridge.uplink import uplink_filters
@@ -37,6 +36,7 @@ from nerve.runtime.jetstream import (
     publish_fact,
     shared_durable,
 )
+from nerve.runtime.mqttwire import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
 from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
 

@@ -41,9 +41,9 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
     from nerve.bridge.bridge import BridgeStats
-    from nerve.bridge.mqttwire import Incoming, MqttWire
     from nerve.bridge.natswire import NatsWire
     from nerve.runtime.config import TopicMapping
+    from nerve.runtime.mqttwire import Incoming, MqttWire
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,9 @@ its PUBACK. Sensors keep reading while the broker is away; what they read goes o
 A command message is acknowledged to mosquitto only after its result is in the outbox. A device that
 dies before that gets the command again from its persistent session, and the journal answers it with
 the recorded result (or "unknown" if it was still running): delivered at least once, run at most once.
-This module imports nothing that needs nats-py: an edge-only install has none.
+MQTT goes through `nerve.runtime.mqttwire` (a lean asyncio client), and messages are plain msgpack
+dicts (`nerve.runtime.plain_envelope`): this module imports neither nats-py (an edge-only install has
+none), nor paho/aiomqtt, nor pydantic, which keeps the edge process small (see `nerve.edge.main`).
 """
 
 from __future__ import annotations
@@ -26,29 +28,27 @@ import contextlib
 import logging
 import socket
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
-
-import aiomqtt
+from urllib.parse import urlsplit
 
 from nerve.edge.outbox import Outbox, OutboxKind, outbox_path
 from nerve.edge.sampling import Sampler, build_sensors
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.codec import to_msgpack
-from nerve.runtime.envelope import Event, utcnow
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.mqtt import ack, make_client
+from nerve.runtime.mqttwire import DEFAULT_MQTT_PORT, Incoming, MqttWire, MqttWireError, Will, open_mqtt
+from nerve.runtime.plain_envelope import event_bytes
 from nerve.runtime.subjects import Address, Kind, is_token, status_topic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from datetime import datetime
 
     from nerve.edge.executor import Executor
     from nerve.edge.sampling import ScheduledSensor
     from nerve.edge.sensors import Reading
-    from nerve.runtime.config import Settings
-    from nerve.runtime.envelope import CommandResult
+    from nerve.edge.settings import SettingsView
+    from nerve.runtime.plain_envelope import PlainResult
 
 __all__ = ["OFFLINE", "ONLINE", "EdgeAgent", "default_device_id"]
 
@@ -64,7 +64,16 @@ _DRAIN_TIMEOUT_S: Final = 10.0
 _HELD_S: Final = 10.0
 # Entries taken from the outbox per query while publishing.
 _BATCH: Final = 64
+# A QoS1 publish that gets no PUBACK this long means a broken connection (keep-alive finds it too).
+_PUBACK_TIMEOUT_S: Final = 30.0
+# How many unacknowledged commands mosquitto may send at once: they run one at a time anyway.
+_RECEIVE_MAXIMUM: Final = 16
 DROPPED_EVENT: Final = "outbox_dropped"
+
+
+def utcnow() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
 
 
 def default_device_id() -> str:
@@ -97,7 +106,7 @@ class EdgeAgent:
     def __init__(
         self,
         *,
-        settings: Settings,
+        settings: SettingsView,
         device: str,
         executor: Executor,
         clock: Callable[[], datetime] = utcnow,
@@ -173,8 +182,10 @@ class EdgeAgent:
             problem: BaseException | None = None
             try:
                 await self._session()
-            except* aiomqtt.MqttError as group:
+            except* MqttWireError as group:
                 problem = group.exceptions[0]
+            # A stop that came while the connection failed must not turn into a reconnect.
+            checkpoint()
             if time.monotonic() - began >= _HELD_S:
                 backoff.reset()
             delay = backoff.next_delay()
@@ -187,49 +198,64 @@ class EdgeAgent:
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
-        client = make_client(
-            self._settings.mqtt,
-            identifier=f"nerve-edge-{self._device}",
-            persistent=True,
-            will=aiomqtt.Will(topic=self._status_topic, payload=OFFLINE, qos=1, retain=True),
-            manual_ack=True,
+        host, port = _host_port(self._settings.mqtt.url)
+        inbox: asyncio.Queue[Incoming] = asyncio.Queue()  # bounded by the Receive Maximum
+
+        def receive(batch: list[Incoming]) -> None:
+            for message in batch:
+                inbox.put_nowait(message)
+
+        wire = await open_mqtt(
+            host,
+            port,
+            client_id=f"nerve-edge-{self._device}",
+            on_messages=receive,
+            clean_start=False,
+            session_expiry_s=self._settings.mqtt.session_expiry_s,
+            keepalive_s=self._settings.mqtt.keepalive_s,
+            receive_maximum=_RECEIVE_MAXIMUM,
+            will=Will(topic=self._status_topic, payload=OFFLINE, qos=1, retain=True),
         )
         try:
-            async with client:
-                try:
-                    await self._serve(client)
-                except asyncio.CancelledError:
-                    await self._say_offline(client)
-                    raise
-        except aiomqtt.MqttError:
-            # A disconnect that fails while stopping must not turn the stop into a reconnect.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError from None
-            raise
+            try:
+                await self._serve(wire, inbox)
+            except asyncio.CancelledError:
+                await self._say_offline(wire)
+                raise
         finally:
+            wire.close()
             self.ready.clear()
 
-    async def _serve(self, client: aiomqtt.Client) -> None:
-        await client.subscribe(self._commands, qos=1)
-        await client.publish(self._status_topic, ONLINE, qos=1, retain=True)
+    async def _serve(self, wire: MqttWire, inbox: asyncio.Queue[Incoming]) -> None:
+        await wire.subscribe([self._commands])
+        await self._publish(wire, self._status_topic, ONLINE, retain=True)
         checkpoint()
         self.ready.set()
         _log.info("device %s online at %s", self._device, self._settings.mqtt.url)
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._publish_loop(client), name=f"nerve-edge-{self._device}-publisher")
-            tasks.create_task(self._command_loop(client), name=f"nerve-edge-{self._device}-commands")
+            tasks.create_task(self._publish_loop(wire), name=f"nerve-edge-{self._device}-publisher")
+            tasks.create_task(self._command_loop(wire, inbox), name=f"nerve-edge-{self._device}-commands")
+            # The connection's end (its reason as MqttWireError) ends the session.
+            tasks.create_task(_closed(wire), name=f"nerve-edge-{self._device}-connection-watch")
             # Wait in the body, not in the TaskGroup's exit: on Python 3.11 a child that fails while
             # the parent waits in __aexit__ leaves the parent's cancel count raised for good (fixed in
             # 3.12), and every later `cancelling()` check, ours or the caller's, would then see a stop
             # that was never asked for. The loops never return: this ends by an error or a stop.
             await asyncio.get_running_loop().create_future()
 
-    async def _say_offline(self, client: aiomqtt.Client) -> None:
+    async def _publish(self, wire: MqttWire, topic: str, payload: bytes, *, retain: bool = False) -> None:
         try:
-            await client.publish(self._status_topic, OFFLINE, qos=1, retain=True, timeout=_GOODBYE_TIMEOUT_S)
-        except aiomqtt.MqttError as exc:
-            _log.warning("device %s: could not publish its offline status: %s", self._device, exc)
+            async with asyncio.timeout(_PUBACK_TIMEOUT_S):
+                await wire.publish(topic, payload, qos=1, retain=retain)
+        except TimeoutError:
+            raise MqttWireError(f"no PUBACK for {topic} within {_PUBACK_TIMEOUT_S:g} s") from None
+
+    async def _say_offline(self, wire: MqttWire) -> None:
+        try:
+            async with asyncio.timeout(_GOODBYE_TIMEOUT_S):
+                await wire.publish(self._status_topic, OFFLINE, qos=1, retain=True)
+        except (TimeoutError, MqttWireError) as exc:
+            _log.warning("device %s: could not publish its offline status: %r", self._device, exc)
         else:
             _log.info("device %s offline", self._device)
 
@@ -255,16 +281,14 @@ class EdgeAgent:
         when = self._clock()
 
         def encode(event_id: str) -> bytes:
-            return to_msgpack(
-                Event(
-                    id=event_id,
-                    source=self._source,
-                    type=f"nerve.telemetry.{reading.metric}",
-                    subject=self._device,
-                    time=when,
-                    # Labels first: a label can never shadow the value or its unit.
-                    data={**reading.labels, "value": reading.value, "unit": reading.unit},
-                )
+            return event_bytes(
+                event_id=event_id,
+                source=self._source,
+                type_=f"nerve.telemetry.{reading.metric}",
+                subject=self._device,
+                time=when,
+                # Labels first: a label can never shadow the value or its unit.
+                data={**reading.labels, "value": reading.value, "unit": reading.unit},
             )
 
         self._write(OutboxKind.TELEMETRY, topic, encode)
@@ -284,19 +308,17 @@ class EdgeAgent:
             self._write(
                 OutboxKind.EVENTS,
                 topic,
-                lambda event_id: to_msgpack(
-                    Event(
-                        id=event_id,
-                        source=self._source,
-                        type=f"nerve.events.{DROPPED_EVENT}",
-                        subject=self._device,
-                        time=self._clock(),
-                        data=data,
-                    )
+                lambda event_id: event_bytes(
+                    event_id=event_id,
+                    source=self._source,
+                    type_=f"nerve.events.{DROPPED_EVENT}",
+                    subject=self._device,
+                    time=self._clock(),
+                    data=data,
                 ),
             )
 
-    async def _publish_loop(self, client: aiomqtt.Client) -> None:
+    async def _publish_loop(self, wire: MqttWire) -> None:
         outbox = self._outbox
         assert outbox is not None  # noqa: S101 - run() opened it before connecting
         while True:
@@ -309,20 +331,20 @@ class EdgeAgent:
             for entry in batch:
                 # One at a time, each waiting for its PUBACK: the order on the wire is the order
                 # of the outbox, and an entry is deleted only once the broker has it.
-                await client.publish(entry.topic, entry.payload, qos=1)
+                await self._publish(wire, entry.topic, entry.payload)
                 outbox.ack(entry)
                 checkpoint()
             _log.debug("published %d message(s) from the outbox", len(batch))
 
-    async def _command_loop(self, client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            await self._answer(client, message)
+    async def _command_loop(self, wire: MqttWire, inbox: asyncio.Queue[Incoming]) -> None:
+        while True:
+            message = await inbox.get()
+            await self._answer(wire, message)
             checkpoint()
 
-    async def _answer(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
-        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
-        work = asyncio.ensure_future(asyncio.to_thread(self._handle, topic, payload))
+    async def _answer(self, wire: MqttWire, message: Incoming) -> None:
+        topic = message.topic
+        work = asyncio.ensure_future(asyncio.to_thread(self._handle, topic, message.payload))
         try:
             result = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -330,13 +352,13 @@ class EdgeAgent:
             # and answer before going (a stop never leaves a command that ran without its result).
             try:
                 async with asyncio.timeout(_DRAIN_TIMEOUT_S):
-                    await self._reply(client, message, topic, await work)
-            except (TimeoutError, aiomqtt.MqttError) as exc:
+                    await self._reply(wire, message, topic, await work)
+            except (TimeoutError, MqttWireError) as exc:
                 _log.warning("stopping without answering the command on %s: %r", topic, exc)
             raise
-        await self._reply(client, message, topic, result)
+        await self._reply(wire, message, topic, result)
 
-    def _handle(self, topic: str, payload: bytes) -> CommandResult | None:
+    def _handle(self, topic: str, payload: bytes) -> PlainResult | None:
         try:
             return self._executor.handle(topic, payload, prefix=self._prefix)
         except Exception:  # noqa: BLE001 - logged with its traceback; see below
@@ -345,9 +367,7 @@ class EdgeAgent:
             _log.exception("message on %s could not be handled", topic)
             return None
 
-    async def _reply(
-        self, client: aiomqtt.Client, message: aiomqtt.Message, topic: str, result: CommandResult | None
-    ) -> None:
+    async def _reply(self, wire: MqttWire, message: Incoming, topic: str, result: PlainResult | None) -> None:
         if result is None:
             self._dropped += 1
         else:
@@ -355,9 +375,21 @@ class EdgeAgent:
             if not is_token(action):
                 action = result.action
             results = Address(self._device, Kind.RESULTS, action).topic(self._prefix)
-            encoded = to_msgpack(result)
+            encoded = result.encode()
             # A result keeps the id its journal recorded: a repeated command gets the same message.
             self._write(OutboxKind.RESULTS, results, lambda _event_id: encoded)
             _log.debug("queued %s: %s", results, result.status)
         # Only now: a device that dies before this gets the command again, and the journal answers it.
-        ack(client, message)
+        if message.packet_id:
+            wire.puback([message.packet_id])
+
+
+async def _closed(wire: MqttWire) -> None:
+    """Wait for the connection to end; raise its reason (`MqttWireError`)."""
+    # Shielded: cancelling this watcher (a stop) must not cancel the connection's own future.
+    await asyncio.shield(wire.closed)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_MQTT_PORT

@@ -26,7 +26,7 @@ from nerve.runtime.subjects import is_token
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-    from nerve.runtime.config import EdgeSettings
+    from nerve.edge.settings import EdgeView
 
 __all__ = ["ACTION_ENTRY_POINT_GROUP", "ActionPluginError", "AllowList", "build_allow_list", "load_plugin"]
 
@@ -50,7 +50,7 @@ class AllowList:
         self.disabled: dict[str, str] = dict(disabled)
 
 
-def build_allow_list(edge: EdgeSettings) -> AllowList:
+def build_allow_list(edge: EdgeView) -> AllowList:
     """The allow-list `edge.actions` describes.
 
     Raises:
@@ -73,17 +73,17 @@ def build_allow_list(edge: EdgeSettings) -> AllowList:
     return AllowList(actions, disabled)
 
 
-def _clear_temp(edge: EdgeSettings) -> Action | str:
+def _clear_temp(edge: EdgeView) -> Action | str:
     return ClearTemp(edge.clear_temp_roots) if edge.clear_temp_roots else "no clear_temp roots are configured"
 
 
-def _restart_service(edge: EdgeSettings) -> Action | str:
+def _restart_service(edge: EdgeView) -> Action | str:
     if not edge.actions.services:
         return "no services are configured in edge.actions.services"
     return RestartService(edge.actions)
 
 
-def _run(edge: EdgeSettings) -> Action | str:
+def _run(edge: EdgeView) -> Action | str:
     return (
         RunScript(edge.actions)
         if edge.actions.scripts
@@ -92,7 +92,7 @@ def _run(edge: EdgeSettings) -> Action | str:
 
 
 # Each built-in, from the settings: the action, or why it cannot run here.
-_BUILTINS: Final[dict[str, Callable[[EdgeSettings], Action | str]]] = {
+_BUILTINS: Final[dict[str, Callable[[EdgeView], Action | str]]] = {
     "clear_temp": _clear_temp,
     "vacuum_journal": lambda edge: VacuumJournal(edge.actions),
     "restart_service": _restart_service,

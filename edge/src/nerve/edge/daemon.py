@@ -13,11 +13,11 @@ from nerve.edge.outbox import Outbox, outbox_path
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from nerve.runtime.config import Settings
+    from nerve.edge.settings import SettingsView
 
 
 @asynccontextmanager
-async def open_edge(settings: Settings, *, device: str | None = None) -> AsyncIterator[EdgeAgent]:
+async def open_edge(settings: SettingsView, *, device: str | None = None) -> AsyncIterator[EdgeAgent]:
     """An `EdgeAgent` with its journal and outbox open; `run()` it inside the block.
 
     The device id is `device`, else `edge.device`, else the host name. Raises `ConfigError` for bad keys

@@ -28,17 +28,25 @@ import json
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
 import msgpack
-from pydantic import ValidationError
 
 from nerve.edge.actions import ActionArgumentError, ActionFailed, ClearTemp
 from nerve.edge.allowlist import build_allow_list
 from nerve.edge.journal import JournalError, JournalState
-from nerve.runtime.codec import DEFAULT_MAX_PAYLOAD, decode, load_document, to_msgpack
-from nerve.runtime.envelope import Command, CommandResult, ResultStatus, utcnow
 from nerve.runtime.errors import ConfigError, DecodeError, PayloadTooLarge, SignatureError, TopicError
+from nerve.runtime.plain_envelope import (
+    DEFAULT_MAX_PAYLOAD,
+    MAX_HOPS,
+    MAX_ID_CHARS,
+    PlainCommand,
+    PlainResult,
+    decode_command,
+    jsonable,
+    load_document,
+    parse_result,
+)
 from nerve.runtime.signing import Verifier
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
 
@@ -47,7 +55,8 @@ if TYPE_CHECKING:
 
     from nerve.edge.actions import Action
     from nerve.edge.journal import CommandJournal, JournalEntry
-    from nerve.runtime.config import Settings
+    from nerve.edge.settings import SettingsView
+    from nerve.runtime.envelope import Command, ResultStatus
 
 __all__ = ["DEFAULT_MAX_ARGS_BYTES", "INTERRUPTED_REASON", "RERUN_REASON", "Executor", "command_digest"]
 
@@ -61,13 +70,15 @@ _EXPIRED_SINCE_REASON: Final = (
 )
 _UNREADABLE_REASON: Final = "the result recorded for this command cannot be read; not run again"
 _MAX_REASON_CHARS: Final = 500
-_MAX_ID_CHARS: Final = 128  # as `MessageId` in the envelope
-_MAX_HOPS: Final = 1_000_000  # as `Envelope.hops`
 
 _CLEAR_TEMP: Final = "clear_temp"
 
 
-def command_digest(command: Command) -> bytes:
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def command_digest(command: PlainCommand | Command) -> bytes:
     """What identifies a command's request in the journal: SHA-256 of its device, action and arguments.
 
     Time, expiry and signature are left out on purpose: a central that re-creates the same command
@@ -108,7 +119,7 @@ class Executor:
         clock_skew_s: float = 30.0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         if not is_token(device):
             raise ConfigError(f"{device!r} is not a valid device id (1-64 of A-Z a-z 0-9 _ -)", key="device")
@@ -151,7 +162,7 @@ class Executor:
         self._disabled.update({k: v for k, v in (disabled or {}).items() if k not in self._actions})
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, device: str, journal: CommandJournal) -> Executor:
+    def from_settings(cls, settings: SettingsView, *, device: str, journal: CommandJournal) -> Executor:
         """An executor configured by `settings.edge` (trusted keys, roots, clock skew).
 
         Raises `ConfigError` for unreadable or malformed trusted keys, and as the constructor does.
@@ -188,7 +199,7 @@ class Executor:
         """The actions this device runs (the allow-list)."""
         return frozenset(self._actions)
 
-    def handle(self, topic: str, payload: bytes, *, prefix: str = DEFAULT_PREFIX) -> CommandResult | None:
+    def handle(self, topic: str, payload: bytes, *, prefix: str = DEFAULT_PREFIX) -> PlainResult | None:
         """Handle one message received on a command topic; return the result to publish.
 
         Never raises for any `topic` and `payload`. Returns None, after logging a warning that says
@@ -213,13 +224,13 @@ class Executor:
             _log.warning("message on %s dropped: not a command topic of device %r", topic, self._device)
             return None
         try:
-            command = decode(payload, Command, max_size=self._max_payload)
+            command = decode_command(payload, max_size=self._max_payload)
         except DecodeError as exc:
             return self._undecodable(topic, payload, address.name, exc)
         _log.debug("command %s (%s) received on %s", command.id, command.action, topic)
         return self._handle(command, address.name)
 
-    def _handle(self, command: Command, topic_action: str) -> CommandResult:
+    def _handle(self, command: PlainCommand, topic_action: str) -> PlainResult:
         try:
             entry = self._journal.lookup(command.id)
         except JournalError as exc:
@@ -240,8 +251,8 @@ class Executor:
         return self._seen_before(command, entry, digest, same=same)
 
     def _seen_before(
-        self, command: Command, entry: JournalEntry, digest: bytes, *, same: bool
-    ) -> CommandResult:
+        self, command: PlainCommand, entry: JournalEntry, digest: bytes, *, same: bool
+    ) -> PlainResult:
         """A genuine command whose id is journalled already, without a result to answer with."""
         if not same:
             # Not journalled: the entry stays the first command's.
@@ -263,20 +274,20 @@ class Executor:
         reason = INTERRUPTED_REASON if entry.state is JournalState.STARTED else _UNREADABLE_REASON
         return self._record(command, self._result(command, "unknown", reason))
 
-    def _authenticate(self, command: Command, topic_action: str) -> str | None:
+    def _authenticate(self, command: PlainCommand, topic_action: str) -> str | None:
         """Why `command` is refused before anything about it is journalled, or None if it is genuine."""
         if command.subject != self._device:
             return f"command is for device {command.subject!r}, not {self._device!r}"
         if command.action != topic_action:
             return f"command action {command.action!r} does not match its topic's action {topic_action!r}"
         try:
-            self._verifier.verify(command)
+            self._verifier.check(command.keyid, command.sig, command.canonical_bytes)
         except SignatureError as exc:
             _log.warning("command %s from %s refused: %s", command.id, command.source, exc)
             return str(exc)
         return None
 
-    def _admit(self, command: Command, digest: bytes, *, rerun: bool = False) -> CommandResult:
+    def _admit(self, command: PlainCommand, digest: bytes, *, rerun: bool = False) -> PlainResult:
         """Check expiry, argument size, allow-list and arguments of a genuine command, then run it."""
         refusal = self._precheck(command, rerun=rerun)
         if refusal is not None:
@@ -293,7 +304,7 @@ class Executor:
             return self._record(command, self._result(command, "rejected", reason), digest)
         return self._execute(command, action, args, digest, rerun=rerun)
 
-    def _precheck(self, command: Command, *, rerun: bool) -> tuple[ResultStatus, str] | None:
+    def _precheck(self, command: PlainCommand, *, rerun: bool) -> tuple[ResultStatus, str] | None:
         """Why a genuine command is not run (expired, arguments too large, not allowed), or None."""
         now = self._clock()
         if now > command.expires + self._skew:
@@ -317,8 +328,8 @@ class Executor:
         return None
 
     def _execute(
-        self, command: Command, action: Action, args: Mapping[str, Any], digest: bytes, *, rerun: bool
-    ) -> CommandResult:
+        self, command: PlainCommand, action: Action, args: Mapping[str, Any], digest: bytes, *, rerun: bool
+    ) -> PlainResult:
         if not rerun:
             try:
                 claimed = self._journal.start(command.id, expires=command.expires, digest=digest)
@@ -345,89 +356,109 @@ class Executor:
             self._running.discard(command.id)
         return self._record(command, result, digest)
 
-    def _record(self, command: Command, result: CommandResult, digest: bytes | None = None) -> CommandResult:
+    def _record(self, command: PlainCommand, result: PlainResult, digest: bytes | None = None) -> PlainResult:
         try:
-            self._journal.finish(command.id, to_msgpack(result), expires=command.expires, digest=digest)
+            self._journal.finish(command.id, result.encode(), expires=command.expires, digest=digest)
         except JournalError as exc:
             # The answer still goes out; a replay will get "unknown" (if started) or be checked again.
             _log.error("result of command %s not journalled: %s", command.id, exc)
         _log.info("command %s (%s): %s %s", command.id, command.action, result.status, result.reason)
         return result
 
-    def _refuse(self, command: Command, reason: str) -> CommandResult:
+    def _refuse(self, command: PlainCommand, reason: str) -> PlainResult:
         _log.info("command %s (%s) refused: %s", command.id, command.action, reason)
         return self._result(command, "rejected", reason)
 
     def _result(
         self,
-        command: Command,
+        command: PlainCommand,
         status: ResultStatus,
         reason: str = "",
         data: dict[str, Any] | None = None,
-    ) -> CommandResult:
-        result = CommandResult.for_command(
-            command, source=self._source, status=status, reason=reason, data=data
+    ) -> PlainResult:
+        try:
+            # In its JSON form now: a value with none (from a plugin, say) fails here, not when sent.
+            data = jsonable(data or {})
+        except (TypeError, ValueError) as exc:
+            status, reason, data = (
+                "failed",
+                _clip(f"{command.action} returned data with no JSON form: {exc}"),
+                {},
+            )
+        return PlainResult(
+            source=self._source,
+            type=f"nerve.result.{command.action}",
+            # The answer comes from this device, whoever the command was meant for.
+            subject=self._device,
+            action=command.action,
+            status=status,
+            reason=reason,
+            data=data,
+            **command.caused(),
         )
-        # The answer comes from this device, whoever the command was meant for.
-        if result.subject != self._device:
-            result = result.model_copy(update={"subject": self._device})
-        return result
 
-    def _recorded(self, entry: JournalEntry) -> CommandResult | None:
+    def _recorded(self, entry: JournalEntry) -> PlainResult | None:
         if entry.result is None:
             return None
         try:
-            return decode(entry.result, CommandResult, max_size=len(entry.result))
+            return parse_result(load_document(entry.result))
         except DecodeError as exc:
             _log.warning("recorded result of command %s cannot be read: %s", entry.command_id, exc)
             return None
 
-    def _bad_topic(self, topic: str, payload: bytes, prefix: str, exc: TopicError) -> CommandResult | None:
+    def _bad_topic(self, topic: str, payload: bytes, prefix: str, exc: TopicError) -> PlainResult | None:
         # Only a subscription to `<prefix>/<device>/commands/+` brings us here, so what is wrong is the
         # last level: a command that decodes is answered (on its own action's topic) with the problem.
         if not topic.startswith(f"{prefix}/{self._device}/{Kind.COMMANDS}/"):
             _log.warning("message on %r dropped: %s", topic, exc)
             return None
         try:
-            command = decode(payload, Command, max_size=self._max_payload)
+            command = decode_command(payload, max_size=self._max_payload)
         except DecodeError as decode_error:
             _log.warning("message on %r dropped: %s; %s", topic, exc, decode_error.reason)
             return None
         return self._refuse(command, str(exc))
 
-    def _undecodable(self, topic: str, payload: bytes, action: str, exc: DecodeError) -> CommandResult | None:
+    def _undecodable(self, topic: str, payload: bytes, action: str, exc: DecodeError) -> PlainResult | None:
         document: object = None
         with contextlib.suppress(DecodeError):
             document = load_document(payload)
         if not isinstance(document, dict):
             document = {}
         command_id = document.get("id")
-        if not (isinstance(command_id, str) and 0 < len(command_id) <= _MAX_ID_CHARS):
+        if not _is_message_id(command_id):
             _log.warning("message on %s dropped, it has no command id to answer: %s", topic, exc.reason)
             return None
         correlation = document.get("correlationid")
-        if not (isinstance(correlation, str) and 0 < len(correlation) <= _MAX_ID_CHARS):
+        if not _is_message_id(correlation):
             correlation = command_id
         hops = document.get("hops")
         if not (isinstance(hops, int) and not isinstance(hops, bool) and hops >= 0):
             hops = 0
-        try:
-            result = CommandResult(
-                source=self._source,
-                type=f"nerve.result.{action}",
-                subject=self._device,
-                action=action,
-                status="rejected",
-                reason=_clip(exc.reason),
-                causationid=command_id,
-                correlationid=correlation,
-                hops=min(hops + 1, _MAX_HOPS),  # a hops past the envelope's limit still gets an answer
-            )
-        except ValidationError:
-            _log.warning("message on %s dropped: %s", topic, exc.reason)
-            return None
+        result = PlainResult(
+            source=self._source,
+            type=f"nerve.result.{action}",
+            subject=self._device,
+            action=action,
+            status="rejected",
+            reason=_clip(exc.reason),
+            causationid=command_id,
+            correlationid=correlation,
+            hops=min(hops + 1, MAX_HOPS),  # a hops past the envelope's limit still gets an answer
+        )
         _log.info("command %s on %s refused: %s", command_id, topic, exc.reason)
         return result
+
+
+def _is_message_id(value: object) -> TypeGuard[str]:
+    """Whether `value` is a valid message id (as `MessageId` in the envelope): it can head an answer."""
+    if not (isinstance(value, str) and 0 < len(value) <= MAX_ID_CHARS):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate, from JSON's \ud800
+        return False
+    return True
 
 
 def _encoded_size(data: Mapping[str, Any]) -> int:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from datetime import datetime
     from types import TracebackType
 
-    from nerve.runtime.config import Settings
+    from nerve.edge.settings import SettingsView
 
 __all__ = [
     "DEFAULT_RETENTION_S",
@@ -98,7 +98,7 @@ class JournalEntry:
     digest: bytes | None = None
 
 
-def journal_path(settings: Settings, device: str) -> Path:
+def journal_path(settings: SettingsView, device: str) -> Path:
     """Where the journal of `device` lives: `edge.journal`, else `<data_dir>/edge-<device>.journal`."""
     return settings.edge.journal or settings.data_dir / f"edge-{device}.journal"
 

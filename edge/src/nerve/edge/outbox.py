@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from types import TracebackType
 
-    from nerve.runtime.config import Settings
+    from nerve.edge.settings import SettingsView
 
 __all__ = [
     "BOOT_ID_PATH",
@@ -134,7 +134,7 @@ class OutboxEntry:
         return len(self.payload) + len(self.topic) + len(self.id) + _ROW_OVERHEAD
 
 
-def outbox_path(settings: Settings, device: str) -> Path:
+def outbox_path(settings: SettingsView, device: str) -> Path:
     """Where the outbox of `device` lives: `edge.outbox.path`, else `<data_dir>/edge-<device>.outbox`."""
     return settings.edge.outbox.path or settings.data_dir / f"edge-{device}.outbox"
 

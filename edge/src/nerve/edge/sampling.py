@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from pathlib import Path
 
-    from nerve.runtime.config import EdgeSettings
+    from nerve.edge.settings import EdgeView
 
 __all__ = ["Deadband", "Sampler", "ScheduledSensor", "build_sensors"]
 
@@ -101,7 +101,7 @@ class ScheduledSensor:
 
 
 def build_sensors(
-    edge: EdgeSettings,
+    edge: EdgeView,
     *,
     proc: Path = PROC,
     thermal: Path = THERMAL,

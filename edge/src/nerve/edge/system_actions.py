@@ -17,7 +17,7 @@ from nerve.edge.processes import ProgramOutcome, run_program
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-    from nerve.runtime.config import ActionSettings, ScriptSettings
+    from nerve.edge.settings import ActionsView, ScriptView
 
 __all__ = ["RestartService", "RunScript", "VacuumJournal"]
 
@@ -65,7 +65,7 @@ class VacuumJournal:
     name: Final = "vacuum_journal"
     idempotent: Final = True
 
-    def __init__(self, settings: ActionSettings) -> None:
+    def __init__(self, settings: ActionsView) -> None:
         self._journalctl = settings.journalctl
         self._systemctl = settings.systemctl
         self._unit = settings.vacuum_unit
@@ -112,7 +112,7 @@ class RestartService:
     name: Final = "restart_service"
     idempotent: Final = False
 
-    def __init__(self, settings: ActionSettings) -> None:
+    def __init__(self, settings: ActionsView) -> None:
         self._systemctl = settings.systemctl
         self._timeout_s = settings.timeout_s
         self._max_output = settings.max_output_bytes
@@ -144,8 +144,8 @@ class RunScript:
     name: Final = "run"
     idempotent: Final = False
 
-    def __init__(self, settings: ActionSettings) -> None:
-        self._scripts: dict[str, ScriptSettings] = dict(settings.scripts)
+    def __init__(self, settings: ActionsView) -> None:
+        self._scripts: dict[str, ScriptView] = dict(settings.scripts)
         self._max_output = settings.max_output_bytes
 
     def validate(self, args: Mapping[str, Any]) -> Mapping[str, Any]:

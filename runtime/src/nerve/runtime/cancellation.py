@@ -9,6 +9,11 @@ for its next message forever, and a shutdown would hang. Loops call `checkpoint(
 from __future__ import annotations
 
 import asyncio
+import signal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
 
 
 def checkpoint() -> None:
@@ -16,3 +21,21 @@ def checkpoint() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def until_signalled(job: Coroutine[Any, Any, int]) -> int:
+    """Run `job`; SIGINT or SIGTERM cancels it, so everything it started shuts down cleanly.
+
+    Returns what `job` returns, or 0 when a signal stopped it.
+    """
+    task = asyncio.ensure_future(job)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

@@ -13,11 +13,11 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from nerve.runtime.cancellation import until_signalled
 from nerve.runtime.config import load_settings
 from nerve.runtime.errors import NerveError
 
@@ -155,21 +155,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(config, env=os.environ, overrides=_overrides(args))
 
 
-async def _until_signalled(job: Coroutine[Any, Any, int]) -> int:
-    """Run `job`; SIGINT or SIGTERM cancels it, so everything it started shuts down cleanly."""
-    task = asyncio.ensure_future(job)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, task.cancel)
-    try:
-        return await task
-    except asyncio.CancelledError:
-        return 0
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-
-
 async def _up(args: argparse.Namespace) -> int:
     from nerve.runtime.stack import Stack  # noqa: PLC0415 - needs every part installed
 
@@ -258,12 +243,19 @@ async def _send(args: argparse.Namespace) -> int:
     return EXIT_OF_STATUS[result.status]
 
 
-async def _edge(args: argparse.Namespace) -> int:
-    from nerve.edge.daemon import open_edge  # noqa: PLC0415
+def _edge(args: argparse.Namespace) -> int:
+    """Validate the settings here, then become the lean edge process (same PID: systemd-friendly).
 
-    async with open_edge(_settings(args), device=args.device) as edge:
-        await edge.run()
-    return 0
+    pydantic, which validates the settings, costs the daemon ~10 MiB of RSS for as long as it runs:
+    `nerve.edge.main` gets the validated settings as JSON and never imports it. See edge/README.md.
+    """
+    from nerve.edge.main import HANDOVER_VARIABLE, handover  # noqa: PLC0415
+
+    settings = _settings(args)
+    os.environ[HANDOVER_VARIABLE] = handover(settings, device=args.device, log_level=args.log_level)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "nerve.edge.main"])  # noqa: S606 - our own interpreter
 
 
 async def _bridge(args: argparse.Namespace) -> int:
@@ -303,7 +295,6 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
     "facts": _facts,
     "deadletters": _deadletters,
     "send": _send,
-    "edge": _edge,
     "bridge": _bridge,
     "central": _central,
 }
@@ -320,7 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "keys":
             return _keys(args)
-        return asyncio.run(_until_signalled(COMMANDS[args.command](args)))
+        if args.command == "edge":
+            return _edge(args)
+        return asyncio.run(until_signalled(COMMANDS[args.command](args)))
     except NerveError as exc:
         print(f"nerve {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

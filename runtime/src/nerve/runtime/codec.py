@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact
 from nerve.runtime.errors import DecodeError, PayloadTooLarge
+from nerve.runtime.plain_envelope import DEFAULT_MAX_PAYLOAD, is_msgpack_map, load_document
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
@@ -23,9 +24,22 @@ if TYPE_CHECKING:
 
 E = TypeVar("E", bound=Envelope)
 
-DEFAULT_MAX_PAYLOAD: Final = 64 * 1024
+# Defined with the plain envelopes (the lean edge reads bytes without this module); kept here too.
+__all__ = [
+    "DEFAULT_MAX_PAYLOAD",
+    "MODEL_OF_KIND",
+    "decode",
+    "envelope_from",
+    "is_envelope",
+    "is_msgpack_map",
+    "load_document",
+    "raw_data",
+    "to_json",
+    "to_msgpack",
+    "wrap_raw",
+]
+
 _SHOWN_CHARS: Final = 40  # how much of a bad payload an error message quotes
-_MSGPACK_MAP_FIRST_BYTES: Final = frozenset({*range(0x80, 0x90), 0xDE, 0xDF})
 
 MODEL_OF_KIND: Final[dict[Kind, type[Envelope]]] = {
     Kind.TELEMETRY: Event,
@@ -47,34 +61,12 @@ def to_json(envelope: Envelope) -> bytes:
     return envelope.model_dump_json(exclude_none=True).encode()
 
 
-def is_msgpack_map(payload: bytes) -> bool:
-    """Tell whether `payload` starts like a msgpack map (and so cannot be JSON text)."""
-    return bool(payload) and payload[0] in _MSGPACK_MAP_FIRST_BYTES
-
-
 def _explain(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
         where = ".".join(str(loc) for loc in error["loc"]) or "message"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
-
-
-def load_document(payload: bytes) -> object:
-    """Parse msgpack or JSON bytes into Python data; raise `DecodeError` saying why not."""
-    if is_msgpack_map(payload):
-        try:
-            return msgpack.unpackb(payload, raw=False, strict_map_key=True)
-        except (ValueError, msgpack.UnpackException, TypeError) as exc:
-            raise DecodeError(f"malformed msgpack: {exc}") from None
-    try:
-        text = payload.decode()
-    except UnicodeDecodeError:
-        raise DecodeError("payload is neither msgpack nor UTF-8 text") from None
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, over-long int, too deeply nested
-        raise DecodeError(f"payload is not valid JSON: {exc}") from None
 
 
 def envelope_from(document: object, model: type[E]) -> E:

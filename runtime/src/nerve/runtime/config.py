@@ -17,7 +17,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.subjects import DEFAULT_PREFIX, DeviceId, Metric, Token, check_prefix, check_token
+from nerve.runtime.fields import DeviceId, Metric, Token
+from nerve.runtime.subjects import DEFAULT_PREFIX, check_prefix, check_token
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -15,21 +15,12 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from nerve.runtime.subjects import DeviceId, Token
+from nerve.runtime.fields import DeviceId, Token
+from nerve.runtime.plain_envelope import MAX_HOPS, to_int, to_utc_time
 
-
-def _utc(value: datetime) -> datetime:
-    if value.tzinfo is None:
-        raise ValueError("time must carry a timezone (e.g. 2026-11-25T04:52:40Z)")
-    try:
-        return value.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00; pydantic only turns ValueError into errors
-        raise ValueError("time is out of range once converted to UTC") from None
-
-
-UtcTime = Annotated[datetime, AfterValidator(_utc)]
+UtcTime = Annotated[datetime, BeforeValidator(to_utc_time)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128)]
 
 
@@ -38,7 +29,7 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-_MAX_HOPS = 1_000_000
+_MAX_HOPS = MAX_HOPS
 
 _DERIVED_NAMESPACE = uuid.UUID("6f1c1f1e-5e7a-4f43-9a35-8f2f3b9a6a10")
 
@@ -71,7 +62,9 @@ class Envelope(BaseModel):
     data: dict[str, Any] = Field(default_factory=dict)
     correlationid: MessageId | None = None
     causationid: MessageId | None = None
-    hops: int = Field(default=0, ge=0, le=_MAX_HOPS)
+    # Time attributes and hops are read by the coercions the lean edge's parser uses too
+    # (nerve.runtime.plain_envelope), so the two accept the same documents.
+    hops: Annotated[int, BeforeValidator(to_int)] = Field(default=0, ge=0, le=_MAX_HOPS)
 
     def caused(self) -> dict[str, Any]:
         """Attributes for a message caused by this one: same chain, one hop further."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import os
 from typing import TYPE_CHECKING, Final
 
@@ -18,10 +17,11 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from nerve.runtime.errors import ConfigError, SignatureError
+from nerve.runtime.plain_envelope import canonical_json
 from nerve.runtime.subjects import is_token
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
     from pathlib import Path
 
     from nerve.runtime.envelope import Command
@@ -32,8 +32,7 @@ PUBLIC_SUFFIX: Final = ".pub"
 
 def canonical_bytes(command: Command) -> bytes:
     """The bytes a command's signature covers."""
-    document = command.model_dump(mode="json", exclude={"sig"}, exclude_none=True)
-    return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return canonical_json(command.model_dump(mode="json", exclude={"sig"}, exclude_none=True))
 
 
 def generate_keypair(directory: Path, keyid: str, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -126,16 +125,24 @@ class Verifier:
 
     def verify(self, command: Command) -> None:
         """Return if `command` is signed by a trusted key; raise `SignatureError` saying why not."""
-        if not command.sig or not command.keyid:
+        self.check(command.keyid, command.sig, lambda: canonical_bytes(command))
+
+    def check(self, keyid: str, sig: str, signed: Callable[[], bytes]) -> None:
+        """Return if `sig` by `keyid` signs the bytes `signed()` gives; raise `SignatureError` saying why not.
+
+        For a command without its model (the lean edge's `PlainCommand.canonical_bytes`).
+        `signed` is called only once the key id is known to be trusted.
+        """
+        if not sig or not keyid:
             raise SignatureError("command is not signed")
-        key = self._trusted.get(command.keyid)
+        key = self._trusted.get(keyid)
         if key is None:
-            raise SignatureError(f"command is signed by unknown key id {command.keyid!r}")
+            raise SignatureError(f"command is signed by unknown key id {keyid!r}")
         try:
-            signature = base64.b64decode(command.sig, validate=True)
+            signature = base64.b64decode(sig, validate=True)
         except (binascii.Error, ValueError):
             raise SignatureError("signature is not valid base64") from None
         try:
-            key.verify(canonical_bytes(command), signature)
-        except (BadSignatureError, ValueError):
+            key.verify(signed(), signature)
+        except (BadSignatureError, ValueError, TypeError):  # (data with no JSON form was never signed)
             raise SignatureError("bad signature: the command was altered or forged") from None

@@ -2,7 +2,8 @@
 
 `<prefix>/<device>/<kind>/<name>` on MQTT is `<prefix>.<device>.<kind>.<name>` on NATS. Device ids,
 metric names, event types and actions are tokens of `[A-Za-z0-9_-]`, at most 64 long: anything else is
-refused with a `TopicError`, never rewritten.
+refused with a `TopicError`, never rewritten. (The pydantic field types for tokens are in
+`nerve.runtime.fields`: this module imports no pydantic, the lean edge uses it.)
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import partial
-from typing import Annotated, Final
-
-from pydantic import AfterValidator
+from typing import Final
 
 from nerve.runtime.errors import TopicError
 
@@ -48,12 +46,6 @@ def check_token(value: str, what: str) -> str:
     if not is_token(value):
         raise ValueError(f"{what} {value!r} is not valid: use 1 to 64 of the characters A-Z a-z 0-9 _ -")
     return value
-
-
-#: Pydantic field types that refuse what is not a token, naming what it was meant to be.
-DeviceId = Annotated[str, AfterValidator(partial(check_token, what="device id"))]
-Metric = Annotated[str, AfterValidator(partial(check_token, what="metric"))]
-Token = Annotated[str, AfterValidator(partial(check_token, what="name"))]
 
 
 def check_prefix(prefix: str) -> str:

@@ -1,16 +1,19 @@
-"""A lean MQTT v5 client for the bridge's hot path: one asyncio `Protocol`, whole batches per read.
+"""A lean MQTT v5 client: one asyncio `Protocol`, whole batches per read (the bridge, the edge daemon).
 
 Why not paho/aiomqtt here: profiled in the bridge, paho spent ~22% of the bridge's time reading each
 PUBLISH (half of it building a v5 `Properties` object per message) and aiomqtt woke the event loop and
 re-registered the socket for every PUBACK. This client parses every PUBLISH that one socket read
 brought, hands the whole batch to one callback, and writes the PUBACKs of a batch in one write. It does
-exactly what the bridge needs, and nothing else:
+exactly what the bridge and the edge need, and nothing else (the edge uses it because it is small:
+paho and aiomqtt cost the edge process ~5 MiB of RSS, this module next to nothing):
 
 - CONNECT (clean start or a persistent session with an expiry, a Receive Maximum that bounds how many
-  unacknowledged QoS1 messages the broker may send us) and CONNACK;
+  unacknowledged QoS1 messages the broker may send us, an optional will: topic, payload, QoS,
+  retain) and CONNACK;
 - SUBSCRIBE/SUBACK (QoS1 maximum, so the broker never sends QoS2);
 - incoming PUBLISH at QoS0/1, acknowledged only when the caller says so (`puback`), in receive order;
-- outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink);
+- outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink, the edge's outbox), or at QoS0,
+  retained or not (the edge's presence);
 - keep-alive (PINGREQ/PINGRESP) and DISCONNECT.
 
 Any protocol violation, a refused CONNECT or SUBSCRIBE, a broker DISCONNECT or a lost connection ends the
@@ -90,6 +93,16 @@ class MqttWireError(NerveError):
 
 
 @dataclass(frozen=True, slots=True)
+class Will:
+    """The message the broker publishes for us if we vanish without a DISCONNECT (last will)."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Incoming:
     """A PUBLISH from the broker. `packet_id` is 0 at QoS0 (nothing to acknowledge)."""
 
@@ -133,13 +146,21 @@ def connect_packet(
     keepalive_s: int,
     session_expiry_s: int,
     receive_maximum: int,
+    will: Will | None = None,
 ) -> bytes:
-    """CONNECT, MQTT v5: no will, no credentials."""
+    """CONNECT, MQTT v5, with an optional will; no credentials."""
     properties = b""
     if session_expiry_s:
         properties += bytes([SESSION_EXPIRY_INTERVAL]) + struct.pack("!I", session_expiry_s)
     properties += bytes([RECEIVE_MAXIMUM]) + struct.pack("!H", receive_maximum)
     flags = 0x02 if clean_start else 0x00
+    tail = b""
+    if will is not None:
+        if will.qos not in {0, 1}:
+            raise ValueError(f"will QoS must be 0 or 1, got {will.qos}")
+        flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0x00)
+        # No will properties; then the will topic and its payload (binary data: two length bytes).
+        tail = b"\x00" + utf8(will.topic) + struct.pack("!H", len(will.payload)) + will.payload
     body = (
         utf8("MQTT")
         + bytes([5, flags])
@@ -147,6 +168,7 @@ def connect_packet(
         + varint(len(properties))
         + properties
         + utf8(client_id)
+        + tail
     )
     return packet(CONNECT << 4, body)
 
@@ -159,9 +181,11 @@ def subscribe_packet(packet_id: int, filters: Sequence[str], *, qos: int = 1) ->
     return packet((SUBSCRIBE << 4) | 0x02, body)
 
 
-def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
-    """PUBLISH at QoS1, no properties."""
-    return packet((PUBLISH << 4) | 0x02, utf8(topic) + struct.pack("!H", packet_id) + b"\x00" + payload)
+def publish_packet(topic: str, payload: bytes, packet_id: int, *, retain: bool = False) -> bytes:
+    """PUBLISH, no properties: at QoS1 with `packet_id`, or at QoS0 when `packet_id` is 0."""
+    first = (PUBLISH << 4) | (0x02 if packet_id else 0x00) | (0x01 if retain else 0x00)
+    packet_id_field = struct.pack("!H", packet_id) if packet_id else b""
+    return packet(first, utf8(topic) + packet_id_field + b"\x00" + payload)
 
 
 def puback_packets(packet_ids: Sequence[int]) -> bytes:
@@ -418,7 +442,13 @@ class MqttWire(asyncio.Protocol):
         raise MqttWireError("no free packet id")  # pragma: no cover - 65535 publishes in flight
 
     async def handshake(
-        self, client_id: str, *, clean_start: bool, session_expiry_s: int, receive_maximum: int
+        self,
+        client_id: str,
+        *,
+        clean_start: bool,
+        session_expiry_s: int,
+        receive_maximum: int,
+        will: Will | None = None,
     ) -> None:
         """Send CONNECT and wait for a successful CONNACK (then keep the connection alive)."""
         self._write(
@@ -428,6 +458,7 @@ class MqttWire(asyncio.Protocol):
                 keepalive_s=self._keepalive_s,
                 session_expiry_s=session_expiry_s,
                 receive_maximum=receive_maximum,
+                will=will,
             )
         )
         self.session_present, properties = await self._connack
@@ -451,7 +482,10 @@ class MqttWire(asyncio.Protocol):
         self._schedule_ping()
 
     async def subscribe(self, filters: Sequence[str]) -> None:
-        """Subscribe at QoS1 (maximum); raise `MqttWireError` naming any filter the broker refused."""
+        """Subscribe at QoS1 (maximum); raise `MqttWireError` naming any filter the broker refused.
+
+        A QoS1 message received is acknowledged only when the caller calls `puback`.
+        """
         packet_id = self._packet_id(self._subacks)
         waiter: asyncio.Future[bytes] = self._loop.create_future()
         self._subacks[packet_id] = waiter
@@ -482,13 +516,22 @@ class MqttWire(asyncio.Protocol):
         if packet_ids and not self.closed.done() and self._transport is not None:
             self._transport.write(puback_packets(packet_ids))
 
-    async def publish(self, topic: str, payload: bytes) -> None:
-        """Publish at QoS1 and wait for the broker's PUBACK."""
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish at QoS1 and wait for the broker's PUBACK, or at QoS0 (written, nothing to wait for).
+
+        Raises `MqttWireError` if not connected, if the connection fails before the PUBACK, or if the
+        broker refuses the message. Wrap it in `asyncio.timeout` to bound the wait.
+        """
+        if qos == 0:
+            self._write(publish_packet(topic, payload, 0, retain=retain))
+            return
+        if qos != 1:
+            raise ValueError(f"QoS must be 0 or 1, got {qos}")
         packet_id = self._packet_id(self._pubacks)
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._pubacks[packet_id] = waiter
         try:
-            self._write(publish_packet(topic, payload, packet_id))
+            self._write(publish_packet(topic, payload, packet_id, retain=retain))
         except BaseException:
             self._pubacks.pop(packet_id, None)
             raise
@@ -513,6 +556,7 @@ async def open_mqtt(
     session_expiry_s: int,
     keepalive_s: int,
     receive_maximum: int,
+    will: Will | None = None,
     timeout_s: float = 10.0,
 ) -> MqttWire:
     """Connect and complete the CONNECT/CONNACK handshake; raise `MqttWireError` saying why not.
@@ -531,6 +575,7 @@ async def open_mqtt(
                     clean_start=clean_start,
                     session_expiry_s=session_expiry_s,
                     receive_maximum=receive_maximum,
+                    will=will,
                 )
             except BaseException:
                 wire.close()

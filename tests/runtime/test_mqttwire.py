@@ -10,20 +10,23 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from nerve.bridge.mqttwire import (
+from nerve.runtime.config import MqttSettings, host_port
+from nerve.runtime.mqtt import make_client
+from nerve.runtime.mqttwire import (
     Incoming,
     MqttWire,
     MqttWireError,
+    Will,
+    connect_packet,
     open_mqtt,
     packet,
     parse_properties,
     puback_packets,
+    publish_packet,
     read_varint,
     utf8,
     varint,
 )
-from nerve.runtime.config import MqttSettings, host_port
-from nerve.runtime.mqtt import make_client
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -342,3 +345,90 @@ async def test_publish_waits_for_puback_and_a_stopped_broker_fails_it(mosquitto:
         await asyncio.wait_for(wire.closed, 5)
     with pytest.raises(MqttWireError, match="not connected"):
         await wire.publish("nerve/pi/commands/clear_temp", b"cmd")
+
+
+def test_connect_carries_a_will() -> None:
+    will = Will(topic="nerve/pi-01/status", payload=b"offline", qos=1, retain=True)
+    raw = connect_packet(
+        "nerve-edge-pi-01",
+        clean_start=False,
+        keepalive_s=30,
+        session_expiry_s=60,
+        receive_maximum=16,
+        will=will,
+    )
+    assert raw[0] == 0x10
+    length, start = read_varint(raw, 1) or (0, 0)
+    body = raw[start : start + length]
+    assert body[:7] == utf8("MQTT") + b"\x05"
+    # will flag, will QoS 1, will retain; not clean start
+    assert body[7] == 0x04 | 0x08 | 0x20
+    props_end = 10 + 1 + body[10]
+    rest = body[props_end:]
+    assert rest == (
+        utf8("nerve-edge-pi-01") + b"\x00" + utf8("nerve/pi-01/status") + struct.pack("!H", 7) + b"offline"
+    )
+
+
+def test_connect_without_a_will_sets_no_will_flags() -> None:
+    raw = connect_packet("c", clean_start=True, keepalive_s=30, session_expiry_s=0, receive_maximum=10)
+    assert raw[2 + 7] == 0x02
+    assert raw.endswith(utf8("c"))
+
+
+def test_publish_retained_at_qos1_and_qos0() -> None:
+    assert publish_packet("t", b"x", 7, retain=True) == packet(0x33, utf8("t") + b"\x00\x07" + b"\x00" + b"x")
+    assert publish_packet("t", b"x", 0, retain=True) == packet(0x31, utf8("t") + b"\x00" + b"x")
+    assert publish_packet("t", b"x", 0) == packet(0x30, utf8("t") + b"\x00" + b"x")
+
+
+async def test_a_qos0_publish_waits_for_nothing() -> None:
+    wire = MqttWire(lambda _batch: None, keepalive_s=0)
+    transport = FakeTransport()
+    wire.connection_made(transport)
+    await wire.publish("nerve/pi-01/status", b"online", qos=0, retain=True)
+    assert bytes(transport.written) == publish_packet("nerve/pi-01/status", b"online", 0, retain=True)
+    with pytest.raises(ValueError, match="QoS must be 0 or 1"):
+        await wire.publish("t", b"x", qos=2)
+
+
+@pytest.mark.broker
+async def test_the_will_is_published_when_the_client_vanishes(mosquitto: Mosquitto) -> None:
+    host, port = host_port(mosquitto.url, 1883)
+    received: list[Incoming] = []
+    got = asyncio.Event()
+
+    def collect(batch: list[Incoming]) -> None:
+        received.extend(batch)
+        got.set()
+
+    watcher = await open_mqtt(
+        host,
+        port,
+        client_id="watcher",
+        on_messages=collect,
+        clean_start=True,
+        session_expiry_s=0,
+        keepalive_s=30,
+        receive_maximum=10,
+    )
+    try:
+        await watcher.subscribe(["will/+"])
+        dying = await open_mqtt(
+            host,
+            port,
+            client_id="dying",
+            on_messages=lambda _batch: None,
+            clean_start=True,
+            session_expiry_s=0,
+            keepalive_s=30,
+            receive_maximum=10,
+            will=Will(topic="will/dying", payload=b"offline", qos=1, retain=True),
+        )
+        assert dying._transport is not None
+        dying._transport.abort()
+        async with asyncio.timeout(10):
+            await got.wait()
+        assert (received[0].topic, received[0].payload) == ("will/dying", b"offline")
+    finally:
+        watcher.close()
