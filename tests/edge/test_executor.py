@@ -164,6 +164,29 @@ def test_replay_gets_the_recorded_result_and_runs_nothing(
     assert later.exists()
 
 
+def test_replay_after_expiry_is_refused_as_expired_and_runs_nothing(
+    executor: Executor, signer: Signer, root: Path, clock: Clock, journal: CommandJournal
+) -> None:
+    put(root / "old.log", age=2 * HOUR)
+    command = signer.sign(make(ttl=timedelta(seconds=10)))
+    assert answer(executor, command).status == "ok"
+    later = put(root / "later.log", age=2 * HOUR)
+    clock.offset = timedelta(seconds=41)  # 31 s past expiry, 30 s allowed
+    again = answer(executor, command)
+    assert again.status == "expired"
+    assert "it was answered before and is not run again" in again.reason
+    assert again.causationid == command.id
+    assert later.exists()
+    # The same request with another expiry (outside the digest): the signature no longer matches.
+    forged = command.model_copy(update={"expires": command.expires - timedelta(seconds=1)})
+    refused = answer(executor, forged)
+    assert refused.status == "rejected"
+    assert "signature" in refused.reason
+    entry = journal.lookup(command.id)
+    assert entry is not None
+    assert as_model(executor._recorded(entry)).status == "ok"  # type: ignore[arg-type]
+
+
 def test_within_clock_skew_still_runs(executor: Executor, signer: Signer, clock: Clock) -> None:
     command = signer.sign(make(ttl=timedelta(seconds=10)))
     clock.offset = timedelta(seconds=35)  # 25 s past expiry, 30 s allowed

@@ -4,7 +4,8 @@ Checks, in order, for a message on `<prefix>/<device>/commands/<action>`:
 
 1. size, topic (a command topic of this device), decoding as a `Command`;
 2. the journal: a command id with a recorded result gets that result again (a replay of captured
-   bytes too), and nothing runs;
+   bytes too), and nothing runs; once the command is past its expiry (and the skew), a replay whose
+   signature verifies is answered `expired` instead (a forged one `rejected`), and nothing runs;
 3. addressing (the command's subject and action match the device and the topic), the signature;
 4. an id the journal holds for a different command (another digest) is refused as replayed; a
    command the journal saw start but never finish (the device restarted while it ran) is answered
@@ -239,16 +240,45 @@ class Executor:
         digest = command_digest(command)
         same = entry is not None and (entry.digest is None or entry.digest == digest)
         if entry is not None and same and entry.state is JournalState.FINISHED:
-            recorded = self._recorded(entry)
-            if recorded is not None:
-                _log.debug("command %s seen before: answering with its recorded result", command.id)
-                return recorded
+            answered = self._answered_before(command, entry, topic_action)
+            if answered is not None:
+                return answered
         refusal = self._authenticate(command, topic_action)
         if refusal is not None:
             return self._refuse(command, refusal)
         if entry is None:
             return self._admit(command, digest)
         return self._seen_before(command, entry, digest, same=same)
+
+    def _answered_before(
+        self, command: PlainCommand, entry: JournalEntry, topic_action: str
+    ) -> PlainResult | None:
+        """The answer to a command that finished before: its recorded result, or `expired` once past it."""
+        recorded = self._recorded(entry)
+        if recorded is None:
+            return None
+        if recorded.status == "expired" or not self._past_expiry(command):
+            _log.debug("command %s seen before: answering with its recorded result", command.id)
+            return recorded
+        # Answered before and expired since: a genuine replay is refused as expired, a forged one as forged.
+        refusal = self._authenticate(command, topic_action)
+        if refusal is not None:
+            return self._refuse(command, refusal)
+        return self._replayed_after_expiry(command)
+
+    def _past_expiry(self, command: PlainCommand) -> bool:
+        return self._clock() > command.expires + self._skew
+
+    def _replayed_after_expiry(self, command: PlainCommand) -> PlainResult:
+        """A command answered before and now past its expiry is refused as expired, not answered again."""
+        now = self._clock()
+        reason = (
+            f"command expired at {_stamp(command.expires)}; device time is {_stamp(now)} "
+            f"(clock skew allowed: {self._skew.total_seconds():g} s); it was answered before and is not "
+            "run again"
+        )
+        _log.info("command %s (%s) replayed after its expiry: refused", command.id, command.action)
+        return self._result(command, "expired", reason)
 
     def _seen_before(
         self, command: PlainCommand, entry: JournalEntry, digest: bytes, *, same: bool
