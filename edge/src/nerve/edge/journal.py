@@ -23,15 +23,16 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final
 
+from nerve.edge.sqlite_file import ClosedOnExit, check_schema_version, open_prepared, use_wal
 from nerve.runtime.errors import NerveError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from datetime import datetime
-    from types import TracebackType
 
     from nerve.edge.settings import SettingsView
 
@@ -50,7 +51,6 @@ _log: Final = logging.getLogger(__name__)
 
 _SCHEMA_VERSION: Final = 2
 _PRUNE_EVERY_S: Final = 3600.0
-_BUSY_TIMEOUT_S: Final = 5.0
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS commands (
     id          TEXT PRIMARY KEY,
@@ -103,7 +103,7 @@ def journal_path(settings: SettingsView, device: str) -> Path:
     return settings.edge.journal or settings.data_dir / f"edge-{device}.journal"
 
 
-class CommandJournal:
+class CommandJournal(ClosedOnExit):
     """A persistent record of each command id this device started and the result it gave.
 
     Open it with the constructor (it creates the file and its directory), and close it with
@@ -223,51 +223,24 @@ class CommandJournal:
             if connection is not None:
                 connection.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "open" if self._connection is not None else "closed"
         return f"<CommandJournal {self._path} {state}>"
 
     def _open(self) -> sqlite3.Connection:
         try:
-            # Autocommit (isolation_level=None): each statement is its own transaction, which is all
-            # this needs. check_same_thread=False because the executor runs in worker threads; the
-            # lock keeps calls one at a time.
-            connection = sqlite3.connect(
-                self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
+            # Autocommit: each statement is its own transaction, which is all this needs.
+            # check_same_thread=False because the executor runs in worker threads; the lock keeps
+            # calls one at a time.
+            return open_prepared(self._path, self._prepare, check_same_thread=False)
         except sqlite3.Error as exc:
             raise JournalError(self._path, f"cannot open: {exc}") from None
-        try:
-            self._prepare(connection)
-        except sqlite3.Error as exc:
-            connection.close()
-            raise JournalError(self._path, f"cannot open: {exc}") from None
-        except BaseException:
-            connection.close()
-            raise
-        return connection
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            _log.warning("command journal %s: WAL is not available here, using %s", self._path, mode)
-        connection.execute("PRAGMA synchronous = FULL")
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version not in {0, 1, _SCHEMA_VERSION}:
-            raise JournalError(
-                self._path, f"written by another nerve version (schema {version}, expected {_SCHEMA_VERSION})"
-            )
+        use_wal(connection, synchronous="FULL", log=_log, name=f"command journal {self._path}")
+        version = check_schema_version(
+            connection, _SCHEMA_VERSION, error=partial(JournalError, self._path), older={1}
+        )
         if version == 1:
             # Version 1 had no digest: its entries keep None, and are answered as before.
             # One transaction: a crash in between must not leave the column without the version.

@@ -41,14 +41,15 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Self
+from typing import TYPE_CHECKING, Final
 
+from nerve.edge.sqlite_file import ClosedOnExit, check_schema_version, open_prepared, use_wal
 from nerve.runtime.errors import NerveError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import TracebackType
 
     from nerve.edge.settings import SettingsView
 
@@ -69,7 +70,6 @@ DEFAULT_MAX_BYTES: Final = 16 * 1024 * 1024
 _log: Final = logging.getLogger(__name__)
 
 _SCHEMA_VERSION: Final = 1
-_BUSY_TIMEOUT_S: Final = 5.0
 # Per-row bookkeeping SQLite adds (row header, index entry, the integer columns), roughly.
 _ROW_OVERHEAD: Final = 48
 # After dropping telemetry, the outbox goes down to this share of the cap: dropping then happens
@@ -150,7 +150,7 @@ def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
         return made
 
 
-class Outbox:
+class Outbox(ClosedOnExit):
     """A device's persistent, ordered queue of messages not yet acknowledged by the broker.
 
     Open it with the constructor and close it with `close()` or as a context manager. It is used
@@ -321,17 +321,6 @@ class Outbox:
         if connection is not None:
             connection.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         state = "closed" if self._closed else "degraded" if self._broken else "open"
         return f"<Outbox {self._path} {state}>"
@@ -342,19 +331,10 @@ class Outbox:
         self._last_open_attempt = time.monotonic()
         try:
             self._path.parent.mkdir(parents=True, exist_ok=True)
-            connection = sqlite3.connect(self._path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            connection = open_prepared(self._path, self._prepare)
         except (sqlite3.Error, OSError) as exc:
             self._cannot_write(exc, opening=True)
             return
-        try:
-            self._prepare(connection)
-        except (sqlite3.Error, OSError) as exc:
-            connection.close()
-            self._cannot_write(exc, opening=True)
-            return
-        except BaseException:
-            connection.close()
-            raise
         self._connection = connection
 
     def _retry_open(self) -> None:
@@ -362,15 +342,8 @@ class Outbox:
             self._try_open()
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode != "wal":
-            _log.warning("outbox %s: WAL is not available here, using %s", self._path, mode)
-        connection.execute("PRAGMA synchronous = NORMAL")
-        version = connection.execute("PRAGMA user_version").fetchone()[0]
-        if version not in {0, _SCHEMA_VERSION}:
-            raise OutboxError(
-                self._path, f"written by another nerve version (schema {version}, expected {_SCHEMA_VERSION})"
-            )
+        use_wal(connection, synchronous="NORMAL", log=_log, name=f"outbox {self._path}")
+        version = check_schema_version(connection, _SCHEMA_VERSION, error=partial(OutboxError, self._path))
         if version == 0:
             connection.executescript(_SCHEMA)
             connection.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
