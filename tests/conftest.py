@@ -1,11 +1,14 @@
 """Fixtures shared by every test: real brokers on free ports, each with its own data directory.
 
-Tests that use `mosquitto` or `nats_server` carry `@pytest.mark.broker`.
+Tests that use `mosquitto` or `nats_server` carry `@pytest.mark.broker`. The wire protocols' tests
+also share a fake transport and a fake TCP server (`new_transport`, `tcp_server`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, TypeAlias
 
 import nats
 import pytest
@@ -14,10 +17,13 @@ from nerve.runtime.brokers import Mosquitto, NatsServer, free_port
 from nerve.runtime.config import Settings, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
+
+    Serve: TypeAlias = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @pytest.fixture
@@ -52,3 +58,64 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
     client = await nats.connect(nats_server.url)
     yield client
     await client.close()
+
+
+# --- fakes for the wire protocols' tests -----------------------------------------------------------
+
+
+class FakeTransport(asyncio.Transport):
+    """Records what the protocol writes, and whether it closed or aborted the connection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = bytearray()
+        self.closed = False
+        self.aborted = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed or self.aborted
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+@pytest.fixture
+def new_transport() -> Callable[[], FakeTransport]:
+    """Makes a fresh `FakeTransport` at each call."""
+    return FakeTransport
+
+
+@contextlib.asynccontextmanager
+async def _tcp_server(serve: Serve) -> AsyncIterator[int]:
+    """A TCP server on 127.0.0.1 that hands each connection to `serve`; yields its port.
+
+    On the way out the server stops and every connection it took is closed.
+    """
+    writers: list[asyncio.StreamWriter] = []
+
+    async def track(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await serve(reader, writer)
+
+    server = await asyncio.start_server(track, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        await server.wait_closed()
+
+
+@pytest.fixture
+def tcp_server() -> Callable[[Serve], AbstractAsyncContextManager[int]]:
+    """Starts a fake server: `async with tcp_server(serve) as port`, `serve(reader, writer)` per client."""
+    return _tcp_server

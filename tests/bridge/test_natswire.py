@@ -8,7 +8,7 @@ import json
 import shutil
 import socket
 import subprocess
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import nats
 import pytest
@@ -20,36 +20,37 @@ from nerve.runtime.streams import ensure_streams
 from nerve.runtime.testing import stream_messages
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
+    from tests.conftest import FakeTransport, Serve
+
+    class Connect(Protocol):
+        def __call__(
+            self, acks: list[StoreAck], inbox: bytes | None = None
+        ) -> tuple[NatsWire, FakeTransport, bytes]: ...
+
+    class FakeServer(Protocol):
+        def __call__(
+            self, info: dict[str, object], answer: bytes = b"PONG\r\n"
+        ) -> AbstractAsyncContextManager[tuple[int, list[bytes]]]: ...
 
 
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.aborted = False
+@pytest.fixture
+def connected(new_transport: Callable[[], FakeTransport]) -> Connect:
+    """Makes a wire that appends its acks to `acks` (on `inbox`, if given), on a fresh fake transport."""
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
+    def connect(acks: list[StoreAck], inbox: bytes | None = None) -> tuple[NatsWire, FakeTransport, bytes]:
+        wire = NatsWire(acks.extend)
+        if inbox is not None:
+            wire._inbox = inbox
+        transport = new_transport()
+        wire.connection_made(transport)
+        return wire, transport, wire._inbox
 
-    def is_closing(self) -> bool:
-        return self.aborted
-
-    def close(self) -> None:
-        self.aborted = True
-
-    def abort(self) -> None:
-        self.aborted = True
-
-
-def connected(acks: list[StoreAck]) -> tuple[NatsWire, FakeTransport, bytes]:
-    wire = NatsWire(acks.extend)
-    transport = FakeTransport()
-    wire.connection_made(transport)
-    return wire, transport, wire._inbox
+    return connect
 
 
 def msg(subject: bytes, body: bytes) -> bytes:
@@ -62,7 +63,7 @@ def test_headers_refuse_line_breaks() -> None:
         headers_block({MSG_ID_HEADER: "x\r\nNats-Expected-Stream: other"})
 
 
-async def test_acks_split_at_every_byte_are_all_read() -> None:
+async def test_acks_split_at_every_byte_are_all_read(connected: Connect) -> None:
     probe, _, _ = connected([])
     inbox = probe._inbox
     hdr = b"NATS/1.0 503\r\n\r\n"
@@ -81,10 +82,7 @@ async def test_acks_split_at_every_byte_are_all_read() -> None:
     )
     for cut in range(1, len(stream)):
         acks: list[StoreAck] = []
-        wire = NatsWire(acks.extend)
-        wire._inbox = inbox
-        transport = FakeTransport()
-        wire.connection_made(transport)
+        wire, transport, _ = connected(acks, inbox)
         wire.data_received(stream[:cut])
         wire.data_received(stream[cut:])
         assert acks == [
@@ -101,7 +99,7 @@ async def test_acks_split_at_every_byte_are_all_read() -> None:
         assert not transport.aborted
 
 
-async def test_publishes_go_out_in_one_write_with_their_reply_tokens() -> None:
+async def test_publishes_go_out_in_one_write_with_their_reply_tokens(connected: Connect) -> None:
     wire, transport, inbox = connected([])
     head = headers_block({MSG_ID_HEADER: "id-1"})
     wire.publish("nerve.a.telemetry.cpu", head, b"body", 7)
@@ -123,7 +121,9 @@ async def test_publishes_go_out_in_one_write_with_their_reply_tokens() -> None:
         (b"x" * 5000, "control line too long"),
     ],
 )
-async def test_errors_end_the_connection_with_the_reason(data: bytes, reason: str) -> None:
+async def test_errors_end_the_connection_with_the_reason(
+    data: bytes, reason: str, connected: Connect
+) -> None:
     wire, transport, _ = connected([])
     wire.data_received(data)
     assert transport.aborted
@@ -131,33 +131,31 @@ async def test_errors_end_the_connection_with_the_reason(data: bytes, reason: st
         await wire.closed
 
 
-@contextlib.asynccontextmanager
-async def fake_server(
-    info: dict[str, object], answer: bytes = b"PONG\r\n"
-) -> AsyncIterator[tuple[int, list[bytes]]]:
-    """Says INFO, records the client's first line (CONNECT), answers; yields (port, lines)."""
-    lines: list[bytes] = []
-    writers: list[asyncio.StreamWriter] = []
+@pytest.fixture
+def fake_server(
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+) -> FakeServer:
+    """Makes a fake nats-server: `async with fake_server(info, answer) as (port, lines)`."""
 
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
-        lines.append(await reader.readline())
-        writer.write(answer)
-        with contextlib.suppress(ConnectionError):
-            await writer.drain()
-            await reader.read(1024)
+    @contextlib.asynccontextmanager
+    async def start(
+        info: dict[str, object], answer: bytes = b"PONG\r\n"
+    ) -> AsyncIterator[tuple[int, list[bytes]]]:
+        """Says INFO, records the client's first line (CONNECT), answers; yields (port, lines)."""
+        lines: list[bytes] = []
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1], lines
-    finally:
-        server.close()
-        for writer in writers:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        await server.wait_closed()
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+            lines.append(await reader.readline())
+            writer.write(answer)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+                await reader.read(1024)
+
+        async with tcp_server(serve) as port:
+            yield port, lines
+
+    return start
 
 
 @pytest.mark.parametrize(
@@ -168,7 +166,9 @@ async def fake_server(
         ("", {}),
     ],
 )
-async def test_credentials_from_the_url_go_into_connect(userinfo: str, expected: dict[str, str]) -> None:
+async def test_credentials_from_the_url_go_into_connect(
+    userinfo: str, expected: dict[str, str], fake_server: FakeServer
+) -> None:
     async with fake_server({"headers": True, "max_payload": 2048}) as (port, lines):
         wire = await open_nats(f"nats://{userinfo}127.0.0.1:{port}", name="t", on_acks=lambda _: None)
         wire.close()
@@ -179,7 +179,7 @@ async def test_credentials_from_the_url_go_into_connect(userinfo: str, expected:
     assert wire.max_payload == 2048
 
 
-async def test_refusals_and_absent_servers_are_named() -> None:
+async def test_refusals_and_absent_servers_are_named(fake_server: FakeServer) -> None:
     async with fake_server({"headers": True}, b"-ERR 'Authorization Violation'\r\n") as (port, _):
         with pytest.raises(NatsWireError, match="Authorization Violation"):
             await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None)

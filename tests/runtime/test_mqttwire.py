@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import pytest
 
@@ -29,31 +28,63 @@ from nerve.runtime.mqttwire import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import Callable
+    from contextlib import AbstractAsyncContextManager
+
+    from tests.conftest import FakeTransport, Serve
 
     from nerve.runtime.brokers import Mosquitto
 
+    Connect: TypeAlias = Callable[[Callable[[list[Incoming]], None]], tuple[MqttWire, FakeTransport]]
 
-class FakeTransport(asyncio.Transport):
-    """Records what the protocol writes."""
+
+def ignore(_batch: list[Incoming]) -> None:
+    """Takes messages and does nothing with them."""
+
+
+async def open_wire(
+    port: int,
+    client_id: str = "t",
+    on_messages: Callable[[list[Incoming]], None] = ignore,
+    *,
+    host: str = "127.0.0.1",
+    clean_start: bool = True,
+    session_expiry_s: int = 0,
+    receive_maximum: int = 10,
+    will: Will | None = None,
+    timeout_s: float = 10.0,
+) -> MqttWire:
+    """`open_mqtt` with the options most tests leave alone filled in (keepalive 30 s)."""
+    return await open_mqtt(
+        host,
+        port,
+        client_id=client_id,
+        on_messages=on_messages,
+        clean_start=clean_start,
+        session_expiry_s=session_expiry_s,
+        keepalive_s=30,
+        receive_maximum=receive_maximum,
+        will=will,
+        timeout_s=timeout_s,
+    )
+
+
+class Collected:
+    """What a wire received: `take` is its `on_messages`; `wait_for(n)` until n have come."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.written = bytearray()
-        self.closed = False
-        self.aborted = False
+        self.messages: list[Incoming] = []
+        self._arrived = asyncio.Event()
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += data
+    def take(self, batch: list[Incoming]) -> None:
+        self.messages.extend(batch)
+        self._arrived.set()
 
-    def is_closing(self) -> bool:
-        return self.closed or self.aborted
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = True
+    async def wait_for(self, count: int, *, timeout: float = 5.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.messages) < count:
+                self._arrived.clear()
+                await self._arrived.wait()
 
 
 def publish(topic: str, payload: bytes, packet_id: int = 0, *, properties: bytes = b"") -> bytes:
@@ -62,11 +93,17 @@ def publish(topic: str, payload: bytes, packet_id: int = 0, *, properties: bytes
     return packet(0x30 | (qos << 1), header + varint(len(properties)) + properties + payload)
 
 
-def connected(batches: list[list[Incoming]]) -> tuple[MqttWire, FakeTransport]:
-    wire = MqttWire(batches.append, keepalive_s=0)
-    transport = FakeTransport()
-    wire.connection_made(transport)
-    return wire, transport
+@pytest.fixture
+def connected(new_transport: Callable[[], FakeTransport]) -> Connect:
+    """Makes a wire that hands what it reads to `on_messages`, on a fresh fake transport."""
+
+    def connect(on_messages: Callable[[list[Incoming]], None]) -> tuple[MqttWire, FakeTransport]:
+        wire = MqttWire(on_messages, keepalive_s=0)
+        transport = new_transport()
+        wire.connection_made(transport)
+        return wire, transport
+
+    return connect
 
 
 def test_varint_round_trips_at_every_boundary() -> None:
@@ -104,7 +141,7 @@ def test_properties_of_every_size_class_are_read_or_skipped() -> None:
         parse_properties(b"\x09\x01\x00", 0, 3)
 
 
-async def test_publishes_split_at_every_byte_arrive_whole_and_in_order() -> None:
+async def test_publishes_split_at_every_byte_arrive_whole_and_in_order(connected: Connect) -> None:
     stream = (
         publish("nerve/a/telemetry/cpu", b"1", 1)
         + publish("nerve/b/telemetry/cpu", b"x" * 300, 2, properties=b"\x01\x01")
@@ -114,7 +151,7 @@ async def test_publishes_split_at_every_byte_arrive_whole_and_in_order() -> None
     )
     for cut in range(1, len(stream)):
         batches: list[list[Incoming]] = []
-        wire, transport = connected(batches)
+        wire, transport = connected(batches.append)
         wire.data_received(stream[:cut])
         wire.data_received(stream[cut:])
         got = [m for batch in batches for m in batch]
@@ -127,9 +164,9 @@ async def test_publishes_split_at_every_byte_arrive_whole_and_in_order() -> None
         assert not transport.aborted
 
 
-async def test_one_read_is_one_batch_and_pubacks_are_one_write() -> None:
+async def test_one_read_is_one_batch_and_pubacks_are_one_write(connected: Connect) -> None:
     batches: list[list[Incoming]] = []
-    wire, transport = connected(batches)
+    wire, transport = connected(batches.append)
     wire.data_received(b"".join(publish(f"t/{i}", b"v", i + 1) for i in range(50)))
     assert len(batches) == 1
     assert [m.packet_id for m in batches[0]] == list(range(1, 51))
@@ -149,9 +186,11 @@ async def test_one_read_is_one_batch_and_pubacks_are_one_write() -> None:
         (packet(0xE0, b"\x8e\x00"), "broker disconnected us"),  # session taken over
     ],
 )
-async def test_protocol_violations_end_the_connection_with_the_reason(data: bytes, reason: str) -> None:
+async def test_protocol_violations_end_the_connection_with_the_reason(
+    data: bytes, reason: str, connected: Connect
+) -> None:
     batches: list[list[Incoming]] = []
-    wire, transport = connected(batches)
+    wire, transport = connected(batches.append)
     wire.data_received(data)
     assert transport.aborted
     with pytest.raises(MqttWireError, match=reason):
@@ -159,13 +198,11 @@ async def test_protocol_violations_end_the_connection_with_the_reason(data: byte
     assert batches == []
 
 
-async def test_a_failing_handler_ends_the_connection() -> None:
+async def test_a_failing_handler_ends_the_connection(connected: Connect) -> None:
     def boom(batch: list[Incoming]) -> None:
         raise RuntimeError(f"cannot take {len(batch)}")
 
-    wire = MqttWire(boom, keepalive_s=0)
-    transport = FakeTransport()
-    wire.connection_made(transport)
+    wire, transport = connected(boom)
     wire.data_received(publish("t", b"v", 1))
     assert transport.aborted
     with pytest.raises(MqttWireError, match="RuntimeError: cannot take 1"):
@@ -174,90 +211,55 @@ async def test_a_failing_handler_ends_the_connection() -> None:
     assert transport.written == b""
 
 
-@contextlib.asynccontextmanager
-async def fake_broker(reply: bytes) -> AsyncIterator[int]:
-    """A TCP server that answers whatever it gets with `reply` once; yields its port."""
-    writers: list[asyncio.StreamWriter] = []
+def answering(reply: bytes) -> Serve:
+    """A fake broker's side of a connection: answer whatever comes first with `reply`, once."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
         await reader.read(1024)
         writer.write(reply)
         await writer.drain()
         await reader.read(1024)
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for writer in writers:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        await server.wait_closed()
+    return serve
 
 
-async def open_at(port: int) -> MqttWire:
-    return await open_mqtt(
-        "127.0.0.1",
-        port,
-        client_id="t",
-        on_messages=lambda _batch: None,
-        clean_start=True,
-        session_expiry_s=0,
-        keepalive_s=30,
-        receive_maximum=10,
-        timeout_s=2,
-    )
-
-
-async def test_a_refused_connect_says_why() -> None:
-    async with fake_broker(packet(0x20, b"\x00\x86\x05\x1f" + utf8("no"))) as port:
+async def test_a_refused_connect_says_why(
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+) -> None:
+    async with tcp_server(answering(packet(0x20, b"\x00\x86\x05\x1f" + utf8("no")))) as port:
         with pytest.raises(
             MqttWireError, match=r"refused the connection: bad user name or password \(0x86, no\)"
         ):
-            await open_at(port)
+            await open_wire(port, timeout_s=2)
 
 
-async def test_a_silent_broker_times_out_and_nothing_listening_is_named() -> None:
-    async with fake_broker(b"") as port:
+async def test_a_silent_broker_times_out_and_nothing_listening_is_named(
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+) -> None:
+    async with tcp_server(answering(b"")) as port:
         with pytest.raises(MqttWireError, match="no CONNACK"):
-            await open_at(port)
+            await open_wire(port, timeout_s=2)
     with pytest.raises(MqttWireError, match=f"cannot connect to mqtt://127.0.0.1:{port}"):
-        await open_at(port)
+        await open_wire(port, timeout_s=2)
 
 
 # --- against a real mosquitto --------------------------------------------------------------------
-
-
-async def wait_for(received: list[Incoming], count: int, arrived: asyncio.Event) -> None:
-    async with asyncio.timeout(5):
-        while len(received) < count:
-            arrived.clear()
-            await arrived.wait()
 
 
 @pytest.mark.broker
 async def test_receive_maximum_and_the_persistent_session(mosquitto: Mosquitto) -> None:
     """mosquitto sends no more than the Receive Maximum unacknowledged; what was not acked comes again."""
     host, port = host_port(mosquitto.url, 1883)
-    received: list[Incoming] = []
-    arrived = asyncio.Event()
-
-    def take(batch: list[Incoming]) -> None:
-        received.extend(batch)
-        arrived.set()
+    received = Collected()
 
     async def open_session() -> MqttWire:
-        return await open_mqtt(
-            host,
+        return await open_wire(
             port,
-            client_id="bounded",
-            on_messages=take,
+            "bounded",
+            received.take,
+            host=host,
             clean_start=False,
             session_expiry_s=300,
-            keepalive_s=30,
             receive_maximum=5,
         )
 
@@ -269,53 +271,38 @@ async def test_receive_maximum_and_the_persistent_session(mosquitto: Mosquitto) 
     async with make_client(MqttSettings(url=mosquitto.url), identifier="pub", persistent=False) as pub:
         for i in range(12):
             await pub.publish("nerve/pi/telemetry/cpu", str(i).encode(), qos=1)
-    await wait_for(received, 5, arrived)
+    await received.wait_for(5)
     await asyncio.sleep(0.3)
-    assert [m.payload for m in received] == [str(i).encode() for i in range(5)]  # no more than 5
+    assert [m.payload for m in received.messages] == [str(i).encode() for i in range(5)]  # no more than 5
     # Gone without acknowledging any: the persistent session sends them again, in order, then the rest.
     wire.close()
-    received.clear()
+    received.messages.clear()
     wire = await open_session()
     assert wire.session_present
     acked = 0
     while acked < 12:
-        await wait_for(received, acked + 1, arrived)
-        wire.puback([m.packet_id for m in received[acked:]])
-        acked = len(received)
-    assert [m.payload for m in received] == [str(i).encode() for i in range(12)]
+        await received.wait_for(acked + 1)
+        wire.puback([m.packet_id for m in received.messages[acked:]])
+        acked = len(received.messages)
+    assert [m.payload for m in received.messages] == [str(i).encode() for i in range(12)]
     wire.close()
 
 
 @pytest.mark.broker
 async def test_paused_reading_leaves_messages_with_the_broker(mosquitto: Mosquitto) -> None:
     host, port = host_port(mosquitto.url, 1883)
-    received: list[Incoming] = []
-    arrived = asyncio.Event()
-
-    def take(batch: list[Incoming]) -> None:
-        received.extend(batch)
-        arrived.set()
-
-    wire = await open_mqtt(
-        host,
-        port,
-        client_id="paused",
-        on_messages=take,
-        clean_start=True,
-        session_expiry_s=0,
-        keepalive_s=30,
-        receive_maximum=100,
-    )
+    received = Collected()
+    wire = await open_wire(port, "paused", received.take, host=host, receive_maximum=100)
     await wire.subscribe(["nerve/+/telemetry/#"])
     wire.pause_reading()
     async with make_client(MqttSettings(url=mosquitto.url), identifier="pub", persistent=False) as pub:
         for i in range(20):
             await pub.publish("nerve/pi/telemetry/cpu", str(i).encode(), qos=1)
     await asyncio.sleep(0.3)
-    assert received == []
+    assert received.messages == []
     wire.resume_reading()
-    await wait_for(received, 20, arrived)
-    assert [m.payload for m in received] == [str(i).encode() for i in range(20)]
+    await received.wait_for(20)
+    assert [m.payload for m in received.messages] == [str(i).encode() for i in range(20)]
     wire.close()
 
 
@@ -323,16 +310,7 @@ async def test_paused_reading_leaves_messages_with_the_broker(mosquitto: Mosquit
 async def test_publish_waits_for_puback_and_a_stopped_broker_fails_it(mosquitto: Mosquitto) -> None:
     host, port = host_port(mosquitto.url, 1883)
     got: list[Incoming] = []
-    wire = await open_mqtt(
-        host,
-        port,
-        client_id="loop",
-        on_messages=got.extend,
-        clean_start=True,
-        session_expiry_s=0,
-        keepalive_s=30,
-        receive_maximum=10,
-    )
+    wire = await open_wire(port, "loop", got.extend, host=host)
     await wire.subscribe(["nerve/+/commands/#"])
     await wire.publish("nerve/pi/commands/clear_temp", b"cmd")
     for _ in range(50):
@@ -382,10 +360,8 @@ def test_publish_retained_at_qos1_and_qos0() -> None:
     assert publish_packet("t", b"x", 0) == packet(0x30, utf8("t") + b"\x00" + b"x")
 
 
-async def test_a_qos0_publish_waits_for_nothing() -> None:
-    wire = MqttWire(lambda _batch: None, keepalive_s=0)
-    transport = FakeTransport()
-    wire.connection_made(transport)
+async def test_a_qos0_publish_waits_for_nothing(connected: Connect) -> None:
+    wire, transport = connected(ignore)
     await wire.publish("nerve/pi-01/status", b"online", qos=0, retain=True)
     assert bytes(transport.written) == publish_packet("nerve/pi-01/status", b"online", 0, retain=True)
     with pytest.raises(ValueError, match="QoS must be 0 or 1"):
@@ -395,40 +371,19 @@ async def test_a_qos0_publish_waits_for_nothing() -> None:
 @pytest.mark.broker
 async def test_the_will_is_published_when_the_client_vanishes(mosquitto: Mosquitto) -> None:
     host, port = host_port(mosquitto.url, 1883)
-    received: list[Incoming] = []
-    got = asyncio.Event()
-
-    def collect(batch: list[Incoming]) -> None:
-        received.extend(batch)
-        got.set()
-
-    watcher = await open_mqtt(
-        host,
-        port,
-        client_id="watcher",
-        on_messages=collect,
-        clean_start=True,
-        session_expiry_s=0,
-        keepalive_s=30,
-        receive_maximum=10,
-    )
+    received = Collected()
+    watcher = await open_wire(port, "watcher", received.take, host=host)
     try:
         await watcher.subscribe(["will/+"])
-        dying = await open_mqtt(
-            host,
+        dying = await open_wire(
             port,
-            client_id="dying",
-            on_messages=lambda _batch: None,
-            clean_start=True,
-            session_expiry_s=0,
-            keepalive_s=30,
-            receive_maximum=10,
+            "dying",
+            host=host,
             will=Will(topic="will/dying", payload=b"offline", qos=1, retain=True),
         )
         assert dying._transport is not None
         dying._transport.abort()
-        async with asyncio.timeout(10):
-            await got.wait()
-        assert (received[0].topic, received[0].payload) == ("will/dying", b"offline")
+        await received.wait_for(1, timeout=10)
+        assert (received.messages[0].topic, received.messages[0].payload) == ("will/dying", b"offline")
     finally:
         watcher.close()
