@@ -54,6 +54,7 @@ from nerve.runtime.brokers import LOCALHOST, Mosquitto, NatsServer, find_nats_se
 from nerve.runtime.codec import to_msgpack
 from nerve.runtime.envelope import Event
 from nerve.runtime.jetstream import MSG_ID_HEADER
+from nerve.runtime.mqttwire import packet, utf8
 from nerve.runtime.streams import DEADLETTER_STREAM, STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind
 
@@ -118,31 +119,18 @@ DISCONNECT: Final = b"\xe0\x00"
 MAX_PACKET_ID: Final = 0xFFFF
 
 
-def _remaining_length(size: int) -> bytes:
-    out = bytearray()
-    while True:
-        size, digit = divmod(size, 128)
-        out.append(digit | 0x80 if size else digit)
-        if not size:
-            return bytes(out)
-
-
-def _prefixed(raw: bytes) -> bytes:
-    return struct.pack("!H", len(raw)) + raw
+# The primitives (remaining length, length-prefixed strings, framing) are the same in 3.1.1 and 5:
+# they come from nerve's own client; the packets are 3.1.1's, without v5's properties.
 
 
 def connect_packet(client_id: str, *, keepalive_s: int = 60) -> bytes:
     """CONNECT, MQTT 3.1.1, clean session."""
-    body = (
-        _prefixed(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", keepalive_s) + _prefixed(client_id.encode())
-    )
-    return b"\x10" + _remaining_length(len(body)) + body
+    return packet(0x10, utf8("MQTT") + bytes([4, 0x02]) + struct.pack("!H", keepalive_s) + utf8(client_id))
 
 
 def publish_packet(topic: str, payload: bytes, packet_id: int) -> bytes:
     """PUBLISH at QoS1."""
-    body = _prefixed(topic.encode()) + struct.pack("!H", packet_id) + payload
-    return b"\x32" + _remaining_length(len(body)) + body
+    return packet(0x32, utf8(topic) + struct.pack("!H", packet_id) + payload)
 
 
 def packet_id_of(index: int) -> int:
