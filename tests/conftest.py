@@ -1,14 +1,16 @@
 """Fixtures shared by every test: real brokers on free ports, each with its own data directory.
 
 Tests that use `mosquitto` or `nats_server` carry `@pytest.mark.broker`. The wire protocols' tests
-also share a fake transport and a fake TCP server (`new_transport`, `tcp_server`).
+also share a fake transport and a fake TCP server (`new_transport`, `tcp_server`); the edge's tests
+and its chaos tests a running agent (`running`) and a small tmpfs (`tiny_tmpfs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, TypeAlias
+import subprocess
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import nats
 import pytest
@@ -17,12 +19,20 @@ from nerve.runtime.brokers import Mosquitto, NatsServer, free_port
 from nerve.runtime.config import Settings, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
-    from contextlib import AbstractAsyncContextManager
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from contextlib import AbstractAsyncContextManager, AbstractContextManager
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
 
+    from nerve.edge import EdgeAgent
+
+    class Running(Protocol):
+        def __call__(
+            self, agent: EdgeAgent, *, wait: float
+        ) -> AbstractAsyncContextManager[asyncio.Task[None]]: ...
+
+    TinyTmpfs: TypeAlias = Callable[[Path, str], AbstractContextManager[Path]]
     Serve: TypeAlias = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
@@ -119,3 +129,50 @@ async def _tcp_server(serve: Serve) -> AsyncIterator[int]:
 def tcp_server() -> Callable[[Serve], AbstractAsyncContextManager[int]]:
     """Starts a fake server: `async with tcp_server(serve) as port`, `serve(reader, writer)` per client."""
     return _tcp_server
+
+
+# --- the edge agent and its disk -------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def _running(agent: EdgeAgent, *, wait: float) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(agent.run(), name="edge-agent")
+    try:
+        async with asyncio.timeout(wait):
+            await agent.ready.wait()
+        yield task
+    finally:
+        task.cancel()
+        async with asyncio.timeout(wait):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+@pytest.fixture
+def running() -> Running:
+    """`async with running(agent, wait=s) as task`: the agent's `run()` as a task, ready (connected and
+    subscribed) within `wait` seconds; cancelled and awaited (again within `wait`) after."""
+    return _running
+
+
+@contextlib.contextmanager
+def _tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def tiny_tmpfs() -> TinyTmpfs:
+    """`with tiny_tmpfs(where, "512k") as disk`: a tmpfs of that size mounted at the new directory
+    `where`, unmounted after (needs root; the test is skipped where mounting is not allowed)."""
+    return _tiny_tmpfs

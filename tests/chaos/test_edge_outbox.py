@@ -11,7 +11,6 @@ import contextlib
 import logging
 import signal
 import sqlite3
-import subprocess
 import sys
 from typing import TYPE_CHECKING
 
@@ -34,6 +33,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
+    from tests.conftest import Running, TinyTmpfs
 
     from nerve.runtime.brokers import Mosquitto, NatsServer
 
@@ -95,20 +95,6 @@ def agent_for(
         )
 
 
-@contextlib.asynccontextmanager
-async def running(agent: EdgeAgent) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(agent.run(), name="edge-agent")
-    try:
-        async with asyncio.timeout(WAIT):
-            await agent.ready.wait()
-        yield task
-    finally:
-        task.cancel()
-        async with asyncio.timeout(WAIT):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
 async def observe(url: str, received: list[Event], subscribed: asyncio.Event) -> None:
     """A persistent QoS1 subscriber that reconnects forever: nothing published to it is lost."""
     while True:
@@ -148,14 +134,14 @@ async def until(condition: object, *, timeout: float = 60.0) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_mosquitto_down_30s_every_reading_arrives_in_order(
-    mosquitto: Mosquitto, tmp_path: Path
+    mosquitto: Mosquitto, tmp_path: Path, running: Running
 ) -> None:
     settings = edge_settings(tmp_path, mosquitto.url)
     with (
         Outbox(tmp_path / "outbox.sqlite3", device=DEVICE) as outbox,
         agent_for(settings, outbox, tmp_path) as agent,
     ):
-        async with observer(mosquitto.url) as received, running(agent):
+        async with observer(mosquitto.url) as received, running(agent, wait=WAIT):
             await until(lambda: len(received) >= 20)
             await mosquitto.stop()
             down_at = outbox.sequence
@@ -208,6 +194,7 @@ async def test_a_killed_agent_replays_its_outbox_in_order_and_jetstream_stores_e
     nats_server: NatsServer,
     nc: NatsClient,
     tmp_path: Path,
+    running: Running,
 ) -> None:
     settings = edge_settings(tmp_path, mosquitto.url, nats_server.url)
     path = tmp_path / "outbox.sqlite3"
@@ -249,7 +236,7 @@ async def test_a_killed_agent_replays_its_outbox_in_order_and_jetstream_stores_e
                 agent_for(settings, outbox, tmp_path, sensors=False) as agent,
             ):
                 assert [entry.id for entry in outbox.peek(len(expected) + 1)] == expected
-                async with running(agent):
+                async with running(agent, wait=WAIT):
                     await until(lambda: len(outbox) == 0)
             if replay == 1:
                 await wait_for_count(js, "NERVE_TELEMETRY", len(expected), timeout=60)
@@ -265,19 +252,10 @@ async def test_a_killed_agent_replays_its_outbox_in_order_and_jetstream_stores_e
 
 
 @pytest.fixture
-def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+def tiny_disk(tmp_path: Path, tiny_tmpfs: TinyTmpfs) -> Iterator[Path]:
     """A 512 KiB tmpfs (needs root; skipped where mounting is not allowed)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], capture_output=True, check=False
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
+    with tiny_tmpfs(tmp_path / "disk", "512k") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def fill(disk: Path) -> None:
@@ -288,7 +266,7 @@ def fill(disk: Path) -> None:
 
 @pytest.mark.timeout(120)
 async def test_a_full_disk_under_the_outbox_keeps_the_agent_publishing(
-    mosquitto: Mosquitto, tmp_path: Path, tiny_disk: Path, caplog: pytest.LogCaptureFixture
+    mosquitto: Mosquitto, tmp_path: Path, tiny_disk: Path, caplog: pytest.LogCaptureFixture, running: Running
 ) -> None:
     settings = edge_settings(tmp_path, mosquitto.url)
     with (
@@ -296,7 +274,7 @@ async def test_a_full_disk_under_the_outbox_keeps_the_agent_publishing(
         agent_for(settings, outbox, tmp_path) as agent,
         caplog.at_level(logging.WARNING, logger="nerve.edge.outbox"),
     ):
-        async with observer(mosquitto.url) as received, running(agent) as task:
+        async with observer(mosquitto.url) as received, running(agent, wait=WAIT) as task:
             await until(lambda: len(received) >= 5)
             fill(tiny_disk)
             await until(lambda: outbox.degraded is not None)

@@ -1,8 +1,10 @@
-"""Fixtures of the edge tests: a signing key pair, a clear_temp root, an open journal and outbox."""
+"""Fixtures of the edge tests: a signing key pair, a clear_temp root, an open journal and outbox, `put`."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+import time
+from typing import TYPE_CHECKING, Protocol
 
 import pytest
 
@@ -13,6 +15,9 @@ from nerve.runtime.signing import Signer, generate_keypair
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
+
+    class Put(Protocol):
+        def __call__(self, path: Path, *, age: float, size: int = 10) -> Path: ...
 
 
 @pytest.fixture
@@ -45,3 +50,17 @@ def outbox(tmp_path: Path) -> Iterator[Outbox]:
     """The outbox of device pi-01 (the device of the agent tests)."""
     with Outbox(tmp_path / "outbox.sqlite3", device="pi-01") as opened:
         yield opened
+
+
+def _put(path: Path, *, age: float, size: int = 10) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x" * size)
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+@pytest.fixture
+def put() -> Put:
+    """`put(path, age=s)`: a file of `size` bytes (10) at `path` (parents made), last changed `age` s ago."""
+    return _put

@@ -8,12 +8,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +43,8 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import aiomqtt
+    from tests.conftest import Running
+    from tests.edge.conftest import Put
 
     from nerve.runtime.brokers import Mosquitto
 
@@ -54,14 +54,6 @@ HOUR = 3600.0
 WAIT = 5.0
 RESULTS = f"nerve/{DEVICE}/results/+"
 STATUS = f"nerve/{DEVICE}/status"
-
-
-def put(path: Path, *, age: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x" * 10)
-    then = time.time() - age
-    os.utime(path, (then, then))
-    return path
 
 
 def command_topic(action: str = "clear_temp") -> str:
@@ -197,21 +189,6 @@ def agent(settings: Settings, journal: CommandJournal, outbox: Outbox) -> EdgeAg
 
 
 @contextlib.asynccontextmanager
-async def running(agent: EdgeAgent) -> AsyncIterator[asyncio.Task[None]]:
-    """The agent's `run()` as a task, ready (connected and subscribed); cancelled and awaited after."""
-    task = asyncio.create_task(agent.run(), name="edge-agent")
-    try:
-        async with asyncio.timeout(WAIT):
-            await agent.ready.wait()
-        yield task
-    finally:
-        task.cancel()
-        async with asyncio.timeout(WAIT):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-
-@contextlib.asynccontextmanager
 async def central(url: str, *topics: str, name: str = "test-central") -> AsyncIterator[aiomqtt.Client]:
     """A plain MQTT client, subscribed to `topics`, that plays central."""
     async with make_client(MqttSettings(url=url), identifier=name, persistent=False) as client:
@@ -233,8 +210,8 @@ async def result_of(client: aiomqtt.Client, topic: str, payload: bytes) -> tuple
 
 
 @pytest.mark.broker
-async def test_presence_online_then_offline(mosquitto: Mosquitto, agent: EdgeAgent) -> None:
-    async with running(agent) as task, central(mosquitto.url, STATUS) as observer:
+async def test_presence_online_then_offline(mosquitto: Mosquitto, agent: EdgeAgent, running: Running) -> None:
+    async with running(agent, wait=WAIT) as task, central(mosquitto.url, STATUS) as observer:
         online = await receive(observer)
         assert (online.payload, online.retain) == (ONLINE, True)
         task.cancel()
@@ -294,8 +271,10 @@ async def test_offline_will_when_the_device_dies(
 
 
 @pytest.mark.broker
-async def test_readings_arrive_as_events(mosquitto: Mosquitto, agent: EdgeAgent, tmp_path: Path) -> None:
-    async with central(mosquitto.url, f"nerve/{DEVICE}/telemetry/+") as observer, running(agent):
+async def test_readings_arrive_as_events(
+    mosquitto: Mosquitto, agent: EdgeAgent, tmp_path: Path, running: Running
+) -> None:
+    async with central(mosquitto.url, f"nerve/{DEVICE}/telemetry/+") as observer, running(agent, wait=WAIT):
         seen: dict[str, Event] = {}
         async with asyncio.timeout(WAIT):
             while not {"disk", "cpu", "memory", "load"} <= set(seen):
@@ -321,13 +300,13 @@ async def test_readings_arrive_as_events(mosquitto: Mosquitto, agent: EdgeAgent,
 
 
 @pytest.mark.broker
-async def test_signed_clear_temp_runs_once(
-    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path
+async def test_signed_clear_temp_runs_once(  # noqa: PLR0917 - fixtures
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path, put: Put, running: Running
 ) -> None:
     old = put(root / "old.log", age=2 * HOUR)
     new = put(root / "new.log", age=0)
     payload = to_msgpack(signer.sign(make()))
-    async with running(agent), central(mosquitto.url, RESULTS) as client:
+    async with running(agent, wait=WAIT), central(mosquitto.url, RESULTS) as client:
         topic, first = await result_of(client, command_topic(), payload)
         assert topic == f"nerve/{DEVICE}/results/clear_temp"
         assert first.status == "ok", first.reason
@@ -392,16 +371,18 @@ def refusals(signer: Signer, tmp_path: Path) -> dict[str, tuple[str, bytes, str,
 @pytest.mark.parametrize(
     "case", ["forged", "unknown-key", "unsigned", "expired", "wrong-device", "not-allow-listed", "bad-args"]
 )
-async def test_refused_with_a_reason(
+async def test_refused_with_a_reason(  # noqa: PLR0917 - fixtures
     mosquitto: Mosquitto,
     agent: EdgeAgent,
     refusals: dict[str, tuple[str, bytes, str, str]],
     root: Path,
     case: str,
+    put: Put,
+    running: Running,
 ) -> None:
     victim = put(root / "victim.log", age=2 * HOUR)
     topic, payload, status, reason = refusals[case]
-    async with running(agent), central(mosquitto.url, RESULTS) as client:
+    async with running(agent, wait=WAIT), central(mosquitto.url, RESULTS) as client:
         result_topic, result = await result_of(client, topic, payload)
     assert result_topic == topic.replace("/commands/", "/results/")
     assert result.status == status
@@ -411,12 +392,12 @@ async def test_refused_with_a_reason(
 
 
 @pytest.mark.broker
-async def test_garbage_gets_no_answer_and_the_agent_goes_on(
-    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path
+async def test_garbage_gets_no_answer_and_the_agent_goes_on(  # noqa: PLR0917 - fixtures
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path, put: Put, running: Running
 ) -> None:
     old = put(root / "old.log", age=2 * HOUR)
     command = signer.sign(make())
-    async with running(agent), central(mosquitto.url, RESULTS) as client:
+    async with running(agent, wait=WAIT), central(mosquitto.url, RESULTS) as client:
         await client.publish(command_topic(), b"\xc1\x00 certainly not a command", qos=1)
         await client.publish(command_topic(), b'{"no": "id"}', qos=1)
         _, result = await result_of(client, command_topic(), to_msgpack(command))
@@ -427,13 +408,19 @@ async def test_garbage_gets_no_answer_and_the_agent_goes_on(
 
 
 @pytest.mark.broker
-async def test_interrupted_command_is_unknown_and_not_run(
-    mosquitto: Mosquitto, agent: EdgeAgent, journal: CommandJournal, signer: Signer, root: Path
+async def test_interrupted_command_is_unknown_and_not_run(  # noqa: PLR0917 - fixtures
+    mosquitto: Mosquitto,
+    agent: EdgeAgent,
+    journal: CommandJournal,
+    signer: Signer,
+    root: Path,
+    put: Put,
+    running: Running,
 ) -> None:
     victim = put(root / "victim.log", age=2 * HOUR)
     command = signer.sign(make())
     journal.start(command.id, expires=command.expires)  # as if the device died while running it
-    async with running(agent), central(mosquitto.url, RESULTS) as client:
+    async with running(agent, wait=WAIT), central(mosquitto.url, RESULTS) as client:
         _, result = await result_of(client, command_topic(), to_msgpack(command))
     assert result.status == "unknown"
     assert result.reason == "the device restarted while running this command; not run again"
@@ -441,16 +428,16 @@ async def test_interrupted_command_is_unknown_and_not_run(
 
 
 @pytest.mark.broker
-async def test_a_command_sent_while_the_device_is_away_runs_when_it_is_back(
-    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path
+async def test_a_command_sent_while_the_device_is_away_runs_when_it_is_back(  # noqa: PLR0917 - fixtures
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path, put: Put, running: Running
 ) -> None:
     old = put(root / "old.log", age=2 * HOUR)
-    async with running(agent):
+    async with running(agent, wait=WAIT):
         pass  # the persistent session and its subscription now exist at the broker
     command = signer.sign(make())
     async with central(mosquitto.url, RESULTS) as client:
         await client.publish(command_topic(), to_msgpack(command), qos=1)
-        async with running(agent):
+        async with running(agent, wait=WAIT):
             message = await receive(client)
     assert isinstance(message.payload, bytes)
     result = decode(message.payload, CommandResult)
@@ -459,11 +446,11 @@ async def test_a_command_sent_while_the_device_is_away_runs_when_it_is_back(
 
 
 @pytest.mark.broker
-async def test_reconnects_after_the_broker_restarts(
-    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path
+async def test_reconnects_after_the_broker_restarts(  # noqa: PLR0917 - fixtures
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, root: Path, put: Put, running: Running
 ) -> None:
     old = put(root / "old.log", age=2 * HOUR)
-    async with running(agent):
+    async with running(agent, wait=WAIT):
         await mosquitto.stop()
         async with asyncio.timeout(WAIT):
             while agent.ready.is_set():

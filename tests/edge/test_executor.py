@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -25,6 +23,8 @@ from nerve.runtime.signing import Signer, Verifier, generate_keypair
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from tests.edge.conftest import Put
 
     from nerve.runtime.plain_envelope import PlainResult
 
@@ -49,14 +49,6 @@ def as_model(result: PlainResult) -> CommandResult:
     model = decode(result.encode(), CommandResult)
     assert model.model_dump(mode="json", exclude_none=True) == result.document()  # nothing lost on the way
     return model
-
-
-def put(path: Path, *, age: float, size: int = 10) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x" * size)
-    then = time.time() - age
-    os.utime(path, (then, then))
-    return path
 
 
 def topic(action: str = "clear_temp", device: str = DEVICE) -> str:
@@ -123,7 +115,7 @@ def assert_refused(result: CommandResult, command: Command, reason: str) -> None
 
 
 def test_signed_clear_temp_runs(
-    executor: Executor, signer: Signer, root: Path, journal: CommandJournal
+    executor: Executor, signer: Signer, root: Path, journal: CommandJournal, put: Put
 ) -> None:
     old = put(root / "old.log", age=2 * HOUR, size=100)
     new = put(root / "new.log", age=0)
@@ -145,14 +137,14 @@ def test_signed_clear_temp_runs(
     assert entry.state is JournalState.FINISHED
 
 
-def test_json_command_runs(executor: Executor, signer: Signer, root: Path) -> None:
+def test_json_command_runs(executor: Executor, signer: Signer, root: Path, put: Put) -> None:
     old = put(root / "old.log", age=2 * HOUR)
     assert answer(executor, signer.sign(make()), encode=to_json).status == "ok"
     assert not old.exists()
 
 
 def test_replay_gets_the_recorded_result_and_runs_nothing(
-    executor: Executor, signer: Signer, root: Path
+    executor: Executor, signer: Signer, root: Path, put: Put
 ) -> None:
     put(root / "old.log", age=2 * HOUR)
     payload = to_msgpack(signer.sign(make()))
@@ -164,8 +156,8 @@ def test_replay_gets_the_recorded_result_and_runs_nothing(
     assert later.exists()
 
 
-def test_replay_after_expiry_is_refused_as_expired_and_runs_nothing(
-    executor: Executor, signer: Signer, root: Path, clock: Clock, journal: CommandJournal
+def test_replay_after_expiry_is_refused_as_expired_and_runs_nothing(  # noqa: PLR0917 - fixtures
+    executor: Executor, signer: Signer, root: Path, clock: Clock, journal: CommandJournal, put: Put
 ) -> None:
     put(root / "old.log", age=2 * HOUR)
     command = signer.sign(make(ttl=timedelta(seconds=10)))
@@ -212,7 +204,7 @@ def test_action_that_raises_is_failed_and_journalled(
 
 
 @pytest.fixture
-def victim(root: Path) -> Path:
+def victim(root: Path, put: Put) -> Path:
     """An old file that any run of clear_temp would delete."""
     return put(root / "victim.log", age=2 * HOUR)
 
@@ -511,7 +503,7 @@ class Executed:
 
 
 @pytest.fixture
-def executed(executor: Executor, signer: Signer, root: Path) -> Executed:
+def executed(executor: Executor, signer: Signer, root: Path, put: Put) -> Executed:
     command = signer.sign(make(args={"older_than_s": 60}))
     result = answer(executor, command)
     assert result.status == "ok"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-import subprocess
 import uuid
 from typing import TYPE_CHECKING
 
@@ -14,8 +13,9 @@ import pytest
 from nerve.edge.outbox import Outbox, OutboxError, OutboxKind, read_boot_id
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
     from pathlib import Path
+
+    from tests.conftest import TinyTmpfs
 
 DEVICE = "pi-01"
 BOOT = "0b7f6f3e-1111-4222-8333-444455556666"
@@ -233,23 +233,7 @@ def test_a_file_that_cannot_be_opened_means_memory_only(
     assert "1 message(s) that only memory held" in caplog.text
 
 
-@contextlib.contextmanager
-def tiny_tmpfs(where: Path, size: str) -> Iterator[Path]:
-    where.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def test_a_really_full_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_really_full_disk(tmp_path: Path, caplog: pytest.LogCaptureFixture, tiny_tmpfs: TinyTmpfs) -> None:
     with (
         tiny_tmpfs(tmp_path / "disk", "512k") as disk,
         Outbox(disk / "outbox", device=DEVICE, boot_id=BOOT) as outbox,

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import os
 import stat
-import time
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
@@ -36,6 +35,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import aiomqtt
+    from tests.edge.conftest import Put
 
     from nerve.runtime.brokers import Mosquitto
 
@@ -45,14 +45,6 @@ HOUR = 3600.0
 TOPIC = f"nerve/{DEVICE}/commands/clear_temp"
 RESULTS = f"nerve/{DEVICE}/results/+"
 DELETE: Final = object()
-
-
-def put(path: Path, *, age: float) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"x" * 10)
-    then = time.time() - age
-    os.utime(path, (then, then))
-    return path
 
 
 def snapshot(*tops: Path) -> dict[str, tuple[bool, float, int]]:
@@ -68,7 +60,7 @@ def snapshot(*tops: Path) -> dict[str, tuple[bool, float, int]]:
 
 
 @pytest.fixture
-def tree(tmp_path: Path, root: Path) -> tuple[Path, Path]:
+def tree(tmp_path: Path, root: Path, put: Put) -> tuple[Path, Path]:
     """Old files in the root, and outside it (an old file, a directory), linked to from the root."""
     outside = tmp_path / "outside"
     put(root / "old.log", age=10 * HOUR)
@@ -187,7 +179,7 @@ async def test_a_symlink_out_of_the_root_is_never_followed(
 
 @pytest.mark.broker
 async def test_a_replay_runs_nothing_and_a_used_id_with_other_content_is_refused(
-    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, tree: tuple[Path, Path]
+    mosquitto: Mosquitto, agent: EdgeAgent, signer: Signer, tree: tuple[Path, Path], put: Put
 ) -> None:
     root, _ = tree
     genuine = signer.sign(command({"older_than_s": 5 * HOUR}))
