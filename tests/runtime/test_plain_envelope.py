@@ -29,22 +29,8 @@ from nerve.runtime.plain_envelope import (
 from nerve.runtime.signing import canonical_bytes
 
 PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FIELDS = (
-    "specversion",
-    "id",
-    "source",
-    "type",
-    "subject",
-    "time",
-    "data",
-    "correlationid",
-    "causationid",
-    "hops",
-    "action",
-    "expires",
-    "keyid",
-    "sig",
-)
+# Every attribute of a command, from the model the plain parser must agree with.
+FIELDS = tuple(Command.model_fields)
 
 tokens = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 json_scalars = (
