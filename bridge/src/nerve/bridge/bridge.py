@@ -53,6 +53,7 @@ PART: Final = "bridge"
 STORE_TIMEOUT_S: Final = 5.0
 WATCH_INTERVAL_S: Final = 1.0
 DRAIN_TIMEOUT_S: Final = 5.0
+SUBSCRIBE_TIMEOUT_S: Final = 30.0
 MQTT_PUBLISH_TIMEOUT_S: Final = 10.0
 # How many commands may be on their way to mosquitto at once; the rest wait in JetStream.
 DOWNLINK_MAX_ACK_PENDING: Final = 256
@@ -156,17 +157,17 @@ class Bridge:
                 receive_maximum=settings.bridge.max_in_flight,
             )
             pump.attach_mqtt(mqtt_wire)
-            await mqtt_wire.subscribe(
-                uplink_filters(
-                    self._prefix, settings.bridge.mappings, shared_group=settings.bridge.shared_group
-                )
+            filters = uplink_filters(
+                self._prefix, settings.bridge.mappings, shared_group=settings.bridge.shared_group
             )
-            backoff.reset()
             try:
                 async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self._downlink(mqtt_wire, js), name="bridge-downlink")
+                    # Watched from the start: a resumed session floods in before the SUBACK (the pump may
+                    # pause reading at max_in_flight until stores come back), and NATS may go meanwhile.
                     tasks.create_task(self._watch(pump, mqtt_wire, nats_wire), name="bridge-watch")
-                    log.info("bridge: connected to %s and %s", settings.mqtt.url, settings.nats.url)
+                    tasks.create_task(
+                        self._subscribed(mqtt_wire, js, filters, backoff), name="bridge-downlink"
+                    )
                     # Park in the body: on 3.11 a TaskGroup whose child fails while the parent waits in
                     # __aexit__ leaves the parent's cancel count raised for good.
                     await asyncio.Future()
@@ -177,6 +178,16 @@ class Bridge:
                 await self._drain(pump, mqtt_wire, nats_wire)
                 mqtt_wire.close()
             nats_wire.close()
+            self.stats.in_flight = 0  # what was not acknowledged is mosquitto's again
+
+    async def _subscribed(
+        self, mqtt_wire: MqttWire, js: JetStreamContext, filters: list[str], backoff: Backoff
+    ) -> None:
+        """Subscribe the uplink, then run the downlink until the session ends."""
+        await mqtt_wire.subscribe(filters, timeout_s=SUBSCRIBE_TIMEOUT_S)
+        backoff.reset()
+        log.info("bridge: connected to %s and %s", self._settings.mqtt.url, self._settings.nats.url)
+        await self._downlink(mqtt_wire, js)
 
     async def _drain(self, pump: Pump, mqtt_wire: MqttWire, nats_wire: NatsWire) -> None:
         """Take nothing new, and give what is in flight a moment to be stored and acknowledged."""

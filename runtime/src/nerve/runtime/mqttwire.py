@@ -481,16 +481,22 @@ class MqttWire(asyncio.Protocol):
         self._write(PINGREQ_PACKET)
         self._schedule_ping()
 
-    async def subscribe(self, filters: Sequence[str]) -> None:
+    async def subscribe(self, filters: Sequence[str], *, timeout_s: float = 30.0) -> None:
         """Subscribe at QoS1 (maximum); raise `MqttWireError` naming any filter the broker refused.
 
-        A QoS1 message received is acknowledged only when the caller calls `puback`.
+        A QoS1 message received is acknowledged only when the caller calls `puback`. No SUBACK within
+        `timeout_s` is an `MqttWireError` too.
         """
         packet_id = self._packet_id(self._subacks)
         waiter: asyncio.Future[bytes] = self._loop.create_future()
         self._subacks[packet_id] = waiter
         self._write(subscribe_packet(packet_id, filters))
-        codes = await waiter
+        try:
+            async with asyncio.timeout(timeout_s):
+                codes = await waiter
+        except TimeoutError:
+            self._subacks.pop(packet_id, None)
+            raise MqttWireError(f"no SUBACK within {timeout_s:g}s") from None
         refused = [
             f"{topic} (0x{code:02x})"
             for topic, code in zip(filters, codes, strict=False)

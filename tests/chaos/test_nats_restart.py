@@ -1,0 +1,87 @@
+"""nats-server SIGKILLed and restarted twice while the bridge drains a backlog: every event once, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING
+
+import pytest
+
+from nerve.bridge import Bridge
+from nerve.runtime.codec import decode, to_msgpack
+from nerve.runtime.envelope import Event
+from nerve.runtime.history import read_stream
+from nerve.runtime.mqtt import make_client
+from nerve.runtime.testing import wait_for_count
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+
+    from nerve.runtime.brokers import NatsServer
+    from nerve.runtime.config import Settings
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+EVENTS = 20_000
+DEVICES = 10
+UNSTORED = 100  # kill nats-server when at least this many received messages wait for their store
+
+
+async def until_busy(bridge: Bridge, stored: int) -> None:
+    """Return (on the bridge's own event loop, so exactly then) once `stored` are in and many wait."""
+    stats = bridge.stats
+    async with asyncio.timeout(60):
+        while stats.stored < stored or stats.received - stats.stored < UNSTORED:
+            await asyncio.sleep(0)
+
+
+async def test_nats_server_killed_twice_mid_stream(
+    settings: Settings, nats_server: NatsServer, nc: NatsClient
+) -> None:
+    events = [
+        Event(
+            source="chaos",
+            type="nerve.telemetry.cpu",
+            subject=f"dev-{i % DEVICES}",
+            data={"seq": i // DEVICES},
+        )
+        for i in range(EVENTS)
+    ]
+    # A first bridge opens its persistent session and goes; the events then wait for it in mosquitto,
+    # each acknowledged to the publisher: from then on every one must reach JetStream, once.
+    first = Bridge(settings=settings)
+    task = asyncio.create_task(first.run())
+    async with asyncio.timeout(10):
+        await first.ready.wait()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    async with make_client(settings.mqtt, identifier="chaos-publisher", persistent=False) as client:
+        for event in events:
+            await client.publish(f"nerve/{event.subject}/telemetry/cpu", to_msgpack(event), qos=1)
+    bridge = Bridge(settings=settings)
+    task = asyncio.create_task(bridge.run())
+    try:
+        for fraction in (4, 2):
+            await until_busy(bridge, EVENTS // fraction)
+            await nats_server.kill()  # SIGKILL, with stores in flight
+            await asyncio.sleep(0.5)
+            await nats_server.start()
+        await wait_for_count(nc.jetstream(), "NERVE_TELEMETRY", EVENTS, timeout=90)
+        await asyncio.sleep(1.0)  # anything stored twice would show up now
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert bridge.stats.reconnects >= 2
+    stored = [
+        decode(msg.data, Event)
+        for msg in await read_stream(nc.jetstream(), "NERVE_TELEMETRY", "nerve.*.telemetry.*")
+    ]
+    ids = [event.id for event in stored]
+    assert len(ids) == len(set(ids)), f"{len(ids) - len(set(ids))} events stored twice"
+    assert set(ids) == {event.id for event in events}
+    for device in range(DEVICES):
+        seqs = [e.data["seq"] for e in stored if e.subject == f"dev-{device}"]
+        assert seqs == sorted(seqs), f"dev-{device}'s events are out of order"
