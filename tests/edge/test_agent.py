@@ -343,8 +343,8 @@ def refusals(signer: Signer, tmp_path: Path) -> dict[str, tuple[str, bytes, str,
         "expired": (
             command_topic(),
             to_msgpack(signer.sign(make(ttl=timedelta(minutes=-5)))),
-            "expired",
-            "command expired",
+            "rejected",
+            "expired: command expired",
         ),
         "wrong-device": (
             command_topic(),

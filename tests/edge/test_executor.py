@@ -165,7 +165,8 @@ def test_replay_after_expiry_is_refused_as_expired_and_runs_nothing(  # noqa: PL
     later = put(root / "later.log", age=2 * HOUR)
     clock.offset = timedelta(seconds=41)  # 31 s past expiry, 30 s allowed
     again = answer(executor, command)
-    assert again.status == "expired"
+    assert again.status == "rejected"
+    assert again.reason.startswith("expired: command expired at")
     assert "it was answered before and is not run again" in again.reason
     assert again.causationid == command.id
     assert later.exists()
@@ -280,7 +281,8 @@ def test_journal_unavailable_runs_nothing(
 def test_expired(executor: Executor, signer: Signer, victim: Path) -> None:
     command = signer.sign(make(ttl=timedelta(seconds=-31)))
     result = answer(executor, command)
-    assert result.status == "expired"
+    assert result.status == "rejected"
+    assert result.reason.startswith("expired: ")
     assert "command expired at" in result.reason
     assert "clock skew allowed: 30 s" in result.reason
     assert answer(executor, command) == result

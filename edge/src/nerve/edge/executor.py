@@ -4,8 +4,8 @@ Checks, in order, for a message on `<prefix>/<device>/commands/<action>`:
 
 1. size, topic (a command topic of this device), decoding as a `Command`;
 2. the journal: a command id with a recorded result gets that result again (a replay of captured
-   bytes too), and nothing runs; once the command is past its expiry (and the skew), a replay whose
-   signature verifies is answered `expired` instead (a forged one `rejected`), and nothing runs;
+   bytes too), and nothing runs; once the command is past its expiry (and the skew), a replay of one
+   that ran is refused instead (`rejected`, reason "expired: ..."; a forged one as forged);
 3. addressing (the command's subject and action match the device and the topic), the signature;
 4. an id the journal holds for a different command (another digest) is refused as replayed; a
    command the journal saw start but never finish (the device restarted while it ran) is answered
@@ -257,7 +257,7 @@ class Executor:
         recorded = self._recorded(entry)
         if recorded is None:
             return None
-        if recorded.status == "expired" or not self._past_expiry(command):
+        if recorded.status == "rejected" or not self._past_expiry(command):
             _log.debug("command %s seen before: answering with its recorded result", command.id)
             return recorded
         # Answered before and expired since: a genuine replay is refused as expired, a forged one as forged.
@@ -273,12 +273,12 @@ class Executor:
         """A command answered before and now past its expiry is refused as expired, not answered again."""
         now = self._clock()
         reason = (
-            f"command expired at {_stamp(command.expires)}; device time is {_stamp(now)} "
+            f"expired: command expired at {_stamp(command.expires)}; device time is {_stamp(now)} "
             f"(clock skew allowed: {self._skew.total_seconds():g} s); it was answered before and is not "
             "run again"
         )
         _log.info("command %s (%s) replayed after its expiry: refused", command.id, command.action)
-        return self._result(command, "expired", reason)
+        return self._result(command, "rejected", reason)
 
     def _seen_before(
         self, command: PlainCommand, entry: JournalEntry, digest: bytes, *, same: bool
@@ -340,8 +340,8 @@ class Executor:
         if now > command.expires + self._skew:
             if rerun:
                 return "unknown", _EXPIRED_SINCE_REASON
-            return "expired", (
-                f"command expired at {_stamp(command.expires)}; device time is {_stamp(now)} "
+            return "rejected", (
+                f"expired: command expired at {_stamp(command.expires)}; device time is {_stamp(now)} "
                 f"(clock skew allowed: {self._skew.total_seconds():g} s)"
             )
         size = _encoded_size(command.data)

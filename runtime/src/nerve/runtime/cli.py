@@ -50,8 +50,8 @@ exit status:
   {EXIT_OK}  ok: the device ran the command
   {EXIT_FAILED}  failed: it ran and did not succeed
   {EXIT_ERROR}  bad arguments or settings (nothing was sent)
-  {EXIT_REJECTED}  rejected: the device refused it (the reason is printed)
-  {EXIT_EXPIRED}  expired: it expired before it could run
+  {EXIT_REJECTED}  rejected: the device refused it (the reason is printed; "expired: ..." if it came late)
+  {EXIT_EXPIRED}  expired: it expired before the bridge could send it
   {EXIT_UNKNOWN}  unknown: the device restarted while running it, and did not run it again
   {EXIT_TIMEOUT}  no result within --timeout (the command may still run until it expires)
 """
