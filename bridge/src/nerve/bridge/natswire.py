@@ -17,19 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import secrets
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
-from nerve.runtime.errors import NerveError
+from nerve.runtime.wire import WireError, WireProtocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-
-log = logging.getLogger(__name__)
 
 DEFAULT_PORT: Final = 4222
 CRLF: Final = b"\r\n"
@@ -40,7 +37,7 @@ MAX_CONTROL_LINE: Final = 4096
 NO_RESPONDERS: Final = "no responders: is JetStream enabled and a stream bound to this subject?"
 
 
-class NatsWireError(NerveError):
+class NatsWireError(WireError):
     """The NATS connection failed, was refused, or the server reported an error."""
 
 
@@ -83,51 +80,20 @@ def _ack_of(token: int, data: bytes) -> StoreAck:
     return StoreAck(token, None, duplicate=b'"duplicate"' in data)
 
 
-class NatsWire(asyncio.Protocol):
+class NatsWire(WireProtocol[StoreAck]):
     """One NATS connection that publishes to JetStream and collects the acks. Use `open_nats`."""
 
+    error = NatsWireError
+    peer = "server"
+    batch_name = "JetStream acks"
+
     def __init__(self, on_acks: Callable[[list[StoreAck]], None]) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._on_acks = on_acks
-        self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._info: asyncio.Future[dict[str, Any]] = loop.create_future()
+        super().__init__(on_acks)
+        self._info: asyncio.Future[dict[str, Any]] = self._loop.create_future()
         self._pongs: list[asyncio.Future[None]] = []
         self._out: list[bytes] = []
         self._inbox = b"_INBOX." + secrets.token_hex(11).encode() + b"."
-        self._ping_handle: asyncio.TimerHandle | None = None
-        self._ping_outstanding = False
         self.max_payload = 1024 * 1024
-        self.closed: asyncio.Future[None] = loop.create_future()
-
-    # -- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport (asyncio calls this once connected)."""
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP always gives one
-        self._transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Fail every waiter and `closed` with the reason."""
-        self._fail(NatsWireError(f"connection lost: {exc}" if exc else "connection closed by the server"))
-
-    def data_received(self, data: bytes) -> None:
-        """Parse what arrived; hand its JetStream acks over as one batch."""
-        try:
-            acks = self._parse(data)
-        except NatsWireError as exc:
-            self._abort(exc)
-            return
-        except (IndexError, ValueError) as exc:
-            self._abort(NatsWireError(f"malformed data from the server: {type(exc).__name__}: {exc}"))
-            return
-        if acks:
-            try:
-                self._on_acks(acks)
-            except Exception as exc:
-                log.exception("nats: handling JetStream acks failed")
-                self._abort(NatsWireError(f"handling acks failed: {type(exc).__name__}: {exc}"))
 
     def _parse(self, data: bytes) -> list[StoreAck]:
         buf = self._buffer
@@ -174,7 +140,7 @@ class NatsWire(asyncio.Protocol):
         if op == b"PING":
             self._send(PONG)
         elif op == b"PONG":
-            self._ping_outstanding = False
+            self._pong()
             if self._pongs:
                 pong = self._pongs.pop(0)
                 if not pong.done():
@@ -188,26 +154,10 @@ class NatsWire(asyncio.Protocol):
         elif op != b"+OK":
             raise NatsWireError(f"protocol error: unexpected {line[:40]!r}")
 
-    # -- failure
-
-    def _fail(self, exc: NatsWireError) -> None:
-        if self._ping_handle is not None:
-            self._ping_handle.cancel()
+    def _take_waiters(self) -> list[asyncio.Future[Any]]:
         waiters: list[asyncio.Future[Any]] = [self._info, *self._pongs]
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_exception(exc)
-        if not self._info.cancelled():
-            self._info.exception()  # retrieved: the connection may fail before anyone awaits it
         self._pongs.clear()
-        if not self.closed.done():
-            self.closed.set_exception(exc)
-            self.closed.exception()  # retrieved: nobody waiting on it must not warn
-
-    def _abort(self, exc: NatsWireError) -> None:
-        self._fail(exc)
-        if self._transport is not None:
-            self._transport.abort()
+        return waiters
 
     # -- requests
 
@@ -243,7 +193,7 @@ class NatsWire(asyncio.Protocol):
         self._send(b"CONNECT " + json.dumps(connect).encode() + CRLF + PING)
         await pong
         self._send(b"SUB " + self._inbox + b"* 1\r\n")
-        self._schedule_ping()
+        self._keep_alive(PING_INTERVAL_S, PING)
 
     async def _start_tls(self, hostname: str) -> None:
         if self._transport is None:  # pragma: no cover - handshake runs on a connected protocol
@@ -253,19 +203,6 @@ class NatsWire(asyncio.Protocol):
         if transport is None:  # pragma: no cover - start_tls returns None only if closed meanwhile
             raise NatsWireError("TLS handshake did not complete")
         self._transport = transport
-
-    def _schedule_ping(self) -> None:
-        self._ping_handle = self._loop.call_later(PING_INTERVAL_S, self._ping)
-
-    def _ping(self) -> None:
-        if self.closed.done():
-            return
-        if self._ping_outstanding:
-            self._abort(NatsWireError(f"no PONG within {PING_INTERVAL_S:.0f}s: server gone"))
-            return
-        self._ping_outstanding = True
-        self._send(PING)
-        self._schedule_ping()
 
     def publish(self, subject: str, headers: bytes, body: bytes, token: int) -> None:
         """Queue an HPUB whose JetStream ack comes back to `on_acks` with `token`; `flush` sends it."""

@@ -23,17 +23,14 @@ connection: `closed` then holds the reason, and every waiter fails with `MqttWir
 from __future__ import annotations
 
 import asyncio
-import logging
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from nerve.runtime.errors import NerveError
+from nerve.runtime.wire import WireError, WireProtocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-
-log = logging.getLogger(__name__)
 
 # Packet types (the high nibble of the first byte).
 CONNECT: Final = 1
@@ -88,7 +85,7 @@ CONNACK_REASONS: Final = {
 }
 
 
-class MqttWireError(NerveError):
+class MqttWireError(WireError):
     """The MQTT connection failed, was refused, or the broker broke the protocol."""
 
 
@@ -289,58 +286,26 @@ def _reason_text(code: int, properties: dict[int, int | str]) -> str:
 # --- the connection ---------------------------------------------------------------------------------
 
 
-class MqttWire(asyncio.Protocol):
+class MqttWire(WireProtocol[Incoming]):
     """One MQTT v5 connection. Use `open_mqtt`; then `subscribe`, `puback`, `publish`, `close`.
 
     `on_messages` is called (synchronously, from the socket read) with every PUBLISH one read brought,
     in receive order. It must not raise; if it does, the connection is closed with that error.
     """
 
+    error = MqttWireError
+    peer = "broker"
+    batch_name = "received messages"
+    malformed = "malformed packet"
+
     def __init__(self, on_messages: Callable[[list[Incoming]], None], *, keepalive_s: int) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        self._on_messages = on_messages
+        super().__init__(on_messages)
         self._keepalive_s = keepalive_s
-        self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._connack: asyncio.Future[tuple[bool, dict[int, int | str]]] = loop.create_future()
+        self._connack: asyncio.Future[tuple[bool, dict[int, int | str]]] = self._loop.create_future()
         self._subacks: dict[int, asyncio.Future[bytes]] = {}
         self._pubacks: dict[int, asyncio.Future[None]] = {}
         self._next_id = 0
-        self._ping_handle: asyncio.TimerHandle | None = None
-        self._ping_outstanding = False
-        self._paused = False
-        self.closed: asyncio.Future[None] = loop.create_future()
         self.session_present = False
-
-    # -- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport (asyncio calls this once connected)."""
-        assert isinstance(transport, asyncio.Transport)  # noqa: S101 - TCP always gives one
-        self._transport = transport
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Fail every waiter and `closed` with the reason."""
-        reason = f"connection lost: {exc}" if exc else "connection closed by the broker"
-        self._fail(MqttWireError(reason))
-
-    def data_received(self, data: bytes) -> None:
-        """Parse what arrived; hand its PUBLISHes over as one batch."""
-        try:
-            batch = self._parse(data)
-        except MqttWireError as exc:
-            self._abort(exc)
-            return
-        except (IndexError, ValueError) as exc:  # a field running past the data, a topic not UTF-8
-            self._abort(MqttWireError(f"malformed packet from the broker: {type(exc).__name__}: {exc}"))
-            return
-        if batch:
-            try:
-                self._on_messages(batch)
-            except Exception as exc:
-                log.exception("mqtt: handling received messages failed")
-                self._abort(MqttWireError(f"handling received messages failed: {type(exc).__name__}: {exc}"))
 
     # -- parsing
 
@@ -379,7 +344,7 @@ class MqttWire(asyncio.Protocol):
                 else:
                     waiter.set_result(None)
         elif kind == PINGRESP:
-            self._ping_outstanding = False
+            self._pong()
         elif kind == SUBACK:
             packet_id = (buf[start] << 8) | buf[start + 1]
             _, pos = parse_properties(buf, start + 2, end)
@@ -406,26 +371,11 @@ class MqttWire(asyncio.Protocol):
 
     # -- failure
 
-    def _fail(self, exc: MqttWireError) -> None:
-        if self._ping_handle is not None:
-            self._ping_handle.cancel()
+    def _take_waiters(self) -> list[asyncio.Future[Any]]:
         waiters: list[asyncio.Future[Any]] = [self._connack, *self._subacks.values(), *self._pubacks.values()]
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_exception(exc)
-        if not self._connack.cancelled():
-            self._connack.exception()  # retrieved: the connection may fail before anyone awaits it
         self._subacks.clear()
         self._pubacks.clear()
-        if not self.closed.done():
-            self.closed.set_exception(exc)
-            # Whoever waits on `closed` sees it; nobody waiting must not warn about it.
-            self.closed.exception()
-
-    def _abort(self, exc: MqttWireError) -> None:
-        self._fail(exc)
-        if self._transport is not None:
-            self._transport.abort()
+        return waiters
 
     # -- requests
 
@@ -466,20 +416,7 @@ class MqttWire(asyncio.Protocol):
         if isinstance(keepalive, int):
             self._keepalive_s = keepalive
         if self._keepalive_s:
-            self._schedule_ping()
-
-    def _schedule_ping(self) -> None:
-        self._ping_handle = self._loop.call_later(self._keepalive_s / 2, self._ping)
-
-    def _ping(self) -> None:
-        if self.closed.done():
-            return
-        if self._ping_outstanding and not self._paused:  # (paused, we cannot read the PINGRESP)
-            self._abort(MqttWireError(f"no PINGRESP within {self._keepalive_s / 2:.0f}s: broker gone"))
-            return
-        self._ping_outstanding = True
-        self._write(PINGREQ_PACKET)
-        self._schedule_ping()
+            self._keep_alive(self._keepalive_s / 2, PINGREQ_PACKET)
 
     async def subscribe(self, filters: Sequence[str], *, timeout_s: float = 30.0) -> None:
         """Subscribe at QoS1 (maximum); raise `MqttWireError` naming any filter the broker refused.
