@@ -92,7 +92,6 @@ class Pump:
         self._store_timeout_s = store_timeout_s
         self._high_water = max_in_flight
         self._low_water = max_in_flight // 2
-        self._paused = False
         self._deadletter_subject = deadletter_subject(PART, prefix)
         self._queue: deque[InFlight] = deque()
         self._by_token: dict[int, InFlight] = {}
@@ -124,22 +123,23 @@ class Pump:
 
     def on_messages(self, batch: list[Incoming]) -> None:
         """Queue a store for every message of `batch` and send them in one write."""
-        if not self._accepting or self._nats is None:
+        nats = self._nats
+        if not self._accepting or nats is None:
             return  # left unacknowledged: mosquitto sends them again on the next session
         stats = self._stats
         queue = self._queue
         for message in batch:
             stats.received += 1
-            entry = self._entry(message.topic, message.payload, message.packet_id)
+            entry = self._entry(message.topic, message.payload, message.packet_id, nats.max_payload)
             queue.append(entry)
-            self._send(entry)
+            self._send(nats, entry)
         stats.in_flight = len(queue)
-        self._nats.flush()
+        nats.flush()
         if len(queue) >= self._high_water and self._mqtt is not None:
-            self._paused = True
             self._mqtt.pause_reading()
 
-    def _entry(self, topic: str, payload: bytes, packet_id: int) -> InFlight:
+    def _entry(self, topic: str, payload: bytes, packet_id: int, limit: int) -> InFlight:
+        """What to publish for one message; `limit` is the NATS server's max_payload."""
         try:
             outcome = translate(
                 topic,
@@ -153,7 +153,6 @@ class Pump:
             log.exception("bridge: translating a message from %s failed", topic)
             outcome = Reject(f"internal error while translating: {type(exc).__name__}: {exc}")
         if isinstance(outcome, Forward):
-            limit = self._nats.max_payload if self._nats is not None else len(outcome.body)
             try:
                 headers = headers_block({MSG_ID_HEADER: outcome.msg_id})
             except ValueError:
@@ -166,10 +165,13 @@ class Pump:
                 outcome = Reject(
                     f"{len(outcome.body)} bytes is more than the NATS server accepts (max_payload {limit})"
                 )
-        return self._dead_letter_entry(topic, payload, packet_id, outcome.reason)
+        return self._dead_letter_entry(
+            topic, payload, packet_id, outcome.reason, limit - DEAD_LETTER_OVERHEAD
+        )
 
-    def _dead_letter_entry(self, topic: str, payload: bytes, packet_id: int, reason: str) -> InFlight:
-        limit = (self._nats.max_payload if self._nats is not None else 1024 * 1024) - DEAD_LETTER_OVERHEAD
+    def _dead_letter_entry(
+        self, topic: str, payload: bytes, packet_id: int, reason: str, limit: int
+    ) -> InFlight:
         if len(payload) > limit:
             reason = f"{reason} [original {len(payload)} bytes, first {limit} kept]"
             payload = payload[:limit]
@@ -178,14 +180,12 @@ class Pump:
         log.warning("bridge: dead-lettering a message from %s: %s", topic, reason)
         return InFlight(packet_id, self._deadletter_subject, headers, body, dead_letter=True, origin=topic)
 
-    def _send(self, entry: InFlight) -> None:
-        if self._nats is None:  # pragma: no cover - on_messages checks
-            return
+    def _send(self, nats: NatsWire, entry: InFlight) -> None:
         self._next_token += 1
         entry.token = self._next_token
         entry.sent_at = self._loop.time()
         self._by_token[entry.token] = entry
-        self._nats.publish(entry.subject, entry.headers, entry.body, entry.token)
+        nats.publish(entry.subject, entry.headers, entry.body, entry.token)
 
     # -- NATS side
 
@@ -223,9 +223,8 @@ class Pump:
             else:
                 self._mqtt.puback(packet_ids)
         self._stats.in_flight = len(queue)
-        if self._paused and len(queue) <= self._low_water and self._mqtt is not None:
-            self._paused = False
-            self._mqtt.resume_reading()
+        if len(queue) <= self._low_water and self._mqtt is not None:
+            self._mqtt.resume_reading()  # a no-op unless paused
         if not queue and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -243,14 +242,16 @@ class Pump:
         self._loop.call_later(delay, self._retry, entry)
 
     def _retry(self, entry: InFlight) -> None:
-        if entry.stored or self._nats is None or self._nats.closed.done():
+        nats = self._nats
+        if entry.stored or nats is None or nats.closed.done():
             return  # stored meanwhile, or this session is over (mosquitto sends it again)
-        self._send(entry)
-        self._nats.flush()
+        self._send(nats, entry)
+        nats.flush()
 
     def check_timeouts(self) -> None:
         """Publish again what got no answer within `store_timeout_s` (same dedup id: stored once)."""
-        if self._nats is None or self._nats.closed.done():
+        nats = self._nats
+        if nats is None or nats.closed.done():
             return
         deadline = self._loop.time() - self._store_timeout_s
         late = [entry for entry in self._by_token.values() if entry.sent_at < deadline]
@@ -262,9 +263,9 @@ class Pump:
                 entry.origin,
                 self._store_timeout_s,
             )
-            self._send(entry)
+            self._send(nats, entry)
         if late:
-            self._nats.flush()
+            nats.flush()
 
     # -- shutdown
 
