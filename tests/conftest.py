@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import nats
 import pytest
@@ -19,17 +19,22 @@ from nerve.runtime.brokers import Mosquitto, NatsServer, free_port
 from nerve.runtime.config import Settings, load_settings
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
     from contextlib import AbstractAsyncContextManager, AbstractContextManager
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
 
-    from nerve.edge import EdgeAgent
+    class Service(Protocol):
+        """What `running` runs: an edge agent, a bridge, a central runner."""
+
+        ready: asyncio.Event
+
+        def run(self) -> Coroutine[Any, Any, None]: ...
 
     class Running(Protocol):
         def __call__(
-            self, agent: EdgeAgent, *, wait: float
+            self, service: Service, *, wait: float
         ) -> AbstractAsyncContextManager[asyncio.Task[None]]: ...
 
     TinyTmpfs: TypeAlias = Callable[[Path, str], AbstractContextManager[Path]]
@@ -135,11 +140,11 @@ def tcp_server() -> Callable[[Serve], AbstractAsyncContextManager[int]]:
 
 
 @contextlib.asynccontextmanager
-async def _running(agent: EdgeAgent, *, wait: float) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(agent.run(), name="edge-agent")
+async def _running(service: Service, *, wait: float) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(service.run(), name=type(service).__name__)
     try:
         async with asyncio.timeout(wait):
-            await agent.ready.wait()
+            await service.ready.wait()
         yield task
     finally:
         task.cancel()
@@ -150,8 +155,9 @@ async def _running(agent: EdgeAgent, *, wait: float) -> AsyncIterator[asyncio.Ta
 
 @pytest.fixture
 def running() -> Running:
-    """`async with running(agent, wait=s) as task`: the agent's `run()` as a task, ready (connected and
-    subscribed) within `wait` seconds; cancelled and awaited (again within `wait`) after."""
+    """`async with running(service, wait=s) as task`: an agent's, bridge's or central runner's `run()` as
+    a task, ready (connected and subscribed) within `wait` seconds; cancelled and awaited (again within
+    `wait`) after."""
     return _running
 
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     import aiomqtt
     from nats.aio.client import Client as NatsClient
+    from tests.conftest import Running
 
     from nerve.runtime.brokers import NatsServer
     from nerve.runtime.config import Settings
@@ -33,17 +34,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.broker
 
 
-@contextlib.asynccontextmanager
-async def running(bridge: Bridge) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(bridge.run())
-    try:
-        async with asyncio.timeout(10):
-            await bridge.ready.wait()
-        yield task
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+WAIT = 10.0
 
 
 @contextlib.asynccontextmanager
@@ -52,10 +43,12 @@ async def publisher(settings: Settings, name: str = "test-pub") -> AsyncIterator
         yield client
 
 
-async def test_raw_and_enveloped_readings_are_stored_once(settings: Settings, nc: NatsClient) -> None:
+async def test_raw_and_enveloped_readings_are_stored_once(
+    settings: Settings, nc: NatsClient, running: Running
+) -> None:
     js = nc.jetstream()
     event = Event(source="test", type="nerve.telemetry.cpu", subject="pi-01", data={"value": 12.5})
-    async with running(Bridge(settings=settings)), publisher(settings) as pub:
+    async with running(Bridge(settings=settings), wait=WAIT), publisher(settings) as pub:
         await pub.publish("nerve/pi-01/telemetry/disk", b"95", qos=1)
         await pub.publish("nerve/pi-01/telemetry/cpu", to_msgpack(event), qos=1)
         await pub.publish("nerve/pi-01/telemetry/cpu", to_msgpack(event), qos=1)  # a duplicate
@@ -74,7 +67,9 @@ async def test_raw_and_enveloped_readings_are_stored_once(settings: Settings, nc
     assert messages[1].headers["Nats-Msg-Id"] == event.id
 
 
-async def test_bad_input_is_dead_lettered_and_bridge_keeps_going(settings: Settings, nc: NatsClient) -> None:
+async def test_bad_input_is_dead_lettered_and_bridge_keeps_going(
+    settings: Settings, nc: NatsClient, running: Running
+) -> None:
     js = nc.jetstream()
     bad = [
         ("nerve/pi-01/telemetry/disk", b"not-a-number", "must be a number"),
@@ -84,7 +79,7 @@ async def test_bad_input_is_dead_lettered_and_bridge_keeps_going(settings: Setti
         ("nerve/pi-01/telemetry/disk", b"\x85\xa1a\x01", "malformed msgpack"),
     ]
     bridge = Bridge(settings=settings)
-    async with running(bridge), publisher(settings) as pub:
+    async with running(bridge, wait=WAIT), publisher(settings) as pub:
         for topic, payload, _ in bad:
             await pub.publish(topic, payload, qos=1)
         await pub.publish("nerve/pi-01/telemetry/disk", b"91", qos=1)
@@ -104,7 +99,9 @@ async def test_bad_input_is_dead_lettered_and_bridge_keeps_going(settings: Setti
     assert decode(stored[0].data, Event).data == {"value": 91}
 
 
-async def test_command_goes_down_and_expired_one_does_not(settings: Settings, nc: NatsClient) -> None:
+async def test_command_goes_down_and_expired_one_does_not(
+    settings: Settings, nc: NatsClient, running: Running
+) -> None:
     js = nc.jetstream()
     await ensure_streams(js, settings.prefix)
     fresh = Command.create(
@@ -117,7 +114,7 @@ async def test_command_goes_down_and_expired_one_does_not(settings: Settings, nc
         await device.subscribe("nerve/pi-01/commands/+", qos=1)
         await publish_envelope(js, "nerve.pi-01.commands.clear_temp", stale)
         await publish_envelope(js, "nerve.pi-01.commands.clear_temp", fresh)
-        async with running(Bridge(settings=settings)):
+        async with running(Bridge(settings=settings), wait=WAIT):
             async with asyncio.timeout(10):
                 message = await anext(aiomqtt_messages(device))
             assert message.topic.value == "nerve/pi-01/commands/clear_temp"
@@ -139,10 +136,12 @@ def aiomqtt_messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
     return aiter(client.messages)
 
 
-async def test_nats_restart_loses_nothing_acknowledged(settings: Settings, nats_server: NatsServer) -> None:
+async def test_nats_restart_loses_nothing_acknowledged(
+    settings: Settings, nats_server: NatsServer, running: Running
+) -> None:
     """Readings published while nats-server is down are stored once it is back."""
     total = 60
-    async with running(Bridge(settings=settings)), publisher(settings) as pub:
+    async with running(Bridge(settings=settings), wait=WAIT), publisher(settings) as pub:
         for i in range(20):
             await pub.publish(f"nerve/dev-{i % 3}/telemetry/disk", str(i).encode(), qos=1)
         await nats_server.kill()
@@ -165,7 +164,9 @@ async def test_nats_restart_loses_nothing_acknowledged(settings: Settings, nats_
     assert set(values) == set(range(total))
 
 
-async def test_metrics_count_stored_duplicates_and_dead_letters(settings: Settings, nc: NatsClient) -> None:
+async def test_metrics_count_stored_duplicates_and_dead_letters(
+    settings: Settings, nc: NatsClient, running: Running
+) -> None:
     port = free_port()
     with_metrics = settings.model_copy(
         update={"bridge": settings.bridge.model_copy(update={"metrics_port": port})}
@@ -173,7 +174,7 @@ async def test_metrics_count_stored_duplicates_and_dead_letters(settings: Settin
     js = nc.jetstream()
     event = Event(source="test", type="nerve.telemetry.cpu", subject="pi-01", data={"value": 1})
     bridge = Bridge(settings=with_metrics)
-    async with running(bridge), publisher(settings) as pub:
+    async with running(bridge, wait=WAIT), publisher(settings) as pub:
         await pub.publish("nerve/pi-01/telemetry/cpu", to_msgpack(event), qos=1)
         await pub.publish("nerve/pi-01/telemetry/cpu", to_msgpack(event), qos=1)
         await pub.publish("nerve/pi-01/telemetry/cpu", b"oops", qos=1)
@@ -193,11 +194,13 @@ def _get(url: str) -> str:
     return body.decode()
 
 
-async def test_foreign_sensor_topic_is_mapped_end_to_end(settings: Settings, nc: NatsClient) -> None:
+async def test_foreign_sensor_topic_is_mapped_end_to_end(
+    settings: Settings, nc: NatsClient, running: Running
+) -> None:
     rule = TopicMapping(name="acme", topic="sensors/+/disk", device_level=2, metric="disk", value_field="pct")
     mapped = settings.model_copy(update={"bridge": settings.bridge.model_copy(update={"mappings": (rule,)})})
     js = nc.jetstream()
-    async with running(Bridge(settings=mapped)), publisher(settings) as pub:
+    async with running(Bridge(settings=mapped), wait=WAIT), publisher(settings) as pub:
         await pub.publish("sensors/pi-09/disk", b'{"pct": 91}', qos=1)
         await pub.publish("sensors/pi-09/disk", b'{"temp": 40}', qos=1)
         await wait_for_count(js, "NERVE_TELEMETRY", 1)
@@ -209,7 +212,7 @@ async def test_foreign_sensor_topic_is_mapped_end_to_end(settings: Settings, nc:
     assert "mapping 'acme'" in msgpack.unpackb(dead.data)["reason"]
 
 
-async def test_two_bridges_share_the_uplink(settings: Settings, nc: NatsClient) -> None:
+async def test_two_bridges_share_the_uplink(settings: Settings, nc: NatsClient, running: Running) -> None:
     def member(name: str) -> Bridge:
         bridge_settings = settings.bridge.model_copy(update={"client_id": name, "shared_group": "site-1"})
         return Bridge(settings=settings.model_copy(update={"bridge": bridge_settings}))
@@ -217,7 +220,7 @@ async def test_two_bridges_share_the_uplink(settings: Settings, nc: NatsClient) 
     first, second = member("bridge-a"), member("bridge-b")
     js = nc.jetstream()
     total = 400
-    async with running(first), running(second), publisher(settings) as pub:
+    async with running(first, wait=WAIT), running(second, wait=WAIT), publisher(settings) as pub:
         for i in range(total):
             event = Event(source="t", type="nerve.telemetry.cpu", subject=f"dev-{i % 4}", data={"value": i})
             await pub.publish(f"nerve/dev-{i % 4}/telemetry/cpu", to_msgpack(event), qos=1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 import aiomqtt
@@ -18,6 +17,7 @@ from nerve.runtime.testing import wait_for_count
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
+    from tests.conftest import Running
 
     from nerve.runtime.brokers import Mosquitto
     from nerve.runtime.config import Settings
@@ -42,7 +42,9 @@ async def publish_through_outages(settings: Settings, events: list[Event], acked
             await asyncio.sleep(0.2)
 
 
-async def test_mosquitto_restart_mid_stream(settings: Settings, nc: NatsClient, mosquitto: Mosquitto) -> None:
+async def test_mosquitto_restart_mid_stream(
+    settings: Settings, nc: NatsClient, mosquitto: Mosquitto, running: Running
+) -> None:
     events = [
         Event(source="t", type="nerve.telemetry.cpu", subject=f"dev-{i % 5}", data={"value": i})
         for i in range(EVENTS)
@@ -50,10 +52,7 @@ async def test_mosquitto_restart_mid_stream(settings: Settings, nc: NatsClient, 
     acked: list[str] = []
     js = nc.jetstream()
     bridge = Bridge(settings=settings)
-    task = asyncio.create_task(bridge.run())
-    try:
-        async with asyncio.timeout(10):
-            await bridge.ready.wait()
+    async with running(bridge, wait=10):
         publisher = asyncio.create_task(publish_through_outages(settings, events, acked))
         async with asyncio.timeout(30):
             while len(acked) < EVENTS // 3:
@@ -65,10 +64,6 @@ async def test_mosquitto_restart_mid_stream(settings: Settings, nc: NatsClient, 
             await publisher
         await wait_for_count(js, "NERVE_TELEMETRY", EVENTS, timeout=60)
         await asyncio.sleep(0.5)
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     assert bridge.stats.reconnects >= 1
     stored = [
         decode(m.data, Event).id for m in await read_stream(js, "NERVE_TELEMETRY", "nerve.*.telemetry.*")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING
 
 import pytest
@@ -17,6 +16,7 @@ from nerve.runtime.testing import wait_for_count
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
+    from tests.conftest import Running
 
     from nerve.runtime.brokers import NatsServer
     from nerve.runtime.config import Settings
@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
 EVENTS = 20_000
 DEVICES = 10
+WAIT = 10.0
 UNSTORED = 100  # kill nats-server when at least this many received messages wait for their store
 
 
@@ -37,7 +38,7 @@ async def until_busy(bridge: Bridge, stored: int) -> None:
 
 
 async def test_nats_server_killed_twice_mid_stream(
-    settings: Settings, nats_server: NatsServer, nc: NatsClient
+    settings: Settings, nats_server: NatsServer, nc: NatsClient, running: Running
 ) -> None:
     events = [
         Event(
@@ -50,19 +51,13 @@ async def test_nats_server_killed_twice_mid_stream(
     ]
     # A first bridge opens its persistent session and goes; the events then wait for it in mosquitto,
     # each acknowledged to the publisher: from then on every one must reach JetStream, once.
-    first = Bridge(settings=settings)
-    task = asyncio.create_task(first.run())
-    async with asyncio.timeout(10):
-        await first.ready.wait()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    async with running(Bridge(settings=settings), wait=WAIT):
+        pass
     async with make_client(settings.mqtt, identifier="chaos-publisher", persistent=False) as client:
         for event in events:
             await client.publish(f"nerve/{event.subject}/telemetry/cpu", to_msgpack(event), qos=1)
     bridge = Bridge(settings=settings)
-    task = asyncio.create_task(bridge.run())
-    try:
+    async with running(bridge, wait=WAIT):
         for fraction in (4, 2):
             await until_busy(bridge, EVENTS // fraction)
             await nats_server.kill()  # SIGKILL, with stores in flight
@@ -70,10 +65,6 @@ async def test_nats_server_killed_twice_mid_stream(
             await nats_server.start()
         await wait_for_count(nc.jetstream(), "NERVE_TELEMETRY", EVENTS, timeout=90)
         await asyncio.sleep(1.0)  # anything stored twice would show up now
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     assert bridge.stats.reconnects >= 2
     stored = [
         decode(msg.data, Event)
