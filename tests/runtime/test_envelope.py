@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact, new_id, utcnow
+from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact
+from nerve.runtime.plain_envelope import new_id, utcnow
 
 BASE: dict[str, Any] = {"source": "test", "type": "nerve.telemetry.disk", "subject": "pi-01"}
 

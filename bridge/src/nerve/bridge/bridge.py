@@ -27,7 +27,7 @@ from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import decode
 from nerve.runtime.config import host_port
-from nerve.runtime.envelope import Command, CommandResult, Fact, derived_id, utcnow
+from nerve.runtime.envelope import Command, CommandResult, Fact, derived_id
 from nerve.runtime.errors import DecodeError, TopicError
 from nerve.runtime.jetstream import (
     connect_forever,
@@ -37,6 +37,7 @@ from nerve.runtime.jetstream import (
     shared_durable,
 )
 from nerve.runtime.mqttwire import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
+from nerve.runtime.plain_envelope import utcnow
 from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
 

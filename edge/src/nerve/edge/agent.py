@@ -28,7 +28,6 @@ import contextlib
 import logging
 import socket
 import time
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit
 
@@ -38,11 +37,12 @@ from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.mqttwire import DEFAULT_MQTT_PORT, Incoming, MqttWire, MqttWireError, Will, open_mqtt
-from nerve.runtime.plain_envelope import event_bytes
+from nerve.runtime.plain_envelope import event_bytes, utcnow
 from nerve.runtime.subjects import Address, Kind, is_token, status_topic
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from datetime import datetime
 
     from nerve.edge.executor import Executor
     from nerve.edge.sampling import ScheduledSensor
@@ -69,11 +69,6 @@ _PUBACK_TIMEOUT_S: Final = 30.0
 # How many unacknowledged commands mosquitto may send at once: they run one at a time anyway.
 _RECEIVE_MAXIMUM: Final = 16
 DROPPED_EVENT: Final = "outbox_dropped"
-
-
-def utcnow() -> datetime:
-    """Now, in UTC."""
-    return datetime.now(UTC)
 
 
 def default_device_id() -> str:

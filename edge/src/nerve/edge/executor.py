@@ -47,6 +47,7 @@ from nerve.runtime.plain_envelope import (
     jsonable,
     load_document,
     parse_result,
+    utcnow,
 )
 from nerve.runtime.signing import Verifier
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
@@ -73,10 +74,6 @@ _UNREADABLE_REASON: Final = "the result recorded for this command cannot be read
 _MAX_REASON_CHARS: Final = 500
 
 _CLEAR_TEMP: Final = "clear_temp"
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def command_digest(command: PlainCommand | Command) -> bytes:
@@ -120,7 +117,7 @@ class Executor:
         clock_skew_s: float = 30.0,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         if not is_token(device):
             raise ConfigError(f"{device!r} is not a valid device id (1-64 of A-Z a-z 0-9 _ -)", key="device")

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nerve.runtime.codec import decode, to_json, to_msgpack, wrap_raw
     from nerve.runtime.config import Settings, load_settings
-    from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact, derived_id, new_id
+    from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact, derived_id
     from nerve.runtime.errors import (
         BrokerBinaryMissing,
         BrokerStartFailed,
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         SignatureError,
         TopicError,
     )
+    from nerve.runtime.plain_envelope import new_id
     from nerve.runtime.signing import Signer, Verifier, generate_keypair
     from nerve.runtime.subjects import Address, Kind, parse_subject, parse_topic
 
@@ -55,7 +56,7 @@ _MODULE_OF: dict[str, str] = {
     "derived_id": "nerve.runtime.envelope",
     "generate_keypair": "nerve.runtime.signing",
     "load_settings": "nerve.runtime.config",
-    "new_id": "nerve.runtime.envelope",
+    "new_id": "nerve.runtime.plain_envelope",
     "parse_subject": "nerve.runtime.subjects",
     "parse_topic": "nerve.runtime.subjects",
     "to_json": "nerve.runtime.codec",

@@ -12,21 +12,16 @@ does not cover.
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from nerve.runtime.fields import DeviceId, Token
-from nerve.runtime.plain_envelope import MAX_HOPS, to_int, to_utc_time
+from nerve.runtime.plain_envelope import MAX_HOPS, new_id, to_int, to_utc_time, utcnow
 
 UtcTime = Annotated[datetime, BeforeValidator(to_utc_time)]
 MessageId = Annotated[str, Field(min_length=1, max_length=128)]
-
-
-def new_id() -> str:
-    """A fresh message id (UUID4, hex)."""
-    return uuid.uuid4().hex
 
 
 _MAX_HOPS = MAX_HOPS
@@ -41,11 +36,6 @@ def derived_id(*parts: str) -> str:
     with the same ids, and JetStream's dedup stores them once.
     """
     return uuid.uuid5(_DERIVED_NAMESPACE, "\x1f".join(parts)).hex
-
-
-def utcnow() -> datetime:
-    """Now, in UTC."""
-    return datetime.now(UTC)
 
 
 class Envelope(BaseModel):

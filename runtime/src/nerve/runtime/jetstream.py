@@ -16,8 +16,8 @@ from nerve.runtime.backoff import Backoff
 from nerve.runtime.brokers import port_answers
 from nerve.runtime.codec import to_msgpack
 from nerve.runtime.config import host_port
-from nerve.runtime.envelope import utcnow
 from nerve.runtime.errors import BrokerUnavailable
+from nerve.runtime.plain_envelope import utcnow
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
 
 if TYPE_CHECKING:

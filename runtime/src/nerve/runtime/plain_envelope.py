@@ -310,11 +310,13 @@ def _any_text(value: object) -> str:
     return _text(value)
 
 
-def _new_id() -> str:
+def new_id() -> str:
+    """A fresh message id (UUID4, hex)."""
     return uuid.uuid4().hex
 
 
-def _now() -> datetime:
+def utcnow() -> datetime:
+    """Now, in UTC."""
     return datetime.now(UTC)
 
 
@@ -322,11 +324,11 @@ def _now() -> datetime:
 _Field = tuple[str, "Callable[[object], Any]", object, "Callable[[], object] | None"]
 _ENVELOPE: Final[tuple[_Field, ...]] = (
     ("specversion", _specversion, "1.0", None),
-    ("id", _message_id, _MISSING, _new_id),
+    ("id", _message_id, _MISSING, new_id),
     ("source", lambda v: _text(v, low=1, high=256), _MISSING, None),
     ("type", lambda v: _text(v, low=1, high=128), _MISSING, None),
     ("subject", _checker("device id"), _MISSING, None),
-    ("time", to_utc_time, _MISSING, _now),
+    ("time", to_utc_time, _MISSING, utcnow),
     ("data", _data, _MISSING, dict),
     ("correlationid", _optional_id, None, None),
     ("causationid", _optional_id, None, None),
@@ -455,8 +457,8 @@ class PlainResult:
     status: str
     reason: str = ""
     data: dict[str, Any] = field(default_factory=dict)
-    id: str = field(default_factory=_new_id)
-    time: datetime = field(default_factory=_now)
+    id: str = field(default_factory=new_id)
+    time: datetime = field(default_factory=utcnow)
     correlationid: str | None = None
     causationid: str | None = None
     hops: int = 0
