@@ -190,6 +190,12 @@ async def test_refusals_and_absent_servers_are_named(fake_server: FakeServer) ->
         NatsWireError, match=rf"cannot connect to nats://127.0.0.1:{port}: .*Connect call failed"
     ):
         await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None, timeout_s=1)
+    with pytest.raises(NatsWireError) as refused:
+        await open_nats(
+            f"nats://alice:s3cret@127.0.0.1:{port}", name="t", on_acks=lambda _: None, timeout_s=1
+        )
+    assert "s3cret" not in str(refused.value)
+    assert f"nats://alice:***@127.0.0.1:{port}" in str(refused.value)
 
 
 # --- against a real nats-server --------------------------------------------------------------------

@@ -28,7 +28,7 @@ from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.codec import decode
 from nerve.runtime.config import host_port
 from nerve.runtime.envelope import Command, CommandResult, Fact, derived_id
-from nerve.runtime.errors import DecodeError, TopicError
+from nerve.runtime.errors import DecodeError, TopicError, shown_url
 from nerve.runtime.jetstream import (
     connect_forever,
     publish_dead_letter,
@@ -187,7 +187,11 @@ class Bridge:
         """Subscribe the uplink, then run the downlink until the session ends."""
         await mqtt_wire.subscribe(filters, timeout_s=SUBSCRIBE_TIMEOUT_S)
         backoff.reset()
-        log.info("bridge: connected to %s and %s", self._settings.mqtt.url, self._settings.nats.url)
+        log.info(
+            "bridge: connected to %s and %s",
+            shown_url(self._settings.mqtt.url),
+            shown_url(self._settings.nats.url),
+        )
         await self._downlink(mqtt_wire, js)
 
     async def _drain(self, pump: Pump, mqtt_wire: MqttWire, nats_wire: NatsWire) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
+from nerve.runtime.errors import shown_url
 from nerve.runtime.wire import WireError, WireProtocol
 
 if TYPE_CHECKING:
@@ -255,4 +256,4 @@ async def open_nats(
             failures.append(f"{host}:{port}: {exc}")
         else:
             return wire
-    raise NatsWireError(f"cannot connect to {url}: {'; '.join(failures)}")
+    raise NatsWireError(f"cannot connect to {shown_url(url)}: {'; '.join(failures)}")

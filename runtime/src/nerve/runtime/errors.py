@@ -17,6 +17,8 @@ message, never a library traceback.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 
 class NerveError(Exception):
     """Root of every error nerve raises on purpose."""
@@ -62,13 +64,27 @@ class SignatureError(NerveError):
     """A command whose signature is missing, forged, or made by a key the device does not trust."""
 
 
+def shown_url(url: str) -> str:
+    """`url` (one or comma-separated several) fit for logs and messages: passwords and tokens hidden."""
+    shown = []
+    for one in url.split(","):
+        parts = urlsplit(one.strip())
+        if parts.username is None:
+            shown.append(one.strip())
+            continue
+        user = "***" if parts.password is None else f"{parts.username}:***"  # a lone user part is a token
+        host = parts.netloc.rsplit("@", 1)[1]
+        shown.append(urlunsplit(parts._replace(netloc=f"{user}@{host}")))
+    return ",".join(shown)
+
+
 class BrokerUnavailable(NerveError):
     """A broker did not answer at `url`."""
 
     def __init__(self, url: str, detail: str = "") -> None:
         self.url = url
         self.detail = detail
-        super().__init__(f"broker at {url} is unavailable" + (f": {detail}" if detail else ""))
+        super().__init__(f"broker at {shown_url(url)} is unavailable" + (f": {detail}" if detail else ""))
 
 
 class BrokerBinaryMissing(NerveError):
