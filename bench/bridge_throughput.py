@@ -50,13 +50,13 @@ import paho.mqtt.client as mqtt
 from nats.js.errors import NotFoundError
 from paho.mqtt.enums import CallbackAPIVersion
 
-from nerve.runtime.brokers import LOCALHOST, Mosquitto, NatsServer, find_nats_server, free_port
-from nerve.runtime.codec import to_msgpack
-from nerve.runtime.envelope import Event
-from nerve.runtime.jetstream import MSG_ID_HEADER
-from nerve.runtime.mqttwire import packet, utf8
-from nerve.runtime.streams import DEADLETTER_STREAM, STREAM_OF_KIND, ensure_streams
+from nerve.runtime.envelope.codec import to_msgpack
+from nerve.runtime.envelope.model import Event
+from nerve.runtime.jetstream.client import MSG_ID_HEADER
+from nerve.runtime.jetstream.streams import DEADLETTER_STREAM, STREAM_OF_KIND, ensure_streams
+from nerve.runtime.stack.brokers import LOCALHOST, Mosquitto, NatsServer, find_nats_server, free_port
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind
+from nerve.runtime.wire.mqtt import packet, utf8
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext

@@ -31,11 +31,11 @@ from typing import Final
 
 import aiomqtt
 
-from nerve.runtime.brokers import Mosquitto, free_port
-from nerve.runtime.config import MqttSettings
-from nerve.runtime.mqtt import make_client
-from nerve.runtime.signing import generate_keypair
+from nerve.runtime.config.settings import MqttSettings
+from nerve.runtime.stack.brokers import Mosquitto, free_port
 from nerve.runtime.subjects import DEFAULT_PREFIX
+from nerve.runtime.trust.signing import generate_keypair
+from nerve.runtime.wire.paho import make_client
 
 DEVICE: Final = "bench-edge"
 TARGET_RSS_MIB: Final = 30.0
@@ -65,7 +65,7 @@ client.loop_forever()  # sleeps in select(), sending only the keepalive pings
 EDGE_IMPORTS: Final = "import time, nerve.edge.daemon; print('ready', flush=True); time.sleep(86400)"
 # Everything `nerve edge` imports before it runs: the command line, then the daemon it loads.
 NATS_CHECK: Final = (
-    "import sys, nerve.runtime.cli, nerve.edge.daemon; "
+    "import sys, nerve.runtime.cli.main, nerve.edge.daemon; "
     "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'nats')))"
 )
 NATS_IN_MAPS: Final = re.compile(r"/nats[-_./]")
@@ -223,7 +223,7 @@ async def nats_imported(pid: int) -> tuple[bool, str]:
     installed = importlib.util.find_spec("nats") is not None
     detail = (
         f"/proc/{pid}/maps: {', '.join(mapped) or 'no nats path'} (nats-py is pure Python: only a native "
-        f"part would show there); `import nerve.runtime.cli, nerve.edge.daemon` loads "
+        f"part would show there); `import nerve.runtime.cli.main, nerve.edge.daemon` loads "
         f"{', '.join(modules) or 'no nats module'} (nats-py {'is' if installed else 'is NOT'} installed here)"
     )
     return bool(mapped or modules), detail

@@ -14,8 +14,8 @@ mosquitto (nerve's config, a free port on 127.0.0.1, a temp dir):
   4. then the session is taken over once more: anything mosquitto redelivers was not acknowledged.
 
 Cases: paho-mqtt (own network thread, `manual_ack_set` + `ack`), aiomqtt (paho under asyncio, as
-`nerve.runtime.mqtt.make_client(manual_ack=True)` sets it up), gmqtt (asyncio; PUBACK when its async
-`on_message` returns) and nerve's own `nerve.runtime.mqttwire` (PUBACKs per batch in `on_messages`).
+`nerve.runtime.wire.paho.make_client(manual_ack=True)` sets it up), gmqtt (asyncio; PUBACK when its async
+`on_message` returns) and nerve's own `nerve.runtime.wire.mqtt` (PUBACKs per batch in `on_messages`).
 Each asks mosquitto for a Receive Maximum (how many unacknowledged messages it may send): 65535, the
 most MQTT v5 allows, except mqttwire at 1000, as the bridge runs it; `--receive-maximum` sets one for
 all. Without the property mosquitto would use its `max_inflight_messages`, 20. (mosquitto 2.0.11 holds
@@ -50,9 +50,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from nerve.runtime.brokers import LOCALHOST, Mosquitto, free_port
-from nerve.runtime.mqtt import NODELAY, ack
-from nerve.runtime.mqttwire import Incoming, MqttWire, open_mqtt
+from nerve.runtime.stack.brokers import LOCALHOST, Mosquitto, free_port
+from nerve.runtime.wire.mqtt import Incoming, MqttWire, open_mqtt
+from nerve.runtime.wire.paho import NODELAY, ack
 
 if TYPE_CHECKING:
     from bench import bridge_throughput as bt  # how mypy, run from the repo root, sees it
@@ -202,7 +202,7 @@ def paho_receive(spec: Spec) -> Received:
 
 
 def _aiomqtt_client(spec: Spec) -> aiomqtt.Client:
-    # nerve.runtime.mqtt.make_client(persistent=True, manual_ack=True), plus the Receive Maximum it
+    # nerve.runtime.wire.paho.make_client(persistent=True, manual_ack=True), plus the Receive Maximum it
     # does not set.
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = SESSION_EXPIRY_S

@@ -28,9 +28,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from nerve.bridge import uplink_filters
-from nerve.runtime.brokers import LOCALHOST
-from nerve.runtime.jetstream import MSG_ID_HEADER
-from nerve.runtime.streams import ensure_streams
+from nerve.runtime.jetstream.client import MSG_ID_HEADER
+from nerve.runtime.jetstream.streams import ensure_streams
+from nerve.runtime.stack.brokers import LOCALHOST
 from nerve.runtime.subjects import DEFAULT_PREFIX
 
 if TYPE_CHECKING:

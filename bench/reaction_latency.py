@@ -25,9 +25,9 @@ from typing import Final
 
 import aiomqtt
 
-from nerve.runtime.brokers import free_port
-from nerve.runtime.config import MqttSettings
-from nerve.runtime.mqtt import make_client
+from nerve.runtime.config.settings import MqttSettings
+from nerve.runtime.stack.brokers import free_port
+from nerve.runtime.wire.paho import make_client
 
 TARGET_P99_MS: Final = 20.0
 SPIKE: Final = b'{"value": 97}'

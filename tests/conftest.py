@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 import nats
 import pytest
 
-from nerve.runtime.brokers import Mosquitto, NatsServer, free_port
-from nerve.runtime.config import Settings, load_settings
+from nerve.runtime.config.settings import Settings, load_settings
+from nerve.runtime.stack.brokers import Mosquitto, NatsServer, free_port
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator

@@ -11,7 +11,8 @@ import aiomqtt
 import nats
 import pytest
 
-from nerve.runtime.brokers import (
+from nerve.runtime.errors import BrokerBinaryMissing, BrokerStartFailed
+from nerve.runtime.stack.brokers import (
     LOCALHOST,
     ManagedBroker,
     Mosquitto,
@@ -22,7 +23,6 @@ from nerve.runtime.brokers import (
     mosquitto_config,
     port_answers,
 )
-from nerve.runtime.errors import BrokerBinaryMissing, BrokerStartFailed
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

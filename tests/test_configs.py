@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nerve.runtime.config import EdgeSettings, OutboxSettings, SensorSettings, load_settings
+from nerve.runtime.config.settings import EdgeSettings, OutboxSettings, SensorSettings, load_settings
 from nerve.runtime.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from nerve.runtime.jetstream import connect
-from nerve.runtime.mqtt import make_client
+from nerve.runtime.jetstream.client import connect
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 pytestmark = pytest.mark.broker
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nerve.runtime.config import load_settings
+from nerve.runtime.config.settings import load_settings
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SYSTEMD = CONFIGS / "systemd"

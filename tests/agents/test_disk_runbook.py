@@ -10,14 +10,14 @@ import msgpack
 import pytest
 
 from nerve.agents import DiskRunbook
-from nerve.runtime.central import Central
-from nerve.runtime.codec import decode
-from nerve.runtime.config import load_settings
-from nerve.runtime.envelope import Command, CommandResult, Event, Fact
-from nerve.runtime.jetstream import publish_envelope
-from nerve.runtime.signing import Signer, Verifier, generate_keypair
-from nerve.runtime.streams import ensure_streams
+from nerve.runtime.central.runner import Central
+from nerve.runtime.config.settings import load_settings
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Command, CommandResult, Event, Fact
+from nerve.runtime.jetstream.client import publish_envelope
+from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
 
-    from nerve.runtime.brokers import NatsServer
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.stack.brokers import NatsServer
 
 pytestmark = pytest.mark.broker
 

@@ -12,14 +12,14 @@ import msgpack
 import pytest
 
 from nerve.bridge import Bridge
-from nerve.runtime.brokers import free_port, port_answers
-from nerve.runtime.codec import decode, to_msgpack
-from nerve.runtime.config import TopicMapping
-from nerve.runtime.envelope import Command, CommandResult, Event, Fact
-from nerve.runtime.jetstream import REASON_HEADER, publish_envelope
-from nerve.runtime.mqtt import make_client
-from nerve.runtime.streams import ensure_streams
+from nerve.runtime.config.settings import TopicMapping
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import Command, CommandResult, Event, Fact
+from nerve.runtime.jetstream.client import REASON_HEADER, publish_envelope
+from nerve.runtime.jetstream.streams import ensure_streams
+from nerve.runtime.stack.brokers import free_port, port_answers
 from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from tests.conftest import Running
 
-    from nerve.runtime.brokers import NatsServer
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.stack.brokers import NatsServer
 
 pytestmark = pytest.mark.broker
 

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from nerve.bridge.uplink import Forward, Reject, topic_matches, translate, uplink_filters
-from nerve.runtime.codec import decode
-from nerve.runtime.config import DEFAULT_METRICS, BridgeSettings, load_settings
-from nerve.runtime.envelope import Event
+from nerve.runtime.config.settings import DEFAULT_METRICS, BridgeSettings, load_settings
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Event
 from nerve.runtime.errors import ConfigError
 
 DISK_RULE: dict[str, Any] = {

@@ -14,9 +14,9 @@ import nats
 import pytest
 
 from nerve.bridge.natswire import NO_RESPONDERS, NatsWire, NatsWireError, StoreAck, headers_block, open_nats
-from nerve.runtime.brokers import NatsServer, free_port
-from nerve.runtime.jetstream import MSG_ID_HEADER
-from nerve.runtime.streams import ensure_streams
+from nerve.runtime.jetstream.client import MSG_ID_HEADER
+from nerve.runtime.jetstream.streams import ensure_streams
+from nerve.runtime.stack.brokers import NatsServer, free_port
 from nerve.runtime.testing import stream_messages
 
 if TYPE_CHECKING:

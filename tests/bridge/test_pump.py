@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING, cast
 import msgpack
 import pytest
 
-from nerve.bridge.bridge import BridgeStats
+from nerve.bridge.stats import BridgeStats
 from nerve.bridge.natswire import StoreAck
 from nerve.bridge.pump import Pump
-from nerve.runtime.codec import to_msgpack
-from nerve.runtime.config import DEFAULT_METRICS
-from nerve.runtime.envelope import Event
-from nerve.runtime.mqttwire import Incoming
+from nerve.runtime.config.settings import DEFAULT_METRICS
+from nerve.runtime.envelope.codec import to_msgpack
+from nerve.runtime.envelope.model import Event
+from nerve.runtime.wire.mqtt import Incoming
 
 if TYPE_CHECKING:
     from nerve.bridge.natswire import NatsWire
-    from nerve.runtime.mqttwire import MqttWire
+    from nerve.runtime.wire.mqtt import MqttWire
 
 
 class FakeNats:

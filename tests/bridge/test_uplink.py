@@ -8,9 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nerve.bridge.uplink import Forward, Reject, translate, uplink_filters
-from nerve.runtime.codec import decode, to_json, to_msgpack
-from nerve.runtime.config import DEFAULT_METRICS
-from nerve.runtime.envelope import CommandResult, Event
+from nerve.runtime.config.settings import DEFAULT_METRICS
+from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
+from nerve.runtime.envelope.model import CommandResult, Event
 
 LIMIT = 1024
 

@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING
 import pytest
 from nats.js.errors import NotFoundError
 
-from nerve.runtime.codec import decode, to_msgpack
-from nerve.runtime.envelope import Event
-from nerve.runtime.history import read_stream
-from nerve.runtime.mqtt import make_client
+from nerve.runtime.cli.history import read_stream
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import Event
 from nerve.runtime.testing import wait_for_count
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
 
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

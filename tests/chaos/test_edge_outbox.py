@@ -20,13 +20,13 @@ import pytest
 from nerve.bridge import Bridge
 from nerve.edge import CommandJournal, EdgeAgent, Executor, Outbox
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.codec import decode
-from nerve.runtime.config import MqttSettings, Settings
-from nerve.runtime.envelope import Event
-from nerve.runtime.history import read_stream
-from nerve.runtime.mqtt import make_client
-from nerve.runtime.signing import generate_keypair
+from nerve.runtime.cli.history import read_stream
+from nerve.runtime.config.settings import MqttSettings, Settings
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Event
 from nerve.runtime.testing import wait_for_count
+from nerve.runtime.trust.signing import generate_keypair
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from tests.conftest import Running, TinyTmpfs
 
-    from nerve.runtime.brokers import Mosquitto, NatsServer
+    from nerve.runtime.stack.brokers import Mosquitto, NatsServer
 
 pytestmark = [pytest.mark.broker]
 
@@ -160,7 +160,7 @@ _KILLED_EDGE = """
 import asyncio, json, sys
 from pathlib import Path
 from nerve.edge import CommandJournal, EdgeAgent, Executor
-from nerve.runtime.config import Settings
+from nerve.runtime.config.settings import Settings
 
 async def main():
     settings = Settings.model_validate(json.loads(sys.argv[1]))

@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from nerve.runtime.brokers import free_port, port_answers
+from nerve.runtime.stack.brokers import free_port, port_answers
 
 if TYPE_CHECKING:
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 NERVE = str(Path(sys.executable).parent / "nerve")
 

@@ -15,11 +15,11 @@ import pytest
 
 from nerve.bridge import Bridge
 from nerve.edge.daemon import open_edge
-from nerve.runtime.cli import EXIT_OF_STATUS
-from nerve.runtime.config import Settings
+from nerve.runtime.cli.main import EXIT_OF_STATUS
+from nerve.runtime.cli.send import parse_args, parse_duration
+from nerve.runtime.config.settings import Settings
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.send import parse_args, parse_duration
-from nerve.runtime.signing import generate_keypair
+from nerve.runtime.trust.signing import generate_keypair
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -10,7 +10,7 @@ import pytest
 
 from nerve.edge.journal import CommandJournal
 from nerve.edge.outbox import Outbox
-from nerve.runtime.signing import Signer, generate_keypair
+from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

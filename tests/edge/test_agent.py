@@ -31,12 +31,12 @@ from nerve.edge import (
     default_device_id,
     read_boot_id,
 )
-from nerve.runtime.codec import decode, to_json, to_msgpack
-from nerve.runtime.config import MqttSettings, Settings
-from nerve.runtime.envelope import Command, CommandResult, Event
+from nerve.runtime.config.settings import MqttSettings, Settings
+from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
+from nerve.runtime.envelope.model import Command, CommandResult, Event
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.mqtt import make_client
-from nerve.runtime.signing import Signer, Verifier, generate_keypair
+from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from tests.conftest import Running
     from tests.edge.conftest import Put
 
-    from nerve.runtime.brokers import Mosquitto
+    from nerve.runtime.stack.brokers import Mosquitto
 
 DEVICE = "pi-01"
 HOUR = 3600.0
@@ -226,7 +226,7 @@ _DYING_EDGE = """
 import asyncio, json, sys
 from pathlib import Path
 from nerve.edge import CommandJournal, EdgeAgent, Executor
-from nerve.runtime.config import Settings
+from nerve.runtime.config.settings import Settings
 
 async def main():
     settings = Settings.model_validate(json.loads(sys.argv[1]))

@@ -14,11 +14,11 @@ from hypothesis import strategies as st
 
 from nerve.edge.executor import INTERRUPTED_REASON, Executor
 from nerve.edge.journal import CommandJournal, JournalState
-from nerve.runtime.codec import decode, to_json, to_msgpack
-from nerve.runtime.config import Settings
-from nerve.runtime.envelope import Command, CommandResult
+from nerve.runtime.config.settings import Settings
+from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
+from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.signing import Signer, Verifier, generate_keypair
+from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
 
 if TYPE_CHECKING:
     from collections.abc import Callable

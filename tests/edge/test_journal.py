@@ -16,7 +16,7 @@ from nerve.edge.journal import (
     JournalState,
     journal_path,
 )
-from nerve.runtime.config import Settings
+from nerve.runtime.config.settings import Settings
 from nerve.runtime.errors import NerveError
 
 if TYPE_CHECKING:

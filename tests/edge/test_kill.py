@@ -21,18 +21,18 @@ import pytest
 import yaml
 
 from nerve.edge import INTERRUPTED_REASON
-from nerve.runtime.codec import decode, to_msgpack
-from nerve.runtime.config import MqttSettings
-from nerve.runtime.envelope import Command, CommandResult
-from nerve.runtime.mqtt import make_client
-from nerve.runtime.signing import Signer, generate_keypair
+from nerve.runtime.config.settings import MqttSettings
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import Command, CommandResult
+from nerve.runtime.trust.signing import Signer, generate_keypair
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     import aiomqtt
 
-    from nerve.runtime.brokers import Mosquitto
+    from nerve.runtime.stack.brokers import Mosquitto
 
 NERVE = str(Path(sys.executable).parent / "nerve")
 DEVICE = "pi-kill"

@@ -23,12 +23,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from nerve.edge import CommandJournal, EdgeAgent, Executor
-from nerve.runtime.codec import decode, to_msgpack
-from nerve.runtime.config import MqttSettings, Settings
-from nerve.runtime.envelope import Command, CommandResult
+from nerve.runtime.config.settings import MqttSettings, Settings
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.mqtt import make_client
-from nerve.runtime.signing import Signer, generate_keypair
+from nerve.runtime.trust.signing import Signer, generate_keypair
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import aiomqtt
     from tests.edge.conftest import Put
 
-    from nerve.runtime.brokers import Mosquitto
+    from nerve.runtime.stack.brokers import Mosquitto
 
 DEVICE = "pi-01"
 WAIT = 10.0

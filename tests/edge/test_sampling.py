@@ -13,7 +13,7 @@ import pytest
 from nerve.edge.sampling import Deadband, Sampler, ScheduledSensor, build_sensors
 from nerve.edge.sensor_plugins import SENSOR_ENTRY_POINT_GROUP, load_sensor_plugin
 from nerve.edge.sensors import Reading, SensorError
-from nerve.runtime.config import EdgeSettings
+from nerve.runtime.config.settings import EdgeSettings
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping

@@ -18,9 +18,9 @@ from nerve.edge.allowlist import ActionPluginError, build_allow_list, load_plugi
 from nerve.edge.diagnostics import CollectDiagnostics
 from nerve.edge.executor import INTERRUPTED_REASON, RERUN_REASON, Executor, command_digest
 from nerve.edge.processes import run_program
-from nerve.runtime.codec import decode, to_msgpack
-from nerve.runtime.config import Settings
-from nerve.runtime.envelope import Command, CommandResult
+from nerve.runtime.config.settings import Settings
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from nerve.edge.journal import CommandJournal
     from nerve.runtime.plain_envelope import PlainResult
-    from nerve.runtime.signing import Signer
+    from nerve.runtime.trust.signing import Signer
 
 DEVICE = "pi-01"
 PREFIX = "nerve"
@@ -667,7 +667,7 @@ def test_build_allow_list_names_every_disabled_builtin(tmp_path: Path) -> None:
     ],
 )
 def test_bad_action_settings_name_the_key(actions: dict[str, Any], problem: str) -> None:
-    from nerve.runtime.config import load_settings  # noqa: PLC0415
+    from nerve.runtime.config.settings import load_settings  # noqa: PLC0415
 
     with pytest.raises(ConfigError) as caught:
         load_settings(overrides={"edge": {"actions": actions}})

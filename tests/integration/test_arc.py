@@ -11,19 +11,19 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from nerve.runtime.codec import decode, to_json
-from nerve.runtime.envelope import Command, CommandResult, Fact
-from nerve.runtime.signing import Signer, generate_keypair
-from nerve.runtime.stack import Stack
+from nerve.runtime.envelope.codec import decode, to_json
+from nerve.runtime.envelope.model import Command, CommandResult, Fact
+from nerve.runtime.stack.local import Stack
 from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
 
-    from nerve.runtime.brokers import Mosquitto
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.stack.brokers import Mosquitto
 
 pytestmark = pytest.mark.broker
 

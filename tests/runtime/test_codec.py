@@ -1,4 +1,4 @@
-"""Unit tests of nerve.runtime.codec: msgpack/JSON round trips, decode failures, raw payload wrapping."""
+"""nerve.runtime.envelope.codec: msgpack/JSON round trips, decode failures, raw payload wrapping."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nerve.runtime.codec import (
+from nerve.runtime.envelope.codec import (
     DEFAULT_MAX_PAYLOAD,
     MODEL_OF_KIND,
     decode,
@@ -24,7 +24,7 @@ from nerve.runtime.codec import (
     to_msgpack,
     wrap_raw,
 )
-from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact
+from nerve.runtime.envelope.model import Command, CommandResult, Envelope, Event, Fact
 from nerve.runtime.errors import DecodeError, PayloadTooLarge
 from nerve.runtime.subjects import Address, Kind
 

@@ -1,4 +1,4 @@
-"""Unit tests of nerve.runtime.config: defaults, layering (file < env < overrides) and clear errors."""
+"""nerve.runtime.config.settings: defaults, layering (file < env < overrides) and clear errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from nerve.runtime.config import (
+from nerve.runtime.config.settings import (
     DEFAULT_METRICS,
     BridgeSettings,
     MqttSettings,

@@ -1,4 +1,4 @@
-"""Unit tests of nerve.runtime.envelope: CloudEvents attributes, validation, causal chaining."""
+"""Unit tests of nerve.runtime.envelope.model: CloudEvents attributes, validation, causal chaining."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact
+from nerve.runtime.envelope.model import Command, CommandResult, Envelope, Event, Fact
 from nerve.runtime.plain_envelope import new_id, utcnow
 
 BASE: dict[str, Any] = {"source": "test", "type": "nerve.telemetry.disk", "subject": "pi-01"}

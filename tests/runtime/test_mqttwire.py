@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import pytest
 
-from nerve.runtime.config import MqttSettings, host_port
-from nerve.runtime.mqtt import make_client
-from nerve.runtime.mqttwire import (
+from nerve.runtime.config.settings import MqttSettings, host_port
+from nerve.runtime.wire.mqtt import (
     Incoming,
     MqttWire,
     MqttWireError,
@@ -26,6 +25,7 @@ from nerve.runtime.mqttwire import (
     utf8,
     varint,
 )
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from tests.conftest import FakeTransport, Serve
 
-    from nerve.runtime.brokers import Mosquitto
+    from nerve.runtime.stack.brokers import Mosquitto
 
     Connect: TypeAlias = Callable[[Callable[[list[Incoming]], None]], tuple[MqttWire, FakeTransport]]
 

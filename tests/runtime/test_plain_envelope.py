@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from nerve.runtime.codec import decode, to_msgpack
-from nerve.runtime.envelope import Command, CommandResult, Event
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import Command, CommandResult, Event
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.plain_envelope import (
     PlainCommand,
@@ -26,7 +26,7 @@ from nerve.runtime.plain_envelope import (
     parse_command,
     parse_result,
 )
-from nerve.runtime.signing import canonical_bytes
+from nerve.runtime.trust.signing import canonical_bytes
 
 PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Every attribute of a command, from the model the plain parser must agree with.

@@ -1,4 +1,4 @@
-"""Unit tests of nerve.runtime.signing: key files, sign/verify, tampering, trusted-key loading."""
+"""Unit tests of nerve.runtime.trust.signing: key files, sign/verify, tampering, trusted-key loading."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from nerve.runtime.codec import decode, to_json, to_msgpack
-from nerve.runtime.envelope import Command
+from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
+from nerve.runtime.envelope.model import Command
 from nerve.runtime.errors import ConfigError, NerveError, SignatureError
-from nerve.runtime.signing import Signer, Verifier, canonical_bytes, generate_keypair
+from nerve.runtime.trust.signing import Signer, Verifier, canonical_bytes, generate_keypair
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -1,4 +1,4 @@
-"""Unit tests of nerve.runtime.streams: the stream configurations, no overlaps, idempotent provisioning."""
+"""nerve.runtime.jetstream.streams: the stream configurations, no overlaps, idempotent provisioning."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from nerve.runtime.streams import (
+from nerve.runtime.jetstream.streams import (
     DAY,
     DEADLETTER_STREAM,
     DUPLICATE_WINDOW_S,

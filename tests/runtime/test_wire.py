@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from nerve.runtime.wire import WireError, WireProtocol
+from nerve.runtime.wire.protocol import WireError, WireProtocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -6,8 +6,8 @@ from nerve.agents.audit import CommandAudit
 from nerve.agents.disk import DiskRunbook
 
 if TYPE_CHECKING:
-    from nerve.runtime.agent import Agent
-    from nerve.runtime.config import Settings
+    from nerve.runtime.central.agent import Agent
+    from nerve.runtime.config.settings import Settings
 
 __all__ = ["CommandAudit", "DiskRunbook", "builtin_agents"]
 

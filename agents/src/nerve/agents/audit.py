@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Final
 
-from nerve.runtime.agent import Agent, AgentContext, Subscription
-from nerve.runtime.envelope import CommandResult
+from nerve.runtime.central.agent import Agent, AgentContext, Subscription
+from nerve.runtime.envelope.model import CommandResult
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
-    from nerve.runtime.envelope import Envelope
+    from nerve.runtime.envelope.model import Envelope
 
 AUDITED: Final = frozenset({"rejected", "expired", "unknown", "failed"})
 

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
-from nerve.runtime.agent import Agent, AgentContext, Subscription
-from nerve.runtime.envelope import CommandResult, Envelope, Event, derived_id
+from nerve.runtime.central.agent import Agent, AgentContext, Subscription
+from nerve.runtime.envelope.model import CommandResult, Envelope, Event, derived_id
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
-    from nerve.runtime.config import DiskRunbookSettings
+    from nerve.runtime.config.settings import DiskRunbookSettings
 
 log = logging.getLogger(__name__)
 

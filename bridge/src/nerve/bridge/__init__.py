@@ -1,6 +1,7 @@
 """nerve.bridge: MQTT ⇄ NATS JetStream, uplink and downlink."""
 
-from nerve.bridge.bridge import Bridge, BridgeStats
+from nerve.bridge.bridge import Bridge
+from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import Forward, Reject, translate, uplink_filters
 
 __all__ = ["Bridge", "BridgeStats", "Forward", "Reject", "translate", "uplink_filters"]

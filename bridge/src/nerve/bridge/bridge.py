@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
@@ -22,30 +21,31 @@ from nats.errors import Error as NatsError
 from nerve.bridge.metrics import MetricsServer
 from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
 from nerve.bridge.pump import Pump
+from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.codec import decode
-from nerve.runtime.config import host_port
-from nerve.runtime.envelope import Command, CommandResult, Fact, derived_id
+from nerve.runtime.config.settings import host_port
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Command, CommandResult, Fact, derived_id
 from nerve.runtime.errors import DecodeError, TopicError, shown_url
-from nerve.runtime.jetstream import (
+from nerve.runtime.jetstream.client import (
     connect_forever,
     publish_dead_letter,
     publish_envelope,
     publish_fact,
     shared_durable,
 )
-from nerve.runtime.mqttwire import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.plain_envelope import utcnow
-from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
+from nerve.runtime.wire.mqtt import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +59,6 @@ MQTT_PUBLISH_TIMEOUT_S: Final = 10.0
 # How many commands may be on their way to mosquitto at once; the rest wait in JetStream.
 DOWNLINK_MAX_ACK_PENDING: Final = 256
 DOWNLINK_ACK_WAIT_S: Final = 30.0
-
-
-@dataclass(slots=True)
-class BridgeStats:
-    """Counters since start; served as Prometheus metrics when `bridge.metrics_port` is set."""
-
-    received: int = 0
-    stored: int = 0
-    duplicates: int = 0
-    deadlettered: int = 0
-    in_flight: int = 0
-    commands_sent: int = 0
-    commands_expired: int = 0
-    reconnects: int = 0
 
 
 class Bridge:

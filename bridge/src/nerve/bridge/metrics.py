@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from prometheus_client.metrics_core import Metric
 
-    from nerve.bridge.bridge import BridgeStats
+    from nerve.bridge.stats import BridgeStats
 
 
 class BridgeCollector(Collector):

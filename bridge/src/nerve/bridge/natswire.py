@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import unquote, urlsplit
 
 from nerve.runtime.errors import shown_url
-from nerve.runtime.wire import WireError, WireProtocol
+from nerve.runtime.wire.protocol import WireError, WireProtocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -33,17 +33,23 @@ from typing import TYPE_CHECKING, Final
 from nerve.bridge.natswire import StoreAck, headers_block
 from nerve.bridge.uplink import Forward, Reject, translate
 from nerve.runtime.backoff import Backoff
-from nerve.runtime.jetstream import MSG_ID_HEADER, ORIGIN_HEADER, REASON_HEADER, dead_letter_body, header_safe
+from nerve.runtime.jetstream.client import (
+    MSG_ID_HEADER,
+    ORIGIN_HEADER,
+    REASON_HEADER,
+    dead_letter_body,
+    header_safe,
+)
 from nerve.runtime.subjects import deadletter_subject
 
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Collection, Sequence
 
-    from nerve.bridge.bridge import BridgeStats
     from nerve.bridge.natswire import NatsWire
-    from nerve.runtime.config import TopicMapping
-    from nerve.runtime.mqttwire import Incoming, MqttWire
+    from nerve.bridge.stats import BridgeStats
+    from nerve.runtime.config.settings import TopicMapping
+    from nerve.runtime.wire.mqtt import Incoming, MqttWire
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nerve.runtime.codec import (
+from nerve.runtime.envelope.codec import (
     MODEL_OF_KIND,
     envelope_from,
     is_envelope,
@@ -25,7 +25,7 @@ from nerve.runtime.subjects import Address, Kind, is_token, parse_topic
 if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
-    from nerve.runtime.config import TopicMapping
+    from nerve.runtime.config.settings import TopicMapping
 
 UPLINK_KINDS = frozenset({Kind.TELEMETRY, Kind.EVENTS, Kind.RESULTS})
 

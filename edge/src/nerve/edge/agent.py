@@ -16,7 +16,7 @@ its PUBACK. Sensors keep reading while the broker is away; what they read goes o
 A command message is acknowledged to mosquitto only after its result is in the outbox. A device that
 dies before that gets the command again from its persistent session, and the journal answers it with
 the recorded result (or "unknown" if it was still running): delivered at least once, run at most once.
-MQTT goes through `nerve.runtime.mqttwire` (a lean asyncio client), and messages are plain msgpack
+MQTT goes through `nerve.runtime.wire.mqtt` (a lean asyncio client), and messages are plain msgpack
 dicts (`nerve.runtime.plain_envelope`): this module imports neither nats-py (an edge-only install has
 none), nor paho/aiomqtt, nor pydantic, which keeps the edge process small (see `nerve.edge.main`).
 """
@@ -36,9 +36,9 @@ from nerve.edge.sampling import Sampler, build_sensors
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.mqttwire import DEFAULT_MQTT_PORT, Incoming, MqttWire, MqttWireError, Will, open_mqtt
 from nerve.runtime.plain_envelope import event_bytes, utcnow
 from nerve.runtime.subjects import Address, Kind, is_token, status_topic
+from nerve.runtime.wire.mqtt import DEFAULT_MQTT_PORT, Incoming, MqttWire, MqttWireError, Will, open_mqtt
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -49,8 +49,8 @@ from nerve.runtime.plain_envelope import (
     parse_result,
     utcnow,
 )
-from nerve.runtime.signing import Verifier
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
+from nerve.runtime.trust.signing import Verifier
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from nerve.edge.actions import Action
     from nerve.edge.journal import CommandJournal, JournalEntry
     from nerve.edge.settings import SettingsView
-    from nerve.runtime.envelope import Command, ResultStatus
+    from nerve.runtime.envelope.model import Command, ResultStatus
 
 __all__ = ["DEFAULT_MAX_ARGS_BYTES", "INTERRUPTED_REASON", "RERUN_REASON", "Executor", "command_digest"]
 

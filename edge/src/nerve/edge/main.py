@@ -1,6 +1,6 @@
 """The lean edge process: what `nerve edge` becomes (`os.execv`, same PID) once its settings are valid.
 
-`nerve edge` (nerve.runtime.cli) loads and validates the settings with pydantic as every part does,
+`nerve edge` (nerve.runtime.cli.main) loads and validates the settings with pydantic as every part does,
 then puts them, as JSON, in the environment variable `_NERVE_EDGE_HANDOVER` and execs
 `python -m nerve.edge.main`. This process reads them into plain frozen dataclasses
 (`nerve.edge.settings.EdgeProcessSettings`), removes the variable (actions' child processes never see
@@ -26,7 +26,7 @@ from nerve.runtime.cancellation import until_signalled
 from nerve.runtime.errors import NerveError
 
 if TYPE_CHECKING:
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 __all__ = ["HANDOVER_VARIABLE", "handover", "main"]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 __all__ = [
     "ActionsView",

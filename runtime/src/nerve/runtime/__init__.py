@@ -1,8 +1,15 @@
 """nerve.runtime: what every part shares.
 
+Its parts, one subpackage each (each re-exports its public names):
+
+- `envelope`: the messages (CloudEvents 1.0) and their codecs;  `subjects`: topics and subjects;
+- `config`: settings;  `trust`: signing;  `errors`: the exception tree;
+- `wire`: the MQTT client (and the protocol base the bridge's JetStream publisher shares);
+- `jetstream`: nats-py connections, publishing, the streams;  `central`: the Agent API and its runner;
+- `stack`: broker processes and `nerve up`;  `cli`: the `nerve` command line;  `testing`: test helpers.
+
 Re-exported here: the envelope, codecs, the topic/subject scheme, settings, signing and errors, none of
-which needs nats-py (an edge-only install has none). The JetStream side (`nerve.runtime.agent`,
-`nerve.runtime.central`, `nerve.runtime.jetstream`, `nerve.runtime.streams`) is imported from its module.
+which needs nats-py (an edge-only install has none). The JetStream side is imported from its package.
 
 The names are imported on first use (PEP 562): `import nerve.runtime.subjects` must not load pydantic
 through this package, since the lean edge process (`nerve.edge.main`) imports modules of it.
@@ -14,9 +21,9 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nerve.runtime.codec import decode, to_json, to_msgpack, wrap_raw
-    from nerve.runtime.config import Settings, load_settings
-    from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact, derived_id
+    from nerve.runtime.config.settings import Settings, load_settings
+    from nerve.runtime.envelope.codec import decode, to_json, to_msgpack, wrap_raw
+    from nerve.runtime.envelope.model import Command, CommandResult, Envelope, Event, Fact, derived_id
     from nerve.runtime.errors import (
         BrokerBinaryMissing,
         BrokerStartFailed,
@@ -29,39 +36,39 @@ if TYPE_CHECKING:
         TopicError,
     )
     from nerve.runtime.plain_envelope import new_id
-    from nerve.runtime.signing import Signer, Verifier, generate_keypair
     from nerve.runtime.subjects import Address, Kind, parse_subject, parse_topic
+    from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
 
 _MODULE_OF: dict[str, str] = {
     "Address": "nerve.runtime.subjects",
     "BrokerBinaryMissing": "nerve.runtime.errors",
     "BrokerStartFailed": "nerve.runtime.errors",
     "BrokerUnavailable": "nerve.runtime.errors",
-    "Command": "nerve.runtime.envelope",
-    "CommandResult": "nerve.runtime.envelope",
+    "Command": "nerve.runtime.envelope.model",
+    "CommandResult": "nerve.runtime.envelope.model",
     "ConfigError": "nerve.runtime.errors",
     "DecodeError": "nerve.runtime.errors",
-    "Envelope": "nerve.runtime.envelope",
-    "Event": "nerve.runtime.envelope",
-    "Fact": "nerve.runtime.envelope",
+    "Envelope": "nerve.runtime.envelope.model",
+    "Event": "nerve.runtime.envelope.model",
+    "Fact": "nerve.runtime.envelope.model",
     "Kind": "nerve.runtime.subjects",
     "NerveError": "nerve.runtime.errors",
     "PayloadTooLarge": "nerve.runtime.errors",
-    "Settings": "nerve.runtime.config",
+    "Settings": "nerve.runtime.config.settings",
     "SignatureError": "nerve.runtime.errors",
-    "Signer": "nerve.runtime.signing",
+    "Signer": "nerve.runtime.trust.signing",
     "TopicError": "nerve.runtime.errors",
-    "Verifier": "nerve.runtime.signing",
-    "decode": "nerve.runtime.codec",
-    "derived_id": "nerve.runtime.envelope",
-    "generate_keypair": "nerve.runtime.signing",
-    "load_settings": "nerve.runtime.config",
+    "Verifier": "nerve.runtime.trust.signing",
+    "decode": "nerve.runtime.envelope.codec",
+    "derived_id": "nerve.runtime.envelope.model",
+    "generate_keypair": "nerve.runtime.trust.signing",
+    "load_settings": "nerve.runtime.config.settings",
     "new_id": "nerve.runtime.plain_envelope",
     "parse_subject": "nerve.runtime.subjects",
     "parse_topic": "nerve.runtime.subjects",
-    "to_json": "nerve.runtime.codec",
-    "to_msgpack": "nerve.runtime.codec",
-    "wrap_raw": "nerve.runtime.codec",
+    "to_json": "nerve.runtime.envelope.codec",
+    "to_msgpack": "nerve.runtime.envelope.codec",
+    "wrap_raw": "nerve.runtime.envelope.codec",
 }
 
 __all__ = [

@@ -1,6 +1,6 @@
 """Envelopes as plain data, without pydantic: what the lean edge process (`nerve.edge.main`) reads and writes.
 
-The pydantic models of `nerve.runtime.envelope` stay the definition; this module mirrors them for the
+The pydantic models of `nerve.runtime.envelope.model` stay the definition; this module mirrors them for the
 edge, which must stay small (pydantic and the models cost ~10 MiB of RSS):
 
 - `parse_command` / `decode_command`: a `Command` document into a `PlainCommand`, with the same checks
@@ -422,7 +422,7 @@ class PlainCommand:
         return document
 
     def canonical_bytes(self) -> bytes:
-        """The bytes its signature covers (as `nerve.runtime.signing.canonical_bytes` of the model)."""
+        """The bytes its signature covers (as `nerve.runtime.trust.signing.canonical_bytes` of the model)."""
         return canonical_json(self.signed_document())
 
     def caused(self) -> dict[str, Any]:
@@ -484,7 +484,7 @@ class PlainResult:
         return document
 
     def encode(self) -> bytes:
-        """Msgpack, as `nerve.runtime.codec.to_msgpack` of the model."""
+        """Msgpack, as `nerve.runtime.envelope.codec.to_msgpack` of the model."""
         packed: bytes = msgpack.packb(self.document())
         return packed
 

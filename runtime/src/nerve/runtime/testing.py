@@ -9,7 +9,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nerve.runtime.history import read_stream
+from nerve.runtime.cli.history import read_stream
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 import msgpack
 from pydantic import ValidationError
 
-from nerve.runtime.envelope import Command, CommandResult, Envelope, Event, Fact
+from nerve.runtime.envelope.model import Command, CommandResult, Envelope, Event, Fact
 from nerve.runtime.errors import DecodeError, PayloadTooLarge
 from nerve.runtime.plain_envelope import DEFAULT_MAX_PAYLOAD, is_msgpack_map, load_document
 from nerve.runtime.subjects import Kind

@@ -14,19 +14,19 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.codec import decode
-from nerve.runtime.envelope import Command, CommandResult
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.errors import ConfigError, DecodeError
-from nerve.runtime.jetstream import connect, publish_envelope
-from nerve.runtime.signing import PRIVATE_SUFFIX, Signer
-from nerve.runtime.streams import ensure_streams
+from nerve.runtime.jetstream.client import connect, publish_envelope
+from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.subjects import Address, Kind, is_token
+from nerve.runtime.trust.signing import PRIVATE_SUFFIX, Signer
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
 
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 __all__ = [
     "MAX_EXPIRES_S",

@@ -13,7 +13,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from nerve.runtime.config import MqttSettings, host_port
+from nerve.runtime.config.settings import MqttSettings, host_port
 
 DEFAULT_MQTT_PORT: Final = 1883
 # Nagle's algorithm holds small QoS1 packets back: measured here, a QoS1 round trip through mosquitto

@@ -13,11 +13,11 @@ from nats.errors import NoServersError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.backoff import Backoff
-from nerve.runtime.brokers import port_answers
-from nerve.runtime.codec import to_msgpack
-from nerve.runtime.config import host_port
+from nerve.runtime.config.settings import host_port
+from nerve.runtime.envelope.codec import to_msgpack
 from nerve.runtime.errors import BrokerUnavailable
 from nerve.runtime.plain_envelope import utcnow
+from nerve.runtime.stack.brokers import port_answers
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
 
 if TYPE_CHECKING:
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.api import PubAck
 
-    from nerve.runtime.config import NatsSettings
-    from nerve.runtime.envelope import Envelope, Fact
+    from nerve.runtime.config.settings import NatsSettings
+    from nerve.runtime.envelope.model import Envelope, Fact
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
 
-from nerve.runtime.agent import DEFAULT_MAX_HOPS, Agent, AgentContext, Reject, Retry
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.codec import MODEL_OF_KIND, decode
+from nerve.runtime.central.agent import DEFAULT_MAX_HOPS, Agent, AgentContext, Reject, Retry
+from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.jetstream import connect_forever, publish_dead_letter, shared_durable
-from nerve.runtime.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.jetstream.client import connect_forever, publish_dead_letter, shared_durable
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -28,10 +28,10 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
-    from nerve.runtime.agent import Subscription
-    from nerve.runtime.config import Settings
-    from nerve.runtime.envelope import Envelope
-    from nerve.runtime.signing import Signer
+    from nerve.runtime.central.agent import Subscription
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.trust.signing import Signer
 
 log = logging.getLogger(__name__)
 

@@ -144,7 +144,7 @@ def mosquitto_config(*, port: int, data_dir: Path) -> str:
     # as a non-root user the option has no effect.
     user = pwd.getpwuid(os.geteuid()).pw_name
     return f"""\
-# Written by nerve.runtime.brokers for a broker nerve starts itself.
+# Written by nerve.runtime.stack.brokers for a broker nerve starts itself.
 listener {port} {LOCALHOST}
 # mosquitto 2.x refuses anonymous clients once a listener is declared; this one is local only.
 allow_anonymous true

@@ -17,10 +17,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, Self, TextIO
 
-from nerve.runtime.brokers import ManagedBroker, Mosquitto, NatsServer, port_answers
-from nerve.runtime.config import Settings, host_port
+from nerve.runtime.config.settings import Settings, host_port
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.signing import PRIVATE_SUFFIX, PUBLIC_SUFFIX, Signer, generate_keypair
+from nerve.runtime.stack.brokers import ManagedBroker, Mosquitto, NatsServer, port_answers
+from nerve.runtime.trust.signing import PRIVATE_SUFFIX, PUBLIC_SUFFIX, Signer, generate_keypair
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -174,7 +174,7 @@ class Stack:
         from nerve.agents import builtin_agents  # noqa: PLC0415
         from nerve.bridge import Bridge  # noqa: PLC0415
         from nerve.edge.daemon import open_edge  # noqa: PLC0415
-        from nerve.runtime.central import Central  # noqa: PLC0415
+        from nerve.runtime.central.runner import Central  # noqa: PLC0415
 
         settings = self._settings
         central = Central(settings=settings, signer=signer, agents=builtin_agents(settings))

@@ -16,9 +16,9 @@ import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from nerve.runtime.envelope import Command, Envelope, Fact, derived_id
+from nerve.runtime.envelope.model import Command, Envelope, Fact, derived_id
 from nerve.runtime.errors import NerveError
-from nerve.runtime.jetstream import publish_envelope, publish_fact
+from nerve.runtime.jetstream.client import publish_envelope, publish_fact
 from nerve.runtime.subjects import Address, Kind, subject_root
 
 if TYPE_CHECKING:
@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
     from nats.js import JetStreamContext
 
-    from nerve.runtime.config import Settings
-    from nerve.runtime.signing import Signer
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.trust.signing import Signer
 
 DEFAULT_MAX_HOPS: Final = 8
 

@@ -1,6 +1,6 @@
 """What nerve's two lean broker clients share: one asyncio `Protocol`, batches per read, a keep-alive.
 
-`nerve.runtime.mqttwire` (MQTT v5) and `nerve.bridge.natswire` (JetStream publishing) each parse what one
+`nerve.runtime.wire.mqtt` (MQTT v5) and `nerve.bridge.natswire` (JetStream publishing) each parse what one
 socket read brought into a list and hand it to one callback. Any failure ends the connection: `closed`
 then holds the reason, every waiter fails with it, and nothing is retried here (the callers start over).
 Standard library only: the edge daemon imports this.

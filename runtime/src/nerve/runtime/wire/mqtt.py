@@ -27,7 +27,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from nerve.runtime.wire import WireError, WireProtocol
+from nerve.runtime.wire.protocol import WireError, WireProtocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

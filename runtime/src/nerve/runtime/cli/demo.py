@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Final
 
 import nats
 
-from nerve.runtime.brokers import free_port
-from nerve.runtime.codec import decode
-from nerve.runtime.envelope import Command, CommandResult, Fact
-from nerve.runtime.mqtt import make_client
-from nerve.runtime.stack import Stack
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Command, CommandResult, Fact
+from nerve.runtime.stack.brokers import free_port
+from nerve.runtime.stack.local import Stack
 from nerve.runtime.subjects import Address, Kind, subject_root
+from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     import aiomqtt
     from nats.aio.msg import Msg
 
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 SPIKE: Final = b'{"value": 97}'
 OLD_FILES: Final = 5

@@ -18,19 +18,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.cancellation import until_signalled
-from nerve.runtime.config import load_settings
+from nerve.runtime.config.settings import load_settings
 from nerve.runtime.errors import NerveError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
 
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 log = logging.getLogger("nerve")
 
 EXIT_ERROR: Final = 2
 EXIT_INTERRUPTED: Final = 130
-# `nerve send`: one status per outcome, so scripts can tell them apart. Here, not in nerve.runtime.send:
+# `nerve send`: one status per outcome, so scripts can tell them apart. Here, not in nerve.runtime.cli.send:
 # building the parser must not import nats-py (an edge-only install has none).
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
@@ -156,7 +156,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _up(args: argparse.Namespace) -> int:
-    from nerve.runtime.stack import Stack  # noqa: PLC0415 - needs every part installed
+    from nerve.runtime.stack.local import Stack  # noqa: PLC0415 - needs every part installed
 
     settings = _settings(args)
     device = args.device or settings.edge.device or _default_device()
@@ -183,7 +183,7 @@ def _default_device() -> str:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from nerve.runtime.demo import run_demo  # noqa: PLC0415
+    from nerve.runtime.cli.demo import run_demo  # noqa: PLC0415
 
     return await run_demo(
         base=load_settings(
@@ -196,26 +196,26 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 async def _facts(args: argparse.Namespace) -> int:
-    from nerve.runtime.history import print_facts  # noqa: PLC0415
+    from nerve.runtime.cli.history import print_facts  # noqa: PLC0415
 
     return await print_facts(_settings(args), device=args.device, limit=args.limit)
 
 
 async def _deadletters(args: argparse.Namespace) -> int:
-    from nerve.runtime.history import print_dead_letters  # noqa: PLC0415
+    from nerve.runtime.cli.history import print_dead_letters  # noqa: PLC0415
 
     return await print_dead_letters(_settings(args), limit=args.limit)
 
 
 async def _send(args: argparse.Namespace) -> int:
-    from nerve.runtime.codec import to_json  # noqa: PLC0415
-    from nerve.runtime.send import (  # noqa: PLC0415
+    from nerve.runtime.cli.send import (  # noqa: PLC0415
         format_result,
         parse_args,
         parse_duration,
         send_command,
         signer_for,
     )
+    from nerve.runtime.envelope.codec import to_json  # noqa: PLC0415
 
     # Everything is checked before anything is sent.
     arguments = parse_args(args.arg)
@@ -267,9 +267,9 @@ async def _bridge(args: argparse.Namespace) -> int:
 
 async def _central(args: argparse.Namespace) -> int:
     from nerve.agents import builtin_agents  # noqa: PLC0415
-    from nerve.runtime.central import Central  # noqa: PLC0415
+    from nerve.runtime.central.runner import Central  # noqa: PLC0415
     from nerve.runtime.errors import ConfigError  # noqa: PLC0415
-    from nerve.runtime.signing import Signer  # noqa: PLC0415
+    from nerve.runtime.trust.signing import Signer  # noqa: PLC0415
 
     settings = _settings(args)
     if settings.central.signing_key is None:
@@ -281,7 +281,7 @@ async def _central(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from nerve.runtime.signing import generate_keypair  # noqa: PLC0415
+    from nerve.runtime.trust.signing import generate_keypair  # noqa: PLC0415
 
     private, public = generate_keypair(args.dir, args.keyid, overwrite=args.force)
     print(f"wrote {private} (private, mode 0600: central signs with it)")

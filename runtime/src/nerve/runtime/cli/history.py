@@ -9,18 +9,18 @@ import msgpack
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from nerve.runtime.codec import decode
-from nerve.runtime.envelope import Fact
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Fact
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.jetstream import connect
-from nerve.runtime.streams import DEADLETTER_STREAM
+from nerve.runtime.jetstream.client import connect
+from nerve.runtime.jetstream.streams import DEADLETTER_STREAM
 from nerve.runtime.subjects import Kind, deadletter_subject, subject_root
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
-    from nerve.runtime.config import Settings
+    from nerve.runtime.config.settings import Settings
 
 FACTS_STREAM: Final = "NERVE_FACTS"
 READ_TIMEOUT_S: Final = 2.0
