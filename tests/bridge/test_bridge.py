@@ -77,11 +77,22 @@ async def test_bad_input_is_dead_lettered_and_bridge_keeps_going(
         ("nerve/pi-01/telemetry/humidity", b"95", "unknown metric 'humidity'"),
         ("nerve/pi-01/telemetry/disk", b"9" * (settings.bridge.max_payload + 1), "exceeds the limit"),
         ("nerve/pi-01/telemetry/disk", b"\x85\xa1a\x01", "malformed msgpack"),
+        # Mistyped topics under the prefix: the broker would have dropped them without the bridge's nerve/#.
+        ("nerve/vm/telemetery/disk", b"95", "unknown kind 'telemetery'"),
+        ("nerve/vm/Telemetry/disk", b"95", "unknown kind 'Telemetry'"),
+        ("nerve/a/b/telemetry/disk", b"95", "expected <prefix>/<device>/<kind>/<name>"),
+        ("nerve/vm/telemetry", b"95", "expected <prefix>/<device>/<kind>/<name>"),
+        # A known metric has a known range.
+        ("nerve/pi-01/telemetry/disk", b"150", "disk reading 150 is out of range (expected 0 to 100)"),
+        ("nerve/pi-01/telemetry/disk", b"-5", "disk reading -5 is out of range"),
     ]
     bridge = Bridge(settings=settings)
     async with running(bridge, wait=WAIT), publisher(settings) as pub:
         for topic, payload, _ in bad:
             await pub.publish(topic, payload, qos=1)
+        # Not the uplink's: acknowledged, neither stored nor dead-lettered.
+        await pub.publish("nerve/pi-01/commands/clear_temp", b"{}", qos=1)
+        await pub.publish("nerve/pi-01/status", b"online", qos=1)
         await pub.publish("nerve/pi-01/telemetry/disk", b"91", qos=1)
         await wait_for_count(js, "NERVE_DEADLETTER", len(bad))
         await wait_for_count(js, "NERVE_TELEMETRY", 1)
@@ -222,7 +233,12 @@ async def test_two_bridges_share_the_uplink(settings: Settings, nc: NatsClient, 
     total = 400
     async with running(first, wait=WAIT), running(second, wait=WAIT), publisher(settings) as pub:
         for i in range(total):
-            event = Event(source="t", type="nerve.telemetry.cpu", subject=f"dev-{i % 4}", data={"value": i})
+            event = Event(
+                source="t",
+                type="nerve.telemetry.cpu",
+                subject=f"dev-{i % 4}",
+                data={"value": i % 100, "seq": i},
+            )
             await pub.publish(f"nerve/dev-{i % 4}/telemetry/cpu", to_msgpack(event), qos=1)
         await wait_for_count(js, "NERVE_TELEMETRY", total)
         await asyncio.sleep(0.3)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from nerve.bridge.uplink import Forward, Reject, topic_matches, translate, uplink_filters
+from nerve.bridge.uplink import Forward, Ignore, Reject, topic_matches, translate, uplink_filters
 from nerve.runtime.config.settings import DEFAULT_METRICS, BridgeSettings, load_settings
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Event
@@ -25,7 +25,7 @@ def bridge(*rules: dict[str, Any]) -> BridgeSettings:
     return load_settings(overrides={"bridge": {"mappings": list(rules)}}).bridge
 
 
-def run(topic: str, payload: bytes, settings: BridgeSettings) -> Forward | Reject:
+def run(topic: str, payload: bytes, settings: BridgeSettings) -> Forward | Reject | Ignore:
     return translate(
         topic, payload, prefix="nerve", metrics=DEFAULT_METRICS, max_payload=1024, mappings=settings.mappings
     )

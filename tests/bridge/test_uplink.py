@@ -6,16 +6,17 @@ import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from nerve.bridge.uplink import Forward, Reject, translate, uplink_filters
-from nerve.runtime.config.settings import DEFAULT_METRICS
+from nerve.bridge.uplink import Forward, Ignore, Reject, translate, uplink_filters
+from nerve.runtime.config.settings import DEFAULT_METRICS, DEFAULT_RANGES, BridgeSettings
 from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
 from nerve.runtime.envelope.model import CommandResult, Event
 
 LIMIT = 1024
 
 
-def run(topic: str, payload: bytes) -> Forward | Reject:
+def run(topic: str, payload: bytes) -> Forward | Reject | Ignore:
     return translate(topic, payload, prefix="nerve", metrics=DEFAULT_METRICS, max_payload=LIMIT)
 
 
@@ -84,14 +85,94 @@ def test_result_with_wrong_model_is_rejected() -> None:
     assert "CommandResult" in outcome.reason
 
 
-def test_filters_catch_extra_levels() -> None:
-    assert uplink_filters("nerve") == ["nerve/+/events/#", "nerve/+/results/#", "nerve/+/telemetry/#"]
+def test_one_filter_takes_the_whole_prefix_so_mistyped_topics_reach_the_bridge() -> None:
+    assert uplink_filters("nerve") == ["nerve/#"]
+    assert uplink_filters("acme/nerve", shared_group="site") == ["$share/site/acme/nerve/#"]
+
+
+@pytest.mark.parametrize(
+    ("topic", "reason"),
+    [
+        ("nerve/vm/telemetery/disk", "unknown kind 'telemetery'"),
+        ("nerve/vm/Telemetry/disk", "unknown kind 'Telemetry'"),
+        ("nerve/a/b/telemetry/disk", "expected <prefix>/<device>/<kind>/<name>"),
+        ("nerve/vm/telemetry", "expected <prefix>/<device>/<kind>/<name>"),
+        ("nerve/vm", "expected <prefix>/<device>/<kind>/<name>"),
+        ("nerve/vm/facts/x", "facts are not accepted from devices"),
+    ],
+)
+def test_mistyped_topics_are_rejected_with_the_reason(topic: str, reason: str) -> None:
+    outcome = run(topic, b"95")
+    assert isinstance(outcome, Reject)
+    assert reason in outcome.reason
+
+
+@pytest.mark.parametrize(
+    "topic", ["nerve/pi-01/commands/clear_temp", "nerve/pi-01/status", "nerve/x y/status"]
+)
+def test_commands_and_presence_are_ignored_not_dead_lettered(topic: str) -> None:
+    assert isinstance(run(topic, b"online"), Ignore)
+
+
+def ranged(topic: str, payload: bytes, ranges: dict[str, tuple[float, float]]) -> Forward | Reject | Ignore:
+    return translate(
+        topic, payload, prefix="nerve", metrics=DEFAULT_METRICS, max_payload=LIMIT, ranges=ranges
+    )
+
+
+@given(
+    metric=st.sampled_from(sorted(DEFAULT_RANGES)),
+    value=st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6),
+)
+def test_a_known_metric_is_stored_only_inside_its_range(metric: str, value: float) -> None:
+    low, high = DEFAULT_RANGES[metric]
+    for payload in (repr(value).encode(), f'{{"value": {value!r}}}'.encode()):
+        outcome = ranged(f"nerve/pi-01/telemetry/{metric}", payload, DEFAULT_RANGES)
+        if low <= value <= high:
+            assert isinstance(outcome, Forward), outcome
+        else:
+            assert isinstance(outcome, Reject)
+            assert f"{metric} reading" in outcome.reason
+            assert "out of range" in outcome.reason
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 150.0, -0.5])
+def test_an_enveloped_reading_out_of_range_or_not_finite_is_rejected(value: float) -> None:
+    event = Event(source="t", type="nerve.telemetry.disk", subject="pi-01", data={"value": 1})
+    document = {**msgpack.unpackb(to_msgpack(event)), "data": {"value": value}}  # NaN as msgpack has it
+    outcome = ranged("nerve/pi-01/telemetry/disk", msgpack.packb(document), DEFAULT_RANGES)
+    assert isinstance(outcome, Reject)
+
+
+def test_configured_ranges_widen_and_add() -> None:
+    bridge = BridgeSettings(
+        metrics=(*DEFAULT_METRICS, "humidity"), ranges={"disk": (0, 200), "humidity": (0, 100)}
+    )
+    ranges = bridge.effective_ranges
+    assert isinstance(ranged("nerve/pi-01/telemetry/disk", b"150", ranges), Forward)
+    assert isinstance(ranged("nerve/pi-01/telemetry/cpu", b"150", ranges), Reject)
+    metrics = bridge.metrics
+    outcome = translate(
+        "nerve/pi-01/telemetry/humidity",
+        b"101",
+        prefix="nerve",
+        metrics=metrics,
+        max_payload=LIMIT,
+        ranges=ranges,
+    )
+    assert isinstance(outcome, Reject)
+
+
+@pytest.mark.parametrize("bad", [(5, 1), (0, float("nan")), (float("-inf"), 1)])
+def test_a_range_must_be_finite_and_ordered(bad: tuple[float, float]) -> None:
+    with pytest.raises(ValidationError, match="range of 'disk'"):
+        BridgeSettings(ranges={"disk": bad})
 
 
 @given(st.binary(max_size=200), st.sampled_from(["telemetry/disk", "events/x", "results/clear_temp"]))
 def test_translate_never_raises(payload: bytes, tail: str) -> None:
     outcome = run(f"nerve/pi-01/{tail}", payload)
-    assert isinstance(outcome, Forward | Reject)
+    assert isinstance(outcome, Forward | Reject | Ignore)
 
 
 def test_command_result_forwarded() -> None:

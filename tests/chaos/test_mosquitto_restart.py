@@ -46,7 +46,9 @@ async def test_mosquitto_restart_mid_stream(
     settings: Settings, nc: NatsClient, mosquitto: Mosquitto, running: Running
 ) -> None:
     events = [
-        Event(source="t", type="nerve.telemetry.cpu", subject=f"dev-{i % 5}", data={"value": i})
+        Event(
+            source="t", type="nerve.telemetry.cpu", subject=f"dev-{i % 5}", data={"value": i % 100, "seq": i}
+        )
         for i in range(EVENTS)
     ]
     acked: list[str] = []

@@ -125,6 +125,7 @@ class Bridge:
             metrics=self._metrics,
             max_payload=settings.bridge.max_payload,
             mappings=settings.bridge.mappings,
+            ranges=settings.bridge.effective_ranges,
             store_timeout_s=STORE_TIMEOUT_S,
             max_in_flight=settings.bridge.max_in_flight,
         )

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from nerve.bridge.natswire import StoreAck, headers_block
-from nerve.bridge.uplink import Forward, Reject, translate
+from nerve.bridge.uplink import Forward, Ignore, Reject, translate
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.jetstream.client import (
     MSG_ID_HEADER,
@@ -44,7 +44,7 @@ from nerve.runtime.subjects import deadletter_subject
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Collection, Sequence
+    from collections.abc import Collection, Mapping, Sequence
 
     from nerve.bridge.natswire import NatsWire
     from nerve.bridge.stats import BridgeStats
@@ -86,6 +86,7 @@ class Pump:
         metrics: Collection[str],
         max_payload: int,
         mappings: Sequence[TopicMapping],
+        ranges: Mapping[str, tuple[float, float]] | None = None,
         store_timeout_s: float,
         max_in_flight: int,
     ) -> None:
@@ -95,6 +96,7 @@ class Pump:
         self._metrics = metrics
         self._max_payload = max_payload
         self._mappings = mappings
+        self._ranges = ranges or {}
         self._store_timeout_s = store_timeout_s
         self._high_water = max_in_flight
         self._low_water = max_in_flight // 2
@@ -134,13 +136,19 @@ class Pump:
             return  # left unacknowledged: mosquitto sends them again on the next session
         stats = self._stats
         queue = self._queue
+        ignored = False
         for message in batch:
             stats.received += 1
             entry = self._entry(message.topic, message.payload, message.packet_id, nats.max_payload)
             queue.append(entry)
-            self._send(nats, entry)
+            if entry.stored:
+                ignored = True  # nothing to store; acknowledged in its turn
+            else:
+                self._send(nats, entry)
         stats.in_flight = len(queue)
         nats.flush()
+        if ignored:
+            self._release()
         if len(queue) >= self._high_water and self._mqtt is not None:
             self._mqtt.pause_reading()
 
@@ -154,10 +162,14 @@ class Pump:
                 metrics=self._metrics,
                 max_payload=self._max_payload,
                 mappings=self._mappings,
+                ranges=self._ranges,
             )
         except Exception as exc:
             log.exception("bridge: translating a message from %s failed", topic)
             outcome = Reject(f"internal error while translating: {type(exc).__name__}: {exc}")
+        if isinstance(outcome, Ignore):
+            log.debug("bridge: ignoring %s (%s)", topic, outcome.reason)
+            return InFlight(packet_id, "", b"", b"", dead_letter=False, origin=topic, stored=True)
         if isinstance(outcome, Forward):
             try:
                 headers = headers_block({MSG_ID_HEADER: outcome.msg_id})

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,18 +48,26 @@ class Reject:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    """Acknowledge the message and store nothing: it is not the uplink's (a command, a presence)."""
+
+    reason: str
+
+
 def uplink_filters(
     prefix: str, mappings: Sequence[TopicMapping] = (), *, shared_group: str | None = None
 ) -> list[str]:
-    """The MQTT subscriptions of the uplink: nerve's own topics, then each mapping's foreign topic.
+    """The MQTT subscriptions of the uplink: everything under the prefix, then each mapping's foreign topic.
 
-    `#` rather than `+` after the kind, so a topic with extra levels reaches the bridge and is
-    dead-lettered with a reason instead of being ignored by the broker. With `shared_group`, each is a
-    shared subscription (`$share/<group>/...`): mosquitto gives each message to one bridge of the group.
+    The whole prefix (`nerve/#`), so that a mistyped topic (`nerve/pi/telemetery/disk`, extra levels, a
+    kind in capitals) reaches the bridge and is dead-lettered with a reason instead of being dropped by
+    the broker; commands and presence under the prefix are acknowledged and ignored (`Ignore`). One
+    filter rather than one per kind: mosquitto sends a message once per matching subscription. With
+    `shared_group`, each is a shared subscription (`$share/<group>/...`): mosquitto gives each message to
+    one bridge of the group.
     """
-    filters = [f"{prefix}/+/{kind.value}/#" for kind in sorted(UPLINK_KINDS)] + [
-        rule.topic for rule in mappings
-    ]
+    filters = [f"{prefix}/#", *(rule.topic for rule in mappings)]
     if shared_group is not None:
         return [f"$share/{shared_group}/{topic}" for topic in filters]
     return filters
@@ -74,7 +83,7 @@ def topic_matches(levels: list[str], topic: list[str]) -> bool:
     return len(levels) == len(topic)
 
 
-def _mapped(rule: TopicMapping, topic: str, payload: bytes) -> Forward:
+def _mapped(rule: TopicMapping, topic: str, payload: bytes, bounds: tuple[float, float] | None) -> Forward:
     """Apply a foreign-topic mapping; raise `DecodeError` naming the rule."""
     device = topic.split("/")[rule.device_level - 1]
     if not is_token(device):
@@ -92,17 +101,38 @@ def _mapped(rule: TopicMapping, topic: str, payload: bytes) -> Forward:
         payload = json.dumps(document[rule.value_field]).encode()
     try:
         event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+        check_range(rule.metric, event.data, bounds)
     except DecodeError as exc:
         raise DecodeError(f"mapping {rule.name!r}: {exc.reason}") from None
     return Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=device)
 
 
-def _enveloped(address: Address, document: object, payload: bytes, *, as_msgpack: bool) -> Forward:
+def check_range(metric: str, data: object, bounds: tuple[float, float] | None) -> None:
+    """Raise `DecodeError` unless the reading's `value` lies in `bounds` (None: any finite number)."""
+    if bounds is None or not isinstance(data, Mapping):
+        return
+    value = data.get("value")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return  # the envelope's own checks say what is wrong with a reading that has no number
+    low, high = bounds
+    if not low <= value <= high:  # False for NaN too
+        raise DecodeError(f"{metric} reading {value!r} is out of range (expected {low:g} to {high:g})")
+
+
+def _enveloped(
+    address: Address,
+    document: object,
+    payload: bytes,
+    *,
+    as_msgpack: bool,
+    bounds: tuple[float, float] | None = None,
+) -> Forward:
     envelope = envelope_from(document, MODEL_OF_KIND[address.kind])
     if envelope.subject != address.device:
         raise DecodeError(
             f"envelope subject {envelope.subject!r} does not match the topic's device {address.device!r}"
         )
+    check_range(address.name, envelope.data, bounds)
     # Already-valid msgpack is forwarded as it came: no second encode on the hot path.
     body = payload if as_msgpack else to_msgpack(envelope)
     return Forward(subject="", body=body, msg_id=envelope.id, device=address.device)
@@ -116,14 +146,18 @@ def translate(
     metrics: Collection[str],
     max_payload: int,
     mappings: Sequence[TopicMapping] = (),
-) -> Forward | Reject:
-    """Turn an MQTT message into what the bridge stores, or the reason it cannot. Never raises."""
+    ranges: Mapping[str, tuple[float, float]] | None = None,
+) -> Forward | Reject | Ignore:
+    """Turn an MQTT message into what the bridge stores, or the reason it cannot. Never raises.
+
+    `ranges` bounds the `value` of a reading per metric (a reading outside is rejected).
+    """
     try:
         if len(payload) > max_payload:
             raise PayloadTooLarge(len(payload), max_payload)
         if topic.startswith(f"{prefix}/"):
-            return _own(topic, payload, prefix=prefix, metrics=metrics)
-        return _foreign(topic, payload, prefix=prefix, mappings=mappings)
+            return _own(topic, payload, prefix=prefix, metrics=metrics, ranges=ranges or {})
+        return _foreign(topic, payload, prefix=prefix, mappings=mappings, ranges=ranges or {})
     except (TopicError, DecodeError) as exc:
         return Reject(str(exc))
     except (ValueError, OverflowError, RecursionError, TypeError) as exc:
@@ -131,26 +165,40 @@ def translate(
         return Reject(f"cannot store this payload: {type(exc).__name__}: {exc}")
 
 
-def _own(topic: str, payload: bytes, *, prefix: str, metrics: Collection[str]) -> Forward | Reject:
+def _own(
+    topic: str,
+    payload: bytes,
+    *,
+    prefix: str,
+    metrics: Collection[str],
+    ranges: Mapping[str, tuple[float, float]],
+) -> Forward | Reject | Ignore:
     """A message on nerve's own scheme: enveloped (msgpack or JSON) or raw."""
+    levels = topic.split("/")
+    if len(levels) == prefix.count("/") + 3 and levels[-1] == "status":
+        return Ignore("presence")
     address = parse_topic(topic, prefix)
+    if address.kind is Kind.COMMANDS:
+        return Ignore("a command, on its way down")
     if address.kind not in UPLINK_KINDS:
         return Reject(f"{address.kind.value} are not accepted from devices")
     if address.kind is Kind.TELEMETRY and address.name not in metrics:
         return Reject(
             f"unknown metric {address.name!r} (known: {', '.join(sorted(metrics))}; add it to bridge.metrics)"
         )
+    bounds = ranges.get(address.name) if address.kind is Kind.TELEMETRY else None
     if is_msgpack_map(payload):
         document = load_document(payload)
         if not is_envelope(document):
             return Reject("msgpack payloads must be envelopes (with specversion)")
-        forward = _enveloped(address, document, payload, as_msgpack=True)
+        forward = _enveloped(address, document, payload, as_msgpack=True, bounds=bounds)
     else:
         document = _json_object(payload)
         if is_envelope(document):
-            forward = _enveloped(address, document, payload, as_msgpack=False)
+            forward = _enveloped(address, document, payload, as_msgpack=False, bounds=bounds)
         else:
             event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+            check_range(address.name, event.data, bounds)
             forward = Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=address.device)
     return Forward(
         subject=address.subject(prefix), body=forward.body, msg_id=forward.msg_id, device=forward.device
@@ -158,14 +206,19 @@ def _own(topic: str, payload: bytes, *, prefix: str, metrics: Collection[str]) -
 
 
 def _foreign(
-    topic: str, payload: bytes, *, prefix: str, mappings: Sequence[TopicMapping]
+    topic: str,
+    payload: bytes,
+    *,
+    prefix: str,
+    mappings: Sequence[TopicMapping],
+    ranges: Mapping[str, tuple[float, float]],
 ) -> Forward | Reject:
     """A third-party topic, brought into the scheme by the first mapping that matches it."""
     levels = topic.split("/")
     rule = next((r for r in mappings if topic_matches(r.topic.split("/"), levels)), None)
     if rule is None:
         return Reject(f"topic {topic!r} is outside {prefix!r}/ and matches no mapping")
-    mapped = _mapped(rule, topic, payload)
+    mapped = _mapped(rule, topic, payload, ranges.get(rule.metric) if rule.kind == "telemetry" else None)
     subject = Address(mapped.device, Kind(rule.kind), rule.metric).subject(prefix)
     return Forward(subject=subject, body=mapped.body, msg_id=mapped.msg_id, device=mapped.device)
 

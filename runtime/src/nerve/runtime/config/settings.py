@@ -8,6 +8,7 @@ Library code never reads the environment: only `load_settings` does, from the ma
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self
@@ -25,6 +26,14 @@ if TYPE_CHECKING:
 
 ENV_PREFIX: Final = "NERVE_"
 DEFAULT_METRICS: Final = ("disk", "cpu", "memory", "load", "temperature")
+# What a reading of a built-in metric can be: the bridge dead-letters the rest (bridge.ranges adds more).
+DEFAULT_RANGES: Final[dict[str, tuple[float, float]]] = {
+    "disk": (0.0, 100.0),  # % used
+    "cpu": (0.0, 100.0),  # % busy
+    "memory": (0.0, 100.0),  # % used
+    "load": (0.0, 10_000.0),  # load average
+    "temperature": (-100.0, 250.0),  # degrees Celsius
+}
 
 
 def _mqtt_url(value: str) -> str:
@@ -245,13 +254,25 @@ class BridgeSettings(_Settings):
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Prometheus; unset: off")
     metrics_address: str = "127.0.0.1"
     mappings: tuple[TopicMapping, ...] = ()
+    ranges: dict[Metric, tuple[float, float]] = Field(
+        default_factory=dict,
+        description="[low, high] a reading of a metric must lie in; adds to or overrides DEFAULT_RANGES",
+    )
     shared_group: Annotated[str, AfterValidator(lambda v: check_token(v, "shared group"))] | None = Field(
         default=None,
         description="several bridges with this group (and distinct client_id) share the uplink ($share)",
     )
 
+    @property
+    def effective_ranges(self) -> dict[str, tuple[float, float]]:
+        """The range of each metric that has one: the built-in ones, then `ranges`."""
+        return {**DEFAULT_RANGES, **self.ranges}
+
     @model_validator(mode="after")
     def _check_mappings(self) -> Self:
+        for metric, (low, high) in self.ranges.items():
+            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+                raise ValueError(f"range of {metric!r} must be two finite numbers [low, high], low <= high")
         names = [rule.name for rule in self.mappings]
         if len(set(names)) != len(names):
             raise ValueError(f"mapping names must be unique, got {names}")
