@@ -22,8 +22,8 @@ The publisher must not be what is measured: it runs in its own process, builds e
 before the clock starts and writes them down a plain socket with up to 1000 unacknowledged (paho-mqtt
 tops out near 13k msgs/s on this machine and would take a core the bridge needs). Its own rate, into a
 mosquitto with no subscriber, is printed as the ceiling of the test. `--publisher paho` cross-checks
-with paho-mqtt instead. `--profile FILE` samples the nerve bridge with py-spy during (a) and prints where
-its time goes (py-spy takes CPU too: don't quote a profiled run's rates).
+with paho-mqtt instead. `--profile FILE` samples the nerve bridge with py-spy during (a) or (r) and
+prints where its time goes (py-spy takes CPU too: don't quote a profiled run's rates).
 
     .venv/bin/python bench/bridge_throughput.py [--count 50000] [--count-b N] [--count-raw 60000]
                                                 [--only a|b|c|r]
@@ -734,6 +734,7 @@ async def raw_backlog_case(tmp: Path, run: str, args: argparse.Namespace) -> Out
         log = data / "bridge.log"
         nc = await nats.connect(nats_server.url)
         bridge = await spawn(bridge_argv(mosquitto, nats_server), log)
+        profiler = None
         try:
             js = nc.jetstream()
             await until_subscribed(js, mosquitto.port, bridge)
@@ -746,10 +747,16 @@ async def raw_backlog_case(tmp: Path, run: str, args: argparse.Namespace) -> Out
             outcome.publish_s = published.seconds
             began = time.monotonic()
             bridge = await spawn(bridge_argv(mosquitto, nats_server), log)
+            if args.profile is not None:
+                profiler = await start_profiler(bridge.pid, args.profile)
             pids = {"bridge": bridge.pid, "mosquitto": mosquitto.pid, "nats-server": nats_server.pid}
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             stored_at, outcome.stored = await until_stored(js, count, bridge)
             outcome.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+            if profiler is not None:
+                profiler.send_signal(signal.SIGINT)
+                async with asyncio.timeout(STOP_TIMEOUT_S):
+                    await profiler.wait()
             outcome.seconds = stored_at - began
             if bridge.returncode is not None:
                 outcome.problems.append(f"the bridge exited with {bridge.returncode}:\n{log_tail(log)}")
@@ -767,6 +774,11 @@ async def raw_backlog_case(tmp: Path, run: str, args: argparse.Namespace) -> Out
         finally:
             await nc.close()
             await stop(bridge)
+            if profiler is not None and profiler.returncode is None:
+                profiler.kill()
+                await profiler.wait()
+    if profiler is not None:
+        print_profile(args.profile)
     return outcome
 
 
