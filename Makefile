@@ -6,7 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nerve-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Arguments for `nerve up` / `nerve demo`: `make run ARGS="--device x"`. NERVE_ARGS, the older name,
+# works too. Neither is exported to nerve: every NERVE_* variable nerve sees must be a setting.
+ARGS ?=
 NERVE_ARGS ?=
+unexport ARGS NERVE_ARGS
 
 .PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt clean
 
@@ -21,21 +25,22 @@ system-deps:
 	fi
 
 $(STAMP): pyproject.toml runtime/pyproject.toml edge/pyproject.toml bridge/pyproject.toml agents/pyproject.toml
+	@echo "setting up $(VENV) (Python packages from PyPI; 1-2 minutes the first time, seconds after)"
 	@if [ ! -x $(BIN)/python ]; then \
 		$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 			echo "installing python3-venv (apt)"; \
 			$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; \
 			rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }; \
 	fi
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e './runtime[nats]' -e ./edge -e ./bridge -e ./agents -e '.[dev]'
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -m pip install -q -e './runtime[nats]' -e ./edge -e ./bridge -e ./agents -e '.[dev]'
 	@touch $(STAMP)
 
 run: setup
-	$(BIN)/nerve up $(NERVE_ARGS)
+	$(BIN)/nerve up $(ARGS) $(NERVE_ARGS)
 
 demo: setup
-	$(BIN)/nerve demo $(NERVE_ARGS)
+	$(BIN)/nerve demo $(ARGS) $(NERVE_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
