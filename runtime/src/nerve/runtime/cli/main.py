@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.cancellation import until_signalled
 from nerve.runtime.config.settings import load_settings
-from nerve.runtime.errors import NerveError
+from nerve.runtime.errors import ConfigError, NerveError
+from nerve.runtime.subjects import is_token
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Sequence
@@ -133,6 +134,33 @@ def _stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt-port", type=int, help="mosquitto port on 127.0.0.1 (default: 1883)")
     parser.add_argument("--nats-port", type=int, help="NATS port on 127.0.0.1 (default: 4222)")
     parser.add_argument("--data-dir", type=Path, help="brokers' data, keys, scratch (default: .nerve)")
+
+
+# Arguments that end up in a NATS subject or an MQTT topic (or, for a key id, a file name): each must be
+# a token. Checked before anything else, so that `--device '>'` never becomes a wildcard and `a.b` never
+# an extra subject level. Attribute -> how the command line names it.
+TOKEN_ARGUMENTS: Final = {"device": "--device", "action": "ACTION", "keyid": "--keyid"}
+POSITIONAL_DEVICE: Final = "DEVICE"
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise `ConfigError` naming the first flag whose value cannot be used as given."""
+    for attribute, flag in TOKEN_ARGUMENTS.items():
+        value = getattr(args, attribute, None)
+        if value is None:
+            continue
+        name = POSITIONAL_DEVICE if attribute == "device" and args.command == "send" else flag
+        if not is_token(value):
+            what = "key id" if attribute == "keyid" else attribute if attribute == "action" else "device id"
+            raise ConfigError(
+                f"{value!r} is not a valid {what}: use 1 to 64 of A-Z a-z 0-9 _ - (no wildcards, no dots)",
+                source="command line",
+                key=name,
+            )
+    if getattr(args, "limit", 0) < 0:
+        raise ConfigError(
+            f"{args.limit} is not a count: use 0 (all) or more", source="command line", key="--limit"
+        )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -309,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
+        check_arguments(args)
         if args.command == "keys":
             return _keys(args)
         if args.command == "edge":
