@@ -108,6 +108,8 @@ async def test_facts_prints_the_chain(settings: Settings, tmp_path: Path) -> Non
 @pytest.mark.slow
 async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) -> None:
     mqtt_port, nats_port = free_port(), free_port()
+    # The central key goes where `nerve send` looks by default: here, not the real ~/.config.
+    keys_home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
     process = await asyncio.create_subprocess_exec(
         NERVE,
         "up",
@@ -121,6 +123,7 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
         str(tmp_path / "data"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **keys_home},
     )
     assert process.stdout is not None
     async with asyncio.timeout(30):
@@ -147,6 +150,13 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
                 break
             await asyncio.sleep(0.2)
 
+    # `nerve send` without --data-dir or --key signs with the key this `nerve up` trusts.
+    code, out, err = await run(
+        "send", "up-test", "clear_temp", "--nats-url", f"nats://127.0.0.1:{nats_port}", env=keys_home
+    )
+    assert (code, err) == (0, "")
+    assert out.startswith("ok: clear_temp on up-test")
+
     process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(20):
         assert await process.wait() == 0
@@ -155,6 +165,7 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
 
 
 async def start_up(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio.subprocess.Process:
+    keys_home = {"XDG_CONFIG_HOME": str(data_dir.parent / "config")}
     process = await asyncio.create_subprocess_exec(
         NERVE,
         "up",
@@ -168,6 +179,7 @@ async def start_up(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio.su
         str(data_dir),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **keys_home},
     )
     assert process.stdout is not None
     async with asyncio.timeout(30):

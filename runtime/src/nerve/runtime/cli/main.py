@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -23,7 +24,7 @@ from nerve.runtime.errors import ConfigError, NerveError
 from nerve.runtime.subjects import is_token
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import Callable, Coroutine, Mapping, Sequence
 
     from nerve.runtime.config.settings import Settings
 
@@ -39,6 +40,8 @@ EXIT_REJECTED: Final = 3
 EXIT_EXPIRED: Final = 4
 EXIT_UNKNOWN: Final = 5
 EXIT_TIMEOUT: Final = 6
+# A device that sent nothing for this many heartbeats (edge.heartbeat_s) seems offline.
+OFFLINE_HEARTBEATS: Final = 2
 EXIT_OF_STATUS: Final = {
     "ok": EXIT_OK,
     "failed": EXIT_FAILED,
@@ -55,6 +58,7 @@ exit status:
   {EXIT_EXPIRED}  expired: it expired before the bridge could send it
   {EXIT_UNKNOWN}  unknown: the device restarted while running it, and did not run it again
   {EXIT_TIMEOUT}  no result within --timeout (the command may still run until it expires)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C) while waiting: the command may still run until it expires
 """
 
 
@@ -117,9 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--key",
         type=Path,
-        help="private key to sign with (default: central.signing_key, else <data_dir>/keys/<keyid>.key)",
+        help="private key to sign with (default: central.signing_key, else the key `nerve up` made: "
+        "$XDG_CONFIG_HOME/nerve/keys/<keyid>.key, or ~/.config/nerve/keys/<keyid>.key)",
     )
-    send.add_argument("--data-dir", type=Path, help="where `nerve up` keeps its keys (default: .nerve)")
     send.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
     edge = sub.add_parser("edge", parents=[common], help="run the device daemon")
@@ -188,7 +192,8 @@ async def _up(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     device = args.device or settings.edge.device or _default_device()
-    async with Stack(settings=settings, device=device) as stack:
+    key = settings.central.signing_key or default_keys_dir(os.environ) / f"{settings.central.keyid}.key"
+    async with Stack(settings=settings, device=device, signing_key=key) as stack:
         info = stack.info
         assert info is not None  # noqa: S101 - set by __aenter__
         started = f" (started: {', '.join(info.started_brokers)})" if info.started_brokers else ""
@@ -235,40 +240,78 @@ async def _deadletters(args: argparse.Namespace) -> int:
     return await print_dead_letters(_settings(args), limit=args.limit)
 
 
+def default_keys_dir(env: Mapping[str, str]) -> Path:
+    """Where `nerve up` keeps the central key, and `nerve send` finds it, when settings name none.
+
+    `$XDG_CONFIG_HOME/nerve/keys`, else `~/.config/nerve/keys`: one place per user, whatever the
+    working directory or `--data-dir`, so that `nerve send` signs with the key `nerve up` trusts.
+    """
+    config = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(config) / "nerve" / "keys"
+
+
 async def _send(args: argparse.Namespace) -> int:
     from nerve.runtime.cli.send import (  # noqa: PLC0415
+        CommandChannel,
         format_result,
         parse_args,
         parse_duration,
-        send_command,
+        presence_notice,
+        sign_command,
         signer_for,
+        signing_key_path,
     )
     from nerve.runtime.envelope.codec import to_json  # noqa: PLC0415
+    from nerve.runtime.plain_envelope import utcnow  # noqa: PLC0415
 
     # Everything is checked before anything is sent.
     arguments = parse_args(args.arg)
     expires_in = parse_duration(args.expires_in, flag="--expires-in")
     timeout = parse_duration(args.timeout, flag="--timeout") if args.timeout else expires_in + 10.0
     settings = _settings(args)
-    signer = signer_for(settings, args.key)
-    command, result = await send_command(
-        settings,
-        signer=signer,
-        device=args.device,
-        action=args.action,
-        args=arguments,
-        expires_in=expires_in,
-        timeout=timeout,
+    keys_dir = default_keys_dir(os.environ)
+    key_path, default_key = signing_key_path(settings, args.key, keys_dir)
+    signer = signer_for(settings, args.key, keys_dir)
+    if not default_key:
+        say(f"signing with {key_path} (key id {signer.keyid})")
+    command = sign_command(
+        signer, device=args.device, action=args.action, args=arguments, expires_in=expires_in
     )
+    expires = command.expires.isoformat(timespec="seconds")
+    sent = False
+    started = time.monotonic()
+    try:
+        async with CommandChannel(settings) as channel:
+            await channel.send(command, device=args.device)
+            sent = True
+            notice = presence_notice(
+                args.device,
+                await channel.last_seen(args.device),
+                now=utcnow(),
+                offline_after_s=OFFLINE_HEARTBEATS * settings.edge.heartbeat_s,
+            )
+            if notice:
+                say(f"{notice}; waiting up to {timeout:g}s for a result")
+            result = await channel.result(command, timeout=max(0.0, timeout - (time.monotonic() - started)))
+    except asyncio.CancelledError:
+        what = f"command {command.id} was sent and may still run until {expires}" if sent else "nothing sent"
+        say(f"interrupted: {what}")
+        return EXIT_INTERRUPTED
     if result is None:
-        print(
-            f"nerve send: no result from {args.device} within {timeout:g}s (command {command.id}); "
-            f"it may still run until it expires at {command.expires.isoformat(timespec='seconds')}",
-            file=sys.stderr,
+        say(
+            f"no result from {args.device} within {timeout:g}s (command {command.id}); "
+            f"it may still run until it expires at {expires}"
         )
         return EXIT_TIMEOUT
     print(to_json(result).decode() if args.json else format_result(result), flush=True)
+    if result.status == "rejected" and any(word in result.reason for word in ("signature", "key id")):
+        say(f"it was signed with {key_path} (key id {signer.keyid}); is that the key {args.device} trusts?")
     return EXIT_OF_STATUS[result.status]
+
+
+def say(line: str) -> None:
+    """One line from `nerve send` to stderr (stdout is for the result)."""
+    print(f"nerve send: {line}", file=sys.stderr, flush=True)
 
 
 def _edge(args: argparse.Namespace) -> int:

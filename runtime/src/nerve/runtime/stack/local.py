@@ -4,7 +4,7 @@ Brokers: if nothing answers at the configured MQTT / NATS address, mosquitto and
 as child processes with their data under the data dir, and stopped on the way out. Then central, bridge
 and edge run in this process, in one TaskGroup, in that order (so no reading reaches JetStream before
 its consumer exists). Dev mode: the edge's `clear_temp` works on `<data dir>/scratch`, never /tmp, and
-trusts the central key that the stack generates under `<data dir>/keys`.
+trusts the central key (the `.pub` beside the signing key, which the stack generates if it is missing).
 """
 
 from __future__ import annotations
@@ -56,12 +56,22 @@ class StackInfo:
 class Stack:
     """Brokers (when needed), central, bridge and edge, as one async context manager."""
 
-    def __init__(self, *, settings: Settings, device: str) -> None:
+    def __init__(self, *, settings: Settings, device: str, signing_key: Path | None = None) -> None:
+        """A stack on `settings` whose edge is `device`.
+
+        `signing_key`: central's private key, created with its `.pub` if missing (default:
+        `central.signing_key`, else `<data dir>/keys/<keyid>.key`, private to this stack).
+        """
         self._device = device
         data_dir = settings.data_dir.resolve()
         self._data_dir = data_dir
         self._scratch = data_dir / "scratch"
-        keys = data_dir / "keys"
+        keyid = settings.central.keyid
+        key = (
+            signing_key or settings.central.signing_key or data_dir / "keys" / f"{keyid}{PRIVATE_SUFFIX}"
+        ).absolute()
+        self._signing_key = key
+        keys = key.parent
         self._settings = settings.model_copy(
             update={
                 "data_dir": data_dir,
@@ -73,9 +83,7 @@ class Stack:
                         "journal": data_dir / "edge-journal.sqlite3",
                     }
                 ),
-                "central": settings.central.model_copy(
-                    update={"signing_key": keys / f"{settings.central.keyid}{PRIVATE_SUFFIX}"}
-                ),
+                "central": settings.central.model_copy(update={"signing_key": key}),
             }
         )
         self._brokers: list[ManagedBroker] = []
@@ -105,14 +113,13 @@ class Stack:
         log.info("started %s on 127.0.0.1:%d (data in %s)", kind.name, port, broker.data_dir)
 
     def _ensure_keys(self) -> Signer:
-        keys = self._data_dir / "keys"
-        keyid = self._settings.central.keyid
-        private = keys / f"{keyid}{PRIVATE_SUFFIX}"
+        private = self._signing_key
         if not private.exists():
-            generate_keypair(keys, keyid)
-        elif not (keys / f"{keyid}{PUBLIC_SUFFIX}").exists():
+            generate_keypair(private.parent, private.stem)
+            log.info("created the central key pair %s (and .pub)", private)
+        elif not private.with_suffix(PUBLIC_SUFFIX).exists():
             raise ConfigError("private key without its .pub beside it", source=str(private))
-        return Signer.from_file(private, keyid)
+        return Signer.from_file(private, self._settings.central.keyid)
 
     def _lock_data_dir(self) -> None:
         # Two stacks on one data dir would share client ids and fight over the MQTT sessions.
