@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -132,6 +133,9 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
     assert f"mosquitto_pub -h 127.0.0.1 -p {mqtt_port} -t nerve/up-test/telemetry/disk" in ready
     details = (await process.stdout.readline()).decode()
     assert "started: mosquitto, nats-server" in details
+    # The commands it suggests can be typed here as shown (`make run` puts no nerve on the PATH).
+    then = (await process.stdout.readline()).decode()
+    assert is_this_nerve(then.split("then: ", 1)[1].split()[0])
     assert await port_answers("127.0.0.1", mqtt_port)
     assert await port_answers("127.0.0.1", nats_port)
 
@@ -162,6 +166,12 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
         assert await process.wait() == 0
     assert not await port_answers("127.0.0.1", mqtt_port)
     assert not await port_answers("127.0.0.1", nats_port)
+
+
+def is_this_nerve(typed: str) -> bool:
+    """Whether `typed`, typed in this working directory, runs the nerve under test."""
+    found = shutil.which(typed) if "/" not in typed else typed
+    return found is not None and Path(found).samefile(NERVE)
 
 
 async def start_up(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio.subprocess.Process:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -75,7 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         help="default: info (warning for demo, facts, deadletters)",
     )
 
-    parser = argparse.ArgumentParser(prog="nerve", description="event-driven agent runtime for edge fleets")
+    parser = argparse.ArgumentParser(
+        prog="nerve",
+        description="event-driven agent runtime for edge fleets",
+        formatter_class=argparse.RawTextHelpFormatter,  # keeps --version on one line
+    )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", parents=[common], help="run the whole stack on this host")
@@ -131,6 +138,58 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bridge", parents=[common], help="run the MQTT <-> JetStream bridge")
     sub.add_parser("central", parents=[common], help="run the central agents")
     return parser
+
+
+PARTS: Final = ("nerve-runtime", "nerve-edge", "nerve-bridge", "nerve-agents")
+
+
+def version_line() -> str:
+    """`nerve 0.1.0 (nerve-runtime 0.1.0, nerve-edge 0.1.0, ...)`: the installed distributions' versions."""
+    installed = []
+    for name in PARTS:
+        try:
+            installed.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        product = importlib.metadata.version("nerve")
+    except importlib.metadata.PackageNotFoundError:
+        product = installed[0].split()[1] if installed else "(not installed)"
+    return f"nerve {product} ({', '.join(installed)})" if installed else f"nerve {product}"
+
+
+def runnable(program: Path, *, cwd: Path, on_path: str | None) -> str:
+    """How a person can type `program` in `cwd`.
+
+    Its bare name if `on_path` (what PATH finds under that name) is this very file; else the shorter of
+    its absolute path and its path relative to `cwd` (only below `cwd`: `.venv/bin/nerve`).
+    """
+    absolute = _absolute(program, cwd)
+    if on_path is not None and _absolute(Path(on_path), cwd) == absolute:
+        return program.name
+    return shown_path(absolute, cwd=cwd)
+
+
+def _absolute(path: Path, cwd: Path) -> Path:
+    # normpath, not resolve(): a venv's bin/ may be a symlink, and the path typed is the one to show.
+    return Path(os.path.normpath(cwd / path))
+
+
+def shown_path(path: Path, *, cwd: Path) -> str:
+    """`path` relative to `cwd` when it is below it and that is shorter, else absolute."""
+    absolute = _absolute(path, cwd)
+    if absolute.is_relative_to(cwd):
+        relative = str(absolute.relative_to(cwd))
+        if relative != "." and len(relative) < len(str(absolute)):
+            return relative
+    return str(absolute)
+
+
+def _this_program() -> str:
+    program = Path(sys.argv[0])
+    if program.name != "nerve":  # python -m nerve.runtime.cli.main
+        program = Path(sys.executable).parent / "nerve"
+    return runnable(program, cwd=Path.cwd(), on_path=shutil.which(program.name))
 
 
 def _stack_flags(parser: argparse.ArgumentParser) -> None:
@@ -197,12 +256,16 @@ async def _up(args: argparse.Namespace) -> int:
         info = stack.info
         assert info is not None  # noqa: S101 - set by __aenter__
         started = f" (started: {', '.join(info.started_brokers)})" if info.started_brokers else ""
-        # One line that says it is ready and what to type; details after it.
+        cwd = Path.cwd()
+        nerve = _this_program()
+        # One line that says it is ready and what to type; details after it. Every command and path is
+        # as it can be typed here: `make run` does not put nerve on the PATH.
         print(f"nerve is up: device {info.device}; try: {info.try_command(settings.prefix)}", flush=True)
         print(
-            f"  mqtt {info.mqtt_host}:{info.mqtt_port}, nats {info.nats_url}, data {info.data_dir}{started}\n"
-            f"  then: nerve facts --nats-url {info.nats_url}   (and: nerve deadletters)\n"
-            f"  clear_temp cleans only {info.scratch}. Ctrl-C stops everything.",
+            f"  mqtt {info.mqtt_host}:{info.mqtt_port}, nats {info.nats_url}, "
+            f"data {shown_path(info.data_dir, cwd=cwd)}{started}\n"
+            f"  then: {nerve} facts --nats-url {info.nats_url}   (and: {nerve} deadletters)\n"
+            f"  clear_temp cleans only {shown_path(info.scratch, cwd=cwd)}. Ctrl-C stops everything.",
             flush=True,
         )
         await stack.wait()
