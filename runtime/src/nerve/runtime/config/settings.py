@@ -176,6 +176,9 @@ class EdgeSettings(_Settings):
     """The device daemon."""
 
     device: DeviceId | None = None
+    client_id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="MQTT client id; unset: nerve-edge-<device>"
+    )
     interval_s: float = Field(default=10.0, gt=0)
     heartbeat_s: float = Field(default=300.0, gt=0)
     mounts: tuple[str, ...] = ("/",)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +32,22 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S: Final = 30.0
 SHUTDOWN_TIMEOUT_S: Final = 15.0
 LOOPBACK: Final = {"127.0.0.1", "localhost", "::1"}
+CLIENT_ID_SUFFIX_LEN: Final = 8
+
+
+def client_ids(settings: Settings, *, device: str, data_dir: Path) -> tuple[str, str]:
+    """The MQTT client ids of a stack's bridge and edge: unique per data dir, stable across restarts.
+
+    Two `nerve up` on one broker with the same ids would take each other's sessions over, again and
+    again. A short hash of the (absolute) data dir tells them apart and stays the same from one start to
+    the next, so the persistent sessions survive a restart. `bridge.client_id` and `edge.client_id`,
+    when set, win.
+    """
+    suffix = hashlib.sha256(str(data_dir).encode()).hexdigest()[:CLIENT_ID_SUFFIX_LEN]
+    explicit_bridge = "client_id" in settings.bridge.model_fields_set
+    bridge = settings.bridge.client_id if explicit_bridge else f"{settings.bridge.client_id}-{suffix}"
+    edge = settings.edge.client_id or f"nerve-edge-{device}-{suffix}"
+    return bridge, edge
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,12 +89,15 @@ class Stack:
         ).absolute()
         self._signing_key = key
         keys = key.parent
+        bridge_id, edge_id = client_ids(settings, device=device, data_dir=data_dir)
         self._settings = settings.model_copy(
             update={
                 "data_dir": data_dir,
+                "bridge": settings.bridge.model_copy(update={"client_id": bridge_id}),
                 "edge": settings.edge.model_copy(
                     update={
                         "device": device,
+                        "client_id": edge_id,
                         "clear_temp_roots": (self._scratch,),
                         "trusted_keys_dir": keys,
                         "journal": data_dir / "edge-journal.sqlite3",
