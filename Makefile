@@ -24,6 +24,12 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
 	fi
 
+# The parts are installed editable, then the root without its dependencies: pip refuses an editable
+# part beside the root's `nerve-x @ file://...` reference to the same part (which makes `pip install .`
+# work from a clone). So its other requirements and the dev extras are listed here, one a line.
+ROOT_REQUIREMENTS = $(BIN)/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	print(*[r for r in p["dependencies"] + p["optional-dependencies"]["dev"] if not r.startswith("nerve-")], sep="\n")'
+
 $(STAMP): pyproject.toml runtime/pyproject.toml edge/pyproject.toml bridge/pyproject.toml agents/pyproject.toml
 	@echo "setting up $(VENV) (Python packages from PyPI; 1-2 minutes the first time, seconds after)"
 	@if [ ! -x $(BIN)/python ]; then \
@@ -33,7 +39,9 @@ $(STAMP): pyproject.toml runtime/pyproject.toml edge/pyproject.toml bridge/pypro
 			rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }; \
 	fi
 	@$(BIN)/python -m pip install -q --upgrade pip
-	@$(BIN)/python -m pip install -q -e './runtime[nats]' -e ./edge -e ./bridge -e ./agents -e '.[dev]'
+	@mapfile -t reqs < <($(ROOT_REQUIREMENTS)) && \
+		$(BIN)/python -m pip install -q -e './runtime[nats]' -e ./edge -e ./bridge -e ./agents "$${reqs[@]}"
+	@$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
 run: setup

@@ -6,6 +6,8 @@ import importlib.metadata
 import importlib.util
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,66 @@ def test_the_lean_edge_process_imports_no_pydantic_paho_aiomqtt_nor_nats() -> No
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert found.stdout.split() == []
+
+
+# --- installing from a clone -----------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = ("runtime", "edge", "bridge", "agents")
+
+
+def test_the_root_takes_its_parts_from_the_clone() -> None:
+    # `pip install .` must not look for nerve-runtime & co. on PyPI, where they are not.
+    root = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert root["tool"]["hatch"]["metadata"]["allow-direct-references"] is True
+    references = {}
+    for requirement in root["project"]["dependencies"]:
+        name, at, url = (part.strip() for part in requirement.partition("@"))
+        if name.startswith("nerve-"):
+            assert at, f"{name} is not taken from the clone"
+            references[name] = url
+    for part in PARTS:
+        name = tomllib.loads((ROOT / part / "pyproject.toml").read_text())["project"]["name"]
+        assert references.get(name) == f"{{root:uri}}/{part}", name
+        assert references.get(f"{name}[nats]", f"{{root:uri}}/{part}") == f"{{root:uri}}/{part}"
+
+
+def _venv(where: Path) -> Path:
+    subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=120)
+    return where / "bin"
+
+
+def _pip_install(bin_dir: Path, *what: str) -> None:
+    done = subprocess.run(
+        [str(bin_dir / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", *what],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def _has_module(bin_dir: Path, module: str) -> bool:
+    code = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({module!r}) is None)"
+    return subprocess.run([str(bin_dir / "python"), "-c", code], check=False, timeout=60).returncode == 0
+
+
+@pytest.mark.slow
+def test_pip_install_from_a_clone_in_a_fresh_venv(tmp_path: Path) -> None:
+    # As a user would: an edge-only install first (no nats-py), then the whole product with `pip install .`.
+    bin_dir = _venv(tmp_path / "venv")
+    _pip_install(bin_dir, "./runtime", "./edge")
+    assert _has_module(bin_dir, "nerve.edge")
+    assert not _has_module(bin_dir, "nats"), "an edge-only install pulled nats-py"
+    assert not _has_module(bin_dir, "nerve.bridge")
+
+    _pip_install(bin_dir, ".")
+    version = subprocess.run(
+        [str(bin_dir / "nerve"), "--version"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    for part in PARTS:
+        assert f"nerve-{part} " in version
+    assert _has_module(bin_dir, "nats")
+    assert (bin_dir / "nats-server").exists()  # what `nerve up` starts when no NATS answers
