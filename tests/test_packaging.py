@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 import subprocess
 import sys
 import tomllib
@@ -130,3 +131,35 @@ def test_pip_install_from_a_clone_in_a_fresh_venv(tmp_path: Path) -> None:
         assert f"nerve-{part} " in version
     assert _has_module(bin_dir, "nats")
     assert (bin_dir / "nats-server").exists()  # what `nerve up` starts when no NATS answers
+
+
+# --- the docs a clone has --------------------------------------------------------------------------
+
+DOCS = [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / part / "README.md" for part in PARTS)]
+LINK = re.compile(r"\]\(([^)#\s]+)[^)]*\)|`((?:\.\./|/)[\w./-]*\.md)`")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda path: str(path.relative_to(ROOT)))
+def test_docs_link_only_inside_the_repository(doc: Path) -> None:
+    for match in LINK.finditer(doc.read_text()):
+        target = match.group(1) or match.group(2)
+        if target.startswith(("http://", "https://")):
+            continue
+        resolved = (doc.parent / target).resolve()
+        assert resolved.is_relative_to(ROOT), f"{doc.name} points outside the repository: {target}"
+        assert resolved.exists(), f"{doc.name} points at {target}, which a clone does not have"
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_each_part_says_what_lives_there_and_what_it_may_import(part: str) -> None:
+    text = (ROOT / part / "README.md").read_text()
+    assert f"nerve.{part}" in text
+    assert "may import" in text
+
+
+def test_the_readme_starts_with_the_two_commands_ci_runs_one_of() -> None:
+    first_block = (ROOT / "README.md").read_text().split("```")[1]
+    assert [line.split()[:2] for line in first_block.splitlines()[1:3]] == [["make", "run"], ["make", "test"]]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    assert (ROOT / "docs" / "architecture.md").exists()
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
