@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -325,7 +326,6 @@ async def _send(args: argparse.Namespace) -> int:
         signing_key_path,
     )
     from nerve.runtime.envelope.codec import to_json  # noqa: PLC0415
-    from nerve.runtime.plain_envelope import utcnow  # noqa: PLC0415
 
     # Everything is checked before anything is sent.
     arguments = parse_args(args.arg)
@@ -336,7 +336,7 @@ async def _send(args: argparse.Namespace) -> int:
     key_path, default_key = signing_key_path(settings, args.key, keys_dir)
     signer = signer_for(settings, args.key, keys_dir)
     if not default_key:
-        say(f"signing with {key_path} (key id {signer.keyid})")
+        _tell(f"signing with {key_path} (key id {signer.keyid})")
     command = sign_command(
         signer, device=args.device, action=args.action, args=arguments, expires_in=expires_in
     )
@@ -350,29 +350,29 @@ async def _send(args: argparse.Namespace) -> int:
             notice = presence_notice(
                 args.device,
                 await channel.last_seen(args.device),
-                now=utcnow(),
+                now=datetime.now(UTC),
                 offline_after_s=OFFLINE_HEARTBEATS * settings.edge.heartbeat_s,
             )
             if notice:
-                say(f"{notice}; waiting up to {timeout:g}s for a result")
+                _tell(f"{notice}; waiting up to {timeout:g}s for a result")
             result = await channel.result(command, timeout=max(0.0, timeout - (time.monotonic() - started)))
     except asyncio.CancelledError:
         what = f"command {command.id} was sent and may still run until {expires}" if sent else "nothing sent"
-        say(f"interrupted: {what}")
+        _tell(f"interrupted: {what}")
         return EXIT_INTERRUPTED
     if result is None:
-        say(
+        _tell(
             f"no result from {args.device} within {timeout:g}s (command {command.id}); "
             f"it may still run until it expires at {expires}"
         )
         return EXIT_TIMEOUT
     print(to_json(result).decode() if args.json else format_result(result), flush=True)
     if result.status == "rejected" and any(word in result.reason for word in ("signature", "key id")):
-        say(f"it was signed with {key_path} (key id {signer.keyid}); is that the key {args.device} trusts?")
+        _tell(f"it was signed with {key_path} (key id {signer.keyid}); is that the key {args.device} trusts?")
     return EXIT_OF_STATUS[result.status]
 
 
-def say(line: str) -> None:
+def _tell(line: str) -> None:
     """One line from `nerve send` to stderr (stdout is for the result)."""
     print(f"nerve send: {line}", file=sys.stderr, flush=True)
 
