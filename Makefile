@@ -6,7 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.nerve-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Arguments for `nerve up` / `nerve demo`: `make run ARGS="--device x"`. NERVE_ARGS, the older name,
+# works too. Neither is exported to nerve: every NERVE_* variable nerve sees must be a setting.
+ARGS ?=
 NERVE_ARGS ?=
+unexport ARGS NERVE_ARGS
 
 .PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt clean
 
@@ -20,22 +24,31 @@ system-deps:
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; \
 	fi
 
+# The parts are installed editable, then the root without its dependencies: pip refuses an editable
+# part beside the root's `nerve-x @ file://...` reference to the same part (which makes `pip install .`
+# work from a clone). So its other requirements and the dev extras are listed here, one a line.
+ROOT_REQUIREMENTS = $(BIN)/python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	print(*[r for r in p["dependencies"] + p["optional-dependencies"]["dev"] if not r.startswith("nerve-")], sep="\n")'
+
 $(STAMP): pyproject.toml runtime/pyproject.toml edge/pyproject.toml bridge/pyproject.toml agents/pyproject.toml
+	@echo "setting up $(VENV) (Python packages from PyPI; 1-2 minutes the first time, seconds after)"
 	@if [ ! -x $(BIN)/python ]; then \
 		$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
 			echo "installing python3-venv (apt)"; \
 			$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv >/dev/null; \
 			rm -rf $(VENV); $(PYTHON) -m venv $(VENV); }; \
 	fi
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e './runtime[nats]' -e ./edge -e ./bridge -e ./agents -e '.[dev]'
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@mapfile -t reqs < <($(ROOT_REQUIREMENTS)) && \
+		$(BIN)/python -m pip install -q -e './runtime[nats]' -e ./edge -e ./bridge -e ./agents "$${reqs[@]}"
+	@$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 
 run: setup
-	$(BIN)/nerve up $(NERVE_ARGS)
+	$(BIN)/nerve up $(ARGS) $(NERVE_ARGS)
 
 demo: setup
-	$(BIN)/nerve demo $(NERVE_ARGS)
+	$(BIN)/nerve demo $(ARGS) $(NERVE_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -108,6 +109,8 @@ async def test_facts_prints_the_chain(settings: Settings, tmp_path: Path) -> Non
 @pytest.mark.slow
 async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) -> None:
     mqtt_port, nats_port = free_port(), free_port()
+    # The central key goes where `nerve send` looks by default: here, not the real ~/.config.
+    keys_home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
     process = await asyncio.create_subprocess_exec(
         NERVE,
         "up",
@@ -121,6 +124,7 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
         str(tmp_path / "data"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **keys_home},
     )
     assert process.stdout is not None
     async with asyncio.timeout(30):
@@ -129,6 +133,9 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
     assert f"mosquitto_pub -h 127.0.0.1 -p {mqtt_port} -t nerve/up-test/telemetry/disk" in ready
     details = (await process.stdout.readline()).decode()
     assert "started: mosquitto, nats-server" in details
+    # The commands it suggests can be typed here as shown (`make run` puts no nerve on the PATH).
+    then = (await process.stdout.readline()).decode()
+    assert is_this_nerve(then.split("then: ", 1)[1].split()[0])
     assert await port_answers("127.0.0.1", mqtt_port)
     assert await port_answers("127.0.0.1", nats_port)
 
@@ -147,6 +154,13 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
                 break
             await asyncio.sleep(0.2)
 
+    # `nerve send` without --data-dir or --key signs with the key this `nerve up` trusts.
+    code, out, err = await run(
+        "send", "up-test", "clear_temp", "--nats-url", f"nats://127.0.0.1:{nats_port}", env=keys_home
+    )
+    assert (code, err) == (0, "")
+    assert out.startswith("ok: clear_temp on up-test")
+
     process.send_signal(signal.SIGTERM)
     async with asyncio.timeout(20):
         assert await process.wait() == 0
@@ -154,7 +168,14 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
     assert not await port_answers("127.0.0.1", nats_port)
 
 
+def is_this_nerve(typed: str) -> bool:
+    """Whether `typed`, typed in this working directory, runs the nerve under test."""
+    found = shutil.which(typed) if "/" not in typed else typed
+    return found is not None and Path(found).samefile(NERVE)
+
+
 async def start_up(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio.subprocess.Process:
+    keys_home = {"XDG_CONFIG_HOME": str(data_dir.parent / "config")}
     process = await asyncio.create_subprocess_exec(
         NERVE,
         "up",
@@ -168,6 +189,7 @@ async def start_up(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio.su
         str(data_dir),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ, **keys_home},
     )
     assert process.stdout is not None
     async with asyncio.timeout(30):

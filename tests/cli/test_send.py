@@ -6,19 +6,24 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import signal
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import nats
 import pytest
 
 from nerve.bridge import Bridge
 from nerve.edge.daemon import open_edge
 from nerve.runtime.cli.main import EXIT_OF_STATUS
-from nerve.runtime.cli.send import parse_args, parse_duration
+from nerve.runtime.cli.send import CommandChannel, format_age, parse_args, parse_duration, presence_notice
 from nerve.runtime.config.settings import Settings
 from nerve.runtime.errors import ConfigError
+from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.trust.signing import generate_keypair
 
 if TYPE_CHECKING:
@@ -29,14 +34,25 @@ DEVICE = "pi-send"
 WAIT = 30.0
 
 
-async def nerve(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
+def clean_env(config_home: Path | None = None, **settings: str) -> dict[str, str]:
+    """This environment without NERVE_* settings, plus `settings`; keys under `config_home`."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NERVE_")}
+    env["XDG_CONFIG_HOME"] = str(config_home or Path(os.devnull) / "no-config")
+    return env | settings
+
+
+async def start(*args: str, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
         NERVE,
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={key: value for key, value in os.environ.items() if not key.startswith("NERVE_")},
+        env=env or clean_env(),
     )
+
+
+async def nerve(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    process = await start(*args, env=env)
     async with asyncio.timeout(timeout):
         out, err = await process.communicate()
     assert process.returncode is not None
@@ -104,18 +120,46 @@ def test_every_status_has_its_own_exit_code() -> None:
     ],
 )
 async def test_bad_flags_are_one_line_and_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
-    code, out, err = await nerve("send", DEVICE, "clear_temp", *args, "--data-dir", str(tmp_path))
+    code, out, err = await nerve("send", DEVICE, "clear_temp", *args, env=clean_env(tmp_path))
     assert code == 2
     assert err.startswith(message)
     assert err.count("\n") == 1
     assert out == ""
 
 
-async def test_without_a_key_says_how_to_get_one(tmp_path: Path) -> None:
-    code, _, err = await nerve("send", DEVICE, "clear_temp", "--data-dir", str(tmp_path))
+async def test_without_a_key_says_where_it_looked_and_how_to_get_one(tmp_path: Path) -> None:
+    code, _, err = await nerve("send", DEVICE, "clear_temp", env=clean_env(tmp_path))
     assert code == 2
-    assert "no signing key: pass --key" in err
-    assert "Traceback" not in err
+    assert err == (
+        f"nerve send: error: central.signing_key: no signing key at {tmp_path}/nerve/keys/central.key "
+        "(`nerve up` creates it there; or pass --key FILE, or set central.signing_key)\n"
+    )
+
+
+async def test_a_missing_key_file_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "ops.key"
+    code, _, err = await nerve("send", DEVICE, "clear_temp", "--key", str(missing), env=clean_env(tmp_path))
+    assert code == 2
+    assert err.startswith(
+        f"nerve send: error: command line: --key: no signing key at {missing} (check the path"
+    )
+    assert err.count("\n") == 1
+
+
+def test_send_and_up_find_the_same_key_by_default(tmp_path: Path) -> None:
+    # `nerve up` creates the key where `nerve send` looks, whatever --data-dir or the working directory.
+    from nerve.runtime.cli.main import default_keys_dir  # noqa: PLC0415
+    from nerve.runtime.cli.send import signing_key_path  # noqa: PLC0415
+
+    keys = default_keys_dir({"XDG_CONFIG_HOME": str(tmp_path)})
+    assert keys == tmp_path / "nerve" / "keys"
+    assert default_keys_dir({"HOME": "/home/op"}) == Path("/home/op/.config/nerve/keys")
+    for data_dir in (".nerve", "/srv/other"):
+        settings = Settings.model_validate({"data_dir": data_dir})
+        assert signing_key_path(settings, None, keys) == (keys / "central.key", True)
+    explicit = Settings.model_validate({"central": {"signing_key": "/etc/nerve/ops.key"}})
+    assert signing_key_path(explicit, None, keys) == (Path("/etc/nerve/ops.key"), False)
+    assert signing_key_path(explicit, Path("k.key"), keys) == (Path("k.key"), False)
 
 
 async def test_help_documents_the_exit_codes() -> None:
@@ -241,8 +285,12 @@ async def test_send_times_out_when_no_device_answers(stack_settings: Settings, t
         )
     assert code == 6
     assert out == ""
-    assert err.startswith("nerve send: no result from ghost within 1s (command ")
-    assert "it may still run until it expires at" in err
+    lines = err.splitlines()
+    assert (
+        lines[0] == "nerve send: signing with " + str(tmp_path / "keys" / "central.key") + " (key id central)"
+    )
+    assert lines[-1].startswith("nerve send: no result from ghost within 1s (command ")
+    assert "it may still run until it expires at" in lines[-1]
 
 
 @pytest.mark.broker
@@ -262,3 +310,128 @@ async def test_send_with_a_key_the_device_does_not_trust_is_rejected(
         )
     assert code == 3
     assert "signed by unknown key id 'rogue'" in out
+
+
+# --- saying early what is wrong, and Ctrl-C -----------------------------------------------------------
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(0, "0s"), (59.9, "59s"), (61, "1m 1s"), (3600 + 120, "1h 2m"), (2 * 86400 + 3 * 3600 + 5, "2d 3h")],
+)
+def test_format_age(seconds: float, shown: str) -> None:
+    assert format_age(seconds) == shown
+
+
+def test_presence_notice() -> None:
+    assert presence_notice("pi", NOW - timedelta(seconds=30), now=NOW, offline_after_s=600) is None
+    assert presence_notice("pi", NOW - timedelta(seconds=600), now=NOW, offline_after_s=600) is None
+    assert (
+        presence_notice("pi", NOW - timedelta(hours=2, minutes=5), now=NOW, offline_after_s=600)
+        == "device pi seems offline: its last message is 2h 5m old"
+    )
+    assert presence_notice("pi", None, now=NOW, offline_after_s=600) == (
+        "device pi has never been seen (no message from it in NERVE_TELEMETRY, NERVE_EVENTS, NERVE_RESULTS)"
+    )
+
+
+@pytest.mark.broker
+async def test_last_seen_is_the_newest_message_of_the_device(settings: Settings) -> None:
+    async with CommandChannel(settings) as channel:
+        assert await channel.last_seen("pi-07") is None
+        js = channel._client.jetstream()
+        await js.publish("nerve.pi-07.telemetry.disk", b"95")
+        newest = await js.publish("nerve.pi-07.results.clear_temp", b"{}")
+        await js.publish("nerve.pi-070.telemetry.disk", b"95")  # another device, whose name starts alike
+        stored = await js.get_msg("NERVE_RESULTS", newest.seq)
+        assert await channel.last_seen("pi-07") == stored.time
+        assert await channel.last_seen("pi-0") is None
+
+
+@pytest.mark.broker
+async def test_a_device_never_seen_is_said_early_and_ctrl_c_exits_130(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    process = await start(*send_args(stack_settings, tmp_path, "ghost", "clear_temp", "--timeout", "5m"))
+    assert process.stderr is not None
+    async with asyncio.timeout(WAIT):
+        assert (await process.stderr.readline()).decode().startswith("nerve send: signing with ")
+        notice = (await process.stderr.readline()).decode()
+    assert process.returncode is None  # said while it waits, long before the timeout
+    assert notice == (
+        "nerve send: device ghost has never been seen (no message from it in NERVE_TELEMETRY, NERVE_EVENTS, "
+        "NERVE_RESULTS); waiting up to 300s for a result\n"
+    )
+    process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(WAIT):
+        out, err = await process.communicate()
+        code = await process.wait()
+    assert code == 130
+    assert out == b""
+    assert err.decode().startswith("nerve send: interrupted: command ")
+    assert "was sent and may still run until" in err.decode()
+    assert err.count(b"\n") == 1
+
+
+@pytest.mark.broker
+async def test_a_device_silent_for_two_heartbeats_seems_offline(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    nc = await nats.connect(stack_settings.nats.url)
+    try:
+        await ensure_streams(nc.jetstream(), "nerve")
+        await nc.jetstream().publish("nerve.sleepy.telemetry.disk", b"42")
+    finally:
+        await nc.close()
+    await asyncio.sleep(1.5)  # older than two heartbeats of 0.5 s (a fact set up, not a timing asserted)
+    code, _, err = await nerve(
+        *send_args(stack_settings, tmp_path, "sleepy", "clear_temp", "--timeout", "1s"),
+        env=clean_env(tmp_path, NERVE_EDGE__HEARTBEAT_S="0.5"),
+    )
+    assert code == 6
+    assert re.search(
+        r"^nerve send: device sleepy seems offline: its last message is \ds old; waiting", err, re.MULTILINE
+    )
+
+
+@pytest.mark.broker
+async def test_a_key_the_device_does_not_trust_is_named(stack_settings: Settings, tmp_path: Path) -> None:
+    generate_keypair(tmp_path / "other", "central")  # the right key id, the wrong key
+    async with running_stack(stack_settings):
+        code, out, err = await nerve(
+            "send",
+            DEVICE,
+            "clear_temp",
+            "--nats-url",
+            stack_settings.nats.url,
+            env=clean_env(
+                tmp_path / "config", NERVE_CENTRAL__SIGNING_KEY=str(tmp_path / "other" / "central.key")
+            ),
+        )
+    assert code == 3
+    assert "bad signature" in out
+    assert err.splitlines()[-1] == (
+        f"nerve send: it was signed with {tmp_path}/other/central.key (key id central); "
+        f"is that the key {DEVICE} trusts?"
+    )
+
+
+@pytest.mark.broker
+async def test_the_default_key_is_the_one_nerve_up_trusts(stack_settings: Settings, tmp_path: Path) -> None:
+    # What `nerve up` does with no key in its settings: the key pair lives in the per-user keys dir.
+    config = tmp_path / "config"
+    generate_keypair(config / "nerve" / "keys", "central")
+    trusting = stack_settings.model_copy(
+        update={
+            "edge": stack_settings.edge.model_copy(update={"trusted_keys_dir": config / "nerve" / "keys"})
+        }
+    )
+    async with running_stack(trusting):
+        code, out, err = await nerve(
+            "send", DEVICE, "clear_temp", "--nats-url", trusting.nats.url, env=clean_env(config)
+        )
+    assert code == 0, out + err
+    assert out.startswith(f"ok: clear_temp on {DEVICE}")
+    assert "signing with" not in err

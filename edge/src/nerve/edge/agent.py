@@ -203,7 +203,7 @@ class EdgeAgent:
         wire = await open_mqtt(
             host,
             port,
-            client_id=f"nerve-edge-{self._device}",
+            client_id=self._settings.edge.client_id or f"nerve-edge-{self._device}",
             on_messages=receive,
             clean_start=False,
             session_expiry_s=self._settings.mqtt.session_expiry_s,

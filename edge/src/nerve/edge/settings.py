@@ -116,6 +116,8 @@ class EdgeView(Protocol):
     @property
     def device(self) -> str | None: ...
     @property
+    def client_id(self) -> str | None: ...
+    @property
     def interval_s(self) -> float: ...
     @property
     def heartbeat_s(self) -> float: ...
@@ -214,6 +216,7 @@ class _Actions:
 @dataclass(frozen=True, slots=True)
 class _Edge:
     device: str | None
+    client_id: str | None
     interval_s: float
     heartbeat_s: float
     mounts: tuple[str, ...]
@@ -254,6 +257,7 @@ class EdgeProcessSettings:
             bridge=_Bridge(**document["bridge"]),
             edge=_Edge(
                 device=edge["device"],
+                client_id=edge["client_id"],
                 interval_s=edge["interval_s"],
                 heartbeat_s=edge["heartbeat_s"],
                 mounts=tuple(edge["mounts"]),

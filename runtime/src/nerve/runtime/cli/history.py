@@ -6,15 +6,16 @@ import sys
 from typing import TYPE_CHECKING, Final, TextIO
 
 import msgpack
+from nats.errors import Error as NatsError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Fact
-from nerve.runtime.errors import DecodeError
+from nerve.runtime.errors import BrokerUnavailable, ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect
 from nerve.runtime.jetstream.streams import DEADLETTER_STREAM
-from nerve.runtime.subjects import Kind, deadletter_subject, subject_root
+from nerve.runtime.subjects import Kind, deadletter_subject, is_token, subject_root
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -53,7 +54,13 @@ async def read_stream(js: JetStreamContext, stream: str, subject: str) -> list[M
 async def read_facts(
     js: JetStreamContext, *, prefix: str, device: str | None = None
 ) -> tuple[list[Fact], int]:
-    """Every fact (of `device`, if given) in stream order, and how many records could not be decoded."""
+    """Every fact (of `device`, if given) in stream order, and how many records could not be decoded.
+
+    Raises:
+        ConfigError: `device` is not a device id (a wildcard or a dot would widen the subject).
+    """
+    if device is not None and not is_token(device):
+        raise ConfigError(f"{device!r} is not a valid device id", key="device")
     subject = f"{subject_root(prefix)}.{device or '*'}.{Kind.FACTS.value}.*"
     facts: list[Fact] = []
     undecodable = 0
@@ -94,6 +101,8 @@ async def print_facts(
     nc = await connect(settings.nats, name="nerve-facts")
     try:
         facts, undecodable = await read_facts(nc.jetstream(), prefix=settings.prefix, device=device)
+    except NatsError as exc:
+        raise BrokerUnavailable(settings.nats.url, f"reading {FACTS_STREAM} failed: {exc}") from exc
     finally:
         await nc.close()
     if limit > 0:
@@ -114,6 +123,8 @@ async def print_dead_letters(settings: Settings, *, limit: int = 0, out: TextIO 
         messages = await read_stream(
             nc.jetstream(), DEADLETTER_STREAM, deadletter_subject("*", settings.prefix)
         )
+    except NatsError as exc:
+        raise BrokerUnavailable(settings.nats.url, f"reading {DEADLETTER_STREAM} failed: {exc}") from exc
     finally:
         await nc.close()
     if limit > 0:

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
+import shutil
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.cancellation import until_signalled
 from nerve.runtime.config.settings import load_settings
-from nerve.runtime.errors import NerveError
+from nerve.runtime.errors import ConfigError, NerveError
+from nerve.runtime.subjects import is_token
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Coroutine, Sequence
+    from collections.abc import Callable, Coroutine, Mapping, Sequence
 
     from nerve.runtime.config.settings import Settings
 
@@ -38,6 +43,8 @@ EXIT_REJECTED: Final = 3
 EXIT_EXPIRED: Final = 4
 EXIT_UNKNOWN: Final = 5
 EXIT_TIMEOUT: Final = 6
+# A device that sent nothing for this many heartbeats (edge.heartbeat_s) seems offline.
+OFFLINE_HEARTBEATS: Final = 2
 EXIT_OF_STATUS: Final = {
     "ok": EXIT_OK,
     "failed": EXIT_FAILED,
@@ -54,6 +61,7 @@ exit status:
   {EXIT_EXPIRED}  expired: it expired before the bridge could send it
   {EXIT_UNKNOWN}  unknown: the device restarted while running it, and did not run it again
   {EXIT_TIMEOUT}  no result within --timeout (the command may still run until it expires)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C) while waiting: the command may still run until it expires
 """
 
 
@@ -70,7 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         help="default: info (warning for demo, facts, deadletters)",
     )
 
-    parser = argparse.ArgumentParser(prog="nerve", description="event-driven agent runtime for edge fleets")
+    parser = argparse.ArgumentParser(
+        prog="nerve",
+        description="event-driven agent runtime for edge fleets",
+        formatter_class=argparse.RawTextHelpFormatter,  # keeps --version on one line
+    )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", parents=[common], help="run the whole stack on this host")
@@ -116,9 +129,9 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument(
         "--key",
         type=Path,
-        help="private key to sign with (default: central.signing_key, else <data_dir>/keys/<keyid>.key)",
+        help="private key to sign with (default: central.signing_key, else the key `nerve up` made: "
+        "$XDG_CONFIG_HOME/nerve/keys/<keyid>.key, or ~/.config/nerve/keys/<keyid>.key)",
     )
-    send.add_argument("--data-dir", type=Path, help="where `nerve up` keeps its keys (default: .nerve)")
     send.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
     edge = sub.add_parser("edge", parents=[common], help="run the device daemon")
@@ -128,11 +141,90 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+PARTS: Final = ("nerve-runtime", "nerve-edge", "nerve-bridge", "nerve-agents")
+
+
+def version_line() -> str:
+    """`nerve 0.1.0 (nerve-runtime 0.1.0, nerve-edge 0.1.0, ...)`: the installed distributions' versions."""
+    installed = []
+    for name in PARTS:
+        try:
+            installed.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        product = importlib.metadata.version("nerve")
+    except importlib.metadata.PackageNotFoundError:
+        product = installed[0].split()[1] if installed else "(not installed)"
+    return f"nerve {product} ({', '.join(installed)})" if installed else f"nerve {product}"
+
+
+def runnable(program: Path, *, cwd: Path, on_path: str | None) -> str:
+    """How a person can type `program` in `cwd`.
+
+    Its bare name if `on_path` (what PATH finds under that name) is this very file; else the shorter of
+    its absolute path and its path relative to `cwd` (only below `cwd`: `.venv/bin/nerve`).
+    """
+    absolute = _absolute(program, cwd)
+    if on_path is not None and _absolute(Path(on_path), cwd) == absolute:
+        return program.name
+    return shown_path(absolute, cwd=cwd)
+
+
+def _absolute(path: Path, cwd: Path) -> Path:
+    # normpath, not resolve(): a venv's bin/ may be a symlink, and the path typed is the one to show.
+    return Path(os.path.normpath(cwd / path))
+
+
+def shown_path(path: Path, *, cwd: Path) -> str:
+    """`path` relative to `cwd` when it is below it and that is shorter, else absolute."""
+    absolute = _absolute(path, cwd)
+    if absolute.is_relative_to(cwd):
+        relative = str(absolute.relative_to(cwd))
+        if relative != "." and len(relative) < len(str(absolute)):
+            return relative
+    return str(absolute)
+
+
+def _this_program() -> str:
+    program = Path(sys.argv[0])
+    if program.name != "nerve":  # python -m nerve.runtime.cli.main
+        program = Path(sys.executable).parent / "nerve"
+    return runnable(program, cwd=Path.cwd(), on_path=shutil.which(program.name))
+
+
 def _stack_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="this host's device id (default: the host name)")
     parser.add_argument("--mqtt-port", type=int, help="mosquitto port on 127.0.0.1 (default: 1883)")
     parser.add_argument("--nats-port", type=int, help="NATS port on 127.0.0.1 (default: 4222)")
     parser.add_argument("--data-dir", type=Path, help="brokers' data, keys, scratch (default: .nerve)")
+
+
+# Arguments that end up in a NATS subject or an MQTT topic (or, for a key id, a file name): each must be
+# a token. Checked before anything else, so that `--device '>'` never becomes a wildcard and `a.b` never
+# an extra subject level. Attribute -> how the command line names it.
+TOKEN_ARGUMENTS: Final = {"device": "--device", "action": "ACTION", "keyid": "--keyid"}
+POSITIONAL_DEVICE: Final = "DEVICE"
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raise `ConfigError` naming the first flag whose value cannot be used as given."""
+    for attribute, flag in TOKEN_ARGUMENTS.items():
+        value = getattr(args, attribute, None)
+        if value is None:
+            continue
+        name = POSITIONAL_DEVICE if attribute == "device" and args.command == "send" else flag
+        if not is_token(value):
+            what = "key id" if attribute == "keyid" else attribute if attribute == "action" else "device id"
+            raise ConfigError(
+                f"{value!r} is not a valid {what}: use 1 to 64 of A-Z a-z 0-9 _ - (no wildcards, no dots)",
+                source="command line",
+                key=name,
+            )
+    if getattr(args, "limit", 0) < 0:
+        raise ConfigError(
+            f"{args.limit} is not a count: use 0 (all) or more", source="command line", key="--limit"
+        )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,16 +252,21 @@ async def _up(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     device = args.device or settings.edge.device or _default_device()
-    async with Stack(settings=settings, device=device) as stack:
+    key = settings.central.signing_key or default_keys_dir(os.environ) / f"{settings.central.keyid}.key"
+    async with Stack(settings=settings, device=device, signing_key=key) as stack:
         info = stack.info
         assert info is not None  # noqa: S101 - set by __aenter__
         started = f" (started: {', '.join(info.started_brokers)})" if info.started_brokers else ""
-        # One line that says it is ready and what to type; details after it.
+        cwd = Path.cwd()
+        nerve = _this_program()
+        # One line that says it is ready and what to type; details after it. Every command and path is
+        # as it can be typed here: `make run` does not put nerve on the PATH.
         print(f"nerve is up: device {info.device}; try: {info.try_command(settings.prefix)}", flush=True)
         print(
-            f"  mqtt {info.mqtt_host}:{info.mqtt_port}, nats {info.nats_url}, data {info.data_dir}{started}\n"
-            f"  then: nerve facts --nats-url {info.nats_url}   (and: nerve deadletters)\n"
-            f"  clear_temp cleans only {info.scratch}. Ctrl-C stops everything.",
+            f"  mqtt {info.mqtt_host}:{info.mqtt_port}, nats {info.nats_url}, "
+            f"data {shown_path(info.data_dir, cwd=cwd)}{started}\n"
+            f"  then: {nerve} facts --nats-url {info.nats_url}   (and: {nerve} deadletters)\n"
+            f"  clear_temp cleans only {shown_path(info.scratch, cwd=cwd)}. Ctrl-C stops everything.",
             flush=True,
         )
         await stack.wait()
@@ -207,13 +304,26 @@ async def _deadletters(args: argparse.Namespace) -> int:
     return await print_dead_letters(_settings(args), limit=args.limit)
 
 
+def default_keys_dir(env: Mapping[str, str]) -> Path:
+    """Where `nerve up` keeps the central key, and `nerve send` finds it, when settings name none.
+
+    `$XDG_CONFIG_HOME/nerve/keys`, else `~/.config/nerve/keys`: one place per user, whatever the
+    working directory or `--data-dir`, so that `nerve send` signs with the key `nerve up` trusts.
+    """
+    config = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(config) / "nerve" / "keys"
+
+
 async def _send(args: argparse.Namespace) -> int:
     from nerve.runtime.cli.send import (  # noqa: PLC0415
+        CommandChannel,
         format_result,
         parse_args,
         parse_duration,
-        send_command,
+        presence_notice,
+        sign_command,
         signer_for,
+        signing_key_path,
     )
     from nerve.runtime.envelope.codec import to_json  # noqa: PLC0415
 
@@ -222,25 +332,49 @@ async def _send(args: argparse.Namespace) -> int:
     expires_in = parse_duration(args.expires_in, flag="--expires-in")
     timeout = parse_duration(args.timeout, flag="--timeout") if args.timeout else expires_in + 10.0
     settings = _settings(args)
-    signer = signer_for(settings, args.key)
-    command, result = await send_command(
-        settings,
-        signer=signer,
-        device=args.device,
-        action=args.action,
-        args=arguments,
-        expires_in=expires_in,
-        timeout=timeout,
+    keys_dir = default_keys_dir(os.environ)
+    key_path, default_key = signing_key_path(settings, args.key, keys_dir)
+    signer = signer_for(settings, args.key, keys_dir)
+    if not default_key:
+        _tell(f"signing with {key_path} (key id {signer.keyid})")
+    command = sign_command(
+        signer, device=args.device, action=args.action, args=arguments, expires_in=expires_in
     )
+    expires = command.expires.isoformat(timespec="seconds")
+    sent = False
+    started = time.monotonic()
+    try:
+        async with CommandChannel(settings) as channel:
+            await channel.send(command, device=args.device)
+            sent = True
+            notice = presence_notice(
+                args.device,
+                await channel.last_seen(args.device),
+                now=datetime.now(UTC),
+                offline_after_s=OFFLINE_HEARTBEATS * settings.edge.heartbeat_s,
+            )
+            if notice:
+                _tell(f"{notice}; waiting up to {timeout:g}s for a result")
+            result = await channel.result(command, timeout=max(0.0, timeout - (time.monotonic() - started)))
+    except asyncio.CancelledError:
+        what = f"command {command.id} was sent and may still run until {expires}" if sent else "nothing sent"
+        _tell(f"interrupted: {what}")
+        return EXIT_INTERRUPTED
     if result is None:
-        print(
-            f"nerve send: no result from {args.device} within {timeout:g}s (command {command.id}); "
-            f"it may still run until it expires at {command.expires.isoformat(timespec='seconds')}",
-            file=sys.stderr,
+        _tell(
+            f"no result from {args.device} within {timeout:g}s (command {command.id}); "
+            f"it may still run until it expires at {expires}"
         )
         return EXIT_TIMEOUT
     print(to_json(result).decode() if args.json else format_result(result), flush=True)
+    if result.status == "rejected" and any(word in result.reason for word in ("signature", "key id")):
+        _tell(f"it was signed with {key_path} (key id {signer.keyid}); is that the key {args.device} trusts?")
     return EXIT_OF_STATUS[result.status]
+
+
+def _tell(line: str) -> None:
+    """One line from `nerve send` to stderr (stdout is for the result)."""
+    print(f"nerve send: {line}", file=sys.stderr, flush=True)
 
 
 def _edge(args: argparse.Namespace) -> int:
@@ -309,6 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
+        check_arguments(args)
         if args.command == "keys":
             return _keys(args)
         if args.command == "edge":

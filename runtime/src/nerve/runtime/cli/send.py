@@ -2,7 +2,9 @@
 
 The command goes into JetStream (`NERVE_COMMANDS`, subject `<prefix>.<device>.commands.<action>`);
 the bridge's downlink carries it to the device over MQTT, and the device's result comes back up into
-`NERVE_RESULTS`, where this waits for the one whose `causationid` is the command's id.
+`NERVE_RESULTS`, where this waits for the one whose `causationid` is the command's id. Meanwhile it
+looks up the device's last reading, event or result in the streams, to say early that a device has
+never been seen or seems offline rather than wait in silence.
 """
 
 from __future__ import annotations
@@ -10,34 +12,46 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Final
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final, Self
+
+from nats.js.errors import NotFoundError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.errors import ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect, publish_envelope
-from nerve.runtime.jetstream.streams import ensure_streams
-from nerve.runtime.subjects import Address, Kind, is_token
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.subjects import Address, Kind, is_token, subject_root
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, Signer
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from pathlib import Path
 
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.subscription import Subscription
+
     from nerve.runtime.config.settings import Settings
 
 __all__ = [
     "MAX_EXPIRES_S",
+    "SEEN_KINDS",
+    "CommandChannel",
+    "format_age",
     "format_result",
     "parse_args",
     "parse_duration",
-    "send_command",
+    "presence_notice",
+    "sign_command",
     "signer_for",
+    "signing_key_path",
 ]
 
 MAX_EXPIRES_S: Final = 7 * 86400.0
+# Where a device's own messages land: its last one says when it was last heard from.
+SEEN_KINDS: Final = (Kind.TELEMETRY, Kind.EVENTS, Kind.RESULTS)
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _DURATION: Final = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)?")
 _KEY: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
@@ -85,48 +99,48 @@ def parse_args(pairs: Sequence[str]) -> dict[str, Any]:
     return args
 
 
-def signer_for(settings: Settings, key: Path | None) -> Signer:
-    """The operator's signer.
+def signing_key_path(settings: Settings, key: Path | None, keys_dir: Path) -> tuple[Path, bool]:
+    """The key file `nerve send` signs with, and whether it is the default one.
 
-    `key` (its stem is the key id), else `central.signing_key`, else the key that `nerve up`
-    generated under `<data_dir>/keys`.
-
-    Raises:
-        ConfigError: none of them exists or it cannot be read.
+    `key` (the --key flag), else `central.signing_key`, else `<keys_dir>/<keyid>.key`: where `nerve up`
+    creates the central key when its settings name none, so both find the same key by default.
     """
     if key is not None:
-        return Signer.from_file(key)
+        return key, False
     if settings.central.signing_key is not None:
-        return Signer.from_file(settings.central.signing_key, settings.central.keyid)
-    generated = settings.data_dir / "keys" / f"{settings.central.keyid}{PRIVATE_SUFFIX}"
-    if generated.exists():
-        return Signer.from_file(generated, settings.central.keyid)
-    raise ConfigError(
-        f"no signing key: pass --key, set central.signing_key, or run `nerve up` to create {generated}",
-        key="central.signing_key",
-    )
+        return settings.central.signing_key, False
+    return keys_dir / f"{settings.central.keyid}{PRIVATE_SUFFIX}", True
 
 
-async def send_command(
-    settings: Settings,
-    *,
-    signer: Signer,
-    device: str,
-    action: str,
-    args: dict[str, Any],
-    expires_in: float,
-    timeout: float,
-) -> tuple[Command, CommandResult | None]:
-    """Sign and store the command, then wait up to `timeout` seconds for its result (None if none came).
+def signer_for(settings: Settings, key: Path | None, keys_dir: Path) -> Signer:
+    """The operator's signer, from the file `signing_key_path` names (its stem is the key id for --key).
+
+    Raises:
+        ConfigError: the file does not exist or cannot be read (names the file and how to get one).
+    """
+    path, default = signing_key_path(settings, key, keys_dir)
+    if not path.exists():
+        how = "`nerve up` creates it there" if default else "check the path"
+        raise ConfigError(
+            f"no signing key at {path} ({how}; or pass --key FILE, or set central.signing_key)",
+            source="command line" if key is not None else None,
+            key="--key" if key is not None else "central.signing_key",
+        )
+    return Signer.from_file(path, None if key is not None else settings.central.keyid)
+
+
+def sign_command(
+    signer: Signer, *, device: str, action: str, args: dict[str, Any], expires_in: float
+) -> Command:
+    """A signed command for `device` to run `action`, valid for `expires_in` seconds.
 
     Raises:
         ConfigError: `device` or `action` is not a token.
-        BrokerUnavailable: NATS does not answer.
     """
     for what, value in (("device", device), ("action", action)):
         if not is_token(value):
             raise ConfigError(f"{value!r} is not a valid {what} (1-64 of A-Z a-z 0-9 _ -)", key=what.upper())
-    command = signer.sign(
+    return signer.sign(
         Command.create(
             device=device,
             action=action,
@@ -135,28 +149,112 @@ async def send_command(
             ttl=timedelta(seconds=expires_in),
         )
     )
-    nc = await connect(settings.nats, name="nerve-send")
-    try:
-        js = nc.jetstream()
-        await ensure_streams(js, settings.prefix)
+
+
+def format_age(seconds: float) -> str:
+    """`45s`, `12m 5s`, `3h 20m`, `2d 4h`: how old something is, for a person."""
+    whole = max(0, int(seconds))
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def presence_notice(
+    device: str, last: datetime | None, *, now: datetime, offline_after_s: float
+) -> str | None:
+    """What to tell a person about `device` before its result comes: None if it was heard from lately.
+
+    `last` is when its last message (reading, event or result) was stored; None if there is none.
+    """
+    if last is None:
+        streams = ", ".join(STREAM_OF_KIND[kind] for kind in SEEN_KINDS)
+        return f"device {device} has never been seen (no message from it in {streams})"
+    age = (now - last).total_seconds()
+    if age <= offline_after_s:
+        return None
+    return f"device {device} seems offline: its last message is {format_age(age)} old"
+
+
+class CommandChannel:
+    """One NATS connection for `nerve send`: send, ask when the device was last heard from, wait.
+
+    An async context manager: connected on entry, closed on exit.
+
+    Raises `BrokerUnavailable` on entry if NATS does not answer.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._nc: NatsClient | None = None
+        self._results: Subscription | None = None
+
+    async def __aenter__(self) -> Self:
+        self._nc = await connect(self._settings.nats, name="nerve-send")
+        try:
+            await ensure_streams(self._nc.jetstream(), self._settings.prefix)
+        except BaseException:
+            await self._nc.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+
+    @property
+    def _client(self) -> NatsClient:
+        if self._nc is None:
+            raise RuntimeError("CommandChannel is used outside `async with`")
+        return self._nc
+
+    async def send(self, command: Command, *, device: str) -> None:
+        """Store `command` for `device` in `NERVE_COMMANDS`, listening for its result first."""
+        prefix = self._settings.prefix
         # Listen before sending: the answer can be back before the publish call returns.
-        results = await nc.subscribe(Address(device, Kind.RESULTS, action).subject(settings.prefix))
-        await publish_envelope(js, Address(device, Kind.COMMANDS, action).subject(settings.prefix), command)
+        results = Address(device, Kind.RESULTS, command.action).subject(prefix)
+        self._results = await self._client.subscribe(results)
+        commands = Address(device, Kind.COMMANDS, command.action).subject(prefix)
+        await publish_envelope(self._client.jetstream(), commands, command)
+
+    async def last_seen(self, device: str) -> datetime | None:
+        """When the newest reading, event or result of `device` was stored; None if there is none."""
+        js = self._client.jetstream()
+        root = subject_root(self._settings.prefix)
+        latest: datetime | None = None
+        for kind in SEEN_KINDS:
+            try:
+                # The newest message on any subject of the device in this stream (a wildcard filter).
+                msg = await js.get_last_msg(STREAM_OF_KIND[kind], f"{root}.{device}.{kind.value}.*")
+            except NotFoundError:
+                continue
+            if msg.time is not None and (latest is None or msg.time > latest):
+                latest = msg.time
+        return latest
+
+    async def result(self, command: Command, *, timeout: float) -> CommandResult | None:
+        """The device's result for `command`, or None if none came within `timeout` seconds."""
+        if self._results is None:
+            raise RuntimeError("result() before send()")
         try:
             async with asyncio.timeout(timeout):
-                async for msg in results.messages:
+                async for msg in self._results.messages:
                     checkpoint()
                     try:
                         result = decode(msg.data, CommandResult)
                     except DecodeError:
                         continue  # someone else's garbage on the subject; not ours to judge here
                     if result.causationid == command.id:
-                        return command, result
+                        return result
         except TimeoutError:
             pass
-        return command, None
-    finally:
-        await nc.close()
+        return None
 
 
 def format_result(result: CommandResult) -> str:

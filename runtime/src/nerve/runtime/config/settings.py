@@ -185,6 +185,9 @@ class EdgeSettings(_Settings):
     """The device daemon."""
 
     device: DeviceId | None = None
+    client_id: str | None = Field(
+        default=None, min_length=1, max_length=128, description="MQTT client id; unset: nerve-edge-<device>"
+    )
     interval_s: float = Field(default=10.0, gt=0)
     heartbeat_s: float = Field(default=300.0, gt=0)
     mounts: tuple[str, ...] = ("/",)
@@ -359,14 +362,29 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return document
 
 
-def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+# `NERVE_*` variables that are not settings. Every other `NERVE_*` variable must name one: a typo in a
+# variable name is an error, never a setting silently left at its default.
+NOT_SETTINGS: Final = frozenset({"NERVE_CONFIG"})
+# What to say about a variable that looks like ours but is someone else's.
+_NOT_OURS: Final = {
+    "NERVE_ARGS": "it is the Makefile's (`make run ARGS=...`), not a setting: unset it or pass it to make",
+}
+
+
+def _env_layer(env: Mapping[str, str], origins: dict[tuple[str, ...], str]) -> dict[str, Any]:
+    """The settings that `NERVE_*` variables in `env` set; `origins` learns which variable set which key."""
     layer: dict[str, Any] = {}
+    sections = Settings.model_fields
     for name, raw in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX) or name == "NERVE_CONFIG":
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         path = [level.lower() for level in name[len(ENV_PREFIX) :].split("__")]
         if not all(path):
             raise ConfigError("empty level in variable name", source="environment", key=name)
+        if path[0] not in sections:
+            known = ", ".join(sections)
+            hint = _NOT_OURS.get(name) or f"{path[0]!r} is not a setting (settings: {known}; levels: __)"
+            raise ConfigError(hint, source="environment", key=name)
         try:
             value = yaml.safe_load(raw) if raw else raw
         except yaml.YAMLError:
@@ -375,11 +393,25 @@ def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
             # A scalar stays text: pydantic reads "85" or "true" by the key's type, and a device id
             # `123`, `001` or `yes` stays the string it is (YAML would make it 123, 1, True).
             value = raw
+        origins[tuple(path)] = name
         layer = _merge(layer, _nested(path, value))
     return layer
 
 
-def _explain(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> ConfigError:
+def _variable(loc: tuple[str | int, ...], origins: Mapping[tuple[str, ...], str]) -> str | None:
+    """The variable that set the key at `loc`, or one of its parents (`NERVE_EDGE__MOUNTS` for an item)."""
+    path = tuple(str(part) for part in loc)
+    for end in range(len(path), 0, -1):
+        if path[:end] in origins:
+            return origins[path[:end]]
+    return None
+
+
+def _explain(
+    exc: ValidationError,
+    layers: list[tuple[str, dict[str, Any]]],
+    origins: Mapping[tuple[str, ...], str],
+) -> ConfigError:
     error = exc.errors()[0]
     key = ".".join(str(loc) for loc in error["loc"])
     source = "settings"
@@ -398,6 +430,9 @@ def _explain(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> 
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see configs/ for every key)"
+    variable = _variable(tuple(error["loc"]), origins) if source == "environment" else None
+    if variable is not None:
+        message += f"; set by {variable}"
     more = len(exc.errors()) - 1
     if more:
         message += f" (and {more} more problem{'s' if more > 1 else ''})"
@@ -413,13 +448,15 @@ def load_settings(
     """Build the settings from a YAML file, `NERVE_*` variables in `env`, then `overrides`.
 
     `overrides` is a nested mapping (from CLI flags). Raises `ConfigError` naming the source (the file,
-    `environment` or `command line`), the key and what was expected.
+    `environment` or `command line`), the key and what was expected; for a variable, its name too. A
+    `NERVE_*` variable that names no setting is an error (except `NERVE_CONFIG`, the file's own).
     """
     layers: list[tuple[str, dict[str, Any]]] = []
+    origins: dict[tuple[str, ...], str] = {}
     if path is not None:
         layers.append((str(path), _read_yaml(path)))
     if env:
-        layers.append(("environment", _env_layer(env)))
+        layers.append(("environment", _env_layer(env, origins)))
     if overrides:
         layers.append(("command line", dict(overrides)))
     merged: dict[str, Any] = {}
@@ -428,4 +465,4 @@ def load_settings(
     try:
         return Settings.model_validate(merged)
     except ValidationError as exc:
-        raise _explain(exc, layers) from None
+        raise _explain(exc, layers, origins) from None

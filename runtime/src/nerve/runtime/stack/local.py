@@ -4,7 +4,7 @@ Brokers: if nothing answers at the configured MQTT / NATS address, mosquitto and
 as child processes with their data under the data dir, and stopped on the way out. Then central, bridge
 and edge run in this process, in one TaskGroup, in that order (so no reading reaches JetStream before
 its consumer exists). Dev mode: the edge's `clear_temp` works on `<data dir>/scratch`, never /tmp, and
-trusts the central key that the stack generates under `<data dir>/keys`.
+trusts the central key (the `.pub` beside the signing key, which the stack generates if it is missing).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -31,6 +32,22 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S: Final = 30.0
 SHUTDOWN_TIMEOUT_S: Final = 15.0
 LOOPBACK: Final = {"127.0.0.1", "localhost", "::1"}
+CLIENT_ID_SUFFIX_LEN: Final = 8
+
+
+def client_ids(settings: Settings, *, device: str, data_dir: Path) -> tuple[str, str]:
+    """The MQTT client ids of a stack's bridge and edge: unique per data dir, stable across restarts.
+
+    Two `nerve up` on one broker with the same ids would take each other's sessions over, again and
+    again. A short hash of the (absolute) data dir tells them apart and stays the same from one start to
+    the next, so the persistent sessions survive a restart. `bridge.client_id` and `edge.client_id`,
+    when set, win.
+    """
+    suffix = hashlib.sha256(str(data_dir).encode()).hexdigest()[:CLIENT_ID_SUFFIX_LEN]
+    explicit_bridge = "client_id" in settings.bridge.model_fields_set
+    bridge = settings.bridge.client_id if explicit_bridge else f"{settings.bridge.client_id}-{suffix}"
+    edge = settings.edge.client_id or f"nerve-edge-{device}-{suffix}"
+    return bridge, edge
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,26 +73,37 @@ class StackInfo:
 class Stack:
     """Brokers (when needed), central, bridge and edge, as one async context manager."""
 
-    def __init__(self, *, settings: Settings, device: str) -> None:
+    def __init__(self, *, settings: Settings, device: str, signing_key: Path | None = None) -> None:
+        """A stack on `settings` whose edge is `device`.
+
+        `signing_key`: central's private key, created with its `.pub` if missing (default:
+        `central.signing_key`, else `<data dir>/keys/<keyid>.key`, private to this stack).
+        """
         self._device = device
         data_dir = settings.data_dir.resolve()
         self._data_dir = data_dir
         self._scratch = data_dir / "scratch"
-        keys = data_dir / "keys"
+        keyid = settings.central.keyid
+        key = (
+            signing_key or settings.central.signing_key or data_dir / "keys" / f"{keyid}{PRIVATE_SUFFIX}"
+        ).absolute()
+        self._signing_key = key
+        keys = key.parent
+        bridge_id, edge_id = client_ids(settings, device=device, data_dir=data_dir)
         self._settings = settings.model_copy(
             update={
                 "data_dir": data_dir,
+                "bridge": settings.bridge.model_copy(update={"client_id": bridge_id}),
                 "edge": settings.edge.model_copy(
                     update={
                         "device": device,
+                        "client_id": edge_id,
                         "clear_temp_roots": (self._scratch,),
                         "trusted_keys_dir": keys,
                         "journal": data_dir / "edge-journal.sqlite3",
                     }
                 ),
-                "central": settings.central.model_copy(
-                    update={"signing_key": keys / f"{settings.central.keyid}{PRIVATE_SUFFIX}"}
-                ),
+                "central": settings.central.model_copy(update={"signing_key": key}),
             }
         )
         self._brokers: list[ManagedBroker] = []
@@ -105,14 +133,13 @@ class Stack:
         log.info("started %s on 127.0.0.1:%d (data in %s)", kind.name, port, broker.data_dir)
 
     def _ensure_keys(self) -> Signer:
-        keys = self._data_dir / "keys"
-        keyid = self._settings.central.keyid
-        private = keys / f"{keyid}{PRIVATE_SUFFIX}"
+        private = self._signing_key
         if not private.exists():
-            generate_keypair(keys, keyid)
-        elif not (keys / f"{keyid}{PUBLIC_SUFFIX}").exists():
+            generate_keypair(private.parent, private.stem)
+            log.info("created the central key pair %s (and .pub)", private)
+        elif not private.with_suffix(PUBLIC_SUFFIX).exists():
             raise ConfigError("private key without its .pub beside it", source=str(private))
-        return Signer.from_file(private, keyid)
+        return Signer.from_file(private, self._settings.central.keyid)
 
     def _lock_data_dir(self) -> None:
         # Two stacks on one data dir would share client ids and fight over the MQTT sessions.
