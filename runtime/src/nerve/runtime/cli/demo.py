@@ -25,12 +25,11 @@ from nerve.runtime.envelope.model import Command, CommandResult, Fact
 from nerve.runtime.stack.brokers import free_port
 from nerve.runtime.stack.local import Stack
 from nerve.runtime.subjects import Address, Kind, subject_root
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import aiomqtt
     from nats.aio.msg import Msg
 
     from nerve.runtime.config.settings import Settings
@@ -115,13 +114,11 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
     await nc.subscribe(f"{root}.{device}.telemetry.disk", cb=on_reading)
     await nc.subscribe(f"{root}.{device}.facts.*", cb=on_fact)
     await nc.flush()
-    observer = make_client(settings.mqtt, identifier=f"nerve-demo-observer-{os.getpid()}", persistent=False)
+    observer = MqttClient(settings.mqtt, client_id=f"nerve-demo-observer-{os.getpid()}")
     try:
-        async with observer:
-            await observer.subscribe(
-                [(f"{prefix}/{device}/commands/+", 1), (f"{prefix}/{device}/results/+", 1)]
-            )
-            watch = asyncio.create_task(_watch_mqtt(observer, seen))
+        async with observer, asyncio.TaskGroup() as tasks:
+            await observer.subscribe(f"{prefix}/{device}/commands/+", f"{prefix}/{device}/results/+")
+            watch = tasks.create_task(_watch_mqtt(observer, seen), name="nerve-demo-watch-mqtt")
             topic = Address(device, Kind.TELEMETRY, "disk").topic(prefix)
             t0 = time.perf_counter()
             await observer.publish(topic, SPIKE, qos=1)
@@ -137,17 +134,16 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
     return sorted(hops, key=lambda hop: hop.at)
 
 
-async def _watch_mqtt(client: aiomqtt.Client, seen: Callable[[str, str], None]) -> None:
+async def _watch_mqtt(client: MqttClient, seen: Callable[[str, str], None]) -> None:
     async for message in client.messages:
-        payload = message.payload if isinstance(message.payload, bytes) else b""
-        if "/commands/" in message.topic.value:
-            command = decode(payload, Command)
+        if "/commands/" in message.topic:
+            command = decode(message.payload, Command)
             seen(
                 "command on device topic",
-                f"{message.topic.value} signed by {command.keyid!r}, args {command.data}",
+                f"{message.topic} signed by {command.keyid!r}, args {command.data}",
             )
         else:
-            result = decode(payload, CommandResult)
+            result = decode(message.payload, CommandResult)
             detail = result.data.get("summary") or json.dumps(result.data)
             seen(
                 "result from device",
