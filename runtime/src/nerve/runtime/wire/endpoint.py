@@ -87,6 +87,7 @@ class MqttEndpoint:
     username: str | None
     password: bytes | None = field(repr=False)
     shown: str
+    client_certificate: bool = False
 
     @property
     def uses_tls(self) -> bool:
@@ -120,6 +121,7 @@ def mqtt_endpoint(settings: MqttConnectSettings) -> MqttEndpoint:
         username=username,
         password=password,
         shown=shown_url(settings.url),
+        client_certificate=tls and settings.cert_file is not None,
     )
 
 

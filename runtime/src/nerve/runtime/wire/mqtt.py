@@ -26,6 +26,7 @@ violation, a refused CONNECT or SUBSCRIBE, a broker DISCONNECT or a lost connect
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
@@ -67,6 +68,8 @@ MAX_PACKET_ID: Final = 0xFFFF
 MAX_REMAINING_LENGTH: Final = 268_435_455
 SUCCESS_LIMIT: Final = 0x80  # reason codes below this are successes
 DEFAULT_MAX_PACKET_SIZE: Final = 256 * 1024  # our Maximum Packet Size (mqtt.max_packet_size)
+BAD_USER_NAME_OR_PASSWORD: Final = 0x86
+NOT_AUTHORIZED: Final = 0x87
 SESSION_TAKEN_OVER: Final = 0x8E
 PACKET_TOO_LARGE: Final = 0x95
 
@@ -163,8 +166,8 @@ class Incoming(NamedTuple):
     """A PUBLISH from the broker. `packet_id` is 0 at QoS0 (nothing to acknowledge).
 
     `user_properties` (in the order sent; a name may repeat) and `content_type` are what the publisher
-    set, e.g. the CloudEvents attributes of the MQTT binary mode. A NamedTuple: built once per message,
-    it costs about half a frozen dataclass.
+    set, e.g. the CloudEvents attributes of the MQTT binary mode; `retain` is set on a retained message
+    sent because we subscribed. A NamedTuple: built once per message, it costs half a frozen dataclass.
     """
 
     topic: str
@@ -172,6 +175,7 @@ class Incoming(NamedTuple):
     packet_id: int
     user_properties: tuple[tuple[str, str], ...] = ()
     content_type: str | None = None
+    retain: bool = False
 
 
 # --- encoding ---------------------------------------------------------------------------------------
@@ -406,7 +410,7 @@ def parse_publish(first: int, buf: bytes | bytearray, start: int, end: int) -> I
             raise MqttWireError("protocol error: QoS2 PUBLISH on a QoS1 subscription")
         packet_id = (buf[i] << 8) | buf[i + 1]
         i += 2
-    if not buf[i]:  # no properties: the usual case, and no work beyond this
+    if not buf[i] and not first & 0x01:  # no properties, not retained: the usual case, no more work
         return Incoming(topic, bytes(buf[i + 1 : end]), packet_id)
     properties = read_properties(buf, i, end)
     content_type = properties.single.get(CONTENT_TYPE)
@@ -416,6 +420,7 @@ def parse_publish(first: int, buf: bytes | bytearray, start: int, end: int) -> I
         packet_id,
         tuple(properties.user),
         content_type if isinstance(content_type, str) else None,
+        bool(first & 0x01),
     )
 
 
@@ -461,6 +466,7 @@ class MqttWire(WireProtocol[Incoming]):
         self._next_id = 0
         self._broker_max_packet_size = MAX_REMAINING_LENGTH + 5
         self.session_present = False
+        self.lost: Exception | None = None
 
     # -- parsing
 
@@ -556,8 +562,17 @@ class MqttWire(WireProtocol[Incoming]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail every waiter and `closed` with the reason (a TLS alert, a reset…) in one line."""
+        self.lost = exc
         if exc is not None and self._endpoint is not None:
             self._fail(MqttWireError(f"connection lost: {explain(exc, self._endpoint)}"))
+        elif exc is None and self._connack.done():
+            # mosquitto before 2.0.15 says nothing when another client takes our session over.
+            self._fail(
+                MqttWireError(
+                    "connection closed by the broker without a reason (another client connected with "
+                    f"client id {self._client_id!r}?)"
+                )
+            )
         else:
             super().connection_lost(exc)
 
@@ -761,28 +776,50 @@ async def open_mqtt(
                     username=endpoint.username,
                     password=endpoint.password,
                 )
-            except MqttRefused:
+            except MqttRefused as exc:
                 wire.close()
-                raise
+                raise MqttRefused(_refused(exc, endpoint), reason_code=exc.reason_code) from None
             except MqttWireError as exc:
                 wire.close()
-                raise MqttWireError(_before_connack(exc, endpoint)) from None
+                raise MqttWireError(_before_connack(exc, wire.lost, endpoint)) from None
             except BaseException:
                 wire.close()
                 raise
     except TimeoutError:  # (an OSError too: first)
         raise MqttWireError(f"no CONNACK from {endpoint.shown} within {timeout_s:g}s") from None
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
+        if not endpoint.uses_tls:
+            raise MqttWireError(explain(exc, endpoint)) from None
+        raise MqttWireError(
+            f"TLS to {endpoint.shown}: the broker closed the connection during the TLS handshake "
+            "(not a TLS listener? then use mqtt://)"
+        ) from None
     except OSError as exc:  # refused, unreachable, a name that does not resolve, a TLS failure
         raise MqttWireError(explain(exc, endpoint)) from None
     return wire
 
 
-def _before_connack(exc: MqttWireError, endpoint: MqttEndpoint) -> str:
+def _refused(exc: MqttRefused, endpoint: MqttEndpoint) -> str:
+    """The broker's reason, and what to check (mosquitto says "not authorized" for a wrong password too)."""
+    if exc.reason_code not in {NOT_AUTHORIZED, BAD_USER_NAME_OR_PASSWORD}:
+        return f"{endpoint.shown}: {exc}"
+    if endpoint.username is None:
+        hint = "it wants a login: set mqtt.username and mqtt.password_file, or a client certificate"
+    else:
+        hint = f"check the user name {endpoint.username!r} and its password, and the broker's ACL"
+    return f"{endpoint.shown}: {exc}: {hint}"
+
+
+def _before_connack(exc: MqttWireError, lost: Exception | None, endpoint: MqttEndpoint) -> str:
     """What a connection that ended before its CONNACK means."""
-    text = str(exc)
-    if endpoint.shown in text:  # a TLS failure, already explained
-        return text
-    if text == "connection closed by the broker":
-        hint = "" if endpoint.uses_tls else " (a TLS listener? then use mqtts://)"
-        return f"{endpoint.shown}: the broker closed the connection before its CONNACK{hint}"
-    return f"{endpoint.shown}: {text}"
+    if lost is not None and not isinstance(lost, ConnectionResetError | BrokenPipeError):
+        return str(exc)  # a TLS failure or the like, explained already
+    if lost is None and str(exc) != "connection closed by the broker":
+        return f"{endpoint.shown}: {exc}"  # a protocol error
+    if not endpoint.uses_tls:
+        hint = "a TLS listener? then use mqtts://"
+    elif not endpoint.client_certificate:
+        hint = "does it want a client certificate? set mqtt.cert_file and mqtt.key_file"
+    else:
+        hint = "did it refuse our client certificate? see its log"
+    return f"{endpoint.shown}: the broker closed the connection before its CONNACK ({hint})"
