@@ -119,6 +119,11 @@ def test_a_missing_file_is_a_config_error_naming_key_and_path(key: str, tmp_path
     assert "\n" not in str(info.value)
 
 
+def test_a_directory_is_not_a_password_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"mqtt.password_file: .*cannot read {tmp_path}: Is a directory"):
+        load_settings(overrides={"mqtt": {"username": "u", "password_file": str(tmp_path)}})
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
 def test_an_unreadable_file_is_a_config_error(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
