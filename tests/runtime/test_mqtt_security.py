@@ -11,6 +11,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from nerve.edge.settings import EdgeProcessSettings, handover_json
 from nerve.runtime.config.settings import MqttSettings, load_settings
@@ -174,6 +175,26 @@ def test_a_bad_certificate_file_is_a_config_error_at_connect(tmp_path: Path) -> 
     with pytest.raises(ConfigError) as info:
         mqtt_endpoint(mqtt("mqtts://x", cert_file=tmp_path / "client.crt"))
     assert info.value.key == "mqtt.cert_file"
+
+
+def test_an_encrypted_key_is_refused_without_asking_for_a_passphrase(
+    mosquitto_pki: dict[str, Path], tmp_path: Path
+) -> None:
+    key = serialization.load_pem_private_key(mosquitto_pki["client-key"].read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    settings = mqtt("mqtts://x", cert_file=mosquitto_pki["client"], key_file=encrypted)
+    with pytest.raises(ConfigError, match="the private key is encrypted: give an unencrypted key file"):
+        mqtt_endpoint(settings)
+    wrong = mqtt("mqtts://x", cert_file=mosquitto_pki["client"], key_file=mosquitto_pki["server-key"])
+    with pytest.raises(ConfigError, match=r"mqtt\.cert_file: .*not a PEM certificate with its private key"):
+        mqtt_endpoint(wrong)
 
 
 def test_a_password_file_gone_since_loading_is_a_config_error_at_connect(tmp_path: Path) -> None:

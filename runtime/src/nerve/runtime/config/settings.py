@@ -433,7 +433,7 @@ def _explain(exc: ValidationError, layers: list[tuple[str, dict[str, Any]]]) -> 
                 node = missing
         if node is not missing:
             source = name
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix says nothing to a user
     if error["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see configs/ for every key)"
     more = len(exc.errors()) - 1

@@ -149,23 +149,30 @@ def _tls_context(settings: MqttConnectSettings) -> ssl.SSLContext:
                 None if settings.key_file is None else str(settings.key_file),
                 password=_no_passphrase,
             )
-        except (OSError, ssl.SSLError) as exc:
+        except (OSError, ssl.SSLError, _EncryptedKeyError) as exc:
             files = ", ".join(str(path) for path in (settings.cert_file, settings.key_file) if path)
+            what = _reason(exc)
+            if isinstance(exc, ssl.SSLError):
+                what = f"not a PEM certificate with its private key ({what})"
             raise ConfigError(
-                f"cannot load the client certificate and key from {files}: {_reason(exc)}",
-                key="mqtt.cert_file",
+                f"cannot load the client certificate and key from {files}: {what}", key="mqtt.cert_file"
             ) from None
     return context
 
 
+class _EncryptedKeyError(Exception):
+    """The private key wants a passphrase."""
+
+
 def _no_passphrase() -> bytes:
     # Never prompt on a terminal (a daemon has none): an encrypted key fails to load, with a reason.
-    raise ssl.SSLError("the private key is encrypted; give an unencrypted key file (mode 0600)")
+    raise _EncryptedKeyError("the private key is encrypted: give an unencrypted key file (mode 0600)")
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError) and exc.reason:
-        return str(exc.reason).replace("_", " ").lower()
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, ssl.SSLError) and reason:
+        return str(reason).replace("_", " ").lower()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
