@@ -6,8 +6,12 @@ import importlib.metadata
 import importlib.util
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("name", ["runtime", "edge", "bridge", "agents"])
@@ -65,3 +69,13 @@ def test_the_lean_edge_process_imports_no_pydantic_paho_aiomqtt_nor_nats() -> No
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert found.stdout.split() == []
+
+
+@pytest.mark.parametrize("part", ["runtime", "edge", "bridge", "agents"])
+def test_the_product_has_one_mqtt_client(part: str) -> None:
+    # nerve.runtime.wire is the only MQTT client of the product; paho-mqtt and aiomqtt are for benches
+    # and tests (the root `dev` extra) only.
+    project = tomllib.loads((ROOT / part / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {}).values()
+    wanted = [*project.get("dependencies", []), *(r for extra in extras for r in extra)]
+    assert not [r for r in wanted if r.lower().startswith(("paho", "aiomqtt", "gmqtt"))]
