@@ -383,7 +383,7 @@ def read_properties(buf: bytes | bytearray, pos: int, end: int) -> Properties:
             value, pos = _bounded_varint(buf, pos, stop, f"property 0x{ident:02x}")
         else:
             raise MqttWireError(f"malformed packet: unknown property 0x{ident:02x}")
-        if ident in single:
+        if ident in single and ident not in _VARINT_PROPS:  # (subscription identifiers may repeat)
             raise MqttWireError(f"protocol error: property 0x{ident:02x} twice")
         single[ident] = value
     return Properties(single, user, stop)
@@ -563,7 +563,7 @@ class MqttWire(WireProtocol[Incoming]):
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail every waiter and `closed` with the reason (a TLS alert, a reset…) in one line."""
         self.lost = exc
-        if exc is not None and self._endpoint is not None:
+        if isinstance(exc, ssl.SSLError) and self._endpoint is not None:  # a TLS alert: say which
             self._fail(MqttWireError(f"connection lost: {explain(exc, self._endpoint)}"))
         elif exc is None and self._connack.done():
             # mosquitto before 2.0.15 says nothing when another client takes our session over.
