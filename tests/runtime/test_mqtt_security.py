@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from nerve.edge.daemon import open_edge
 from nerve.edge.settings import EdgeProcessSettings, handover_json
 from nerve.runtime.config.settings import MqttSettings, load_settings
 from nerve.runtime.errors import ConfigError
+from nerve.runtime.trust.signing import generate_keypair
 from nerve.runtime.wire.client import MqttClient
 from nerve.runtime.wire.endpoint import DEFAULT_MQTTS_PORT, default_mqtt_port, mqtt_endpoint
 from nerve.runtime.wire.mqtt import MqttRefused, MqttWireError, SessionTakenOver
@@ -23,7 +25,7 @@ from nerve.runtime.wire.mqtt import MqttRefused, MqttWireError, SessionTakenOver
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from tests.conftest import SecureMosquitto
+    from tests.conftest import Running, SecureMosquitto
 
     from nerve.runtime.stack.brokers import Mosquitto
 
@@ -385,3 +387,33 @@ async def test_a_session_taken_over_is_reported_with_the_client_id(mosquitto: Mo
             "connection closed by the broker without a reason "
             "(another client connected with client id 'nerve-bridge'?)"
         )
+
+
+@pytest.mark.broker
+async def test_the_lean_edge_process_goes_online_over_tls_with_a_password_file(
+    secure_mosquitto: SecureMosquitto, tmp_path: Path, running: Running
+) -> None:
+    """What `nerve edge` runs: settings handed over as JSON, the password read from its file."""
+    generate_keypair(tmp_path / "keys", "central")
+    settings = load_settings(
+        overrides={
+            "data_dir": str(tmp_path / "data"),
+            "mqtt": {
+                "url": secure_mosquitto.url(),
+                "ca_file": str(secure_mosquitto.ca_file),
+                "username": secure_mosquitto.username,
+                "password_file": str(secure_mosquitto.password_file),
+            },
+            "edge": {"mounts": [], "trusted_keys_dir": str(tmp_path / "keys")},
+        }
+    )
+    lean = EdgeProcessSettings.from_json(handover_json(settings))
+    async with (
+        open_edge(lean, device="pi-01") as edge,
+        running(edge, wait=WAIT),
+        MqttClient(settings.mqtt, client_id="observer") as observer,
+    ):
+        await observer.subscribe("nerve/pi-01/status")
+        async with asyncio.timeout(WAIT):
+            status = await anext(observer.messages)
+    assert (status.payload, status.retain) == (b"online", True)
