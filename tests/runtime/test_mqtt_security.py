@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from nerve.bridge import Bridge
 from nerve.edge.daemon import open_edge
 from nerve.edge.settings import EdgeProcessSettings, handover_json
 from nerve.runtime.config.settings import MqttSettings, load_settings
 from nerve.runtime.errors import ConfigError
+from nerve.runtime.testing import stream_messages, wait_for_count
 from nerve.runtime.trust.signing import generate_keypair
 from nerve.runtime.wire.client import MqttClient
 from nerve.runtime.wire.endpoint import DEFAULT_MQTTS_PORT, default_mqtt_port, mqtt_endpoint
@@ -25,9 +27,10 @@ from nerve.runtime.wire.mqtt import MqttRefused, MqttWireError, SessionTakenOver
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from nats.aio.client import Client as NatsClient
     from tests.conftest import Running, SecureMosquitto
 
-    from nerve.runtime.stack.brokers import Mosquitto
+    from nerve.runtime.stack.brokers import Mosquitto, NatsServer
 
 WAIT = 10.0
 
@@ -417,3 +420,31 @@ async def test_the_lean_edge_process_goes_online_over_tls_with_a_password_file(
         async with asyncio.timeout(WAIT):
             status = await anext(observer.messages)
     assert (status.payload, status.retain) == (b"online", True)
+
+
+@pytest.mark.broker
+async def test_the_bridge_carries_readings_from_a_tls_broker_with_a_login(
+    secure_mosquitto: SecureMosquitto,
+    nats_server: NatsServer,
+    nc: NatsClient,
+    running: Running,
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(
+        overrides={
+            "data_dir": str(tmp_path / "data"),
+            "nats": {"url": nats_server.url},
+            "mqtt": {
+                "url": secure_mosquitto.url(userinfo="nerve:s3cret%3Apass"),
+                "ca_file": str(secure_mosquitto.ca_file),
+            },
+        }
+    )
+    async with (
+        running(Bridge(settings=settings), wait=WAIT),
+        MqttClient(secure(secure_mosquitto), client_id="device") as device,
+    ):
+        await device.publish("nerve/pi-01/telemetry/disk", b"95")
+        await wait_for_count(nc.jetstream(), "NERVE_TELEMETRY", 1)
+    stored = await stream_messages(nc.jetstream(), "NERVE_TELEMETRY")
+    assert [m.subject for m in stored] == ["nerve.pi-01.telemetry.disk"]

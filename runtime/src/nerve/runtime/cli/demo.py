@@ -22,10 +22,12 @@ import nats
 
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult, Fact
+from nerve.runtime.errors import DecodeError
 from nerve.runtime.stack.brokers import free_port
 from nerve.runtime.stack.local import Stack
 from nerve.runtime.subjects import Address, Kind, subject_root
 from nerve.runtime.wire.client import MqttClient
+from nerve.runtime.wire.mqtt import MqttWireError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
     from nats.aio.msg import Msg
 
     from nerve.runtime.config.settings import Settings
+    from nerve.runtime.wire.mqtt import Incoming
 
 SPIKE: Final = b'{"value": 97}'
 OLD_FILES: Final = 5
@@ -135,20 +138,29 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
 
 
 async def _watch_mqtt(client: MqttClient, seen: Callable[[str, str], None]) -> None:
-    async for message in client.messages:
-        if "/commands/" in message.topic:
-            command = decode(message.payload, Command)
-            seen(
-                "command on device topic",
-                f"{message.topic} signed by {command.keyid!r}, args {command.data}",
-            )
-        else:
-            result = decode(message.payload, CommandResult)
-            detail = result.data.get("summary") or json.dumps(result.data)
-            seen(
-                "result from device",
-                f"{result.status}: {detail}" + (f" ({result.reason})" if result.reason else ""),
-            )
+    # What goes wrong here is a hop in the report (the missing steps then say what did not happen),
+    # never an error that ends the demo.
+    try:
+        async for message in client.messages:
+            try:
+                _saw(message, seen)
+            except DecodeError as exc:
+                seen("undecodable message", f"{message.topic}: {exc}")
+    except MqttWireError as exc:
+        seen("MQTT connection lost", str(exc))
+
+
+def _saw(message: Incoming, seen: Callable[[str, str], None]) -> None:
+    if "/commands/" in message.topic:
+        command = decode(message.payload, Command)
+        seen("command on device topic", f"{message.topic} signed by {command.keyid!r}, args {command.data}")
+    else:
+        result = decode(message.payload, CommandResult)
+        detail = result.data.get("summary") or json.dumps(result.data)
+        seen(
+            "result from device",
+            f"{result.status}: {detail}" + (f" ({result.reason})" if result.reason else ""),
+        )
 
 
 REQUIRED: Final = (
