@@ -356,6 +356,24 @@ def test_connect_without_a_will_sets_no_will_flags() -> None:
     assert raw.endswith(utf8("c"))
 
 
+def test_connect_carries_credentials_after_the_will_and_our_packet_limit() -> None:
+    will = Will(topic="w", payload=b"x")
+    raw = connect_packet(
+        "c",
+        clean_start=True,
+        keepalive_s=30,
+        session_expiry_s=0,
+        receive_maximum=10,
+        will=will,
+        max_packet_size=65536,
+        username="pi-01",
+        password=b"p\x00ss",
+    )
+    assert raw[2 + 7] == 0x80 | 0x40 | 0x04 | 0x08 | 0x02  # user name, password, will QoS1, clean start
+    assert b"\x27" + struct.pack("!I", 65536) in raw
+    assert raw.endswith(utf8("c") + b"\x00" + utf8("w") + b"\x00\x01x" + utf8("pi-01") + b"\x00\x04p\x00ss")
+
+
 def test_publish_retained_at_qos1_and_qos0() -> None:
     assert publish_packet("t", b"x", 7, retain=True) == packet(0x33, utf8("t") + b"\x00\x07" + b"\x00" + b"x")
     assert publish_packet("t", b"x", 0, retain=True) == packet(0x31, utf8("t") + b"\x00" + b"x")
@@ -389,3 +407,35 @@ async def test_the_will_is_published_when_the_client_vanishes(mosquitto: Mosquit
         assert (received.messages[0].topic, received.messages[0].payload) == ("will/dying", b"offline")
     finally:
         watcher.close()
+
+
+# --- MqttClient: a session for tools -----------------------------------------------------------------
+
+
+async def test_the_client_acknowledges_a_message_when_it_hands_it_over_then_reports_the_end(
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+) -> None:
+    from_client: list[bytes] = []
+    taken = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # CONNECT
+        writer.write(packet(0x20, b"\x00\x00\x00") + publish("nerve/pi/commands/x", b"do", 9))
+        await writer.drain()
+        from_client.append(await reader.readexactly(4))
+        taken.set()
+        writer.close()  # and the broker goes away
+
+    async with tcp_server(serve) as port:
+        async with MqttClient(MqttSettings(url=f"mqtt://127.0.0.1:{port}"), client_id="tool") as client:
+            async with asyncio.timeout(5):
+                message = await anext(client.messages)
+                await taken.wait()
+                with pytest.raises(MqttWireError, match="connection"):
+                    await anext(client.messages)
+        assert (message.topic, message.payload, message.packet_id) == ("nerve/pi/commands/x", b"do", 9)
+        assert from_client == [puback_packets([9])]
+        with pytest.raises(MqttWireError, match="not connected"):
+            await client.publish("t", b"x")
+        with pytest.raises(StopAsyncIteration):
+            await anext(client.messages)
