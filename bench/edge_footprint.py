@@ -29,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import aiomqtt
-
 from nerve.runtime.config.settings import MqttSettings
 from nerve.runtime.stack.brokers import Mosquitto, free_port
 from nerve.runtime.subjects import DEFAULT_PREFIX
 from nerve.runtime.trust.signing import generate_keypair
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
+from nerve.runtime.wire.mqtt import MqttWireError
 
 DEVICE: Final = "bench-edge"
 TARGET_RSS_MIB: Final = 30.0
@@ -269,8 +268,8 @@ async def main() -> int:  # noqa: PLR0915 - one straight measurement script, cle
             settings = MqttSettings(url=broker.url)
             arrivals: list[float] = []
             first = asyncio.Event()
-            async with make_client(settings, identifier="bench-footprint", persistent=False) as client:
-                await client.subscribe(f"{DEFAULT_PREFIX}/{DEVICE}/telemetry/#", qos=1)
+            async with MqttClient(settings, client_id="bench-footprint") as client:
+                await client.subscribe(f"{DEFAULT_PREFIX}/{DEVICE}/telemetry/#")
 
                 async def receive() -> None:
                     async for _ in client.messages:
@@ -306,7 +305,7 @@ async def main() -> int:  # noqa: PLR0915 - one straight measurement script, cle
                         await stop(process)
                     code, stop_s = await stop(edge)
                     receiver.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    with contextlib.suppress(asyncio.CancelledError, MqttWireError):
                         await receiver
         log_lines = (tmp / "edge.log").read_text(errors="replace").splitlines()
     costs = await import_costs()

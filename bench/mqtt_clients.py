@@ -13,8 +13,8 @@ mosquitto (nerve's config, a free port on 127.0.0.1, a temp dir):
      PUBACKs when the subscriber is done);
   4. then the session is taken over once more: anything mosquitto redelivers was not acknowledged.
 
-Cases: paho-mqtt (own network thread, `manual_ack_set` + `ack`), aiomqtt (paho under asyncio, as
-`nerve.runtime.wire.paho.make_client(manual_ack=True)` sets it up), gmqtt (asyncio; PUBACK when its async
+Cases: paho-mqtt (own network thread, `manual_ack_set` + `ack`), aiomqtt (paho under asyncio, with
+paho's manual acknowledgement, as nerve's bridge once used it), gmqtt (asyncio; PUBACK when its async
 `on_message` returns) and nerve's own `nerve.runtime.wire.mqtt` (PUBACKs per batch in `on_messages`).
 Each asks mosquitto for a Receive Maximum (how many unacknowledged messages it may send): 65535, the
 most MQTT v5 allows, except mqttwire at 1000, as the bridge runs it; `--receive-maximum` sets one for
@@ -50,9 +50,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from nerve.runtime.config.settings import MqttSettings
 from nerve.runtime.stack.brokers import LOCALHOST, Mosquitto, free_port
 from nerve.runtime.wire.mqtt import Incoming, MqttWire, open_mqtt
-from nerve.runtime.wire.paho import NODELAY, ack
 
 if TYPE_CHECKING:
     from bench import bridge_throughput as bt  # how mypy, run from the repo root, sees it
@@ -73,6 +73,9 @@ QUIET_S: Final = 0.5  # the redelivery check ends after this long without a mess
 IDLE_POLL_S: Final = 0.2  # mosquitto is idle when its CPU time (10 ms ticks) stands still this long
 IDLE_TIMEOUT_S: Final = 30.0
 PUBLISHER: Final = argparse.Namespace(publisher="raw", publishers=1)  # what bt.Publishers reads
+# Nagle's algorithm holds small QoS1 packets back (a round trip through mosquitto: 30 ms with it, 0.55
+# without); nerve's client gets TCP_NODELAY from asyncio, aiomqtt needs it asked for.
+NODELAY: Final = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 CASES: Final = {
     "paho": "paho-mqtt (network thread)",
@@ -202,8 +205,8 @@ def paho_receive(spec: Spec) -> Received:
 
 
 def _aiomqtt_client(spec: Spec) -> aiomqtt.Client:
-    # nerve.runtime.wire.paho.make_client(persistent=True, manual_ack=True), plus the Receive Maximum it
-    # does not set.
+    # As nerve's bridge used it before its own client: a persistent session, manual acknowledgement,
+    # TCP_NODELAY, plus the Receive Maximum.
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = SESSION_EXPIRY_S
     properties.ReceiveMaximum = spec.receive_maximum
@@ -218,7 +221,7 @@ def _aiomqtt_client(spec: Spec) -> aiomqtt.Client:
         timeout=CONNECT_TIMEOUT_S,
         socket_options=NODELAY,
     )
-    client._client.manual_ack_set(on=True)  # noqa: SLF001 - as make_client does
+    client._client.manual_ack_set(on=True)  # noqa: SLF001 - aiomqtt has no public switch for it
     return client
 
 
@@ -235,7 +238,7 @@ async def aiomqtt_receive(spec: Spec) -> Received:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(RECEIVE_TIMEOUT_S):
                 async for message in client.messages:
-                    ack(client, message)
+                    client._client.ack(message.mid, message.qos)  # noqa: SLF001 - manual ack, as above
                     if tally.add(1):
                         break
         result = tally.result()
@@ -326,13 +329,11 @@ class WireAcker:
 
 async def open_wire(spec: Spec, acker: WireAcker, *, session_expiry_s: int = SESSION_EXPIRY_S) -> MqttWire:
     wire = await open_mqtt(
-        LOCALHOST,
-        spec.port,
+        MqttSettings(url=f"mqtt://{LOCALHOST}:{spec.port}", keepalive_s=KEEPALIVE_S),
         client_id=spec.client_id,
         on_messages=acker.on_messages,
         clean_start=False,
         session_expiry_s=session_expiry_s,
-        keepalive_s=KEEPALIVE_S,
         receive_maximum=spec.receive_maximum,
         timeout_s=CONNECT_TIMEOUT_S,
     )

@@ -23,11 +23,10 @@ import time
 from pathlib import Path
 from typing import Final
 
-import aiomqtt
-
 from nerve.runtime.config.settings import MqttSettings
 from nerve.runtime.stack.brokers import free_port
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
+from nerve.runtime.wire.mqtt import MqttWireError
 
 TARGET_P99_MS: Final = 20.0
 SPIKE: Final = b'{"value": 97}'
@@ -92,8 +91,8 @@ async def start_stack(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio
 async def floor(settings: MqttSettings, rounds: int) -> list[float]:
     """QoS1 publish -> receive through mosquitto, same client set-up as the stack uses."""
     samples: list[float] = []
-    async with make_client(settings, identifier="bench-floor", persistent=False) as client:
-        await client.subscribe("bench/floor", qos=1)
+    async with MqttClient(settings, client_id="bench-floor") as client:
+        await client.subscribe("bench/floor")
         messages = aiter(client.messages)
         for _ in range(rounds):
             start = time.perf_counter()
@@ -108,12 +107,12 @@ async def spikes(settings: MqttSettings, count: int, warmup: int) -> tuple[list[
     samples: list[float] = []
     missed = 0
     waiting: dict[str, asyncio.Future[float]] = {}
-    async with make_client(settings, identifier="bench-spiker", persistent=False) as client:
-        await client.subscribe("nerve/+/commands/+", qos=1)
+    async with MqttClient(settings, client_id="bench-spiker") as client:
+        await client.subscribe("nerve/+/commands/+")
 
         async def receive() -> None:
             async for message in client.messages:
-                device = message.topic.value.split("/")[1]
+                device = message.topic.split("/")[1]
                 future = waiting.pop(device, None)
                 if future is not None and not future.done():
                     future.set_result(time.perf_counter())
@@ -137,7 +136,7 @@ async def spikes(settings: MqttSettings, count: int, warmup: int) -> tuple[list[
                     samples.append((arrived - start) * 1000)
         finally:
             receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+            with contextlib.suppress(asyncio.CancelledError, MqttWireError):
                 await receiver
     return samples, missed
 

@@ -1,19 +1,24 @@
 """Fixtures shared by every test: real brokers on free ports, each with its own data directory.
 
-Tests that use `mosquitto` or `nats_server` carry `@pytest.mark.broker`. The wire protocols' tests
-also share a fake transport and a fake TCP server (`new_transport`, `tcp_server`); the edge's tests
-and its chaos tests a running agent (`running`) and a small tmpfs (`tiny_tmpfs`).
+Tests that use `mosquitto`, `secure_mosquitto` or `nats_server` carry `@pytest.mark.broker`. The wire
+protocols' tests also share a fake transport and a fake TCP server (`new_transport`, `tcp_server`); the
+edge's tests and its chaos tests a running agent (`running`) and a small tmpfs (`tiny_tmpfs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import shutil
+import socket
 import subprocess
-from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
 import nats
 import pytest
+import trustme
 
 from nerve.runtime.config.settings import Settings, load_settings
 from nerve.runtime.stack.brokers import Mosquitto, NatsServer, free_port
@@ -46,6 +51,129 @@ async def mosquitto(tmp_path: Path) -> AsyncIterator[Mosquitto]:
     """A running mosquitto on a free port, stopped (SIGTERM) at teardown."""
     async with Mosquitto(port=free_port(), data_dir=tmp_path / "mosquitto") as broker:
         yield broker
+
+
+@dataclass(frozen=True)
+class SecureMosquitto:
+    """A mosquitto with TLS listeners and a password file, and what a client needs to reach it.
+
+    Every listener is on 127.0.0.1 and presents a certificate from `ca_file` unless said otherwise:
+    `port` (TLS; clients log in with `username`/`password`, as listed in `password_file`), `mtls_port`
+    (wants a client certificate from `ca_file`: `cert_file`/`key_file`, CN `pi-01`, which becomes the user
+    name), `wrong_host_port` (a certificate for broker.example only), `expired_port` (an expired one),
+    `plain_port` (plain TCP, same logins). `other_ca_file` signed none of them. `password_file` is the
+    client's (the password and a newline), `broker_password_file` mosquitto's (made by mosquitto_passwd).
+    """
+
+    broker: Mosquitto
+    port: int
+    mtls_port: int
+    wrong_host_port: int
+    expired_port: int
+    plain_port: int
+    ca_file: Path
+    other_ca_file: Path
+    cert_file: Path
+    key_file: Path
+    username: str
+    password: str
+    password_file: Path
+    broker_password_file: Path
+
+    def url(self, port: int | None = None, *, scheme: str = "mqtts", userinfo: str = "") -> str:
+        """The URL of one listener (default: `port`), with `user:pass@` if given."""
+        at = f"{userinfo}@" if userinfo else ""
+        return f"{scheme}://{at}127.0.0.1:{port or self.port}"
+
+
+def _free_ports(count: int) -> list[int]:
+    """`count` distinct free ports on 127.0.0.1 (held together while chosen, so never one twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
+def _tls_listener(port: int, ca: Path, cert: Path, key: Path, extra: str = "") -> str:
+    return f"listener {port} 127.0.0.1\ncafile {ca}\ncertfile {cert}\nkeyfile {key}\n{extra}\n"
+
+
+MQTT_USER: Final = "nerve"
+MQTT_PASSWORD: Final = "s3cret:pass"  # noqa: S105 - a test broker's, made for the test
+
+
+@pytest.fixture
+def mosquitto_pki(tmp_path: Path) -> dict[str, Path]:
+    """Certificates (`trustme`) and a password file (`mosquitto_passwd`) for `secure_mosquitto`."""
+    mosquitto_passwd = shutil.which("mosquitto_passwd")
+    if mosquitto_passwd is None:
+        pytest.skip("mosquitto_passwd is not installed (apt-get install mosquitto)")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    ca, other_ca = trustme.CA(), trustme.CA()
+    files: dict[str, Path] = {name: pki / f"{name}.pem" for name in ("ca", "other-ca")}
+    ca.cert_pem.write_to_path(files["ca"])
+    other_ca.cert_pem.write_to_path(files["other-ca"])
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=30)
+    leaves = {
+        "server": ca.issue_cert("localhost", "127.0.0.1"),
+        "wrong-host": ca.issue_cert("broker.example"),
+        "expired": ca.issue_cert(
+            "localhost", "127.0.0.1", not_before=past, not_after=past + dt.timedelta(days=1)
+        ),
+        "client": ca.issue_cert("pi-01", common_name="pi-01"),
+    }
+    for name, leaf in leaves.items():
+        files[name] = pki / f"{name}.crt"
+        files[f"{name}-key"] = pki / f"{name}.key"
+        leaf.cert_chain_pems[0].write_to_path(files[name])
+        leaf.private_key_pem.write_to_path(files[f"{name}-key"])
+    files["passwd"] = tmp_path / "mosquitto.passwd"
+    subprocess.run([mosquitto_passwd, "-c", "-b", str(files["passwd"]), MQTT_USER, MQTT_PASSWORD], check=True)
+    files["password"] = tmp_path / "mqtt-password"
+    files["password"].write_text(MQTT_PASSWORD + "\n")
+    return files
+
+
+@pytest.fixture
+async def secure_mosquitto(tmp_path: Path, mosquitto_pki: dict[str, Path]) -> AsyncIterator[SecureMosquitto]:
+    """A mosquitto with TLS listeners (certificates made by `trustme`) and a password file."""
+    files = mosquitto_pki
+    password_file = files["passwd"]
+    port, mtls, wrong_host, expired, plain = _free_ports(5)
+    server = (files["ca"], files["server"], files["server-key"])
+    options = (
+        _tls_listener(mtls, *server, "require_certificate true\nuse_identity_as_username true")
+        + _tls_listener(wrong_host, files["ca"], files["wrong-host"], files["wrong-host-key"])
+        + _tls_listener(expired, files["ca"], files["expired"], files["expired-key"])
+        + f"listener {plain} 127.0.0.1\n"
+    )
+    # The first listener's own options come first: they must follow its `listener` line.
+    first = f"cafile {server[0]}\ncertfile {server[1]}\nkeyfile {server[2]}\n"
+    broker = Mosquitto(
+        port=port,
+        data_dir=tmp_path / "mosquitto",
+        listener_options=first + options,
+        password_file=password_file,
+    )
+    async with broker:
+        yield SecureMosquitto(
+            broker=broker,
+            port=port,
+            mtls_port=mtls,
+            wrong_host_port=wrong_host,
+            expired_port=expired,
+            plain_port=plain,
+            ca_file=files["ca"],
+            other_ca_file=files["other-ca"],
+            cert_file=files["client"],
+            key_file=files["client-key"],
+            username=MQTT_USER,
+            password=MQTT_PASSWORD,
+            password_file=files["password"],
+            broker_password_file=password_file,
+        )
 
 
 @pytest.fixture

@@ -6,10 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from nerve.runtime.config.settings import EdgeSettings, OutboxSettings, SensorSettings, load_settings
+from nerve.runtime.config.settings import (
+    EdgeSettings,
+    MqttSettings,
+    OutboxSettings,
+    SensorSettings,
+    load_settings,
+)
 from nerve.runtime.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+SECURITY_KEYS = ("url", "ca_file", "cert_file", "key_file", "username", "password_file", "max_packet_size")
 
 
 @pytest.mark.parametrize("name", ["nerve.yaml", "edge.yaml", "bridge.yaml", "central.yaml"])
@@ -46,3 +53,12 @@ def test_edge_yaml_sensor_settings() -> None:
     assert edge.heartbeat_s == 300
     assert edge.sensors["disk"].interval_s == 60
     assert edge.outbox.max_bytes == 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name", ["nerve.yaml", "edge.yaml", "bridge.yaml"])
+def test_mqtt_keys_are_shown(name: str) -> None:
+    # nerve.yaml shows every key; the parts' files how to reach a remote broker.
+    text = (CONFIGS / name).read_text()
+    keys = MqttSettings.model_fields if name == "nerve.yaml" else SECURITY_KEYS
+    missing = [key for key in keys if f"{key}:" not in text]
+    assert not missing, f"configs/{name} does not mention {missing}"

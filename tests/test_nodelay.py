@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from nerve.runtime.jetstream.client import connect
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
@@ -17,9 +17,8 @@ pytestmark = pytest.mark.broker
 
 
 async def test_mqtt_socket_has_nodelay(settings: Settings) -> None:
-    async with make_client(settings.mqtt, identifier="nodelay", persistent=False) as client:
-        sock = client._client.socket()
-        assert isinstance(sock, socket.socket)
+    async with MqttClient(settings.mqtt, client_id="nodelay") as client:
+        sock = client.wire._transport.get_extra_info("socket")  # type: ignore[union-attr]
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 

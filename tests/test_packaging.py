@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @pytest.mark.parametrize("name", ["runtime", "edge", "bridge", "agents"])
 def test_no_top_level_module_leaks(name: str) -> None:
@@ -163,3 +165,13 @@ def test_the_readme_starts_with_the_two_commands_ci_runs_one_of() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
     assert (ROOT / "docs" / "architecture.md").exists()
     assert "Apache License" in (ROOT / "LICENSE").read_text()
+
+
+@pytest.mark.parametrize("part", ["runtime", "edge", "bridge", "agents"])
+def test_the_product_has_one_mqtt_client(part: str) -> None:
+    # nerve.runtime.wire is the only MQTT client of the product; paho-mqtt and aiomqtt are for benches
+    # and tests (the root `dev` extra) only.
+    project = tomllib.loads((ROOT / part / "pyproject.toml").read_text())["project"]
+    extras = project.get("optional-dependencies", {}).values()
+    wanted = [*project.get("dependencies", []), *(r for extra in extras for r in extra)]
+    assert not [r for r in wanted if r.lower().startswith(("paho", "aiomqtt", "gmqtt"))]

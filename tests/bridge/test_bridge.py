@@ -19,12 +19,11 @@ from nerve.runtime.jetstream.client import REASON_HEADER, publish_envelope
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.stack.brokers import free_port, port_answers
 from nerve.runtime.testing import stream_messages, wait_for_count
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    import aiomqtt
     from nats.aio.client import Client as NatsClient
     from tests.conftest import Running
 
@@ -38,8 +37,8 @@ WAIT = 10.0
 
 
 @contextlib.asynccontextmanager
-async def publisher(settings: Settings, name: str = "test-pub") -> AsyncIterator[aiomqtt.Client]:
-    async with make_client(settings.mqtt, identifier=name, persistent=False) as client:
+async def publisher(settings: Settings, name: str = "test-pub") -> AsyncIterator[MqttClient]:
+    async with MqttClient(settings.mqtt, client_id=name) as client:
         yield client
 
 
@@ -122,13 +121,13 @@ async def test_command_goes_down_and_expired_one_does_not(
         device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=-1)
     )
     async with publisher(settings, "device") as device:
-        await device.subscribe("nerve/pi-01/commands/+", qos=1)
+        await device.subscribe("nerve/pi-01/commands/+")
         await publish_envelope(js, "nerve.pi-01.commands.clear_temp", stale)
         await publish_envelope(js, "nerve.pi-01.commands.clear_temp", fresh)
         async with running(Bridge(settings=settings), wait=WAIT):
             async with asyncio.timeout(10):
-                message = await anext(aiomqtt_messages(device))
-            assert message.topic.value == "nerve/pi-01/commands/clear_temp"
+                message = await anext(aiter(device.messages))
+            assert message.topic == "nerve/pi-01/commands/clear_temp"
             assert isinstance(message.payload, bytes)
             assert decode(message.payload, Command) == fresh
             await wait_for_count(js, "NERVE_RESULTS", 1)
@@ -141,10 +140,6 @@ async def test_command_goes_down_and_expired_one_does_not(
     consumer = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
     assert consumer.num_ack_pending == 0
     assert consumer.num_pending == 0
-
-
-def aiomqtt_messages(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Message]:
-    return aiter(client.messages)
 
 
 async def test_nats_restart_loses_nothing_acknowledged(

@@ -16,7 +16,7 @@ from nerve.runtime.cli.history import read_stream
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.testing import wait_for_count
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -53,7 +53,7 @@ async def until_bridging(settings: Settings, nc: NatsClient) -> None:
         before = (await js.stream_info("NERVE_EVENTS")).state.messages
     except NotFoundError:
         before = 0
-    async with make_client(settings.mqtt, identifier="chaos-warmup", persistent=False) as client:
+    async with MqttClient(settings.mqtt, client_id="chaos-warmup") as client:
         async with asyncio.timeout(30):
             while True:
                 await client.publish("nerve/warmup/events/ping", b"{}", qos=1)
@@ -66,7 +66,7 @@ async def until_bridging(settings: Settings, nc: NatsClient) -> None:
 
 
 async def publish_all(settings: Settings, events: list[Event]) -> None:
-    async with make_client(settings.mqtt, identifier="chaos-publisher", persistent=False) as client:
+    async with MqttClient(settings.mqtt, client_id="chaos-publisher") as client:
         for event in events:
             await client.publish(f"nerve/{event.subject}/telemetry/cpu", to_msgpack(event), qos=1)
 

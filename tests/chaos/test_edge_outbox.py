@@ -14,7 +14,6 @@ import sqlite3
 import sys
 from typing import TYPE_CHECKING
 
-import aiomqtt
 import pytest
 
 from nerve.bridge import Bridge
@@ -26,7 +25,8 @@ from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.testing import wait_for_count
 from nerve.runtime.trust.signing import generate_keypair
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
+from nerve.runtime.wire.mqtt import MqttWireError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -99,14 +99,14 @@ async def observe(url: str, received: list[Event], subscribed: asyncio.Event) ->
     """A persistent QoS1 subscriber that reconnects forever: nothing published to it is lost."""
     while True:
         try:
-            async with make_client(MqttSettings(url=url), identifier="observer", persistent=True) as client:
-                await client.subscribe(TELEMETRY, qos=1)
+            async with MqttClient(MqttSettings(url=url), client_id="observer", persistent=True) as client:
+                await client.subscribe(TELEMETRY)
                 subscribed.set()
                 async for message in client.messages:
                     assert isinstance(message.payload, bytes)
                     received.append(decode(message.payload, Event))
                     checkpoint()
-        except aiomqtt.MqttError:
+        except MqttWireError:
             await asyncio.sleep(0.2)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-import aiomqtt
 import pytest
 
 from nerve.bridge import Bridge
@@ -13,7 +12,8 @@ from nerve.runtime.cli.history import read_stream
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.testing import wait_for_count
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
+from nerve.runtime.wire.mqtt import MqttWireError
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -32,13 +32,13 @@ async def publish_through_outages(settings: Settings, events: list[Event], acked
     i = 0
     while i < len(events):
         try:
-            async with make_client(settings.mqtt, identifier="restart-publisher", persistent=True) as client:
+            async with MqttClient(settings.mqtt, client_id="restart-publisher", persistent=True) as client:
                 while i < len(events):
                     event = events[i]
                     await client.publish(f"nerve/{event.subject}/telemetry/cpu", to_msgpack(event), qos=1)
                     acked.append(event.id)
                     i += 1
-        except aiomqtt.MqttError:
+        except MqttWireError:
             await asyncio.sleep(0.2)
 
 

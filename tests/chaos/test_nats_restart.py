@@ -12,7 +12,7 @@ from nerve.runtime.cli.history import read_stream
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.testing import wait_for_count
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -53,7 +53,7 @@ async def test_nats_server_killed_twice_mid_stream(
     # each acknowledged to the publisher: from then on every one must reach JetStream, once.
     async with running(Bridge(settings=settings), wait=WAIT):
         pass
-    async with make_client(settings.mqtt, identifier="chaos-publisher", persistent=False) as client:
+    async with MqttClient(settings.mqtt, client_id="chaos-publisher") as client:
         for event in events:
             await client.publish(f"nerve/{event.subject}/telemetry/cpu", to_msgpack(event), qos=1)
     bridge = Bridge(settings=settings)

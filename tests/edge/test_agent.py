@@ -36,17 +36,17 @@ from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult, Event
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-    import aiomqtt
     from tests.conftest import Running
     from tests.edge.conftest import Put
 
     from nerve.runtime.stack.brokers import Mosquitto
+    from nerve.runtime.wire.mqtt import Incoming
 
 DEVICE = "pi-01"
 HOUR = 3600.0
@@ -189,24 +189,24 @@ def agent(settings: Settings, journal: CommandJournal, outbox: Outbox) -> EdgeAg
 
 
 @contextlib.asynccontextmanager
-async def central(url: str, *topics: str, name: str = "test-central") -> AsyncIterator[aiomqtt.Client]:
+async def central(url: str, *topics: str, name: str = "test-central") -> AsyncIterator[MqttClient]:
     """A plain MQTT client, subscribed to `topics`, that plays central."""
-    async with make_client(MqttSettings(url=url), identifier=name, persistent=False) as client:
+    async with MqttClient(MqttSettings(url=url), client_id=name) as client:
         for topic in topics:
-            await client.subscribe(topic, qos=1)
+            await client.subscribe(topic)
         yield client
 
 
-async def receive(client: aiomqtt.Client, *, timeout: float = WAIT) -> aiomqtt.Message:
+async def receive(client: MqttClient, *, timeout: float = WAIT) -> Incoming:
     async with asyncio.timeout(timeout):
         return await anext(client.messages)
 
 
-async def result_of(client: aiomqtt.Client, topic: str, payload: bytes) -> tuple[str, CommandResult]:
+async def result_of(client: MqttClient, topic: str, payload: bytes) -> tuple[str, CommandResult]:
     await client.publish(topic, payload, qos=1)
     message = await receive(client)
     assert isinstance(message.payload, bytes)
-    return message.topic.value, decode(message.payload, CommandResult)
+    return message.topic, decode(message.payload, CommandResult)
 
 
 @pytest.mark.broker
@@ -281,8 +281,8 @@ async def test_readings_arrive_as_events(
                 message = await receive(observer)
                 assert isinstance(message.payload, bytes)
                 event = decode(message.payload, Event)
-                metric = message.topic.value.rsplit("/", 1)[-1]
-                assert message.topic.value == f"nerve/{DEVICE}/telemetry/{metric}"
+                metric = message.topic.rsplit("/", 1)[-1]
+                assert message.topic == f"nerve/{DEVICE}/telemetry/{metric}"
                 seen[metric] = event
     assert set(seen) <= {"disk", "cpu", "memory", "load", "temperature"}
     for metric, event in seen.items():

@@ -25,14 +25,13 @@ from nerve.runtime.config.settings import MqttSettings
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.trust.signing import Signer, generate_keypair
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import aiomqtt
-
     from nerve.runtime.stack.brokers import Mosquitto
+    from nerve.runtime.wire.mqtt import Incoming
 
 NERVE = str(Path(sys.executable).parent / "nerve")
 DEVICE = "pi-kill"
@@ -42,7 +41,7 @@ RESULTS = f"nerve/{DEVICE}/results/+"
 COMMAND = f"nerve/{DEVICE}/commands/run"
 
 
-async def next_message(client: aiomqtt.Client, wanted: Callable[[aiomqtt.Message], bool]) -> aiomqtt.Message:
+async def next_message(client: MqttClient, wanted: Callable[[Incoming], bool]) -> Incoming:
     async with asyncio.timeout(WAIT):
         async for message in client.messages:
             if wanted(message):
@@ -50,12 +49,12 @@ async def next_message(client: aiomqtt.Client, wanted: Callable[[aiomqtt.Message
     raise AssertionError("the message stream ended")  # pragma: no cover - the loop only ends by timeout
 
 
-def status_is(payload: bytes) -> Callable[[aiomqtt.Message], bool]:
-    return lambda message: message.topic.value == STATUS and message.payload == payload
+def status_is(payload: bytes) -> Callable[[Incoming], bool]:
+    return lambda message: message.topic == STATUS and message.payload == payload
 
 
-def is_result(message: aiomqtt.Message) -> bool:
-    return message.topic.value.startswith(f"nerve/{DEVICE}/results/")
+def is_result(message: Incoming) -> bool:
+    return message.topic.startswith(f"nerve/{DEVICE}/results/")
 
 
 async def start_edge(config: Path) -> asyncio.subprocess.Process:
@@ -132,11 +131,11 @@ async def test_sigkill_during_a_command_it_is_unknown_after_restart_and_never_re
             ttl=timedelta(minutes=5),
         )
     )
-    observer = make_client(MqttSettings(url=mosquitto.url), identifier="kill-observer", persistent=False)
+    observer = MqttClient(MqttSettings(url=mosquitto.url), client_id="kill-observer")
     edge = await start_edge(config)
     try:
         async with observer:
-            await observer.subscribe([(STATUS, 1), (RESULTS, 1)])
+            await observer.subscribe(STATUS, RESULTS)
             await next_message(observer, status_is(b"online"))
             assert_lean(edge.pid)
             await observer.publish(COMMAND, to_msgpack(command), qos=1)
@@ -152,7 +151,7 @@ async def test_sigkill_during_a_command_it_is_unknown_after_restart_and_never_re
             message = await next_message(observer, is_result)
             assert isinstance(message.payload, bytes)
             result = decode(message.payload, CommandResult)
-            assert message.topic.value == f"nerve/{DEVICE}/results/run"
+            assert message.topic == f"nerve/{DEVICE}/results/run"
             assert (result.causationid, result.status, result.reason) == (
                 command.id,
                 "unknown",

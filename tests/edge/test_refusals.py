@@ -28,13 +28,12 @@ from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.trust.signing import Signer, generate_keypair
-from nerve.runtime.wire.paho import make_client
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
-    import aiomqtt
     from tests.edge.conftest import Put
 
     from nerve.runtime.stack.brokers import Mosquitto
@@ -91,13 +90,13 @@ def agent(mosquitto: Mosquitto, tmp_path: Path, root: Path, keys: Path, journal:
 
 
 @contextlib.asynccontextmanager
-async def connected(agent: EdgeAgent, url: str) -> AsyncIterator[aiomqtt.Client]:
+async def connected(agent: EdgeAgent, url: str) -> AsyncIterator[MqttClient]:
     task = asyncio.create_task(agent.run())
     try:
         async with asyncio.timeout(WAIT):
             await agent.ready.wait()
-        async with make_client(MqttSettings(url=url), identifier="refusals", persistent=False) as client:
-            await client.subscribe(RESULTS, qos=1)
+        async with MqttClient(MqttSettings(url=url), client_id="refusals") as client:
+            await client.subscribe(RESULTS)
             yield client
     finally:
         task.cancel()
@@ -116,7 +115,7 @@ def command(args: dict[str, Any], *, device: str = DEVICE, command_id: str | Non
     )
 
 
-async def exchange(client: aiomqtt.Client, signer: Signer, payload: bytes) -> list[CommandResult]:
+async def exchange(client: MqttClient, signer: Signer, payload: bytes) -> list[CommandResult]:
     """Publish `payload`, then a probe; return the results that came before the probe's."""
     probe = signer.sign(command({}, device="probe-device"))
     await client.publish(TOPIC, payload, qos=1)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, TypeAlias
 import pytest
 
 from nerve.runtime.config.settings import MqttSettings, host_port
+from nerve.runtime.wire.client import MqttClient
 from nerve.runtime.wire.mqtt import (
     Incoming,
     MqttWire,
@@ -21,11 +22,11 @@ from nerve.runtime.wire.mqtt import (
     parse_properties,
     puback_packets,
     publish_packet,
+    read_properties,
     read_varint,
     utf8,
     varint,
 )
-from nerve.runtime.wire.paho import make_client
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -56,13 +57,11 @@ async def open_wire(
 ) -> MqttWire:
     """`open_mqtt` with the options most tests leave alone filled in (keepalive 30 s)."""
     return await open_mqtt(
-        host,
-        port,
+        MqttSettings(url=f"mqtt://{host}:{port}", keepalive_s=30),
         client_id=client_id,
         on_messages=on_messages,
         clean_start=clean_start,
         session_expiry_s=session_expiry_s,
-        keepalive_s=30,
         receive_maximum=receive_maximum,
         will=will,
         timeout_s=timeout_s,
@@ -132,9 +131,11 @@ def test_properties_of_every_size_class_are_read_or_skipped() -> None:
         + utf8("k")
         + utf8("v")  # user property (pair)
     )
-    found, end = parse_properties(varint(len(props)) + props, 0, 100)
-    assert found == {0x01: 1, 0x21: 10, 0x11: 60, 0x0B: 129, 0x1F: "why", 0x26: "v"}
-    assert end == len(props) + 1
+    found = read_properties(varint(len(props)) + props, 0, 100)
+    assert found.single == {0x01: 1, 0x21: 10, 0x11: 60, 0x0B: 129, 0x1F: "why"}
+    assert found.user == [("k", "v")]
+    assert found.end == len(props) + 1
+    assert parse_properties(varint(len(props)) + props, 0, 100) == (found.single, found.end)
     with pytest.raises(MqttWireError, match="unknown property 0x7f"):
         parse_properties(b"\x02\x7f\x00", 0, 3)
     with pytest.raises(MqttWireError, match="run past the packet"):
@@ -180,10 +181,11 @@ async def test_one_read_is_one_batch_and_pubacks_are_one_write(connected: Connec
         (packet(0x34, utf8("t") + b"\x00\x01\x00"), "QoS2"),
         (b"\x30\xff\xff\xff\xff\x01", "longer than 4 bytes"),
         (packet(0x30, b"\x00\x05ab"), "runs past the packet"),
-        (packet(0x30, utf8("t") + b"\x05\x01"), "runs past the packet"),
+        (packet(0x30, utf8("t") + b"\x05\x01"), "properties run past the packet"),
         (packet(0x30, b"\x00\x02\xff\xfe\x00"), "malformed packet"),  # topic not UTF-8
         (packet(0x50, b"\x00\x01"), "unexpected packet type 5"),  # PUBREC: we never publish at QoS2
-        (packet(0xE0, b"\x8e\x00"), "broker disconnected us"),  # session taken over
+        (packet(0xE0, b"\x87\x00"), r"broker disconnected us: not authorized \(0x87\)"),
+        (packet(0xE0, b"\x8e\x00"), "session taken over: another client connected with client id"),
     ],
 )
 async def test_protocol_violations_end_the_connection_with_the_reason(
@@ -268,7 +270,7 @@ async def test_receive_maximum_and_the_persistent_session(mosquitto: Mosquitto) 
     await wire.subscribe(["nerve/+/telemetry/#"])
     sock = wire._transport.get_extra_info("socket")  # type: ignore[union-attr]
     assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
-    async with make_client(MqttSettings(url=mosquitto.url), identifier="pub", persistent=False) as pub:
+    async with MqttClient(MqttSettings(url=mosquitto.url), client_id="pub") as pub:
         for i in range(12):
             await pub.publish("nerve/pi/telemetry/cpu", str(i).encode(), qos=1)
     await received.wait_for(5)
@@ -295,7 +297,7 @@ async def test_paused_reading_leaves_messages_with_the_broker(mosquitto: Mosquit
     wire = await open_wire(port, "paused", received.take, host=host, receive_maximum=100)
     await wire.subscribe(["nerve/+/telemetry/#"])
     wire.pause_reading()
-    async with make_client(MqttSettings(url=mosquitto.url), identifier="pub", persistent=False) as pub:
+    async with MqttClient(MqttSettings(url=mosquitto.url), client_id="pub") as pub:
         for i in range(20):
             await pub.publish("nerve/pi/telemetry/cpu", str(i).encode(), qos=1)
     await asyncio.sleep(0.3)
@@ -354,6 +356,24 @@ def test_connect_without_a_will_sets_no_will_flags() -> None:
     assert raw.endswith(utf8("c"))
 
 
+def test_connect_carries_credentials_after_the_will_and_our_packet_limit() -> None:
+    will = Will(topic="w", payload=b"x")
+    raw = connect_packet(
+        "c",
+        clean_start=True,
+        keepalive_s=30,
+        session_expiry_s=0,
+        receive_maximum=10,
+        will=will,
+        max_packet_size=65536,
+        username="pi-01",
+        password=b"p\x00ss",
+    )
+    assert raw[2 + 7] == 0x80 | 0x40 | 0x04 | 0x08 | 0x02  # user name, password, will QoS1, clean start
+    assert b"\x27" + struct.pack("!I", 65536) in raw
+    assert raw.endswith(utf8("c") + b"\x00" + utf8("w") + b"\x00\x01x" + utf8("pi-01") + b"\x00\x04p\x00ss")
+
+
 def test_publish_retained_at_qos1_and_qos0() -> None:
     assert publish_packet("t", b"x", 7, retain=True) == packet(0x33, utf8("t") + b"\x00\x07" + b"\x00" + b"x")
     assert publish_packet("t", b"x", 0, retain=True) == packet(0x31, utf8("t") + b"\x00" + b"x")
@@ -387,3 +407,35 @@ async def test_the_will_is_published_when_the_client_vanishes(mosquitto: Mosquit
         assert (received.messages[0].topic, received.messages[0].payload) == ("will/dying", b"offline")
     finally:
         watcher.close()
+
+
+# --- MqttClient: a session for tools -----------------------------------------------------------------
+
+
+async def test_the_client_acknowledges_a_message_when_it_hands_it_over_then_reports_the_end(
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+) -> None:
+    from_client: list[bytes] = []
+    taken = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1024)  # CONNECT
+        writer.write(packet(0x20, b"\x00\x00\x00") + publish("nerve/pi/commands/x", b"do", 9))
+        await writer.drain()
+        from_client.append(await reader.readexactly(4))
+        taken.set()
+        writer.close()  # and the broker goes away
+
+    async with tcp_server(serve) as port:
+        async with MqttClient(MqttSettings(url=f"mqtt://127.0.0.1:{port}"), client_id="tool") as client:
+            async with asyncio.timeout(5):
+                message = await anext(client.messages)
+                await taken.wait()
+                with pytest.raises(MqttWireError, match="connection"):
+                    await anext(client.messages)
+        assert (message.topic, message.payload, message.packet_id) == ("nerve/pi/commands/x", b"do", 9)
+        assert from_client == [puback_packets([9])]
+        with pytest.raises(MqttWireError, match="not connected"):
+            await client.publish("t", b"x")
+        with pytest.raises(StopAsyncIteration):
+            await anext(client.messages)

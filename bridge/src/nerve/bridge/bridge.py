@@ -25,7 +25,6 @@ from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.config.settings import host_port
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult, Fact, derived_id
 from nerve.runtime.errors import DecodeError, TopicError, shown_url
@@ -39,7 +38,7 @@ from nerve.runtime.jetstream.client import (
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.plain_envelope import utcnow
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
-from nerve.runtime.wire.mqtt import DEFAULT_MQTT_PORT, MqttWire, MqttWireError, open_mqtt
+from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, open_mqtt
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
@@ -133,15 +132,12 @@ class Bridge:
         pump.attach_nats(nats_wire)
         mqtt_wire: MqttWire | None = None
         try:
-            host, port = host_port(settings.mqtt.url, DEFAULT_MQTT_PORT)
             mqtt_wire = await open_mqtt(
-                host,
-                port,
+                settings.mqtt,
                 client_id=settings.bridge.client_id,
                 on_messages=pump.on_messages,
                 clean_start=False,
                 session_expiry_s=settings.mqtt.session_expiry_s,
-                keepalive_s=settings.mqtt.keepalive_s,
                 receive_maximum=settings.bridge.max_in_flight,
             )
             pump.attach_mqtt(mqtt_wire)

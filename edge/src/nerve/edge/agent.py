@@ -29,16 +29,15 @@ import logging
 import socket
 import time
 from typing import TYPE_CHECKING, Final
-from urllib.parse import urlsplit
 
 from nerve.edge.outbox import Outbox, OutboxKind, outbox_path
 from nerve.edge.sampling import Sampler, build_sensors
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.errors import ConfigError
+from nerve.runtime.errors import ConfigError, shown_url
 from nerve.runtime.plain_envelope import event_bytes, utcnow
 from nerve.runtime.subjects import Address, Kind, is_token, status_topic
-from nerve.runtime.wire.mqtt import DEFAULT_MQTT_PORT, Incoming, MqttWire, MqttWireError, Will, open_mqtt
+from nerve.runtime.wire.mqtt import Incoming, MqttWire, MqttWireError, Will, open_mqtt
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -186,14 +185,13 @@ class EdgeAgent:
             delay = backoff.next_delay()
             _log.warning(
                 "MQTT connection to %s failed: %s; reconnecting in %.1f s",
-                self._settings.mqtt.url,
+                shown_url(self._settings.mqtt.url),
                 problem,
                 delay,
             )
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
-        host, port = _host_port(self._settings.mqtt.url)
         inbox: asyncio.Queue[Incoming] = asyncio.Queue()  # bounded by the Receive Maximum
 
         def receive(batch: list[Incoming]) -> None:
@@ -201,13 +199,11 @@ class EdgeAgent:
                 inbox.put_nowait(message)
 
         wire = await open_mqtt(
-            host,
-            port,
+            self._settings.mqtt,
             client_id=self._settings.edge.client_id or f"nerve-edge-{self._device}",
             on_messages=receive,
             clean_start=False,
             session_expiry_s=self._settings.mqtt.session_expiry_s,
-            keepalive_s=self._settings.mqtt.keepalive_s,
             receive_maximum=_RECEIVE_MAXIMUM,
             will=Will(topic=self._status_topic, payload=OFFLINE, qos=1, retain=True),
         )
@@ -226,7 +222,7 @@ class EdgeAgent:
         await self._publish(wire, self._status_topic, ONLINE, retain=True)
         checkpoint()
         self.ready.set()
-        _log.info("device %s online at %s", self._device, self._settings.mqtt.url)
+        _log.info("device %s online at %s", self._device, shown_url(self._settings.mqtt.url))
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._publish_loop(wire), name=f"nerve-edge-{self._device}-publisher")
             tasks.create_task(self._command_loop(wire, inbox), name=f"nerve-edge-{self._device}-commands")
@@ -383,8 +379,3 @@ async def _closed(wire: MqttWire) -> None:
     """Wait for the connection to end; raise its reason (`MqttWireError`)."""
     # Shielded: cancelling this watcher (a stop) must not cancel the connection's own future.
     await asyncio.shield(wire.closed)
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or DEFAULT_MQTT_PORT

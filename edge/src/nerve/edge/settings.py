@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from nerve.runtime.wire.endpoint import MqttConnectSettings
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -28,15 +30,8 @@ __all__ = [
 ]
 
 
-class MqttView(Protocol):
-    """`mqtt.*`."""
-
-    @property
-    def url(self) -> str: ...
-    @property
-    def keepalive_s(self) -> int: ...
-    @property
-    def session_expiry_s(self) -> int: ...
+class MqttView(MqttConnectSettings, Protocol):
+    """`mqtt.*`: everything a connection reads (`nerve.runtime.wire.endpoint.MqttConnectSettings`)."""
 
 
 class BridgeView(Protocol):
@@ -168,6 +163,26 @@ class _Mqtt:
     url: str
     keepalive_s: int
     session_expiry_s: int
+    max_packet_size: int
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password_file: Path | None = None
+
+    @classmethod
+    def from_dict(cls, document: Mapping[str, Any]) -> _Mqtt:
+        return cls(
+            url=document["url"],
+            keepalive_s=document["keepalive_s"],
+            session_expiry_s=document["session_expiry_s"],
+            max_packet_size=document["max_packet_size"],
+            ca_file=_path(document.get("ca_file")),
+            cert_file=_path(document.get("cert_file")),
+            key_file=_path(document.get("key_file")),
+            username=document.get("username"),
+            password_file=_path(document.get("password_file")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +268,7 @@ class EdgeProcessSettings:
         return cls(
             prefix=document["prefix"],
             data_dir=Path(document["data_dir"]),
-            mqtt=_Mqtt(**document["mqtt"]),
+            mqtt=_Mqtt.from_dict(document["mqtt"]),
             bridge=_Bridge(**document["bridge"]),
             edge=_Edge(
                 device=edge["device"],

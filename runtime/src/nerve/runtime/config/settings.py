@@ -17,14 +17,18 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nerve.runtime.errors import ConfigError
+from nerve.runtime.errors import ConfigError, shown_url
 from nerve.runtime.fields import DeviceId, Metric, Token
 from nerve.runtime.subjects import DEFAULT_PREFIX, check_prefix, check_token
+from nerve.runtime.wire.mqtt import DEFAULT_MAX_PACKET_SIZE
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
 ENV_PREFIX: Final = "NERVE_"
+MQTT_SCHEMES: Final = frozenset({"mqtt", "tcp", "mqtts"})
+MIN_MAX_PACKET_SIZE: Final = 4096
+MAX_MAX_PACKET_SIZE: Final = 268_435_460  # MQTT's own ceiling: a 4-byte remaining length plus 5 bytes
 DEFAULT_METRICS: Final = ("disk", "cpu", "memory", "load", "temperature")
 # What a reading of a built-in metric can be: the bridge dead-letters the rest (bridge.ranges adds more).
 DEFAULT_RANGES: Final[dict[str, tuple[float, float]]] = {
@@ -38,9 +42,22 @@ DEFAULT_RANGES: Final[dict[str, tuple[float, float]]] = {
 
 def _mqtt_url(value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in {"mqtt", "tcp"} or not parts.hostname:
-        raise ValueError(f"expected mqtt://host:port, got {value!r}")
+    if parts.scheme not in MQTT_SCHEMES or not parts.hostname:
+        # Never echo the value: it may hold a password.
+        raise ValueError(f"expected mqtt://host:port or mqtts://host:port, got {shown_url(value)!r}")
     _ = parts.port  # raises ValueError on a bad port
+    return value
+
+
+def _readable_file(value: Path) -> Path:
+    """A file nerve can read now (certificates, keys, a password): found at load time, not at connect."""
+    try:
+        with value.open("rb"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot read {value}: {exc.strerror or exc}") from None
+    if not value.is_file():
+        raise ValueError(f"{value} is not a file")
     return value
 
 
@@ -54,6 +71,7 @@ def _nats_url(value: str) -> str:
 
 
 MqttUrl = Annotated[str, AfterValidator(_mqtt_url)]
+ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
 NatsUrl = Annotated[str, AfterValidator(_nats_url)]
 
 
@@ -68,11 +86,46 @@ class _Settings(BaseModel):
 
 
 class MqttSettings(_Settings):
-    """Connection to mosquitto."""
+    """Connection to the MQTT broker (mosquitto), for every part: see docs/mqtt.md.
+
+    `mqtts://` turns TLS on (port 8883 by default): the broker's certificate is checked against
+    `ca_file` (else the system store) and its host name verified; `cert_file` + `key_file` give a client
+    certificate (mutual TLS). Credentials come either from the URL (`mqtt://user:pass@host`) or from
+    `username` + `password_file` (the secret stays out of unit files and the environment), not both.
+    Every file must be readable when the settings are loaded.
+    """
 
     url: MqttUrl = "mqtt://127.0.0.1:1883"
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0)
+    ca_file: ReadableFile | None = Field(default=None, description="PEM CA bundle; unset: system store")
+    cert_file: ReadableFile | None = Field(default=None, description="PEM client certificate (mutual TLS)")
+    key_file: ReadableFile | None = Field(default=None, description="PEM private key of cert_file")
+    username: str | None = Field(default=None, min_length=1, max_length=65535)
+    password_file: ReadableFile | None = Field(
+        default=None, description="holds the password; one trailing newline is stripped"
+    )
+    max_packet_size: int = Field(
+        default=DEFAULT_MAX_PACKET_SIZE,
+        ge=MIN_MAX_PACKET_SIZE,
+        le=MAX_MAX_PACKET_SIZE,
+        description="bytes; a bigger packet from the broker closes the connection (sent in CONNECT)",
+    )
+
+    @model_validator(mode="after")
+    def _check_security(self) -> Self:
+        parts = urlsplit(self.url)
+        tls = parts.scheme == "mqtts"
+        for key in ("ca_file", "cert_file", "key_file"):
+            if getattr(self, key) is not None and not tls:
+                raise ValueError(f"{key} is set but url is not mqtts://: TLS would not be used")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set without cert_file")
+        if parts.username is not None and (self.username is not None or self.password_file is not None):
+            raise ValueError("credentials are in url and in username/password_file: give them in one place")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file is set without username")
+        return self
 
 
 class NatsSettings(_Settings):
@@ -319,6 +372,12 @@ class Settings(_Settings):
 
     @model_validator(mode="after")
     def _check_mapping_topics(self) -> Self:
+        if self.bridge.max_payload >= self.mqtt.max_packet_size:
+            # Else the broker drops what lies between, unseen, instead of the bridge dead-lettering it.
+            raise ValueError(
+                f"bridge.max_payload ({self.bridge.max_payload}) must be below mqtt.max_packet_size "
+                f"({self.mqtt.max_packet_size})"
+            )
         first = self.prefix.split("/")[0]
         for rule in self.bridge.mappings:
             if rule.topic.split("/")[0] in {first, "+", "#"}:
@@ -427,7 +486,7 @@ def _explain(
                 node = missing
         if node is not missing:
             source = name
-    message = error["msg"]
+    message = error["msg"].removeprefix("Value error, ")  # pydantic's prefix says nothing to a user
     if error["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see configs/ for every key)"
     variable = _variable(tuple(error["loc"]), origins) if source == "environment" else None

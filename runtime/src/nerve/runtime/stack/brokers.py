@@ -132,22 +132,30 @@ async def port_answers(host: str, port: int, *, timeout: float = 0.5) -> bool:
     return True
 
 
-def mosquitto_config(*, port: int, data_dir: Path) -> str:
+def mosquitto_config(
+    *, port: int, data_dir: Path, listener_options: str = "", password_file: Path | None = None
+) -> str:
     """Return the text of a mosquitto 2.x config for a broker nerve manages.
 
     The broker listens on 127.0.0.1:`port` only, persists to `data_dir`, and logs to stderr
-    (which `Mosquitto` sends to `<data_dir>/mosquitto.log`).
+    (which `Mosquitto` sends to `<data_dir>/mosquitto.log`). `listener_options` (config lines) follow
+    the `listener` line, so TLS options apply to it; they may declare further listeners. Anonymous
+    clients are allowed unless a `password_file` (made by `mosquitto_passwd`) is given: then every
+    client of every listener logs in (or, where `use_identity_as_username` is set, shows a certificate).
     """
     # When started as root, mosquitto switches to the `mosquitto` user, which cannot write a
     # data_dir the caller created (pytest's tmp dirs are 0700): saving the database then fails
     # with only a line in the log. Naming the caller keeps mosquitto as the owner of data_dir;
     # as a non-root user the option has no effect.
     user = pwd.getpwuid(os.geteuid()).pw_name
+    # Before any listener: mosquitto 2.0 applies a password_file written after one to that one only.
+    login = "" if password_file is None else f"password_file {password_file}\n"
     return f"""\
 # Written by nerve.runtime.stack.brokers for a broker nerve starts itself.
-listener {port} {LOCALHOST}
+{login}listener {port} {LOCALHOST}
+{listener_options}
 # mosquitto 2.x refuses anonymous clients once a listener is declared; this one is local only.
-allow_anonymous true
+allow_anonymous {"false" if password_file else "true"}
 # Run as whoever started nerve, who owns this data dir (as root, mosquitto would otherwise switch
 # to the `mosquitto` user and fail to save its database here).
 user {user}
@@ -389,11 +397,33 @@ def _signal(process: asyncio.subprocess.Process, signum: signal.Signals) -> None
 class Mosquitto(ManagedBroker):
     """A mosquitto 2.x broker on 127.0.0.1, set up by `mosquitto_config`, persisting to data_dir.
 
-    The config is written to `<data_dir>/mosquitto.conf` on every start.
+    The config is written to `<data_dir>/mosquitto.conf` on every start. `listener_options` and
+    `password_file` go to `mosquitto_config` (tests use them for TLS listeners and logins).
     """
 
     name: ClassVar[str] = "mosquitto"
     scheme: ClassVar[str] = "mqtt"
+
+    def __init__(
+        self,
+        *,
+        port: int,
+        data_dir: Path,
+        binary: Path | None = None,
+        start_timeout: float = START_TIMEOUT,
+        stop_timeout: float = STOP_TIMEOUT,
+        listener_options: str = "",
+        password_file: Path | None = None,
+    ) -> None:
+        super().__init__(
+            port=port,
+            data_dir=data_dir,
+            binary=binary,
+            start_timeout=start_timeout,
+            stop_timeout=stop_timeout,
+        )
+        self._listener_options = listener_options
+        self._password_file = password_file
 
     @classmethod
     def _find_binary(cls, override: Path | None) -> Path:
@@ -401,7 +431,14 @@ class Mosquitto(ManagedBroker):
 
     def _prepare(self) -> list[str]:
         config = self._data_dir / "mosquitto.conf"
-        config.write_text(mosquitto_config(port=self._port, data_dir=self._data_dir))
+        config.write_text(
+            mosquitto_config(
+                port=self._port,
+                data_dir=self._data_dir,
+                listener_options=self._listener_options,
+                password_file=self._password_file,
+            )
+        )
         return [str(self._binary), "-c", str(config)]
 
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, Self, TextIO
 
 from nerve.runtime.config.settings import Settings, host_port
-from nerve.runtime.errors import ConfigError
+from nerve.runtime.errors import ConfigError, shown_url
 from nerve.runtime.stack.brokers import ManagedBroker, Mosquitto, NatsServer, port_answers
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, PUBLIC_SUFFIX, Signer, generate_keypair
+from nerve.runtime.wire.endpoint import default_mqtt_port
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -124,7 +125,8 @@ class Stack:
             return
         if host not in LOOPBACK:
             raise ConfigError(
-                f"nothing answers at {url}, and nerve only starts brokers on this machine (127.0.0.1)",
+                f"nothing answers at {shown_url(url)}, "
+                "and nerve only starts brokers on this machine (127.0.0.1)",
                 key=f"{'mqtt' if kind is Mosquitto else 'nats'}.url",
             )
         broker = kind(port=port, data_dir=self._data_dir / kind.name)
@@ -167,7 +169,9 @@ class Stack:
         self._lock_data_dir()
         self._scratch.mkdir(exist_ok=True)
         try:
-            await self._ensure_broker(self._settings.mqtt.url, 1883, Mosquitto)
+            await self._ensure_broker(
+                self._settings.mqtt.url, default_mqtt_port(self._settings.mqtt.url), Mosquitto
+            )
             await self._ensure_broker(self._settings.nats.url, 4222, NatsServer)
             signer = self._ensure_keys()
             ready = asyncio.Event()
@@ -184,7 +188,7 @@ class Stack:
         except BaseException:
             await self._shutdown()
             raise
-        host, port = host_port(self._settings.mqtt.url, 1883)
+        host, port = host_port(self._settings.mqtt.url, default_mqtt_port(self._settings.mqtt.url))
         self.info = StackInfo(
             device=self._device,
             mqtt_host=host,

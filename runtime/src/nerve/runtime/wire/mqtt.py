@@ -1,36 +1,55 @@
-"""A lean MQTT v5 client: one asyncio `Protocol`, whole batches per read (the bridge, the edge daemon).
+"""A lean MQTT v5 client: one asyncio `Protocol`, whole batches per read (every part of nerve uses it).
 
-Why not paho/aiomqtt here: profiled in the bridge, paho spent ~22% of the bridge's time reading each
+Why not paho/aiomqtt: profiled in the bridge, paho spent ~22% of the bridge's time reading each
 PUBLISH (half of it building a v5 `Properties` object per message) and aiomqtt woke the event loop and
 re-registered the socket for every PUBACK. This client parses every PUBLISH that one socket read
 brought, hands the whole batch to one callback, and writes the PUBACKs of a batch in one write. It does
-exactly what the bridge and the edge need, and nothing else (the edge uses it because it is small:
-paho and aiomqtt cost the edge process ~5 MiB of RSS, this module next to nothing):
+what nerve needs, and nothing else (it is small too: paho and aiomqtt cost the edge ~5 MiB of RSS):
 
 - CONNECT (clean start or a persistent session with an expiry, a Receive Maximum that bounds how many
-  unacknowledged QoS1 messages the broker may send us, an optional will: topic, payload, QoS,
-  retain) and CONNACK;
+  unacknowledged QoS1 messages the broker may send us, our Maximum Packet Size, user name and password,
+  an optional will: topic, payload, QoS, retain) and CONNACK; over TCP or TLS (`nerve.runtime.wire.endpoint`);
 - SUBSCRIBE/SUBACK (QoS1 maximum, so the broker never sends QoS2);
-- incoming PUBLISH at QoS0/1, acknowledged only when the caller says so (`puback`), in receive order;
+- incoming PUBLISH at QoS0/1, with its user properties and content type (the CloudEvents MQTT binary
+  mode), acknowledged only when the caller says so (`puback`), in receive order;
 - outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink, the edge's outbox), or at QoS0,
-  retained or not (the edge's presence);
+  retained or not (the edge's presence), with user properties and a content type if asked;
 - keep-alive (PINGREQ/PINGRESP) and DISCONNECT.
 
-Any protocol violation, a refused CONNECT or SUBSCRIBE, a broker DISCONNECT or a lost connection ends the
-connection: `closed` then holds the reason, and every waiter fails with `MqttWireError`.
+It is a security boundary (it reads what a broker sends) and is fuzzed as one: a packet bigger than our
+Maximum Packet Size is refused from its header, before it is buffered; a length that runs past its
+packet, text that is not UTF-8 or an unknown property ends the connection with the reason. Any protocol
+violation, a refused CONNECT or SUBSCRIBE, a broker DISCONNECT or a lost connection ends the connection:
+`closed` then holds the reason, and every waiter fails with `MqttWireError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+from nerve.runtime.wire.endpoint import DEFAULT_MQTT_PORT, MqttEndpoint, explain, mqtt_endpoint
 from nerve.runtime.wire.protocol import WireError, WireProtocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+
+    from nerve.runtime.wire.endpoint import MqttConnectSettings
+
+__all__ = [
+    "DEFAULT_MQTT_PORT",
+    "Incoming",
+    "MqttRefused",
+    "MqttWire",
+    "MqttWireError",
+    "PacketTooLarge",
+    "SessionTakenOver",
+    "Will",
+    "open_mqtt",
+]
 
 # Packet types (the high nibble of the first byte).
 CONNECT: Final = 1
@@ -43,24 +62,31 @@ PINGREQ: Final = 12
 PINGRESP: Final = 13
 DISCONNECT: Final = 14
 
-DEFAULT_MQTT_PORT: Final = 1883
 PINGREQ_PACKET: Final = b"\xc0\x00"
 DISCONNECT_PACKET: Final = b"\xe0\x00"  # normal disconnection, no properties
 MAX_PACKET_ID: Final = 0xFFFF
 MAX_REMAINING_LENGTH: Final = 268_435_455
 SUCCESS_LIMIT: Final = 0x80  # reason codes below this are successes
+DEFAULT_MAX_PACKET_SIZE: Final = 256 * 1024  # our Maximum Packet Size (mqtt.max_packet_size)
+BAD_USER_NAME_OR_PASSWORD: Final = 0x86
+NOT_AUTHORIZED: Final = 0x87
+SESSION_TAKEN_OVER: Final = 0x8E
+PACKET_TOO_LARGE: Final = 0x95
 
 # Property identifiers used here, and the size class of every property, to skip the ones we ignore.
+CONTENT_TYPE: Final = 0x03
 SESSION_EXPIRY_INTERVAL: Final = 0x11
 SERVER_KEEP_ALIVE: Final = 0x13
 REASON_STRING: Final = 0x1F
 RECEIVE_MAXIMUM: Final = 0x21
+USER_PROPERTY: Final = 0x26
+MAXIMUM_PACKET_SIZE: Final = 0x27
 _BYTE_PROPS: Final = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})
 _TWO_BYTE_PROPS: Final = frozenset({0x13, 0x21, 0x22, 0x23})
 _FOUR_BYTE_PROPS: Final = frozenset({0x02, 0x11, 0x18, 0x27})
 _VARINT_PROPS: Final = frozenset({0x0B})
-_STRING_PROPS: Final = frozenset({0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F})  # and binary
-_PAIR_PROPS: Final = frozenset({0x26})
+_STRING_PROPS: Final = frozenset({0x03, 0x08, 0x12, 0x15, 0x1A, 0x1C, 0x1F})
+_BINARY_PROPS: Final = frozenset({0x09, 0x16})
 _INT_WIDTHS: Final = {
     **dict.fromkeys(_BYTE_PROPS, 1),
     **dict.fromkeys(_TWO_BYTE_PROPS, 2),
@@ -71,6 +97,7 @@ CONNACK_REASONS: Final = {
     0x80: "unspecified error",
     0x81: "malformed packet",
     0x82: "protocol error",
+    0x83: "implementation specific error",
     0x84: "unsupported protocol version",
     0x85: "client identifier not valid",
     0x86: "bad user name or password",
@@ -78,15 +105,51 @@ CONNACK_REASONS: Final = {
     0x88: "server unavailable",
     0x89: "server busy",
     0x8A: "banned",
+    0x8B: "server shutting down",
     0x8C: "bad authentication method",
+    0x8D: "keep alive timeout",
+    0x8E: "session taken over",
+    0x93: "receive maximum exceeded",
+    0x94: "topic alias invalid",
     0x95: "packet too large",
     0x97: "quota exceeded",
+    0x98: "administrative action",
+    0x99: "payload format invalid",
+    0x9C: "use another server",
+    0x9D: "server moved",
     0x9F: "connection rate exceeded",
 }
 
 
 class MqttWireError(WireError):
     """The MQTT connection failed, was refused, or the broker broke the protocol."""
+
+
+class MqttRefused(MqttWireError):
+    """The broker refused the CONNECT; `reason_code` is why (0x86: bad user name or password, …)."""
+
+    def __init__(self, message: str, *, reason_code: int) -> None:
+        self.reason_code = reason_code
+        super().__init__(message)
+
+
+class SessionTakenOver(MqttWireError):
+    """The broker ended our session because another client connected with our client id."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        super().__init__(f"session taken over: another client connected with client id {client_id!r}")
+
+
+class PacketTooLarge(MqttWireError):
+    """The broker sent a packet bigger than our Maximum Packet Size (`mqtt.max_packet_size`)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(
+            f"packet too large: the broker sent a packet of {size} bytes, over mqtt.max_packet_size ({limit})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +162,20 @@ class Will:
     retain: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """A PUBLISH from the broker. `packet_id` is 0 at QoS0 (nothing to acknowledge)."""
+class Incoming(NamedTuple):
+    """A PUBLISH from the broker. `packet_id` is 0 at QoS0 (nothing to acknowledge).
+
+    `user_properties` (in the order sent; a name may repeat) and `content_type` are what the publisher
+    set, e.g. the CloudEvents attributes of the MQTT binary mode; `retain` is set on a retained message
+    sent because we subscribed. A NamedTuple: built once per message, it costs half a frozen dataclass.
+    """
 
     topic: str
     payload: bytes
     packet_id: int
+    user_properties: tuple[tuple[str, str], ...] = ()
+    content_type: str | None = None
+    retain: bool = False
 
 
 # --- encoding ---------------------------------------------------------------------------------------
@@ -131,6 +201,13 @@ def utf8(text: str) -> bytes:
     return struct.pack("!H", len(raw)) + raw
 
 
+def binary(data: bytes) -> bytes:
+    """MQTT binary data: two length bytes, then the bytes."""
+    if len(data) > MAX_PACKET_ID:
+        raise ValueError(f"binary field of {len(data)} bytes is too long for MQTT (max 65535)")
+    return struct.pack("!H", len(data)) + data
+
+
 def packet(first: int, body: bytes) -> bytes:
     """A control packet: first byte, remaining length, body."""
     return bytes([first]) + varint(len(body)) + body
@@ -144,12 +221,17 @@ def connect_packet(
     session_expiry_s: int,
     receive_maximum: int,
     will: Will | None = None,
+    max_packet_size: int | None = None,
+    username: str | None = None,
+    password: bytes | None = None,
 ) -> bytes:
-    """CONNECT, MQTT v5, with an optional will; no credentials."""
+    """CONNECT, MQTT v5, with an optional will, Maximum Packet Size, user name and password."""
     properties = b""
     if session_expiry_s:
         properties += bytes([SESSION_EXPIRY_INTERVAL]) + struct.pack("!I", session_expiry_s)
     properties += bytes([RECEIVE_MAXIMUM]) + struct.pack("!H", receive_maximum)
+    if max_packet_size is not None:
+        properties += bytes([MAXIMUM_PACKET_SIZE]) + struct.pack("!I", max_packet_size)
     flags = 0x02 if clean_start else 0x00
     tail = b""
     if will is not None:
@@ -157,7 +239,13 @@ def connect_packet(
             raise ValueError(f"will QoS must be 0 or 1, got {will.qos}")
         flags |= 0x04 | (will.qos << 3) | (0x20 if will.retain else 0x00)
         # No will properties; then the will topic and its payload (binary data: two length bytes).
-        tail = b"\x00" + utf8(will.topic) + struct.pack("!H", len(will.payload)) + will.payload
+        tail = b"\x00" + utf8(will.topic) + binary(will.payload)
+    if username is not None:
+        flags |= 0x80
+        tail += utf8(username)
+    if password is not None:
+        flags |= 0x40
+        tail += binary(password)
     body = (
         utf8("MQTT")
         + bytes([5, flags])
@@ -178,11 +266,28 @@ def subscribe_packet(packet_id: int, filters: Sequence[str], *, qos: int = 1) ->
     return packet((SUBSCRIBE << 4) | 0x02, body)
 
 
-def publish_packet(topic: str, payload: bytes, packet_id: int, *, retain: bool = False) -> bytes:
-    """PUBLISH, no properties: at QoS1 with `packet_id`, or at QoS0 when `packet_id` is 0."""
+def publish_properties(
+    user_properties: Sequence[tuple[str, str]] = (), content_type: str | None = None
+) -> bytes:
+    """The property block of a PUBLISH (its length first): a content type, then the user properties."""
+    properties = b""
+    if content_type is not None:
+        properties += bytes([CONTENT_TYPE]) + utf8(content_type)
+    for name, value in user_properties:
+        properties += bytes([USER_PROPERTY]) + utf8(name) + utf8(value)
+    return varint(len(properties)) + properties
+
+
+def publish_packet(
+    topic: str, payload: bytes, packet_id: int, *, retain: bool = False, properties: bytes = b"\x00"
+) -> bytes:
+    """PUBLISH at QoS1 with `packet_id`, or at QoS0 when `packet_id` is 0.
+
+    `properties` is a property block from `publish_properties` (default: none).
+    """
     first = (PUBLISH << 4) | (0x02 if packet_id else 0x00) | (0x01 if retain else 0x00)
     packet_id_field = struct.pack("!H", packet_id) if packet_id else b""
-    return packet(first, utf8(topic) + packet_id_field + b"\x00" + payload)
+    return packet(first, utf8(topic) + packet_id_field + properties + payload)
 
 
 def puback_packets(packet_ids: Sequence[int]) -> bytes:
@@ -198,6 +303,8 @@ def _puback_fields(packet_ids: Sequence[int]) -> list[int]:
 
 
 # --- decoding ---------------------------------------------------------------------------------------
+# Every reader takes the end of what it may read (`stop`): a length that points past it is malformed,
+# whatever the buffer holds after it (the next packet, or nothing yet).
 
 
 def read_varint(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
@@ -214,27 +321,86 @@ def read_varint(buf: bytes | bytearray, pos: int) -> tuple[int, int] | None:
     raise MqttWireError("malformed packet: variable byte integer longer than 4 bytes")
 
 
-def parse_properties(buf: bytes | bytearray, pos: int, end: int) -> tuple[dict[int, int | str], int]:
-    """The properties in `buf[pos:end]` by identifier (a user property keeps its value), and the end."""
-    head = read_varint(buf, pos)
-    if head is None or head[1] + head[0] > end:
-        raise MqttWireError("malformed packet: properties run past the packet")
-    length, pos = head
+def _bounded_varint(buf: bytes | bytearray, pos: int, stop: int, what: str) -> tuple[int, int]:
+    value = read_varint(buf, pos) if pos < stop else None
+    if value is None or value[1] > stop:
+        raise MqttWireError(f"malformed packet: {what} runs past the packet")
+    return value
+
+
+def _text(buf: bytes | bytearray, pos: int, stop: int, what: str) -> tuple[str, int]:
+    raw, pos = _bytes(buf, pos, stop, what)
+    try:
+        return raw.decode(), pos
+    except UnicodeDecodeError:
+        raise MqttWireError(f"malformed packet: {what} is not valid UTF-8") from None
+
+
+def _bytes(buf: bytes | bytearray, pos: int, stop: int, what: str) -> tuple[bytes, int]:
+    if pos + 2 > stop:
+        raise MqttWireError(f"malformed packet: {what} runs past the packet")
+    after = pos + 2 + ((buf[pos] << 8) | buf[pos + 1])
+    if after > stop:
+        raise MqttWireError(f"malformed packet: {what} runs past the packet")
+    return bytes(buf[pos + 2 : after]), after
+
+
+class Properties(NamedTuple):
+    """A property block: single properties by identifier, the user properties in order, and its end."""
+
+    single: dict[int, int | str | bytes]
+    user: list[tuple[str, str]]
+    end: int
+
+
+def read_properties(buf: bytes | bytearray, pos: int, end: int) -> Properties:
+    """The property block (its length first) at `buf[pos:]`, which must end by `end`."""
+    length, pos = _bounded_varint(buf, pos, end, "properties")
     stop = pos + length
-    found: dict[int, int | str] = {}
+    if stop > end:
+        raise MqttWireError("malformed packet: properties run past the packet")
+    single: dict[int, int | str | bytes] = {}
+    user: list[tuple[str, str]] = []
     while pos < stop:
         ident = buf[pos]
-        found[ident], pos = _property(ident, buf, pos + 1)
-    if pos != stop:
-        raise MqttWireError("malformed packet: properties do not add up")
-    return found, stop
+        pos += 1
+        width = _INT_WIDTHS.get(ident)
+        value: int | str | bytes
+        if width is not None:
+            if pos + width > stop:
+                raise MqttWireError(f"malformed packet: property 0x{ident:02x} runs past the properties")
+            value, pos = int.from_bytes(buf[pos : pos + width], "big"), pos + width
+        elif ident == USER_PROPERTY:
+            name, pos = _text(buf, pos, stop, "user property")
+            text, pos = _text(buf, pos, stop, "user property")
+            user.append((name, text))
+            continue
+        elif ident in _STRING_PROPS:
+            value, pos = _text(buf, pos, stop, f"property 0x{ident:02x}")
+        elif ident in _BINARY_PROPS:
+            value, pos = _bytes(buf, pos, stop, f"property 0x{ident:02x}")
+        elif ident in _VARINT_PROPS:
+            value, pos = _bounded_varint(buf, pos, stop, f"property 0x{ident:02x}")
+        else:
+            raise MqttWireError(f"malformed packet: unknown property 0x{ident:02x}")
+        if ident in single and ident not in _VARINT_PROPS:  # (subscription identifiers may repeat)
+            raise MqttWireError(f"protocol error: property 0x{ident:02x} twice")
+        single[ident] = value
+    return Properties(single, user, stop)
+
+
+def parse_properties(buf: bytes | bytearray, pos: int, end: int) -> tuple[dict[int, int | str | bytes], int]:
+    """The single properties in the block at `buf[pos:]` (which must end by `end`), and where it ends."""
+    found = read_properties(buf, pos, end)
+    return found.single, found.end
 
 
 def parse_publish(first: int, buf: bytes | bytearray, start: int, end: int) -> Incoming:
     """The PUBLISH whose first byte is `first` and whose body is `buf[start:end]`."""
     qos = (first >> 1) & 0x03
-    tlen = (buf[start] << 8) | buf[start + 1]
-    i = start + 2 + tlen
+    if start + 2 > end:
+        raise MqttWireError("malformed packet: PUBLISH header runs past the packet")
+    i = start + 2 + ((buf[start] << 8) | buf[start + 1])
     if i + (3 if qos else 1) > end:
         raise MqttWireError("malformed packet: PUBLISH header runs past the packet")
     topic = buf[start + 2 : i].decode()
@@ -244,40 +410,21 @@ def parse_publish(first: int, buf: bytes | bytearray, start: int, end: int) -> I
             raise MqttWireError("protocol error: QoS2 PUBLISH on a QoS1 subscription")
         packet_id = (buf[i] << 8) | buf[i + 1]
         i += 2
-    plen = buf[i]
-    if plen < 0x80:  # noqa: PLR2004 - a one-byte property length (the usual case)
-        i += 1 + plen
-    else:
-        props = read_varint(buf, i)
-        if props is None:
-            raise MqttWireError("malformed packet: PUBLISH properties")
-        i = props[1] + props[0]
-    if i > end:
-        raise MqttWireError("malformed packet: PUBLISH header runs past the packet")
-    return Incoming(topic, bytes(buf[i:end]), packet_id)
+    if not buf[i] and not first & 0x01:  # no properties, not retained: the usual case, no more work
+        return Incoming(topic, bytes(buf[i + 1 : end]), packet_id)
+    properties = read_properties(buf, i, end)
+    content_type = properties.single.get(CONTENT_TYPE)
+    return Incoming(
+        topic,
+        bytes(buf[properties.end : end]),
+        packet_id,
+        tuple(properties.user),
+        content_type if isinstance(content_type, str) else None,
+        bool(first & 0x01),
+    )
 
 
-def _property(ident: int, buf: bytes | bytearray, pos: int) -> tuple[int | str, int]:
-    """The value of property `ident` starting at `pos`, and the position after it."""
-    width = _INT_WIDTHS.get(ident)
-    if width is not None:
-        return int.from_bytes(buf[pos : pos + width], "big"), pos + width
-    if ident in _VARINT_PROPS:
-        value = read_varint(buf, pos)
-        if value is None:
-            raise MqttWireError("malformed packet: truncated property")
-        return value
-    if ident in _STRING_PROPS or ident in _PAIR_PROPS:
-        text = ""
-        for _ in range(2 if ident in _PAIR_PROPS else 1):
-            size = int.from_bytes(buf[pos : pos + 2], "big")
-            text = bytes(buf[pos + 2 : pos + 2 + size]).decode(errors="replace")
-            pos += 2 + size
-        return text, pos
-    raise MqttWireError(f"malformed packet: unknown property 0x{ident:02x}")
-
-
-def _reason_text(code: int, properties: dict[int, int | str]) -> str:
+def _reason_text(code: int, properties: dict[int, int | str | bytes]) -> str:
     text = CONNACK_REASONS.get(code, "refused")
     reason = properties.get(REASON_STRING)
     return f"{text} (0x{code:02x}{', ' + str(reason) if reason else ''})"
@@ -290,7 +437,9 @@ class MqttWire(WireProtocol[Incoming]):
     """One MQTT v5 connection. Use `open_mqtt`; then `subscribe`, `puback`, `publish`, `close`.
 
     `on_messages` is called (synchronously, from the socket read) with every PUBLISH one read brought,
-    in receive order. It must not raise; if it does, the connection is closed with that error.
+    in receive order. It must not raise; if it does, the connection is closed with that error. A packet
+    over `max_packet_size` bytes ends the connection (`PacketTooLarge`) before it is buffered: the
+    buffer never holds more than that plus one socket read.
     """
 
     error = MqttWireError
@@ -298,14 +447,26 @@ class MqttWire(WireProtocol[Incoming]):
     batch_name = "received messages"
     malformed = "malformed packet"
 
-    def __init__(self, on_messages: Callable[[list[Incoming]], None], *, keepalive_s: int) -> None:
+    def __init__(
+        self,
+        on_messages: Callable[[list[Incoming]], None],
+        *,
+        keepalive_s: int,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
+        endpoint: MqttEndpoint | None = None,
+    ) -> None:
         super().__init__(on_messages)
         self._keepalive_s = keepalive_s
-        self._connack: asyncio.Future[tuple[bool, dict[int, int | str]]] = self._loop.create_future()
+        self._max_packet_size = max_packet_size
+        self._endpoint = endpoint
+        self._client_id = ""
+        self._connack: asyncio.Future[tuple[bool, dict[int, int | str | bytes]]] = self._loop.create_future()
         self._subacks: dict[int, asyncio.Future[bytes]] = {}
         self._pubacks: dict[int, asyncio.Future[None]] = {}
         self._next_id = 0
+        self._broker_max_packet_size = MAX_REMAINING_LENGTH + 5
         self.session_present = False
+        self.lost: Exception | None = None
 
     # -- parsing
 
@@ -322,6 +483,9 @@ class MqttWire(WireProtocol[Incoming]):
                 break
             length, start = head
             end = start + length
+            if end - pos > self._max_packet_size:
+                self._refuse(PACKET_TOO_LARGE)
+                raise PacketTooLarge(end - pos, self._max_packet_size)
             if end > size:
                 break
             kind = first >> 4
@@ -333,43 +497,84 @@ class MqttWire(WireProtocol[Incoming]):
         del buf[:pos]
         return batch
 
+    def _refuse(self, code: int) -> None:
+        # Best effort: the connection is aborted right after, which may drop this DISCONNECT unsent.
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(bytes([DISCONNECT << 4, 2, code, 0]))
+
     def _control(self, kind: int, first: int, buf: bytearray, start: int, end: int) -> None:
         if kind == PUBACK:
-            packet_id = (buf[start] << 8) | buf[start + 1]
-            code = buf[start + 2] if end - start > 2 else 0  # noqa: PLR2004 - the short form
-            waiter = self._pubacks.pop(packet_id, None)
-            if waiter is not None and not waiter.done():
-                if code >= SUCCESS_LIMIT:
-                    waiter.set_exception(MqttWireError(f"broker refused the publish (reason 0x{code:02x})"))
-                else:
-                    waiter.set_result(None)
+            self._on_puback(buf, start, end)
         elif kind == PINGRESP:
             self._pong()
         elif kind == SUBACK:
-            packet_id = (buf[start] << 8) | buf[start + 1]
-            _, pos = parse_properties(buf, start + 2, end)
-            suback = self._subacks.pop(packet_id, None)
-            if suback is not None and not suback.done():
-                suback.set_result(bytes(buf[pos:end]))
+            self._on_suback(buf, start, end)
         elif kind == CONNACK:
             self._on_connack(buf, start, end)
         elif kind == DISCONNECT:
             code = buf[start] if end > start else 0
-            properties = parse_properties(buf, start + 1, end)[0] if end - start > 1 else {}
+            properties = read_properties(buf, start + 1, end).single if end - start > 1 else {}
+            if code == SESSION_TAKEN_OVER:
+                raise SessionTakenOver(self._client_id)
             raise MqttWireError(f"broker disconnected us: {_reason_text(code, properties)}")
         else:
             raise MqttWireError(f"protocol error: unexpected packet type {kind} (0x{first:02x})")
 
+    def _on_puback(self, buf: bytearray, start: int, end: int) -> None:
+        if end - start < 2:  # noqa: PLR2004 - a packet id
+            raise MqttWireError("malformed packet: PUBACK without a packet id")
+        packet_id = (buf[start] << 8) | buf[start + 1]
+        code = buf[start + 2] if end - start > 2 else 0  # noqa: PLR2004 - the short form
+        waiter = self._pubacks.pop(packet_id, None)
+        if waiter is not None and not waiter.done():
+            if code >= SUCCESS_LIMIT:
+                reason = CONNACK_REASONS.get(code, "refused")
+                waiter.set_exception(MqttWireError(f"broker refused the publish: {reason} (0x{code:02x})"))
+            else:
+                waiter.set_result(None)
+
+    def _on_suback(self, buf: bytearray, start: int, end: int) -> None:
+        if end - start < 3:  # noqa: PLR2004 - a packet id and properties
+            raise MqttWireError("malformed packet: SUBACK too short")
+        packet_id = (buf[start] << 8) | buf[start + 1]
+        pos = read_properties(buf, start + 2, end).end
+        suback = self._subacks.pop(packet_id, None)
+        if suback is not None and not suback.done():
+            suback.set_result(bytes(buf[pos:end]))
+
     def _on_connack(self, buf: bytearray, start: int, end: int) -> None:
+        if end - start < 3:  # noqa: PLR2004 - flags, reason code, properties
+            raise MqttWireError("malformed packet: CONNACK too short")
         session_present = bool(buf[start] & 0x01)
         code = buf[start + 1]
-        properties, _ = parse_properties(buf, start + 2, end)
+        properties = read_properties(buf, start + 2, end).single
         if code >= SUCCESS_LIMIT:
-            raise MqttWireError(f"broker refused the connection: {_reason_text(code, properties)}")
+            raise MqttRefused(
+                f"broker refused the connection: {_reason_text(code, properties)}", reason_code=code
+            )
+        limit = properties.get(MAXIMUM_PACKET_SIZE)
+        if isinstance(limit, int) and limit:
+            self._broker_max_packet_size = limit
         if not self._connack.done():
             self._connack.set_result((session_present, properties))
 
     # -- failure
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail every waiter and `closed` with the reason (a TLS alert, a reset…) in one line."""
+        self.lost = exc
+        if isinstance(exc, ssl.SSLError) and self._endpoint is not None:  # a TLS alert: say which
+            self._fail(MqttWireError(f"connection lost: {explain(exc, self._endpoint)}"))
+        elif exc is None and self._connack.done():
+            # mosquitto before 2.0.15 says nothing when another client takes our session over.
+            self._fail(
+                MqttWireError(
+                    "connection closed by the broker without a reason (another client connected with "
+                    f"client id {self._client_id!r}?)"
+                )
+            )
+        else:
+            super().connection_lost(exc)
 
     def _take_waiters(self) -> list[asyncio.Future[Any]]:
         waiters: list[asyncio.Future[Any]] = [self._connack, *self._subacks.values(), *self._pubacks.values()]
@@ -399,8 +604,14 @@ class MqttWire(WireProtocol[Incoming]):
         session_expiry_s: int,
         receive_maximum: int,
         will: Will | None = None,
+        username: str | None = None,
+        password: bytes | None = None,
     ) -> None:
-        """Send CONNECT and wait for a successful CONNACK (then keep the connection alive)."""
+        """Send CONNECT and wait for a successful CONNACK (then keep the connection alive).
+
+        Raises `MqttRefused` (with the broker's reason) or `MqttWireError`; wrap it in a timeout.
+        """
+        self._client_id = client_id
         self._write(
             connect_packet(
                 client_id,
@@ -409,6 +620,9 @@ class MqttWire(WireProtocol[Incoming]):
                 session_expiry_s=session_expiry_s,
                 receive_maximum=receive_maximum,
                 will=will,
+                max_packet_size=self._max_packet_size,
+                username=username,
+                password=password,
             )
         )
         self.session_present, properties = await self._connack
@@ -435,7 +649,7 @@ class MqttWire(WireProtocol[Incoming]):
             self._subacks.pop(packet_id, None)
             raise MqttWireError(f"no SUBACK within {timeout_s:g}s") from None
         refused = [
-            f"{topic} (0x{code:02x})"
+            f"{topic} ({CONNACK_REASONS.get(code, 'refused')}, 0x{code:02x})"
             for topic, code in zip(filters, codes, strict=False)
             if code >= SUCCESS_LIMIT
         ]
@@ -459,26 +673,51 @@ class MqttWire(WireProtocol[Incoming]):
         if packet_ids and not self.closed.done() and self._transport is not None:
             self._transport.write(puback_packets(packet_ids))
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        user_properties: Sequence[tuple[str, str]] = (),
+        content_type: str | None = None,
+    ) -> None:
         """Publish at QoS1 and wait for the broker's PUBACK, or at QoS0 (written, nothing to wait for).
 
-        Raises `MqttWireError` if not connected, if the connection fails before the PUBACK, or if the
-        broker refuses the message. Wrap it in `asyncio.timeout` to bound the wait.
+        `user_properties` and `content_type` go with the message (MQTT v5 properties). Raises
+        `MqttWireError` if not connected, if the packet is over the broker's Maximum Packet Size, if
+        the connection fails before the PUBACK, or if the broker refuses the message; `ValueError` for
+        a QoS other than 0 or 1 or a field over 65535 bytes. Wrap it in `asyncio.timeout` to bound the wait.
         """
-        if qos == 0:
-            self._write(publish_packet(topic, payload, 0, retain=retain))
-            return
-        if qos != 1:
+        if qos not in {0, 1}:
             raise ValueError(f"QoS must be 0 or 1, got {qos}")
+        properties = (
+            publish_properties(user_properties, content_type) if user_properties or content_type else b"\x00"
+        )
+        if qos == 0:
+            self._write(
+                self._checked(publish_packet(topic, payload, 0, retain=retain, properties=properties))
+            )
+            return
         packet_id = self._packet_id(self._pubacks)
+        data = self._checked(publish_packet(topic, payload, packet_id, retain=retain, properties=properties))
         waiter: asyncio.Future[None] = self._loop.create_future()
         self._pubacks[packet_id] = waiter
         try:
-            self._write(publish_packet(topic, payload, packet_id, retain=retain))
+            self._write(data)
         except BaseException:
             self._pubacks.pop(packet_id, None)
             raise
         await waiter
+
+    def _checked(self, data: bytes) -> bytes:
+        if len(data) > self._broker_max_packet_size:
+            raise MqttWireError(
+                f"publish of {len(data)} bytes is over the broker's maximum packet size "
+                f"({self._broker_max_packet_size})"
+            )
+        return data
 
     def close(self) -> None:
         """Say DISCONNECT (the session stays, if persistent) and close the socket."""
@@ -490,27 +729,42 @@ class MqttWire(WireProtocol[Incoming]):
 
 
 async def open_mqtt(
-    host: str,
-    port: int,
+    settings: MqttConnectSettings,
     *,
     client_id: str,
     on_messages: Callable[[list[Incoming]], None],
     clean_start: bool,
     session_expiry_s: int,
-    keepalive_s: int,
     receive_maximum: int,
     will: Will | None = None,
     timeout_s: float = 10.0,
 ) -> MqttWire:
-    """Connect and complete the CONNECT/CONNACK handshake; raise `MqttWireError` saying why not.
+    """Connect to the broker of `settings` (TCP or TLS, credentials) and complete CONNECT/CONNACK.
 
-    asyncio sets TCP_NODELAY on TCP sockets, so a lone PUBACK is not held back by Nagle's algorithm.
+    The keep-alive and Maximum Packet Size come from `settings` too. Raises `MqttWireError` with one
+    line saying why not (`MqttRefused` when the broker refused the CONNECT: bad user name or
+    password, not authorized…), or `ConfigError` when a certificate, key or password file cannot be
+    used. asyncio sets TCP_NODELAY on TCP sockets, so a lone PUBACK is not held back by Nagle's algorithm.
     """
+    endpoint = mqtt_endpoint(settings)
     loop = asyncio.get_running_loop()
+
+    def protocol() -> MqttWire:
+        return MqttWire(
+            on_messages,
+            keepalive_s=settings.keepalive_s,
+            max_packet_size=settings.max_packet_size,
+            endpoint=endpoint,
+        )
+
     try:
         async with asyncio.timeout(timeout_s):
             _, wire = await loop.create_connection(
-                lambda: MqttWire(on_messages, keepalive_s=keepalive_s), host, port
+                protocol,
+                endpoint.host,
+                endpoint.port,
+                ssl=endpoint.tls,
+                ssl_handshake_timeout=timeout_s if endpoint.tls else None,
             )
             try:
                 await wire.handshake(
@@ -519,12 +773,53 @@ async def open_mqtt(
                     session_expiry_s=session_expiry_s,
                     receive_maximum=receive_maximum,
                     will=will,
+                    username=endpoint.username,
+                    password=endpoint.password,
                 )
+            except MqttRefused as exc:
+                wire.close()
+                raise MqttRefused(_refused(exc, endpoint), reason_code=exc.reason_code) from None
+            except MqttWireError as exc:
+                wire.close()
+                raise MqttWireError(_before_connack(exc, wire.lost, endpoint)) from None
             except BaseException:
                 wire.close()
                 raise
     except TimeoutError:  # (an OSError too: first)
-        raise MqttWireError(f"no CONNACK from mqtt://{host}:{port} within {timeout_s:.0f}s") from None
-    except OSError as exc:
-        raise MqttWireError(f"cannot connect to mqtt://{host}:{port}: {exc.strerror or exc}") from exc
+        raise MqttWireError(f"no CONNACK from {endpoint.shown} within {timeout_s:g}s") from None
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
+        if not endpoint.uses_tls:
+            raise MqttWireError(explain(exc, endpoint)) from None
+        raise MqttWireError(
+            f"TLS to {endpoint.shown}: the broker closed the connection during the TLS handshake "
+            "(not a TLS listener? then use mqtt://)"
+        ) from None
+    except OSError as exc:  # refused, unreachable, a name that does not resolve, a TLS failure
+        raise MqttWireError(explain(exc, endpoint)) from None
     return wire
+
+
+def _refused(exc: MqttRefused, endpoint: MqttEndpoint) -> str:
+    """The broker's reason, and what to check (mosquitto says "not authorized" for a wrong password too)."""
+    if exc.reason_code not in {NOT_AUTHORIZED, BAD_USER_NAME_OR_PASSWORD}:
+        return f"{endpoint.shown}: {exc}"
+    if endpoint.username is None:
+        hint = "it wants a login: set mqtt.username and mqtt.password_file, or a client certificate"
+    else:
+        hint = f"check the user name {endpoint.username!r} and its password, and the broker's ACL"
+    return f"{endpoint.shown}: {exc}: {hint}"
+
+
+def _before_connack(exc: MqttWireError, lost: Exception | None, endpoint: MqttEndpoint) -> str:
+    """What a connection that ended before its CONNACK means."""
+    if lost is not None and not isinstance(lost, ConnectionResetError | BrokenPipeError):
+        return str(exc)  # a TLS failure or the like, explained already
+    if lost is None and str(exc) != "connection closed by the broker":
+        return f"{endpoint.shown}: {exc}"  # a protocol error
+    if not endpoint.uses_tls:
+        hint = "a TLS listener? then use mqtts://"
+    elif not endpoint.client_certificate:
+        hint = "does it want a client certificate? set mqtt.cert_file and mqtt.key_file"
+    else:
+        hint = "did it refuse our client certificate? see its log"
+    return f"{endpoint.shown}: the broker closed the connection before its CONNACK ({hint})"
