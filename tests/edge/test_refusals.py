@@ -75,6 +75,7 @@ def tree(tmp_path: Path, root: Path, put: Put) -> tuple[Path, Path]:
 def agent(mosquitto: Mosquitto, tmp_path: Path, root: Path, keys: Path, journal: CommandJournal) -> EdgeAgent:
     settings = Settings.model_validate(
         {
+            "data_dir": str(tmp_path / "data"),  # the outbox goes there, not into the working directory
             "mqtt": {"url": mosquitto.url},
             "edge": {
                 "interval_s": 3600,
