@@ -1,7 +1,10 @@
 """Uplink: what an MQTT message becomes in JetStream.
 
 `translate` is pure: topic and bytes in, either a `Forward` (subject, body, dedup id) or a `Reject`
-(the reason, for the dead-letter stream). It never raises for any input.
+(the reason, for the dead-letter stream). It never raises for any input. The body is a CloudEvent in
+structured mode, in the codec the bridge stores (`nats.codec`: msgpack or JSON). The topic names the
+device: an enveloped message whose `subject` names another device is refused, and an event without a
+`subject` is stored with the topic's device as its subject.
 """
 
 from __future__ import annotations
@@ -10,13 +13,16 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from nerve.runtime.envelope.codec import (
+    DEFAULT_CODEC,
     MODEL_OF_KIND,
-    envelope_from,
-    is_envelope,
+    Codec,
+    decode,
+    encode,
+    is_enveloped,
     is_msgpack_map,
-    load_document,
-    to_msgpack,
     wrap_raw,
 )
 from nerve.runtime.errors import DecodeError, PayloadTooLarge, TopicError
@@ -74,7 +80,7 @@ def topic_matches(levels: list[str], topic: list[str]) -> bool:
     return len(levels) == len(topic)
 
 
-def _mapped(rule: TopicMapping, topic: str, payload: bytes) -> Forward:
+def _mapped(rule: TopicMapping, topic: str, payload: bytes, codec: Codec) -> Forward:
     """Apply a foreign-topic mapping; raise `DecodeError` naming the rule."""
     device = topic.split("/")[rule.device_level - 1]
     if not is_token(device):
@@ -94,17 +100,22 @@ def _mapped(rule: TopicMapping, topic: str, payload: bytes) -> Forward:
         event = wrap_raw(address, payload, source=f"mqtt://{topic}")
     except DecodeError as exc:
         raise DecodeError(f"mapping {rule.name!r}: {exc.reason}") from None
-    return Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=device)
+    return Forward(subject="", body=encode(event, codec), msg_id=event.id, device=device)
 
 
-def _enveloped(address: Address, document: object, payload: bytes, *, as_msgpack: bool) -> Forward:
-    envelope = envelope_from(document, MODEL_OF_KIND[address.kind])
-    if envelope.subject != address.device:
-        raise DecodeError(
-            f"envelope subject {envelope.subject!r} does not match the topic's device {address.device!r}"
-        )
-    # Already-valid msgpack is forwarded as it came: no second encode on the hot path.
-    body = payload if as_msgpack else to_msgpack(envelope)
+def _enveloped(address: Address, payload: bytes, *, as_msgpack: bool, codec: Codec) -> Forward:
+    envelope = decode(payload, MODEL_OF_KIND[address.kind], max_size=len(payload))
+    subject = envelope.subject
+    if subject is None:
+        # CloudEvents makes `subject` optional; the topic says which device sent it.
+        envelope = msgspec.structs.replace(envelope, subject=address.device)
+    elif subject != address.device:
+        raise DecodeError(f"subject {subject!r} names another device than the topic's {address.device!r}")
+    # A valid envelope already in the stored codec goes as it came: no second encode on the hot path.
+    if subject is not None and as_msgpack is (codec is Codec.MSGPACK):
+        body = payload
+    else:
+        body = encode(envelope, codec)
     return Forward(subject="", body=body, msg_id=envelope.id, device=address.device)
 
 
@@ -116,14 +127,18 @@ def translate(
     metrics: Collection[str],
     max_payload: int,
     mappings: Sequence[TopicMapping] = (),
+    codec: Codec = DEFAULT_CODEC,
 ) -> Forward | Reject:
-    """Turn an MQTT message into what the bridge stores, or the reason it cannot. Never raises."""
+    """Turn an MQTT message into what the bridge stores (encoded with `codec`), or the reason it cannot.
+
+    Never raises.
+    """
     try:
         if len(payload) > max_payload:
             raise PayloadTooLarge(len(payload), max_payload)
         if topic.startswith(f"{prefix}/"):
-            return _own(topic, payload, prefix=prefix, metrics=metrics)
-        return _foreign(topic, payload, prefix=prefix, mappings=mappings)
+            return _own(topic, payload, prefix=prefix, metrics=metrics, codec=codec)
+        return _foreign(topic, payload, prefix=prefix, mappings=mappings, codec=codec)
     except (TopicError, DecodeError) as exc:
         return Reject(str(exc))
     except (ValueError, OverflowError, RecursionError, TypeError) as exc:
@@ -131,7 +146,9 @@ def translate(
         return Reject(f"cannot store this payload: {type(exc).__name__}: {exc}")
 
 
-def _own(topic: str, payload: bytes, *, prefix: str, metrics: Collection[str]) -> Forward | Reject:
+def _own(
+    topic: str, payload: bytes, *, prefix: str, metrics: Collection[str], codec: Codec
+) -> Forward | Reject:
     """A message on nerve's own scheme: enveloped (msgpack or JSON) or raw."""
     address = parse_topic(topic, prefix)
     if address.kind not in UPLINK_KINDS:
@@ -141,31 +158,28 @@ def _own(topic: str, payload: bytes, *, prefix: str, metrics: Collection[str]) -
             f"unknown metric {address.name!r} (known: {', '.join(sorted(metrics))}; add it to bridge.metrics)"
         )
     if is_msgpack_map(payload):
-        document = load_document(payload)
-        if not is_envelope(document):
+        if not is_enveloped(payload):
             return Reject("msgpack payloads must be envelopes (with specversion)")
-        forward = _enveloped(address, document, payload, as_msgpack=True)
+        forward = _enveloped(address, payload, as_msgpack=True, codec=codec)
+    elif payload.lstrip().startswith(b"{") and is_enveloped(payload):
+        forward = _enveloped(address, payload, as_msgpack=False, codec=codec)
     else:
-        document = _json_object(payload)
-        if is_envelope(document):
-            forward = _enveloped(address, document, payload, as_msgpack=False)
-        else:
-            event = wrap_raw(address, payload, source=f"mqtt://{topic}")
-            forward = Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=address.device)
+        event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+        forward = Forward(subject="", body=encode(event, codec), msg_id=event.id, device=address.device)
     return Forward(
         subject=address.subject(prefix), body=forward.body, msg_id=forward.msg_id, device=forward.device
     )
 
 
 def _foreign(
-    topic: str, payload: bytes, *, prefix: str, mappings: Sequence[TopicMapping]
+    topic: str, payload: bytes, *, prefix: str, mappings: Sequence[TopicMapping], codec: Codec
 ) -> Forward | Reject:
     """A third-party topic, brought into the scheme by the first mapping that matches it."""
     levels = topic.split("/")
     rule = next((r for r in mappings if topic_matches(r.topic.split("/"), levels)), None)
     if rule is None:
         return Reject(f"topic {topic!r} is outside {prefix!r}/ and matches no mapping")
-    mapped = _mapped(rule, topic, payload)
+    mapped = _mapped(rule, topic, payload, codec)
     subject = Address(mapped.device, Kind(rule.kind), rule.metric).subject(prefix)
     return Forward(subject=subject, body=mapped.body, msg_id=mapped.msg_id, device=mapped.device)
 

@@ -141,7 +141,12 @@ async def send_command(
         await ensure_streams(js, settings.prefix)
         # Listen before sending: the answer can be back before the publish call returns.
         results = await nc.subscribe(Address(device, Kind.RESULTS, action).subject(settings.prefix))
-        await publish_envelope(js, Address(device, Kind.COMMANDS, action).subject(settings.prefix), command)
+        await publish_envelope(
+            js,
+            Address(device, Kind.COMMANDS, action).subject(settings.prefix),
+            command,
+            codec=settings.nats.codec,
+        )
         try:
             async with asyncio.timeout(timeout):
                 async for msg in results.messages:

@@ -1,32 +1,91 @@
-"""The envelope: CloudEvents 1.0 attributes on every message nerve moves or keeps.
+"""The envelope: CloudEvents 1.0 attributes on every message nerve moves or keeps, as msgspec Structs.
 
 `Event` (a reading or a discrete happening), `Command` (a request to a device, signed), `CommandResult`
-(what the device did about it) and `Fact` (an audit record, kept forever). Each has `specversion, id,
-source, type, subject (the device), time, data` plus the extensions `correlationid` (the chain it belongs
-to), `causationid` (the message that caused it) and `hops` (how many reactions deep it is).
+(what the device did about it) and `Fact` (an audit record, kept forever). Each has the CloudEvents
+attributes `specversion, id, source, type, subject, time, data` plus nerve's extensions `correlationid`
+(the chain it belongs to), `causationid` (the message that caused it) and `hops` (how many reactions
+deep it is).
 
-Models are frozen and forbid unknown attributes: a signed command must not smuggle fields its signature
-does not cover.
+An `Event` is any valid CloudEvent: the optional `datacontenttype`, `dataschema`, `subject` and `time`,
+`data` of any JSON type or `data_base64`, and extension attributes, which it keeps as they came in
+`extensions`. `Command`, `CommandResult` and `Fact` forbid anything they do not define: a signed command
+must not carry attributes its signature does not cover.
+
+The constraints are checked while msgspec decodes (`nerve.runtime.envelope.codec`) and when a message is
+built in code; the limits are in docs/envelope.md.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
-from datetime import datetime, timedelta
-from typing import Annotated, Any, Literal, Self
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+import msgspec
+from msgspec import Meta, Struct, field
 
-from nerve.runtime.fields import DeviceId, Token
-from nerve.runtime.plain_envelope import MAX_HOPS, new_id, to_int, to_utc_time, utcnow
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
-UtcTime = Annotated[datetime, BeforeValidator(to_utc_time)]
-MessageId = Annotated[str, Field(min_length=1, max_length=128)]
+__all__ = [
+    "EXTENSIONS_FIELD",
+    "MAX_DATA_DEPTH",
+    "MAX_HOPS",
+    "MAX_ID_CHARS",
+    "Command",
+    "CommandResult",
+    "Envelope",
+    "Event",
+    "ExtensionValue",
+    "Fact",
+    "ResultStatus",
+    "check_extensions",
+    "derived_id",
+    "new_id",
+    "utcnow",
+]
+
+MAX_ID_CHARS: Final = 128
+MAX_HOPS: Final = 1_000_000
+#: How deep `data` may nest (a map or list inside a map counts 2): deeper is refused, never a RecursionError.
+MAX_DATA_DEPTH: Final = 32
+_MAX_SOURCE_CHARS: Final = 256
+_MAX_TYPE_CHARS: Final = 128
+_MAX_SUBJECT_CHARS: Final = 256
+_MAX_URI_CHARS: Final = 1024
+_MAX_EXTENSION_NAME_CHARS: Final = 64
+_INT64_MIN: Final = -(2**63)
+_UINT64_MAX: Final = 2**64 - 1
+_EXTENSION_NAME: Final = re.compile(r"[a-z0-9]+", re.ASCII)
+_DERIVED_NAMESPACE: Final = uuid.UUID("6f1c1f1e-5e7a-4f43-9a35-8f2f3b9a6a10")
+
+#: Where `Event.extensions` sits in a struct's own encoding: a name no CloudEvents attribute can have, so
+#: a document can never fill it by accident. The codec writes extensions as top-level attributes instead.
+EXTENSIONS_FIELD: Final = "__extensions__"
+
+MessageId = Annotated[str, Meta(min_length=1, max_length=MAX_ID_CHARS)]
+Source = Annotated[str, Meta(min_length=1, max_length=_MAX_SOURCE_CHARS)]
+TypeName = Annotated[str, Meta(min_length=1, max_length=_MAX_TYPE_CHARS)]
+Subject = Annotated[str, Meta(min_length=1, max_length=_MAX_SUBJECT_CHARS)]
+Uri = Annotated[str, Meta(min_length=1, max_length=_MAX_URI_CHARS)]
+#: A device id, metric or action: what `nerve.runtime.subjects.is_token` accepts.
+Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+Time = Annotated[datetime, Meta(tz=True)]
+Hops = Annotated[int, Meta(ge=0, le=MAX_HOPS)]
+ExtensionValue = str | bool | int | float
+ResultStatus = Literal["ok", "failed", "rejected", "expired", "unknown"]
 
 
-_MAX_HOPS = MAX_HOPS
+def new_id() -> str:
+    """A fresh message id (UUID4, hex)."""
+    return uuid.uuid4().hex
 
-_DERIVED_NAMESPACE = uuid.UUID("6f1c1f1e-5e7a-4f43-9a35-8f2f3b9a6a10")
+
+def utcnow() -> datetime:
+    """Now, in UTC."""
+    return datetime.now(UTC)
 
 
 def derived_id(*parts: str) -> str:
@@ -38,23 +97,90 @@ def derived_id(*parts: str) -> str:
     return uuid.uuid5(_DERIVED_NAMESPACE, "\x1f".join(parts)).hex
 
 
-class Envelope(BaseModel):
-    """Attributes shared by every nerve message."""
+def _spec_version() -> Literal["1.0"]:
+    # A factory, not a plain default: with `omit_defaults` a plain default would be left out of the
+    # encoding, and CloudEvents requires `specversion` in every event.
+    return "1.0"
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    specversion: Literal["1.0"] = "1.0"
-    id: MessageId = Field(default_factory=new_id)
-    source: str = Field(min_length=1, max_length=256)
-    type: str = Field(min_length=1, max_length=128)
-    subject: DeviceId
-    time: UtcTime = Field(default_factory=utcnow)
-    data: dict[str, Any] = Field(default_factory=dict)
+def _check_scalar(item: object, where: str) -> None:
+    if isinstance(item, float):
+        if not math.isfinite(item):
+            raise ValueError(f"{where}: {item!r} is not a number JSON can carry")
+    elif isinstance(item, int) and not isinstance(item, bool):
+        if not _INT64_MIN <= item <= _UINT64_MAX:
+            raise ValueError(f"{where}: integer {item} does not fit in 64 bits")
+    elif item is not None and not isinstance(item, str | bool):
+        raise ValueError(f"{where}: a {type(item).__name__} is not JSON data")
+
+
+def _check_json(value: object, where: str) -> None:
+    """Raise `ValueError` unless `value` is JSON data: finite, 64-bit, string keys, MAX_DATA_DEPTH deep.
+
+    Iterative: a document nested thousands deep is refused, never a RecursionError.
+    """
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            _check_scalar(item, where)
+            continue
+        if depth > MAX_DATA_DEPTH:
+            raise ValueError(f"{where}: nested deeper than {MAX_DATA_DEPTH} levels")
+        if isinstance(item, list):
+            stack.extend((inner, depth + 1) for inner in item)
+            continue
+        for key, inner in item.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where}: map keys must be strings, not {type(key).__name__}")  # noqa: TRY004
+            stack.append((inner, depth + 1))
+
+
+def check_extensions(extensions: Mapping[str, object]) -> None:
+    """Raise `ValueError` naming the first extension attribute that CloudEvents 1.0 does not allow.
+
+    Names are 1-64 of a-z and 0-9 and not one of the attributes nerve defines; values are strings,
+    booleans or finite numbers.
+    """
+    for name, value in extensions.items():
+        if (
+            not isinstance(name, str)
+            or len(name) > _MAX_EXTENSION_NAME_CHARS
+            or not _EXTENSION_NAME.fullmatch(name)
+        ):
+            raise ValueError(
+                f"attribute name {name!r} is not valid: CloudEvents attribute names are 1 to "
+                f"{_MAX_EXTENSION_NAME_CHARS} of the characters a-z and 0-9"
+            )
+        if name in _EVENT_ATTRIBUTES:
+            raise ValueError(f"extension {name!r} is an attribute of its own, not an extension")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"extension {name!r}: {value!r} is not a number JSON can carry")
+        if not isinstance(value, str | bool | int | float):
+            raise ValueError(  # noqa: TRY004 - every bad value is a ValueError, as msgspec reports it
+                f"extension {name!r}: a value must be a string, a number or a boolean, "
+                f"got {type(value).__name__}"
+            )
+
+
+class Envelope(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Attributes shared by every nerve message (attributes at their default are left out when encoded)."""
+
+    specversion: Literal["1.0"] = field(default_factory=_spec_version)
+    id: MessageId = field(default_factory=new_id)
+    source: Source
+    type: TypeName
+    subject: Subject | None = None
+    time: Time = field(default_factory=utcnow)
+    data: Any = None
     correlationid: MessageId | None = None
     causationid: MessageId | None = None
-    # Time attributes and hops are read by the coercions the lean edge's parser uses too
-    # (nerve.runtime.plain_envelope), so the two accept the same documents.
-    hops: Annotated[int, BeforeValidator(to_int)] = Field(default=0, ge=0, le=_MAX_HOPS)
+    hops: Hops = 0
+
+    def __post_init__(self) -> None:
+        """Check what constraints on one field cannot say (raises `ValueError`)."""
+        if self.data is not None:
+            _check_json(self.data, "data")
 
     def caused(self) -> dict[str, Any]:
         """Attributes for a message caused by this one: same chain, one hop further."""
@@ -62,22 +188,46 @@ class Envelope(BaseModel):
             "correlationid": self.correlationid or self.id,
             "causationid": self.id,
             # Capped: an answer to a message at the limit must still be a valid message.
-            "hops": min(self.hops + 1, _MAX_HOPS),
+            "hops": min(self.hops + 1, MAX_HOPS),
         }
 
 
-class Event(Envelope):
-    """Something that happened on a device: a reading (`nerve.telemetry.<metric>`) or an event."""
+class Event(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Something that happened: a reading (`nerve.telemetry.<metric>`), a device's or a service's event.
 
-
-class Command(Envelope):
-    """A request for a device to run an allow-listed `action` with `data` as its arguments.
-
-    Valid only until `expires`, and only with a signature (`keyid`, `sig`) by a key the device trusts.
+    Any CloudEvent 1.0: `subject`, `time` (None unless given), `datacontenttype`, `dataschema` are
+    optional, `data` is any
+    JSON value (or `data_base64` binary data, never both), and `extensions` holds the extension
+    attributes as they came (names of a-z and 0-9; string, number or boolean values).
     """
 
+    # Optional in CloudEvents: an event that came without one is kept without one (pass `time=utcnow()`).
+    time: Time | None = None
+    datacontenttype: Subject | None = None
+    dataschema: Uri | None = None
+    data_base64: bytes | None = None
+    extensions: dict[str, ExtensionValue] = field(default_factory=dict, name=EXTENSIONS_FIELD)
+
+    def __post_init__(self) -> None:
+        """Check data, data_base64 and extensions together (raises `ValueError`)."""
+        super().__post_init__()
+        if self.data is not None and self.data_base64 is not None:
+            raise ValueError("data and data_base64: an event carries one or the other, not both")
+        if self.extensions:
+            check_extensions(self.extensions)
+
+
+class Command(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """A request for device `subject` to run an allow-listed `action` with `data` as its arguments.
+
+    Valid only until `expires`, and only with a signature (`keyid`, `sig`) by a key the device trusts;
+    the signature covers every attribute but `sig` (`nerve.runtime.trust.signing.canonical_bytes`).
+    """
+
+    subject: Token
+    data: dict[str, Any] = field(default_factory=dict)
     action: Token
-    expires: UtcTime
+    expires: Time
     keyid: str = ""
     sig: str = ""
 
@@ -93,28 +243,35 @@ class Command(Envelope):
         cause: Envelope | None = None,
         command_id: str | None = None,
     ) -> Self:
-        """A new unsigned command that expires `ttl` from now, chained to `cause` if given."""
+        """A new unsigned command that expires `ttl` from now, chained to `cause` if given.
+
+        Raises `ValueError` (or `msgspec.ValidationError`, a subclass) for attributes that are not valid.
+        """
         now = utcnow()
         chain = cause.caused() if cause is not None else {}
-        return cls(
-            id=command_id or new_id(),
-            source=source,
-            type=f"nerve.command.{action}",
-            subject=device,
-            time=now,
-            data=args,
-            action=action,
-            expires=now + ttl,
-            **chain,
+        return msgspec.convert(
+            {
+                "id": command_id or new_id(),
+                "source": source,
+                "type": f"nerve.command.{action}",
+                "subject": device,
+                "time": now,
+                "data": args,
+                "action": action,
+                "expires": now + ttl,
+                **chain,
+            },
+            cls,
+            from_attributes=False,
+            builtin_types=(datetime,),
         )
 
 
-ResultStatus = Literal["ok", "failed", "rejected", "expired", "unknown"]
+class CommandResult(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """What device `subject` did with a command: `causationid` is the command's id."""
 
-
-class CommandResult(Envelope):
-    """What a device did with a command: `causationid` is the command's id."""
-
+    subject: Token
+    data: dict[str, Any] = field(default_factory=dict)
     action: Token
     status: ResultStatus
     reason: str = ""
@@ -129,13 +286,14 @@ class CommandResult(Envelope):
         reason: str = "",
         data: dict[str, Any] | None = None,
         result_id: str | None = None,
+        subject: str | None = None,
     ) -> Self:
-        """The result of `command`, chained to it."""
+        """The result of `command`, chained to it; from `subject` (default: the command's device)."""
         return cls(
             id=result_id or new_id(),
             source=source,
             type=f"nerve.result.{command.action}",
-            subject=command.subject,
+            subject=subject or command.subject,
             action=command.action,
             status=status,
             reason=reason,
@@ -144,11 +302,20 @@ class CommandResult(Envelope):
         )
 
 
-class Fact(Envelope):
+class Fact(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """An audit record: what nerve saw, decided and did. Kept forever in NERVE_FACTS.
 
-    `kind` (a token) is the last level of its subject; `summary` is one line a person can read.
+    `subject` is the device (or service) it is about; `kind` (a token) is the last level of its
+    subject; `summary` is one line a person can read.
     """
 
+    subject: Token
+    data: dict[str, Any] = field(default_factory=dict)
     kind: Token
     summary: str = ""
+
+
+# The CloudEvents attributes and nerve's own: an extension may not take one of these names.
+_EVENT_ATTRIBUTES: Final = frozenset(
+    {*Event.__struct_encode_fields__, "data_base64", "data"} - {EXTENSIONS_FIELD}
+)
