@@ -13,6 +13,7 @@ unknown attribute and is read again through a plain map, whose extra attributes 
 from __future__ import annotations
 
 import math
+from datetime import datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
@@ -88,9 +89,15 @@ MODEL_OF_KIND: Final[dict[Kind, type[Envelope]]] = {
 
 
 class _SpecVersion(msgspec.Struct):
-    """Only `specversion`, required: is this a CloudEvent at all? The models default it, for code."""
+    """Only `specversion`, required: is this a CloudEvent at all?"""
 
     specversion: Literal["1.0"]
+
+
+class _Required(_SpecVersion):
+    """What CloudEvents requires and the models default (for code): a document must carry them."""
+
+    id: str
 
 
 _MODELS: Final = (Event, Command, CommandResult, Fact)
@@ -104,6 +111,8 @@ _MSGPACK_DECODERS: Final[dict[type[Envelope], msgspec.msgpack.Decoder[Any]]] = {
 }
 _JSON_HEADER: Final = msgspec.json.Decoder(_SpecVersion)
 _MSGPACK_HEADER: Final = msgspec.msgpack.Decoder(_SpecVersion)
+_JSON_REQUIRED: Final = msgspec.json.Decoder(_Required)
+_MSGPACK_REQUIRED: Final = msgspec.msgpack.Decoder(_Required)
 _JSON_MAP: Final = msgspec.json.Decoder(dict[str, Any])
 _MSGPACK_MAP: Final = msgspec.msgpack.Decoder(dict[str, Any])
 _JSON_ANY: Final = msgspec.json.Decoder()
@@ -131,7 +140,7 @@ def _flat(envelope: Envelope, *, keep: tuple[type, ...] = ()) -> dict[str, Any]:
 def to_msgpack(envelope: Envelope) -> bytes:
     """Encode an envelope as msgpack (attributes at their default are left out; time as a timestamp)."""
     if isinstance(envelope, Event) and envelope.extensions:
-        return _MSGPACK_ENCODER.encode(_flat(envelope, keep=(bytes, bytearray, memoryview)))
+        return _MSGPACK_ENCODER.encode(_flat(envelope, keep=(bytes, datetime)))
     return _MSGPACK_ENCODER.encode(envelope)
 
 
@@ -195,7 +204,7 @@ def _with_extensions(payload: bytes, *, as_msgpack: bool) -> Event:
 def _decode(payload: bytes, model: type[E]) -> E:
     as_msgpack = is_msgpack_map(payload)
     try:
-        (_MSGPACK_HEADER if as_msgpack else _JSON_HEADER).decode(payload)
+        (_MSGPACK_REQUIRED if as_msgpack else _JSON_REQUIRED).decode(payload)
         try:
             envelope: E = (_MSGPACK_DECODERS if as_msgpack else _JSON_DECODERS)[model].decode(payload)
         except msgspec.ValidationError as exc:
@@ -275,7 +284,7 @@ def raw_data(address: Address, document: object, text: str) -> dict[str, Any]:
                     f"telemetry map for {address.name!r} needs a numeric 'value', "
                     f"got {document.get('value')!r}"
                 )
-            return document
+            return dict(document)
         number = _number(document)
         if number is None:
             shown = text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
@@ -286,7 +295,7 @@ def raw_data(address: Address, document: object, text: str) -> dict[str, Any]:
         return {"value": number}
     if address.kind is Kind.EVENTS:
         if isinstance(document, dict):
-            return document
+            return dict(document)
         return {"message": text}
     raise DecodeError(f"{address.kind.value} must be enveloped messages, not raw payloads")
 

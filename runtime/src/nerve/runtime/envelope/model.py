@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EXTENSIONS_FIELD",
+    "LATEST_COMMAND_TIME",
     "MAX_DATA_DEPTH",
     "MAX_HOPS",
     "MAX_ID_CHARS",
@@ -59,6 +60,8 @@ _MAX_EXTENSION_NAME_CHARS: Final = 64
 _INT64_MIN: Final = -(2**63)
 _UINT64_MAX: Final = 2**64 - 1
 _EXTENSION_NAME: Final = re.compile(r"[a-z0-9]+", re.ASCII)
+#: A command's times must be before this (UTC): later ones leave no room for clock arithmetic.
+LATEST_COMMAND_TIME: Final = datetime(9000, 1, 1, tzinfo=UTC)
 _DERIVED_NAMESPACE: Final = uuid.UUID("6f1c1f1e-5e7a-4f43-9a35-8f2f3b9a6a10")
 
 #: Where `Event.extensions` sits in a struct's own encoding: a name no CloudEvents attribute can have, so
@@ -230,6 +233,17 @@ class Command(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_un
     expires: Time
     keyid: str = ""
     sig: str = ""
+
+    def __post_init__(self) -> None:
+        """Check data, and that `time` and `expires` are times a device can compute with."""
+        super().__post_init__()
+        for name, moment in (("time", self.time), ("expires", self.expires)):
+            try:
+                in_utc = moment.astimezone(UTC)
+            except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00
+                raise ValueError(f"{name}: out of range once converted to UTC") from None
+            if in_utc >= LATEST_COMMAND_TIME:
+                raise ValueError(f"{name}: must be before {LATEST_COMMAND_TIME.year}-01-01T00:00:00Z")
 
     @classmethod
     def create(
