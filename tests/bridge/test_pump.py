@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, cast
 import msgpack
 import pytest
 
-from nerve.bridge.stats import BridgeStats
 from nerve.bridge.natswire import StoreAck
 from nerve.bridge.pump import Pump
+from nerve.bridge.stats import BridgeStats
 from nerve.runtime.config.settings import DEFAULT_METRICS
 from nerve.runtime.envelope.codec import to_msgpack
 from nerve.runtime.envelope.model import Event

@@ -9,6 +9,7 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 
 from nerve.runtime.envelope.codec import decode, to_json
@@ -117,7 +118,7 @@ async def test_forged_command_is_refused_and_audited(
         victim.write_bytes(b"data")
         await mosquitto_pub(mosquitto, "nerve/pi-03/commands/clear_temp", to_json(forged).decode())
         await wait_for_count(js, "NERVE_FACTS", 1, timeout=15)
-        unsigned = forged.model_copy(update={"sig": "", "id": "unsigned-1"})
+        unsigned = msgspec.structs.replace(forged, sig="", id="unsigned-1")
         await mosquitto_pub(mosquitto, "nerve/pi-03/commands/clear_temp", to_json(unsigned).decode())
         await wait_for_count(js, "NERVE_FACTS", 2, timeout=15)
     assert victim.exists()

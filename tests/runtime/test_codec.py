@@ -484,6 +484,7 @@ def test_wrap_raw_telemetry(payload: bytes, data: dict[str, Any]) -> None:
     assert e.source == "mqtt://nerve/pi-01/telemetry/disk"
     assert e.hops == 0
     assert e.correlationid is None
+    assert e.time is not None
     assert before <= e.time <= datetime.now(UTC)
     assert decode(to_msgpack(e), Event) == e
 

@@ -23,6 +23,7 @@ from nerve.runtime.envelope.codec import (
     encode,
     is_enveloped,
     is_msgpack_map,
+    load_document,
     wrap_raw,
 )
 from nerve.runtime.errors import DecodeError, PayloadTooLarge, TopicError
@@ -159,6 +160,7 @@ def _own(
         )
     if is_msgpack_map(payload):
         if not is_enveloped(payload):
+            load_document(payload)  # malformed msgpack: DecodeError, saying so
             return Reject("msgpack payloads must be envelopes (with specversion)")
         forward = _enveloped(address, payload, as_msgpack=True, codec=codec)
     elif payload.lstrip().startswith(b"{") and is_enveloped(payload):
