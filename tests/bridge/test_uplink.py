@@ -58,7 +58,7 @@ def test_enveloped_json_is_reencoded_as_msgpack() -> None:
         ("nerve/pi-01/telemetry/humidity", b"95", "unknown metric 'humidity'"),
         ("nerve/pi-01/telemetry/disk/extra", b"95", "expected <prefix>/<device>/<kind>/<name>"),
         ("nerve/pi-01/telemetry/disk", b"9" * (LIMIT + 1), f"exceeds the limit of {LIMIT} bytes"),
-        ("nerve/pi-01/telemetry/disk", b"\x85\xa1a\x01", "payload is not valid msgpack"),
+        ("nerve/pi-01/telemetry/disk", b"\x85\xa1a\x01", "malformed msgpack"),
         ("nerve/pi-01/telemetry/disk", msgpack.packb({"value": 95}), "must be envelopes"),
         ("nerve/pi-01/results/clear_temp", b"ok", "must be enveloped"),
         ("nerve/pi-01/telemetry/disk", b"\xff\xfe", "not UTF-8"),

@@ -188,19 +188,19 @@ def test_model_of_kind() -> None:
 def test_malformed_msgpack() -> None:
     with pytest.raises(DecodeError, match=r"^not a valid Event: Expected `str`, got `unknown`"):
         decode(b"\x81\xc1\xc1", Event)  # 0xc1 is never used by msgpack
-    with pytest.raises(DecodeError, match=r"^payload is not valid msgpack"):
+    with pytest.raises(DecodeError, match=r"^malformed msgpack"):
         decode(b"\x81\xa1a\xc1", Event)
 
 
 def test_truncated_msgpack() -> None:
     payload = to_msgpack(EVENT)
     for cut in (1, 5, len(payload) // 2, len(payload) - 1):
-        with pytest.raises(DecodeError, match=r"^payload is not valid msgpack"):
+        with pytest.raises(DecodeError, match=r"^malformed msgpack"):
             decode(payload[:cut], Event)
 
 
 def test_msgpack_with_trailing_bytes() -> None:
-    with pytest.raises(DecodeError, match=r"^payload is not valid msgpack"):
+    with pytest.raises(DecodeError, match=r"^malformed msgpack"):
         decode(to_msgpack(EVENT) + b"\x00", Event)
 
 

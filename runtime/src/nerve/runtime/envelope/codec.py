@@ -165,6 +165,10 @@ def _explain(exc: Exception) -> str:
     return text
 
 
+def _malformed(payload: bytes, exc: msgspec.DecodeError) -> str:
+    return f"malformed msgpack: {exc}" if is_msgpack_map(payload) else f"payload is not valid JSON: {exc}"
+
+
 def load_document(payload: bytes) -> object:
     """Parse msgpack or JSON bytes into Python data; raise `DecodeError` saying why not."""
     try:
@@ -172,8 +176,7 @@ def load_document(payload: bytes) -> object:
             return _MSGPACK_ANY.decode(payload)
         return _JSON_ANY.decode(payload)
     except msgspec.DecodeError as exc:
-        kind = "msgpack" if is_msgpack_map(payload) else "JSON"
-        raise DecodeError(f"payload is not valid {kind}: {exc}") from None
+        raise DecodeError(_malformed(payload, exc)) from None
     except RecursionError:
         raise DecodeError("payload is nested too deeply to read") from None
 
@@ -214,8 +217,7 @@ def _decode(payload: bytes, model: type[E]) -> E:
     except msgspec.ValidationError as exc:
         raise DecodeError(f"not a valid {model.__name__}: {_explain(exc)}") from None
     except msgspec.DecodeError as exc:
-        kind = "msgpack" if as_msgpack else "JSON"
-        raise DecodeError(f"payload is not valid {kind}: {exc}") from None
+        raise DecodeError(_malformed(payload, exc)) from None
     except RecursionError:
         raise DecodeError("payload is nested too deeply to read") from None
     if isinstance(envelope, Event) and envelope.extensions:

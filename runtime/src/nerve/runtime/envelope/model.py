@@ -167,14 +167,16 @@ def check_extensions(extensions: Mapping[str, object]) -> None:
 
 
 class Envelope(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    """Attributes shared by every nerve message (attributes at their default are left out when encoded)."""
+    """Attributes shared by every nerve message (attributes at their default are left out when encoded).
+
+    `time` is each model's own: optional on an `Event` (CloudEvents), now by default on the others.
+    """
 
     specversion: Literal["1.0"] = field(default_factory=_spec_version)
     id: MessageId = field(default_factory=new_id)
     source: Source
     type: TypeName
     subject: Subject | None = None
-    time: Time = field(default_factory=utcnow)
     data: Any = None
     correlationid: MessageId | None = None
     causationid: MessageId | None = None
@@ -228,6 +230,7 @@ class Command(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_un
     """
 
     subject: Token
+    time: Time = field(default_factory=utcnow)
     data: dict[str, Any] = field(default_factory=dict)
     action: Token
     expires: Time
@@ -285,6 +288,7 @@ class CommandResult(Envelope, frozen=True, kw_only=True, omit_defaults=True, for
     """What device `subject` did with a command: `causationid` is the command's id."""
 
     subject: Token
+    time: Time = field(default_factory=utcnow)
     data: dict[str, Any] = field(default_factory=dict)
     action: Token
     status: ResultStatus
@@ -324,6 +328,7 @@ class Fact(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unkno
     """
 
     subject: Token
+    time: Time = field(default_factory=utcnow)
     data: dict[str, Any] = field(default_factory=dict)
     kind: Token
     summary: str = ""

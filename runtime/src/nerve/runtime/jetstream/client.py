@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
-import msgpack
+import msgspec
 import nats
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
@@ -153,7 +153,7 @@ _HEADER_VALUE_MAX: Final = 512
 
 def dead_letter_body(*, part: str, reason: str, origin: str, payload: bytes) -> bytes:
     """The msgpack record kept in NERVE_DEADLETTER: why, where it came from, and the original bytes."""
-    packed: bytes = msgpack.packb(
+    return msgspec.msgpack.encode(
         {
             "part": part,
             "reason": reason,
@@ -162,7 +162,6 @@ def dead_letter_body(*, part: str, reason: str, origin: str, payload: bytes) -> 
             "payload": payload,
         }
     )
-    return packed
 
 
 def header_safe(value: str) -> str:
