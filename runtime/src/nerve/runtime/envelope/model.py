@@ -27,7 +27,7 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
 __all__ = [
     "EXTENSIONS_FIELD",
@@ -117,26 +117,39 @@ def _check_scalar(item: object, where: str) -> None:
         raise ValueError(f"{where}: a {type(item).__name__} is not JSON data")
 
 
-def _check_json(value: object, where: str) -> None:
+def _check_json(value: object, where: str) -> None:  # noqa: C901 - one loop, kept flat for speed
     """Raise `ValueError` unless `value` is JSON data: finite, 64-bit, string keys, MAX_DATA_DEPTH deep.
 
-    Iterative: a document nested thousands deep is refused, never a RecursionError.
+    Iterative, so a document nested thousands deep is refused, never a RecursionError. On every decode:
+    common scalars (str, bool, None, finite floats, small ints) are passed over inline.
     """
     stack: list[tuple[object, int]] = [(value, 1)]
+    pop, push = stack.pop, stack.append
     while stack:
-        item, depth = stack.pop()
-        if not isinstance(item, dict | list):
+        item, depth = pop()
+        kind = type(item)
+        if kind is dict:
+            pairs: Iterable[tuple[object, object]] = item.items()  # type: ignore[attr-defined]
+        elif kind is list:
+            pairs = enumerate(item)  # type: ignore[call-overload]
+        else:
             _check_scalar(item, where)
             continue
         if depth > MAX_DATA_DEPTH:
             raise ValueError(f"{where}: nested deeper than {MAX_DATA_DEPTH} levels")
-        if isinstance(item, list):
-            stack.extend((inner, depth + 1) for inner in item)
-            continue
-        for key, inner in item.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{where}: map keys must be strings, not {type(key).__name__}")  # noqa: TRY004
-            stack.append((inner, depth + 1))
+        for key, inner in pairs:
+            if kind is dict and type(key) is not str:
+                raise ValueError(f"{where}: map keys must be strings, not {type(key).__name__}")
+            inner_kind = type(inner)
+            if inner_kind is str or inner_kind is bool or inner is None:
+                continue
+            if inner_kind is float:
+                if inner - inner:  # type: ignore[operator]  # nan for inf and nan, 0.0 otherwise
+                    raise ValueError(f"{where}: {inner!r} is not a number JSON can carry")
+                continue
+            if inner_kind is int and _INT64_MIN <= inner <= _UINT64_MAX:  # type: ignore[operator]
+                continue
+            push((inner, depth + 1))
 
 
 def check_extensions(extensions: Mapping[str, object]) -> None:
@@ -215,9 +228,10 @@ class Event(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unkn
 
     def __post_init__(self) -> None:
         """Check data, data_base64 and extensions together (raises `ValueError`)."""
-        super().__post_init__()
-        if self.data is not None and self.data_base64 is not None:
-            raise ValueError("data and data_base64: an event carries one or the other, not both")
+        if self.data is not None:
+            _check_json(self.data, "data")
+            if self.data_base64 is not None:
+                raise ValueError("data and data_base64: an event carries one or the other, not both")
         if self.extensions:
             check_extensions(self.extensions)
 
