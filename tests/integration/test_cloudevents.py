@@ -23,9 +23,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nerve.bridge import Bridge
-from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, Codec, decode, to_json, to_msgpack
-from nerve.runtime.envelope.model import Event
+from nerve.runtime.cli.history import read_facts
+from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, Codec, content_type, decode, to_json, to_msgpack
+from nerve.runtime.envelope.model import Event, Fact
 from nerve.runtime.errors import DecodeError
+from nerve.runtime.jetstream.client import publish_fact
+from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.testing import stream_messages, wait_for_count
 
 if TYPE_CHECKING:
@@ -297,3 +300,27 @@ async def test_subject_is_the_topics_device(settings: Settings, nc: NatsClient, 
     assert attributes["region"] == "eu"
     [dead] = await stream_messages(js, "NERVE_DEADLETTER")
     assert "subject 'pi-02' names another device than the topic's 'pi-01'" in dead.headers["Nerve-Reason"]
+
+
+# --- what nerve publishes itself --------------------------------------------------------------------------
+
+
+@pytest.mark.broker
+async def test_published_envelopes_carry_their_content_type_and_read_back_in_either_codec(
+    nc: NatsClient,
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve")
+    facts = [
+        Fact(id=f"f-{codec.value}", source="t", type="nerve.fact.x", subject="pi-01", kind="x", summary=codec)
+        for codec in Codec
+    ]
+    for fact, codec in zip(facts, Codec, strict=True):
+        await publish_fact(js, fact, prefix="nerve", codec=codec)
+    stored = await stream_messages(js, "NERVE_FACTS")
+    assert [m.headers[CONTENT_TYPE_HEADER] for m in stored] == [content_type(codec) for codec in Codec]
+    assert [m.headers["Nats-Msg-Id"] for m in stored] == [fact.id for fact in facts]
+    attributes, _ = sdk_view(stored[0].data)  # the JSON one: a CloudEvents SDK reads it as it is
+    assert attributes["kind"] == "x"
+    read, undecodable = await read_facts(js, prefix="nerve")
+    assert (read, undecodable) == (facts, 0)
