@@ -128,10 +128,11 @@ def _check_json(value: object, where: str) -> None:  # noqa: C901 - one loop, ke
     while stack:
         item, depth = pop()
         kind = type(item)
-        if kind is dict:
-            pairs: Iterable[tuple[object, object]] = item.items()  # type: ignore[attr-defined]
-        elif kind is list:
-            pairs = enumerate(item)  # type: ignore[call-overload]
+        pairs: Iterable[tuple[object, object]]
+        if type(item) is dict:
+            pairs = item.items()
+        elif type(item) is list:
+            pairs = enumerate(item)
         else:
             _check_scalar(item, where)
             continue
@@ -143,11 +144,11 @@ def _check_json(value: object, where: str) -> None:  # noqa: C901 - one loop, ke
             inner_kind = type(inner)
             if inner_kind is str or inner_kind is bool or inner is None:
                 continue
-            if inner_kind is float:
-                if inner - inner:  # type: ignore[operator]  # nan for inf and nan, 0.0 otherwise
+            if type(inner) is float:
+                if inner - inner:  # nan for inf and nan, 0.0 otherwise
                     raise ValueError(f"{where}: {inner!r} is not a number JSON can carry")
                 continue
-            if inner_kind is int and _INT64_MIN <= inner <= _UINT64_MAX:  # type: ignore[operator]
+            if type(inner) is int and _INT64_MIN <= inner <= _UINT64_MAX:
                 continue
             push((inner, depth + 1))
 
