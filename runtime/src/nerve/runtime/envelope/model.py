@@ -17,6 +17,7 @@ built in code; the limits are in docs/envelope.md.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import uuid
@@ -153,31 +154,45 @@ def _check_json(value: object, where: str) -> None:  # noqa: C901 - one loop, ke
             push((inner, depth + 1))
 
 
+@functools.lru_cache(maxsize=1024)
+def _extension_name(name: object) -> bool:
+    """Whether `name` may name an extension (cached: a producer uses the same few names again and again)."""
+    return (
+        isinstance(name, str)
+        and len(name) <= _MAX_EXTENSION_NAME_CHARS
+        and _EXTENSION_NAME.fullmatch(name) is not None
+        and name not in _EVENT_ATTRIBUTES
+    )
+
+
 def check_extensions(extensions: Mapping[str, object]) -> None:
     """Raise `ValueError` naming the first extension attribute that CloudEvents 1.0 does not allow.
 
     Names are 1-64 of a-z and 0-9 and not one of the attributes nerve defines; values are strings,
-    booleans or finite numbers.
+    booleans or finite numbers (integers within 64 bits).
     """
     for name, value in extensions.items():
-        if (
-            not isinstance(name, str)
-            or len(name) > _MAX_EXTENSION_NAME_CHARS
-            or not _EXTENSION_NAME.fullmatch(name)
-        ):
+        if not _extension_name(name):
+            if name in _EVENT_ATTRIBUTES:
+                raise ValueError(f"extension {name!r} is an attribute of its own, not an extension")
             raise ValueError(
                 f"attribute name {name!r} is not valid: CloudEvents attribute names are 1 to "
                 f"{_MAX_EXTENSION_NAME_CHARS} of the characters a-z and 0-9"
             )
-        if name in _EVENT_ATTRIBUTES:
-            raise ValueError(f"extension {name!r} is an attribute of its own, not an extension")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"extension {name!r}: {value!r} is not a number JSON can carry")
-        if not isinstance(value, str | bool | int | float):
-            raise ValueError(  # noqa: TRY004 - every bad value is a ValueError, as msgspec reports it
-                f"extension {name!r}: a value must be a string, a number or a boolean, "
-                f"got {type(value).__name__}"
-            )
+        kind = type(value)
+        if kind is str or kind is bool:
+            continue
+        if type(value) is int:
+            if not _INT64_MIN <= value <= _UINT64_MAX:
+                raise ValueError(f"extension {name!r}: integer {value} does not fit in 64 bits")
+            continue
+        if type(value) is float:
+            if value - value:  # nan for inf and nan
+                raise ValueError(f"extension {name!r}: {value!r} is not a number JSON can carry")
+            continue
+        raise ValueError(
+            f"extension {name!r}: a value must be a string, a number or a boolean, got {type(value).__name__}"
+        )
 
 
 class Envelope(Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
