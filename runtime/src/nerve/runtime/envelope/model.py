@@ -11,8 +11,10 @@ An `Event` is any valid CloudEvent: the optional `datacontenttype`, `dataschema`
 `extensions`. `Command`, `CommandResult` and `Fact` forbid anything they do not define: a signed command
 must not carry attributes its signature does not cover.
 
-The constraints are checked while msgspec decodes (`nerve.runtime.envelope.codec`) and when a message is
-built in code; the limits are in docs/envelope.md.
+Every constraint is checked while msgspec decodes (`nerve.runtime.envelope.codec`), and by
+`Command.create`, which validates as a decoder does. A message built in code by its constructor gets the
+checks of `__post_init__` (data, extensions, a command's times) but not the lengths and patterns: msgspec
+checks those only when it decodes. The limits are in docs/envelope.md.
 """
 
 from __future__ import annotations
@@ -179,8 +181,7 @@ def check_extensions(extensions: Mapping[str, object]) -> None:
                 f"attribute name {name!r} is not valid: CloudEvents attribute names are 1 to "
                 f"{_MAX_EXTENSION_NAME_CHARS} of the characters a-z and 0-9"
             )
-        kind = type(value)
-        if kind is str or kind is bool:
+        if type(value) is str or type(value) is bool:
             continue
         if type(value) is int:
             if not _INT64_MIN <= value <= _UINT64_MAX:
@@ -230,9 +231,8 @@ class Event(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unkn
     """Something that happened: a reading (`nerve.telemetry.<metric>`), a device's or a service's event.
 
     Any CloudEvent 1.0: `subject`, `time` (None unless given), `datacontenttype`, `dataschema` are
-    optional, `data` is any
-    JSON value (or `data_base64` binary data, never both), and `extensions` holds the extension
-    attributes as they came (names of a-z and 0-9; string, number or boolean values).
+    optional, `data` is any JSON value (or `data_base64` binary data, never both), and `extensions`
+    holds the extension attributes as they came (names of a-z and 0-9; string, number or boolean values).
     """
 
     # Optional in CloudEvents: an event that came without one is kept without one (pass `time=utcnow()`).
