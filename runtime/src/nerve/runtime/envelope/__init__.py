@@ -26,6 +26,7 @@ from nerve.runtime.envelope.codec import (
     wrap_raw,
 )
 from nerve.runtime.envelope.model import (
+    LATEST_COMMAND_TIME,
     MAX_DATA_DEPTH,
     MAX_HOPS,
     MAX_ID_CHARS,
@@ -46,6 +47,7 @@ __all__ = [
     "CONTENT_TYPE_HEADER",
     "DEFAULT_CODEC",
     "DEFAULT_MAX_PAYLOAD",
+    "LATEST_COMMAND_TIME",
     "MAX_DATA_DEPTH",
     "MAX_HOPS",
     "MAX_ID_CHARS",
