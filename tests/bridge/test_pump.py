@@ -12,7 +12,7 @@ from nerve.bridge.natswire import StoreAck
 from nerve.bridge.pump import Pump
 from nerve.bridge.stats import BridgeStats
 from nerve.runtime.config.settings import DEFAULT_METRICS
-from nerve.runtime.envelope.codec import to_msgpack
+from nerve.runtime.envelope.codec import Codec, decode, is_msgpack_map, to_json, to_msgpack
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.wire.mqtt import Incoming
 
@@ -62,6 +62,7 @@ def make_pump(
     max_payload: int = 65536,
     nats_max: int = 1 << 20,
     attach_mqtt: bool = True,
+    codec: Codec = Codec.MSGPACK,
 ) -> tuple[Pump, FakeNats, FakeMqtt, BridgeStats]:
     stats = BridgeStats()
     pump = Pump(
@@ -73,6 +74,7 @@ def make_pump(
         mappings=(),
         store_timeout_s=store_timeout_s,
         max_in_flight=max_in_flight,
+        codec=codec,
     )
     nats, mqtt = FakeNats(nats_max), FakeMqtt()
     pump.attach_nats(cast("NatsWire", nats))
@@ -142,6 +144,24 @@ async def test_a_store_left_unanswered_is_published_again() -> None:
     assert nats.published[0][:3] == nats.published[1][:3]
     pump.on_acks([ok(nats.tokens()[1])])
     assert mqtt.pubacks == [[1]]
+
+
+@pytest.mark.parametrize("codec", list(Codec))
+async def test_stores_carry_the_cloudevents_content_type_of_the_codec(codec: Codec) -> None:
+    pump, nats, _, _ = make_pump(codec=codec)
+    event = Event(source="t", type="nerve.telemetry.cpu", subject="pi", data={"value": 1})
+    pump.on_messages(
+        [
+            Incoming("nerve/pi/telemetry/cpu", to_msgpack(event), 1),
+            Incoming("nerve/pi/telemetry/cpu", to_json(event), 2),
+            Incoming("nerve/pi/telemetry/cpu", b"12.5", 3),
+        ]
+    )
+    for _, headers, body, _ in nats.published:
+        assert f"\r\nContent-Type: application/cloudevents+{codec.value}\r\n".encode() in headers
+        assert is_msgpack_map(body) is (codec is Codec.MSGPACK)
+        assert decode(body, Event).subject == "pi"
+    assert [decode(body, Event) for _, _, body, _ in nats.published[:2]] == [event, event]
 
 
 async def test_bad_input_is_dead_lettered_with_reason_and_bytes() -> None:

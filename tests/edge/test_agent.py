@@ -15,6 +15,7 @@ import sys
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import pytest
 
 import nerve.edge
@@ -329,7 +330,7 @@ def refusals(signer: Signer, tmp_path: Path) -> dict[str, tuple[str, bytes, str,
     return {
         "forged": (
             command_topic(),
-            to_msgpack(genuine.model_copy(update={"data": {"older_than_s": 0}})),
+            to_msgpack(msgspec.structs.replace(genuine, data={"older_than_s": 0})),
             "rejected",
             "bad signature",
         ),

@@ -9,9 +9,17 @@ import time
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 
-from nerve.runtime.envelope.codec import decode, to_json
+from nerve.runtime.envelope.codec import (
+    CONTENT_TYPE_HEADER,
+    Codec,
+    content_type,
+    decode,
+    is_msgpack_map,
+    to_json,
+)
 from nerve.runtime.envelope.model import Command, CommandResult, Fact
 from nerve.runtime.stack.local import Stack
 from nerve.runtime.testing import stream_messages, wait_for_count
@@ -39,11 +47,17 @@ async def mosquitto_pub(broker: Mosquitto, topic: str, message: str) -> None:
     assert await process.wait() == 0
 
 
+@pytest.mark.parametrize("codec", list(Codec))
 async def test_spike_clears_old_files_and_keeps_facts(
-    settings: Settings, mosquitto: Mosquitto, nc: NatsClient
+    settings: Settings, mosquitto: Mosquitto, nc: NatsClient, codec: Codec
 ) -> None:
     js = nc.jetstream()
-    quiet = settings.model_copy(update={"edge": settings.edge.model_copy(update={"mounts": ()})})
+    quiet = settings.model_copy(
+        update={
+            "edge": settings.edge.model_copy(update={"mounts": ()}),
+            "nats": settings.nats.model_copy(update={"codec": codec}),
+        }
+    )
     async with Stack(settings=quiet, device="pi-01") as stack:
         assert stack.info is not None
         assert stack.info.started_brokers == ()  # the test's brokers answered: none started
@@ -77,6 +91,11 @@ async def test_spike_clears_old_files_and_keeps_facts(
     assert result.data["bytes_freed"] == 4096
     assert not old.exists()
     assert fresh.exists()
+    # Every part stored in the codec the setting names, and said so (CloudEvents NATS binding).
+    for stream in ("NERVE_TELEMETRY", "NERVE_COMMANDS", "NERVE_RESULTS", "NERVE_FACTS"):
+        for message in await stream_messages(js, stream):
+            assert message.headers[CONTENT_TYPE_HEADER] == content_type(codec), stream
+            assert is_msgpack_map(message.data) is (codec is Codec.MSGPACK), stream
     assert outside.exists()
 
 
@@ -117,7 +136,7 @@ async def test_forged_command_is_refused_and_audited(
         victim.write_bytes(b"data")
         await mosquitto_pub(mosquitto, "nerve/pi-03/commands/clear_temp", to_json(forged).decode())
         await wait_for_count(js, "NERVE_FACTS", 1, timeout=15)
-        unsigned = forged.model_copy(update={"sig": "", "id": "unsigned-1"})
+        unsigned = msgspec.structs.replace(forged, sig="", id="unsigned-1")
         await mosquitto_pub(mosquitto, "nerve/pi-03/commands/clear_temp", to_json(unsigned).decode())
         await wait_for_count(js, "NERVE_FACTS", 2, timeout=15)
     assert victim.exists()

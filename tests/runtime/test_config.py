@@ -19,6 +19,7 @@ from nerve.runtime.config.settings import (
     host_port,
     load_settings,
 )
+from nerve.runtime.envelope.codec import Codec
 from nerve.runtime.errors import ConfigError, NerveError
 
 
@@ -362,3 +363,12 @@ def test_sub_models_refuse_unknown_keys() -> None:
     for model in (MqttSettings, NatsSettings, BridgeSettings):
         with pytest.raises(ValidationError, match=re.escape("Extra inputs are not permitted")):
             model.model_validate({"nope": 1})
+
+
+def test_nats_codec() -> None:
+    assert load_settings().nats.codec is Codec.MSGPACK
+    assert load_settings(env={"NERVE_NATS__CODEC": "json"}).nats.codec is Codec.JSON
+    with pytest.raises(ConfigError, match=r"nats\.codec") as caught:
+        load_settings(env={"NERVE_NATS__CODEC": "xml"})
+    assert "json" in str(caught.value)
+    assert "msgpack" in str(caught.value)

@@ -138,13 +138,17 @@ class DiskRunbook(Agent):
         return incident
 
     async def _on_reading(self, reading: Event, ctx: AgentContext) -> None:
-        value = reading.data.get("value")
+        # Any CloudEvent may arrive here: only a map with a numeric `value`, about a device, is a reading.
+        data = reading.data
+        device = reading.subject
+        if not isinstance(data, dict) or device is None:
+            return
+        value = data.get("value")
         if isinstance(value, bool) or not isinstance(value, int | float):
             return
         if value < self._settings.threshold:
             return
-        device = reading.subject
-        mount = str(reading.data.get("mount", ""))
+        mount = str(data.get("mount", ""))
         now = time.time()
         proposal = Incident(
             state="open",

@@ -26,7 +26,7 @@ from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, CommandResult, Fact, derived_id
+from nerve.runtime.envelope.model import Command, CommandResult, Fact, derived_id, utcnow
 from nerve.runtime.errors import DecodeError, TopicError, shown_url
 from nerve.runtime.jetstream.client import (
     connect_forever,
@@ -36,7 +36,6 @@ from nerve.runtime.jetstream.client import (
     shared_durable,
 )
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
-from nerve.runtime.plain_envelope import utcnow
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
 from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, open_mqtt
 
@@ -127,6 +126,7 @@ class Bridge:
             ranges=settings.bridge.effective_ranges,
             store_timeout_s=STORE_TIMEOUT_S,
             max_in_flight=settings.bridge.max_in_flight,
+            codec=settings.nats.codec,
         )
         nats_wire = await open_nats(settings.nats.url, name="nerve-bridge-uplink", on_acks=pump.on_acks)
         pump.attach_nats(nats_wire)
@@ -286,7 +286,7 @@ class Bridge:
             result_id=derived_id(command.id, "expired"),
         )
         result_subject = Address(command.subject, Kind.RESULTS, command.action).subject(self._prefix)
-        await publish_envelope(js, result_subject, result)
+        await publish_envelope(js, result_subject, result, codec=self._settings.nats.codec)
         fact = Fact(
             id=derived_id(command.id, "fact", "command_expired"),
             source=SOURCE,
@@ -297,6 +297,6 @@ class Bridge:
             data={"command_id": command.id, "action": command.action},
             **command.caused(),
         )
-        await publish_fact(js, fact, prefix=self._prefix)
+        await publish_fact(js, fact, prefix=self._prefix, codec=self._settings.nats.codec)
         self.stats.commands_expired += 1
         log.warning("bridge: command %s to %s %s", command.id, command.subject, reason)

@@ -4,7 +4,8 @@ Per session (one MQTT connection, one NATS connection), everything runs in the t
 callbacks, with no task per message:
 
 1. `on_messages` gets every PUBLISH one MQTT read brought. Each is translated (envelope checks, raw
-   values wrapped) and queued as an `HPUB` to its subject with its `Nats-Msg-Id`, or as a dead letter
+   values wrapped, encoded in the stored codec) and queued as an `HPUB` to its subject with its
+   `Nats-Msg-Id` and `Content-Type` (the CloudEvents NATS binding, structured mode), or as a dead letter
    with the reason; the whole batch leaves in one write.
 2. `on_acks` gets every JetStream ack one NATS read brought and marks those messages stored. Then the
    PUBACKs of the stored head of the receive-order queue go back to mosquitto in one write: a message is
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Final
 from nerve.bridge.natswire import StoreAck, headers_block
 from nerve.bridge.uplink import Forward, Ignore, Reject, translate
 from nerve.runtime.backoff import Backoff
+from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type
 from nerve.runtime.jetstream.client import (
     MSG_ID_HEADER,
     ORIGIN_HEADER,
@@ -89,8 +91,11 @@ class Pump:
         ranges: Mapping[str, tuple[float, float]] | None = None,
         store_timeout_s: float,
         max_in_flight: int,
+        codec: Codec = DEFAULT_CODEC,
     ) -> None:
         self._loop = loop
+        self._codec = codec
+        self._content_type = content_type(codec)
         self._stats = stats
         self._prefix = prefix
         self._metrics = metrics
@@ -163,6 +168,7 @@ class Pump:
                 max_payload=self._max_payload,
                 mappings=self._mappings,
                 ranges=self._ranges,
+                codec=self._codec,
             )
         except Exception as exc:
             log.exception("bridge: translating a message from %s failed", topic)
@@ -172,7 +178,9 @@ class Pump:
             return InFlight(packet_id, "", b"", b"", dead_letter=False, origin=topic, stored=True)
         if isinstance(outcome, Forward):
             try:
-                headers = headers_block({MSG_ID_HEADER: outcome.msg_id})
+                headers = headers_block(
+                    {MSG_ID_HEADER: outcome.msg_id, CONTENT_TYPE_HEADER: self._content_type}
+                )
             except ValueError:
                 outcome = Reject(f"event id {outcome.msg_id!r} cannot be a dedup id (it has a line break)")
             else:

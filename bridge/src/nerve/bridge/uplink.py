@@ -1,7 +1,12 @@
 """Uplink: what an MQTT message becomes in JetStream.
 
 `translate` is pure: topic and bytes in, either a `Forward` (subject, body, dedup id) or a `Reject`
-(the reason, for the dead-letter stream). It never raises for any input.
+(the reason, for the dead-letter stream). It never raises for any input. The body is a CloudEvent in
+structured mode, in the codec the bridge stores (`nats.codec`: msgpack or JSON). The topic names the
+device: an enveloped message whose `subject` names another device is refused, and an event without a
+`subject` is stored with the topic's device as its subject. Everything under the prefix reaches the
+bridge, so a mistyped topic is dead-lettered with its reason; commands and presence are `Ignore`d. A reading
+of a metric with a range (`bridge.ranges`) outside it is refused.
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from nerve.runtime.envelope.codec import (
+    DEFAULT_CODEC,
     MODEL_OF_KIND,
-    envelope_from,
-    is_envelope,
+    Codec,
+    decode,
+    encode,
+    is_enveloped,
     is_msgpack_map,
     load_document,
-    to_msgpack,
     wrap_raw,
 )
 from nerve.runtime.errors import DecodeError, PayloadTooLarge, TopicError
@@ -83,7 +92,9 @@ def topic_matches(levels: list[str], topic: list[str]) -> bool:
     return len(levels) == len(topic)
 
 
-def _mapped(rule: TopicMapping, topic: str, payload: bytes, bounds: tuple[float, float] | None) -> Forward:
+def _mapped(
+    rule: TopicMapping, topic: str, payload: bytes, *, codec: Codec, bounds: tuple[float, float] | None
+) -> Forward:
     """Apply a foreign-topic mapping; raise `DecodeError` naming the rule."""
     device = topic.split("/")[rule.device_level - 1]
     if not is_token(device):
@@ -104,11 +115,11 @@ def _mapped(rule: TopicMapping, topic: str, payload: bytes, bounds: tuple[float,
         check_range(rule.metric, event.data, bounds)
     except DecodeError as exc:
         raise DecodeError(f"mapping {rule.name!r}: {exc.reason}") from None
-    return Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=device)
+    return Forward(subject="", body=encode(event, codec), msg_id=event.id, device=device)
 
 
 def check_range(metric: str, data: object, bounds: tuple[float, float] | None) -> None:
-    """Raise `DecodeError` unless the reading's `value` lies in `bounds` (None: any finite number)."""
+    """Raise `DecodeError` unless the reading's `value` lies in `bounds` (None: no range to check)."""
     if bounds is None or not isinstance(data, Mapping):
         return
     value = data.get("value")
@@ -121,20 +132,25 @@ def check_range(metric: str, data: object, bounds: tuple[float, float] | None) -
 
 def _enveloped(
     address: Address,
-    document: object,
     payload: bytes,
     *,
     as_msgpack: bool,
+    codec: Codec,
     bounds: tuple[float, float] | None = None,
 ) -> Forward:
-    envelope = envelope_from(document, MODEL_OF_KIND[address.kind])
-    if envelope.subject != address.device:
-        raise DecodeError(
-            f"envelope subject {envelope.subject!r} does not match the topic's device {address.device!r}"
-        )
+    envelope = decode(payload, MODEL_OF_KIND[address.kind], max_size=len(payload))
+    subject = envelope.subject
+    if subject is None:
+        # CloudEvents makes `subject` optional; the topic says which device sent it.
+        envelope = msgspec.structs.replace(envelope, subject=address.device)
+    elif subject != address.device:
+        raise DecodeError(f"subject {subject!r} names another device than the topic's {address.device!r}")
     check_range(address.name, envelope.data, bounds)
-    # Already-valid msgpack is forwarded as it came: no second encode on the hot path.
-    body = payload if as_msgpack else to_msgpack(envelope)
+    # A valid envelope already in the stored codec goes as it came: no second encode on the hot path.
+    if subject is not None and as_msgpack is (codec is Codec.MSGPACK):
+        body = payload
+    else:
+        body = encode(envelope, codec)
     return Forward(subject="", body=body, msg_id=envelope.id, device=address.device)
 
 
@@ -146,18 +162,19 @@ def translate(
     metrics: Collection[str],
     max_payload: int,
     mappings: Sequence[TopicMapping] = (),
+    codec: Codec = DEFAULT_CODEC,
     ranges: Mapping[str, tuple[float, float]] | None = None,
 ) -> Forward | Reject | Ignore:
-    """Turn an MQTT message into what the bridge stores, or the reason it cannot. Never raises.
+    """Turn an MQTT message into what the bridge stores (encoded with `codec`), or the reason it cannot.
 
-    `ranges` bounds the `value` of a reading per metric (a reading outside is rejected).
+    `ranges` bounds the `value` of a reading per metric (a reading outside is rejected). Never raises.
     """
     try:
         if len(payload) > max_payload:
             raise PayloadTooLarge(len(payload), max_payload)
         if topic.startswith(f"{prefix}/"):
-            return _own(topic, payload, prefix=prefix, metrics=metrics, ranges=ranges or {})
-        return _foreign(topic, payload, prefix=prefix, mappings=mappings, ranges=ranges or {})
+            return _own(topic, payload, prefix=prefix, metrics=metrics, codec=codec, ranges=ranges or {})
+        return _foreign(topic, payload, prefix=prefix, mappings=mappings, codec=codec, ranges=ranges or {})
     except (TopicError, DecodeError) as exc:
         return Reject(str(exc))
     except (ValueError, OverflowError, RecursionError, TypeError) as exc:
@@ -171,6 +188,7 @@ def _own(
     *,
     prefix: str,
     metrics: Collection[str],
+    codec: Codec,
     ranges: Mapping[str, tuple[float, float]],
 ) -> Forward | Reject | Ignore:
     """A message on nerve's own scheme: enveloped (msgpack or JSON) or raw."""
@@ -188,18 +206,16 @@ def _own(
         )
     bounds = ranges.get(address.name) if address.kind is Kind.TELEMETRY else None
     if is_msgpack_map(payload):
-        document = load_document(payload)
-        if not is_envelope(document):
+        if not is_enveloped(payload):
+            load_document(payload)  # malformed msgpack: DecodeError, saying so
             return Reject("msgpack payloads must be envelopes (with specversion)")
-        forward = _enveloped(address, document, payload, as_msgpack=True, bounds=bounds)
+        forward = _enveloped(address, payload, as_msgpack=True, codec=codec, bounds=bounds)
+    elif payload.lstrip().startswith(b"{") and is_enveloped(payload):
+        forward = _enveloped(address, payload, as_msgpack=False, codec=codec, bounds=bounds)
     else:
-        document = _json_object(payload)
-        if is_envelope(document):
-            forward = _enveloped(address, document, payload, as_msgpack=False, bounds=bounds)
-        else:
-            event = wrap_raw(address, payload, source=f"mqtt://{topic}")
-            check_range(address.name, event.data, bounds)
-            forward = Forward(subject="", body=to_msgpack(event), msg_id=event.id, device=address.device)
+        event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+        check_range(address.name, event.data, bounds)
+        forward = Forward(subject="", body=encode(event, codec), msg_id=event.id, device=address.device)
     return Forward(
         subject=address.subject(prefix), body=forward.body, msg_id=forward.msg_id, device=forward.device
     )
@@ -211,6 +227,7 @@ def _foreign(
     *,
     prefix: str,
     mappings: Sequence[TopicMapping],
+    codec: Codec,
     ranges: Mapping[str, tuple[float, float]],
 ) -> Forward | Reject:
     """A third-party topic, brought into the scheme by the first mapping that matches it."""
@@ -218,7 +235,8 @@ def _foreign(
     rule = next((r for r in mappings if topic_matches(r.topic.split("/"), levels)), None)
     if rule is None:
         return Reject(f"topic {topic!r} is outside {prefix!r}/ and matches no mapping")
-    mapped = _mapped(rule, topic, payload, ranges.get(rule.metric) if rule.kind == "telemetry" else None)
+    bounds = ranges.get(rule.metric) if rule.kind == "telemetry" else None
+    mapped = _mapped(rule, topic, payload, codec=codec, bounds=bounds)
     subject = Address(mapped.device, Kind(rule.kind), rule.metric).subject(prefix)
     return Forward(subject=subject, body=mapped.body, msg_id=mapped.msg_id, device=mapped.device)
 

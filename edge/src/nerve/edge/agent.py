@@ -16,9 +16,10 @@ its PUBACK. Sensors keep reading while the broker is away; what they read goes o
 A command message is acknowledged to mosquitto only after its result is in the outbox. A device that
 dies before that gets the command again from its persistent session, and the journal answers it with
 the recorded result (or "unknown" if it was still running): delivered at least once, run at most once.
-MQTT goes through `nerve.runtime.wire.mqtt` (a lean asyncio client), and messages are plain msgpack
-dicts (`nerve.runtime.plain_envelope`): this module imports neither nats-py (an edge-only install has
-none), nor paho/aiomqtt, nor pydantic, which keeps the edge process small (see `nerve.edge.main`).
+MQTT goes through `nerve.runtime.wire.mqtt` (a lean asyncio client), and messages are the one envelope
+model (`nerve.runtime.envelope`, msgspec Structs, encoded as msgpack): this module imports neither
+nats-py (an edge-only install has none), nor paho/aiomqtt, nor pydantic, which keeps the edge process
+small (see `nerve.edge.main`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from nerve.edge.outbox import Outbox, OutboxKind, outbox_path
 from nerve.edge.sampling import Sampler, build_sensors
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
+from nerve.runtime.envelope.codec import to_msgpack
+from nerve.runtime.envelope.model import Event, utcnow
 from nerve.runtime.errors import ConfigError, shown_url
-from nerve.runtime.plain_envelope import event_bytes, utcnow
 from nerve.runtime.subjects import Address, Kind, is_token, status_topic
 from nerve.runtime.wire.mqtt import Incoming, MqttWire, MqttWireError, Will, open_mqtt
 
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
     from nerve.edge.sampling import ScheduledSensor
     from nerve.edge.sensors import Reading
     from nerve.edge.settings import SettingsView
-    from nerve.runtime.plain_envelope import PlainResult
+    from nerve.runtime.envelope.model import CommandResult
 
 __all__ = ["OFFLINE", "ONLINE", "EdgeAgent", "default_device_id"]
 
@@ -272,14 +274,16 @@ class EdgeAgent:
         when = self._clock()
 
         def encode(event_id: str) -> bytes:
-            return event_bytes(
-                event_id=event_id,
-                source=self._source,
-                type_=f"nerve.telemetry.{reading.metric}",
-                subject=self._device,
-                time=when,
-                # Labels first: a label can never shadow the value or its unit.
-                data={**reading.labels, "value": reading.value, "unit": reading.unit},
+            return to_msgpack(
+                Event(
+                    id=event_id,
+                    source=self._source,
+                    type=f"nerve.telemetry.{reading.metric}",
+                    subject=self._device,
+                    time=when,
+                    # Labels first: a label can never shadow the value or its unit.
+                    data={**reading.labels, "value": reading.value, "unit": reading.unit},
+                )
             )
 
         self._write(OutboxKind.TELEMETRY, topic, encode)
@@ -299,13 +303,15 @@ class EdgeAgent:
             self._write(
                 OutboxKind.EVENTS,
                 topic,
-                lambda event_id: event_bytes(
-                    event_id=event_id,
-                    source=self._source,
-                    type_=f"nerve.events.{DROPPED_EVENT}",
-                    subject=self._device,
-                    time=self._clock(),
-                    data=data,
+                lambda event_id: to_msgpack(
+                    Event(
+                        id=event_id,
+                        source=self._source,
+                        type=f"nerve.events.{DROPPED_EVENT}",
+                        subject=self._device,
+                        time=self._clock(),
+                        data=data,
+                    )
                 ),
             )
 
@@ -349,7 +355,7 @@ class EdgeAgent:
             raise
         await self._reply(wire, message, topic, result)
 
-    def _handle(self, topic: str, payload: bytes) -> PlainResult | None:
+    def _handle(self, topic: str, payload: bytes) -> CommandResult | None:
         try:
             return self._executor.handle(topic, payload, prefix=self._prefix)
         except Exception:  # noqa: BLE001 - logged with its traceback; see below
@@ -358,7 +364,9 @@ class EdgeAgent:
             _log.exception("message on %s could not be handled", topic)
             return None
 
-    async def _reply(self, wire: MqttWire, message: Incoming, topic: str, result: PlainResult | None) -> None:
+    async def _reply(
+        self, wire: MqttWire, message: Incoming, topic: str, result: CommandResult | None
+    ) -> None:
         if result is None:
             self._dropped += 1
         else:
@@ -366,7 +374,7 @@ class EdgeAgent:
             if not is_token(action):
                 action = result.action
             results = Address(self._device, Kind.RESULTS, action).topic(self._prefix)
-            encoded = result.encode()
+            encoded = to_msgpack(result)
             # A result keeps the id its journal recorded: a repeated command gets the same message.
             self._write(OutboxKind.RESULTS, results, lambda _event_id: encoded)
             _log.debug("queued %s: %s", results, result.status)

@@ -28,27 +28,18 @@ import hashlib
 import json
 import logging
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from enum import Enum
+from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, Final, TypeGuard
 
-import msgpack
+import msgspec
 
 from nerve.edge.actions import ActionArgumentError, ActionFailed, ClearTemp
 from nerve.edge.allowlist import build_allow_list
 from nerve.edge.journal import JournalError, JournalState
+from nerve.runtime.envelope.codec import DEFAULT_MAX_PAYLOAD, decode, load_document, to_msgpack
+from nerve.runtime.envelope.model import MAX_HOPS, MAX_ID_CHARS, Command, CommandResult, utcnow
 from nerve.runtime.errors import ConfigError, DecodeError, PayloadTooLarge, SignatureError, TopicError
-from nerve.runtime.plain_envelope import (
-    DEFAULT_MAX_PAYLOAD,
-    MAX_HOPS,
-    MAX_ID_CHARS,
-    PlainCommand,
-    PlainResult,
-    decode_command,
-    jsonable,
-    load_document,
-    parse_result,
-    utcnow,
-)
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
 from nerve.runtime.trust.signing import Verifier
 
@@ -58,7 +49,7 @@ if TYPE_CHECKING:
     from nerve.edge.actions import Action
     from nerve.edge.journal import CommandJournal, JournalEntry
     from nerve.edge.settings import SettingsView
-    from nerve.runtime.envelope.model import Command, ResultStatus
+    from nerve.runtime.envelope.model import ResultStatus
 
 __all__ = ["DEFAULT_MAX_ARGS_BYTES", "INTERRUPTED_REASON", "RERUN_REASON", "Executor", "command_digest"]
 
@@ -74,9 +65,10 @@ _UNREADABLE_REASON: Final = "the result recorded for this command cannot be read
 _MAX_REASON_CHARS: Final = 500
 
 _CLEAR_TEMP: Final = "clear_temp"
+_MSGPACK: Final = msgspec.msgpack.Encoder()
 
 
-def command_digest(command: PlainCommand | Command) -> bytes:
+def command_digest(command: Command) -> bytes:
     """What identifies a command's request in the journal: SHA-256 of its device, action and arguments.
 
     Time, expiry and signature are left out on purpose: a central that re-creates the same command
@@ -197,7 +189,7 @@ class Executor:
         """The actions this device runs (the allow-list)."""
         return frozenset(self._actions)
 
-    def handle(self, topic: str, payload: bytes, *, prefix: str = DEFAULT_PREFIX) -> PlainResult | None:
+    def handle(self, topic: str, payload: bytes, *, prefix: str = DEFAULT_PREFIX) -> CommandResult | None:
         """Handle one message received on a command topic; return the result to publish.
 
         Never raises for any `topic` and `payload`. Returns None, after logging a warning that says
@@ -222,13 +214,13 @@ class Executor:
             _log.warning("message on %s dropped: not a command topic of device %r", topic, self._device)
             return None
         try:
-            command = decode_command(payload, max_size=self._max_payload)
+            command = decode(payload, Command, max_size=self._max_payload)
         except DecodeError as exc:
             return self._undecodable(topic, payload, address.name, exc)
         _log.debug("command %s (%s) received on %s", command.id, command.action, topic)
         return self._handle(command, address.name)
 
-    def _handle(self, command: PlainCommand, topic_action: str) -> PlainResult:
+    def _handle(self, command: Command, topic_action: str) -> CommandResult:
         try:
             entry = self._journal.lookup(command.id)
         except JournalError as exc:
@@ -248,8 +240,8 @@ class Executor:
         return self._seen_before(command, entry, digest, same=same)
 
     def _answered_before(
-        self, command: PlainCommand, entry: JournalEntry, topic_action: str
-    ) -> PlainResult | None:
+        self, command: Command, entry: JournalEntry, topic_action: str
+    ) -> CommandResult | None:
         """The answer to a command that finished before: its recorded result, or `expired` once past it."""
         recorded = self._recorded(entry)
         if recorded is None:
@@ -263,10 +255,10 @@ class Executor:
             return self._refuse(command, refusal)
         return self._replayed_after_expiry(command)
 
-    def _past_expiry(self, command: PlainCommand) -> bool:
+    def _past_expiry(self, command: Command) -> bool:
         return self._clock() > command.expires + self._skew
 
-    def _replayed_after_expiry(self, command: PlainCommand) -> PlainResult:
+    def _replayed_after_expiry(self, command: Command) -> CommandResult:
         """A command answered before and now past its expiry is refused as expired, not answered again."""
         now = self._clock()
         reason = (
@@ -278,8 +270,8 @@ class Executor:
         return self._result(command, "rejected", reason)
 
     def _seen_before(
-        self, command: PlainCommand, entry: JournalEntry, digest: bytes, *, same: bool
-    ) -> PlainResult:
+        self, command: Command, entry: JournalEntry, digest: bytes, *, same: bool
+    ) -> CommandResult:
         """A genuine command whose id is journalled already, without a result to answer with."""
         if not same:
             # Not journalled: the entry stays the first command's.
@@ -301,20 +293,20 @@ class Executor:
         reason = INTERRUPTED_REASON if entry.state is JournalState.STARTED else _UNREADABLE_REASON
         return self._record(command, self._result(command, "unknown", reason))
 
-    def _authenticate(self, command: PlainCommand, topic_action: str) -> str | None:
+    def _authenticate(self, command: Command, topic_action: str) -> str | None:
         """Why `command` is refused before anything about it is journalled, or None if it is genuine."""
         if command.subject != self._device:
             return f"command is for device {command.subject!r}, not {self._device!r}"
         if command.action != topic_action:
             return f"command action {command.action!r} does not match its topic's action {topic_action!r}"
         try:
-            self._verifier.check(command.keyid, command.sig, command.canonical_bytes)
+            self._verifier.verify(command)
         except SignatureError as exc:
             _log.warning("command %s from %s refused: %s", command.id, command.source, exc)
             return str(exc)
         return None
 
-    def _admit(self, command: PlainCommand, digest: bytes, *, rerun: bool = False) -> PlainResult:
+    def _admit(self, command: Command, digest: bytes, *, rerun: bool = False) -> CommandResult:
         """Check expiry, argument size, allow-list and arguments of a genuine command, then run it."""
         refusal = self._precheck(command, rerun=rerun)
         if refusal is not None:
@@ -331,7 +323,7 @@ class Executor:
             return self._record(command, self._result(command, "rejected", reason), digest)
         return self._execute(command, action, args, digest, rerun=rerun)
 
-    def _precheck(self, command: PlainCommand, *, rerun: bool) -> tuple[ResultStatus, str] | None:
+    def _precheck(self, command: Command, *, rerun: bool) -> tuple[ResultStatus, str] | None:
         """Why a genuine command is not run (expired, arguments too large, not allowed), or None."""
         now = self._clock()
         if now > command.expires + self._skew:
@@ -355,8 +347,8 @@ class Executor:
         return None
 
     def _execute(
-        self, command: PlainCommand, action: Action, args: Mapping[str, Any], digest: bytes, *, rerun: bool
-    ) -> PlainResult:
+        self, command: Command, action: Action, args: Mapping[str, Any], digest: bytes, *, rerun: bool
+    ) -> CommandResult:
         if not rerun:
             try:
                 claimed = self._journal.start(command.id, expires=command.expires, digest=digest)
@@ -383,70 +375,69 @@ class Executor:
             self._running.discard(command.id)
         return self._record(command, result, digest)
 
-    def _record(self, command: PlainCommand, result: PlainResult, digest: bytes | None = None) -> PlainResult:
+    def _record(self, command: Command, result: CommandResult, digest: bytes | None = None) -> CommandResult:
         try:
-            self._journal.finish(command.id, result.encode(), expires=command.expires, digest=digest)
+            self._journal.finish(command.id, to_msgpack(result), expires=command.expires, digest=digest)
         except JournalError as exc:
             # The answer still goes out; a replay will get "unknown" (if started) or be checked again.
             _log.error("result of command %s not journalled: %s", command.id, exc)
         _log.info("command %s (%s): %s %s", command.id, command.action, result.status, result.reason)
         return result
 
-    def _refuse(self, command: PlainCommand, reason: str) -> PlainResult:
+    def _refuse(self, command: Command, reason: str) -> CommandResult:
         _log.info("command %s (%s) refused: %s", command.id, command.action, reason)
         return self._result(command, "rejected", reason)
 
     def _result(
         self,
-        command: PlainCommand,
+        command: Command,
         status: ResultStatus,
         reason: str = "",
         data: dict[str, Any] | None = None,
-    ) -> PlainResult:
+    ) -> CommandResult:
         try:
             # In its JSON form now: a value with none (from a plugin, say) fails here, not when sent.
-            data = jsonable(data or {})
-        except (TypeError, ValueError) as exc:
-            status, reason, data = (
-                "failed",
-                _clip(f"{command.action} returned data with no JSON form: {exc}"),
-                {},
+            return CommandResult.for_command(
+                command,
+                source=self._source,
+                status=status,
+                reason=reason,
+                data=msgspec.to_builtins(data or {}, enc_hook=_json_form),
+                # The answer comes from this device, whoever the command was meant for.
+                subject=self._device,
             )
-        return PlainResult(
-            source=self._source,
-            type=f"nerve.result.{command.action}",
-            # The answer comes from this device, whoever the command was meant for.
-            subject=self._device,
-            action=command.action,
-            status=status,
-            reason=reason,
-            data=data,
-            **command.caused(),
-        )
+        except (TypeError, ValueError) as exc:
+            return CommandResult.for_command(
+                command,
+                source=self._source,
+                status="failed",
+                reason=_clip(f"{command.action} returned data with no JSON form: {exc}"),
+                subject=self._device,
+            )
 
-    def _recorded(self, entry: JournalEntry) -> PlainResult | None:
+    def _recorded(self, entry: JournalEntry) -> CommandResult | None:
         if entry.result is None:
             return None
         try:
-            return parse_result(load_document(entry.result))
+            return decode(entry.result, CommandResult, max_size=len(entry.result))
         except DecodeError as exc:
             _log.warning("recorded result of command %s cannot be read: %s", entry.command_id, exc)
             return None
 
-    def _bad_topic(self, topic: str, payload: bytes, prefix: str, exc: TopicError) -> PlainResult | None:
+    def _bad_topic(self, topic: str, payload: bytes, prefix: str, exc: TopicError) -> CommandResult | None:
         # Only a subscription to `<prefix>/<device>/commands/+` brings us here, so what is wrong is the
         # last level: a command that decodes is answered (on its own action's topic) with the problem.
         if not topic.startswith(f"{prefix}/{self._device}/{Kind.COMMANDS}/"):
             _log.warning("message on %r dropped: %s", topic, exc)
             return None
         try:
-            command = decode_command(payload, max_size=self._max_payload)
+            command = decode(payload, Command, max_size=self._max_payload)
         except DecodeError as decode_error:
             _log.warning("message on %r dropped: %s; %s", topic, exc, decode_error.reason)
             return None
         return self._refuse(command, str(exc))
 
-    def _undecodable(self, topic: str, payload: bytes, action: str, exc: DecodeError) -> PlainResult | None:
+    def _undecodable(self, topic: str, payload: bytes, action: str, exc: DecodeError) -> CommandResult | None:
         document: object = None
         with contextlib.suppress(DecodeError):
             document = load_document(payload)
@@ -462,7 +453,7 @@ class Executor:
         hops = document.get("hops")
         if not (isinstance(hops, int) and not isinstance(hops, bool) and hops >= 0):
             hops = 0
-        result = PlainResult(
+        result = CommandResult(
             source=self._source,
             type=f"nerve.result.{action}",
             subject=self._device,
@@ -488,9 +479,18 @@ def _is_message_id(value: object) -> TypeGuard[str]:
     return True
 
 
+def _json_form(value: object) -> object:
+    """What `msgspec.to_builtins` cannot convert itself (it raises `TypeError` for anything else)."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, Enum):
+        return value.value
+    raise TypeError(f"a value of type {type(value).__name__} has no JSON form")
+
+
 def _encoded_size(data: Mapping[str, Any]) -> int:
     try:
-        return len(msgpack.packb(data))
+        return len(_MSGPACK.encode(data))
     except (TypeError, ValueError, OverflowError):
         # Cannot happen for decoded msgpack or JSON; if it does, the arguments fit no limit.
         return 2**31

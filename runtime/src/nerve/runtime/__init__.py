@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings, load_settings
     from nerve.runtime.envelope.codec import decode, to_json, to_msgpack, wrap_raw
-    from nerve.runtime.envelope.model import Command, CommandResult, Envelope, Event, Fact, derived_id
+    from nerve.runtime.envelope.model import (
+        Command,
+        CommandResult,
+        Envelope,
+        Event,
+        Fact,
+        derived_id,
+        new_id,
+    )
     from nerve.runtime.errors import (
         BrokerBinaryMissing,
         BrokerStartFailed,
@@ -35,7 +43,6 @@ if TYPE_CHECKING:
         SignatureError,
         TopicError,
     )
-    from nerve.runtime.plain_envelope import new_id
     from nerve.runtime.subjects import Address, Kind, parse_subject, parse_topic
     from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
 
@@ -63,7 +70,7 @@ _MODULE_OF: dict[str, str] = {
     "derived_id": "nerve.runtime.envelope.model",
     "generate_keypair": "nerve.runtime.trust.signing",
     "load_settings": "nerve.runtime.config.settings",
-    "new_id": "nerve.runtime.plain_envelope",
+    "new_id": "nerve.runtime.envelope.model",
     "parse_subject": "nerve.runtime.subjects",
     "parse_topic": "nerve.runtime.subjects",
     "to_json": "nerve.runtime.envelope.codec",

@@ -2,8 +2,7 @@
 
 `<prefix>/<device>/<kind>/<name>` on MQTT is `<prefix>.<device>.<kind>.<name>` on NATS. Device ids,
 metric names, event types and actions are tokens of `[A-Za-z0-9_-]`, at most 64 long: anything else is
-refused with a `TopicError`, never rewritten. (The pydantic field types for tokens are in
-`nerve.runtime.fields`: this module imports no pydantic, the lean edge uses it.)
+refused with a `TopicError`, never rewritten. This module imports no pydantic: the lean edge uses it.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from nerve.runtime.trust.signing import Signer
 
 DEFAULT_MAX_HOPS: Final = 8
+# The subject of a fact about a message that names no device (CloudEvents makes `subject` optional).
+NO_SUBJECT: Final = "unknown"
 
 
 class Retry(NerveError):
@@ -80,7 +82,7 @@ class AgentContext:
             id=derived_id(cause.id, "fact", kind, key),
             source=self.source,
             type=f"nerve.fact.{kind}",
-            subject=cause.subject,
+            subject=cause.subject or NO_SUBJECT,
             kind=kind,
             summary=summary,
             data=data or {},
@@ -88,7 +90,7 @@ class AgentContext:
             causationid=cause.id,
             hops=cause.hops,
         )
-        await publish_fact(self.js, fact, prefix=self.prefix)
+        await publish_fact(self.js, fact, prefix=self.prefix, codec=self.settings.nats.codec)
         return fact
 
     async def command(
@@ -112,7 +114,7 @@ class AgentContext:
         )
         signed = self._signer.sign(command)
         subject = Address(device=device, kind=Kind.COMMANDS, name=action).subject(self.prefix)
-        await publish_envelope(self.js, subject, signed)
+        await publish_envelope(self.js, subject, signed, codec=self.settings.nats.codec)
         return signed
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Final, TextIO
 
-import msgpack
+import msgspec
 from nats.errors import Error as NatsError
 from nats.js.api import DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -82,14 +82,14 @@ def format_fact(fact: Fact) -> str:
 def format_dead_letter(msg: Msg) -> str:
     """One line: time, part, where it came from, why, and the start of the original bytes."""
     try:
-        record = msgpack.unpackb(msg.data)
+        record = msgspec.msgpack.decode(msg.data)
         payload = bytes(record["payload"])
         shown = repr(payload[:PAYLOAD_PREVIEW]) + ("…" if len(payload) > PAYLOAD_PREVIEW else "")
         return (
             f"{record['time'][:23]}  {record['part']:<8} {record['origin']}  {record['reason']}  "
             f"[{len(payload)} bytes: {shown}]"
         )
-    except (ValueError, KeyError, TypeError, msgpack.UnpackException):
+    except (ValueError, KeyError, TypeError, msgspec.DecodeError):
         seq = msg.metadata.sequence.stream
         return f"(seq {seq}: not a nerve dead-letter record: {msg.data[:PAYLOAD_PREVIEW]!r})"
 

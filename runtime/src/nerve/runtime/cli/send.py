@@ -221,7 +221,7 @@ class CommandChannel:
         results = Address(device, Kind.RESULTS, command.action).subject(prefix)
         self._results = await self._client.subscribe(results)
         commands = Address(device, Kind.COMMANDS, command.action).subject(prefix)
-        await publish_envelope(self._client.jetstream(), commands, command)
+        await publish_envelope(self._client.jetstream(), commands, command, codec=self._settings.nats.codec)
 
     async def last_seen(self, device: str) -> datetime | None:
         """When the newest reading, event or result of `device` was stored; None if there is none."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self
 from urllib.parse import urlsplit
@@ -17,8 +18,8 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from nerve.runtime.envelope.codec import DEFAULT_CODEC, Codec
 from nerve.runtime.errors import ConfigError, shown_url
-from nerve.runtime.fields import DeviceId, Metric, Token
 from nerve.runtime.subjects import DEFAULT_PREFIX, check_prefix, check_token
 from nerve.runtime.wire.mqtt import DEFAULT_MAX_PACKET_SIZE
 
@@ -70,6 +71,10 @@ def _nats_url(value: str) -> str:
     return value
 
 
+# Tokens refused with what they were meant to be (the message names it).
+DeviceId = Annotated[str, AfterValidator(partial(check_token, what="device id"))]
+Metric = Annotated[str, AfterValidator(partial(check_token, what="metric"))]
+Token = Annotated[str, AfterValidator(partial(check_token, what="name"))]
 MqttUrl = Annotated[str, AfterValidator(_mqtt_url)]
 ReadableFile = Annotated[Path, AfterValidator(_readable_file)]
 NatsUrl = Annotated[str, AfterValidator(_nats_url)]
@@ -133,6 +138,11 @@ class NatsSettings(_Settings):
 
     url: NatsUrl = "nats://127.0.0.1:4222"
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    codec: Codec = Field(
+        default=DEFAULT_CODEC,
+        description="how envelopes are stored in JetStream: msgpack (compact, faster) or json (readable "
+        "by the nats CLI and CloudEvents SDKs); readers take either",
+    )
 
 
 class SensorSettings(_Settings):

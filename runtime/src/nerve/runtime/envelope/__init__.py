@@ -1,42 +1,82 @@
 """The envelope: CloudEvents 1.0 messages (`Event`, `Command`, `CommandResult`, `Fact`) and their codecs.
 
-`model` holds the one definition of each message; `codec` turns bytes into messages and back.
+`model` holds the one definition of each message (msgspec Structs, used by the edge, the bridge and
+central alike); `codec` turns bytes (structured mode, JSON or msgpack) into messages and back; `binary`
+reads the MQTT binding's binary content mode. See docs/envelope.md.
 """
 
+from nerve.runtime.envelope.binary import event_from_binary, is_binary_mode, is_json_media_type
 from nerve.runtime.envelope.codec import (
+    CONTENT_TYPE_HEADER,
+    DEFAULT_CODEC,
     DEFAULT_MAX_PAYLOAD,
     MODEL_OF_KIND,
+    Codec,
+    content_type,
     decode,
+    encode,
     envelope_from,
     is_envelope,
+    is_enveloped,
+    is_msgpack_map,
+    load_document,
+    raw_data,
     to_json,
     to_msgpack,
     wrap_raw,
 )
 from nerve.runtime.envelope.model import (
+    LATEST_COMMAND_TIME,
+    MAX_DATA_DEPTH,
+    MAX_HOPS,
+    MAX_ID_CHARS,
     Command,
     CommandResult,
     Envelope,
     Event,
+    ExtensionValue,
     Fact,
     ResultStatus,
+    check_extensions,
     derived_id,
+    new_id,
+    utcnow,
 )
 
 __all__ = [
+    "CONTENT_TYPE_HEADER",
+    "DEFAULT_CODEC",
     "DEFAULT_MAX_PAYLOAD",
+    "LATEST_COMMAND_TIME",
+    "MAX_DATA_DEPTH",
+    "MAX_HOPS",
+    "MAX_ID_CHARS",
     "MODEL_OF_KIND",
+    "Codec",
     "Command",
     "CommandResult",
     "Envelope",
     "Event",
+    "ExtensionValue",
     "Fact",
     "ResultStatus",
+    "check_extensions",
+    "content_type",
     "decode",
     "derived_id",
+    "encode",
     "envelope_from",
+    "event_from_binary",
+    "is_binary_mode",
     "is_envelope",
+    "is_enveloped",
+    "is_json_media_type",
+    "is_msgpack_map",
+    "load_document",
+    "new_id",
+    "raw_data",
     "to_json",
     "to_msgpack",
+    "utcnow",
     "wrap_raw",
 ]

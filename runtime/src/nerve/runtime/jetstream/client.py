@@ -1,4 +1,9 @@
-"""NATS connections: reconnect forever, wrap failures, and publish envelopes with dedup ids."""
+"""NATS connections: reconnect forever, wrap failures, and publish envelopes with dedup ids.
+
+Envelopes are stored as the CloudEvents NATS binding says (structured mode): the event in the body, in
+the codec `nats.codec` chooses, and its media type in the `Content-Type` header
+(`application/cloudevents+json` or `application/cloudevents+msgpack`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Final
 
-import msgpack
+import msgspec
 import nats
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
@@ -14,9 +19,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.config.settings import host_port
-from nerve.runtime.envelope.codec import to_msgpack
+from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type, encode
+from nerve.runtime.envelope.model import utcnow
 from nerve.runtime.errors import BrokerUnavailable
-from nerve.runtime.plain_envelope import utcnow
 from nerve.runtime.stack.brokers import port_answers
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
 
@@ -122,12 +127,22 @@ async def shared_durable(
     )
 
 
+def envelope_headers(envelope: Envelope, codec: Codec) -> dict[str, str]:
+    """The headers an envelope is stored with: its id (JetStream dedup) and its content type."""
+    return {MSG_ID_HEADER: envelope.id, CONTENT_TYPE_HEADER: content_type(codec)}
+
+
 async def publish_envelope(
-    js: JetStreamContext, subject: str, envelope: Envelope, *, timeout: float = PUBLISH_TIMEOUT_S
+    js: JetStreamContext,
+    subject: str,
+    envelope: Envelope,
+    *,
+    codec: Codec = DEFAULT_CODEC,
+    timeout: float = PUBLISH_TIMEOUT_S,
 ) -> PubAck:
-    """Store `envelope` on `subject` (msgpack), deduplicated by its id; return JetStream's ack."""
+    """Store `envelope` on `subject` (with `codec`), deduplicated by its id; return JetStream's ack."""
     return await js.publish(
-        subject, to_msgpack(envelope), timeout=timeout, headers={MSG_ID_HEADER: envelope.id}
+        subject, encode(envelope, codec), timeout=timeout, headers=envelope_headers(envelope, codec)
     )
 
 
@@ -138,7 +153,7 @@ _HEADER_VALUE_MAX: Final = 512
 
 def dead_letter_body(*, part: str, reason: str, origin: str, payload: bytes) -> bytes:
     """The msgpack record kept in NERVE_DEADLETTER: why, where it came from, and the original bytes."""
-    packed: bytes = msgpack.packb(
+    return msgspec.msgpack.encode(
         {
             "part": part,
             "reason": reason,
@@ -147,7 +162,6 @@ def dead_letter_body(*, part: str, reason: str, origin: str, payload: bytes) -> 
             "payload": payload,
         }
     )
-    return packed
 
 
 def header_safe(value: str) -> str:
@@ -183,7 +197,12 @@ def fact_subject(fact: Fact, prefix: str) -> str:
 
 
 async def publish_fact(
-    js: JetStreamContext, fact: Fact, *, prefix: str, timeout: float = PUBLISH_TIMEOUT_S
+    js: JetStreamContext,
+    fact: Fact,
+    *,
+    prefix: str,
+    codec: Codec = DEFAULT_CODEC,
+    timeout: float = PUBLISH_TIMEOUT_S,
 ) -> PubAck:
     """Keep `fact` in NERVE_FACTS, once (deduplicated by its id)."""
-    return await publish_envelope(js, fact_subject(fact, prefix), fact, timeout=timeout)
+    return await publish_envelope(js, fact_subject(fact, prefix), fact, codec=codec, timeout=timeout)

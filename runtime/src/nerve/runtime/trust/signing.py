@@ -1,9 +1,11 @@
 """Ed25519 signatures on commands: central signs, devices verify.
 
-The signature covers the canonical JSON of every attribute of the command but `sig` itself (keys
-sorted, no spaces), so it survives a trip through msgpack or JSON and any field changed in transit
-breaks it. Keys are files: `<keyid>.key` holds the base64 seed (mode 0600), `<keyid>.pub` the base64
-public key.
+The signature covers the canonical JSON of every attribute of the command but `sig` itself (msgspec's
+JSON of the one `Command` model, map keys sorted at every level, no spaces; attributes at their default
+left out, as in every encoding), so it survives a trip through msgpack or JSON and any field changed in
+transit breaks it. Central and devices compute it from the same model.
+
+Keys are files: `<keyid>.key` holds the base64 seed (mode 0600), `<keyid>.pub` the base64 public key.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import binascii
 import os
 from typing import TYPE_CHECKING, Final
 
+import msgspec
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from nerve.runtime.errors import ConfigError, SignatureError
-from nerve.runtime.plain_envelope import canonical_json
 from nerve.runtime.subjects import is_token
 
 if TYPE_CHECKING:
@@ -31,8 +33,11 @@ PUBLIC_SUFFIX: Final = ".pub"
 
 
 def canonical_bytes(command: Command) -> bytes:
-    """The bytes a command's signature covers."""
-    return canonical_json(command.model_dump(mode="json", exclude={"sig"}, exclude_none=True))
+    """The bytes a command's signature covers: its JSON without `sig`, keys sorted at every level."""
+    return _CANONICAL.encode(msgspec.structs.replace(command, sig=""))
+
+
+_CANONICAL: Final = msgspec.json.Encoder(order="sorted")
 
 
 def generate_keypair(directory: Path, keyid: str, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -89,9 +94,9 @@ class Signer:
 
     def sign(self, command: Command) -> Command:
         """Return `command` with `keyid` and `sig` set."""
-        unsigned = command.model_copy(update={"keyid": self.keyid, "sig": ""})
+        unsigned = msgspec.structs.replace(command, keyid=self.keyid, sig="")
         signature = self._key.sign(canonical_bytes(unsigned)).signature
-        return unsigned.model_copy(update={"sig": base64.b64encode(signature).decode()})
+        return msgspec.structs.replace(unsigned, sig=base64.b64encode(signature).decode())
 
 
 class Verifier:
@@ -130,7 +135,6 @@ class Verifier:
     def check(self, keyid: str, sig: str, signed: Callable[[], bytes]) -> None:
         """Return if `sig` by `keyid` signs the bytes `signed()` gives; raise `SignatureError` saying why not.
 
-        For a command without its model (the lean edge's `PlainCommand.canonical_bytes`).
         `signed` is called only once the key id is known to be trusted.
         """
         if not sig or not keyid:
