@@ -21,7 +21,7 @@ import pytest
 import trustme
 
 from nerve.runtime.config.settings import Settings, load_settings
-from nerve.runtime.stack.brokers import Mosquitto, NatsServer, free_port
+from nerve.runtime.stack.brokers import Mosquitto, NatsServer, free_port, port_answers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
@@ -158,6 +158,12 @@ async def secure_mosquitto(tmp_path: Path, mosquitto_pki: dict[str, Path]) -> As
         password_file=password_file,
     )
     async with broker:
+        # mosquitto opens its listeners one after the other; the broker is ready once it answers on the
+        # first, the others may follow a moment later on a busy machine.
+        async with asyncio.timeout(10):
+            for listener in (mtls, wrong_host, expired, plain):
+                while not await port_answers("127.0.0.1", listener):
+                    await asyncio.sleep(0.02)
         yield SecureMosquitto(
             broker=broker,
             port=port,
