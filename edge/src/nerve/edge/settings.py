@@ -155,7 +155,26 @@ def handover_json(settings: Settings) -> str:
     """What the lean edge process needs of validated `settings`, as JSON (`EdgeProcessSettings.from_json`)."""
     document = settings.model_dump(mode="json", include={"prefix", "data_dir", "mqtt", "edge"})
     document["bridge"] = {"max_payload": settings.bridge.max_payload}
+    document["openssl"] = needs_openssl(settings)
     return json.dumps(document)
+
+
+def needs_openssl(settings: Settings) -> bool:
+    """Whether the edge process may need Python's `ssl` (OpenSSL): an `mqtts://` broker, or any plugin.
+
+    Without either, the lean process never loads it (see `nerve.edge.main`): ~4 MiB of RSS saved. A plugin
+    (a sensor or an action that is not built in) is third-party code that may want TLS: it gets `ssl`.
+    """
+    from nerve.edge.sensors import BUILTIN_SENSORS  # noqa: PLC0415 - a light module; edge.__init__ is lazy
+    from nerve.runtime.config.settings import BUILTIN_ACTIONS  # noqa: PLC0415 - the pydantic side only
+
+    edge = settings.edge
+    plugins = (
+        set(edge.sensors) - set(BUILTIN_SENSORS)
+        or set(edge.actions.allow) - set(BUILTIN_ACTIONS)
+        or edge.actions.plugins
+    )
+    return settings.mqtt.url.startswith("mqtts:") or bool(plugins)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +277,7 @@ class EdgeProcessSettings:
     mqtt: _Mqtt
     edge: _Edge
     bridge: _Bridge = field(default_factory=lambda: _Bridge(64 * 1024))
+    openssl: bool = True  # False: nothing the process runs needs `ssl` (`needs_openssl`)
 
     @classmethod
     def from_json(cls, text: str) -> EdgeProcessSettings:
@@ -270,6 +290,7 @@ class EdgeProcessSettings:
             data_dir=Path(document["data_dir"]),
             mqtt=_Mqtt.from_dict(document["mqtt"]),
             bridge=_Bridge(**document["bridge"]),
+            openssl=document["openssl"],
             edge=_Edge(
                 device=edge["device"],
                 client_id=edge["client_id"],

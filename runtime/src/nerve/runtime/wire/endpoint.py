@@ -9,12 +9,14 @@ connection, so a renewed certificate or password file is picked up at the next r
 
 `explain` turns what went wrong on the way in (a refused TCP connection, a TLS failure) into one line
 that says what to fix; passwords never appear in it (`shown_url`). Standard library only: the lean edge
-process imports this (asyncio has imported `ssl` already).
+process imports this. `ssl` is imported only to build a TLS context: OpenSSL costs a process ~4 MiB of
+RSS, and the lean edge keeps it out when its broker is plain `mqtt://` (see `nerve.edge.main`). An error
+can only be an `ssl` error if `ssl` was imported, so the checks here look it up in `sys.modules`.
 """
 
 from __future__ import annotations
 
-import ssl
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, Protocol
 from urllib.parse import unquote, urlsplit
@@ -22,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 from nerve.runtime.errors import ConfigError, shown_url
 
 if TYPE_CHECKING:
+    import ssl
     from pathlib import Path
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "MqttEndpoint",
     "default_mqtt_port",
     "explain",
+    "is_tls_error",
     "mqtt_endpoint",
 ]
 
@@ -134,7 +138,15 @@ def _read_password(path: Path) -> bytes:
     return secret.removesuffix(b"\n").removesuffix(b"\r")
 
 
+def is_tls_error(exc: BaseException | None, kind: str = "SSLError") -> bool:
+    """Whether `exc` is an `ssl.<kind>`; False when `ssl` was never imported (nothing can have raised one)."""
+    module = sys.modules.get("ssl")
+    return module is not None and isinstance(exc, getattr(module, kind))
+
+
 def _tls_context(settings: MqttConnectSettings) -> ssl.SSLContext:
+    import ssl  # noqa: PLC0415 - OpenSSL only for an mqtts:// broker (see the module's docstring)
+
     ca_file = settings.ca_file
     try:
         context = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
@@ -152,7 +164,7 @@ def _tls_context(settings: MqttConnectSettings) -> ssl.SSLContext:
         except (OSError, ssl.SSLError, _EncryptedKeyError) as exc:
             files = ", ".join(str(path) for path in (settings.cert_file, settings.key_file) if path)
             what = _reason(exc)
-            if isinstance(exc, ssl.SSLError):
+            if is_tls_error(exc):
                 what = f"not a PEM certificate with its private key ({what})"
             raise ConfigError(
                 f"cannot load the client certificate and key from {files}: {what}", key="mqtt.cert_file"
@@ -171,7 +183,7 @@ def _no_passphrase() -> bytes:
 
 def _reason(exc: BaseException) -> str:
     reason = getattr(exc, "reason", None)
-    if isinstance(exc, ssl.SSLError) and reason:
+    if is_tls_error(exc) and reason:
         return str(reason).replace("_", " ").lower()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
@@ -181,9 +193,9 @@ def _reason(exc: BaseException) -> str:
 def explain(exc: BaseException, endpoint: MqttEndpoint) -> str:
     """Why connecting to `endpoint` failed with `exc` (a TCP, DNS or TLS error), as one line."""
     where = endpoint.shown
-    if isinstance(exc, ssl.SSLCertVerificationError):
+    if is_tls_error(exc, "SSLCertVerificationError"):
         return f"TLS to {where}: certificate verify failed: {_certificate_problem(exc, endpoint.host)}"
-    if isinstance(exc, ssl.SSLError):
+    if is_tls_error(exc):
         return f"TLS to {where}: {_tls_problem(exc)}"
     if isinstance(exc, ConnectionRefusedError):
         return f"cannot connect to {where}: connection refused (nothing listens on port {endpoint.port}?)"
@@ -192,23 +204,23 @@ def explain(exc: BaseException, endpoint: MqttEndpoint) -> str:
     return f"cannot connect to {where}: {type(exc).__name__}: {exc}"
 
 
-def _certificate_problem(exc: ssl.SSLCertVerificationError, host: str) -> str:
-    code = exc.verify_code
+def _certificate_problem(exc: BaseException, host: str) -> str:
+    code = getattr(exc, "verify_code", None)
     if code in _HOST_MISMATCH:
         return f"host name mismatch: the broker's certificate is not valid for {host}"
     if code in _UNKNOWN_CA:
         return (
             "unknown CA: the broker's certificate is not signed by a CA in mqtt.ca_file (or the system "
-            f"store) ({exc.verify_message})"
+            f"store) ({getattr(exc, 'verify_message', exc)})"
         )
     return {
         _EXPIRED: "the broker's certificate has expired",
         _NOT_YET_VALID: "the broker's certificate is not valid yet (check the clock)",
-    }.get(code, str(exc.verify_message))
+    }.get(code or 0, str(getattr(exc, "verify_message", exc)))
 
 
-def _tls_problem(exc: ssl.SSLError) -> str:
-    reason = str(exc.reason or "")
+def _tls_problem(exc: BaseException) -> str:
+    reason = str(getattr(exc, "reason", "") or "")
     if reason in _CERT_REQUIRED:
         return "the broker wants a client certificate (set mqtt.cert_file and mqtt.key_file)"
     if reason in _CERT_REFUSED:

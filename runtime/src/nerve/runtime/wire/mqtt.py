@@ -26,12 +26,11 @@ violation, a refused CONNECT or SUBSCRIBE, a broker DISCONNECT or a lost connect
 from __future__ import annotations
 
 import asyncio
-import ssl
 import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-from nerve.runtime.wire.endpoint import DEFAULT_MQTT_PORT, MqttEndpoint, explain, mqtt_endpoint
+from nerve.runtime.wire.endpoint import DEFAULT_MQTT_PORT, MqttEndpoint, explain, is_tls_error, mqtt_endpoint
 from nerve.runtime.wire.protocol import WireError, WireProtocol
 
 if TYPE_CHECKING:
@@ -563,7 +562,7 @@ class MqttWire(WireProtocol[Incoming]):
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail every waiter and `closed` with the reason (a TLS alert, a reset…) in one line."""
         self.lost = exc
-        if isinstance(exc, ssl.SSLError) and self._endpoint is not None:  # a TLS alert: say which
+        if is_tls_error(exc) and exc is not None and self._endpoint is not None:  # a TLS alert: say which
             self._fail(MqttWireError(f"connection lost: {explain(exc, self._endpoint)}"))
         elif exc is None and self._connack.done():
             # mosquitto before 2.0.15 says nothing when another client takes our session over.
@@ -787,14 +786,13 @@ async def open_mqtt(
                 raise
     except TimeoutError:  # (an OSError too: first)
         raise MqttWireError(f"no CONNACK from {endpoint.shown} within {timeout_s:g}s") from None
-    except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
-        if not endpoint.uses_tls:
-            raise MqttWireError(explain(exc, endpoint)) from None
-        raise MqttWireError(
-            f"TLS to {endpoint.shown}: the broker closed the connection during the TLS handshake "
-            "(not a TLS listener? then use mqtt://)"
-        ) from None
-    except OSError as exc:  # refused, unreachable, a name that does not resolve, a TLS failure
+    except OSError as exc:  # refused, reset, unreachable, a name that does not resolve, a TLS failure
+        closed = isinstance(exc, ConnectionResetError | BrokenPipeError) or is_tls_error(exc, "SSLEOFError")
+        if closed and endpoint.uses_tls:
+            raise MqttWireError(
+                f"TLS to {endpoint.shown}: the broker closed the connection during the TLS handshake "
+                "(not a TLS listener? then use mqtt://)"
+            ) from None
         raise MqttWireError(explain(exc, endpoint)) from None
     return wire
 
