@@ -1,9 +1,13 @@
-"""Fixtures of the edge tests: a signing key pair, a clear_temp root, an open journal and outbox, `put`."""
+"""Fixtures of the edge tests: a signing key pair, a clear_temp root, an open journal and outbox, `put`,
+and `start_edge` (a real `nerve edge` process, as a user starts it)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import pytest
@@ -13,11 +17,34 @@ from nerve.edge.outbox import Outbox
 from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-    from pathlib import Path
+    from collections.abc import Awaitable, Callable, Iterator
 
     class Put(Protocol):
         def __call__(self, path: Path, *, age: float, size: int = 10) -> Path: ...
+
+    StartEdge = Callable[[Path], Awaitable[asyncio.subprocess.Process]]
+
+NERVE = str(Path(sys.executable).parent / "nerve")
+
+
+async def _start_edge(config: Path) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        NERVE,
+        "edge",
+        "--config",
+        str(config),
+        "--log-level",
+        "warning",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={key: value for key, value in os.environ.items() if not key.startswith("NERVE_")},
+    )
+
+
+@pytest.fixture
+def start_edge() -> StartEdge:
+    """`await start_edge(config)`: `nerve edge --config config` as a process, with no NERVE_* variable."""
+    return _start_edge
 
 
 @pytest.fixture

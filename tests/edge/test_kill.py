@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,10 +29,11 @@ from nerve.runtime.wire.client import MqttClient
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from tests.edge.conftest import StartEdge
+
     from nerve.runtime.stack.brokers import Mosquitto
     from nerve.runtime.wire.mqtt import Incoming
 
-NERVE = str(Path(sys.executable).parent / "nerve")
 DEVICE = "pi-kill"
 WAIT = 30.0  # a fresh interpreter imports pydantic, paho and nacl: generous for a loaded machine
 STATUS = f"nerve/{DEVICE}/status"
@@ -55,20 +55,6 @@ def status_is(payload: bytes) -> Callable[[Incoming], bool]:
 
 def is_result(message: Incoming) -> bool:
     return message.topic.startswith(f"nerve/{DEVICE}/results/")
-
-
-async def start_edge(config: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        NERVE,
-        "edge",
-        "--config",
-        str(config),
-        "--log-level",
-        "warning",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={key: value for key, value in os.environ.items() if not key.startswith("NERVE_")},
-    )
 
 
 def assert_lean(pid: int) -> None:
@@ -95,7 +81,7 @@ async def wait_for_file(path: Path) -> None:
 @pytest.mark.broker
 @pytest.mark.slow
 async def test_sigkill_during_a_command_it_is_unknown_after_restart_and_never_re_run(
-    mosquitto: Mosquitto, tmp_path: Path
+    mosquitto: Mosquitto, tmp_path: Path, start_edge: StartEdge
 ) -> None:
     generate_keypair(tmp_path / "keys", "central")
     signer = Signer.from_file(tmp_path / "keys" / "central.key")

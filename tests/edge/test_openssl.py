@@ -8,8 +8,6 @@ to Python's own SHA-256). An `mqtts://` broker or a plugin: OpenSSL is there, an
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,10 +21,10 @@ from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from tests.conftest import SecureMosquitto
+    from tests.edge.conftest import StartEdge
 
     from nerve.runtime.stack.brokers import Mosquitto
 
-NERVE = str(Path(sys.executable).parent / "nerve")
 WAIT = 30.0
 OPENSSL_LIBRARIES = ("libssl", "libcrypto")
 
@@ -47,20 +45,6 @@ def test_openssl_is_needed_for_tls_or_a_plugin(overrides: dict[str, Any], needed
     settings = load_settings(overrides=overrides)
     assert needs_openssl(settings) is needed
     assert EdgeProcessSettings.from_json(handover_json(settings)).openssl is needed
-
-
-async def start_edge(config: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        NERVE,
-        "edge",
-        "--config",
-        str(config),
-        "--log-level",
-        "warning",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={key: value for key, value in os.environ.items() if not key.startswith("NERVE_")},
-    )
 
 
 async def online_then_maps(process: asyncio.subprocess.Process, observer: MqttClient, device: str) -> str:
@@ -94,7 +78,9 @@ async def stopped(process: asyncio.subprocess.Process) -> int:
 
 
 @pytest.mark.broker
-async def test_a_plain_mqtt_edge_never_maps_openssl(mosquitto: Mosquitto, tmp_path: Path) -> None:
+async def test_a_plain_mqtt_edge_never_maps_openssl(
+    mosquitto: Mosquitto, tmp_path: Path, start_edge: StartEdge
+) -> None:
     process = await start_edge(edge_config(tmp_path, "pi-plain", {"url": mosquitto.url}))
     try:
         async with MqttClient(MqttSettings(url=mosquitto.url), client_id="observer") as observer:
@@ -107,7 +93,7 @@ async def test_a_plain_mqtt_edge_never_maps_openssl(mosquitto: Mosquitto, tmp_pa
 
 @pytest.mark.broker
 async def test_an_mqtts_edge_loads_openssl_and_goes_online(
-    secure_mosquitto: SecureMosquitto, tmp_path: Path
+    secure_mosquitto: SecureMosquitto, tmp_path: Path, start_edge: StartEdge
 ) -> None:
     mqtt = {
         "url": secure_mosquitto.url(),

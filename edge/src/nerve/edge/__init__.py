@@ -8,8 +8,9 @@ what to load (OpenSSL only when it needs it) before asyncio and the daemon's mod
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from nerve.runtime import lazy as _lazy
 
 if TYPE_CHECKING:
     from nerve.edge.actions import (
@@ -219,10 +220,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy.lazy_getattr(__name__, _MODULE_OF)

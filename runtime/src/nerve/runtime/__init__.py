@@ -17,8 +17,9 @@ through this package, since the lean edge process (`nerve.edge.main`) imports mo
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from nerve.runtime import lazy as _lazy
 
 if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings, load_settings
@@ -111,10 +112,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy.lazy_getattr(__name__, _MODULE_OF)

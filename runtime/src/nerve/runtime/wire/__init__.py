@@ -7,8 +7,9 @@ asyncio, so that the lean edge can decide whether to load OpenSSL before asyncio
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from nerve.runtime import lazy as _lazy
 
 if TYPE_CHECKING:
     from nerve.runtime.wire.client import MqttClient
@@ -73,10 +74,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    module = _MODULE_OF.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy.lazy_getattr(__name__, _MODULE_OF)
