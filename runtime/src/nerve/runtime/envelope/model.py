@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -85,8 +86,8 @@ ResultStatus = Literal["ok", "failed", "rejected", "expired", "unknown"]
 
 
 def new_id() -> str:
-    """A fresh message id (UUID4, hex)."""
-    return uuid.uuid4().hex
+    """A fresh message id: 32 hex digits of 128 random bits (as unguessable as a UUID4, and 4x cheaper)."""
+    return os.urandom(16).hex()
 
 
 def utcnow() -> datetime:
@@ -120,12 +121,34 @@ def _check_scalar(item: object, where: str) -> None:
         raise ValueError(f"{where}: a {type(item).__name__} is not JSON data")
 
 
+def _is_flat_json(value: object) -> bool:
+    """Tell whether `value` is a map of string keys to common scalars only (a reading): JSON for sure."""
+    if type(value) is not dict:
+        return False
+    for key, inner in value.items():
+        inner_kind = type(inner)
+        if type(key) is not str:
+            return False
+        if inner_kind is str or inner_kind is bool or inner is None:
+            continue
+        if inner_kind is float:
+            if inner - inner:  # nan for inf and nan, 0.0 otherwise
+                return False
+            continue
+        if inner_kind is not int or not _INT64_MIN <= inner <= _UINT64_MAX:
+            return False
+    return True
+
+
 def _check_json(value: object, where: str) -> None:  # noqa: C901 - one loop, kept flat for speed
     """Raise `ValueError` unless `value` is JSON data: finite, 64-bit, string keys, MAX_DATA_DEPTH deep.
 
     Iterative, so a document nested thousands deep is refused, never a RecursionError. On every decode:
-    common scalars (str, bool, None, finite floats, small ints) are passed over inline.
+    common scalars (str, bool, None, finite floats, small ints) are passed over inline, and a flat map
+    of them (a reading) is done in one pass (`_is_flat_json`) before the general walk is set up.
     """
+    if _is_flat_json(value):
+        return
     stack: list[tuple[object, int]] = [(value, 1)]
     pop, push = stack.pop, stack.append
     while stack:
