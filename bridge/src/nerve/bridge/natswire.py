@@ -232,14 +232,10 @@ class NatsWire(WireProtocol[StoreAck]):
 
     def publish(self, subject: str, headers: bytes, body: bytes, token: int) -> None:
         """Queue an HPUB whose JetStream ack comes back to `on_acks` with `token`; `flush` sends it."""
-        out = self._out
-        out.append(
-            b"HPUB %s %s%d %d %d\r\n"
-            % (subject.encode(), self._inbox, token, len(headers), len(headers) + len(body))
+        self._out.append(
+            b"HPUB %s %s%d %d %d\r\n%s%s\r\n"
+            % (subject.encode(), self._inbox, token, len(headers), len(headers) + len(body), headers, body)
         )
-        out.append(headers)
-        out.append(body)
-        out.append(CRLF)
 
     def flush(self) -> None:
         """Write everything `publish` queued, in one write."""

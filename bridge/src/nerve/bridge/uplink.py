@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import msgspec
 
@@ -56,9 +56,11 @@ BINARY_KINDS = frozenset({Kind.TELEMETRY, Kind.EVENTS})
 ROUTE_CACHE_SIZE: Final = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """Store `body` on `subject`; `msg_id` is the dedup id (the event id)."""
+class Forward(NamedTuple):
+    """Store `body` on `subject`; `msg_id` is the dedup id (the event id).
+
+    A named tuple (immutable, and cheaper to build than a frozen dataclass): one is made per message.
+    """
 
     subject: str
     body: bytes
@@ -120,10 +122,14 @@ def topic_matches(levels: list[str], topic: list[str]) -> bool:
 
 
 def check_range(metric: str, data: object, bounds: tuple[float, float] | None) -> None:
-    """Raise `DecodeError` unless the reading's `value` lies in `bounds` (None: no range to check)."""
-    if bounds is None or not isinstance(data, Mapping):
+    """Raise `DecodeError` unless the reading lies in `bounds` (None: no range to check).
+
+    The reading is `data` itself when it is a number (binary content mode carries `95.5` as the data),
+    or its `value` when it is a map (what raw readings become: `{"value": 95.5}`).
+    """
+    if bounds is None:
         return
-    value = data.get("value")
+    value = data.get("value") if type(data) is dict or isinstance(data, Mapping) else data
     if isinstance(value, bool) or not isinstance(value, int | float):
         return  # the envelope's own checks say what is wrong with a reading that has no number
     low, high = bounds
