@@ -274,3 +274,60 @@ def test_topics_that_do_not_parse_are_not_remembered() -> None:
         assert isinstance(remembering.translate(f"nerve/pi 01/telemetry/x{i}", b"5"), Reject)
         assert isinstance(remembering.translate(f"nerve/{'x' * 500}{i}/status", b"online"), Ignore)
     assert remembering._routes == {}
+
+
+BINARY = (("specversion", "1.0"), ("id", "b-1"), ("source", "s"), ("type", "nerve.telemetry.disk"))
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"), [(b"50", True), (b"150", False), (b"-1", False), (b"nan", False)]
+)
+def test_a_reading_that_is_a_bare_number_has_its_range_checked_in_either_mode(
+    value: bytes, stored: bool
+) -> None:
+    topic = "nerve/pi-01/telemetry/disk"
+    structured = {**msgpack.unpackb(to_msgpack(Event(id="s-1", source="s", type="t", subject="pi-01")))}
+    structured["data"] = float(value)
+    for outcome in (
+        ranged(topic, msgpack.packb(structured), DEFAULT_RANGES),
+        translate(
+            topic,
+            value,
+            prefix="nerve",
+            metrics=DEFAULT_METRICS,
+            max_payload=LIMIT,
+            ranges=DEFAULT_RANGES,
+            properties=BINARY,
+        ),
+    ):
+        assert isinstance(outcome, Forward if stored else Reject), outcome
+
+
+def test_binary_mode_is_recognised_by_specversion_and_keeps_the_id() -> None:
+    outcome = translate(
+        "nerve/pi-01/telemetry/disk",
+        b"12.5",
+        prefix="nerve",
+        metrics=DEFAULT_METRICS,
+        max_payload=LIMIT,
+        properties=BINARY,
+        content_type="application/json",
+    )
+    assert isinstance(outcome, Forward)
+    assert outcome.msg_id == "b-1"
+    event = decode(outcome.body, Event)
+    assert (event.data, event.subject, event.datacontenttype) == (12.5, "pi-01", "application/json")
+
+
+@given(st.lists(st.tuples(st.text(max_size=12), st.text(max_size=12)), max_size=8), st.binary(max_size=64))
+def test_binary_mode_never_raises(properties: list[tuple[str, str]], payload: bytes) -> None:
+    for topic in ("nerve/pi-01/telemetry/disk", "nerve/pi-01/events/x", "nerve/pi-01/results/a"):
+        outcome = translate(
+            topic,
+            payload,
+            prefix="nerve",
+            metrics=DEFAULT_METRICS,
+            max_payload=LIMIT,
+            properties=[("specversion", "1.0"), *properties],
+        )
+        assert isinstance(outcome, Forward | Reject)
