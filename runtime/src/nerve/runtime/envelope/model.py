@@ -24,6 +24,7 @@ import math
 import os
 import re
 import uuid
+from collections import deque
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self
 
@@ -67,6 +68,9 @@ _EXTENSION_NAME: Final = re.compile(r"[a-z0-9]+", re.ASCII)
 #: A command's times must be before this (UTC): later ones leave no room for clock arithmetic.
 LATEST_COMMAND_TIME: Final = datetime(9000, 1, 1, tzinfo=UTC)
 _DERIVED_NAMESPACE: Final = uuid.UUID("6f1c1f1e-5e7a-4f43-9a35-8f2f3b9a6a10")
+_IDS_PER_READ: Final = 256
+_ids: Final[deque[str]] = deque()
+os.register_at_fork(after_in_child=_ids.clear)
 
 #: Where `Event.extensions` sits in a struct's own encoding: a name no CloudEvents attribute can have, so
 #: a document can never fill it by accident. The codec writes extensions as top-level attributes instead.
@@ -86,8 +90,18 @@ ResultStatus = Literal["ok", "failed", "rejected", "expired", "unknown"]
 
 
 def new_id() -> str:
-    """A fresh message id: 32 hex digits of 128 random bits (as unguessable as a UUID4, and 4x cheaper)."""
-    return os.urandom(16).hex()
+    """A fresh message id: 32 hex digits of 128 random bits from `os.urandom` (unguessable, like a UUID4).
+
+    The bits are read for `_IDS_PER_READ` ids at a time: one system call per id was a fifth of the
+    bridge's time wrapping raw readings. `deque.popleft` is atomic, so two threads never get the same
+    id, and a forked child starts with an empty pool, so it never repeats its parent's.
+    """
+    try:
+        return _ids.popleft()
+    except IndexError:
+        digits = os.urandom(16 * _IDS_PER_READ).hex()
+        _ids.extend(digits[start : start + 32] for start in range(32, len(digits), 32))
+        return digits[:32]
 
 
 def utcnow() -> datetime:
