@@ -3,10 +3,11 @@
 Per session (one MQTT connection, one NATS connection), everything runs in the two sockets' read
 callbacks, with no task per message:
 
-1. `on_messages` gets every PUBLISH one MQTT read brought. Each is translated (envelope checks, raw
-   values wrapped, encoded in the stored codec) and queued as an `HPUB` to its subject with its
-   `Nats-Msg-Id` and `Content-Type` (the CloudEvents NATS binding, structured mode), or as a dead letter
-   with the reason; the whole batch leaves in one write.
+1. `on_messages` gets every PUBLISH one MQTT read brought. Each is translated by one `Translator` per
+   session (CloudEvents in structured or binary mode checked, raw values wrapped, encoded in the stored
+   codec) and queued as an `HPUB` to its subject with its `Nats-Msg-Id` and `Content-Type` (the
+   CloudEvents NATS binding, structured mode), or as a dead letter with the reason; the whole batch
+   leaves in one write.
 2. `on_acks` gets every JetStream ack one NATS read brought and marks those messages stored. Then the
    PUBACKs of the stored head of the receive-order queue go back to mosquitto in one write: a message is
    acknowledged only once it, and every message received before it, is in JetStream.
