@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import nats
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tests.conftest import FakeTransport
 
 from nerve.bridge.natswire import NO_RESPONDERS, NatsWire, NatsWireError, StoreAck, headers_block, open_nats
 from nerve.runtime.jetstream.client import MSG_ID_HEADER
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
-    from tests.conftest import FakeTransport, Serve
+    from tests.conftest import Serve
 
     class Connect(Protocol):
         def __call__(
@@ -118,17 +121,52 @@ async def test_publishes_go_out_in_one_write_with_their_reply_tokens(connected: 
         (b"-ERR 'Maximum Payload Violation'\r\n", "server error: Maximum Payload Violation"),
         (b"BOGUS\r\n", "unexpected"),
         (b"MSG x 1 notanumber\r\n", "malformed data"),
+        (b"MSG x 1 -5\r\nabc\r\n", "negative message size"),
+        (b"MSG INBOX1 1 -50\r\n" + b"x" * 60 + b"\r\n", "negative message size"),
+        (b"MSG INBOX 1 2\r\n{}\r\n", "malformed data"),
+        (b"MSG INBOXnotatoken 1 2\r\n{}\r\n", "malformed data"),
         (b"x" * 5000, "control line too long"),
     ],
 )
 async def test_errors_end_the_connection_with_the_reason(
     data: bytes, reason: str, connected: Connect
 ) -> None:
-    wire, transport, _ = connected([])
+    wire, transport, _ = connected([], b"INBOX")
     wire.data_received(data)
     assert transport.aborted
     with pytest.raises(NatsWireError, match=reason):
         await wire.closed
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.sampled_from([b"MSG INBOX", b"MSG ", b"HMSG ", b" ", b"\r\n", b"-1", b"7", b"1 ", b"INBOX"]),
+        ),
+        max_size=30,
+    ),
+    st.integers(min_value=0, max_value=400),
+)
+def test_hostile_bytes_from_the_server_end_the_connection_or_parse(pieces: list[bytes], cut: int) -> None:
+    """Whatever the server sends, split anywhere: acks, or the connection ends with a reason; never a hang."""
+    data = b"".join(pieces)
+
+    async def feed() -> None:
+        acks: list[StoreAck] = []
+        wire = NatsWire(acks.extend)
+        wire._inbox = b"INBOX"
+        transport = FakeTransport()
+        wire.connection_made(transport)
+        wire.data_received(data[:cut])
+        wire.data_received(data[cut:])
+        assert transport.aborted is wire.closed.done()
+        assert all(isinstance(ack.token, int) for ack in acks)
+        if wire.closed.done():
+            assert isinstance(wire.closed.exception(), NatsWireError)
+
+    asyncio.run(feed())
 
 
 @pytest.fixture

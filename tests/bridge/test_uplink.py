@@ -8,7 +8,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from nerve.bridge.uplink import Forward, Ignore, Reject, translate, uplink_filters
+from nerve.bridge.uplink import (
+    ROUTE_CACHE_SIZE,
+    Forward,
+    Ignore,
+    Reject,
+    Translator,
+    translate,
+    uplink_filters,
+)
 from nerve.runtime.config.settings import DEFAULT_METRICS, DEFAULT_RANGES, BridgeSettings
 from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
 from nerve.runtime.envelope.model import CommandResult, Event
@@ -197,3 +205,129 @@ def test_unstorable_json_is_rejected_not_raised(payload: bytes) -> None:
         "nerve/pi-01/telemetry/disk", payload, prefix="nerve", metrics=DEFAULT_METRICS, max_payload=65536
     )
     assert isinstance(outcome, Reject)
+
+
+def translator(**overrides: object) -> Translator:
+    settings: dict[str, object] = {"prefix": "nerve", "metrics": DEFAULT_METRICS, "max_payload": LIMIT}
+    return Translator(**(settings | overrides))  # type: ignore[arg-type]
+
+
+TOPICS = st.sampled_from(
+    [
+        "nerve/pi-01/telemetry/disk",
+        "nerve/pi-01/telemetry/nope",
+        "nerve/pi-02/events/door",
+        "nerve/pi-01/results/clear_temp",
+        "nerve/pi-01/commands/clear_temp",
+        "nerve/pi-01/facts/x",
+        "nerve/pi-01/status",
+        "nerve/pi 01/telemetry/disk",
+        "nerve/pi-01/telemetery/disk",
+        "elsewhere/pi-01",
+    ]
+)
+PAYLOADS = st.one_of(
+    st.sampled_from([b"95", b"150", b"nan", b'{"value": 3}', b"online"]),
+    st.binary(max_size=40),
+    st.builds(
+        lambda subject: to_msgpack(
+            Event(id="e-1", source="t", type="nerve.telemetry.disk", subject=subject, data={"value": 1})
+        ),
+        st.sampled_from(["pi-01", "pi-02"]),
+    ),
+)
+
+
+def comparable(outcome: Forward | Reject | Ignore) -> object:
+    """An outcome without what differs between two wraps of one raw reading (its fresh id and time)."""
+    if isinstance(outcome, Forward) and outcome.msg_id != "e-1":
+        event = decode(outcome.body, Event)
+        return (outcome.subject, outcome.device, event.type, event.subject, event.source, event.data)
+    return outcome
+
+
+@given(st.lists(st.tuples(TOPICS, PAYLOADS), max_size=30))
+def test_a_translator_that_remembers_topics_says_what_a_fresh_one_says(
+    messages: list[tuple[str, bytes]],
+) -> None:
+    remembering = translator(ranges=DEFAULT_RANGES)
+    for topic, payload in messages:
+        fresh = translate(
+            topic, payload, prefix="nerve", metrics=DEFAULT_METRICS, max_payload=LIMIT, ranges=DEFAULT_RANGES
+        )
+        assert comparable(remembering.translate(topic, payload)) == comparable(fresh)
+
+
+def test_the_route_cache_is_bounded_and_starts_again_when_full() -> None:
+    remembering = translator()
+    for i in range(ROUTE_CACHE_SIZE + 10):
+        outcome = remembering.translate(f"nerve/dev-{i}/telemetry/disk", b"5")
+        assert isinstance(outcome, Forward)
+        assert outcome.device == f"dev-{i}"
+        assert len(remembering._routes) <= ROUTE_CACHE_SIZE
+    assert len(remembering._routes) == 10  # emptied at ROUTE_CACHE_SIZE, then refilled
+
+
+def test_topics_that_do_not_parse_are_not_remembered() -> None:
+    remembering = translator()
+    for i in range(50):
+        assert isinstance(remembering.translate(f"nerve/pi 01/telemetry/x{i}", b"5"), Reject)
+        assert isinstance(remembering.translate(f"nerve/{'x' * 500}{i}/status", b"online"), Ignore)
+    assert remembering._routes == {}
+
+
+BINARY = (("specversion", "1.0"), ("id", "b-1"), ("source", "s"), ("type", "nerve.telemetry.disk"))
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"), [(b"50", True), (b"150", False), (b"-1", False), (b"nan", False)]
+)
+def test_a_reading_that_is_a_bare_number_has_its_range_checked_in_either_mode(
+    value: bytes, stored: bool
+) -> None:
+    topic = "nerve/pi-01/telemetry/disk"
+    structured = {**msgpack.unpackb(to_msgpack(Event(id="s-1", source="s", type="t", subject="pi-01")))}
+    structured["data"] = float(value)
+    for outcome in (
+        ranged(topic, msgpack.packb(structured), DEFAULT_RANGES),
+        translate(
+            topic,
+            value,
+            prefix="nerve",
+            metrics=DEFAULT_METRICS,
+            max_payload=LIMIT,
+            ranges=DEFAULT_RANGES,
+            properties=BINARY,
+        ),
+    ):
+        assert isinstance(outcome, Forward if stored else Reject), outcome
+
+
+def test_binary_mode_is_recognised_by_specversion_and_keeps_the_id() -> None:
+    outcome = translate(
+        "nerve/pi-01/telemetry/disk",
+        b"12.5",
+        prefix="nerve",
+        metrics=DEFAULT_METRICS,
+        max_payload=LIMIT,
+        properties=BINARY,
+        content_type="application/json",
+    )
+    assert isinstance(outcome, Forward)
+    assert outcome.msg_id == "b-1"
+    event = decode(outcome.body, Event)
+    assert (event.data, event.subject, event.datacontenttype) == (12.5, "pi-01", "application/json")
+
+
+@given(st.lists(st.tuples(st.text(max_size=12), st.text(max_size=12)), max_size=8), st.binary(max_size=64))
+def test_binary_mode_never_raises(properties: list[tuple[str, str]], payload: bytes) -> None:
+    for topic in ("nerve/pi-01/telemetry/disk", "nerve/pi-01/events/x", "nerve/pi-01/results/a"):
+        outcome = translate(
+            topic,
+            payload,
+            prefix="nerve",
+            metrics=DEFAULT_METRICS,
+            max_payload=LIMIT,
+            properties=[("specversion", "1.0"), *properties],
+        )
+        assert isinstance(outcome, Forward | Reject)

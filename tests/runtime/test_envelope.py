@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -79,6 +81,34 @@ def test_commands_facts_and_results_get_a_time() -> None:
 def test_ids_are_fresh() -> None:
     assert Event(source="s", type="t").id != Event(source="s", type="t").id
     assert new_id() != new_id()
+
+
+def test_ids_are_128_random_bits_never_repeated_across_threads() -> None:
+    """new_id reads its randomness in batches: threads taking ids at once still never share one."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        batches = list(pool.map(lambda _: [new_id() for _ in range(3000)], range(8)))
+    ids = [made for batch in batches for made in batch]
+    assert len(set(ids)) == len(ids)
+    assert all(len(made) == 32 and int(made, 16) >= 0 for made in ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_repeat_its_parents_ids() -> None:
+    new_id()  # the parent has a pool of ids read ahead
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.write(write, "".join(new_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as pipe:
+        child = pipe.read().decode()
+    parent = "".join(new_id() for _ in range(10))
+    assert len(child) == len(parent) == 320
+    assert {child[i : i + 32] for i in range(0, 320, 32)}.isdisjoint(
+        parent[i : i + 32] for i in range(0, 320, 32)
+    )
 
 
 def test_utcnow_is_aware_utc() -> None:

@@ -2,6 +2,15 @@
 
 from nerve.bridge.bridge import Bridge
 from nerve.bridge.stats import BridgeStats
-from nerve.bridge.uplink import Forward, Ignore, Reject, translate, uplink_filters
+from nerve.bridge.uplink import Forward, Ignore, Reject, Translator, translate, uplink_filters
 
-__all__ = ["Bridge", "BridgeStats", "Forward", "Ignore", "Reject", "translate", "uplink_filters"]
+__all__ = [
+    "Bridge",
+    "BridgeStats",
+    "Forward",
+    "Ignore",
+    "Reject",
+    "Translator",
+    "translate",
+    "uplink_filters",
+]

@@ -167,8 +167,18 @@ class Bridge:
     async def _subscribed(
         self, mqtt_wire: MqttWire, js: JetStreamContext, filters: list[str], backoff: Backoff
     ) -> None:
-        """Subscribe the uplink, then run the downlink until the session ends."""
-        await mqtt_wire.subscribe(filters, timeout_s=SUBSCRIBE_TIMEOUT_S)
+        """Subscribe the uplink, then run the downlink until the session ends.
+
+        Retain Handling 2: the retained messages under the prefix (every device's `status`) are not sent
+        at each subscribe, only what is published from now on. No Local (not allowed in a shared group):
+        the commands this bridge publishes down are not sent back up to it.
+        """
+        await mqtt_wire.subscribe(
+            filters,
+            timeout_s=SUBSCRIBE_TIMEOUT_S,
+            retain_handling=2,
+            no_local=self._settings.bridge.shared_group is None,
+        )
         backoff.reset()
         log.info(
             "bridge: connected to %s and %s",

@@ -19,8 +19,7 @@ import asyncio
 import json
 import secrets
 import ssl
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 from nerve.runtime.errors import shown_url
@@ -42,9 +41,11 @@ class NatsWireError(WireError):
     """The NATS connection failed, was refused, or the server reported an error."""
 
 
-@dataclass(frozen=True, slots=True)
-class StoreAck:
-    """JetStream's answer to one publish: `error` is None when stored (`duplicate` if already there)."""
+class StoreAck(NamedTuple):
+    """JetStream's answer to one publish: `error` is None when stored (`duplicate` if already there).
+
+    A named tuple, not a frozen dataclass: one is made per stored message, and this is cheaper to build.
+    """
 
     token: int
     error: str | None
@@ -103,38 +104,62 @@ class NatsWire(WireProtocol[StoreAck]):
         size = len(buf)
         acks: list[StoreAck] = []
         inbox = self._inbox
+        token_at = 4 + len(inbox)  # where the token starts in `MSG <inbox><token> ...`
         while True:
             eol = buf.find(CRLF, pos)
             if eol < 0:
                 if size - pos > MAX_CONTROL_LINE:
                     raise NatsWireError("protocol error: control line too long")
                 break
-            op = bytes(buf[pos : pos + 4]).upper()
-            if op in {b"MSG ", b"HMSG"}:
-                parts = bytes(buf[pos:eol]).split()
-                total = int(parts[-1])
-                if eol + 2 + total + 2 > size:
+            if buf.startswith(b"MSG ", pos) and buf.startswith(inbox, pos + 4):
+                # The usual case, read in place: MSG <inbox><token> <sid> <#bytes>, then a JSON ack.
+                start = eol + 2
+                end = start + int(buf[buf.rindex(b" ", pos, eol) + 1 : eol])
+                if end < start:
+                    raise NatsWireError("protocol error: negative message size")
+                if end + 2 > size:
                     break
-                body = bytes(buf[eol + 2 : eol + 2 + total])
-                subject = parts[1]
-                if subject.startswith(inbox):
-                    token = int(subject[len(inbox) :])
-                    if op == b"HMSG":
-                        header_size = int(parts[-2])
-                        status = body[:header_size].split(CRLF, 1)[0]
-                        if status.startswith(b"NATS/1.0 503"):
-                            acks.append(StoreAck(token, NO_RESPONDERS, duplicate=False))
-                            pos = eol + 2 + total + 2
-                            continue
-                        body = body[header_size:]
-                    acks.append(_ack_of(token, body))
-                pos = eol + 2 + total + 2
+                token = int(buf[pos + token_at : buf.index(b" ", pos + token_at, eol)])
+                if buf.find(b'"error"', start, end) < 0:
+                    acks.append(StoreAck(token, None, buf.find(b'"duplicate"', start, end) >= 0))
+                else:
+                    acks.append(_ack_of(token, bytes(buf[start:end])))
+                pos = end + 2
                 continue
-            line = bytes(buf[pos:eol])
-            pos = eol + 2
-            self._control(line)
+            after = self._other(buf, pos, eol, acks)
+            if after < 0:
+                break  # a message not all here yet
+            pos = after
         del buf[:pos]
         return acks
+
+    def _other(self, buf: bytearray, pos: int, eol: int, acks: list[StoreAck]) -> int:
+        """Read what is not a plain ack at `pos` (its line ends at `eol`); return the next start, or -1."""
+        op = bytes(buf[pos : pos + 4]).upper()
+        if op not in {b"MSG ", b"HMSG"}:
+            self._control(bytes(buf[pos:eol]))
+            return eol + 2
+        parts = bytes(buf[pos:eol]).split()
+        total = int(parts[-1])
+        if total < 0:
+            raise NatsWireError("protocol error: negative message size")
+        after = eol + 2 + total + 2
+        if after > len(buf):
+            return -1
+        subject = parts[1]
+        if not subject.startswith(self._inbox):
+            return after  # not an ack of ours
+        token = int(subject[len(self._inbox) :])
+        body = bytes(buf[eol + 2 : eol + 2 + total])
+        if op == b"HMSG":
+            header_size = int(parts[-2])
+            status = body[:header_size].split(CRLF, 1)[0]
+            if status.startswith(b"NATS/1.0 503"):
+                acks.append(StoreAck(token, NO_RESPONDERS, duplicate=False))
+                return after
+            body = body[header_size:]
+        acks.append(_ack_of(token, body))
+        return after
 
     def _control(self, line: bytes) -> None:
         op = line.split(b" ", 1)[0].upper()
@@ -207,14 +232,10 @@ class NatsWire(WireProtocol[StoreAck]):
 
     def publish(self, subject: str, headers: bytes, body: bytes, token: int) -> None:
         """Queue an HPUB whose JetStream ack comes back to `on_acks` with `token`; `flush` sends it."""
-        out = self._out
-        out.append(
-            b"HPUB %s %s%d %d %d\r\n"
-            % (subject.encode(), self._inbox, token, len(headers), len(headers) + len(body))
+        self._out.append(
+            b"HPUB %s %s%d %d %d\r\n%s%s\r\n"
+            % (subject.encode(), self._inbox, token, len(headers), len(headers) + len(body), headers, body)
         )
-        out.append(headers)
-        out.append(body)
-        out.append(CRLF)
 
     def flush(self) -> None:
         """Write everything `publish` queued, in one write."""

@@ -3,10 +3,11 @@
 Per session (one MQTT connection, one NATS connection), everything runs in the two sockets' read
 callbacks, with no task per message:
 
-1. `on_messages` gets every PUBLISH one MQTT read brought. Each is translated (envelope checks, raw
-   values wrapped, encoded in the stored codec) and queued as an `HPUB` to its subject with its
-   `Nats-Msg-Id` and `Content-Type` (the CloudEvents NATS binding, structured mode), or as a dead letter
-   with the reason; the whole batch leaves in one write.
+1. `on_messages` gets every PUBLISH one MQTT read brought. Each is translated by one `Translator` per
+   session (CloudEvents in structured or binary mode checked, raw values wrapped, encoded in the stored
+   codec) and queued as an `HPUB` to its subject with its `Nats-Msg-Id` and `Content-Type` (the
+   CloudEvents NATS binding, structured mode), or as a dead letter with the reason; the whole batch
+   leaves in one write.
 2. `on_acks` gets every JetStream ack one NATS read brought and marks those messages stored. Then the
    PUBACKs of the stored head of the receive-order queue go back to mosquitto in one write: a message is
    acknowledged only once it, and every message received before it, is in JetStream.
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from nerve.bridge.natswire import StoreAck, headers_block
-from nerve.bridge.uplink import Forward, Ignore, Reject, translate
+from nerve.bridge.uplink import Forward, Ignore, Reject, Translator
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type
 from nerve.runtime.jetstream.client import (
@@ -94,14 +95,20 @@ class Pump:
         codec: Codec = DEFAULT_CODEC,
     ) -> None:
         self._loop = loop
-        self._codec = codec
-        self._content_type = content_type(codec)
+        self._translator = Translator(
+            prefix=prefix,
+            metrics=metrics,
+            max_payload=max_payload,
+            mappings=mappings,
+            codec=codec,
+            ranges=ranges,
+        )
+        # Every stored message's headers are these two with its id in between: built once.
+        self._headers_head = b"NATS/1.0\r\n" + MSG_ID_HEADER.encode() + b": "
+        self._headers_tail = (
+            b"\r\n" + CONTENT_TYPE_HEADER.encode() + b": " + content_type(codec).encode() + b"\r\n\r\n"
+        )
         self._stats = stats
-        self._prefix = prefix
-        self._metrics = metrics
-        self._max_payload = max_payload
-        self._mappings = mappings
-        self._ranges = ranges or {}
         self._store_timeout_s = store_timeout_s
         self._high_water = max_in_flight
         self._low_water = max_in_flight // 2
@@ -141,15 +148,26 @@ class Pump:
             return  # left unacknowledged: mosquitto sends them again on the next session
         stats = self._stats
         queue = self._queue
+        by_token = self._by_token
+        token = self._next_token
+        now = self._loop.time()
+        limit = nats.max_payload
+        publish = nats.publish
+        entry_of = self._entry
         ignored = False
         for message in batch:
-            stats.received += 1
-            entry = self._entry(message.topic, message.payload, message.packet_id, nats.max_payload)
+            entry = entry_of(message, limit)
             queue.append(entry)
             if entry.stored:
                 ignored = True  # nothing to store; acknowledged in its turn
             else:
-                self._send(nats, entry)
+                token += 1
+                entry.token = token
+                entry.sent_at = now
+                by_token[token] = entry
+                publish(entry.subject, entry.headers, entry.body, token)
+        self._next_token = token
+        stats.received += len(batch)
         stats.in_flight = len(queue)
         nats.flush()
         if ignored:
@@ -157,43 +175,34 @@ class Pump:
         if len(queue) >= self._high_water and self._mqtt is not None:
             self._mqtt.pause_reading()
 
-    def _entry(self, topic: str, payload: bytes, packet_id: int, limit: int) -> InFlight:
+    def _entry(self, message: Incoming, limit: int) -> InFlight:
         """What to publish for one message; `limit` is the NATS server's max_payload."""
+        topic, payload, packet_id = message.topic, message.payload, message.packet_id
         try:
-            outcome = translate(
-                topic,
-                payload,
-                prefix=self._prefix,
-                metrics=self._metrics,
-                max_payload=self._max_payload,
-                mappings=self._mappings,
-                ranges=self._ranges,
-                codec=self._codec,
+            outcome = self._translator.translate(
+                topic, payload, message.user_properties, message.content_type
             )
         except Exception as exc:
             log.exception("bridge: translating a message from %s failed", topic)
             outcome = Reject(f"internal error while translating: {type(exc).__name__}: {exc}")
-        if isinstance(outcome, Ignore):
-            log.debug("bridge: ignoring %s (%s)", topic, outcome.reason)
-            return InFlight(packet_id, "", b"", b"", dead_letter=False, origin=topic, stored=True)
         if isinstance(outcome, Forward):
-            try:
-                headers = headers_block(
-                    {MSG_ID_HEADER: outcome.msg_id, CONTENT_TYPE_HEADER: self._content_type}
-                )
-            except ValueError:
-                outcome = Reject(f"event id {outcome.msg_id!r} cannot be a dedup id (it has a line break)")
+            msg_id = outcome.msg_id
+            if "\r" in msg_id or "\n" in msg_id:
+                reason = f"event id {msg_id!r} cannot be a dedup id (it has a line break)"
             else:
+                # The constant headers around the id, built once (as `headers_block` would build them).
+                headers = self._headers_head + msg_id.encode() + self._headers_tail
                 if len(headers) + len(outcome.body) <= limit:
-                    return InFlight(
-                        packet_id, outcome.subject, headers, outcome.body, dead_letter=False, origin=topic
-                    )
-                outcome = Reject(
+                    return InFlight(packet_id, outcome.subject, headers, outcome.body, False, topic)  # noqa: FBT003
+                reason = (
                     f"{len(outcome.body)} bytes is more than the NATS server accepts (max_payload {limit})"
                 )
-        return self._dead_letter_entry(
-            topic, payload, packet_id, outcome.reason, limit - DEAD_LETTER_OVERHEAD
-        )
+        elif isinstance(outcome, Ignore):
+            log.debug("bridge: ignoring %s (%s)", topic, outcome.reason)
+            return InFlight(packet_id, "", b"", b"", dead_letter=False, origin=topic, stored=True)
+        else:
+            reason = outcome.reason
+        return self._dead_letter_entry(topic, payload, packet_id, reason, limit - DEAD_LETTER_OVERHEAD)
 
     def _dead_letter_entry(
         self, topic: str, payload: bytes, packet_id: int, reason: str, limit: int

@@ -1,12 +1,22 @@
 """Uplink: what an MQTT message becomes in JetStream.
 
-`translate` is pure: topic and bytes in, either a `Forward` (subject, body, dedup id) or a `Reject`
-(the reason, for the dead-letter stream). It never raises for any input. The body is a CloudEvent in
-structured mode, in the codec the bridge stores (`nats.codec`: msgpack or JSON). The topic names the
-device: an enveloped message whose `subject` names another device is refused, and an event without a
-`subject` is stored with the topic's device as its subject. Everything under the prefix reaches the
-bridge, so a mistyped topic is dead-lettered with its reason; commands and presence are `Ignore`d. A reading
-of a metric with a range (`bridge.ranges`) outside it is refused.
+`Translator.translate` is pure in what it returns: topic, bytes (and the PUBLISH's user properties and
+content type) in, either a `Forward` (subject, body, dedup id) or a `Reject` (the reason, for the
+dead-letter stream). It never raises for any input. The body is a CloudEvent in structured mode, in the
+codec the bridge stores (`nats.codec`: msgpack or JSON). The topic names the device: an enveloped
+message whose `subject` names another device is refused, and an event without a `subject` is stored
+with the topic's device as its subject. Everything under the prefix reaches the bridge, so a mistyped
+topic is dead-lettered with its reason; commands and presence are `Ignore`d. A reading of a metric with
+a range (`bridge.ranges`) outside it is refused.
+
+A message comes in one of the CloudEvents MQTT binding's two content modes: structured (the payload is
+the whole event, msgpack or JSON) or, on an events or telemetry topic, binary (MQTT v5: the attributes
+are user properties, `specversion` among them, and the payload is the data); a payload that is neither
+(`95`, `{"value": 95}`) is a raw reading or event and is wrapped into one.
+
+What a topic of nerve's own scheme says (device, kind, subject, range) is worked out once per topic and
+kept in a bounded cache (`ROUTE_CACHE_SIZE` topics, emptied when full): devices publish on the same few
+topics again and again, and parsing them was a tenth of the bridge's time.
 """
 
 from __future__ import annotations
@@ -14,10 +24,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 import msgspec
 
+from nerve.runtime.envelope.binary import event_from_binary, is_binary_mode
 from nerve.runtime.envelope.codec import (
     DEFAULT_CODEC,
     MODEL_OF_KIND,
@@ -36,13 +47,20 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Sequence
 
     from nerve.runtime.config.settings import TopicMapping
+    from nerve.runtime.envelope.model import Envelope, Event
 
 UPLINK_KINDS = frozenset({Kind.TELEMETRY, Kind.EVENTS, Kind.RESULTS})
+#: Kinds whose messages may come in binary content mode (results are structured: they are signed).
+BINARY_KINDS = frozenset({Kind.TELEMETRY, Kind.EVENTS})
+#: How many topics' routes the translator keeps; when full it starts again from empty.
+ROUTE_CACHE_SIZE: Final = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class Forward:
-    """Store `body` on `subject`; `msg_id` is the dedup id (the event id)."""
+class Forward(NamedTuple):
+    """Store `body` on `subject`; `msg_id` is the dedup id (the event id).
+
+    A named tuple (immutable, and cheaper to build than a frozen dataclass): one is made per message.
+    """
 
     subject: str
     body: bytes
@@ -62,6 +80,17 @@ class Ignore:
     """Acknowledge the message and store nothing: it is not the uplink's (a command, a presence)."""
 
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What a valid topic of nerve's scheme says, worked out once: where its messages go and how."""
+
+    address: Address
+    model: type[Envelope]
+    subject: str
+    source: str
+    bounds: tuple[float, float] | None
 
 
 def uplink_filters(
@@ -92,8 +121,169 @@ def topic_matches(levels: list[str], topic: list[str]) -> bool:
     return len(levels) == len(topic)
 
 
+def check_range(metric: str, data: object, bounds: tuple[float, float] | None) -> None:
+    """Raise `DecodeError` unless the reading lies in `bounds` (None: no range to check).
+
+    The reading is `data` itself when it is a number (binary content mode carries `95.5` as the data),
+    or its `value` when it is a map (what raw readings become: `{"value": 95.5}`).
+    """
+    if bounds is None:
+        return
+    value = data.get("value") if type(data) is dict or isinstance(data, Mapping) else data
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return  # the envelope's own checks say what is wrong with a reading that has no number
+    low, high = bounds
+    if not low <= value <= high:  # False for NaN too
+        raise DecodeError(f"{metric} reading {value!r} is out of range (expected {low:g} to {high:g})")
+
+
+class Translator:
+    """Turns MQTT messages into what the bridge stores, with one session's settings; see `translate`."""
+
+    def __init__(
+        self,
+        *,
+        prefix: str,
+        metrics: Collection[str],
+        max_payload: int,
+        mappings: Sequence[TopicMapping] = (),
+        codec: Codec = DEFAULT_CODEC,
+        ranges: Mapping[str, tuple[float, float]] | None = None,
+    ) -> None:
+        self._prefix = prefix
+        self._own_start = f"{prefix}/"
+        self._status_levels = prefix.count("/") + 3
+        self._metrics = metrics
+        self._max_payload = max_payload
+        self._mappings = mappings
+        self._codec = codec
+        self._as_msgpack = codec is Codec.MSGPACK
+        self._ranges = ranges or {}
+        self._routes: dict[str, _Route | Reject | Ignore] = {}
+
+    def translate(
+        self,
+        topic: str,
+        payload: bytes,
+        properties: Sequence[tuple[str, str]] = (),
+        content_type: str | None = None,
+    ) -> Forward | Reject | Ignore:
+        """What the message on `topic` becomes (encoded with the codec), or the reason it cannot be stored.
+
+        `properties` and `content_type` are the PUBLISH's user properties and Content Type (MQTT v5): with
+        a `specversion` among the properties, the message is a CloudEvent in binary content mode. Never
+        raises.
+        """
+        try:
+            if len(payload) > self._max_payload:
+                raise PayloadTooLarge(len(payload), self._max_payload)
+            if topic.startswith(self._own_start):
+                route = self._routes.get(topic)
+                if route is None:
+                    route = self._route(topic)
+                if isinstance(route, _Route):
+                    return self._own(route, payload, properties, content_type)
+                return route  # Reject | Ignore: the topic alone decided
+            return self._foreign(topic, payload)
+        except (TopicError, DecodeError) as exc:
+            return Reject(str(exc))
+        except (ValueError, OverflowError, RecursionError, TypeError) as exc:
+            # e.g. an integer too large for msgpack: valid JSON, but nothing we can store as an envelope.
+            return Reject(f"cannot store this payload: {type(exc).__name__}: {exc}")
+
+    def _route(self, topic: str) -> _Route | Reject | Ignore:
+        """Work out what `topic` says (raises `TopicError`); remember it if the topic is a valid one."""
+        levels = topic.split("/")
+        if len(levels) == self._status_levels and levels[-1] == "status":
+            return Ignore("presence")  # not kept: a presence topic's device is not checked
+        address = parse_topic(topic, self._prefix)
+        route: _Route | Reject | Ignore
+        if address.kind is Kind.COMMANDS:
+            route = Ignore("a command, on its way down")
+        elif address.kind not in UPLINK_KINDS:
+            route = Reject(f"{address.kind.value} are not accepted from devices")
+        elif address.kind is Kind.TELEMETRY and address.name not in self._metrics:
+            route = Reject(
+                f"unknown metric {address.name!r} (known: {', '.join(sorted(self._metrics))}; "
+                "add it to bridge.metrics)"
+            )
+        else:
+            route = _Route(
+                address=address,
+                model=MODEL_OF_KIND[address.kind],
+                subject=address.subject(self._prefix),
+                source=f"mqtt://{topic}",
+                bounds=self._ranges.get(address.name) if address.kind is Kind.TELEMETRY else None,
+            )
+        # Only topics that parsed get here: their levels are tokens, so each key is at most ~200 characters.
+        if len(self._routes) >= ROUTE_CACHE_SIZE:
+            self._routes.clear()
+        self._routes[topic] = route
+        return route
+
+    def _own(
+        self, route: _Route, payload: bytes, properties: Sequence[tuple[str, str]], content_type: str | None
+    ) -> Forward | Reject:
+        """A message on nerve's own scheme: binary mode, enveloped (msgpack or JSON), or raw."""
+        address = route.address
+        if properties and is_binary_mode(properties):
+            if address.kind not in BINARY_KINDS:
+                return Reject(
+                    f"{address.kind.value} must be structured envelopes, not CloudEvents binary content mode"
+                )
+            event = event_from_binary(properties, content_type, payload, address, max_size=self._max_payload)
+            check_range(address.name, event.data, route.bounds)
+            return Forward(route.subject, encode(event, self._codec), event.id, address.device)
+        if is_msgpack_map(payload):
+            try:
+                envelope = decode(payload, route.model, max_size=len(payload))
+            except DecodeError:
+                if is_enveloped(payload):
+                    raise  # a CloudEvent that is not a valid one: the reason names the attribute
+                load_document(payload)  # malformed msgpack: DecodeError, saying so
+                return Reject("msgpack payloads must be envelopes (with specversion)")
+            return self._enveloped(route, payload, envelope, as_msgpack=True)
+        if payload.lstrip().startswith(b"{") and is_enveloped(payload):
+            envelope = decode(payload, route.model, max_size=len(payload))
+            return self._enveloped(route, payload, envelope, as_msgpack=False)
+        event = wrap_raw(address, payload, source=route.source)
+        check_range(address.name, event.data, route.bounds)
+        return Forward(route.subject, encode(event, self._codec), event.id, address.device)
+
+    def _enveloped(self, route: _Route, payload: bytes, envelope: Envelope, *, as_msgpack: bool) -> Forward:
+        device = route.address.device
+        subject = envelope.subject
+        if subject is None:
+            # CloudEvents makes `subject` optional; the topic says which device sent it.
+            envelope = msgspec.structs.replace(envelope, subject=device)
+        elif subject != device:
+            raise DecodeError(f"subject {subject!r} names another device than the topic's {device!r}")
+        check_range(route.address.name, envelope.data, route.bounds)
+        # A valid envelope already in the stored codec goes as it came: no second encode on the hot path.
+        if subject is not None and as_msgpack is self._as_msgpack:
+            body = payload
+        else:
+            body = encode(envelope, self._codec)
+        return Forward(route.subject, body, envelope.id, device)
+
+    def _foreign(self, topic: str, payload: bytes) -> Forward | Reject:
+        """A third-party topic, brought into the scheme by the first mapping that matches it."""
+        levels = topic.split("/")
+        rule = next((r for r in self._mappings if topic_matches(r.topic.split("/"), levels)), None)
+        if rule is None:
+            return Reject(f"topic {topic!r} is outside {self._prefix!r}/ and matches no mapping")
+        bounds = self._ranges.get(rule.metric) if rule.kind == "telemetry" else None
+        return _mapped(rule, topic, payload, prefix=self._prefix, codec=self._codec, bounds=bounds)
+
+
 def _mapped(
-    rule: TopicMapping, topic: str, payload: bytes, *, codec: Codec, bounds: tuple[float, float] | None
+    rule: TopicMapping,
+    topic: str,
+    payload: bytes,
+    *,
+    prefix: str,
+    codec: Codec,
+    bounds: tuple[float, float] | None,
 ) -> Forward:
     """Apply a foreign-topic mapping; raise `DecodeError` naming the rule."""
     device = topic.split("/")[rule.device_level - 1]
@@ -111,47 +301,11 @@ def _mapped(
             )
         payload = json.dumps(document[rule.value_field]).encode()
     try:
-        event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+        event: Event = wrap_raw(address, payload, source=f"mqtt://{topic}")
         check_range(rule.metric, event.data, bounds)
     except DecodeError as exc:
         raise DecodeError(f"mapping {rule.name!r}: {exc.reason}") from None
-    return Forward(subject="", body=encode(event, codec), msg_id=event.id, device=device)
-
-
-def check_range(metric: str, data: object, bounds: tuple[float, float] | None) -> None:
-    """Raise `DecodeError` unless the reading's `value` lies in `bounds` (None: no range to check)."""
-    if bounds is None or not isinstance(data, Mapping):
-        return
-    value = data.get("value")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return  # the envelope's own checks say what is wrong with a reading that has no number
-    low, high = bounds
-    if not low <= value <= high:  # False for NaN too
-        raise DecodeError(f"{metric} reading {value!r} is out of range (expected {low:g} to {high:g})")
-
-
-def _enveloped(
-    address: Address,
-    payload: bytes,
-    *,
-    as_msgpack: bool,
-    codec: Codec,
-    bounds: tuple[float, float] | None = None,
-) -> Forward:
-    envelope = decode(payload, MODEL_OF_KIND[address.kind], max_size=len(payload))
-    subject = envelope.subject
-    if subject is None:
-        # CloudEvents makes `subject` optional; the topic says which device sent it.
-        envelope = msgspec.structs.replace(envelope, subject=address.device)
-    elif subject != address.device:
-        raise DecodeError(f"subject {subject!r} names another device than the topic's {address.device!r}")
-    check_range(address.name, envelope.data, bounds)
-    # A valid envelope already in the stored codec goes as it came: no second encode on the hot path.
-    if subject is not None and as_msgpack is (codec is Codec.MSGPACK):
-        body = payload
-    else:
-        body = encode(envelope, codec)
-    return Forward(subject="", body=body, msg_id=envelope.id, device=address.device)
+    return Forward(subject=address.subject(prefix), body=encode(event, codec), msg_id=event.id, device=device)
 
 
 def translate(
@@ -164,81 +318,19 @@ def translate(
     mappings: Sequence[TopicMapping] = (),
     codec: Codec = DEFAULT_CODEC,
     ranges: Mapping[str, tuple[float, float]] | None = None,
+    properties: Sequence[tuple[str, str]] = (),
+    content_type: str | None = None,
 ) -> Forward | Reject | Ignore:
-    """Turn an MQTT message into what the bridge stores (encoded with `codec`), or the reason it cannot.
+    """Turn one MQTT message into what the bridge stores (encoded with `codec`), or the reason it cannot.
 
-    `ranges` bounds the `value` of a reading per metric (a reading outside is rejected). Never raises.
+    `ranges` bounds the `value` of a reading per metric (a reading outside is rejected); `properties`
+    and `content_type` are the PUBLISH's (binary content mode). Never raises. For many messages, build
+    one `Translator` and call its `translate`: it remembers what each topic says.
     """
-    try:
-        if len(payload) > max_payload:
-            raise PayloadTooLarge(len(payload), max_payload)
-        if topic.startswith(f"{prefix}/"):
-            return _own(topic, payload, prefix=prefix, metrics=metrics, codec=codec, ranges=ranges or {})
-        return _foreign(topic, payload, prefix=prefix, mappings=mappings, codec=codec, ranges=ranges or {})
-    except (TopicError, DecodeError) as exc:
-        return Reject(str(exc))
-    except (ValueError, OverflowError, RecursionError, TypeError) as exc:
-        # e.g. an integer too large for msgpack: valid JSON, but nothing we can store as an envelope.
-        return Reject(f"cannot store this payload: {type(exc).__name__}: {exc}")
-
-
-def _own(
-    topic: str,
-    payload: bytes,
-    *,
-    prefix: str,
-    metrics: Collection[str],
-    codec: Codec,
-    ranges: Mapping[str, tuple[float, float]],
-) -> Forward | Reject | Ignore:
-    """A message on nerve's own scheme: enveloped (msgpack or JSON) or raw."""
-    levels = topic.split("/")
-    if len(levels) == prefix.count("/") + 3 and levels[-1] == "status":
-        return Ignore("presence")
-    address = parse_topic(topic, prefix)
-    if address.kind is Kind.COMMANDS:
-        return Ignore("a command, on its way down")
-    if address.kind not in UPLINK_KINDS:
-        return Reject(f"{address.kind.value} are not accepted from devices")
-    if address.kind is Kind.TELEMETRY and address.name not in metrics:
-        return Reject(
-            f"unknown metric {address.name!r} (known: {', '.join(sorted(metrics))}; add it to bridge.metrics)"
-        )
-    bounds = ranges.get(address.name) if address.kind is Kind.TELEMETRY else None
-    if is_msgpack_map(payload):
-        if not is_enveloped(payload):
-            load_document(payload)  # malformed msgpack: DecodeError, saying so
-            return Reject("msgpack payloads must be envelopes (with specversion)")
-        forward = _enveloped(address, payload, as_msgpack=True, codec=codec, bounds=bounds)
-    elif payload.lstrip().startswith(b"{") and is_enveloped(payload):
-        forward = _enveloped(address, payload, as_msgpack=False, codec=codec, bounds=bounds)
-    else:
-        event = wrap_raw(address, payload, source=f"mqtt://{topic}")
-        check_range(address.name, event.data, bounds)
-        forward = Forward(subject="", body=encode(event, codec), msg_id=event.id, device=address.device)
-    return Forward(
-        subject=address.subject(prefix), body=forward.body, msg_id=forward.msg_id, device=forward.device
+    translator = Translator(
+        prefix=prefix, metrics=metrics, max_payload=max_payload, mappings=mappings, codec=codec, ranges=ranges
     )
-
-
-def _foreign(
-    topic: str,
-    payload: bytes,
-    *,
-    prefix: str,
-    mappings: Sequence[TopicMapping],
-    codec: Codec,
-    ranges: Mapping[str, tuple[float, float]],
-) -> Forward | Reject:
-    """A third-party topic, brought into the scheme by the first mapping that matches it."""
-    levels = topic.split("/")
-    rule = next((r for r in mappings if topic_matches(r.topic.split("/"), levels)), None)
-    if rule is None:
-        return Reject(f"topic {topic!r} is outside {prefix!r}/ and matches no mapping")
-    bounds = ranges.get(rule.metric) if rule.kind == "telemetry" else None
-    mapped = _mapped(rule, topic, payload, codec=codec, bounds=bounds)
-    subject = Address(mapped.device, Kind(rule.kind), rule.metric).subject(prefix)
-    return Forward(subject=subject, body=mapped.body, msg_id=mapped.msg_id, device=mapped.device)
+    return translator.translate(topic, payload, properties, content_type)
 
 
 def _json_object(payload: bytes) -> object:

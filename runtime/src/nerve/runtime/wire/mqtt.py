@@ -9,7 +9,7 @@ what nerve needs, and nothing else (it is small too: paho and aiomqtt cost the e
 - CONNECT (clean start or a persistent session with an expiry, a Receive Maximum that bounds how many
   unacknowledged QoS1 messages the broker may send us, our Maximum Packet Size, user name and password,
   an optional will: topic, payload, QoS, retain) and CONNACK; over TCP or TLS (`nerve.runtime.wire.endpoint`);
-- SUBSCRIBE/SUBACK (QoS1 maximum, so the broker never sends QoS2);
+- SUBSCRIBE/SUBACK (QoS1 maximum, so the broker never sends QoS2; No Local and Retain Handling if asked);
 - incoming PUBLISH at QoS0/1, with its user properties and content type (the CloudEvents MQTT binary
   mode), acknowledged only when the caller says so (`puback`), in receive order;
 - outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink, the edge's outbox), or at QoS0,
@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import struct
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 from nerve.runtime.wire.endpoint import DEFAULT_MQTT_PORT, MqttEndpoint, explain, is_tls_error, mqtt_endpoint
 from nerve.runtime.wire.protocol import WireError, WireProtocol
@@ -49,6 +49,9 @@ __all__ = [
     "Will",
     "open_mqtt",
 ]
+
+#: A subscription's Retain Handling: 0 send retained messages at subscribe, 1 only if new, 2 never.
+RetainHandling = Literal[0, 1, 2]
 
 # Packet types (the high nibble of the first byte).
 CONNECT: Final = 1
@@ -257,11 +260,23 @@ def connect_packet(
     return packet(CONNECT << 4, body)
 
 
-def subscribe_packet(packet_id: int, filters: Sequence[str], *, qos: int = 1) -> bytes:
-    """SUBSCRIBE to `filters` at maximum QoS `qos`, no properties."""
+def subscribe_packet(
+    packet_id: int,
+    filters: Sequence[str],
+    *,
+    qos: int = 1,
+    no_local: bool = False,
+    retain_handling: RetainHandling = 0,
+) -> bytes:
+    """SUBSCRIBE to `filters` at maximum QoS `qos`, no properties, the same options for each filter.
+
+    Options byte (MQTT v5 3.8.3.1): QoS in bits 0-1, No Local bit 2, Retain As Published bit 3 (always
+    0 here), Retain Handling bits 4-5.
+    """
+    options = bytes([qos | (0x04 if no_local else 0) | (retain_handling << 4)])
     body = struct.pack("!H", packet_id) + b"\x00"  # no properties
     for topic in filters:
-        body += utf8(topic) + bytes([qos])  # no-local 0, retain-as-published 0, retain handling 0
+        body += utf8(topic) + options
     return packet((SUBSCRIBE << 4) | 0x02, body)
 
 
@@ -631,16 +646,32 @@ class MqttWire(WireProtocol[Incoming]):
         if self._keepalive_s:
             self._keep_alive(self._keepalive_s / 2, PINGREQ_PACKET)
 
-    async def subscribe(self, filters: Sequence[str], *, timeout_s: float = 30.0) -> None:
+    async def subscribe(
+        self,
+        filters: Sequence[str],
+        *,
+        timeout_s: float = 30.0,
+        no_local: bool = False,
+        retain_handling: RetainHandling = 0,
+    ) -> None:
         """Subscribe at QoS1 (maximum); raise `MqttWireError` naming any filter the broker refused.
 
         A QoS1 message received is acknowledged only when the caller calls `puback`. No SUBACK within
-        `timeout_s` is an `MqttWireError` too.
+        `timeout_s` is an `MqttWireError` too. `no_local`: the broker does not send us back what we
+        publish ourselves (not allowed on a shared `$share/...` filter: `ValueError`). `retain_handling`:
+        0 sends the retained messages that match at every subscribe, 1 only when the subscription is
+        new, 2 never (what is published from now on still comes).
         """
+        if no_local and any(topic.startswith("$share/") for topic in filters):
+            raise ValueError(
+                "no_local cannot be set on a shared subscription ($share/...): MQTT v5 forbids it"
+            )
+        if retain_handling not in {0, 1, 2}:
+            raise ValueError(f"retain_handling must be 0, 1 or 2, not {retain_handling!r}")
         packet_id = self._packet_id(self._subacks)
         waiter: asyncio.Future[bytes] = self._loop.create_future()
         self._subacks[packet_id] = waiter
-        self._write(subscribe_packet(packet_id, filters))
+        self._write(subscribe_packet(packet_id, filters, no_local=no_local, retain_handling=retain_handling))
         try:
             async with asyncio.timeout(timeout_s):
                 codes = await waiter
