@@ -20,8 +20,16 @@ import pytest
 from nerve.bridge import Bridge
 from nerve.edge.daemon import open_edge
 from nerve.runtime.cli.main import EXIT_OF_STATUS
-from nerve.runtime.cli.send import CommandChannel, format_age, parse_args, parse_duration, presence_notice
-from nerve.runtime.config.settings import Settings
+from nerve.runtime.cli.send import (
+    MAX_EXPIRES_S,
+    CommandChannel,
+    format_age,
+    parse_args,
+    parse_duration,
+    parse_expires_in,
+    presence_notice,
+)
+from nerve.runtime.config.settings import EdgeSettings, Settings
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.trust.signing import generate_keypair
@@ -104,6 +112,18 @@ def test_parse_duration_refuses(text: str) -> None:
         parse_duration(text, flag="--expires-in")
 
 
+def test_expires_in_is_at_most_what_a_device_accepts_by_default() -> None:
+    assert MAX_EXPIRES_S == EdgeSettings().max_command_validity_s == 300.0
+    assert parse_expires_in("5m") == 300.0
+    assert parse_expires_in("90s") == 90.0
+    for text in ("301s", "10m", "7d"):
+        with pytest.raises(ConfigError, match=f"'{text}' is longer than 300s: devices refuse") as caught:
+            parse_expires_in(text)
+        assert caught.value.key == "--expires-in"
+    # --timeout still takes up to 7 days.
+    assert parse_duration("7d", flag="--timeout") == 7 * 86400.0
+
+
 def test_every_status_has_its_own_exit_code() -> None:
     codes = list(EXIT_OF_STATUS.values())
     assert len(set(codes)) == len(codes)
@@ -116,6 +136,13 @@ def test_every_status_has_its_own_exit_code() -> None:
     [
         (["--arg", "oops"], "nerve send: error: command line: --arg: 'oops' is not key=value"),
         (["--expires-in", "soon"], "nerve send: error: command line: --expires-in: 'soon' is not a duration"),
+        (
+            ["--expires-in", "1h"],
+            (
+                "nerve send: error: command line: --expires-in: '1h' is longer than 300s: devices refuse a "
+                "command valid for longer (edge.max_command_validity_s)"
+            ),
+        ),
         (["--timeout", "0"], "nerve send: error: command line: --timeout: '0' is not a duration"),
     ],
 )
@@ -175,6 +202,10 @@ async def test_help_documents_the_exit_codes() -> None:
         "6  no result",
     ):
         assert line in out
+    # argparse wraps the help text: compare it as one line.
+    assert "at most 300s, the longest a device accepts by default: edge.max_command_validity_s" in " ".join(
+        out.split()
+    )
 
 
 # --- against a real stack: brokers, bridge and edge ----------------------------------------------
