@@ -89,16 +89,20 @@ UNANSWERED_KINDS: Final[tuple[Unanswered, ...]] = ("oversized", "no_command_id",
 class _Head(msgspec.Struct):
     """What an answer to a message that is not a valid command needs of it; every other attribute is skipped.
 
-    Typed `Any` so a value of any type is read (and then checked), never refused by the decoder.
+    `id` is typed `Any`, so a value of any type is read (and then checked), not refused by the decoder.
+    The others are kept raw and read one by one: one unreadable (a number out of range, say) must not
+    cost the answer.
     """
 
     id: Any = None
-    correlationid: Any = None
-    hops: Any = None
+    correlationid: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # empty when absent
+    hops: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
 
 
 _JSON_HEAD: Final = msgspec.json.Decoder(_Head)
 _MSGPACK_HEAD: Final = msgspec.msgpack.Decoder(_Head)
+_JSON_ANY: Final = msgspec.json.Decoder()
+_MSGPACK_ANY: Final = msgspec.msgpack.Decoder()
 
 
 def command_digest(command: Command) -> bytes:
@@ -416,9 +420,9 @@ class Executor:
         validity = command.expires - command.time
         if validity > self._max_validity:
             return (
-                f"validity too long: command is valid for {validity.total_seconds():g} s (from "
+                f"validity too long: command is valid for {_seconds(validity)} s (from "
                 f"{_stamp(command.time)} to {_stamp(command.expires)}); this device accepts at most "
-                f"{self._max_validity.total_seconds():g} s (edge.max_command_validity_s)"
+                f"{_seconds(self._max_validity)} s (edge.max_command_validity_s)"
             )
         return None
 
@@ -517,13 +521,16 @@ class Executor:
         self, topic: str, payload: bytes, action: str, reason: str, kind: Unanswered
     ) -> CommandResult | None:
         """`rejected` with `reason` for a message that is no valid command, if its id can be read."""
-        head = _read_head(payload)
+        as_msgpack = is_msgpack_map(payload)
+        head = _read_head(payload, as_msgpack=as_msgpack)
         if head is None or not _is_message_id(head.id):
             self._unanswerable(kind, topic, f"it has no command id to answer: {reason}")
             return None
         command_id = head.id
-        correlation = head.correlationid if _is_message_id(head.correlationid) else command_id
-        hops = head.hops
+        correlation = _read_raw(head.correlationid, as_msgpack=as_msgpack)
+        if not _is_message_id(correlation):
+            correlation = command_id
+        hops = _read_raw(head.hops, as_msgpack=as_msgpack)
         if not (isinstance(hops, int) and not isinstance(hops, bool) and hops >= 0):
             hops = 0
         result = CommandResult(
@@ -555,11 +562,21 @@ class Executor:
             _log.debug("message on %r dropped (%s): %s", topic, kind, _clip(why))
 
 
-def _read_head(payload: bytes) -> _Head | None:
+def _read_head(payload: bytes, *, as_msgpack: bool) -> _Head | None:
     """The id, correlation id and hops of a payload that is a map (msgpack or JSON), or None."""
     try:
-        return (_MSGPACK_HEAD if is_msgpack_map(payload) else _JSON_HEAD).decode(payload)
+        return (_MSGPACK_HEAD if as_msgpack else _JSON_HEAD).decode(payload)
     except (msgspec.DecodeError, RecursionError):  # not a map, malformed, or nested too deeply to skip
+        return None
+
+
+def _read_raw(raw: msgspec.Raw, *, as_msgpack: bool) -> object:
+    """The value `raw` holds, or None if it is empty or cannot be read."""
+    if not raw:
+        return None
+    try:
+        return (_MSGPACK_ANY if as_msgpack else _JSON_ANY).decode(raw)
+    except (msgspec.DecodeError, RecursionError):
         return None
 
 
@@ -593,6 +610,11 @@ def _encoded_size(data: Mapping[str, Any]) -> int:
 
 def _stamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _seconds(span: timedelta) -> str:
+    """`300`, `300.5`, `3153600000`: never in exponent notation, to the millisecond."""
+    return f"{span.total_seconds():.3f}".rstrip("0").rstrip(".")
 
 
 def _clip(text: str) -> str:
