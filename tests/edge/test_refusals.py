@@ -404,7 +404,10 @@ def hostile_payloads(draw: st.DrawFn, genuine: Command) -> Hostile:  # noqa: C90
         return Hostile(payload, None)  # an id may still be read past a bad string elsewhere
     if kind == "oversized":  # over the edge's cap, under the MQTT packet limit (256 KiB)
         document["data"] = {"older_than_s": 0, "pad": "x" * draw(st.integers(MAX_PAYLOAD, 200_000))}
-        return Hostile(encoded(document), genuine_id)
+        if draw(st.booleans()):
+            return Hostile(encoded(document), genuine_id)
+        del document["id"]  # nobody to answer: counted as `oversized`
+        return Hostile(encoded(document), None)
     if kind == "mutated":
         edited = bytearray(encoded(document))
         for index, value in draw(
