@@ -14,11 +14,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import nats
 import pytest
 
+from nerve.agents.audit import CommandAudit
 from nerve.bridge import Bridge
 from nerve.edge.daemon import open_edge
+from nerve.runtime.central.runner import Central
 from nerve.runtime.cli.main import EXIT_OF_STATUS
 from nerve.runtime.cli.send import (
     MAX_EXPIRES_S,
@@ -30,12 +33,17 @@ from nerve.runtime.cli.send import (
     presence_notice,
 )
 from nerve.runtime.config.settings import EdgeSettings, Settings
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Command, Fact
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import ensure_streams
-from nerve.runtime.trust.signing import generate_keypair
+from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from nats.aio.client import Client as NatsClient
 
 NERVE = str(Path(sys.executable).parent / "nerve")
 DEVICE = "pi-send"
@@ -305,6 +313,54 @@ async def test_send_exit_codes_for_rejected_and_failed(stack_settings: Settings,
         result = json.loads(out)
         assert (result["status"], result["reason"]) == ("failed", "script fails: /bin/sh exited with 4")
         assert result["data"]["stderr"] == "broken\n"
+    assert victim.exists()
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    ("ahead", "valid_for", "reason"),
+    [
+        (timedelta(days=1), timedelta(minutes=1), "future-dated: command time is "),
+        (timedelta(), timedelta(days=36500), "validity too long: command is valid for 3153600000 s"),
+    ],
+)
+async def test_a_future_dated_or_over_long_command_is_refused_and_kept_as_a_fact(  # noqa: PLR0917 - fixtures
+    stack_settings: Settings,
+    tmp_path: Path,
+    nc: NatsClient,
+    ahead: timedelta,
+    valid_for: timedelta,
+    reason: str,
+) -> None:
+    victim = tmp_path / "scratch" / "victim.log"
+    victim.write_bytes(b"x")
+    then = time.time() - 7200
+    os.utime(victim, (then, then))
+    signer = Signer.from_file(tmp_path / "keys" / "central.key")
+    start = datetime.now(UTC) + ahead
+    unsigned = Command.create(
+        device=DEVICE, action="clear_temp", args={"older_than_s": 0}, source="t", ttl=timedelta(minutes=1)
+    )
+    command = signer.sign(msgspec.structs.replace(unsigned, time=start, expires=start + valid_for))
+    audit = Central(settings=stack_settings, signer=signer, agents=[CommandAudit()])
+    async with running_stack(stack_settings), CommandChannel(stack_settings) as channel:
+        audit_task = asyncio.create_task(audit.run())
+        try:
+            async with asyncio.timeout(WAIT):
+                await audit.ready.wait()
+            await channel.send(command, device=DEVICE)
+            result = await channel.result(command, timeout=WAIT)
+            await wait_for_count(nc.jetstream(), "NERVE_FACTS", 1, timeout=WAIT)
+        finally:
+            audit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await audit_task
+    assert result is not None
+    assert (result.status, result.causationid) == ("rejected", command.id)
+    assert reason in result.reason
+    [fact] = [decode(m.data, Fact) for m in await stream_messages(nc.jetstream(), "NERVE_FACTS")]
+    assert (fact.kind, fact.data["command_id"]) == ("command_rejected", command.id)
+    assert reason in fact.summary
     assert victim.exists()
 
 
