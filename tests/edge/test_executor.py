@@ -13,9 +13,11 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from nerve.edge.executor import INTERRUPTED_REASON, Executor
 from nerve.edge.journal import CommandJournal, JournalState
+from nerve.edge.settings import EdgeProcessSettings, handover_json
 from nerve.runtime.config.settings import Settings
 from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult
@@ -571,6 +573,32 @@ def test_bad_configuration(
     with pytest.raises(ConfigError) as caught:
         Executor(**arguments)
     assert caught.value.key == key
+
+
+@pytest.mark.parametrize("value", [0, -1, 86401])
+def test_the_validity_window_setting_is_bounded(value: float) -> None:
+    with pytest.raises(ValidationError, match=r"edge\.max_command_validity_s"):
+        Settings.model_validate({"edge": {"max_command_validity_s": value}})
+
+
+def test_the_lean_edge_process_gets_the_validity_window(
+    keys: Path, journal: CommandJournal, root: Path, signer: Signer, victim: Path
+) -> None:
+    settings = Settings.model_validate(
+        {
+            "edge": {
+                "trusted_keys_dir": str(keys),
+                "clear_temp_roots": [str(root)],
+                "max_command_validity_s": 120,
+            }
+        }
+    )
+    lean = EdgeProcessSettings.from_json(handover_json(settings))
+    assert lean.edge.max_command_validity_s == 120
+    executor = Executor.from_settings(lean, device=DEVICE, journal=journal)
+    command = timed(signer, time=timedelta(), valid_for=timedelta(seconds=121))
+    assert_refused(answer(executor, command), command, "this device accepts at most 120 s")
+    assert victim.exists()
 
 
 def test_from_settings(keys: Path, journal: CommandJournal, root: Path, signer: Signer, victim: Path) -> None:
