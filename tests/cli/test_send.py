@@ -14,20 +14,36 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import nats
 import pytest
 
+from nerve.agents.audit import CommandAudit
 from nerve.bridge import Bridge
 from nerve.edge.daemon import open_edge
+from nerve.runtime.central.runner import Central
 from nerve.runtime.cli.main import EXIT_OF_STATUS
-from nerve.runtime.cli.send import CommandChannel, format_age, parse_args, parse_duration, presence_notice
-from nerve.runtime.config.settings import Settings
+from nerve.runtime.cli.send import (
+    MAX_EXPIRES_S,
+    CommandChannel,
+    format_age,
+    parse_args,
+    parse_duration,
+    parse_expires_in,
+    presence_notice,
+)
+from nerve.runtime.config.settings import EdgeSettings, Settings
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Command, Fact
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import ensure_streams
-from nerve.runtime.trust.signing import generate_keypair
+from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from nats.aio.client import Client as NatsClient
 
 NERVE = str(Path(sys.executable).parent / "nerve")
 DEVICE = "pi-send"
@@ -104,6 +120,18 @@ def test_parse_duration_refuses(text: str) -> None:
         parse_duration(text, flag="--expires-in")
 
 
+def test_expires_in_is_at_most_what_a_device_accepts_by_default() -> None:
+    assert MAX_EXPIRES_S == EdgeSettings().max_command_validity_s == 300.0
+    assert parse_expires_in("5m") == 300.0
+    assert parse_expires_in("90s") == 90.0
+    for text in ("301s", "10m", "7d"):
+        with pytest.raises(ConfigError, match=f"'{text}' is longer than 300s: devices refuse") as caught:
+            parse_expires_in(text)
+        assert caught.value.key == "--expires-in"
+    # --timeout still takes up to 7 days.
+    assert parse_duration("7d", flag="--timeout") == 7 * 86400.0
+
+
 def test_every_status_has_its_own_exit_code() -> None:
     codes = list(EXIT_OF_STATUS.values())
     assert len(set(codes)) == len(codes)
@@ -116,6 +144,13 @@ def test_every_status_has_its_own_exit_code() -> None:
     [
         (["--arg", "oops"], "nerve send: error: command line: --arg: 'oops' is not key=value"),
         (["--expires-in", "soon"], "nerve send: error: command line: --expires-in: 'soon' is not a duration"),
+        (
+            ["--expires-in", "1h"],
+            (
+                "nerve send: error: command line: --expires-in: '1h' is longer than 300s: devices refuse a "
+                "command valid for longer (edge.max_command_validity_s)"
+            ),
+        ),
         (["--timeout", "0"], "nerve send: error: command line: --timeout: '0' is not a duration"),
     ],
 )
@@ -175,6 +210,10 @@ async def test_help_documents_the_exit_codes() -> None:
         "6  no result",
     ):
         assert line in out
+    # argparse wraps the help text: compare it as one line.
+    assert "at most 300s, the longest a device accepts by default: edge.max_command_validity_s" in " ".join(
+        out.split()
+    )
 
 
 # --- against a real stack: brokers, bridge and edge ----------------------------------------------
@@ -274,6 +313,54 @@ async def test_send_exit_codes_for_rejected_and_failed(stack_settings: Settings,
         result = json.loads(out)
         assert (result["status"], result["reason"]) == ("failed", "script fails: /bin/sh exited with 4")
         assert result["data"]["stderr"] == "broken\n"
+    assert victim.exists()
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize(
+    ("ahead", "valid_for", "reason"),
+    [
+        (timedelta(days=1), timedelta(minutes=1), "future-dated: command time is "),
+        (timedelta(), timedelta(days=36500), "validity too long: command is valid for 3153600000 s"),
+    ],
+)
+async def test_a_future_dated_or_over_long_command_is_refused_and_kept_as_a_fact(  # noqa: PLR0917 - fixtures
+    stack_settings: Settings,
+    tmp_path: Path,
+    nc: NatsClient,
+    ahead: timedelta,
+    valid_for: timedelta,
+    reason: str,
+) -> None:
+    victim = tmp_path / "scratch" / "victim.log"
+    victim.write_bytes(b"x")
+    then = time.time() - 7200
+    os.utime(victim, (then, then))
+    signer = Signer.from_file(tmp_path / "keys" / "central.key")
+    start = datetime.now(UTC) + ahead
+    unsigned = Command.create(
+        device=DEVICE, action="clear_temp", args={"older_than_s": 0}, source="t", ttl=timedelta(minutes=1)
+    )
+    command = signer.sign(msgspec.structs.replace(unsigned, time=start, expires=start + valid_for))
+    audit = Central(settings=stack_settings, signer=signer, agents=[CommandAudit()])
+    async with running_stack(stack_settings), CommandChannel(stack_settings) as channel:
+        audit_task = asyncio.create_task(audit.run())
+        try:
+            async with asyncio.timeout(WAIT):
+                await audit.ready.wait()
+            await channel.send(command, device=DEVICE)
+            result = await channel.result(command, timeout=WAIT)
+            await wait_for_count(nc.jetstream(), "NERVE_FACTS", 1, timeout=WAIT)
+        finally:
+            audit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await audit_task
+    assert result is not None
+    assert (result.status, result.causationid) == ("rejected", command.id)
+    assert reason in result.reason
+    [fact] = [decode(m.data, Fact) for m in await stream_messages(nc.jetstream(), "NERVE_FACTS")]
+    assert (fact.kind, fact.data["command_id"]) == ("command_rejected", command.id)
+    assert reason in fact.summary
     assert victim.exists()
 
 

@@ -169,6 +169,7 @@ def test_agent_and_executor_must_agree_on_the_device(
         journal=journal,
         clear_temp_roots=[root],
         source="x",
+        max_validity_s=300.0,
     )
     with pytest.raises(ConfigError, match="pi-02"):
         EdgeAgent(settings=settings, device=DEVICE, executor=executor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -12,9 +13,11 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from nerve.edge.executor import INTERRUPTED_REASON, Executor
 from nerve.edge.journal import CommandJournal, JournalState
+from nerve.edge.settings import EdgeProcessSettings, handover_json
 from nerve.runtime.config.settings import Settings
 from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult
@@ -32,6 +35,7 @@ DEVICE = "pi-01"
 PREFIX = "nerve"
 SOURCE = f"nerve://edge/{DEVICE}"
 HOUR = 3600.0
+MAX_VALIDITY_S = 300.0
 
 
 class Clock:
@@ -86,6 +90,7 @@ def executor(keys: Path, journal: CommandJournal, root: Path, clock: Clock) -> E
         journal=journal,
         clear_temp_roots=[root],
         clock_skew_s=30.0,
+        max_validity_s=MAX_VALIDITY_S,
         source=SOURCE,
         max_payload=64 * 1024,
         clock=clock,
@@ -289,6 +294,57 @@ def test_expired(executor: Executor, signer: Signer, victim: Path) -> None:
     assert victim.exists()
 
 
+def timed(signer: Signer, *, time: timedelta, valid_for: timedelta) -> Command:
+    """A signed command whose `time` is `time` from now and whose `expires` is `valid_for` after that."""
+    start = datetime.now(UTC) + time
+    return signer.sign(msgspec.structs.replace(make(), time=start, expires=start + valid_for))
+
+
+def test_future_dated_is_refused_and_stays_refused_when_its_time_comes(
+    executor: Executor, signer: Signer, victim: Path, clock: Clock, journal: CommandJournal
+) -> None:
+    command = timed(signer, time=timedelta(days=1), valid_for=timedelta(minutes=1))
+    result = answer(executor, command)
+    assert_refused(result, command, "future-dated: command time is ")
+    assert "clock skew allowed: 30 s" in result.reason
+    entry = journal.lookup(command.id)
+    assert entry is not None
+    assert entry.state is JournalState.FINISHED
+    # A replay once its time has come: the recorded refusal, nothing runs.
+    clock.offset = timedelta(days=1, seconds=5)
+    assert answer(executor, command) == result
+    assert victim.exists()
+
+
+def test_a_time_ahead_within_the_clock_skew_runs(executor: Executor, signer: Signer, victim: Path) -> None:
+    command = timed(signer, time=timedelta(seconds=20), valid_for=timedelta(minutes=1))
+    assert answer(executor, command).status == "ok"
+    assert not victim.exists()
+
+
+@pytest.mark.parametrize(
+    ("valid_for", "shown"),
+    [(timedelta(days=36500), "3153600000"), (timedelta(seconds=MAX_VALIDITY_S + 0.5), "300.5")],
+)
+def test_a_validity_window_over_the_maximum_is_refused(
+    executor: Executor, signer: Signer, victim: Path, valid_for: timedelta, shown: str
+) -> None:
+    command = timed(signer, time=timedelta(), valid_for=valid_for)
+    result = answer(executor, command)
+    assert_refused(result, command, f"validity too long: command is valid for {shown} s (from ")
+    assert f"this device accepts at most {MAX_VALIDITY_S:g} s (edge.max_command_validity_s)" in result.reason
+    assert answer(executor, command) == result
+    assert victim.exists()
+
+
+def test_a_validity_window_of_exactly_the_maximum_runs(
+    executor: Executor, signer: Signer, victim: Path
+) -> None:
+    command = timed(signer, time=timedelta(), valid_for=timedelta(seconds=MAX_VALIDITY_S))
+    assert answer(executor, command).status == "ok"
+    assert not victim.exists()
+
+
 def test_not_allow_listed(executor: Executor, signer: Signer, victim: Path) -> None:
     command = signer.sign(make("reboot", {}))
     result = answer(executor, command)
@@ -325,6 +381,7 @@ def test_without_roots_clear_temp_is_not_allow_listed(
         journal=journal,
         clear_temp_roots=(),
         source=SOURCE,
+        max_validity_s=MAX_VALIDITY_S,
     )
     assert executor.actions == frozenset()
     command = signer.sign(make())
@@ -400,13 +457,75 @@ def test_invalid_command_with_an_id_is_answered(executor: Executor, victim: Path
     assert victim.exists()
 
 
-def test_oversized_payload_is_dropped(
-    executor: Executor, signer: Signer, caplog: pytest.LogCaptureFixture
+def test_an_oversized_command_is_refused_when_its_id_can_be_read(
+    executor: Executor, signer: Signer, victim: Path
 ) -> None:
-    command = signer.sign(make(args={"older_than_s": HOUR, "pad": "x" * 70_000}))
-    with caplog.at_level(logging.WARNING, logger="nerve.edge.executor"):
-        assert executor.handle(topic(), to_msgpack(command), prefix=PREFIX) is None
-    assert "exceeds the limit" in caplog.text
+    command = signer.sign(make(args={"older_than_s": 0, "pad": "x" * 70_000}))
+    result = answer(executor, command)
+    assert_refused(result, command, "too large: payload of ")
+    assert "exceeds the limit of 65536 bytes" in result.reason
+    assert executor.unanswered["oversized"] == 0
+    assert victim.exists()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        msgpack.packb({"pad": "x" * 70_000}),
+        b"\xff" * 70_000,
+        msgpack.packb({"id": 7, "pad": "x" * 70_000}),
+        msgpack.packb({"pad": [[[[[]]]]] * 20_000, "id": "abc"})[:-1],  # cut short: malformed
+    ],
+)
+def test_an_oversized_message_without_a_readable_id_is_counted_and_warned_about_once(
+    executor: Executor, payload: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert len(payload) > 64 * 1024
+    with caplog.at_level(logging.DEBUG, logger="nerve.edge.executor"):
+        assert executor.handle(topic(), payload, prefix=PREFIX) is None
+        assert executor.handle(topic(), payload, prefix=PREFIX) is None
+    assert executor.unanswered == {"oversized": 2, "no_command_id": 0, "foreign_topic": 0}
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "(oversized): it has no command id to answer: too large: payload of" in warnings[0].getMessage()
+    assert "further oversized messages are counted" in warnings[0].getMessage()
+    assert sum(
+        record.levelno == logging.DEBUG and "dropped" in record.getMessage() for record in caplog.records
+    )
+
+
+def nested(depth: int) -> dict[str, object]:
+    value: object = 1
+    for _ in range(depth):
+        value = {"a": value}
+    assert isinstance(value, dict)
+    return value
+
+
+@pytest.mark.parametrize("encode", [msgpack.packb, lambda document: json.dumps(document).encode()])
+def test_a_deeply_nested_command_is_refused_with_its_reason(
+    executor: Executor, signer: Signer, victim: Path, encode: Callable[[object], bytes]
+) -> None:
+    # What the attacker sent: a 1 KB command nested 500 deep (a RecursionError in the handler once).
+    document = msgpack.unpackb(to_msgpack(signer.sign(make())), timestamp=3)
+    document["data"] = nested(500)
+    document["time"] = document["expires"] = "2030-01-01T00:00:00Z"
+    payload = encode(document)
+    assert len(payload) < 4096
+    result = executor.handle(topic(), payload, prefix=PREFIX)
+    assert result is not None
+    assert result.status == "rejected"
+    assert result.causationid == document["id"]
+    assert "nested deeper than 32 levels" in result.reason
+    assert victim.exists()
+
+
+def test_a_command_nested_deeper_than_python_can_read_is_counted(executor: Executor) -> None:
+    # Its id cannot be read past 30,000 levels of nesting (msgspec stops at Python's recursion limit).
+    payload = b'{"id": "abc", "data": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    assert len(payload) < 64 * 1024
+    assert executor.handle(topic(), payload, prefix=PREFIX) is None
+    assert executor.unanswered == {"oversized": 0, "no_command_id": 1, "foreign_topic": 0}
 
 
 @pytest.mark.parametrize(
@@ -437,6 +556,7 @@ def test_not_our_command_topic_gets_no_answer(
         ({"clock_skew_s": -1.0}, "edge.clock_skew_s"),
         ({"clock_skew_s": 8 * 86400.0}, "edge.clock_skew_s"),
         ({"max_payload": 0}, "max_payload"),
+        ({"max_validity_s": 0.0}, "edge.max_command_validity_s"),
     ],
 )
 def test_bad_configuration(
@@ -448,10 +568,37 @@ def test_bad_configuration(
         "journal": journal,
         "clear_temp_roots": [root],
         "source": SOURCE,
+        "max_validity_s": MAX_VALIDITY_S,
     } | change
     with pytest.raises(ConfigError) as caught:
         Executor(**arguments)
     assert caught.value.key == key
+
+
+@pytest.mark.parametrize("value", [0, -1, 86401])
+def test_the_validity_window_setting_is_bounded(value: float) -> None:
+    with pytest.raises(ValidationError, match=r"edge\.max_command_validity_s"):
+        Settings.model_validate({"edge": {"max_command_validity_s": value}})
+
+
+def test_the_lean_edge_process_gets_the_validity_window(
+    keys: Path, journal: CommandJournal, root: Path, signer: Signer, victim: Path
+) -> None:
+    settings = Settings.model_validate(
+        {
+            "edge": {
+                "trusted_keys_dir": str(keys),
+                "clear_temp_roots": [str(root)],
+                "max_command_validity_s": 120,
+            }
+        }
+    )
+    lean = EdgeProcessSettings.from_json(handover_json(settings))
+    assert lean.edge.max_command_validity_s == 120
+    executor = Executor.from_settings(lean, device=DEVICE, journal=journal)
+    command = timed(signer, time=timedelta(), valid_for=timedelta(seconds=121))
+    assert_refused(answer(executor, command), command, "this device accepts at most 120 s")
+    assert victim.exists()
 
 
 def test_from_settings(keys: Path, journal: CommandJournal, root: Path, signer: Signer, victim: Path) -> None:

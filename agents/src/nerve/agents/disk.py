@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
 from nerve.runtime.central.agent import Agent, AgentContext, Subscription
+from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, MAX_MAX_COMMAND_VALIDITY_S
 from nerve.runtime.envelope.model import CommandResult, Envelope, Event, derived_id
+from nerve.runtime.errors import ConfigError
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
@@ -79,6 +81,21 @@ class DiskRunbook(Agent):
     )
 
     def __init__(self, settings: DiskRunbookSettings) -> None:
+        """Raises `ConfigError` if `command_ttl_s` is longer than any device may accept a command for."""
+        ttl = settings.command_ttl_s
+        if ttl > MAX_MAX_COMMAND_VALIDITY_S:
+            raise ConfigError(
+                f"{ttl:g} s is longer than any device accepts a command for "
+                f"(edge.max_command_validity_s is at most {MAX_MAX_COMMAND_VALIDITY_S:g} s)",
+                key="central.disk.command_ttl_s",
+            )
+        if ttl > DEFAULT_MAX_COMMAND_VALIDITY_S:
+            log.warning(
+                "central.disk.command_ttl_s (%g s) is longer than devices accept by default (%g s): they "
+                "refuse its commands unless their edge.max_command_validity_s is raised to match",
+                ttl,
+                DEFAULT_MAX_COMMAND_VALIDITY_S,
+            )
         self._settings = settings
         self._kv: KeyValue | None = None
         # Open incidents this process watches for timeouts: device -> deadline.

@@ -93,10 +93,10 @@ class EdgeAgent:
     """The daemon of one device: call `run()` and cancel it to stop.
 
     `ready` is set while connected and subscribed (cleared when the connection drops). `dropped`
-    counts command messages that got no answer (see `Executor.handle`). `clock` stamps the readings.
-    `outbox` is where messages wait for the broker; without one, `run()` opens the configured one
-    (`edge.outbox`) and closes it when it ends. `sensors` default to what `edge.sensors` asks for
-    (built-ins and plugins, loaded here; see `nerve.edge.sampling.build_sensors`).
+    counts command messages that got no answer (see `Executor.handle` and `Executor.unanswered`).
+    `clock` stamps the readings. `outbox` is where messages wait for the broker; without one, `run()`
+    opens the configured one (`edge.outbox`) and closes it when it ends. `sensors` default to what
+    `edge.sensors` asks for (built-ins and plugins, loaded here; see `nerve.edge.sampling.build_sensors`).
     """
 
     def __init__(
@@ -139,7 +139,7 @@ class EdgeAgent:
 
     @property
     def dropped(self) -> int:
-        """How many command messages got no answer (oversized, or without a command id)."""
+        """How many command messages got no answer (why, by kind: `Executor.unanswered`)."""
         return self._dropped
 
     @property

@@ -2,7 +2,7 @@
 
 Checks, in order, for a message on `<prefix>/<device>/commands/<action>`:
 
-1. size, topic (a command topic of this device), decoding as a `Command`;
+1. topic (a command topic of this device), size, decoding as a `Command`;
 2. the journal: a command id with a recorded result gets that result again (a replay of captured
    bytes too), and nothing runs; once the command is past its expiry (and the skew), a replay of one
    that ran is refused instead (`rejected`, reason "expired: ..."; a forged one as forged);
@@ -10,8 +10,9 @@ Checks, in order, for a message on `<prefix>/<device>/commands/<action>`:
 4. an id the journal holds for a different command (another digest) is refused as replayed; a
    command the journal saw start but never finish (the device restarted while it ran) is answered
    `unknown` and not run again, unless its action is idempotent (then it runs again if not expired);
-   otherwise expiry (with the allowed clock skew), the size of the arguments, the allow-list and the
-   action's arguments;
+   otherwise expiry and the validity window (with the allowed clock skew: not expired, `time` not in
+   the future, `expires - time` at most the configured maximum), the size of the arguments, the
+   allow-list and the action's arguments;
 5. then the journal records `started` (committed and fsynced), the action runs, the journal records
    the result.
 
@@ -19,25 +20,28 @@ Only commands whose signature verified are journalled (steps 4 and 5, and the "u
 command interrupted by a restart). Refusals in step 3 are answered but not kept: otherwise anyone able
 to publish on the topic could take a genuine command's id, forge the rest, and have the device record
 a refusal that the genuine command would then get as its "recorded result".
+
+A message that cannot be answered, because no command id can be read from it (or it is not on a
+command topic of this device), is counted in `Executor.unanswered` under its kind (`UNANSWERED_KINDS`):
+the first of each kind is logged as a warning, the rest at debug level, so a flood cannot fill the log.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any, Final, TypeGuard
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeGuard
 
 import msgspec
 
 from nerve.edge.actions import ActionArgumentError, ActionFailed, ClearTemp
 from nerve.edge.allowlist import build_allow_list
 from nerve.edge.journal import JournalError, JournalState
-from nerve.runtime.envelope.codec import DEFAULT_MAX_PAYLOAD, decode, load_document, to_msgpack
+from nerve.runtime.envelope.codec import DEFAULT_MAX_PAYLOAD, decode, is_msgpack_map, to_msgpack
 from nerve.runtime.envelope.model import MAX_HOPS, MAX_ID_CHARS, Command, CommandResult, utcnow
 from nerve.runtime.errors import ConfigError, DecodeError, PayloadTooLarge, SignatureError, TopicError
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
@@ -51,7 +55,15 @@ if TYPE_CHECKING:
     from nerve.edge.settings import SettingsView
     from nerve.runtime.envelope.model import ResultStatus
 
-__all__ = ["DEFAULT_MAX_ARGS_BYTES", "INTERRUPTED_REASON", "RERUN_REASON", "Executor", "command_digest"]
+__all__ = [
+    "DEFAULT_MAX_ARGS_BYTES",
+    "INTERRUPTED_REASON",
+    "RERUN_REASON",
+    "UNANSWERED_KINDS",
+    "Executor",
+    "Unanswered",
+    "command_digest",
+]
 
 _log: Final = logging.getLogger(__name__)
 
@@ -66,6 +78,31 @@ _MAX_REASON_CHARS: Final = 500
 
 _CLEAR_TEMP: Final = "clear_temp"
 _MSGPACK: Final = msgspec.msgpack.Encoder()
+
+#: Why a message got no answer: `oversized` (over the payload limit, and no command id readable in
+#: it), `no_command_id` (it does not parse into a map with a valid `id`), `foreign_topic` (not a
+#: command topic of this device, or an invalid action level with an unreadable payload).
+Unanswered = Literal["oversized", "no_command_id", "foreign_topic"]
+UNANSWERED_KINDS: Final[tuple[Unanswered, ...]] = ("oversized", "no_command_id", "foreign_topic")
+
+
+class _Head(msgspec.Struct):
+    """What an answer to a message that is not a valid command needs of it; every other attribute is skipped.
+
+    `id` is typed `Any`, so a value of any type is read (and then checked), not refused by the decoder.
+    The others are kept raw and read one by one: one unreadable (a number out of range, say) must not
+    cost the answer.
+    """
+
+    id: Any = None
+    correlationid: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)  # empty when absent
+    hops: msgspec.Raw = msgspec.field(default_factory=msgspec.Raw)
+
+
+_JSON_HEAD: Final = msgspec.json.Decoder(_Head)
+_MSGPACK_HEAD: Final = msgspec.msgpack.Decoder(_Head)
+_JSON_ANY: Final = msgspec.json.Decoder()
+_MSGPACK_ANY: Final = msgspec.msgpack.Decoder()
 
 
 def command_digest(command: Command) -> bytes:
@@ -89,11 +126,14 @@ class Executor:
     The allow-list is `clear_temp` on `clear_temp_roots` (with no roots it is refused as not
     allow-listed), plus `actions` (built by `from_settings` from `edge.actions`, plugins included);
     `disabled` maps names to the reason they do not run, for the refusal. A command whose arguments
-    encode (msgpack) to more than `max_args_bytes` is refused before its action sees them.
+    encode (msgpack) to more than `max_args_bytes` is refused before its action sees them. A command
+    is good only for a short, present window: its `time` no later than now plus `clock_skew_s`, its
+    `expires` no earlier than now minus `clock_skew_s`, and `expires - time` at most `max_validity_s`.
 
     Raises `ConfigError` from the constructor: a device id that is not a token, a root that is not an
     absolute path, a clock skew that is negative or not shorter than the journal's retention (an
-    entry pruned while its command could still pass the expiry check would let a replay run again).
+    entry pruned while its command could still pass the expiry check would let a replay run again),
+    a maximum validity that is not positive.
     """
 
     def __init__(
@@ -107,6 +147,7 @@ class Executor:
         actions: Sequence[Action] = (),
         disabled: Mapping[str, str] | None = None,
         clock_skew_s: float = 30.0,
+        max_validity_s: float,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
         max_args_bytes: int = DEFAULT_MAX_ARGS_BYTES,
         clock: Callable[[], datetime] = utcnow,
@@ -123,15 +164,20 @@ class Executor:
                 f"got {clock_skew_s!r}",
                 key="edge.clock_skew_s",
             )
-        if max_payload <= 0:
-            raise ConfigError(f"must be > 0, got {max_payload!r}", key="max_payload")
-        if max_args_bytes <= 0:
-            raise ConfigError(f"must be > 0, got {max_args_bytes!r}", key="edge.actions.max_args_bytes")
+        for key, limit in (
+            ("edge.max_command_validity_s", max_validity_s),
+            ("max_payload", max_payload),
+            ("edge.actions.max_args_bytes", max_args_bytes),
+        ):
+            if not limit > 0:
+                raise ConfigError(f"must be > 0, got {limit!r}", key=key)
         self._device = device
         self._verifier = verifier
         self._journal = journal
         self._source = source
         self._skew = timedelta(seconds=clock_skew_s)
+        self._max_validity = timedelta(seconds=max_validity_s)
+        self._unanswered: dict[Unanswered, int] = dict.fromkeys(UNANSWERED_KINDS, 0)
         self._max_payload = max_payload
         self._max_args_bytes = max_args_bytes
         self._clock = clock
@@ -175,6 +221,7 @@ class Executor:
             actions=list(allowed.actions.values()),
             disabled=allowed.disabled,
             clock_skew_s=settings.edge.clock_skew_s,
+            max_validity_s=settings.edge.max_command_validity_s,
             max_payload=settings.bridge.max_payload,
             max_args_bytes=settings.edge.actions.max_args_bytes,
         )
@@ -189,34 +236,43 @@ class Executor:
         """The actions this device runs (the allow-list)."""
         return frozenset(self._actions)
 
+    @property
+    def unanswered(self) -> dict[Unanswered, int]:
+        """How many messages got no answer, by kind (every kind of `UNANSWERED_KINDS` is a key)."""
+        return dict(self._unanswered)
+
     def handle(self, topic: str, payload: bytes, *, prefix: str = DEFAULT_PREFIX) -> CommandResult | None:
         """Handle one message received on a command topic; return the result to publish.
 
-        Never raises for any `topic` and `payload`. Returns None, after logging a warning that says
-        why, when there is nobody to answer: the payload is over the size limit, the topic is not
-        one of this device's command topics, or the payload does not even parse into a map with an
-        `id`. A payload that parses but is not a valid command is answered `rejected` with the
-        decoding problem when it carries an id, so central learns why (a version skew, typically)
-        instead of waiting for a timeout.
+        Never raises for any `topic` and `payload`. Returns None when there is nobody to answer,
+        counting it in `unanswered` (the first of each kind logged as a warning, the rest at debug
+        level): the topic is not one of this device's command topics, or no valid command `id` can be
+        read from the payload (it is not a map, or is nested too deeply for Python to read, or its id
+        is missing or not a string of 1-128 characters). A payload over the size limit, or one that
+        is not a valid command (a version skew, data nested too deeply, a wrong type), is answered
+        `rejected` with the problem when its id can be read, so central learns why instead of
+        waiting for a timeout.
 
         Otherwise the result says what happened: `ok` or `failed` (the action ran), `rejected` or
         `expired` (it did not, `reason` says why), `unknown` (it was started before a restart and is
         not run again). A command id that was journalled before gets the recorded result again.
         """
-        if len(payload) > self._max_payload:
-            _log.warning("message on %s dropped: %s", topic, PayloadTooLarge(len(payload), self._max_payload))
-            return None
         try:
             address = parse_topic(topic, prefix)
         except TopicError as exc:
             return self._bad_topic(topic, payload, prefix, exc)
         if address.device != self._device or address.kind is not Kind.COMMANDS:
-            _log.warning("message on %s dropped: not a command topic of device %r", topic, self._device)
+            why = f"not a command topic of device {self._device!r}"
+            self._unanswerable("foreign_topic", topic, why)
             return None
+        if len(payload) > self._max_payload:
+            # Read no further than its id: the rest of it is refused unread.
+            reason = f"too large: {PayloadTooLarge(len(payload), self._max_payload)}"
+            return self._answer_unreadable(topic, payload, address.name, reason, "oversized")
         try:
             command = decode(payload, Command, max_size=self._max_payload)
         except DecodeError as exc:
-            return self._undecodable(topic, payload, address.name, exc)
+            return self._answer_unreadable(topic, payload, address.name, exc.reason, "no_command_id")
         _log.debug("command %s (%s) received on %s", command.id, command.action, topic)
         return self._handle(command, address.name)
 
@@ -324,15 +380,16 @@ class Executor:
         return self._execute(command, action, args, digest, rerun=rerun)
 
     def _precheck(self, command: Command, *, rerun: bool) -> tuple[ResultStatus, str] | None:
-        """Why a genuine command is not run (expired, arguments too large, not allowed), or None."""
-        now = self._clock()
-        if now > command.expires + self._skew:
-            if rerun:
-                return "unknown", _EXPIRED_SINCE_REASON
-            return "rejected", (
-                f"expired: command expired at {_stamp(command.expires)}; device time is {_stamp(now)} "
-                f"(clock skew allowed: {self._skew.total_seconds():g} s)"
-            )
+        """Why a genuine command is not run (out of its window, arguments too large, not allowed), or None.
+
+        These refusals are journalled like results: a replay gets the same answer even if the command
+        would pass later (a future-dated one once its time comes, any one after a setting changed).
+        """
+        if rerun and self._past_expiry(command):
+            return "unknown", _EXPIRED_SINCE_REASON
+        outside = self._outside_window(command)
+        if outside is not None:
+            return "rejected", outside
         size = _encoded_size(command.data)
         if size > self._max_args_bytes:
             return (
@@ -344,6 +401,29 @@ class Executor:
             if command.action in self._disabled:
                 reason += f" ({self._disabled[command.action]})"
             return "rejected", reason
+        return None
+
+    def _outside_window(self, command: Command) -> str | None:
+        """Why `command` is not good now (expired, future-dated, valid for too long), or None."""
+        now = self._clock()
+        skew = self._skew.total_seconds()
+        if now > command.expires + self._skew:
+            return (
+                f"expired: command expired at {_stamp(command.expires)}; device time is {_stamp(now)} "
+                f"(clock skew allowed: {skew:g} s)"
+            )
+        if command.time > now + self._skew:
+            return (
+                f"future-dated: command time is {_stamp(command.time)}; device time is {_stamp(now)} "
+                f"(clock skew allowed: {skew:g} s)"
+            )
+        validity = command.expires - command.time
+        if validity > self._max_validity:
+            return (
+                f"validity too long: command is valid for {_seconds(validity)} s (from "
+                f"{_stamp(command.time)} to {_stamp(command.expires)}); this device accepts at most "
+                f"{_seconds(self._max_validity)} s (edge.max_command_validity_s)"
+            )
         return None
 
     def _execute(
@@ -428,29 +508,29 @@ class Executor:
         # Only a subscription to `<prefix>/<device>/commands/+` brings us here, so what is wrong is the
         # last level: a command that decodes is answered (on its own action's topic) with the problem.
         if not topic.startswith(f"{prefix}/{self._device}/{Kind.COMMANDS}/"):
-            _log.warning("message on %r dropped: %s", topic, exc)
+            self._unanswerable("foreign_topic", topic, str(exc))
             return None
         try:
             command = decode(payload, Command, max_size=self._max_payload)
         except DecodeError as decode_error:
-            _log.warning("message on %r dropped: %s; %s", topic, exc, decode_error.reason)
+            self._unanswerable("foreign_topic", topic, f"{exc}; {decode_error.reason}")
             return None
         return self._refuse(command, str(exc))
 
-    def _undecodable(self, topic: str, payload: bytes, action: str, exc: DecodeError) -> CommandResult | None:
-        document: object = None
-        with contextlib.suppress(DecodeError):
-            document = load_document(payload)
-        if not isinstance(document, dict):
-            document = {}
-        command_id = document.get("id")
-        if not _is_message_id(command_id):
-            _log.warning("message on %s dropped, it has no command id to answer: %s", topic, exc.reason)
+    def _answer_unreadable(
+        self, topic: str, payload: bytes, action: str, reason: str, kind: Unanswered
+    ) -> CommandResult | None:
+        """`rejected` with `reason` for a message that is no valid command, if its id can be read."""
+        as_msgpack = is_msgpack_map(payload)
+        head = _read_head(payload, as_msgpack=as_msgpack)
+        if head is None or not _is_message_id(head.id):
+            self._unanswerable(kind, topic, f"it has no command id to answer: {reason}")
             return None
-        correlation = document.get("correlationid")
+        command_id = head.id
+        correlation = _read_raw(head.correlationid, as_msgpack=as_msgpack)
         if not _is_message_id(correlation):
             correlation = command_id
-        hops = document.get("hops")
+        hops = _read_raw(head.hops, as_msgpack=as_msgpack)
         if not (isinstance(hops, int) and not isinstance(hops, bool) and hops >= 0):
             hops = 0
         result = CommandResult(
@@ -459,13 +539,45 @@ class Executor:
             subject=self._device,
             action=action,
             status="rejected",
-            reason=_clip(exc.reason),
+            reason=_clip(reason),
             causationid=command_id,
             correlationid=correlation,
             hops=min(hops + 1, MAX_HOPS),  # a hops past the envelope's limit still gets an answer
         )
-        _log.info("command %s on %s refused: %s", command_id, topic, exc.reason)
+        _log.info("command %s on %s refused: %s", command_id, topic, reason)
         return result
+
+    def _unanswerable(self, kind: Unanswered, topic: str, why: str) -> None:
+        """Count a message nobody can be answered for; warn about the first of its kind only."""
+        self._unanswered[kind] += 1
+        if self._unanswered[kind] == 1:
+            _log.warning(
+                "message on %r dropped (%s): %s; further %s messages are counted, and logged at debug level",
+                topic,
+                kind,
+                _clip(why),
+                kind,
+            )
+        else:
+            _log.debug("message on %r dropped (%s): %s", topic, kind, _clip(why))
+
+
+def _read_head(payload: bytes, *, as_msgpack: bool) -> _Head | None:
+    """The id, correlation id and hops of a payload that is a map (msgpack or JSON), or None."""
+    try:
+        return (_MSGPACK_HEAD if as_msgpack else _JSON_HEAD).decode(payload)
+    except (msgspec.DecodeError, RecursionError):  # not a map, malformed, or nested too deeply to skip
+        return None
+
+
+def _read_raw(raw: msgspec.Raw, *, as_msgpack: bool) -> object:
+    """The value `raw` holds, or None if it is empty or cannot be read."""
+    if not raw:
+        return None
+    try:
+        return (_MSGPACK_ANY if as_msgpack else _JSON_ANY).decode(raw)
+    except (msgspec.DecodeError, RecursionError):
+        return None
 
 
 def _is_message_id(value: object) -> TypeGuard[str]:
@@ -498,6 +610,11 @@ def _encoded_size(data: Mapping[str, Any]) -> int:
 
 def _stamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _seconds(span: timedelta) -> str:
+    """`300`, `300.5`, `3153600000`: never in exponent notation, to the millisecond."""
+    return f"{span.total_seconds():.3f}".rstrip("0").rstrip(".")
 
 
 def _clip(text: str) -> str:

@@ -133,6 +133,8 @@ class EdgeView(Protocol):
     @property
     def clock_skew_s(self) -> float: ...
     @property
+    def max_command_validity_s(self) -> float: ...
+    @property
     def actions(self) -> ActionsView: ...
 
 
@@ -261,6 +263,7 @@ class _Edge:
     trusted_keys_dir: Path | None
     journal: Path | None
     clock_skew_s: float
+    max_command_validity_s: float
     actions: _Actions
 
 
@@ -304,6 +307,7 @@ class EdgeProcessSettings:
                 trusted_keys_dir=_path(edge["trusted_keys_dir"]),
                 journal=_path(edge["journal"]),
                 clock_skew_s=edge["clock_skew_s"],
+                max_command_validity_s=edge["max_command_validity_s"],
                 actions=_Actions(
                     **{
                         **actions,

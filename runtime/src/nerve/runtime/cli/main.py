@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.cancellation import until_signalled
-from nerve.runtime.config.settings import load_settings
+from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, load_settings
 from nerve.runtime.errors import ConfigError, NerveError
 from nerve.runtime.subjects import is_token
 
@@ -124,7 +124,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="an argument (repeatable); VALUE is read as JSON if it is JSON (3600, true), else as text",
     )
-    send.add_argument("--expires-in", default="60s", help="how long the command is valid (default: 60s)")
+    send.add_argument(
+        "--expires-in",
+        default="60s",
+        help=f"how long the command is valid (default: 60s; at most {DEFAULT_MAX_COMMAND_VALIDITY_S:g}s, "
+        "the longest a device accepts by default: edge.max_command_validity_s)",
+    )
     send.add_argument("--timeout", help="how long to wait for the result (default: the expiry plus 10s)")
     send.add_argument(
         "--key",
@@ -320,6 +325,7 @@ async def _send(args: argparse.Namespace) -> int:
         format_result,
         parse_args,
         parse_duration,
+        parse_expires_in,
         presence_notice,
         sign_command,
         signer_for,
@@ -329,7 +335,7 @@ async def _send(args: argparse.Namespace) -> int:
 
     # Everything is checked before anything is sent.
     arguments = parse_args(args.arg)
-    expires_in = parse_duration(args.expires_in, flag="--expires-in")
+    expires_in = parse_expires_in(args.expires_in)
     timeout = parse_duration(args.timeout, flag="--timeout") if args.timeout else expires_in + 10.0
     settings = _settings(args)
     keys_dir = default_keys_dir(os.environ)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, Self
 from nats.js.errors import NotFoundError
 
 from nerve.runtime.cancellation import checkpoint
+from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.errors import ConfigError, DecodeError
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
 
 __all__ = [
+    "MAX_DURATION_S",
     "MAX_EXPIRES_S",
     "SEEN_KINDS",
     "CommandChannel",
@@ -43,13 +45,17 @@ __all__ = [
     "format_result",
     "parse_args",
     "parse_duration",
+    "parse_expires_in",
     "presence_notice",
     "sign_command",
     "signer_for",
     "signing_key_path",
 ]
 
-MAX_EXPIRES_S: Final = 7 * 86400.0
+#: The longest `--timeout`.
+MAX_DURATION_S: Final = 7 * 86400.0
+#: The longest `--expires-in`: what a device accepts by default (`edge.max_command_validity_s`).
+MAX_EXPIRES_S: Final = DEFAULT_MAX_COMMAND_VALIDITY_S
 # Where a device's own messages land: its last one says when it was last heard from.
 SEEN_KINDS: Final = (Kind.TELEMETRY, Kind.EVENTS, Kind.RESULTS)
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -65,9 +71,29 @@ def parse_duration(text: str, *, flag: str) -> float:
     """
     match = _DURATION.fullmatch(text.strip())
     seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"] if match else -1.0
-    if not 0 < seconds <= MAX_EXPIRES_S:
+    if not 0 < seconds <= MAX_DURATION_S:
         raise ConfigError(
             f"{text!r} is not a duration from 1ms to 7d (like 60s, 5m, 2h)", source="command line", key=flag
+        )
+    return seconds
+
+
+def parse_expires_in(text: str) -> float:
+    """`--expires-in`: a duration (`parse_duration`) of at most `MAX_EXPIRES_S`.
+
+    A device refuses a command valid for longer than `edge.max_command_validity_s` (300 s by
+    default): sending one would only get it refused there.
+
+    Raises:
+        ConfigError: not a duration, or longer than `MAX_EXPIRES_S` (one line saying why).
+    """
+    seconds = parse_duration(text, flag="--expires-in")
+    if seconds > MAX_EXPIRES_S:
+        raise ConfigError(
+            f"{text!r} is longer than {MAX_EXPIRES_S:g}s: devices refuse a command valid for longer "
+            "(edge.max_command_validity_s)",
+            source="command line",
+            key="--expires-in",
         )
     return seconds
 

@@ -39,6 +39,11 @@ DEFAULT_RANGES: Final[dict[str, tuple[float, float]]] = {
     "load": (0.0, 10_000.0),  # load average
     "temperature": (-100.0, 250.0),  # degrees Celsius
 }
+#: The longest validity window (`expires - time`) a device accepts by default (`edge.max_command_validity_s`):
+#: whatever sends commands (runbooks, `nerve send`) keeps within it.
+DEFAULT_MAX_COMMAND_VALIDITY_S: Final = 300.0
+#: The most `edge.max_command_validity_s` may be set to: a command good for days is a standing order.
+MAX_MAX_COMMAND_VALIDITY_S: Final = 86400.0
 
 
 def _mqtt_url(value: str) -> str:
@@ -262,7 +267,15 @@ class EdgeSettings(_Settings):
     )
     trusted_keys_dir: Path | None = None
     journal: Path | None = None
-    clock_skew_s: float = Field(default=30.0, ge=0)
+    clock_skew_s: float = Field(
+        default=30.0, ge=0, description="seconds allowed between clocks, checking `time` and `expires`"
+    )
+    max_command_validity_s: float = Field(
+        default=DEFAULT_MAX_COMMAND_VALIDITY_S,
+        gt=0,
+        le=MAX_MAX_COMMAND_VALIDITY_S,
+        description="a command valid for longer (`expires - time`) is refused",
+    )
     actions: ActionSettings = ActionSettings()
 
 
