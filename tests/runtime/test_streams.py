@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from nerve.runtime.config.settings import GIB, MIB, load_settings
+from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import (
     DAY,
     DEADLETTER_STREAM,
@@ -96,7 +98,6 @@ def test_config_common(spec: StreamSpec, prefix: str) -> None:
     assert config.name == spec.name
     assert config.retention is RetentionPolicy.LIMITS
     assert config.storage is StorageType.FILE
-    assert config.discard is DiscardPolicy.OLD
     assert config.duplicate_window == DUPLICATE_WINDOW_S == 20 * 60
     assert config.as_dict()["duplicate_window"] == 20 * 60 * 10**9  # nanoseconds on the wire
     assert config.subjects is not None
@@ -111,18 +112,16 @@ def test_subjects_per_kind_under_prefix(prefix: str) -> None:
     assert SPEC[DEADLETTER_STREAM].config(prefix).subjects == [f"{root}.deadletter.*"]
 
 
-def test_facts_are_kept_forever() -> None:
+def test_facts_are_kept_and_bounded() -> None:
     config = SPEC["NERVE_FACTS"].config("nerve")
     assert config.deny_delete is True
     assert config.deny_purge is True
-    assert not config.max_age  # 0 = no limit
-    assert config.as_dict()["max_age"] == 0
-    assert config.max_msgs is None
-    assert config.max_bytes is None
-    assert config.discard is DiscardPolicy.OLD
+    assert config.max_bytes == 6 * GIB
+    assert config.max_age == 10 * 365 * DAY
+    assert config.discard is DiscardPolicy.NEW  # a full facts stream refuses, never forgets
 
 
-@pytest.mark.parametrize("spec", [s for s in STREAMS if not s.forever], ids=lambda spec: spec.name)
+@pytest.mark.parametrize("spec", [s for s in STREAMS if not s.kept], ids=lambda spec: spec.name)
 def test_other_streams_age_out_and_can_be_purged(spec: StreamSpec) -> None:
     config = spec.config("nerve")
     assert config.deny_delete is False
@@ -132,12 +131,51 @@ def test_other_streams_age_out_and_can_be_purged(spec: StreamSpec) -> None:
     assert config.as_dict()["max_age"] == int(config.max_age * 10**9)
 
 
-def test_retention_periods() -> None:
-    assert SPEC["NERVE_TELEMETRY"].max_age_s == 7 * DAY
-    assert SPEC["NERVE_EVENTS"].max_age_s == 30 * DAY
-    assert SPEC["NERVE_COMMANDS"].max_age_s == 7 * DAY
-    assert SPEC["NERVE_RESULTS"].max_age_s == 30 * DAY
-    assert SPEC[DEADLETTER_STREAM].max_age_s == 30 * DAY
+def test_discard_policy_by_purpose() -> None:
+    discard = {spec.name: spec.config("nerve").discard for spec in STREAMS}
+    assert discard == {
+        "NERVE_TELEMETRY": DiscardPolicy.OLD,
+        "NERVE_EVENTS": DiscardPolicy.OLD,
+        "NERVE_COMMANDS": DiscardPolicy.NEW,
+        "NERVE_RESULTS": DiscardPolicy.NEW,
+        "NERVE_FACTS": DiscardPolicy.NEW,
+        "NERVE_DEADLETTER": DiscardPolicy.OLD,
+    }
+
+
+def test_default_limits_fit_the_documented_budget() -> None:
+    ages = {spec.name: spec.config("nerve").max_age for spec in STREAMS}
+    assert ages["NERVE_TELEMETRY"] == 7 * DAY
+    assert ages["NERVE_EVENTS"] == 30 * DAY
+    assert ages["NERVE_COMMANDS"] == 7 * DAY
+    assert ages["NERVE_RESULTS"] == 30 * DAY
+    assert ages[DEADLETTER_STREAM] == 30 * DAY
+    sizes = [spec.config("nerve").max_bytes or 0 for spec in STREAMS]
+    assert all(size > 0 for size in sizes)
+    assert sum(sizes) <= 10 * GIB  # docs/streams.md: sized for 10 GiB of disk for JetStream
+
+
+def test_limits_come_from_settings() -> None:
+    settings = load_settings(overrides={"streams": {"deadletter": {"max_bytes": 2 * MIB, "max_age_s": 3600}}})
+    config = SPEC[DEADLETTER_STREAM].config("nerve", settings.streams)
+    assert config.max_bytes == 2 * MIB
+    assert config.max_age == 3600
+    assert config.as_dict()["max_age"] == 3600 * 10**9
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"deadletter": {"max_bytes": 1000, "max_age_s": 60}}, "streams.deadletter.max_bytes"),
+        ({"facts": {"max_bytes": 8 * MIB, "max_age_s": 0}}, "streams.facts.max_age_s"),
+        ({"telemetry": {"max_bytes": 8 * MIB}}, "streams.telemetry.max_age_s"),
+        ({"facts_warn_at": 1.5}, "streams.facts_warn_at"),
+        ({"command": {}}, "streams.command"),
+    ],
+)
+def test_bad_limits_are_refused_with_their_key(overrides: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(overrides={"streams": overrides})
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)
@@ -196,11 +234,11 @@ async def test_ensure_streams_creates_all() -> None:
     assert js.updated == []
 
 
-async def test_ensure_streams_updates_existing() -> None:
+async def test_ensure_streams_without_settings_leaves_existing_streams_alone() -> None:
     js = FakeJetStream(existing={"NERVE_FACTS", "NERVE_TELEMETRY"})
     await ensure_streams(cast("JetStreamContext", js), "nerve")
-    assert js.updated == ["NERVE_TELEMETRY", "NERVE_FACTS"]
-    assert set(js.added) | set(js.updated) == set(SPEC)
+    assert js.updated == []
+    assert set(js.added) == set(SPEC) - {"NERVE_FACTS", "NERVE_TELEMETRY"}
 
 
 async def test_ensure_streams_raises_other_errors() -> None:

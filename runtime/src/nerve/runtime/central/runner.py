@@ -72,7 +72,7 @@ class Central:
         nc = await connect_forever(self._settings.nats, name="nerve-central")
         try:
             js = nc.jetstream()
-            await ensure_streams(js, self._settings.prefix)
+            await ensure_streams(js, self._settings.prefix, self._settings.streams)
             async with asyncio.TaskGroup() as tasks:
                 for agent in self._agents:
                     ctx = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=agent.name)
