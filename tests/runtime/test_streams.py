@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, cast
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Final, cast
 
 import pytest
 from hypothesis import given
@@ -11,20 +13,25 @@ from hypothesis import strategies as st
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from nerve.runtime.config.settings import GIB, MIB, load_settings
+from nerve.runtime.config.settings import GIB, MIB, StreamsSettings, load_settings
+from nerve.runtime.envelope.model import Event
 from nerve.runtime.errors import ConfigError
+from nerve.runtime.jetstream.client import STREAM_FULL_CODE, StreamFull, publish_dead_letter, publish_envelope
 from nerve.runtime.jetstream.streams import (
     DAY,
     DEADLETTER_STREAM,
     DUPLICATE_WINDOW_S,
     STREAM_OF_KIND,
     STREAMS,
+    StreamShrinkRefused,
     StreamSpec,
     ensure_streams,
+    stream_usage,
 )
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
 
 PREFIXES = ["nerve", "acme/nerve", "a/b/c"]
@@ -156,11 +163,11 @@ def test_default_limits_fit_the_documented_budget() -> None:
 
 
 def test_limits_come_from_settings() -> None:
-    settings = load_settings(overrides={"streams": {"deadletter": {"max_bytes": 2 * MIB, "max_age_s": 3600}}})
+    settings = load_settings(overrides={"streams": {"deadletter": {"max_bytes": 2 * MIB, "max_age_s": 7200}}})
     config = SPEC[DEADLETTER_STREAM].config("nerve", settings.streams)
     assert config.max_bytes == 2 * MIB
-    assert config.max_age == 3600
-    assert config.as_dict()["max_age"] == 3600 * 10**9
+    assert config.max_age == 7200
+    assert config.as_dict()["max_age"] == 7200 * 10**9
 
 
 @pytest.mark.parametrize(
@@ -168,6 +175,7 @@ def test_limits_come_from_settings() -> None:
     [
         ({"deadletter": {"max_bytes": 1000, "max_age_s": 60}}, "streams.deadletter.max_bytes"),
         ({"facts": {"max_bytes": 8 * MIB, "max_age_s": 0}}, "streams.facts.max_age_s"),
+        ({"commands": {"max_bytes": 8 * MIB, "max_age_s": 60}}, "streams.commands.max_age_s"),
         ({"telemetry": {"max_bytes": 8 * MIB}}, "streams.telemetry.max_age_s"),
         ({"facts_warn_at": 1.5}, "streams.facts_warn_at"),
         ({"command": {}}, "streams.command"),
@@ -247,3 +255,120 @@ async def test_ensure_streams_raises_other_errors() -> None:
         await ensure_streams(cast("JetStreamContext", js), "nerve")
     assert js.updated == []
     assert js.added == ["NERVE_TELEMETRY"]
+
+
+# --- floods and limits, against a real nats-server ---------------------------------------------------------
+
+BLOB: Final = 100_000  # bytes of data per flooding message
+FLOOD: Final = 30  # messages: about three times a 1 MiB limit
+TINY: Final = {"max_bytes": MIB, "max_age_s": 3600}
+
+
+def tiny_streams() -> StreamsSettings:
+    return load_settings(overrides={"streams": dict.fromkeys(SPEC_KEYS, TINY)}).streams
+
+
+SPEC_KEYS: Final = [spec.key for spec in STREAMS]
+
+
+def blob(i: int) -> Event:
+    return Event(source="test", type="flood", subject="flooder", data={"i": i, "blob": "x" * BLOB})
+
+
+async def flood(js: JetStreamContext, spec: StreamSpec, count: int) -> int:
+    """Publish `count` big messages into `spec`'s stream; return how many were refused (StreamFull)."""
+    refusals: list[StreamFull] = []
+    for i in range(count):
+        try:
+            if spec.kind is None:
+                await publish_dead_letter(
+                    js, prefix="nerve", part="test", reason="flood", origin="x", payload=b"x" * BLOB
+                )
+            else:
+                subject = Address("flooder", spec.kind, "flood").subject("nerve")
+                await publish_envelope(js, subject, blob(i))
+        except StreamFull as exc:
+            refusals.append(exc)
+    assert all(exc.err_code == STREAM_FULL_CODE and "full" in str(exc) for exc in refusals)
+    return len(refusals)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("spec", STREAMS, ids=lambda spec: spec.name)
+async def test_a_flood_stays_within_the_limit(nc: NatsClient, spec: StreamSpec) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", tiny_streams())
+    refused = await flood(js, spec, FLOOD)
+    usage = await stream_usage(js, spec.name)
+    assert usage.max_bytes == MIB
+    assert usage.bytes <= MIB
+    if spec.discard is DiscardPolicy.NEW:
+        # Refused, and every refusal told the publisher: nothing stored beyond the limit, nothing dropped.
+        assert refused > 0
+        assert usage.messages + refused == FLOOD
+        assert usage.dropped == 0
+    else:
+        # The oldest went, and the stream counts them.
+        assert refused == 0
+        assert usage.dropped > 0
+        assert usage.messages + usage.dropped == FLOOD
+
+
+@pytest.mark.broker
+async def test_ensure_streams_brings_old_streams_to_their_limits_without_losing_data(nc: NatsClient) -> None:
+    js = nc.jetstream()
+    unbounded = {spec.name: spec.config("nerve") for spec in STREAMS}
+    for config in unbounded.values():  # as the release before limits made them
+        await js.add_stream(replace(config, max_bytes=None, max_age=0, discard=DiscardPolicy.OLD))
+    for i in range(5):
+        await publish_envelope(js, "nerve.pi.facts.kept", blob(i))
+        await publish_envelope(js, "nerve.pi.telemetry.cpu", blob(i))
+    await ensure_streams(js, "nerve", StreamsSettings())
+    await ensure_streams(js, "nerve", StreamsSettings())  # twice: idempotent
+    for name in ("NERVE_FACTS", "NERVE_TELEMETRY"):
+        info = await js.stream_info(name)
+        assert info.state.messages == 5
+        assert info.config.max_bytes == SPEC[name].config("nerve").max_bytes
+        assert info.config.discard == SPEC[name].config("nerve").discard
+
+
+@pytest.mark.broker
+async def test_shrinking_drops_oldest_telemetry_but_never_facts(
+    nc: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    js = nc.jetstream()
+    big = load_settings(overrides={"streams": {key: {**TINY, "max_bytes": 4 * MIB} for key in SPEC_KEYS}})
+    await ensure_streams(js, "nerve", big.streams)
+    for i in range(20):  # 2 MB each
+        await publish_envelope(js, "nerve.pi.facts.kept", blob(i))
+        await publish_envelope(js, "nerve.pi.telemetry.cpu", blob(i))
+    small = load_settings(overrides={"streams": {"telemetry": TINY, "facts": {**TINY, "max_bytes": 4 * MIB}}})
+    await ensure_streams(js, "nerve", small.streams)
+    telemetry = await stream_usage(js, "NERVE_TELEMETRY")
+    assert telemetry.bytes <= MIB
+    assert telemetry.dropped > 0
+    assert "NERVE_TELEMETRY" in caplog.text
+    assert "dropped to fit" in caplog.text
+
+    with pytest.raises(StreamShrinkRefused, match=r"NERVE_FACTS.*facts are never dropped"):
+        await ensure_streams(js, "nerve", tiny_streams())
+    facts = await js.stream_info("NERVE_FACTS")
+    assert facts.state.messages == 20
+    assert facts.config.max_bytes == 4 * MIB  # left as it was
+
+
+@pytest.mark.broker
+async def test_facts_cannot_be_aged_out_by_a_shorter_max_age(
+    nc: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", StreamsSettings())
+    await publish_envelope(js, "nerve.pi.facts.kept", blob(0))
+    later = time.time() + 2 * 3600  # the fact is two hours old, as far as ensure_streams can tell
+    monkeypatch.setattr("nerve.runtime.jetstream.streams.time.time", lambda: later)
+    short = load_settings(overrides={"streams": {"facts": {"max_bytes": 64 * MIB, "max_age_s": 3600}}})
+    with pytest.raises(StreamShrinkRefused, match="max_age 3600s is shorter"):
+        await ensure_streams(js, "nerve", short.streams)
+    info = await js.stream_info("NERVE_FACTS")
+    assert info.state.messages == 1
+    assert info.config.max_age == 10 * 365 * DAY

@@ -374,13 +374,15 @@ GIB: Final = 1024 * MIB
 _DAY_S: Final = 24 * 3600.0
 # The smallest byte limit a stream may have: one message of NATS's default max_payload (1 MiB).
 MIN_STREAM_BYTES: Final = MIB
+# The shortest age limit: an hour, above JetStream's 20-minute dedup window (which may not exceed it).
+MIN_STREAM_AGE_S: Final = 3600.0
 
 
 class StreamLimits(_Settings):
     """The limits of one JetStream stream: bytes on disk and age. See docs/streams.md."""
 
     max_bytes: int = Field(ge=MIN_STREAM_BYTES, description="bytes the stream may hold on disk")
-    max_age_s: float = Field(gt=0, description="seconds a message is kept at most")
+    max_age_s: float = Field(ge=MIN_STREAM_AGE_S, description="seconds a message is kept at most")
 
 
 class StreamsSettings(_Settings):
