@@ -66,15 +66,16 @@ class CommandAudit(Agent):
         sample = self.sampler.offer(envelope.subject, envelope.status, envelope.id)
         if sample is None:
             return
-        device = MANY_DEVICES if sample.overflow else envelope.subject
+        if sample.overflow:  # the first from beyond the devices told apart: about them all
+            await self._counted(sample, ctx)
+            return
+        verb = _VERBS.get(envelope.status, "failed to run")
         await ctx.fact(
             envelope,
             kind=f"command_{envelope.status}",
             summary=(
-                f"{device} {_VERBS.get(envelope.status, 'failed to run')} {envelope.action} "
-                f"(command {envelope.causationid})"
+                f"{envelope.subject} {verb} {envelope.action} (command {envelope.causationid})"
                 + (f": {envelope.reason}" if envelope.reason else "")
-                + (" (from a device beyond the sampled ones)" if sample.overflow else "")
             ),
             data={
                 "command_id": envelope.causationid,
@@ -94,7 +95,7 @@ class CommandAudit(Agent):
         device = MANY_DEVICES if sample.overflow else sample.device
         # Unique per process, key and window; the process's source keeps two processes' facts apart.
         cause = Event(
-            id=derived_id(ctx.source, self._instance, device, sample.reason, repr(sample.since)),
+            id=derived_id(ctx.source, self._instance, device, sample.reason, repr(sample.since), sample.last),
             source=ctx.source,
             type="nerve.audit.sampled",
             subject=device,
@@ -103,8 +104,8 @@ class CommandAudit(Agent):
             cause,
             kind=f"command_{sample.reason}",
             summary=(
-                f"{device}: {sample.count} more results {sample.reason} within {self._window_s:g}s "
-                f"(counted, not kept one by one; last {sample.last})"
+                f"{device}: {sample.count} result(s) {sample.reason} within {self._window_s:g}s "
+                f"(counted, not kept one by one; the last: {sample.last})"
             ),
             data={
                 "status": sample.reason,
