@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import logging
 import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Final, cast
@@ -11,10 +14,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 
+from nerve.bridge import Bridge
 from nerve.runtime.config.settings import GIB, MIB, StreamsSettings, load_settings
-from nerve.runtime.envelope.model import Event
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import CommandResult, Event
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.client import STREAM_FULL_CODE, StreamFull, publish_dead_letter, publish_envelope
 from nerve.runtime.jetstream.streams import (
@@ -29,10 +34,15 @@ from nerve.runtime.jetstream.streams import (
     stream_usage,
 )
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
+from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
+    from tests.conftest import Running
+
+    from nerve.runtime.config.settings import Settings
 
 PREFIXES = ["nerve", "acme/nerve", "a/b/c"]
 SPEC = {spec.name: spec for spec in STREAMS}
@@ -372,3 +382,34 @@ async def test_facts_cannot_be_aged_out_by_a_shorter_max_age(
     info = await js.stream_info("NERVE_FACTS")
     assert info.state.messages == 1
     assert info.config.max_age == 10 * 365 * DAY
+
+
+@pytest.mark.broker
+async def test_a_result_refused_at_the_limit_waits_in_mqtt_and_is_stored_once_there_is_room(
+    settings: Settings, nc: NatsClient, running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bridge holds the PUBACK of a refused result and retries, saying so: mosquitto keeps it."""
+    overrides = {"mqtt": {"url": settings.mqtt.url}, "nats": {"url": settings.nats.url}}
+    tight = load_settings(overrides={**overrides, "streams": {"results": TINY}})
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", tight.streams)
+    for size in (100_000, 10_000, 1_000, 100):  # fill NERVE_RESULTS to the last byte
+        with contextlib.suppress(ServiceUnavailableError):
+            for _ in range(20):
+                await js.publish("nerve.filler.results.clear_temp", b"x" * size)
+    held = (await js.stream_info("NERVE_RESULTS")).state.messages
+    result = CommandResult(
+        source="device", type="nerve.result.clear_temp", subject="pi-01", action="clear_temp", status="ok"
+    )
+    with caplog.at_level(logging.WARNING):
+        async with running(Bridge(settings=tight), wait=10), MqttClient(tight.mqtt, client_id="pi-01") as pi:
+            await pi.publish("nerve/pi-01/results/clear_temp", to_msgpack(result), qos=1)
+            async with asyncio.timeout(10):
+                while "maximum bytes exceeded" not in caplog.text:
+                    await asyncio.sleep(0.05)
+            assert "retrying" in caplog.text
+            assert (await js.stream_info("NERVE_RESULTS")).state.messages == held  # refused, not dropped
+            await ensure_streams(js, "nerve", StreamsSettings())  # room again (an operator raised it)
+            await wait_for_count(js, "NERVE_RESULTS", held + 1)
+    stored = await stream_messages(js, "NERVE_RESULTS")
+    assert [decode(m.data, CommandResult).id for m in stored[held:]] == [result.id]
