@@ -8,6 +8,7 @@ import itertools
 import logging
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
 
 import pytest
@@ -413,3 +414,9 @@ async def test_a_result_refused_at_the_limit_waits_in_mqtt_and_is_stored_once_th
             await wait_for_count(js, "NERVE_RESULTS", held + 1)
     stored = await stream_messages(js, "NERVE_RESULTS")
     assert [decode(m.data, CommandResult).id for m in stored[held:]] == [result.id]
+
+
+@pytest.mark.parametrize("name", ["central.yaml", "nerve.yaml"])
+def test_shipped_configs_show_the_default_limits(name: str) -> None:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert load_settings(configs / name).streams == StreamsSettings()

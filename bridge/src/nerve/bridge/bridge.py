@@ -91,7 +91,7 @@ class Bridge:
         nc = await connect_forever(self._settings.nats, name="nerve-bridge")
         try:
             js = nc.jetstream()
-            await ensure_streams(js, self._prefix, self._settings.streams)
+            await ensure_streams(js, self._prefix)
             await self._run_mqtt(js)
         finally:
             self.ready.clear()
