@@ -288,3 +288,24 @@ async def test_a_command_refused_at_the_limit_is_not_lost_silently(
     assert "its stream is full" in record["reason"]
     assert "nerve.pi-01.commands.clear_temp" in record["reason"]
     assert "JetStream refused nerve.pi-01.commands.clear_temp" in caplog.text
+
+
+@pytest.mark.broker
+async def test_a_flood_of_too_deep_messages_makes_few_loop_guard_facts(
+    nats_server: NatsServer, tmp_path: Path, nc: NatsClient, signer: Signer
+) -> None:
+    settings = settings_for(nats_server, tmp_path, {"sample_window_s": 1.0})
+    js = nc.jetstream()
+    async with central(settings, signer, [DiskRunbook(settings.central.disk)]):
+        for i in range(90):
+            device = f"pi-{i % 3}"
+            deep = Event(source="x", type="nerve.telemetry.disk", subject=device, data={"value": 99}, hops=50)
+            await publish_envelope(js, f"nerve.{device}.telemetry.disk", deep)
+        async with asyncio.timeout(30):
+            while await counted(js) < 90:
+                await asyncio.sleep(0.1)
+    facts = await facts_of(js)
+    assert await counted(js) == 90
+    assert {fact.kind for fact in facts} == {"loop_guard"}
+    assert len(facts) <= 3 * 6  # 90 before
+    assert (await js.stream_info("NERVE_COMMANDS")).state.messages == 0

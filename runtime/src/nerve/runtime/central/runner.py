@@ -4,22 +4,27 @@ Each agent subscription gets a durable push consumer with a deliver group (`nerv
 so several central processes share the work and a restarted one carries on where the last left off.
 A message is acknowledged after its handler returned. Undecodable messages and messages that failed
 `MAX_DELIVER` times go to the dead-letter stream with the reason. Messages more than `max_hops`
-reactions deep are dropped, and a fact says so (the loop guard).
+reactions deep are dropped, and a fact says so (the loop guard). Anyone may send a message with a large
+`hops`, so those facts are sampled (`RefusalSampler`, `streams.sample_window_s`): the first per device
+and agent at once, the rest counted into one fact per window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
 
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.central.agent import DEFAULT_MAX_HOPS, Agent, AgentContext, Reject, Retry
+from nerve.runtime.central.agent import DEFAULT_MAX_HOPS, NO_SUBJECT, Agent, AgentContext, Reject, Retry
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode
+from nerve.runtime.envelope.model import Event, derived_id
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import connect_forever, publish_dead_letter, shared_durable
+from nerve.runtime.jetstream.sampling import RefusalSampler
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 
 if TYPE_CHECKING:
@@ -66,6 +71,10 @@ class Central:
         self.ready = asyncio.Event()
         self.handled = 0
         self.deadlettered = 0
+        self._instance = uuid.uuid4().hex  # tells this process's sampled facts from another's
+        self._loop_guard = RefusalSampler(
+            window_s=settings.streams.sample_window_s, max_keys=settings.streams.sample_max_keys
+        )
 
     async def run(self) -> None:
         """Run every agent until cancelled."""
@@ -74,6 +83,8 @@ class Central:
             js = nc.jetstream()
             await ensure_streams(js, self._settings.prefix, self._settings.streams)
             async with asyncio.TaskGroup() as tasks:
+                own = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=PART)
+                tasks.create_task(self._sampled_facts(own), name="central-sampled-facts")
                 for agent in self._agents:
                     ctx = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=agent.name)
                     await agent.start(ctx)
@@ -102,6 +113,34 @@ class Central:
             max_ack_pending=MAX_ACK_PENDING,
             max_deliver=MAX_DELIVER,
         )
+
+    async def _sampled_facts(self, ctx: AgentContext) -> None:
+        """Keep one loop-guard fact per device and agent whose window ended with drops counted."""
+        window = self._settings.streams.sample_window_s
+        while True:
+            await asyncio.sleep(TICK_S)
+            for sample in self._loop_guard.due():
+                device = "many-devices" if sample.overflow else sample.device
+                cause = Event(
+                    id=derived_id(ctx.source, self._instance, device, sample.reason, repr(sample.since)),
+                    source=ctx.source,
+                    type="nerve.central.loop_guard",
+                    subject=device,
+                )
+                try:
+                    await ctx.fact(
+                        cause,
+                        kind="loop_guard",
+                        summary=(
+                            f"{sample.reason} dropped {sample.count} more messages from {device} within "
+                            f"{window:g}s: past the limit of {self._max_hops} hops (counted, not kept one "
+                            f"by one; the last: {sample.last})"
+                        ),
+                        data={"count": sample.count, "window_s": window, "agent": sample.reason},
+                    )
+                except (NatsError, TimeoutError) as exc:
+                    log.warning("central: %s: %d loop-guard drops not kept: %s", device, sample.count, exc)
+            checkpoint()
 
     async def _ticks(self, agent: Agent, ctx: AgentContext) -> None:
         while True:
@@ -139,15 +178,18 @@ class Central:
             await self._dead_letter(ctx, msg, f"{agent.name}: {exc.reason}")
             return
         if envelope.hops > self._max_hops:
-            await ctx.fact(
-                envelope,
-                kind="loop_guard",
-                summary=(
-                    f"{agent.name} dropped {envelope.type} {envelope.id}: {envelope.hops} hops deep, "
-                    f"past the limit of {self._max_hops}"
-                ),
-                key=agent.name,
-            )
+            device = envelope.subject or NO_SUBJECT
+            if self._loop_guard.offer(device, agent.name, envelope.id) is not None:
+                await ctx.fact(
+                    envelope,
+                    kind="loop_guard",
+                    summary=(
+                        f"{agent.name} dropped {envelope.type} {envelope.id}: {envelope.hops} hops deep, "
+                        f"past the limit of {self._max_hops}"
+                    ),
+                    data={"count": 1},
+                    key=agent.name,
+                )
             await msg.ack()
             return
         try:
