@@ -63,11 +63,13 @@ class CommandAudit(Agent):
         """Record a refused or failed command: at once if it is the first of its kind, else counted."""
         if not isinstance(envelope, CommandResult) or envelope.status not in AUDITED:
             return
-        sample = self.sampler.offer(envelope.subject, envelope.status, envelope.id)
+        # What the window's fact says of the last one counted: its command and why.
+        last = f"command {envelope.causationid}" + (f": {envelope.reason}" if envelope.reason else "")
+        sample = self.sampler.offer(envelope.subject, envelope.status, last)
         if sample is None:
             return
         if sample.overflow:  # the first from beyond the devices told apart: about them all
-            await self._counted(sample, ctx)
+            await self._counted(sample, ctx, first=True)
             return
         verb = _VERBS.get(envelope.status, "failed to run")
         await ctx.fact(
@@ -89,13 +91,20 @@ class CommandAudit(Agent):
     async def tick(self, ctx: AgentContext) -> None:
         """Keep one fact per key whose window ended with refusals counted."""
         for sample in self.sampler.due():
-            await self._counted(sample, ctx)
+            await self._counted(sample, ctx, first=False)
 
-    async def _counted(self, sample: Sample, ctx: AgentContext) -> None:
+    async def _counted(self, sample: Sample, ctx: AgentContext, *, first: bool) -> None:
         device = MANY_DEVICES if sample.overflow else sample.device
         # Unique per process, key and window; the process's source keeps two processes' facts apart.
         cause = Event(
-            id=derived_id(ctx.source, self._instance, device, sample.reason, repr(sample.since), sample.last),
+            id=derived_id(
+                ctx.source,
+                self._instance,
+                device,
+                sample.reason,
+                repr(sample.since),
+                "first" if first else "window",
+            ),
             source=ctx.source,
             type="nerve.audit.sampled",
             subject=device,
@@ -111,7 +120,7 @@ class CommandAudit(Agent):
                 "status": sample.reason,
                 "count": sample.count,
                 "window_s": self._window_s,
-                "last_result_id": sample.last,
+                "last": sample.last,
             },
             key="sampled",
         )

@@ -31,7 +31,7 @@ class Sample:
     reason: str
     count: int
     since: float
-    last: str  # an id (of the last refused message) for the fact to point at
+    last: str  # what the caller said of the last refusal counted (an id, a reason)
 
     @property
     def overflow(self) -> bool:
