@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -36,6 +38,7 @@ from nerve.runtime.jetstream.streams import (
 )
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
 from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.signing import generate_keypair
 from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
     from tests.conftest import Running
 
     from nerve.runtime.config.settings import Settings
+    from nerve.runtime.stack.brokers import NatsServer
 
 PREFIXES = ["nerve", "acme/nerve", "a/b/c"]
 SPEC = {spec.name: spec for spec in STREAMS}
@@ -420,3 +424,35 @@ async def test_a_result_refused_at_the_limit_waits_in_mqtt_and_is_stored_once_th
 def test_shipped_configs_show_the_default_limits(name: str) -> None:
     configs = Path(__file__).resolve().parents[2] / "configs"
     assert load_settings(configs / name).streams == StreamsSettings()
+
+
+@pytest.mark.broker
+async def test_nerve_send_says_in_one_line_that_the_commands_stream_is_full(
+    nc: NatsClient, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", load_settings(overrides={"streams": {"commands": TINY}}).streams)
+    for size in (100_000, 10_000, 1_000, 100):  # fill NERVE_COMMANDS to the last byte
+        with contextlib.suppress(ServiceUnavailableError):
+            for _ in range(20):
+                await js.publish("nerve.filler.commands.clear_temp", b"x" * size)
+    held = (await js.stream_info("NERVE_COMMANDS")).state.messages
+    generate_keypair(tmp_path / "keys", "central")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NERVE_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "no-config")
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("nerve")),
+        *("send", "pi-01", "clear_temp", "--timeout", "5s", "--nats-url", nats_server.url),
+        *("--key", str(tmp_path / "keys" / "central.key")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(60):
+        _, err = await process.communicate()
+    assert process.returncode not in {0, None}
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("nerve send: error: JetStream refused nerve.pi-01.commands.clear_temp")
+    assert "its stream is full" in last
+    assert "Traceback" not in err.decode()
+    assert (await js.stream_info("NERVE_COMMANDS")).state.messages == held
