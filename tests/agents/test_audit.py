@@ -294,7 +294,7 @@ async def test_a_command_refused_at_the_limit_is_not_lost_silently(
 async def test_a_flood_of_too_deep_messages_makes_few_loop_guard_facts(
     nats_server: NatsServer, tmp_path: Path, nc: NatsClient, signer: Signer
 ) -> None:
-    settings = settings_for(nats_server, tmp_path, {"sample_window_s": 1.0})
+    settings = settings_for(nats_server, tmp_path, {"sample_window_s": 1.0, "sample_max_keys": 2})
     js = nc.jetstream()
     async with central(settings, signer, [DiskRunbook(settings.central.disk)]):
         for i in range(90):
@@ -307,5 +307,9 @@ async def test_a_flood_of_too_deep_messages_makes_few_loop_guard_facts(
     facts = await facts_of(js)
     assert await counted(js) == 90
     assert {fact.kind for fact in facts} == {"loop_guard"}
+    per_subject: dict[str, int] = {}
+    for fact in facts:
+        per_subject[fact.subject] = per_subject.get(fact.subject, 0) + int(fact.data["count"])
+    assert per_subject == {"pi-0": 30, "pi-1": 30, "many-devices": 30}
     assert len(facts) <= 3 * 6  # 90 before
     assert (await js.stream_info("NERVE_COMMANDS")).state.messages == 0

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from nerve.runtime.central.agent import Subscription
     from nerve.runtime.config.settings import Settings
     from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.jetstream.sampling import Sample
     from nerve.runtime.trust.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -116,31 +117,35 @@ class Central:
 
     async def _sampled_facts(self, ctx: AgentContext) -> None:
         """Keep one loop-guard fact per device and agent whose window ended with drops counted."""
-        window = self._settings.streams.sample_window_s
         while True:
             await asyncio.sleep(TICK_S)
             for sample in self._loop_guard.due():
-                device = "many-devices" if sample.overflow else sample.device
-                cause = Event(
-                    id=derived_id(ctx.source, self._instance, device, sample.reason, repr(sample.since)),
-                    source=ctx.source,
-                    type="nerve.central.loop_guard",
-                    subject=device,
-                )
                 try:
-                    await ctx.fact(
-                        cause,
-                        kind="loop_guard",
-                        summary=(
-                            f"{sample.reason} dropped {sample.count} more messages from {device} within "
-                            f"{window:g}s: past the limit of {self._max_hops} hops (counted, not kept one "
-                            f"by one; the last: {sample.last})"
-                        ),
-                        data={"count": sample.count, "window_s": window, "agent": sample.reason},
-                    )
+                    await self._counted_fact(ctx, sample, first=False)
                 except (NatsError, TimeoutError) as exc:
-                    log.warning("central: %s: %d loop-guard drops not kept: %s", device, sample.count, exc)
+                    log.warning("central: %d loop-guard drops not kept: %s", sample.count, exc)
             checkpoint()
+
+    async def _counted_fact(self, ctx: AgentContext, sample: Sample, *, first: bool) -> None:
+        """A loop-guard fact for `sample.count` drops under one key (or many devices)."""
+        window = self._settings.streams.sample_window_s
+        device = "many-devices" if sample.overflow else sample.device
+        cause = Event(
+            id=derived_id(ctx.source, self._instance, device, sample.reason, repr(sample.since), str(first)),
+            source=ctx.source,
+            type="nerve.central.loop_guard",
+            subject=device,
+        )
+        await ctx.fact(
+            cause,
+            kind="loop_guard",
+            summary=(
+                f"{sample.reason} dropped {sample.count} message(s) from {device} within {window:g}s: "
+                f"past the limit of {self._max_hops} hops (counted, not kept one by one; the last: "
+                f"{sample.last})"
+            ),
+            data={"count": sample.count, "window_s": window, "agent": sample.reason},
+        )
 
     async def _ticks(self, agent: Agent, ctx: AgentContext) -> None:
         while True:
@@ -179,7 +184,10 @@ class Central:
             return
         if envelope.hops > self._max_hops:
             device = envelope.subject or NO_SUBJECT
-            if self._loop_guard.offer(device, agent.name, envelope.id) is not None:
+            sample = self._loop_guard.offer(device, agent.name, envelope.id)
+            if sample is not None and sample.overflow:  # beyond the devices told apart: about them all
+                await self._counted_fact(ctx, sample, first=True)
+            elif sample is not None:
                 await ctx.fact(
                     envelope,
                     kind="loop_guard",
