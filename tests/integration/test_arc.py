@@ -119,7 +119,13 @@ async def test_forged_command_is_refused_and_audited(
 ) -> None:
     """A command signed by a key the device does not trust: nothing deleted, refusal kept as a fact."""
     js = nc.jetstream()
-    quiet = settings.model_copy(update={"edge": settings.edge.model_copy(update={"mounts": ()})})
+    quiet = settings.model_copy(
+        update={
+            "edge": settings.edge.model_copy(update={"mounts": ()}),
+            # The audit counts a device's refusals after the first into one fact per window: a short one.
+            "streams": settings.streams.model_copy(update={"sample_window_s": 0.5}),
+        }
+    )
     private, _ = generate_keypair(tmp_path / "attacker", "central")  # same key id, different key
     forged = Signer.from_file(private).sign(
         Command.create(

@@ -2,28 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
-from typing import TYPE_CHECKING, cast
+import logging
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, ServiceUnavailableError
 
+from nerve.bridge import Bridge
+from nerve.runtime.config.settings import GIB, MIB, StreamsSettings, load_settings
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import CommandResult, Event
+from nerve.runtime.errors import ConfigError
+from nerve.runtime.jetstream.client import STREAM_FULL_CODE, StreamFull, publish_dead_letter, publish_envelope
 from nerve.runtime.jetstream.streams import (
     DAY,
     DEADLETTER_STREAM,
     DUPLICATE_WINDOW_S,
     STREAM_OF_KIND,
     STREAMS,
+    StreamShrinkRefused,
     StreamSpec,
     ensure_streams,
+    stream_usage,
 )
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
+from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.signing import generate_keypair
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
+    from tests.conftest import Running
+
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.stack.brokers import NatsServer
 
 PREFIXES = ["nerve", "acme/nerve", "a/b/c"]
 SPEC = {spec.name: spec for spec in STREAMS}
@@ -96,7 +120,6 @@ def test_config_common(spec: StreamSpec, prefix: str) -> None:
     assert config.name == spec.name
     assert config.retention is RetentionPolicy.LIMITS
     assert config.storage is StorageType.FILE
-    assert config.discard is DiscardPolicy.OLD
     assert config.duplicate_window == DUPLICATE_WINDOW_S == 20 * 60
     assert config.as_dict()["duplicate_window"] == 20 * 60 * 10**9  # nanoseconds on the wire
     assert config.subjects is not None
@@ -111,18 +134,16 @@ def test_subjects_per_kind_under_prefix(prefix: str) -> None:
     assert SPEC[DEADLETTER_STREAM].config(prefix).subjects == [f"{root}.deadletter.*"]
 
 
-def test_facts_are_kept_forever() -> None:
+def test_facts_are_kept_and_bounded() -> None:
     config = SPEC["NERVE_FACTS"].config("nerve")
     assert config.deny_delete is True
     assert config.deny_purge is True
-    assert not config.max_age  # 0 = no limit
-    assert config.as_dict()["max_age"] == 0
-    assert config.max_msgs is None
-    assert config.max_bytes is None
-    assert config.discard is DiscardPolicy.OLD
+    assert config.max_bytes == 6 * GIB
+    assert config.max_age == 10 * 365 * DAY
+    assert config.discard is DiscardPolicy.NEW  # a full facts stream refuses, never forgets
 
 
-@pytest.mark.parametrize("spec", [s for s in STREAMS if not s.forever], ids=lambda spec: spec.name)
+@pytest.mark.parametrize("spec", [s for s in STREAMS if not s.kept], ids=lambda spec: spec.name)
 def test_other_streams_age_out_and_can_be_purged(spec: StreamSpec) -> None:
     config = spec.config("nerve")
     assert config.deny_delete is False
@@ -132,12 +153,52 @@ def test_other_streams_age_out_and_can_be_purged(spec: StreamSpec) -> None:
     assert config.as_dict()["max_age"] == int(config.max_age * 10**9)
 
 
-def test_retention_periods() -> None:
-    assert SPEC["NERVE_TELEMETRY"].max_age_s == 7 * DAY
-    assert SPEC["NERVE_EVENTS"].max_age_s == 30 * DAY
-    assert SPEC["NERVE_COMMANDS"].max_age_s == 7 * DAY
-    assert SPEC["NERVE_RESULTS"].max_age_s == 30 * DAY
-    assert SPEC[DEADLETTER_STREAM].max_age_s == 30 * DAY
+def test_discard_policy_by_purpose() -> None:
+    discard = {spec.name: spec.config("nerve").discard for spec in STREAMS}
+    assert discard == {
+        "NERVE_TELEMETRY": DiscardPolicy.OLD,
+        "NERVE_EVENTS": DiscardPolicy.OLD,
+        "NERVE_COMMANDS": DiscardPolicy.NEW,
+        "NERVE_RESULTS": DiscardPolicy.NEW,
+        "NERVE_FACTS": DiscardPolicy.NEW,
+        "NERVE_DEADLETTER": DiscardPolicy.OLD,
+    }
+
+
+def test_default_limits_fit_the_documented_budget() -> None:
+    ages = {spec.name: spec.config("nerve").max_age for spec in STREAMS}
+    assert ages["NERVE_TELEMETRY"] == 7 * DAY
+    assert ages["NERVE_EVENTS"] == 30 * DAY
+    assert ages["NERVE_COMMANDS"] == 7 * DAY
+    assert ages["NERVE_RESULTS"] == 30 * DAY
+    assert ages[DEADLETTER_STREAM] == 30 * DAY
+    sizes = [spec.config("nerve").max_bytes or 0 for spec in STREAMS]
+    assert all(size > 0 for size in sizes)
+    assert sum(sizes) <= 10 * GIB  # docs/streams.md: sized for 10 GiB of disk for JetStream
+
+
+def test_limits_come_from_settings() -> None:
+    settings = load_settings(overrides={"streams": {"deadletter": {"max_bytes": 2 * MIB, "max_age_s": 7200}}})
+    config = SPEC[DEADLETTER_STREAM].config("nerve", settings.streams)
+    assert config.max_bytes == 2 * MIB
+    assert config.max_age == 7200
+    assert config.as_dict()["max_age"] == 7200 * 10**9
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        ({"deadletter": {"max_bytes": 1000, "max_age_s": 60}}, "streams.deadletter.max_bytes"),
+        ({"facts": {"max_bytes": 8 * MIB, "max_age_s": 0}}, "streams.facts.max_age_s"),
+        ({"commands": {"max_bytes": 8 * MIB, "max_age_s": 60}}, "streams.commands.max_age_s"),
+        ({"telemetry": {"max_bytes": 8 * MIB}}, "streams.telemetry.max_age_s"),
+        ({"facts_warn_at": 1.5}, "streams.facts_warn_at"),
+        ({"command": {}}, "streams.command"),
+    ],
+)
+def test_bad_limits_are_refused_with_their_key(overrides: dict[str, object], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(overrides={"streams": overrides})
 
 
 @pytest.mark.parametrize("prefix", PREFIXES)
@@ -196,11 +257,11 @@ async def test_ensure_streams_creates_all() -> None:
     assert js.updated == []
 
 
-async def test_ensure_streams_updates_existing() -> None:
+async def test_ensure_streams_without_settings_leaves_existing_streams_alone() -> None:
     js = FakeJetStream(existing={"NERVE_FACTS", "NERVE_TELEMETRY"})
     await ensure_streams(cast("JetStreamContext", js), "nerve")
-    assert js.updated == ["NERVE_TELEMETRY", "NERVE_FACTS"]
-    assert set(js.added) | set(js.updated) == set(SPEC)
+    assert js.updated == []
+    assert set(js.added) == set(SPEC) - {"NERVE_FACTS", "NERVE_TELEMETRY"}
 
 
 async def test_ensure_streams_raises_other_errors() -> None:
@@ -209,3 +270,189 @@ async def test_ensure_streams_raises_other_errors() -> None:
         await ensure_streams(cast("JetStreamContext", js), "nerve")
     assert js.updated == []
     assert js.added == ["NERVE_TELEMETRY"]
+
+
+# --- floods and limits, against a real nats-server ---------------------------------------------------------
+
+BLOB: Final = 100_000  # bytes of data per flooding message
+FLOOD: Final = 30  # messages: about three times a 1 MiB limit
+TINY: Final = {"max_bytes": MIB, "max_age_s": 3600}
+
+
+def tiny_streams() -> StreamsSettings:
+    return load_settings(overrides={"streams": dict.fromkeys(SPEC_KEYS, TINY)}).streams
+
+
+SPEC_KEYS: Final = [spec.key for spec in STREAMS]
+
+
+def blob(i: int) -> Event:
+    return Event(source="test", type="flood", subject="flooder", data={"i": i, "blob": "x" * BLOB})
+
+
+async def flood(js: JetStreamContext, spec: StreamSpec, count: int) -> int:
+    """Publish `count` big messages into `spec`'s stream; return how many were refused (StreamFull)."""
+    refusals: list[StreamFull] = []
+    for i in range(count):
+        try:
+            if spec.kind is None:
+                await publish_dead_letter(
+                    js, prefix="nerve", part="test", reason="flood", origin="x", payload=b"x" * BLOB
+                )
+            else:
+                subject = Address("flooder", spec.kind, "flood").subject("nerve")
+                await publish_envelope(js, subject, blob(i))
+        except StreamFull as exc:
+            refusals.append(exc)
+    assert all(exc.err_code == STREAM_FULL_CODE and "full" in str(exc) for exc in refusals)
+    return len(refusals)
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("spec", STREAMS, ids=lambda spec: spec.name)
+async def test_a_flood_stays_within_the_limit(nc: NatsClient, spec: StreamSpec) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", tiny_streams())
+    refused = await flood(js, spec, FLOOD)
+    usage = await stream_usage(js, spec.name)
+    assert usage.max_bytes == MIB
+    assert usage.bytes <= MIB
+    if spec.discard is DiscardPolicy.NEW:
+        # Refused, and every refusal told the publisher: nothing stored beyond the limit, nothing dropped.
+        assert refused > 0
+        assert usage.messages + refused == FLOOD
+        assert usage.dropped == 0
+    else:
+        # The oldest went, and the stream counts them.
+        assert refused == 0
+        assert usage.dropped > 0
+        assert usage.messages + usage.dropped == FLOOD
+
+
+@pytest.mark.broker
+async def test_ensure_streams_brings_old_streams_to_their_limits_without_losing_data(nc: NatsClient) -> None:
+    js = nc.jetstream()
+    unbounded = {spec.name: spec.config("nerve") for spec in STREAMS}
+    for config in unbounded.values():  # as the release before limits made them
+        await js.add_stream(replace(config, max_bytes=None, max_age=0, discard=DiscardPolicy.OLD))
+    for i in range(5):
+        await publish_envelope(js, "nerve.pi.facts.kept", blob(i))
+        await publish_envelope(js, "nerve.pi.telemetry.cpu", blob(i))
+    await ensure_streams(js, "nerve", StreamsSettings())
+    await ensure_streams(js, "nerve", StreamsSettings())  # twice: idempotent
+    for name in ("NERVE_FACTS", "NERVE_TELEMETRY"):
+        info = await js.stream_info(name)
+        assert info.state.messages == 5
+        assert info.config.max_bytes == SPEC[name].config("nerve").max_bytes
+        assert info.config.discard == SPEC[name].config("nerve").discard
+
+
+@pytest.mark.broker
+async def test_shrinking_drops_oldest_telemetry_but_never_facts(
+    nc: NatsClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    js = nc.jetstream()
+    big = load_settings(overrides={"streams": {key: {**TINY, "max_bytes": 4 * MIB} for key in SPEC_KEYS}})
+    await ensure_streams(js, "nerve", big.streams)
+    for i in range(20):  # 2 MB each
+        await publish_envelope(js, "nerve.pi.facts.kept", blob(i))
+        await publish_envelope(js, "nerve.pi.telemetry.cpu", blob(i))
+    small = load_settings(overrides={"streams": {"telemetry": TINY, "facts": {**TINY, "max_bytes": 4 * MIB}}})
+    await ensure_streams(js, "nerve", small.streams)
+    telemetry = await stream_usage(js, "NERVE_TELEMETRY")
+    assert telemetry.bytes <= MIB
+    assert telemetry.dropped > 0
+    assert "NERVE_TELEMETRY" in caplog.text
+    assert "dropped to fit" in caplog.text
+
+    with pytest.raises(StreamShrinkRefused, match=r"NERVE_FACTS.*facts are never dropped"):
+        await ensure_streams(js, "nerve", tiny_streams())
+    facts = await js.stream_info("NERVE_FACTS")
+    assert facts.state.messages == 20
+    assert facts.config.max_bytes == 4 * MIB  # left as it was
+
+
+@pytest.mark.broker
+async def test_facts_cannot_be_aged_out_by_a_shorter_max_age(
+    nc: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", StreamsSettings())
+    await publish_envelope(js, "nerve.pi.facts.kept", blob(0))
+    later = time.time() + 2 * 3600  # the fact is two hours old, as far as ensure_streams can tell
+    monkeypatch.setattr("nerve.runtime.jetstream.streams.time.time", lambda: later)
+    short = load_settings(overrides={"streams": {"facts": {"max_bytes": 64 * MIB, "max_age_s": 3600}}})
+    with pytest.raises(StreamShrinkRefused, match="max_age 3600s is shorter"):
+        await ensure_streams(js, "nerve", short.streams)
+    info = await js.stream_info("NERVE_FACTS")
+    assert info.state.messages == 1
+    assert info.config.max_age == 10 * 365 * DAY
+
+
+@pytest.mark.broker
+async def test_a_result_refused_at_the_limit_waits_in_mqtt_and_is_stored_once_there_is_room(
+    settings: Settings, nc: NatsClient, running: Running, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The bridge holds the PUBACK of a refused result and retries, saying so: mosquitto keeps it."""
+    overrides = {"mqtt": {"url": settings.mqtt.url}, "nats": {"url": settings.nats.url}}
+    tight = load_settings(overrides={**overrides, "streams": {"results": TINY}})
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", tight.streams)
+    for size in (100_000, 10_000, 1_000, 100):  # fill NERVE_RESULTS to the last byte
+        with contextlib.suppress(ServiceUnavailableError):
+            for _ in range(20):
+                await js.publish("nerve.filler.results.clear_temp", b"x" * size)
+    held = (await js.stream_info("NERVE_RESULTS")).state.messages
+    result = CommandResult(
+        source="device", type="nerve.result.clear_temp", subject="pi-01", action="clear_temp", status="ok"
+    )
+    with caplog.at_level(logging.WARNING):
+        async with running(Bridge(settings=tight), wait=10), MqttClient(tight.mqtt, client_id="pi-01") as pi:
+            await pi.publish("nerve/pi-01/results/clear_temp", to_msgpack(result), qos=1)
+            async with asyncio.timeout(10):
+                while "maximum bytes exceeded" not in caplog.text:
+                    await asyncio.sleep(0.05)
+            assert "retrying" in caplog.text
+            assert (await js.stream_info("NERVE_RESULTS")).state.messages == held  # refused, not dropped
+            await ensure_streams(js, "nerve", StreamsSettings())  # room again (an operator raised it)
+            await wait_for_count(js, "NERVE_RESULTS", held + 1)
+    stored = await stream_messages(js, "NERVE_RESULTS")
+    assert [decode(m.data, CommandResult).id for m in stored[held:]] == [result.id]
+
+
+@pytest.mark.parametrize("name", ["central.yaml", "nerve.yaml"])
+def test_shipped_configs_show_the_default_limits(name: str) -> None:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    assert load_settings(configs / name).streams == StreamsSettings()
+
+
+@pytest.mark.broker
+async def test_nerve_send_says_in_one_line_that_the_commands_stream_is_full(
+    nc: NatsClient, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", load_settings(overrides={"streams": {"commands": TINY}}).streams)
+    for size in (100_000, 10_000, 1_000, 100):  # fill NERVE_COMMANDS to the last byte
+        with contextlib.suppress(ServiceUnavailableError):
+            for _ in range(20):
+                await js.publish("nerve.filler.commands.clear_temp", b"x" * size)
+    held = (await js.stream_info("NERVE_COMMANDS")).state.messages
+    generate_keypair(tmp_path / "keys", "central")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("NERVE_")}
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "no-config")
+    process = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("nerve")),
+        *("send", "pi-01", "clear_temp", "--timeout", "5s", "--nats-url", nats_server.url),
+        *("--key", str(tmp_path / "keys" / "central.key")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    async with asyncio.timeout(60):
+        _, err = await process.communicate()
+    assert process.returncode not in {0, None}
+    last = err.decode().strip().splitlines()[-1]
+    assert last.startswith("nerve send: error: JetStream refused nerve.pi-01.commands.clear_temp")
+    assert "its stream is full" in last
+    assert "Traceback" not in err.decode()
+    assert (await js.stream_info("NERVE_COMMANDS")).state.messages == held

@@ -2,16 +2,16 @@
 
 from typing import TYPE_CHECKING
 
-from nerve.agents.audit import CommandAudit
+from nerve.agents.audit import CommandAudit, StreamWatch
 from nerve.agents.disk import DiskRunbook
 
 if TYPE_CHECKING:
     from nerve.runtime.central.agent import Agent
     from nerve.runtime.config.settings import Settings
 
-__all__ = ["CommandAudit", "DiskRunbook", "builtin_agents"]
+__all__ = ["CommandAudit", "DiskRunbook", "StreamWatch", "builtin_agents"]
 
 
 def builtin_agents(settings: "Settings") -> list["Agent"]:
     """The agents `nerve central` runs."""
-    return [DiskRunbook(settings.central.disk), CommandAudit()]
+    return [DiskRunbook(settings.central.disk), CommandAudit(settings.streams), StreamWatch(settings.streams)]

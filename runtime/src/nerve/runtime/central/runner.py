@@ -4,22 +4,27 @@ Each agent subscription gets a durable push consumer with a deliver group (`nerv
 so several central processes share the work and a restarted one carries on where the last left off.
 A message is acknowledged after its handler returned. Undecodable messages and messages that failed
 `MAX_DELIVER` times go to the dead-letter stream with the reason. Messages more than `max_hops`
-reactions deep are dropped, and a fact says so (the loop guard).
+reactions deep are dropped, and a fact says so (the loop guard). Anyone may send a message with a large
+`hops`, so those facts are sampled (`RefusalSampler`, `streams.sample_window_s`): the first per device
+and agent at once, the rest counted into one fact per window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
 
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.central.agent import DEFAULT_MAX_HOPS, Agent, AgentContext, Reject, Retry
+from nerve.runtime.central.agent import DEFAULT_MAX_HOPS, NO_SUBJECT, Agent, AgentContext, Reject, Retry
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode
+from nerve.runtime.envelope.model import Event, derived_id
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import connect_forever, publish_dead_letter, shared_durable
+from nerve.runtime.jetstream.sampling import RefusalSampler
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 
 if TYPE_CHECKING:
@@ -31,6 +36,7 @@ if TYPE_CHECKING:
     from nerve.runtime.central.agent import Subscription
     from nerve.runtime.config.settings import Settings
     from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.jetstream.sampling import Sample
     from nerve.runtime.trust.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -66,14 +72,20 @@ class Central:
         self.ready = asyncio.Event()
         self.handled = 0
         self.deadlettered = 0
+        self._instance = uuid.uuid4().hex  # tells this process's sampled facts from another's
+        self._loop_guard = RefusalSampler(
+            window_s=settings.streams.sample_window_s, max_keys=settings.streams.sample_max_keys
+        )
 
     async def run(self) -> None:
         """Run every agent until cancelled."""
         nc = await connect_forever(self._settings.nats, name="nerve-central")
         try:
             js = nc.jetstream()
-            await ensure_streams(js, self._settings.prefix)
+            await ensure_streams(js, self._settings.prefix, self._settings.streams)
             async with asyncio.TaskGroup() as tasks:
+                own = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=PART)
+                tasks.create_task(self._sampled_facts(own), name="central-sampled-facts")
                 for agent in self._agents:
                     ctx = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=agent.name)
                     await agent.start(ctx)
@@ -101,6 +113,38 @@ class Central:
             ack_wait_s=ACK_WAIT_S,
             max_ack_pending=MAX_ACK_PENDING,
             max_deliver=MAX_DELIVER,
+        )
+
+    async def _sampled_facts(self, ctx: AgentContext) -> None:
+        """Keep one loop-guard fact per device and agent whose window ended with drops counted."""
+        while True:
+            await asyncio.sleep(TICK_S)
+            for sample in self._loop_guard.due():
+                try:
+                    await self._counted_fact(ctx, sample, first=False)
+                except (NatsError, TimeoutError) as exc:
+                    log.warning("central: %d loop-guard drops not kept: %s", sample.count, exc)
+            checkpoint()
+
+    async def _counted_fact(self, ctx: AgentContext, sample: Sample, *, first: bool) -> None:
+        """A loop-guard fact for `sample.count` drops under one key (or many devices)."""
+        window = self._settings.streams.sample_window_s
+        device = "many-devices" if sample.overflow else sample.device
+        cause = Event(
+            id=derived_id(ctx.source, self._instance, device, sample.reason, repr(sample.since), str(first)),
+            source=ctx.source,
+            type="nerve.central.loop_guard",
+            subject=device,
+        )
+        await ctx.fact(
+            cause,
+            kind="loop_guard",
+            summary=(
+                f"{sample.reason} dropped {sample.count} message(s) from {device} within {window:g}s: "
+                f"past the limit of {self._max_hops} hops (counted, not kept one by one; the last: "
+                f"{sample.last})"
+            ),
+            data={"count": sample.count, "window_s": window, "agent": sample.reason},
         )
 
     async def _ticks(self, agent: Agent, ctx: AgentContext) -> None:
@@ -139,15 +183,21 @@ class Central:
             await self._dead_letter(ctx, msg, f"{agent.name}: {exc.reason}")
             return
         if envelope.hops > self._max_hops:
-            await ctx.fact(
-                envelope,
-                kind="loop_guard",
-                summary=(
-                    f"{agent.name} dropped {envelope.type} {envelope.id}: {envelope.hops} hops deep, "
-                    f"past the limit of {self._max_hops}"
-                ),
-                key=agent.name,
-            )
+            device = envelope.subject or NO_SUBJECT
+            sample = self._loop_guard.offer(device, agent.name, envelope.id)
+            if sample is not None and sample.overflow:  # beyond the devices told apart: about them all
+                await self._counted_fact(ctx, sample, first=True)
+            elif sample is not None:
+                await ctx.fact(
+                    envelope,
+                    kind="loop_guard",
+                    summary=(
+                        f"{agent.name} dropped {envelope.type} {envelope.id}: {envelope.hops} hops deep, "
+                        f"past the limit of {self._max_hops}"
+                    ),
+                    data={"count": 1},
+                    key=agent.name,
+                )
             await msg.ack()
             return
         try:

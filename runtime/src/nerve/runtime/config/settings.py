@@ -382,6 +382,49 @@ class CentralSettings(_Settings):
     disk: DiskRunbookSettings = DiskRunbookSettings()
 
 
+MIB: Final = 1024 * 1024
+GIB: Final = 1024 * MIB
+_DAY_S: Final = 24 * 3600.0
+# The smallest byte limit a stream may have: one message of NATS's default max_payload (1 MiB).
+MIN_STREAM_BYTES: Final = MIB
+# The shortest age limit: an hour, above JetStream's 20-minute dedup window (which may not exceed it).
+MIN_STREAM_AGE_S: Final = 3600.0
+
+
+class StreamLimits(_Settings):
+    """The limits of one JetStream stream: bytes on disk and age. See docs/streams.md."""
+
+    max_bytes: int = Field(ge=MIN_STREAM_BYTES, description="bytes the stream may hold on disk")
+    max_age_s: float = Field(ge=MIN_STREAM_AGE_S, description="seconds a message is kept at most")
+
+
+class StreamsSettings(_Settings):
+    """Limits of every stream nerve keeps, sized for a site box with 10 GiB of disk for JetStream.
+
+    What happens at a limit is fixed per stream (docs/streams.md): telemetry, events and dead letters drop
+    their oldest messages; commands, results and facts refuse new ones (the publisher is told). The
+    defaults add up to 9.5 GiB: telemetry 2 GiB, events 1 GiB, commands 256 MiB, results 256 MiB, facts
+    6 GiB, dead letters 512 MiB.
+    """
+
+    telemetry: StreamLimits = StreamLimits(max_bytes=2 * GIB, max_age_s=7 * _DAY_S)
+    events: StreamLimits = StreamLimits(max_bytes=1 * GIB, max_age_s=30 * _DAY_S)
+    commands: StreamLimits = StreamLimits(max_bytes=256 * MIB, max_age_s=7 * _DAY_S)
+    results: StreamLimits = StreamLimits(max_bytes=256 * MIB, max_age_s=30 * _DAY_S)
+    facts: StreamLimits = StreamLimits(max_bytes=6 * GIB, max_age_s=10 * 365 * _DAY_S)
+    deadletter: StreamLimits = StreamLimits(max_bytes=512 * MIB, max_age_s=30 * _DAY_S)
+    facts_warn_at: float = Field(
+        default=0.8, gt=0, lt=1, description="share of facts.max_bytes at which nerve warns (log + fact)"
+    )
+    check_interval_s: float = Field(default=60.0, gt=0, description="how often central checks stream usage")
+    sample_window_s: float = Field(
+        default=60.0, gt=0, description="refusals from outside: at most one fact per key per window"
+    )
+    sample_max_keys: int = Field(
+        default=100, ge=1, le=100_000, description="keys sampled apart per window; the rest share one key"
+    )
+
+
 class Settings(_Settings):
     """Everything, for every part."""
 
@@ -392,6 +435,7 @@ class Settings(_Settings):
     edge: EdgeSettings = EdgeSettings()
     bridge: BridgeSettings = BridgeSettings()
     central: CentralSettings = CentralSettings()
+    streams: StreamsSettings = StreamsSettings()
 
     @model_validator(mode="after")
     def _check_mapping_topics(self) -> Self:

@@ -5,6 +5,8 @@ from nerve.runtime.jetstream.client import (
     MSG_ID_HEADER,
     ORIGIN_HEADER,
     REASON_HEADER,
+    STREAM_FULL_CODE,
+    StreamFull,
     connect,
     connect_forever,
     dead_letter_body,
@@ -16,23 +18,37 @@ from nerve.runtime.jetstream.client import (
     publish_fact,
     shared_durable,
 )
+from nerve.runtime.jetstream.sampling import RefusalSampler, Sample
 from nerve.runtime.jetstream.streams import (
     DEADLETTER_STREAM,
+    FACTS_STREAM,
+    SPEC_OF_STREAM,
     STREAM_OF_KIND,
     STREAMS,
+    StreamShrinkRefused,
     StreamSpec,
+    StreamUsage,
     ensure_streams,
+    stream_usage,
 )
 
 __all__ = [
     "DEADLETTER_STREAM",
     "DEFAULT_NATS_PORT",
+    "FACTS_STREAM",
     "MSG_ID_HEADER",
     "ORIGIN_HEADER",
     "REASON_HEADER",
+    "SPEC_OF_STREAM",
     "STREAMS",
+    "STREAM_FULL_CODE",
     "STREAM_OF_KIND",
+    "RefusalSampler",
+    "Sample",
+    "StreamFull",
+    "StreamShrinkRefused",
     "StreamSpec",
+    "StreamUsage",
     "connect",
     "connect_forever",
     "dead_letter_body",
@@ -44,4 +60,5 @@ __all__ = [
     "publish_envelope",
     "publish_fact",
     "shared_durable",
+    "stream_usage",
 ]

@@ -16,12 +16,13 @@ import nats
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import APIError
 
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.config.settings import host_port
 from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type, encode
 from nerve.runtime.envelope.model import utcnow
-from nerve.runtime.errors import BrokerUnavailable
+from nerve.runtime.errors import BrokerUnavailable, NerveError
 from nerve.runtime.stack.brokers import port_answers
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
 
@@ -38,6 +39,37 @@ log = logging.getLogger(__name__)
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 DEFAULT_NATS_PORT: Final = 4222
 PUBLISH_TIMEOUT_S: Final = 5.0
+# JetStream's error code for a store refused at a stream's limit (`maximum bytes exceeded`, discard new).
+STREAM_FULL_CODE: Final = 10077
+
+
+class StreamFull(NerveError, APIError):
+    """JetStream refused a message: its stream is at its byte limit and refuses new ones (discard new).
+
+    Also a nats `APIError`, so code that retries on NATS trouble retries this too. Nothing was stored:
+    the publisher must retry later, or say that it could not (docs/streams.md).
+    """
+
+    def __init__(self, subject: str, description: str) -> None:
+        APIError.__init__(self, code=503, description=description, err_code=STREAM_FULL_CODE)
+        self.subject = subject
+
+    def __str__(self) -> str:
+        return f"JetStream refused {self.subject}: its stream is full ({self.description})"
+
+
+async def _store(
+    js: JetStreamContext, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float
+) -> PubAck:
+    """`js.publish`, with a refusal at a stream's limit raised as `StreamFull` (and logged)."""
+    try:
+        return await js.publish(subject, payload, timeout=timeout, headers=headers)
+    except APIError as exc:
+        if exc.err_code != STREAM_FULL_CODE:
+            raise
+        full = StreamFull(subject, exc.description or "full")
+        log.warning("%s", full)
+        raise full from exc
 
 
 async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
@@ -140,9 +172,12 @@ async def publish_envelope(
     codec: Codec = DEFAULT_CODEC,
     timeout: float = PUBLISH_TIMEOUT_S,
 ) -> PubAck:
-    """Store `envelope` on `subject` (with `codec`), deduplicated by its id; return JetStream's ack."""
-    return await js.publish(
-        subject, encode(envelope, codec), timeout=timeout, headers=envelope_headers(envelope, codec)
+    """Store `envelope` on `subject` (with `codec`), deduplicated by its id; return JetStream's ack.
+
+    Raises `StreamFull` if its stream refuses new messages at its limit (commands, results, facts).
+    """
+    return await _store(
+        js, subject, encode(envelope, codec), timeout=timeout, headers=envelope_headers(envelope, codec)
     )
 
 
@@ -181,9 +216,11 @@ async def publish_dead_letter(
 ) -> PubAck:
     """Keep what `part` could not handle in NERVE_DEADLETTER, with the reason and the original bytes.
 
-    `origin` is the MQTT topic or NATS subject it came from.
+    `origin` is the MQTT topic or NATS subject it came from. The dead-letter stream drops its oldest
+    records at its limit (and counts them), so this is never refused for being full.
     """
-    return await js.publish(
+    return await _store(
+        js,
         deadletter_subject(part, prefix),
         dead_letter_body(part=part, reason=reason, origin=origin, payload=payload),
         timeout=timeout,
@@ -204,5 +241,5 @@ async def publish_fact(
     codec: Codec = DEFAULT_CODEC,
     timeout: float = PUBLISH_TIMEOUT_S,
 ) -> PubAck:
-    """Keep `fact` in NERVE_FACTS, once (deduplicated by its id)."""
+    """Keep `fact` in NERVE_FACTS, once (deduplicated by its id). Raises `StreamFull` when it is full."""
     return await publish_envelope(js, fact_subject(fact, prefix), fact, codec=codec, timeout=timeout)

@@ -1,71 +1,183 @@
-"""The JetStream streams nerve keeps, created (or brought up to date) idempotently at start."""
+"""The JetStream streams nerve keeps, created (or brought up to date) idempotently at start.
+
+Every stream has a byte limit and an age limit (`StreamsSettings`, docs/streams.md), and what happens at
+the byte limit is chosen for what it holds:
+
+- telemetry, events, dead letters: the oldest messages go (`DiscardPolicy.OLD`); how many went is
+  `last_seq - messages` (`StreamUsage.dropped`), so a capped dead-letter stream still counts what it lost.
+- commands, results, facts: a new message is refused (`DiscardPolicy.NEW`) and its publisher gets
+  `StreamFull`: nothing is dropped without someone being told. Facts are never deleted or purged either.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
+from nerve.runtime.config.settings import StreamLimits, StreamsSettings
+from nerve.runtime.errors import NerveError
 from nerve.runtime.subjects import Kind, deadletter_subject, kind_filter
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
+    from nats.js.api import StreamInfo
+
+log = logging.getLogger(__name__)
 
 DAY: Final = 24 * 3600.0
 # JetStream drops a second message with the same Nats-Msg-Id inside this window: long enough to cover
 # a bridge restart and an edge replaying its outbox after a short outage.
 DUPLICATE_WINDOW_S: Final = 20 * 60.0
+DEFAULT_STREAMS: Final = StreamsSettings()
+
+
+class StreamShrinkRefused(NerveError):
+    """A new limit of a stream that is never pruned (facts) would delete what it holds; not applied."""
+
+    def __init__(self, stream: str, reason: str) -> None:
+        self.stream = stream
+        self.reason = reason
+        super().__init__(f"{stream}: not updated: {reason}")
 
 
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
-    """One stream: its name, what it holds and how long."""
+    """One stream: its name, what it holds, its settings key, and what happens when it is full."""
 
     name: str
     kind: Kind | None
-    max_age_s: float
-    forever: bool = False
+    key: str  # its section in `StreamsSettings`
+    discard: DiscardPolicy
+    kept: bool = False  # facts: no delete, no purge, no shrinking that would drop one
 
-    def config(self, prefix: str) -> StreamConfig:
-        """The JetStream configuration of this stream under `prefix`."""
+    def limits(self, streams: StreamsSettings) -> StreamLimits:
+        """This stream's limits in `streams`."""
+        limits: StreamLimits = getattr(streams, self.key)
+        return limits
+
+    def config(self, prefix: str, streams: StreamsSettings = DEFAULT_STREAMS) -> StreamConfig:
+        """The JetStream configuration of this stream under `prefix`, with its limits from `streams`."""
         subject = kind_filter(self.kind, prefix) if self.kind else deadletter_subject("*", prefix)
+        limits = self.limits(streams)
         return StreamConfig(
             name=self.name,
             subjects=[subject],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
-            max_age=0 if self.forever else self.max_age_s,
-            discard=DiscardPolicy.OLD,
+            max_age=limits.max_age_s,
+            max_bytes=limits.max_bytes,
+            discard=self.discard,
             duplicate_window=DUPLICATE_WINDOW_S,
-            deny_delete=self.forever,
-            deny_purge=self.forever,
+            deny_delete=self.kept,
+            deny_purge=self.kept,
         )
 
 
 STREAMS: Final = (
-    StreamSpec("NERVE_TELEMETRY", Kind.TELEMETRY, 7 * DAY),
-    StreamSpec("NERVE_EVENTS", Kind.EVENTS, 30 * DAY),
-    StreamSpec("NERVE_COMMANDS", Kind.COMMANDS, 7 * DAY),
-    StreamSpec("NERVE_RESULTS", Kind.RESULTS, 30 * DAY),
-    StreamSpec("NERVE_FACTS", Kind.FACTS, 0, forever=True),
-    StreamSpec("NERVE_DEADLETTER", None, 30 * DAY),
+    StreamSpec("NERVE_TELEMETRY", Kind.TELEMETRY, "telemetry", DiscardPolicy.OLD),
+    StreamSpec("NERVE_EVENTS", Kind.EVENTS, "events", DiscardPolicy.OLD),
+    StreamSpec("NERVE_COMMANDS", Kind.COMMANDS, "commands", DiscardPolicy.NEW),
+    StreamSpec("NERVE_RESULTS", Kind.RESULTS, "results", DiscardPolicy.NEW),
+    StreamSpec("NERVE_FACTS", Kind.FACTS, "facts", DiscardPolicy.NEW, kept=True),
+    StreamSpec("NERVE_DEADLETTER", None, "deadletter", DiscardPolicy.OLD),
 )
 STREAM_OF_KIND: Final = {spec.kind: spec.name for spec in STREAMS if spec.kind is not None}
+SPEC_OF_STREAM: Final = {spec.name: spec for spec in STREAMS}
 DEADLETTER_STREAM: Final = "NERVE_DEADLETTER"
+FACTS_STREAM: Final = "NERVE_FACTS"
 
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE: Final = 10058
 
 
-async def ensure_streams(js: JetStreamContext, prefix: str) -> None:
-    """Create every stream, or update one whose configuration differs. Safe to call at every start."""
+@dataclass(frozen=True, slots=True)
+class StreamUsage:
+    """How full one stream is, and how many messages its limits dropped since it was created."""
+
+    name: str
+    bytes: int
+    max_bytes: int
+    messages: int
+    dropped: int
+
+    @property
+    def fraction(self) -> float:
+        """Bytes held over the byte limit (0 when the stream has none)."""
+        return self.bytes / self.max_bytes if self.max_bytes > 0 else 0.0
+
+
+def usage_of(info: StreamInfo) -> StreamUsage:
+    """The usage of a stream from its `StreamInfo`."""
+    state = info.state
+    return StreamUsage(
+        name=info.config.name or "",
+        bytes=state.bytes,
+        max_bytes=info.config.max_bytes or 0,
+        messages=state.messages,
+        # With limits retention nothing is acknowledged away: whatever is not held any more was dropped
+        # by a limit (or deleted by hand, which only an admin may do).
+        dropped=max(0, state.last_seq - state.messages),
+    )
+
+
+async def stream_usage(js: JetStreamContext, name: str) -> StreamUsage:
+    """How full stream `name` is now. Raises nats errors as they come (`NotFoundError`, timeouts)."""
+    return usage_of(await js.stream_info(name))
+
+
+async def _oldest_age_s(js: JetStreamContext, info: StreamInfo) -> float:
+    """How old the stream's first message is, in seconds (0 when it holds none)."""
+    if not info.state.messages:
+        return 0.0
+    first = await js.get_msg(info.config.name or "", seq=info.state.first_seq)
+    return max(0.0, time.time() - first.time.timestamp()) if first.time is not None else 0.0
+
+
+async def _check_shrink(js: JetStreamContext, spec: StreamSpec, config: StreamConfig) -> None:
+    """Refuse a new limit that would delete kept facts; log what a shrink drops from other streams."""
+    info = await js.stream_info(spec.name)
+    held = info.state.bytes
+    max_bytes = config.max_bytes or 0
+    max_age = config.max_age or 0.0
+    too_small = 0 < max_bytes < held
+    oldest_s = await _oldest_age_s(js, info) if 0 < max_age < (info.config.max_age or math.inf) else 0.0
+    too_short = 0 < max_age < oldest_s
+    if not (too_small or too_short):
+        return
+    what = (
+        f"max_bytes {max_bytes} is below the {held} bytes it holds"
+        if too_small
+        else f"max_age {max_age:g}s is shorter than the age of its oldest message ({oldest_s:.0f}s)"
+    )
+    if spec.kept:
+        raise StreamShrinkRefused(spec.name, f"{what}; facts are never dropped (docs/streams.md)")
+    log.warning("streams: %s: %s: its oldest messages are dropped to fit", spec.name, what)
+
+
+async def ensure_streams(js: JetStreamContext, prefix: str, streams: StreamsSettings | None = None) -> None:
+    """Create every stream, or bring an existing one to its limits. Safe to call at every start.
+
+    With `streams` (the settings), an existing stream whose configuration differs is updated in place:
+    nothing it holds is lost, except that a smaller limit drops the oldest messages of telemetry, events,
+    commands, results and dead letters to fit (logged). A limit that would drop facts raises
+    `StreamShrinkRefused` and leaves NERVE_FACTS as it was. Without `streams`, missing streams are created
+    with the default limits and existing ones are left as they are (so a tool never undoes an operator's
+    limits).
+    """
     for spec in STREAMS:
-        config = spec.config(prefix)
+        config = spec.config(prefix, streams or DEFAULT_STREAMS)
         try:
             await js.add_stream(config)
         except BadRequestError as exc:
             if exc.err_code != _STREAM_NAME_IN_USE:
                 raise
+            if streams is None:
+                continue
+            await _check_shrink(js, spec, config)
             await js.update_stream(config)

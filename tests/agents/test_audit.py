@@ -1,0 +1,315 @@
+"""The audit: sampled refusals (a flood makes a bounded number of facts) and the stream watch."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nats.js.errors import ServiceUnavailableError
+
+from nerve.agents import CommandAudit, DiskRunbook, StreamWatch
+from nerve.runtime.central.agent import AgentContext
+from nerve.runtime.central.runner import Central
+from nerve.runtime.config.settings import MIB, load_settings
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import CommandResult, Event, Fact, new_id
+from nerve.runtime.jetstream.client import StreamFull, publish_envelope
+from nerve.runtime.jetstream.sampling import OVERFLOW_DEVICE, RefusalSampler
+from nerve.runtime.jetstream.streams import ensure_streams, stream_usage
+from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.signing import Signer, generate_keypair
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Sequence
+    from pathlib import Path
+
+    from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.central.agent import Agent
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.stack.brokers import NatsServer
+
+WINDOW: Final = 10.0
+
+# --- the sampler, on a fake clock --------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_first_refusal_at_once_then_one_count_per_window() -> None:
+    clock = Clock()
+    sampler = RefusalSampler(window_s=WINDOW, max_keys=10, clock=clock)
+    first = sampler.offer("pi-01", "rejected", "r1")
+    assert first is not None
+    assert (first.device, first.reason, first.count) == ("pi-01", "rejected", 1)
+    for i in range(99):
+        assert sampler.offer("pi-01", "rejected", f"r{i + 2}") is None
+    assert sampler.due() == []  # the window is not over
+    clock.now += WINDOW
+    (sample,) = sampler.due()
+    assert (sample.count, sample.last) == (99, "r100")
+    clock.now += WINDOW
+    assert sampler.due() == []  # a quiet window: forgotten
+    assert sampler.keys == 0
+    assert sampler.offer("pi-01", "rejected", "again") is not None  # a new first
+
+
+def test_keys_beyond_max_share_one_overflow_key_per_reason() -> None:
+    clock = Clock()
+    sampler = RefusalSampler(window_s=WINDOW, max_keys=3, clock=clock)
+    immediate = [sampler.offer(f"bogus-{i}", "rejected", str(i)) for i in range(5000)]
+    told = [sample for sample in immediate if sample is not None]
+    assert [sample.device for sample in told] == ["bogus-0", "bogus-1", "bogus-2", OVERFLOW_DEVICE]
+    assert sampler.keys == 4
+    clock.now += WINDOW
+    (overflow,) = sampler.due()
+    assert overflow.overflow
+    assert overflow.count == 5000 - 4
+
+
+offers = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.sampled_from(["rejected", "failed"]),
+        st.floats(min_value=0, max_value=WINDOW / 2),
+    ),
+    max_size=300,
+)
+
+
+@given(offers=offers, max_keys=st.integers(min_value=1, max_value=6))
+def test_every_refusal_is_counted_once_and_facts_are_bounded(
+    offers: list[tuple[str, str, float]], max_keys: int
+) -> None:
+    clock = Clock()
+    start = clock.now
+    sampler = RefusalSampler(window_s=WINDOW, max_keys=max_keys, clock=clock)
+    samples = []
+    for device, reason, advance in offers:
+        clock.now += advance
+        samples.extend(sampler.due())
+        sample = sampler.offer(device, reason, "x")
+        if sample is not None:
+            samples.append(sample)
+    for _ in range(2):  # the last windows end, then the quiet ones are forgotten
+        clock.now += WINDOW * 1.5
+        samples.extend(sampler.due())
+    assert sum(sample.count for sample in samples) == len(offers)
+    assert sampler.keys == 0
+    keys = {(sample.device, sample.reason) for sample in samples}
+    assert len({device for device, _ in keys if device != OVERFLOW_DEVICE}) <= max_keys * (
+        1 + int((clock.now - start) // WINDOW)
+    )
+    # Per key, at most one fact at once plus one per window that elapsed.
+    windows = 1 + int((clock.now - start) // WINDOW)
+    for key in keys:
+        assert sum(1 for s in samples if (s.device, s.reason) == key) <= 1 + windows
+
+
+# --- against a real nats-server ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def signer(tmp_path: Path) -> Signer:
+    private, _ = generate_keypair(tmp_path / "keys", "central")
+    return Signer.from_file(private)
+
+
+def settings_for(nats_server: NatsServer, tmp_path: Path, streams: dict[str, Any]) -> Settings:
+    return load_settings(
+        overrides={"nats": {"url": nats_server.url}, "data_dir": str(tmp_path), "streams": streams}
+    )
+
+
+@contextlib.asynccontextmanager
+async def central(settings: Settings, signer: Signer, agents: Sequence[Agent]) -> AsyncIterator[Central]:
+    runner = Central(settings=settings, signer=signer, agents=agents)
+    task = asyncio.create_task(runner.run())
+    try:
+        async with asyncio.timeout(10):
+            await runner.ready.wait()
+        yield runner
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def facts_of(js: JetStreamContext) -> list[Fact]:
+    """The facts nerve kept (not the big fillers a test stored raw)."""
+    stored = await stream_messages(js, "NERVE_FACTS")
+    return [decode(m.data, Fact) for m in stored if not m.subject.endswith(".filler")]
+
+
+def forged(device: str) -> CommandResult:
+    return CommandResult(
+        id=new_id(),
+        source="attacker",
+        type="nerve.result.clear_temp",
+        subject=device,
+        action="clear_temp",
+        status="rejected",
+        reason="bad signature",
+        causationid=new_id(),
+    )
+
+
+async def counted(js: JetStreamContext) -> int:
+    return sum(int(fact.data.get("count", 0)) for fact in await facts_of(js))
+
+
+@pytest.mark.broker
+async def test_a_flood_of_forged_results_makes_few_facts_with_the_right_counts(
+    nats_server: NatsServer, tmp_path: Path, nc: NatsClient, signer: Signer
+) -> None:
+    settings = settings_for(nats_server, tmp_path, {"sample_window_s": 1.0, "sample_max_keys": 3})
+    js = nc.jetstream()
+    devices = [f"dev-{i}" for i in range(10)]
+    async with central(settings, signer, [CommandAudit(settings.streams)]) as runner:
+        for _ in range(30):
+            for device in devices:
+                await publish_envelope(js, f"nerve.{device}.results.clear_temp", forged(device))
+        async with asyncio.timeout(30):
+            while runner.handled < 300 or await counted(js) < 300:
+                await asyncio.sleep(0.1)
+    facts = await facts_of(js)
+    assert await counted(js) == 300  # every refusal counted, none twice
+    per_subject: dict[str, int] = {}
+    for fact in facts:
+        assert fact.kind == "command_rejected"
+        per_subject[fact.subject] = per_subject.get(fact.subject, 0) + int(fact.data["count"])
+    assert per_subject == {"dev-0": 30, "dev-1": 30, "dev-2": 30, "many-devices": 210}
+    # 300 facts before; now a few per key and window (4 keys here).
+    assert len(facts) <= 4 * 6
+    assert any("result(s) rejected within 1s" in fact.summary for fact in facts)
+
+
+def context(js: JetStreamContext, settings: Settings, signer: Signer) -> AgentContext:
+    return AgentContext(js=js, settings=settings, signer=signer, agent="streams")
+
+
+@pytest.mark.broker
+async def test_the_facts_warning_fires_before_the_stream_fills(
+    nats_server: NatsServer,
+    tmp_path: Path,
+    nc: NatsClient,
+    signer: Signer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tiny = {"max_bytes": MIB, "max_age_s": 3600}
+    settings = settings_for(nats_server, tmp_path, {"facts": tiny, "check_interval_s": 0.001})
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", settings.streams)
+    watch = StreamWatch(settings.streams)
+    ctx = context(js, settings, signer)
+    blob = "x" * 100_000
+
+    async def add_facts(count: int) -> None:
+        for _ in range(count):
+            fact = Fact(source="test", type="t", subject="pi", kind="filler", data={"blob": blob})
+            await publish_envelope(js, "nerve.pi.facts.filler", fact)
+
+    await add_facts(7)  # about 67 %
+    await watch.tick(ctx)
+    assert [f.kind for f in await facts_of(js)].count("stream_filling") == 0
+    await add_facts(2)  # about 86 %
+    with caplog.at_level(logging.WARNING):
+        await asyncio.sleep(0.01)
+        await watch.tick(ctx)
+        await asyncio.sleep(0.01)
+        await watch.tick(ctx)  # same step: no second warning
+    warnings = [f for f in await facts_of(js) if f.kind == "stream_filling"]
+    assert len(warnings) == 1
+    assert warnings[0].data["stream"] == "NERVE_FACTS"
+    assert warnings[0].data["percent"] >= 80
+    assert "NERVE_FACTS is 8" in caplog.text
+    await add_facts(1)  # about 95 %: the next step warns again
+    await asyncio.sleep(0.01)
+    await watch.tick(ctx)
+    assert [f.kind for f in await facts_of(js)].count("stream_filling") == 2
+    with pytest.raises(StreamFull):  # and at the limit, refused, never dropped
+        await add_facts(2)
+
+
+@pytest.mark.broker
+async def test_what_the_dead_letter_cap_drops_is_counted_in_a_fact(
+    nats_server: NatsServer, tmp_path: Path, nc: NatsClient, signer: Signer
+) -> None:
+    tiny = {"max_bytes": MIB, "max_age_s": 3600}
+    settings = settings_for(nats_server, tmp_path, {"deadletter": tiny, "check_interval_s": 0.001})
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", settings.streams)
+    for _ in range(30):
+        await js.publish("nerve.deadletter.bridge", b"x" * 100_000)
+    dropped = (await stream_usage(js, "NERVE_DEADLETTER")).dropped
+    assert dropped > 0
+    await StreamWatch(settings.streams).tick(context(js, settings, signer))
+    (fact,) = [f for f in await facts_of(js) if f.kind == "stream_dropped"]
+    assert fact.data == {"stream": "NERVE_DEADLETTER", "count": dropped, "total": dropped}
+
+
+@pytest.mark.broker
+async def test_a_command_refused_at_the_limit_is_not_lost_silently(
+    nats_server: NatsServer,
+    tmp_path: Path,
+    nc: NatsClient,
+    signer: Signer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    tiny = {"max_bytes": MIB, "max_age_s": 3600}
+    settings = settings_for(nats_server, tmp_path, {"commands": tiny})
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve", settings.streams)
+    for size in (100_000, 10_000, 1_000, 100):  # to the last byte a command could use
+        with contextlib.suppress(ServiceUnavailableError):  # full (a raw publish: nats-py's error)
+            for _ in range(20):
+                await js.publish("nerve.filler.commands.clear_temp", b"x" * size)
+    spike = Event(source="test", type="nerve.telemetry.disk", subject="pi-01", data={"value": 97})
+    with caplog.at_level(logging.WARNING):
+        async with central(settings, signer, [DiskRunbook(settings.central.disk)]) as runner:
+            await publish_envelope(js, "nerve.pi-01.telemetry.disk", spike)
+            await wait_for_count(js, "NERVE_DEADLETTER", 1, timeout=30)
+            assert runner.deadlettered == 1
+    (dead,) = await stream_messages(js, "NERVE_DEADLETTER")
+    record = msgspec.msgpack.decode(dead.data)
+    assert "its stream is full" in record["reason"]
+    assert "nerve.pi-01.commands.clear_temp" in record["reason"]
+    assert "JetStream refused nerve.pi-01.commands.clear_temp" in caplog.text
+
+
+@pytest.mark.broker
+async def test_a_flood_of_too_deep_messages_makes_few_loop_guard_facts(
+    nats_server: NatsServer, tmp_path: Path, nc: NatsClient, signer: Signer
+) -> None:
+    settings = settings_for(nats_server, tmp_path, {"sample_window_s": 1.0, "sample_max_keys": 2})
+    js = nc.jetstream()
+    async with central(settings, signer, [DiskRunbook(settings.central.disk)]):
+        for i in range(90):
+            device = f"pi-{i % 3}"
+            deep = Event(source="x", type="nerve.telemetry.disk", subject=device, data={"value": 99}, hops=50)
+            await publish_envelope(js, f"nerve.{device}.telemetry.disk", deep)
+        async with asyncio.timeout(30):
+            while await counted(js) < 90:
+                await asyncio.sleep(0.1)
+    facts = await facts_of(js)
+    assert await counted(js) == 90
+    assert {fact.kind for fact in facts} == {"loop_guard"}
+    per_subject: dict[str, int] = {}
+    for fact in facts:
+        per_subject[fact.subject] = per_subject.get(fact.subject, 0) + int(fact.data["count"])
+    assert per_subject == {"pi-0": 30, "pi-1": 30, "many-devices": 30}
+    assert len(facts) <= 3 * 6  # 90 before
+    assert (await js.stream_info("NERVE_COMMANDS")).state.messages == 0
