@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import ssl
 from typing import TYPE_CHECKING, Annotated, Any, Final, NamedTuple
@@ -54,6 +55,11 @@ MAX_PAYLOAD_CEILING: Final = 64 * 1024 * 1024
 DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
 #: Digits of a byte count or reply token; more is not a number this client sends or accepts.
 MAX_DIGITS: Final = 12
+#: How deep the JSON of an INFO or an error ack may nest; nats-server's nest two or three levels.
+MAX_JSON_DEPTH: Final = 32
+# A JSON string (skipped whole, escapes included; one left open runs to the end, so that the scan stays
+# linear whatever the quotes and backslashes) or a bracket: what `_too_deep` looks at.
+_JSON_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.?)*+"?|[\[\]{}]', re.DOTALL)
 NO_RESPONDERS: Final = "no responders: is JetStream enabled and a stream bound to this subject?"
 
 
@@ -117,15 +123,35 @@ def shown(raw: bytes | bytearray, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def _too_deep(document: bytes | bytearray) -> bool:
+    """Whether `document` nests deeper than `MAX_JSON_DEPTH`, found without recursion.
+
+    Checked before decoding, so that a hostile document never reaches a RecursionError (which CPython
+    3.11 does not always recover from cleanly: a later `ast.parse` has failed with a SystemError).
+    """
+    depth = 0
+    for token in _JSON_TOKEN.finditer(document):
+        bracket = token[0]
+        if bracket in {b"[", b"{"}:
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif bracket in {b"]", b"}"}:
+            depth -= 1
+    return False
+
+
 def parse_info(document: bytes | bytearray) -> ServerInfo:
     """Read an INFO document; raise `NatsWireError` naming what is wrong (never another exception)."""
+    if _too_deep(document):
+        raise NatsWireError(f"protocol error: bad INFO from the server: nested deeper than {MAX_JSON_DEPTH}")
     try:
         return _info_decoder.decode(document)
     except msgspec.DecodeError as exc:  # ValidationError too: it names the field, as in `$.max_payload`
         raise NatsWireError(
             f"protocol error: bad INFO from the server: {shown(str(exc).encode(), 120)}"
         ) from None
-    except RecursionError:
+    except RecursionError:  # pragma: no cover - `_too_deep` refuses such documents first
         raise NatsWireError("protocol error: bad INFO from the server: nested too deeply") from None
 
 
@@ -139,6 +165,8 @@ def _count(field: bytes | bytearray, what: str) -> int:
 def _ack_of(token: int, data: bytes) -> StoreAck:
     if b'"error"' in data:
         try:
+            if _too_deep(data):
+                raise msgspec.DecodeError(f"nested deeper than {MAX_JSON_DEPTH}")  # noqa: TRY301
             error = _error_decoder.decode(data).error
             description = (
                 f"{shown(error.description.encode(), 200)} (code {error.code}, err_code {error.err_code})"
