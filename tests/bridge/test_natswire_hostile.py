@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 from typing import TYPE_CHECKING
 
@@ -21,10 +22,12 @@ from nerve.bridge.natswire import (
     MAX_CONTROL_LINE,
     MAX_HEADERS,
     MAX_INFO_LINE,
+    MAX_JSON_DEPTH,
     NO_RESPONDERS,
     NatsWire,
     NatsWireError,
     StoreAck,
+    _too_deep,
 )
 
 if TYPE_CHECKING:
@@ -268,3 +271,36 @@ async def test_a_hostile_ack_is_a_refusal_and_the_connection_stays(body: bytes) 
     assert "\n" not in error
     assert len(error) <= REASON_MAX
     assert acks[1] == StoreAck(8, None, duplicate=False)
+
+
+async def test_a_flood_of_pings_is_answered_once_per_read() -> None:
+    wire, transport, _ = connect()
+    wire.data_received(b"PING\r\n" * 10_000)
+    wire.data_received(b"PING\r\nPI")
+    wire.data_received(b"NG\r\n")
+    assert bytes(transport.written) == b"PONG\r\n" * 3
+    assert not transport.aborted
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='[]{}"\\ab'),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='[]{}"\\ab'), inner, max_size=3)
+    ),
+    max_leaves=60,
+)
+
+
+def depth_of(value: object) -> int:
+    if isinstance(value, list):
+        return 1 + max((depth_of(v) for v in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((depth_of(v) for v in value.values()), default=0)
+    return 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.integers(min_value=0, max_value=40))
+def test_the_depth_check_counts_what_json_nests_not_what_strings_hold(value: object, wrap: int) -> None:
+    document = ("[" * wrap + json.dumps(value) + "]" * wrap).encode()
+    assert _too_deep(document) is (depth_of(value) + wrap > MAX_JSON_DEPTH)

@@ -227,10 +227,18 @@ class NatsWire(WireProtocol[StoreAck]):
         self._info: asyncio.Future[ServerInfo] = self._loop.create_future()
         self._pongs: list[asyncio.Future[None]] = []
         self._out: list[bytes] = []
+        self._pong_due = False
         self._inbox = b"_INBOX." + secrets.token_hex(11).encode() + b"."
         self.max_payload = DEFAULT_MAX_PAYLOAD
 
     def _parse(self, data: bytes) -> list[StoreAck]:
+        acks = self._read(data)
+        if self._pong_due:
+            self._pong_due = False
+            self._send(PONG)
+        return acks
+
+    def _read(self, data: bytes) -> list[StoreAck]:
         buf = self._buffer
         buf += data
         pos = 0
@@ -301,7 +309,9 @@ class NatsWire(WireProtocol[StoreAck]):
     def _control(self, line: bytes) -> None:
         op = line.split(b" ", 1)[0].upper()
         if op == b"PING":
-            self._send(PONG)
+            # Answered once per read however many came: a server that floods PINGs and reads nothing
+            # back cannot make our unsent output grow with them.
+            self._pong_due = True
         elif op == b"PONG":
             self._pong()
             if self._pongs:
