@@ -304,3 +304,18 @@ def depth_of(value: object) -> int:
 def test_the_depth_check_counts_what_json_nests_not_what_strings_hold(value: object, wrap: int) -> None:
     document = ("[" * wrap + json.dumps(value) + "]" * wrap).encode()
     assert _too_deep(document) is (depth_of(value) + wrap > MAX_JSON_DEPTH)
+
+
+async def test_a_parser_bug_ends_the_connection_with_a_reason_not_an_escaped_exception(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(_: bytes) -> list[StoreAck]:
+        raise RuntimeError("a bug")
+
+    wire, transport, _ = connect()
+    monkeypatch.setattr(wire, "_read", broken)
+    wire.data_received(b"PING\r\n")  # does not raise
+    assert transport.aborted
+    with pytest.raises(NatsWireError, match="internal error reading from the server: RuntimeError"):
+        await wire.closed
+    assert "parsing what the server sent failed" in caplog.text
