@@ -168,23 +168,26 @@ def _not_a_count(field: bytes | bytearray, what: str) -> NatsWireError:
 
 def _ack_of(token: int, data: bytes) -> StoreAck:
     if b'"error"' in data:
-        try:
-            if _too_deep(data):
-                raise msgspec.DecodeError(f"nested deeper than {MAX_JSON_DEPTH}")  # noqa: TRY301
-            error = _error_decoder.decode(data).error
-            description = (
-                f"{shown(error.description.encode(), 200)} (code {error.code}, err_code {error.err_code})"
-            )
-        except (msgspec.DecodeError, RecursionError):
-            description = shown(data, 200)
-        return StoreAck(token, f"JetStream refused it: {description}", duplicate=False)
+        return StoreAck(token, f"JetStream refused it: {_error_description(data)}", duplicate=False)
     return StoreAck(token, None, duplicate=b'"duplicate"' in data)
+
+
+def _error_description(data: bytes) -> str:
+    """JetStream's words for an error ack, in one short line; its raw text if it is not the usual JSON."""
+    if not _too_deep(data):
+        try:
+            error = _error_decoder.decode(data).error
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            return f"{shown(error.description.encode(), 200)} (code {error.code}, err_code {error.err_code})"
+    return shown(data, 200)
 
 
 def _check_partial_line(buf: bytearray, pos: int, size: int) -> None:
     """Refuse a control line that has not ended (no CRLF yet) and is already longer than allowed."""
     if size - pos > MAX_CONTROL_LINE and (size - pos > MAX_INFO_LINE or not buf.startswith(b"INFO", pos)):
-        raise NatsWireError(f"protocol error: control line too long (over {size - pos - 1} bytes, no CRLF)")
+        raise NatsWireError(f"protocol error: control line too long ({size - pos} bytes and no end yet)")
 
 
 def _check_long_line(buf: bytearray, pos: int, eol: int) -> None:
