@@ -20,7 +20,7 @@ import pytest
 
 from nerve.bridge import Bridge
 from nerve.bridge import bridge as bridge_module
-from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
+from nerve.bridge.natswire import MAX_PAYLOAD_CEILING, NatsWire, NatsWireError, open_nats
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.testing import stream_messages, wait_for_count
@@ -250,3 +250,23 @@ async def test_a_hostile_info_on_the_bridges_nats_client_is_retried(
             assert not task.done()
         assert not proxy.attacks  # every one was made
     gc.collect()  # nats-py's abandoned sockets: warned about here, where it is expected, not in a later test
+
+
+async def test_a_max_payload_beyond_the_ceiling_is_not_believed(
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'INFO {"headers":true,"max_payload":1000000000000}\r\n')
+        await reader.readline()
+        writer.write(b"PONG\r\n")
+        await reader.readline()  # the PING after CONNECT: the handshake is over once it is answered
+        writer.write(b"MSG _INBOX.x.1 1 %d\r\n" % (MAX_PAYLOAD_CEILING + 1))
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+            await reader.read(1024)
+
+    async with tcp_server(serve) as port:
+        wire = await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None)
+        assert wire.max_payload == MAX_PAYLOAD_CEILING
+        with pytest.raises(NatsWireError, match=rf"{MAX_PAYLOAD_CEILING + 1}-byte message, over max_payload"):
+            await asyncio.wait_for(wire.closed, 10)
