@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 from nats.errors import Error as NatsError
 
 from nerve.bridge.metrics import MetricsServer
-from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
+from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats, shown
 from nerve.bridge.pump import Pump
 from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import uplink_filters
@@ -40,6 +40,7 @@ from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
 from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, open_mqtt
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
@@ -88,7 +89,7 @@ class Bridge:
                 metrics.close()
 
     async def _bridge(self) -> None:
-        nc = await connect_forever(self._settings.nats, name="nerve-bridge")
+        nc = await self._connect_nats()
         try:
             js = nc.jetstream()
             await ensure_streams(js, self._prefix)
@@ -97,6 +98,28 @@ class Bridge:
             self.ready.clear()
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.close()
+
+    async def _connect_nats(self) -> NatsClient:
+        """nats-py's connection (streams, downlink), retried with backoff whatever the server sends.
+
+        `connect_forever` waits out an absent server; but nats-py lets a hostile INFO raise what it likes
+        (`AttributeError` on `INFO []`, `RecursionError` on deep nesting), which would end the bridge.
+        """
+        backoff = Backoff()
+        while True:
+            try:
+                return await connect_forever(self._settings.nats, name="nerve-bridge")
+            except Exception as exc:  # noqa: BLE001 - anything nats-py raises on a bad server is retried
+                delay = backoff.next_delay()
+                log.warning(
+                    "bridge: cannot connect to %s: the server sent what nats-py cannot read (%s: %s); "
+                    "retrying in %.1fs",
+                    shown_url(self._settings.nats.url),
+                    type(exc).__name__,
+                    shown(str(exc).encode(), 120),
+                    delay,
+                )
+                await asyncio.sleep(delay)
 
     async def _run_mqtt(self, js: JetStreamContext) -> None:
         backoff = Backoff()

@@ -11,16 +11,26 @@ Only what the bridge needs: INFO, CONNECT (user/password or token from the URL; 
 `tls://` or the server requires it), PING/PONG, SUB, HPUB, MSG/HMSG. A `-ERR`, a lost connection or a
 PING left unanswered ends the connection: `closed` holds the reason and the caller starts over (JetStream
 dedup makes a re-publish of what was in flight harmless).
+
+A security boundary, fuzzed as one (`tests/bridge/test_natswire_hostile.py`): whatever a server or a man in
+the middle sends, the connection either goes on or ends with a one-line `NatsWireError`, never a hang or
+another exception. Memory is bounded from the header on: a control line may be `MAX_CONTROL_LINE` bytes
+(`INFO`: `MAX_INFO_LINE`), a message `max_payload` bytes of payload (the server's, at most
+`MAX_PAYLOAD_CEILING`) plus `MAX_HEADERS` of headers; anything claiming more is refused before its body
+arrives, so the read buffer never holds more than that plus one socket read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import ssl
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Final, NamedTuple
 from urllib.parse import unquote, urlsplit
+
+import msgspec
 
 from nerve.runtime.errors import shown_url
 from nerve.runtime.wire.protocol import WireError, WireProtocol
@@ -33,7 +43,23 @@ CRLF: Final = b"\r\n"
 PING: Final = b"PING\r\n"
 PONG: Final = b"PONG\r\n"
 PING_INTERVAL_S: Final = 10.0
+#: The longest control line (`MSG`, `HMSG`, `-ERR`, ...) the server may send, CRLF not counted.
 MAX_CONTROL_LINE: Final = 4096
+#: The longest `INFO` line: a cluster's INFO lists its members' URLs, and can pass 4 KiB.
+MAX_INFO_LINE: Final = 64 * 1024
+#: The largest header block an `HMSG` may carry (JetStream's acks carry none, or a status line).
+MAX_HEADERS: Final = 64 * 1024
+#: The largest `max_payload` an INFO may announce that is believed: nats-server's own ceiling (64 MiB).
+MAX_PAYLOAD_CEILING: Final = 64 * 1024 * 1024
+#: The `max_payload` assumed until the server's INFO says otherwise: nats-server's default.
+DEFAULT_MAX_PAYLOAD: Final = 1024 * 1024
+#: Digits of a byte count or reply token; more is not a number this client sends or accepts.
+MAX_DIGITS: Final = 12
+#: How deep the JSON of an INFO or an error ack may nest; nats-server's nest two or three levels.
+MAX_JSON_DEPTH: Final = 32
+# A JSON string (skipped whole, escapes included; one left open runs to the end, so that the scan stays
+# linear whatever the quotes and backslashes) or a bracket: what `_too_deep` looks at.
+_JSON_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.?)*+"?|[\[\]{}]', re.DOTALL)
 NO_RESPONDERS: Final = "no responders: is JetStream enabled and a stream bound to this subject?"
 
 
@@ -68,18 +94,132 @@ def headers_block(headers: dict[str, str]) -> bytes:
     return b"NATS/1.0\r\n" + lines + CRLF
 
 
+class ServerInfo(msgspec.Struct, frozen=True):
+    """What the bridge reads of the server's INFO; other fields are skipped, wrong types refused."""
+
+    headers: bool | None = None
+    max_payload: Annotated[int, msgspec.Meta(gt=0)] = DEFAULT_MAX_PAYLOAD
+    tls_required: bool = False
+
+
+class _ApiError(msgspec.Struct, frozen=True):
+    description: str = "error"
+    code: int | None = None
+    err_code: int | None = None
+
+
+class _ErrorAck(msgspec.Struct, frozen=True):
+    error: _ApiError
+
+
+_info_decoder: Final = msgspec.json.Decoder(ServerInfo)
+_error_decoder: Final = msgspec.json.Decoder(_ErrorAck)
+
+
+def shown(raw: bytes | bytearray, limit: int = 80) -> str:
+    """`raw` as one printable line of at most `limit` characters (for reasons and logs)."""
+    text = bytes(raw[: limit + 1]).decode(errors="replace")
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _too_deep(document: bytes | bytearray) -> bool:
+    """Whether `document` nests deeper than `MAX_JSON_DEPTH`, found without recursion.
+
+    Checked before decoding, so that a hostile document never reaches a RecursionError (which CPython
+    3.11 does not always recover from cleanly: a later `ast.parse` has failed with a SystemError).
+    """
+    depth = 0
+    for token in _JSON_TOKEN.finditer(document):
+        bracket = token[0]
+        if bracket in {b"[", b"{"}:
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return True
+        elif bracket in {b"]", b"}"}:
+            depth -= 1
+    return False
+
+
+def parse_info(document: bytes | bytearray) -> ServerInfo:
+    """Read an INFO document; raise `NatsWireError` naming what is wrong (never another exception)."""
+    if _too_deep(document):
+        raise NatsWireError(f"protocol error: bad INFO from the server: nested deeper than {MAX_JSON_DEPTH}")
+    try:
+        return _info_decoder.decode(document)
+    except msgspec.DecodeError as exc:  # ValidationError too: it names the field, as in `$.max_payload`
+        raise NatsWireError(
+            f"protocol error: bad INFO from the server: {shown(str(exc).encode(), 120)}"
+        ) from None
+    except RecursionError:  # pragma: no cover - `_too_deep` refuses such documents first
+        raise NatsWireError("protocol error: bad INFO from the server: nested too deeply") from None
+
+
+def _count(field: bytes | bytearray, what: str) -> int:
+    """A byte count or token of a MSG line: ASCII digits only (`int` would take `-1`, `+1`, `1_0`)."""
+    if not field.isdigit() or len(field) > MAX_DIGITS:
+        raise _not_a_count(field, what)
+    return int(field)
+
+
+def _not_a_count(field: bytes | bytearray, what: str) -> NatsWireError:
+    return NatsWireError(f"protocol error: {what} {shown(field, 24)!r} is not a count")
+
+
 def _ack_of(token: int, data: bytes) -> StoreAck:
     if b'"error"' in data:
-        try:
-            error = json.loads(data)["error"]
-            description = (
-                f"{error.get('description', 'error')} "
-                f"(code {error.get('code')}, err_code {error.get('err_code')})"
-            )
-        except (ValueError, KeyError, TypeError, AttributeError):
-            description = data.decode(errors="replace")[:200]
-        return StoreAck(token, f"JetStream refused it: {description}", duplicate=False)
+        return StoreAck(token, f"JetStream refused it: {_error_description(data)}", duplicate=False)
     return StoreAck(token, None, duplicate=b'"duplicate"' in data)
+
+
+def _error_description(data: bytes) -> str:
+    """JetStream's words for an error ack, in one short line; its raw text if it is not the usual JSON."""
+    if not _too_deep(data):
+        try:
+            error = _error_decoder.decode(data).error
+        except (msgspec.DecodeError, RecursionError):
+            pass
+        else:
+            return f"{shown(error.description.encode(), 200)} (code {error.code}, err_code {error.err_code})"
+    return shown(data, 200)
+
+
+def _check_partial_line(buf: bytearray, pos: int, size: int) -> None:
+    """Refuse a control line that has not ended (no CRLF yet) and is already longer than allowed."""
+    if size - pos > MAX_CONTROL_LINE and (size - pos > MAX_INFO_LINE or not buf.startswith(b"INFO", pos)):
+        raise NatsWireError(f"protocol error: control line too long ({size - pos} bytes and no end yet)")
+
+
+def _check_long_line(buf: bytearray, pos: int, eol: int) -> None:
+    """Refuse a whole control line over `MAX_CONTROL_LINE` (an `INFO` over `MAX_INFO_LINE`)."""
+    if eol - pos > MAX_INFO_LINE or not buf.startswith(b"INFO", pos):
+        raise NatsWireError(f"protocol error: control line too long ({eol - pos} bytes)")
+
+
+def _message_sizes(op: bytes, parts: list[bytes], max_payload: int) -> tuple[int, int]:
+    """Check a MSG/HMSG line's fields (split at spaces); return its header size and total size."""
+    # MSG <subject> <sid> [reply] <#bytes>; HMSG <subject> <sid> [reply] <#header bytes> <#total bytes>
+    arity = (4, 5) if op == b"MSG " else (5, 6)
+    if len(parts) not in arity or not all(parts):
+        raise NatsWireError(f"protocol error: malformed message line {shown(b' '.join(parts), 60)!r}")
+    total = _count(parts[-1], "message size")
+    header_size = _count(parts[-2], "header size") if op == b"HMSG" else 0
+    _count(parts[2], "subscription id")
+    if header_size > total:
+        raise NatsWireError(f"protocol error: header size {header_size} is over the message size {total}")
+    if header_size > MAX_HEADERS:
+        raise NatsWireError(
+            f"protocol error: the server announced {header_size} bytes of headers, over {MAX_HEADERS}"
+        )
+    if total - header_size > max_payload:
+        raise _too_big(total - header_size, max_payload)
+    return header_size, total
+
+
+def _too_big(size: int, max_payload: int) -> NatsWireError:
+    return NatsWireError(
+        f"protocol error: the server announced a {size}-byte message, over max_payload ({max_payload})"
+    )
 
 
 class NatsWire(WireProtocol[StoreAck]):
@@ -91,13 +231,21 @@ class NatsWire(WireProtocol[StoreAck]):
 
     def __init__(self, on_acks: Callable[[list[StoreAck]], None]) -> None:
         super().__init__(on_acks)
-        self._info: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+        self._info: asyncio.Future[ServerInfo] = self._loop.create_future()
         self._pongs: list[asyncio.Future[None]] = []
         self._out: list[bytes] = []
+        self._pong_due = False
         self._inbox = b"_INBOX." + secrets.token_hex(11).encode() + b"."
-        self.max_payload = 1024 * 1024
+        self.max_payload = DEFAULT_MAX_PAYLOAD
 
     def _parse(self, data: bytes) -> list[StoreAck]:
+        acks = self._read(data)
+        if self._pong_due:
+            self._pong_due = False
+            self._send(PONG)
+        return acks
+
+    def _read(self, data: bytes) -> list[StoreAck]:  # noqa: C901 - the hot path, inlined on purpose (measured)
         buf = self._buffer
         buf += data
         pos = 0
@@ -105,21 +253,32 @@ class NatsWire(WireProtocol[StoreAck]):
         acks: list[StoreAck] = []
         inbox = self._inbox
         token_at = 4 + len(inbox)  # where the token starts in `MSG <inbox><token> ...`
+        max_payload = self.max_payload
         while True:
             eol = buf.find(CRLF, pos)
             if eol < 0:
-                if size - pos > MAX_CONTROL_LINE:
-                    raise NatsWireError("protocol error: control line too long")
+                _check_partial_line(buf, pos, size)
                 break
+            if eol - pos > MAX_CONTROL_LINE:
+                _check_long_line(buf, pos, eol)
             if buf.startswith(b"MSG ", pos) and buf.startswith(inbox, pos + 4):
                 # The usual case, read in place: MSG <inbox><token> <sid> <#bytes>, then a JSON ack.
+                field = buf[buf.rindex(b" ", pos, eol) + 1 : eol]
+                if not field.isdigit() or len(field) > MAX_DIGITS:  # `_count`, inlined: the hot path
+                    raise _not_a_count(field, "message size")
+                total = int(field)
+                if total > max_payload:
+                    raise _too_big(total, max_payload)
                 start = eol + 2
-                end = start + int(buf[buf.rindex(b" ", pos, eol) + 1 : eol])
-                if end < start:
-                    raise NatsWireError("protocol error: negative message size")
+                end = start + total
                 if end + 2 > size:
                     break
-                token = int(buf[pos + token_at : buf.index(b" ", pos + token_at, eol)])
+                if not buf.startswith(CRLF, end):
+                    raise NatsWireError("protocol error: a message's payload is not followed by CRLF")
+                field = buf[pos + token_at : buf.index(b" ", pos + token_at, eol)]
+                if not field.isdigit() or len(field) > MAX_DIGITS:
+                    raise _not_a_count(field, "reply token")
+                token = int(field)
                 if buf.find(b'"error"', start, end) < 0:
                     acks.append(StoreAck(token, None, buf.find(b'"duplicate"', start, end) >= 0))
                 else:
@@ -139,20 +298,19 @@ class NatsWire(WireProtocol[StoreAck]):
         if op not in {b"MSG ", b"HMSG"}:
             self._control(bytes(buf[pos:eol]))
             return eol + 2
-        parts = bytes(buf[pos:eol]).split()
-        total = int(parts[-1])
-        if total < 0:
-            raise NatsWireError("protocol error: negative message size")
+        parts = bytes(buf[pos:eol]).split(b" ")
+        header_size, total = _message_sizes(op, parts, self.max_payload)
         after = eol + 2 + total + 2
         if after > len(buf):
             return -1
+        if not buf.startswith(CRLF, after - 2):
+            raise NatsWireError("protocol error: a message's payload is not followed by CRLF")
         subject = parts[1]
         if not subject.startswith(self._inbox):
             return after  # not an ack of ours
-        token = int(subject[len(self._inbox) :])
+        token = _count(subject[len(self._inbox) :], "reply token")
         body = bytes(buf[eol + 2 : eol + 2 + total])
         if op == b"HMSG":
-            header_size = int(parts[-2])
             status = body[:header_size].split(CRLF, 1)[0]
             if status.startswith(b"NATS/1.0 503"):
                 acks.append(StoreAck(token, NO_RESPONDERS, duplicate=False))
@@ -164,7 +322,9 @@ class NatsWire(WireProtocol[StoreAck]):
     def _control(self, line: bytes) -> None:
         op = line.split(b" ", 1)[0].upper()
         if op == b"PING":
-            self._send(PONG)
+            # Answered once per read however many came: a server that floods PINGs and reads nothing
+            # back cannot make our unsent output grow with them.
+            self._pong_due = True
         elif op == b"PONG":
             self._pong()
             if self._pongs:
@@ -172,13 +332,13 @@ class NatsWire(WireProtocol[StoreAck]):
                 if not pong.done():
                     pong.set_result(None)
         elif op == b"INFO":
-            info = json.loads(line[5:])
+            info = parse_info(line[5:])
             if not self._info.done():
                 self._info.set_result(info)
         elif op == b"-ERR":
-            raise NatsWireError(f"server error: {line[5:].decode(errors='replace').strip(chr(39))}")
+            raise NatsWireError(f"server error: {shown(line[5:], 200).strip(chr(39))}")
         elif op != b"+OK":
-            raise NatsWireError(f"protocol error: unexpected {line[:40]!r}")
+            raise NatsWireError(f"protocol error: unexpected {shown(line, 40)!r}")
 
     def _take_waiters(self) -> list[asyncio.Future[Any]]:
         waiters: list[asyncio.Future[Any]] = [self._info, *self._pongs]
@@ -195,10 +355,10 @@ class NatsWire(WireProtocol[StoreAck]):
         """INFO, (TLS,) CONNECT, PING/PONG, then subscribe the ack inbox."""
         parts = urlsplit(url)
         info = await self._info
-        if info.get("headers") is False:
+        if info.headers is False:
             raise NatsWireError("this NATS server does not support headers (needed for dedup ids)")
-        self.max_payload = int(info.get("max_payload", self.max_payload))
-        if parts.scheme == "tls" or info.get("tls_required"):
+        self.max_payload = min(info.max_payload, MAX_PAYLOAD_CEILING)
+        if parts.scheme == "tls" or info.tls_required:
             await self._start_tls(parts.hostname or "")
         connect: dict[str, Any] = {
             "verbose": False,

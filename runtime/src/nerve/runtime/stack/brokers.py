@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Final, Self
 
 from nerve.runtime.errors import BrokerBinaryMissing, BrokerStartFailed
+from nerve.runtime.wire.mqtt import DEFAULT_MAX_PACKET_SIZE
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -41,6 +42,7 @@ __all__ = [
     "find_nats_server",
     "free_port",
     "mosquitto_config",
+    "mosquitto_packet_limit",
     "port_answers",
 ]
 
@@ -132,8 +134,27 @@ async def port_answers(host: str, port: int, *, timeout: float = 0.5) -> bool:
     return True
 
 
+def mosquitto_packet_limit(max_packet_size: int) -> int:
+    """The `max_packet_size` for mosquitto that lets in exactly the packets of at most that many bytes.
+
+    mosquitto 2.0 (2.0.11, measured) compares its limit with the remaining length plus one, leaving out
+    the 1 to 4 bytes that encode the remaining length: set to nerve's limit it would take a publish up to
+    3 bytes bigger than nerve's clients accept, and then silently not deliver it to them.
+    """
+    for length_bytes in range(1, 5):
+        remaining = max_packet_size - 1 - length_bytes
+        if remaining < 128**length_bytes:
+            return max_packet_size - length_bytes
+    return max_packet_size - 4  # pragma: no cover - MQTT's ceiling takes four bytes
+
+
 def mosquitto_config(
-    *, port: int, data_dir: Path, listener_options: str = "", password_file: Path | None = None
+    *,
+    port: int,
+    data_dir: Path,
+    listener_options: str = "",
+    password_file: Path | None = None,
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
 ) -> str:
     """Return the text of a mosquitto 2.x config for a broker nerve manages.
 
@@ -142,6 +163,9 @@ def mosquitto_config(
     the `listener` line, so TLS options apply to it; they may declare further listeners. Anonymous
     clients are allowed unless a `password_file` (made by `mosquitto_passwd`) is given: then every
     client of every listener logs in (or, where `use_identity_as_username` is set, shows a certificate).
+    A client that sends a packet over `max_packet_size` bytes (nerve's `mqtt.max_packet_size` default)
+    is disconnected, so nothing bigger than what nerve's own clients accept ever gets in (the line says
+    `mosquitto_packet_limit(max_packet_size)`, the same limit as mosquitto counts it).
     """
     # When started as root, mosquitto switches to the `mosquitto` user, which cannot write a
     # data_dir the caller created (pytest's tmp dirs are 0700): saving the database then fails
@@ -176,6 +200,11 @@ set_tcp_nodelay true
 max_queued_messages 0
 # max_inflight_messages stays at its default (20): it bounds MQTT 3.1.1 clients. An MQTT v5 client
 # such as the bridge sets its own window with the Receive Maximum it sends in CONNECT (bridge.max_in_flight).
+
+# nerve's clients take packets up to mqtt.max_packet_size; a bigger publish is refused at the door (its
+# sender disconnected) rather than stored and then silently never delivered to them. Announced in CONNACK.
+# (mosquitto leaves the bytes of the remaining length out of its count: hence a few bytes less.)
+max_packet_size {mosquitto_packet_limit(max_packet_size)}
 
 # One log, on stderr, so errors printed before a `log_dest file` would be opened (a bad config)
 # land in the same file as the rest.

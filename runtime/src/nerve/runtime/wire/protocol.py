@@ -61,7 +61,9 @@ class WireProtocol(asyncio.Protocol, Generic[T]):
         self._fail(self.error(f"connection lost: {exc}" if exc else f"connection closed by the {self.peer}"))
 
     def data_received(self, data: bytes) -> None:
-        """Parse what arrived; hand it over as one batch."""
+        """Parse what arrived; hand it over as one batch. Never raises: a failure ends the connection."""
+        if self.closed.done():
+            return  # aborted: what was still on its way is not read (nor buffered)
         try:
             batch = self._parse(data)
         except WireError as exc:
@@ -69,6 +71,12 @@ class WireProtocol(asyncio.Protocol, Generic[T]):
             return
         except (IndexError, ValueError) as exc:  # a field running past the data, text not UTF-8
             self._abort(self.error(f"{self.malformed} from the {self.peer}: {type(exc).__name__}: {exc}"))
+            return
+        except Exception as exc:
+            # A parser bug, not the peer's fault: say so loudly, but end this connection only (an escaped
+            # exception would leave asyncio to log it and the caller to wait for a close with no reason).
+            log.exception("%s: parsing what the %s sent failed", type(self).__name__, self.peer)
+            self._abort(self.error(f"internal error reading from the {self.peer}: {type(exc).__name__}"))
             return
         if batch:
             try:
@@ -102,6 +110,7 @@ class WireProtocol(asyncio.Protocol, Generic[T]):
 
     def _abort(self, exc: WireError) -> None:
         self._fail(exc)
+        self._buffer.clear()  # nothing more is parsed: do not hold what a hostile peer sent
         if self._transport is not None:
             self._transport.abort()
 
