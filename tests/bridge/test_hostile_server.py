@@ -13,6 +13,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -270,3 +272,43 @@ async def test_a_max_payload_beyond_the_ceiling_is_not_believed(
         assert wire.max_payload == MAX_PAYLOAD_CEILING
         with pytest.raises(NatsWireError, match=rf"{MAX_PAYLOAD_CEILING + 1}-byte message, over max_payload"):
             await asyncio.wait_for(wire.closed, 10)
+
+
+# In a process of its own: nats-py leaves its socket to the garbage collector when its connect fails on a
+# bad INFO, and the warnings that go with it would land in whatever test runs next.
+HOSTILE_GREETING_CLIENT = """
+import asyncio, sys
+from nerve.runtime.config.settings import NatsSettings
+from nerve.runtime.errors import BrokerUnavailable
+from nerve.runtime.jetstream.client import connect
+
+async def main():
+    greeting = sys.argv[1].encode() + b"\\r\\n"
+    async def serve(reader, writer):
+        writer.write(greeting)
+        await reader.read(65536)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        await connect(NatsSettings(url=f"nats://127.0.0.1:{port}", connect_timeout_s=2), name="t")
+    except BrokerUnavailable as exc:
+        print("BrokerUnavailable:", exc)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("greeting", ["INFO []", "INFO 5", 'INFO {"max_payload": "x"}'])
+def test_a_hostile_greeting_is_broker_unavailable_for_every_jetstream_client(greeting: str) -> None:
+    """`connect` (central, the CLI, the bridge's downlink) turns whatever nats-py raises into one error."""
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", HOSTILE_GREETING_CLIENT, greeting],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("BrokerUnavailable:")

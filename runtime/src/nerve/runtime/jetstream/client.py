@@ -112,6 +112,9 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
             )
     except (NoServersError, OSError, TimeoutError, NatsError) as exc:
         raise BrokerUnavailable(settings.url, str(exc) or type(exc).__name__) from exc
+    except Exception as exc:  # nats-py lets a hostile greeting (`INFO []`) raise anything at all
+        reason = f"not a valid NATS greeting ({type(exc).__name__}: {str(exc)[:200]})"
+        raise BrokerUnavailable(settings.url, reason) from exc
     client.append(connected)
     return connected
 
