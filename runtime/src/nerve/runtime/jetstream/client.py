@@ -97,6 +97,7 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
     answers = [await port_answers(*host_port(url, DEFAULT_NATS_PORT)) for url in servers]
     if not any(answers):
         raise BrokerUnavailable(settings.url, "nothing listens there")
+    bad_greeting: str | None = None
     try:
         async with asyncio.timeout(settings.connect_timeout_s * 2):
             connected = await nats.connect(
@@ -112,9 +113,12 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
             )
     except (NoServersError, OSError, TimeoutError, NatsError) as exc:
         raise BrokerUnavailable(settings.url, str(exc) or type(exc).__name__) from exc
-    except Exception as exc:  # nats-py lets a hostile greeting (`INFO []`) raise anything at all
-        reason = f"not a valid NATS greeting ({type(exc).__name__}: {str(exc)[:200]})"
-        raise BrokerUnavailable(settings.url, reason) from exc
+    except Exception as exc:  # noqa: BLE001 - nats-py lets a hostile greeting (`INFO []`) raise anything
+        bad_greeting = f"not a valid NATS greeting ({type(exc).__name__}: {str(exc)[:200]})"
+    if bad_greeting is not None:
+        # Raised out here, not chained: nats-py's traceback holds its half-open client and socket, which
+        # would otherwise live as long as this error (in a log record, say) instead of closing now.
+        raise BrokerUnavailable(settings.url, bad_greeting)
     client.append(connected)
     return connected
 
