@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from nerve.runtime.config.settings import MqttSettings, load_settings
-from nerve.runtime.stack.brokers import LOCALHOST, mosquitto_config, mosquitto_packet_limit
+from nerve.runtime.stack.brokers import LOCALHOST, free_port, mosquitto_config, mosquitto_packet_limit
+from nerve.runtime.stack.local import Stack
 from nerve.runtime.wire.client import MqttClient
 from nerve.runtime.wire.mqtt import DEFAULT_MAX_PACKET_SIZE
 
@@ -123,3 +124,23 @@ async def test_mosquitto_refuses_a_packet_over_nerves_limit(mosquitto: Mosquitto
         # Only the one that fits came through, whole.
         assert message.topic == "t/fits"
         assert publish_packet("t/fits", bytes(message.payload)) == publish_of_size("t/fits", limit)
+
+
+@pytest.mark.broker
+async def test_nerve_up_gives_its_mosquitto_the_packet_limit_of_its_settings(tmp_path: Path) -> None:
+    """`nerve up`'s own mosquitto refuses what its clients could not take, as mqtt.max_packet_size says."""
+    settings = load_settings(
+        overrides={
+            "data_dir": str(tmp_path / "data"),
+            "mqtt": {"url": f"mqtt://127.0.0.1:{free_port()}", "max_packet_size": 131072},
+            "nats": {"url": f"nats://127.0.0.1:{free_port()}"},
+            "bridge": {"max_payload": 65536},
+            "edge": {"mounts": []},
+            "central": {"signing_key": str(tmp_path / "keys" / "central.key")},
+        }
+    )
+    async with Stack(settings=settings, device="pi-limit") as stack:
+        assert stack.info is not None
+        assert "mosquitto" in stack.info.started_brokers
+        config = (tmp_path / "data" / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+    assert f"max_packet_size {mosquitto_packet_limit(131072)}" in config

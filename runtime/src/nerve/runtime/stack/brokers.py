@@ -426,8 +426,9 @@ def _signal(process: asyncio.subprocess.Process, signum: signal.Signals) -> None
 class Mosquitto(ManagedBroker):
     """A mosquitto 2.x broker on 127.0.0.1, set up by `mosquitto_config`, persisting to data_dir.
 
-    The config is written to `<data_dir>/mosquitto.conf` on every start. `listener_options` and
-    `password_file` go to `mosquitto_config` (tests use them for TLS listeners and logins).
+    The config is written to `<data_dir>/mosquitto.conf` on every start. `listener_options`,
+    `password_file` and `max_packet_size` (nerve's `mqtt.max_packet_size`) go to `mosquitto_config`
+    (tests use the first two for TLS listeners and logins).
     """
 
     name: ClassVar[str] = "mosquitto"
@@ -443,6 +444,7 @@ class Mosquitto(ManagedBroker):
         stop_timeout: float = STOP_TIMEOUT,
         listener_options: str = "",
         password_file: Path | None = None,
+        max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
     ) -> None:
         super().__init__(
             port=port,
@@ -453,6 +455,7 @@ class Mosquitto(ManagedBroker):
         )
         self._listener_options = listener_options
         self._password_file = password_file
+        self._max_packet_size = max_packet_size
 
     @classmethod
     def _find_binary(cls, override: Path | None) -> Path:
@@ -466,6 +469,7 @@ class Mosquitto(ManagedBroker):
                 data_dir=self._data_dir,
                 listener_options=self._listener_options,
                 password_file=self._password_file,
+                max_packet_size=self._max_packet_size,
             )
         )
         return [str(self._binary), "-c", str(config)]

@@ -129,7 +129,14 @@ class Stack:
                 "and nerve only starts brokers on this machine (127.0.0.1)",
                 key=f"{'mqtt' if kind is Mosquitto else 'nats'}.url",
             )
-        broker = kind(port=port, data_dir=self._data_dir / kind.name)
+        data_dir = self._data_dir / kind.name
+        broker: ManagedBroker
+        if kind is Mosquitto:  # it refuses what nerve's clients could not take (mqtt.max_packet_size)
+            broker = Mosquitto(
+                port=port, data_dir=data_dir, max_packet_size=self._settings.mqtt.max_packet_size
+            )
+        else:
+            broker = kind(port=port, data_dir=data_dir)
         await broker.start()
         self._brokers.append(broker)
         log.info("started %s on 127.0.0.1:%d (data in %s)", kind.name, port, broker.data_dir)
