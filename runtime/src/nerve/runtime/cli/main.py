@@ -93,9 +93,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for each step")
     demo.add_argument("--data-dir", type=Path, help="keep the demo's data here (default: a temp dir)")
 
-    facts = sub.add_parser("facts", parents=[common], help="print the audit facts, newest last")
+    facts = sub.add_parser(
+        "facts", parents=[common], help="print the audit facts, newest last (`facts verify`: check the chain)"
+    )
+    facts.add_argument(
+        "check",
+        nargs="?",
+        choices=("verify",),
+        help="verify: prove the chain intact or name each fact altered, removed, moved or forged (exit 1)",
+    )
     facts.add_argument("--device", help="only this device's facts")
     facts.add_argument("--limit", type=int, default=0, help="only the last N facts")
+    facts.add_argument(
+        "--keys",
+        type=Path,
+        help="trusted public key file, or a directory of <keyid>.pub (default: the central key's .pub)",
+    )
     dead = sub.add_parser("deadletters", parents=[common], help="print what could not be handled, and why")
     dead.add_argument("--limit", type=int, default=0, help="only the last N")
 
@@ -298,9 +311,18 @@ async def _demo(args: argparse.Namespace) -> int:
 
 
 async def _facts(args: argparse.Namespace) -> int:
-    from nerve.runtime.cli.history import print_facts  # noqa: PLC0415
+    from nerve.runtime.cli.history import fact_verifier, print_facts, verify_facts  # noqa: PLC0415
+    from nerve.runtime.trust.signing import PRIVATE_SUFFIX, PUBLIC_SUFFIX  # noqa: PLC0415
 
-    return await print_facts(_settings(args), device=args.device, limit=args.limit)
+    settings = _settings(args)
+    keys = args.keys or settings.central.signing_key
+    keys = keys or default_keys_dir(os.environ) / f"{settings.central.keyid}{PRIVATE_SUFFIX}"
+    if args.check == "verify":
+        return await verify_facts(settings, fact_verifier(settings, keys))
+    # Plain listing: unverified (and said so) when no key was named and the default one does not exist.
+    known = args.keys is not None or keys.with_suffix(PUBLIC_SUFFIX).exists()
+    verifier = fact_verifier(settings, keys) if known else None
+    return await print_facts(settings, device=args.device, limit=args.limit, verifier=verifier)
 
 
 async def _deadletters(args: argparse.Namespace) -> int:

@@ -391,7 +391,10 @@ class Fact(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unkno
     """An audit record: what nerve saw, decided and did. Kept forever in NERVE_FACTS.
 
     `subject` is the device (or service) it is about; `kind` (a token) is the last level of its
-    subject; `summary` is one line a person can read.
+    subject; `summary` is one line a person can read. `chainseq`, `prevhash`, `keyid` and `sig` make it
+    tamper-evident (`nerve.runtime.trust.chain`): its place in NERVE_FACTS, the SHA-256 of the record
+    stored before it, and the Ed25519 signature over every other attribute. A fact without them is a
+    legacy (unsigned) one.
     """
 
     subject: Token
@@ -399,6 +402,10 @@ class Fact(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unkno
     data: dict[str, Any] = field(default_factory=dict)
     kind: Token
     summary: str = ""
+    chainseq: Annotated[int, Meta(ge=0)] = 0
+    prevhash: Annotated[str, Meta(max_length=64)] = ""
+    keyid: Annotated[str, Meta(max_length=64)] = ""
+    sig: Annotated[str, Meta(max_length=128)] = ""
 
 
 # The CloudEvents attributes and nerve's own: an extension may not take one of these names.

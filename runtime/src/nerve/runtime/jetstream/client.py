@@ -23,8 +23,15 @@ from nerve.runtime.config.settings import host_port
 from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type, encode
 from nerve.runtime.envelope.model import utcnow
 from nerve.runtime.errors import BrokerUnavailable, NerveError
+from nerve.runtime.jetstream.streams import FACTS_STREAM
 from nerve.runtime.stack.brokers import port_answers
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
+from nerve.runtime.trust.chain import (
+    EXPECTED_LAST_SEQUENCE_HEADER,
+    MAX_CHAIN_ATTEMPTS,
+    WRONG_LAST_SEQUENCE_CODE,
+    seal,
+)
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -33,6 +40,7 @@ if TYPE_CHECKING:
 
     from nerve.runtime.config.settings import NatsSettings
     from nerve.runtime.envelope.model import Envelope, Fact
+    from nerve.runtime.trust.signing import Signer
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +248,57 @@ def fact_subject(fact: Fact, prefix: str) -> str:
     return Address(device=fact.subject, kind=Kind.FACTS, name=fact.kind).subject(prefix)
 
 
+class FactChainContended(NerveError):
+    """Another writer stored a record first, every time, for `attempts` tries: the fact was not kept."""
+
+    def __init__(self, subject: str, attempts: int) -> None:
+        super().__init__(subject, attempts)
+        self.subject = subject
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return f"could not chain the fact on {self.subject}: other writers came first {self.attempts} times"
+
+
+async def _chain_head(js: JetStreamContext, stream: str) -> tuple[int, bytes | None]:
+    """The last sequence of `stream` and the bytes stored there (None: nothing is)."""
+    state = (await js.stream_info(stream)).state
+    if state.messages == 0 or state.last_seq == 0:
+        return state.last_seq, None
+    return state.last_seq, (await js.get_msg(stream, seq=state.last_seq)).data
+
+
 async def publish_fact(
     js: JetStreamContext,
     fact: Fact,
     *,
     prefix: str,
+    signer: Signer | None = None,
     codec: Codec = DEFAULT_CODEC,
     timeout: float = PUBLISH_TIMEOUT_S,
+    stream: str = FACTS_STREAM,
 ) -> PubAck:
-    """Keep `fact` in NERVE_FACTS, once (deduplicated by its id). Raises `StreamFull` when it is full."""
-    return await publish_envelope(js, fact_subject(fact, prefix), fact, codec=codec, timeout=timeout)
+    """Keep `fact` in NERVE_FACTS, once (deduplicated by its id); signed and chained if `signer` is given.
+
+    A signed fact is placed after the record last stored in `stream` and stored only if nothing came in
+    between (`nerve.runtime.trust.chain`); if something did, it is chained again, at most
+    `MAX_CHAIN_ATTEMPTS` times. Without `signer` it is stored as a legacy, unsigned fact.
+
+    Raises:
+        StreamFull: the stream is full.
+        FactChainContended: other writers came first every time.
+    """
+    subject = fact_subject(fact, prefix)
+    if signer is None:
+        return await publish_envelope(js, subject, fact, codec=codec, timeout=timeout)
+    for _ in range(MAX_CHAIN_ATTEMPTS):
+        async with asyncio.timeout(timeout):
+            last_seq, previous = await _chain_head(js, stream)
+        sealed = seal(fact, signer, chainseq=last_seq + 1, previous=previous)
+        headers = envelope_headers(sealed, codec) | {EXPECTED_LAST_SEQUENCE_HEADER: str(last_seq)}
+        try:
+            return await _store(js, subject, encode(sealed, codec), headers=headers, timeout=timeout)
+        except APIError as exc:
+            if exc.err_code != WRONG_LAST_SEQUENCE_CODE:
+                raise
+    raise FactChainContended(subject, MAX_CHAIN_ATTEMPTS)
