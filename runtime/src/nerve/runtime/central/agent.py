@@ -90,7 +90,9 @@ class AgentContext:
             causationid=cause.id,
             hops=cause.hops,
         )
-        await publish_fact(self.js, fact, prefix=self.prefix, codec=self.settings.nats.codec)
+        await publish_fact(
+            self.js, fact, prefix=self.prefix, signer=self._signer, codec=self.settings.nats.codec
+        )
         return fact
 
     async def command(
