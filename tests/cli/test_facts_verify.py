@@ -145,3 +145,10 @@ async def test_without_a_trusted_key_verify_is_one_line_and_listing_says_unverif
     code, out, _ = await nerve("facts", "--nats-url", nats_server.url, home=empty)
     assert code == 0
     assert out.splitlines()[-1] == "(not verified: no trusted key; see `nerve facts verify --keys`)"
+
+
+@pytest.mark.parametrize("flag", [["--device", "pi-1"], ["--limit", "3"]])
+async def test_verify_refuses_a_narrowing_flag_in_one_line(flag: list[str], tmp_path: Path) -> None:
+    code, out, err = await nerve("facts", "verify", *flag, home=tmp_path)
+    assert (code, out) == (2, "")
+    assert err == f"nerve facts: error: {flag[0]}: verify checks the whole chain (a link spans devices)\n"

@@ -314,6 +314,9 @@ async def _facts(args: argparse.Namespace) -> int:
     from nerve.runtime.cli.history import fact_verifier, print_facts, verify_facts  # noqa: PLC0415
     from nerve.runtime.trust.signing import PRIVATE_SUFFIX, PUBLIC_SUFFIX  # noqa: PLC0415
 
+    if args.check == "verify" and (args.device is not None or args.limit):
+        flag = "--device" if args.device is not None else "--limit"
+        raise ConfigError("verify checks the whole chain (a link spans devices)", key=flag)
     settings = _settings(args)
     keys = args.keys or settings.central.signing_key
     keys = keys or default_keys_dir(os.environ) / f"{settings.central.keyid}{PRIVATE_SUFFIX}"
