@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 import msgpack
 import pytest
 
+from nerve.agents import CommandAudit
 from nerve.bridge import Bridge
+from nerve.runtime.central.runner import Central
 from nerve.runtime.config.settings import TopicMapping
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult, Event, Fact
@@ -19,10 +21,13 @@ from nerve.runtime.jetstream.client import REASON_HEADER, publish_envelope
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.stack.brokers import free_port, port_answers
 from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.chain import verify_records
+from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
 from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
     from tests.conftest import Running
@@ -131,12 +136,11 @@ async def test_command_goes_down_and_expired_one_does_not(
             assert isinstance(message.payload, bytes)
             assert decode(message.payload, Command) == fresh
             await wait_for_count(js, "NERVE_RESULTS", 1)
-            await wait_for_count(js, "NERVE_FACTS", 1)
     result = decode((await stream_messages(js, "NERVE_RESULTS"))[0].data, CommandResult)
     assert result.status == "expired"
     assert result.causationid == stale.id
-    fact = decode((await stream_messages(js, "NERVE_FACTS"))[0].data, Fact)
-    assert fact.kind == "command_expired"
+    # No fact of the bridge's own: central's command audit keeps it, signed (the bridge holds no key).
+    assert await stream_messages(js, "NERVE_FACTS") == []
     consumer = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
     assert consumer.num_ack_pending == 0
     assert consumer.num_pending == 0
@@ -241,3 +245,25 @@ async def test_two_bridges_share_the_uplink(settings: Settings, nc: NatsClient, 
     assert second.stats.stored > 0
     assert first.stats.stored + second.stats.stored == total
     assert (await js.stream_info("NERVE_TELEMETRY")).state.messages == total
+
+
+async def test_an_expired_command_becomes_a_signed_fact_of_centrals_audit_and_the_chain_verifies(
+    settings: Settings, nc: NatsClient, running: Running, tmp_path: Path
+) -> None:
+    """The bridge writes the `expired` result; central's audit keeps the fact, signed and chained."""
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    private, _ = generate_keypair(tmp_path / "keys", "central")
+    signer = Signer.from_file(private)
+    stale = Command.create(
+        device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=-1)
+    )
+    await publish_envelope(js, "nerve.pi-01.commands.clear_temp", stale)
+    audit = Central(settings=settings, signer=signer, agents=[CommandAudit(settings.streams)])
+    async with running(audit, wait=WAIT), running(Bridge(settings=settings), wait=WAIT):
+        await wait_for_count(js, "NERVE_FACTS", 1)
+    stored = await stream_messages(js, "NERVE_FACTS")
+    fact = decode(stored[0].data, Fact)
+    assert (fact.kind, fact.keyid) == ("command_expired", "central")
+    records = [(message.seq, message.data) for message in stored]
+    assert verify_records(records, Verifier.from_config({}, tmp_path / "keys")) == []

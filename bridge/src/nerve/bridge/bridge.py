@@ -26,13 +26,12 @@ from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, CommandResult, Fact, derived_id, utcnow
+from nerve.runtime.envelope.model import Command, CommandResult, derived_id, utcnow
 from nerve.runtime.errors import DecodeError, TopicError, shown_url
 from nerve.runtime.jetstream.client import (
     connect_forever,
     publish_dead_letter,
     publish_envelope,
-    publish_fact,
     shared_durable,
 )
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
@@ -319,17 +318,8 @@ class Bridge:
             result_id=derived_id(command.id, "expired"),
         )
         result_subject = Address(command.subject, Kind.RESULTS, command.action).subject(self._prefix)
+        # The result is the record; central's command audit keeps the fact (signed and chained by central,
+        # as every fact: the bridge holds no key, so a fact of its own would not verify).
         await publish_envelope(js, result_subject, result, codec=self._settings.nats.codec)
-        fact = Fact(
-            id=derived_id(command.id, "fact", "command_expired"),
-            source=SOURCE,
-            type="nerve.fact.command_expired",
-            subject=command.subject,
-            kind="command_expired",
-            summary=f"command {command.action} ({command.id}) not sent: {reason}",
-            data={"command_id": command.id, "action": command.action},
-            **command.caused(),
-        )
-        await publish_fact(js, fact, prefix=self._prefix, codec=self._settings.nats.codec)
         self.stats.commands_expired += 1
         log.warning("bridge: command %s to %s %s", command.id, command.subject, reason)
