@@ -595,6 +595,21 @@ def top_functions(collapsed: Path) -> tuple[int, list[tuple[str, int]], list[tup
     return total, own.most_common(TOP_FUNCTIONS), inclusive.most_common(TOP_FUNCTIONS)
 
 
+async def finish_profiler(profiler: asyncio.subprocess.Process | None) -> None:
+    """Stop sampling (SIGINT: py-spy then writes its collapsed stacks)."""
+    if profiler is not None:
+        profiler.send_signal(signal.SIGINT)
+        async with asyncio.timeout(STOP_TIMEOUT_S):
+            await profiler.wait()
+
+
+async def kill_profiler(profiler: asyncio.subprocess.Process | None) -> None:
+    """On the way out: a profiler still running (the case failed before it was finished) is killed."""
+    if profiler is not None and profiler.returncode is None:
+        profiler.kill()
+        await profiler.wait()
+
+
 async def start_profiler(pid: int, output: Path) -> asyncio.subprocess.Process:
     py_spy = BIN / "py-spy"
     return await asyncio.create_subprocess_exec(
@@ -696,10 +711,7 @@ async def bridge_case(key: str, tmp: Path, run: str, count: int, args: argparse.
             publishers.go()
             stored_at, outcome.stored = await until_stored(js, count, bridge)
             outcome.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-            if profiler is not None:
-                profiler.send_signal(signal.SIGINT)
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await profiler.wait()
+            await finish_profiler(profiler)
             published = await publishers.results()
             outcome.cpu["publisher"] = published.cpu_s
             outcome.seconds, outcome.publish_s = stored_at - published.began, published.seconds
@@ -709,9 +721,7 @@ async def bridge_case(key: str, tmp: Path, run: str, count: int, args: argparse.
         finally:
             await nc.close()
             await stop(bridge)
-            if profiler is not None and profiler.returncode is None:
-                profiler.kill()
-                await profiler.wait()
+            await kill_profiler(profiler)
     if profiler is not None:
         print_profile(args.profile)
     return outcome
@@ -753,10 +763,7 @@ async def raw_backlog_case(tmp: Path, run: str, args: argparse.Namespace) -> Out
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             stored_at, outcome.stored = await until_stored(js, count, bridge)
             outcome.cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-            if profiler is not None:
-                profiler.send_signal(signal.SIGINT)
-                async with asyncio.timeout(STOP_TIMEOUT_S):
-                    await profiler.wait()
+            await finish_profiler(profiler)
             outcome.seconds = stored_at - began
             if bridge.returncode is not None:
                 outcome.problems.append(f"the bridge exited with {bridge.returncode}:\n{log_tail(log)}")
@@ -774,9 +781,7 @@ async def raw_backlog_case(tmp: Path, run: str, args: argparse.Namespace) -> Out
         finally:
             await nc.close()
             await stop(bridge)
-            if profiler is not None and profiler.returncode is None:
-                profiler.kill()
-                await profiler.wait()
+            await kill_profiler(profiler)
     if profiler is not None:
         print_profile(args.profile)
     return outcome
