@@ -266,6 +266,9 @@ class EdgeSettings(_Settings):
         default_factory=dict, description="key id -> base64 Ed25519 public key"
     )
     trusted_keys_dir: Path | None = None
+    signing_key: Path | None = Field(
+        default=None, description="the device's own Ed25519 key (`<device>.key`), which signs its results"
+    )
     journal: Path | None = None
     clock_skew_s: float = Field(
         default=30.0, ge=0, description="seconds allowed between clocks, checking `time` and `expires`"
@@ -379,6 +382,9 @@ class CentralSettings(_Settings):
 
     keyid: str = "central"
     signing_key: Path | None = None
+    device_keys_dir: Path | None = Field(
+        default=None, description="registered device public keys `<device>.pub`; unset: <data_dir>/devices"
+    )
     disk: DiskRunbookSettings = DiskRunbookSettings()
 
 
