@@ -11,7 +11,7 @@ COPY edge edge
 COPY bridge bridge
 COPY agents agents
 RUN python -m venv .venv \
-    && .venv/bin/pip install --no-cache-dir ./runtime[nats] ./edge ./bridge ./agents .
+    && .venv/bin/pip install --no-cache-dir ./runtime[nats,site] ./edge ./bridge ./agents .
 ENV PATH=/opt/nerve/.venv/bin:$PATH
 ENTRYPOINT ["nerve"]
 CMD ["up", "--data-dir", "/var/lib/nerve", "--device", "container-01"]

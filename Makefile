@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml runtime/pyproject.toml edge/pyproject.toml bridge/pypro
 	fi
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@mapfile -t reqs < <($(ROOT_REQUIREMENTS)) && \
-		$(BIN)/python -m pip install -q -e './runtime[nats]' -e ./edge -e ./bridge -e ./agents "$${reqs[@]}"
+		$(BIN)/python -m pip install -q -e './runtime[nats,site]' -e ./edge -e ./bridge -e ./agents "$${reqs[@]}"
 	@$(BIN)/python -m pip install -q --no-deps -e .
 	@touch $(STAMP)
 

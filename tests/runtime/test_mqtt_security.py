@@ -388,7 +388,7 @@ async def test_a_session_taken_over_is_reported_with_the_client_id(mosquitto: Mo
     else:
         assert str(info.value) == (
             "connection closed by the broker without a reason "
-            "(another client connected with client id 'nerve-bridge'?)"
+            "(another client connected with client id 'nerve-bridge', or our login was revoked?)"
         )
 
 

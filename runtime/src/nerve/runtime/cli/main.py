@@ -1,7 +1,8 @@
 """The `nerve` command.
 
 `nerve up` (everything on one host), `nerve demo` (a spike through the whole arc, timed), `nerve facts`,
-`nerve keys generate`, `nerve send` (an operator's signed command), and one command per part:
+`nerve keys generate`, `nerve send` (an operator's signed command), `nerve devices` (device identities on
+the site broker), and one command per part:
 `nerve edge`, `nerve bridge`, `nerve central`.
 Settings come from `--config` (or `NERVE_CONFIG`), `NERVE_*` variables, then flags. Errors print one
 clear line and exit 2; nerve's own errors never show a traceback.
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.cancellation import until_signalled
+from nerve.runtime.cli.devices import add_parser as devices_parser
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, load_settings
 from nerve.runtime.errors import ConfigError, NerveError
 from nerve.runtime.subjects import is_token
@@ -151,6 +153,8 @@ def _parser() -> argparse.ArgumentParser:
         "$XDG_CONFIG_HOME/nerve/keys/<keyid>.key, or ~/.config/nerve/keys/<keyid>.key)",
     )
     send.add_argument("--json", action="store_true", help="print the whole result as JSON")
+
+    devices_parser(sub, common)
 
     edge = sub.add_parser("edge", parents=[common], help="run the device daemon")
     edge.add_argument("--device", help="device id (default: the host name)")
@@ -454,6 +458,12 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _devices(args: argparse.Namespace) -> int:
+    from nerve.runtime.cli.devices import run  # noqa: PLC0415
+
+    return run(args, _settings(args), keys_dir=default_keys_dir(os.environ))
+
+
 COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]] = {
     "up": _up,
     "demo": _demo,
@@ -465,10 +475,10 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - a return per kind of command
     """Entry point of the `nerve` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    quiet = args.command in {"demo", "facts", "deadletters", "keys", "send"}
+    quiet = args.command in {"demo", "facts", "deadletters", "keys", "send", "devices"}
     level = (getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper()
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -479,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keys(args)
         if args.command == "edge":
             return _edge(args)
+        if args.command == "devices":
+            return _devices(args)
         return asyncio.run(until_signalled(COMMANDS[args.command](args)))
     except NerveError as exc:
         print(f"nerve {args.command}: error: {exc}", file=sys.stderr)

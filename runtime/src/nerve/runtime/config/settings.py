@@ -388,6 +388,51 @@ class CentralSettings(_Settings):
     disk: DiskRunbookSettings = DiskRunbookSettings()
 
 
+#: The MQTT user name of the bridge on a site broker (`site.bridge_user`): no device may be called so.
+DEFAULT_BRIDGE_USER: Final = "nerve-bridge"
+
+
+def _host(value: str) -> str:
+    # A name or an address that goes into a certificate and a URL: no scheme, port, path or space.
+    if not value or len(value) > 253 or not re.fullmatch(r"[A-Za-z0-9._:-]+", value):  # noqa: PLR2004
+        raise ValueError(f"{value!r} is not a host name or IP address")
+    return value
+
+
+Host = Annotated[str, AfterValidator(_host)]
+
+
+class SiteSettings(_Settings):
+    """The site broker and the devices it knows, kept by `nerve devices` (see docs/devices.md).
+
+    The site CA, the broker's certificate, its password file and ACL live under `<data_dir>/site/`
+    (`broker_dir` for the files mosquitto reads); devices' public keys in `central.device_keys_dir`.
+    """
+
+    hosts: tuple[Host, ...] = Field(
+        default=(), description="the broker's host names / IPs for its certificate; the first is in bundles"
+    )
+    port: int = Field(default=8883, ge=1, le=65535, description="the site broker's TLS listener")
+    broker_dir: Path | None = Field(
+        default=None, description="where the files mosquitto reads are written; unset: <data_dir>/site/broker"
+    )
+    broker_user: str | None = Field(
+        default=None,
+        min_length=1,
+        description="the user mosquitto reads its files as (Debian: mosquitto); they are given to it "
+        "(needs root); unset: they stay the caller's",
+    )
+    broker_pid_file: Path | None = Field(
+        default=None, description="mosquitto's pid_file: `nerve devices` sends it SIGHUP to reload"
+    )
+    bridge_user: Annotated[str, AfterValidator(lambda v: check_token(v, "bridge user"))] = DEFAULT_BRIDGE_USER
+    device_dir: Path = Field(
+        default=Path("/etc/nerve"), description="where a device bundle's files go on the device"
+    )
+    ca_days: int = Field(default=3650, ge=1, le=36500, description="validity of a new site CA")
+    server_days: int = Field(default=825, ge=1, le=36500, description="validity of a broker certificate")
+
+
 MIB: Final = 1024 * 1024
 GIB: Final = 1024 * MIB
 _DAY_S: Final = 24 * 3600.0
@@ -442,6 +487,7 @@ class Settings(_Settings):
     bridge: BridgeSettings = BridgeSettings()
     central: CentralSettings = CentralSettings()
     streams: StreamsSettings = StreamsSettings()
+    site: SiteSettings = SiteSettings()
 
     @model_validator(mode="after")
     def _check_mapping_topics(self) -> Self:

@@ -580,11 +580,12 @@ class MqttWire(WireProtocol[Incoming]):
         if is_tls_error(exc) and exc is not None and self._endpoint is not None:  # a TLS alert: say which
             self._fail(MqttWireError(f"connection lost: {explain(exc, self._endpoint)}"))
         elif exc is None and self._connack.done():
-            # mosquitto before 2.0.15 says nothing when another client takes our session over.
+            # mosquitto before 2.0.15 says nothing when another client takes our session over, nor when
+            # a reload (SIGHUP) finds our login gone from its password file (`nerve devices revoke`).
             self._fail(
                 MqttWireError(
                     "connection closed by the broker without a reason (another client connected with "
-                    f"client id {self._client_id!r}?)"
+                    f"client id {self._client_id!r}, or our login was revoked?)"
                 )
             )
         else:

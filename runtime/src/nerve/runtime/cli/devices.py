@@ -1,0 +1,171 @@
+"""`nerve devices`: provision, list and revoke the devices of a site broker (nerve.runtime.trust.site).
+
+Nothing secret is ever printed: passwords and private keys go to 0600 files only, and the output names
+those files. See docs/devices.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+
+from nerve.runtime.trust.site import BUNDLE_CONFIG, Site, SiteError
+
+if TYPE_CHECKING:
+    import argparse
+
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.trust.site import Reload, SetUp
+
+
+def add_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    """`nerve devices {add,list,revoke,site}` under the `nerve` command's subcommands."""
+    devices = sub.add_parser(
+        "devices", help="device identities on the site broker: add, list, revoke (docs/devices.md)"
+    )
+    actions = devices.add_subparsers(dest="devices_command", required=True, metavar="ACTION")
+    shared = _shared(common)
+    add = actions.add_parser(
+        "add", parents=[shared], help="provision a device: broker login, key pair, a bundle to copy to it"
+    )
+    add.add_argument("device_id", metavar="ID", help="the device id (1-64 of A-Z a-z 0-9 _ -)")
+    add.add_argument("--force", action="store_true", help="replace an existing device's login and key")
+    add.add_argument(
+        "--central-key",
+        type=Path,
+        help="central's public key the device will trust (.pub, or the .key beside it; default: "
+        "central.signing_key's, else the key `nerve up` made)",
+    )
+    listing = actions.add_parser(
+        "list", parents=[shared], help="every device: added, revoked, key fingerprint"
+    )
+    listing.add_argument("--json", action="store_true", help="as a JSON list")
+    revoke = actions.add_parser(
+        "revoke", parents=[shared], help="revoke a device: the broker refuses (and disconnects) it"
+    )
+    revoke.add_argument("device_id", metavar="ID", help="the device id")
+    site = actions.add_parser(
+        "site",
+        aliases=["bridge"],
+        parents=[shared],
+        help="set up the site (CA, broker certificate, the bridge's login) and print the bridge's settings",
+    )
+    site.add_argument("--renew", action="store_true", help="issue a new broker certificate")
+    site.add_argument("--new-bridge-password", action="store_true", help="give the bridge a new password")
+
+
+def _shared(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    import argparse  # noqa: PLC0415 - the module imports it for types only
+
+    shared = argparse.ArgumentParser(add_help=False, parents=[common])
+    shared.add_argument("--data-dir", type=Path, help="where the site's files are (default: .nerve)")
+    shared.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="the broker's host name or IP, for its certificate and devices' URL (repeatable; "
+        "default: site.hosts, else the hosts given before)",
+    )
+    return shared
+
+
+def run(args: argparse.Namespace, settings: Settings, *, keys_dir: Path) -> int:
+    """Run `nerve devices ACTION` and return the exit status; `keys_dir` is where `nerve up` keeps keys.
+
+    Raises `NerveError` (one line) for what it refuses.
+    """
+    try:
+        site = Site(settings, hosts=args.host)
+        if args.devices_command == "add":
+            return _add(site, settings, args, keys_dir)
+        if args.devices_command == "list":
+            return _list(site, as_json=args.json)
+        if args.devices_command == "revoke":
+            moved = site.revoke(args.device_id)
+            print(f"revoked {args.device_id}: its login is gone; its public key moved to {_shown(moved)}")
+            _reload(site)
+            return 0
+        return _site(site, renew=args.renew, new_bridge_password=args.new_bridge_password)
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("cryptography"):
+            raise
+        raise SiteError(
+            "the cryptography package is not installed: `pip install './runtime[site]'` (`nerve` has it)"
+        ) from None
+
+
+def _shown(path: Path) -> str:
+    cwd = Path.cwd()
+    absolute = path.absolute()
+    return str(absolute.relative_to(cwd)) if absolute.is_relative_to(cwd) else str(absolute)
+
+
+def _made(setup: SetUp) -> None:
+    for line in setup.made:
+        print(f"made {line}")
+
+
+def _reload(site: Site) -> None:
+    outcome: Reload = site.reload_broker()
+    print(outcome.message if outcome.sent else f"the broker still has the old files: {outcome.message}")
+
+
+def _add(site: Site, settings: Settings, args: argparse.Namespace, keys_dir: Path) -> int:
+    central = args.central_key or settings.central.signing_key or keys_dir / f"{settings.central.keyid}.key"
+    added = site.add(args.device_id, central_public_key=central, force=args.force)
+    _made(added.setup)
+    device, target = added.device, settings.site.device_dir
+    bundle = shlex.quote(_shown(added.bundle))
+    print(
+        f"added {device}: broker login {device!r} on {added.url}, key {added.fingerprint}\n"
+        f"  central checks its results with {_shown(added.public_key)}\n"
+        f"  its bundle (the device's private key and password, mode 0700): {_shown(added.bundle)}\n"
+        f"copy the bundle to {device} as {target} (the paths in its {BUNDLE_CONFIG} are there):\n"
+        f"  scp -rp {bundle} root@{device}:{target}      ({target} must not exist there yet)\n"
+        f"  on {device}, if the edge runs as user nerve: chown -R nerve: {target}\n"
+        f"start the edge with it, on {device}:\n"
+        f"  nerve edge --config {target / BUNDLE_CONFIG}\n"
+        f"then delete the bundle here: rm -r {bundle}"
+    )
+    _reload(site)
+    return 0
+
+
+def _list(site: Site, *, as_json: bool) -> int:
+    devices = site.devices()
+    if as_json:
+        print(json.dumps([dataclasses.asdict(d) for d in devices], indent=2))
+        return 0
+    if not devices:
+        print(f"no devices on this site yet (`nerve devices add ID`; site files: {_shown(site.paths.root)})")
+        return 0
+    width = max(len("ID"), *(len(d.device) for d in devices))
+    print(f"{'ID':<{width}}  {'ADDED':<25}  {'STATUS':<33}  KEY")
+    for d in devices:
+        status = f"revoked {d.revoked}" if d.revoked else "active"
+        print(f"{d.device:<{width}}  {d.added:<25}  {status:<33}  {d.fingerprint}")
+    return 0
+
+
+def _site(site: Site, *, renew: bool, new_bridge_password: bool) -> int:
+    setup = site.setup(renew=renew, new_bridge_password=new_bridge_password)
+    _made(setup)
+    paths = site.paths
+    print(
+        f"the site broker's files are in {_shown(paths.broker)}: "
+        "ca.crt, server.crt, server.key, passwd, acl\n"
+        "  (configs/mosquitto-site.conf reads them from /etc/mosquitto/nerve: set site.broker_dir there)\n"
+        "the bridge's settings (its --config file; no secret here, the password is in the file named):"
+    )
+    print(yaml.safe_dump({"mqtt": site.bridge_settings(setup.hosts)}, sort_keys=False), end="")
+    if setup.made:
+        _reload(site)
+    return 0
