@@ -136,6 +136,12 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
     # The commands it suggests can be typed here as shown (`make run` puts no nerve on the PATH).
     then = (await process.stdout.readline()).decode()
     assert is_this_nerve(then.split("then: ", 1)[1].split()[0])
+    # It says its broker is for this host only, and how devices on a network get a site broker.
+    await process.stdout.readline()  # clear_temp's scratch folder
+    loopback = (await process.stdout.readline()).decode()
+    assert "127.0.0.1 only and takes anonymous clients" in loopback
+    assert "configs/mosquitto-site.conf" in loopback
+    assert is_this_nerve(loopback.split("`", 1)[1].split()[0])
     assert await port_answers("127.0.0.1", mqtt_port)
     assert await port_answers("127.0.0.1", nats_port)
 

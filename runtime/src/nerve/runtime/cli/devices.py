@@ -158,6 +158,8 @@ def _list(site: Site, *, as_json: bool) -> int:
 def _site(site: Site, *, renew: bool, new_bridge_password: bool) -> int:
     setup = site.setup(renew=renew, new_bridge_password=new_bridge_password)
     _made(setup)
+    if setup.made:
+        _reload(site)
     paths = site.paths
     print(
         f"the site broker's files are in {_shown(paths.broker)}: "
@@ -166,6 +168,4 @@ def _site(site: Site, *, renew: bool, new_bridge_password: bool) -> int:
         "the bridge's settings (its --config file; no secret here, the password is in the file named):"
     )
     print(yaml.safe_dump({"mqtt": site.bridge_settings(setup.hosts)}, sort_keys=False), end="")
-    if setup.made:
-        _reload(site)
     return 0

@@ -291,8 +291,17 @@ async def _up(args: argparse.Namespace) -> int:
             f"  clear_temp cleans only {shown_path(info.scratch, cwd=cwd)}. Ctrl-C stops everything.",
             flush=True,
         )
+        if "mosquitto" in info.started_brokers:
+            print(LOOPBACK_BROKER_LINE.format(nerve=nerve), flush=True)
         await stack.wait()
     return 0
+
+
+# What `nerve up` says when it started its own mosquitto: easy on this host, not for devices on a network.
+LOOPBACK_BROKER_LINE: Final = (
+    "  its mosquitto listens on 127.0.0.1 only and takes anonymous clients (dev mode); for devices on the "
+    "network run a site broker: configs/mosquitto-site.conf and `{nerve} devices add ID` (docs/devices.md)"
+)
 
 
 def _default_device() -> str:
