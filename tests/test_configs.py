@@ -11,6 +11,7 @@ from nerve.runtime.config.settings import (
     MqttSettings,
     OutboxSettings,
     SensorSettings,
+    SiteSettings,
     load_settings,
 )
 from nerve.runtime.errors import ConfigError
@@ -62,3 +63,52 @@ def test_mqtt_keys_are_shown(name: str) -> None:
     keys = MqttSettings.model_fields if name == "nerve.yaml" else SECURITY_KEYS
     missing = [key for key in keys if f"{key}:" not in text]
     assert not missing, f"configs/{name} does not mention {missing}"
+
+
+def _settings_lines(name: str) -> list[str]:
+    return [line for line in (CONFIGS / name).read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_the_site_broker_config_makes_the_loopback_ones_choices() -> None:
+    # Persistence, autosave, nodelay, no silent QoS1 drop, the packet limit: the same lines in both files.
+    site = _settings_lines("mosquitto-site.conf")
+    shared = [
+        line
+        for line in _settings_lines("mosquitto.conf")
+        if line.split()[0] not in {"listener", "allow_anonymous", "pid_file"}
+    ]
+    assert [line for line in shared if line not in site] == []
+
+
+def test_the_site_broker_config_takes_only_logged_in_clients_over_tls() -> None:
+    lines = _settings_lines("mosquitto-site.conf")
+    keys = [line.split()[0] for line in lines]
+    listeners = [i for i, key in enumerate(keys) if key == "listener"]
+    assert len(listeners) == 1, "one listener: another would need its own TLS lines"
+    first = listeners[0]
+    # Global (before the listener: mosquitto 2.0 ties them to the listener they follow otherwise) ...
+    for line in ("per_listener_settings false", "allow_anonymous false"):
+        assert line in lines[:first]
+    for key in ("password_file", "acl_file"):
+        assert key in keys[:first]
+    # ... and the listener's own: TLS, and the client id tied to the login (after it, see the file).
+    assert {"cafile", "certfile", "keyfile", "use_username_as_clientid"} <= set(keys[first:])
+    assert "require_certificate" not in keys  # logins, not client certificates: one identity per device
+
+
+def test_every_line_of_the_site_broker_config_says_why() -> None:
+    # Each setting belongs to a block of lines that starts with a comment.
+    previous = ""
+    for line in (CONFIGS / "mosquitto-site.conf").read_text().splitlines():
+        if line and not line.startswith("#"):
+            assert previous, f"{line!r} has no comment saying why"
+        if not line:
+            previous = ""
+        elif line.startswith("#") or previous:
+            previous = line
+
+
+def test_nerve_yaml_shows_every_site_key() -> None:
+    text = (CONFIGS / "nerve.yaml").read_text()
+    missing = [key for key in SiteSettings.model_fields if f"{key}:" not in text]
+    assert not missing, f"configs/nerve.yaml does not mention site.{missing}"

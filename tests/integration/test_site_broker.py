@@ -16,15 +16,22 @@ from typing import TYPE_CHECKING, ClassVar
 
 import pytest
 
+from nerve.bridge import Bridge
+from nerve.edge.daemon import open_edge
+from nerve.runtime.cli.send import CommandChannel, sign_command
 from nerve.runtime.config.settings import MqttSettings, Settings, load_settings
 from nerve.runtime.stack.brokers import Mosquitto, free_port
-from nerve.runtime.trust.signing import generate_keypair
+from nerve.runtime.trust.signing import Signer, generate_keypair
 from nerve.runtime.trust.site import BUNDLE_CA, BUNDLE_CONFIG, BUNDLE_PASSWORD, Site
 from nerve.runtime.wire.client import MqttClient
 from nerve.runtime.wire.mqtt import MqttRefused, MqttWireError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from tests.conftest import Running
+
+    from nerve.runtime.stack.brokers import NatsServer
 
 pytestmark = pytest.mark.broker
 
@@ -247,3 +254,47 @@ async def test_the_bundle_is_a_working_edge_config(site_broker: SiteBroker, tmp_
     await site_broker.broker.start()
     async with MqttClient(edge.mqtt, client_id="nerve-edge-dev3") as client:
         await client.publish("nerve/dev3/telemetry/disk", b"1")
+
+
+async def test_a_provisioned_edge_and_the_bridge_carry_a_signed_command_and_its_result(
+    site_broker: SiteBroker, nats_server: NatsServer, running: Running, tmp_path: Path
+) -> None:
+    # nerve's own parts on their `nerve devices` logins: the bridge (site settings) and an edge whose
+    # settings are the bundle's edge.yaml, copied to site.device_dir as on a device.
+    device_dir = tmp_path / "etc-nerve"
+    settings = site_broker.settings.model_copy(
+        update={"site": site_broker.settings.site.model_copy(update={"device_dir": device_dir})}
+    )
+    site = Site(settings)
+    keys = tmp_path / "keys"
+    shutil.copytree(site.add("dev3", central_public_key=keys / "central.pub").bundle, device_dir)
+    await site_broker.broker.stop()  # to read the new login now (SIGHUP does it too, a moment later)
+    await site_broker.broker.start()
+    mqtt = {"url": site_broker.url}  # the bundle says localhost, the test broker listens on 127.0.0.1
+    edge_settings = load_settings(
+        device_dir / BUNDLE_CONFIG,
+        overrides={
+            "data_dir": str(tmp_path / "device-data"),
+            "mqtt": mqtt,
+            "edge": {"mounts": [], "clear_temp_roots": [str(tmp_path)]},
+        },
+    )
+    bridge_settings = load_settings(
+        overrides={
+            "data_dir": str(tmp_path / "bridge-data"),
+            "nats": {"url": nats_server.url},
+            "mqtt": site_broker.site.bridge_settings(["127.0.0.1"]) | mqtt,
+        }
+    )
+    signer = Signer.from_file(keys / "central.key")
+    command = sign_command(signer, device="dev3", action="clear_temp", args={}, expires_in=60)
+    async with (
+        running(Bridge(settings=bridge_settings), wait=WAIT),
+        open_edge(edge_settings, device="dev3") as edge,
+        running(edge, wait=WAIT),
+        CommandChannel(bridge_settings) as channel,
+    ):
+        await channel.send(command, device="dev3")
+        result = await channel.result(command, timeout=WAIT)
+    assert result is not None
+    assert (result.status, result.subject) == ("ok", "dev3")
