@@ -232,6 +232,19 @@ async def test_a_revoked_device_is_disconnected_and_refused(site_broker: SiteBro
             pass
 
 
+async def test_new_credentials_end_the_old_ones_connection(site_broker: SiteBroker, tmp_path: Path) -> None:
+    # `nerve devices add --force`: the old password no longer matches the file, and the reload says so.
+    async with MqttClient(site_broker.device("dev2"), client_id="nerve-edge-dev2") as device:
+        await device.subscribe("nerve/dev2/commands/+")
+        site_broker.site.add("dev2", central_public_key=tmp_path / "keys" / "central.pub", force=True)
+        assert site_broker.site.reload_broker().sent
+        with pytest.raises(MqttWireError, match="our login was revoked"):
+            await next_message(device)
+    with pytest.raises(MqttRefused):
+        async with MqttClient(site_broker.device("dev2"), client_id="nerve-edge-dev2"):
+            pass
+
+
 async def test_the_bundle_is_a_working_edge_config(site_broker: SiteBroker, tmp_path: Path) -> None:
     # As on the device: the bundle copied to site.device_dir, and nerve edge --config <it>/edge.yaml.
     device_dir = tmp_path / "etc-nerve"

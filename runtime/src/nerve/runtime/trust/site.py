@@ -573,7 +573,7 @@ class Site:
             expires, _ = certificate_summary(cert)
             made.append(
                 f"broker certificate {paths.server_cert} for {', '.join(hosts)} (and localhost), "
-                f"until {expires.date()}: restart mosquitto to use it"
+                f"until {expires.date()} (mosquitto takes it on its next reload)"
             )
         write_atomic(paths.broker_ca, ca_cert, mode=PUBLIC_MODE, owner=site.broker_user)
         passwd = _read_passwd(paths.passwd)
