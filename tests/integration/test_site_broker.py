@@ -92,7 +92,7 @@ class SiteBroker:
         )
 
     def bridge(self) -> MqttSettings:
-        return MqttSettings(**self.site.bridge_settings(["127.0.0.1"]) | {"url": self.url})  # type: ignore[arg-type]
+        return MqttSettings.model_validate(self.site.bridge_settings(["127.0.0.1"]) | {"url": self.url})
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from nerve.runtime.config.settings import Settings, load_settings
 from nerve.runtime.errors import ConfigError
+from nerve.runtime.subjects import is_token
 from nerve.runtime.trust.signing import generate_keypair
 from nerve.runtime.trust.site import (
     BUNDLE_CA,
@@ -183,6 +184,19 @@ def test_add_refuses_ids_that_are_not_tokens_or_the_bridges(tmp_path: Path, cent
         site.add(bad, central_public_key=central)
     assert "\n" not in str(info.value)
     assert not site.paths.root.exists() or not site.devices()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=70).filter(lambda text: not is_token(text)))
+def test_add_refuses_every_id_that_is_not_a_token_before_writing_anything(
+    tmp_path_factory: pytest.TempPathFactory, bad: str
+) -> None:
+    tmp_path = tmp_path_factory.mktemp("site")
+    site = Site(site_settings(tmp_path))
+    with pytest.raises(ConfigError, match=r"^ID: device id .* is not valid") as info:
+        site.add(bad, central_public_key=tmp_path / "unread.pub")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "data").exists()
 
 
 def test_add_refuses_an_existing_id_unless_forced(tmp_path: Path, central: Path) -> None:

@@ -6,6 +6,7 @@ those files. See docs/devices.md.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import shlex
@@ -17,8 +18,6 @@ import yaml
 from nerve.runtime.trust.site import BUNDLE_CONFIG, Site, SiteError
 
 if TYPE_CHECKING:
-    import argparse
-
     from nerve.runtime.config.settings import Settings
     from nerve.runtime.trust.site import Reload, SetUp
 
@@ -62,8 +61,6 @@ def add_parser(
 
 
 def _shared(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    import argparse  # noqa: PLC0415 - the module imports it for types only
-
     shared = argparse.ArgumentParser(add_help=False, parents=[common])
     shared.add_argument("--data-dir", type=Path, help="where the site's files are (default: .nerve)")
     shared.add_argument(

@@ -220,7 +220,7 @@ def _private_dir(path: Path, *, owner: str | None = None) -> None:
 def site_lock(path: Path, *, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold the site's lock file; raise `SiteError` if another run holds it for longer than `timeout_s`."""
     _private_dir(path.parent)
-    with path.open("a+") as handle:
+    with os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_MODE), "r+") as handle:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
