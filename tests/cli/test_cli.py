@@ -234,7 +234,8 @@ async def test_kill_9_of_up_takes_its_brokers_and_keeps_the_facts(tmp_path: Path
         code, _, err = await run("up", "--data-dir", str(tmp_path / "data"), "--mqtt-port", str(mqtt_port))
         assert code == 2
         assert f"in use by a running nerve up (pid {process.pid})" in err
-        code, out, _ = await run("facts", "--nats-url", nats_url, "--device", "k9")
+        keys_home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}  # where start_up's stack keeps its key
+        code, out, _ = await run("facts", "--nats-url", nats_url, "--device", "k9", env=keys_home)
         assert code == 0
         assert [line.split()[2] for line in out.splitlines()] == [
             "incident_opened",
