@@ -117,7 +117,13 @@ def _parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="signing keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     generate = keys_sub.add_parser("generate", help="write an Ed25519 key pair")
-    generate.add_argument("--dir", type=Path, default=Path(), help="where to write (default: .)")
+    generate.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to write (default: where up, send, facts and devices look: $XDG_CONFIG_HOME/nerve/keys, "
+        "or ~/.config/nerve/keys)",
+    )
     generate.add_argument("--keyid", default="central", help="key id and file stem (default: central)")
     generate.add_argument("--force", action="store_true", help="replace existing key files")
 
@@ -461,7 +467,8 @@ async def _central(args: argparse.Namespace) -> int:
 def _keys(args: argparse.Namespace) -> int:
     from nerve.runtime.trust.signing import generate_keypair  # noqa: PLC0415
 
-    private, public = generate_keypair(args.dir, args.keyid, overwrite=args.force)
+    directory = args.dir if args.dir is not None else default_keys_dir(os.environ)
+    private, public = generate_keypair(directory, args.keyid, overwrite=args.force)
     print(f"wrote {private} (private, mode 0600: central signs with it)")
     print(f"wrote {public} (public: give it to devices as a trusted key)")
     return 0
