@@ -157,17 +157,18 @@ def _list(subjects: tuple[str, ...], indent: str) -> str:
 
 def _user(identity: Identity, prefix: str) -> str:
     rules = permissions(identity, prefix)
-    pad = " " * 16
-    publish = f"{pad}allow: {_list(rules.publish, pad)}\n"
+    rule = " " * 20  # allow/deny, inside publish/subscribe, inside permissions, inside the user
+    publish = f"{rule}allow: {_list(rules.publish, rule)}\n"
     if rules.deny_publish:
-        publish += f"{pad}deny: {_list(rules.deny_publish, pad)}\n"
+        publish += f"{rule}deny: {_list(rules.deny_publish, rule)}\n"
+    subscribe = f"{rule}allow: {_list(rules.subscribe, rule)}\n"
     return (
         f"        # {identity.value}\n"
         "        {\n"
         f"            nkey: ${nkey_variable(identity)}\n"
         "            permissions: {\n"
         f"                publish: {{\n{publish}                }}\n"
-        f"                subscribe: {{\n{pad}allow: {_list(rules.subscribe, pad)}\n                }}\n"
+        f"                subscribe: {{\n{subscribe}                }}\n"
         "            }\n"
         "        }\n"
     )
