@@ -301,10 +301,13 @@ async def _up(args: argparse.Namespace) -> int:
         # One line that says it is ready and what to type; details after it. Every command and path is
         # as it can be typed here: `make run` does not put nerve on the PATH.
         print(f"nerve is up: device {info.device}; try: {info.try_command(settings.prefix)}", flush=True)
+        # Its own nats-server lets in only nerve's identities: the cli's is under the data dir.
+        own_nats = "nats-server" in info.started_brokers and info.data_dir != Path(".nerve").resolve()
+        where = f" --data-dir {shown_path(info.data_dir, cwd=cwd)}" if own_nats else ""
         print(
             f"  mqtt {info.mqtt_host}:{info.mqtt_port}, nats {info.nats_url}, "
             f"data {shown_path(info.data_dir, cwd=cwd)}{started}\n"
-            f"  then: {nerve} facts --nats-url {info.nats_url}   (and: {nerve} deadletters)\n"
+            f"  then: {nerve} facts --nats-url {info.nats_url}{where}   (and: {nerve} deadletters{where})\n"
             f"  clear_temp cleans only {shown_path(info.scratch, cwd=cwd)}. Ctrl-C stops everything.",
             flush=True,
         )
