@@ -302,7 +302,7 @@ async def _up(args: argparse.Namespace) -> int:
         # as it can be typed here: `make run` does not put nerve on the PATH.
         print(f"nerve is up: device {info.device}; try: {info.try_command(settings.prefix)}", flush=True)
         # Its own nats-server lets in only nerve's identities: the cli's is under the data dir.
-        own_nats = "nats-server" in info.started_brokers and info.data_dir != Path(".nerve").resolve()
+        own_nats = "nats-server" in info.started_brokers and settings.data_dir != Path(".nerve")
         where = f" --data-dir {shown_path(info.data_dir, cwd=cwd)}" if own_nats else ""
         print(
             f"  mqtt {info.mqtt_host}:{info.mqtt_port}, nats {info.nats_url}, "
