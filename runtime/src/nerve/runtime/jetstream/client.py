@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 DEFAULT_NATS_PORT: Final = 4222
 PUBLISH_TIMEOUT_S: Final = 5.0
+DISCARD_TIMEOUT_S: Final = 2.0
 # JetStream's error code for a store refused at a stream's limit (`maximum bytes exceeded`, discard new).
 STREAM_FULL_CODE: Final = 10077
 
@@ -162,18 +163,31 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
             )
             accepted = await _unless(attempt, callbacks.refused)
     except (NoServersError, OSError, TimeoutError, NatsError) as exc:
+        await _discard(connected)
         raise BrokerUnavailable(settings.url, str(exc) or type(exc).__name__) from exc
     except Exception as exc:  # noqa: BLE001 - nats-py lets a hostile greeting (`INFO []`) raise anything
         bad_greeting = f"not a valid NATS greeting ({type(exc).__name__}: {str(exc)[:200]})"
     if bad_greeting is not None:
+        await _discard(connected)
         # Raised out here, not chained: nats-py's traceback holds its half-open client and socket, which
         # would otherwise live as long as this error (in a log record, say) instead of closing now.
         raise BrokerUnavailable(settings.url, bad_greeting)
     if not accepted:
-        await connected.close()
+        await _discard(connected)
         raise NatsAuthRefused(settings.url, identity_of(settings))
     callbacks.client = connected
     return connected
+
+
+async def _discard(client: NatsClient) -> None:
+    """Close a client whose connect failed, now: its socket must not wait for the garbage collector."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DISCARD_TIMEOUT_S):
+            await client.close()
+    transport = getattr(client, "_transport", None)  # nats-py's; close() leaves a half-open one behind
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
 
 
 async def _unless(attempt: Coroutine[Any, Any, None], event: asyncio.Event) -> bool:
