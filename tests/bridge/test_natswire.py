@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import shutil
@@ -11,13 +12,16 @@ import subprocess
 from typing import TYPE_CHECKING, Protocol
 
 import nats
+import nkeys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from nacl.signing import VerifyKey
 from tests.conftest import FakeTransport
 
 from nerve.bridge.natswire import NO_RESPONDERS, NatsWire, NatsWireError, StoreAck, headers_block, open_nats
 from nerve.runtime.jetstream.client import MSG_ID_HEADER
+from nerve.runtime.jetstream.identities import write_seed
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.stack.brokers import NatsServer, free_port
 from nerve.runtime.testing import stream_messages
@@ -245,6 +249,43 @@ async def test_credentials_from_the_url_go_into_connect(
     assert connect["headers"] is True
     assert connect["no_responders"] is True
     assert wire.max_payload == 2048
+
+
+async def test_an_nkey_signs_the_servers_nonce_in_connect(fake_server: FakeServer, tmp_path: Path) -> None:
+    """CONNECT carries the public key and the Ed25519 signature of INFO's nonce (base64url, no padding)."""
+    key = write_seed(tmp_path / "bridge.nk")
+    async with fake_server({"headers": True, "nonce": "b4nWvCj3Rr0Y9Qo"}) as (port, lines):
+        wire = await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None, nkey=key)
+        wire.close()
+    connect = json.loads(lines[0].removeprefix(b"CONNECT ").split(b"\r\n")[0])
+    assert connect["nkey"] == key.public_key
+    assert "=" not in connect["sig"]
+    signature = base64.urlsafe_b64decode(connect["sig"] + "==")
+    public = base64.b32decode(key.public_key)  # a prefix byte, the 32-byte key, a CRC16
+    assert public[0] == nkeys.PREFIX_BYTE_USER
+    VerifyKey(public[1:33]).verify(b"b4nWvCj3Rr0Y9Qo", signature)  # raises if it does not verify
+    # No nonce: the server has no nkey users, and is sent no key.
+    async with fake_server({"headers": True}) as (port, lines):
+        wire = await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None, nkey=key)
+        wire.close()
+    assert "nkey" not in json.loads(lines[0].removeprefix(b"CONNECT ").split(b"\r\n")[0])
+
+
+async def test_a_nonce_too_long_to_sign_is_a_bad_info(fake_server: FakeServer, tmp_path: Path) -> None:
+    key = write_seed(tmp_path / "bridge.nk")
+    async with fake_server({"headers": True, "nonce": "n" * 10_000}) as (port, _):
+        with pytest.raises(NatsWireError, match=r"bad INFO .*nonce"):
+            await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None, nkey=key)
+
+
+async def test_a_refused_nkey_is_named_by_its_file(fake_server: FakeServer, tmp_path: Path) -> None:
+    key = write_seed(tmp_path / "bridge.nk")
+    async with fake_server({"headers": True, "nonce": "x"}, b"-ERR 'Authorization Violation'\r\n") as (
+        port,
+        _,
+    ):
+        with pytest.raises(NatsWireError, match=f"refused the nkey in {key.path}"):
+            await open_nats(f"nats://127.0.0.1:{port}", name="t", on_acks=lambda _: None, nkey=key)
 
 
 async def test_refusals_and_absent_servers_are_named(fake_server: FakeServer) -> None:

@@ -136,6 +136,13 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
     # The commands it suggests can be typed here as shown (`make run` puts no nerve on the PATH).
     then = (await process.stdout.readline()).decode()
     assert is_this_nerve(then.split("then: ", 1)[1].split()[0])
+    # Its nats-server lets only nerve's identities in: the commands it suggests name the data dir
+    # where the cli's is, and without it they are refused in one line.
+    data_dir = ("--data-dir", str(tmp_path / "data"))
+    assert f"--data-dir {tmp_path / 'data'}" in then
+    code, _, err = await run("facts", "--nats-url", f"nats://127.0.0.1:{nats_port}")
+    assert code == 2
+    assert "refused a client with no identity (Authorization Violation" in err
     # It says its broker is for this host only, and how devices on a network get a site broker.
     await process.stdout.readline()  # clear_temp's scratch folder
     loopback = (await process.stdout.readline()).decode()
@@ -153,16 +160,22 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
     async with asyncio.timeout(15):
         while True:
             code, out, _ = await run(
-                "facts", "--nats-url", f"nats://127.0.0.1:{nats_port}", "--device", "up-test"
+                "facts", "--nats-url", f"nats://127.0.0.1:{nats_port}", "--device", "up-test", *data_dir
             )
             assert code == 0
             if "incident_resolved" in out:
                 break
             await asyncio.sleep(0.2)
 
-    # `nerve send` without --data-dir or --key signs with the key this `nerve up` trusts.
+    # `nerve send` without --key signs with the key this `nerve up` trusts (whatever --data-dir says).
     code, out, err = await run(
-        "send", "up-test", "clear_temp", "--nats-url", f"nats://127.0.0.1:{nats_port}", env=keys_home
+        "send",
+        "up-test",
+        "clear_temp",
+        "--nats-url",
+        f"nats://127.0.0.1:{nats_port}",
+        *data_dir,
+        env=keys_home,
     )
     assert (code, err) == (0, "")
     assert out.startswith("ok: clear_temp on up-test")
@@ -214,13 +227,14 @@ async def wait_closed(port: int) -> None:
 async def test_kill_9_of_up_takes_its_brokers_and_keeps_the_facts(tmp_path: Path) -> None:
     mqtt_port, nats_port = free_port(), free_port()
     nats_url = f"nats://127.0.0.1:{nats_port}"
+    data_dir = ("--data-dir", str(tmp_path / "data"))  # where the cli's NATS identity is
     process = await start_up(tmp_path / "data", mqtt_port, nats_port)
     pub = await asyncio.create_subprocess_exec(
         "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/k9/telemetry/disk", "-m", "99"
     )
     assert await pub.wait() == 0
     async with asyncio.timeout(15):
-        while "incident_resolved" not in (await run("facts", "--nats-url", nats_url))[1]:
+        while "incident_resolved" not in (await run("facts", "--nats-url", nats_url, *data_dir))[1]:
             await asyncio.sleep(0.2)
 
     process.kill()  # kill -9: no chance to clean up
@@ -234,8 +248,9 @@ async def test_kill_9_of_up_takes_its_brokers_and_keeps_the_facts(tmp_path: Path
         code, _, err = await run("up", "--data-dir", str(tmp_path / "data"), "--mqtt-port", str(mqtt_port))
         assert code == 2
         assert f"in use by a running nerve up (pid {process.pid})" in err
-        keys_home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}  # where start_up's stack keeps its key
-        code, out, _ = await run("facts", "--nats-url", nats_url, "--device", "k9", env=keys_home)
+        # With the key `nerve up` made (start_up's XDG_CONFIG_HOME): every fact verified, none marked.
+        keys_home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+        code, out, _ = await run("facts", "--nats-url", nats_url, "--device", "k9", *data_dir, env=keys_home)
         assert code == 0
         assert [line.split()[2] for line in out.splitlines()] == [
             "incident_opened",

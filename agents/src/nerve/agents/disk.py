@@ -26,6 +26,7 @@ from nerve.runtime.central.agent import Agent, AgentContext, Subscription
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, MAX_MAX_COMMAND_VALIDITY_S
 from nerve.runtime.envelope.model import CommandResult, Envelope, Event, derived_id
 from nerve.runtime.errors import ConfigError
+from nerve.runtime.jetstream.streams import INCIDENTS_BUCKET, open_bucket
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUCKET: Final = "nerve_incidents"
+BUCKET: Final = INCIDENTS_BUCKET
 ACTION: Final = "clear_temp"
 
 
@@ -111,7 +112,7 @@ class DiskRunbook(Agent):
 
     async def start(self, ctx: AgentContext) -> None:
         """Create the incidents bucket and pick up incidents a previous run left open."""
-        self._kv = await ctx.js.create_key_value(bucket=BUCKET, history=1)
+        self._kv = await open_bucket(ctx.js, BUCKET)  # made by `nerve streams apply` (or central, in dev)
         try:
             keys = await self.kv.keys()
         except NoKeysError:

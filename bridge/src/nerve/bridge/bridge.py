@@ -27,14 +27,15 @@ from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult, derived_id, utcnow
-from nerve.runtime.errors import DecodeError, TopicError, shown_url
+from nerve.runtime.errors import ConfigError, DecodeError, TopicError, shown_url
 from nerve.runtime.jetstream.client import (
     connect_forever,
     publish_dead_letter,
     publish_envelope,
     shared_durable,
 )
-from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.jetstream.identities import load_nkey
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
 from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, open_mqtt
 
@@ -91,7 +92,7 @@ class Bridge:
         nc = await self._connect_nats()
         try:
             js = nc.jetstream()
-            await ensure_streams(js, self._prefix)
+            await ready_streams(js, self._prefix, configure=self._settings.nats.nkey_file is None)
             await self._run_mqtt(js)
         finally:
             self.ready.clear()
@@ -108,6 +109,8 @@ class Bridge:
         while True:
             try:
                 return await connect_forever(self._settings.nats, name="nerve-bridge")
+            except ConfigError:
+                raise  # a bad seed file: one clear line, and no retry would mend it
             except Exception as exc:  # noqa: BLE001 - anything nats-py raises on a bad server is retried
                 delay = backoff.next_delay()
                 log.warning(
@@ -150,7 +153,11 @@ class Bridge:
             max_in_flight=settings.bridge.max_in_flight,
             codec=settings.nats.codec,
         )
-        nats_wire = await open_nats(settings.nats.url, name="nerve-bridge-uplink", on_acks=pump.on_acks)
+        # Read at every session: a rotated seed is picked up at the next reconnect.
+        nkey = load_nkey(settings.nats.nkey_file) if settings.nats.nkey_file is not None else None
+        nats_wire = await open_nats(
+            settings.nats.url, name="nerve-bridge-uplink", on_acks=pump.on_acks, nkey=nkey
+        )
         pump.attach_nats(nats_wire)
         mqtt_wire: MqttWire | None = None
         try:

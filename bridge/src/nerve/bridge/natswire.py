@@ -7,10 +7,10 @@ a token) in one write, and JetStream's acks come back on one wildcard inbox subs
 building a message object and handed over per socket read (`on_acks`). An ack is read just far enough to
 tell stored / duplicate / error.
 
-Only what the bridge needs: INFO, CONNECT (user/password or token from the URL; TLS when the URL says
-`tls://` or the server requires it), PING/PONG, SUB, HPUB, MSG/HMSG. A `-ERR`, a lost connection or a
-PING left unanswered ends the connection: `closed` holds the reason and the caller starts over (JetStream
-dedup makes a re-publish of what was in flight harmless).
+Only what the bridge needs: INFO, CONNECT (an nkey signing the INFO nonce, or user/password or token
+from the URL; TLS when the URL says `tls://` or the server requires it), PING/PONG, SUB, HPUB,
+MSG/HMSG. A `-ERR`, a lost connection or a PING left unanswered ends the connection: `closed` holds the
+reason and the caller starts over (JetStream dedup makes a re-publish of what was in flight harmless).
 
 A security boundary, fuzzed as one (`tests/bridge/test_natswire_hostile.py`): whatever a server or a man in
 the middle sends, the connection either goes on or ends with a one-line `NatsWireError`, never a hang or
@@ -38,6 +38,8 @@ from nerve.runtime.wire.protocol import WireError, WireProtocol
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from nerve.runtime.jetstream.identities import NKey
+
 DEFAULT_PORT: Final = 4222
 CRLF: Final = b"\r\n"
 PING: Final = b"PING\r\n"
@@ -61,6 +63,8 @@ MAX_JSON_DEPTH: Final = 32
 # linear whatever the quotes and backslashes) or a bracket: what `_too_deep` looks at.
 _JSON_TOKEN: Final = re.compile(rb'"(?:[^"\\]|\\.?)*+"?|[\[\]{}]', re.DOTALL)
 NO_RESPONDERS: Final = "no responders: is JetStream enabled and a stream bound to this subject?"
+#: The longest INFO `nonce` that is signed: nats-server's are 22 characters.
+MAX_NONCE: Final = 256
 
 
 class NatsWireError(WireError):
@@ -100,6 +104,8 @@ class ServerInfo(msgspec.Struct, frozen=True):
     headers: bool | None = None
     max_payload: Annotated[int, msgspec.Meta(gt=0)] = DEFAULT_MAX_PAYLOAD
     tls_required: bool = False
+    # What the client signs to prove it holds its nkey seed; sent when the server has nkey users.
+    nonce: Annotated[str, msgspec.Meta(max_length=MAX_NONCE)] | None = None
 
 
 class _ApiError(msgspec.Struct, frozen=True):
@@ -351,8 +357,8 @@ class NatsWire(WireProtocol[StoreAck]):
         if self._transport is not None and not self.closed.done():
             self._transport.write(data)
 
-    async def handshake(self, url: str, *, name: str) -> None:
-        """INFO, (TLS,) CONNECT, PING/PONG, then subscribe the ack inbox."""
+    async def handshake(self, url: str, *, name: str, nkey: NKey | None = None) -> None:
+        """INFO, (TLS,) CONNECT (signing the nonce with `nkey`), PING/PONG, then subscribe the ack inbox."""
         parts = urlsplit(url)
         info = await self._info
         if info.headers is False:
@@ -374,6 +380,8 @@ class NatsWire(WireProtocol[StoreAck]):
             connect["user"], connect["pass"] = unquote(parts.username), unquote(parts.password)
         elif parts.username:
             connect["auth_token"] = unquote(parts.username)
+        if nkey is not None and info.nonce is not None:  # no nonce: the server asks for no nkey
+            connect["nkey"], connect["sig"] = nkey.public_key, nkey.sign_nonce(info.nonce)
         pong: asyncio.Future[None] = self._loop.create_future()
         self._pongs.append(pong)
         self._send(b"CONNECT " + json.dumps(connect).encode() + CRLF + PING)
@@ -415,9 +423,17 @@ class NatsWire(WireProtocol[StoreAck]):
 
 
 async def open_nats(
-    url: str, *, name: str, on_acks: Callable[[list[StoreAck]], None], timeout_s: float = 5.0
+    url: str,
+    *,
+    name: str,
+    on_acks: Callable[[list[StoreAck]], None],
+    timeout_s: float = 5.0,
+    nkey: NKey | None = None,
 ) -> NatsWire:
-    """Connect to the first server of `url` (comma-separated) that answers; raise `NatsWireError`."""
+    """Connect to the first server of `url` (comma-separated) that answers; raise `NatsWireError`.
+
+    With `nkey`, the client authenticates as that identity (docs/nats.md); a refusal names its file.
+    """
     loop = asyncio.get_running_loop()
     failures: list[str] = []
     for server in (s.strip() for s in url.split(",")):
@@ -427,14 +443,18 @@ async def open_nats(
             async with asyncio.timeout(timeout_s):
                 _, wire = await loop.create_connection(lambda: NatsWire(on_acks), host, port)
                 try:
-                    await wire.handshake(server, name=name)
+                    await wire.handshake(server, name=name, nkey=nkey)
                 except BaseException:
                     wire.close()
                     raise
         except TimeoutError:  # (an OSError too: first)
             failures.append(f"{host}:{port}: no answer within {timeout_s:.0f}s")
         except (OSError, NatsWireError, ssl.SSLError) as exc:
-            failures.append(f"{host}:{port}: {exc}")
+            if "authorization violation" in str(exc).lower():
+                who = f"the nkey in {nkey.path}" if nkey is not None else "a client with no identity"
+                failures.append(f"{host}:{port}: it refused {who} (Authorization Violation; docs/nats.md)")
+            else:
+                failures.append(f"{host}:{port}: {exc}")
         else:
             return wire
     raise NatsWireError(f"cannot connect to {shown_url(url)}: {'; '.join(failures)}")

@@ -25,7 +25,7 @@ from nerve.runtime.envelope.model import Event, derived_id
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import connect_forever, publish_dead_letter, shared_durable
 from nerve.runtime.jetstream.sampling import RefusalSampler
-from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -82,7 +82,12 @@ class Central:
         nc = await connect_forever(self._settings.nats, name="nerve-central")
         try:
             js = nc.jetstream()
-            await ensure_streams(js, self._settings.prefix, self._settings.streams)
+            await ready_streams(
+                js,
+                self._settings.prefix,
+                self._settings.streams,
+                configure=self._settings.nats.nkey_file is None,
+            )
             async with asyncio.TaskGroup() as tasks:
                 own = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=PART)
                 tasks.create_task(self._sampled_facts(own), name="central-sampled-facts")

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
-import nats
-
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult, Fact
 from nerve.runtime.errors import DecodeError
+from nerve.runtime.jetstream.client import connect
 from nerve.runtime.stack.brokers import free_port
 from nerve.runtime.stack.local import Stack
 from nerve.runtime.subjects import Address, Kind, subject_root
@@ -102,7 +101,7 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
     def seen(step: str, detail: str) -> None:
         hops.append(Hop(step, time.perf_counter() - t0, detail))
 
-    nc = await nats.connect(settings.nats.url, name="nerve-demo")
+    nc = await connect(settings.nats, name="nerve-demo")  # as the cli identity the stack made
 
     async def on_reading(msg: Msg) -> None:
         seen("reading in NATS", msg.subject)

@@ -161,6 +161,26 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
     devices_parser(sub, common)
+    streams = sub.add_parser("streams", parents=[common], help="JetStream streams and buckets (admin)")
+    streams.add_argument(
+        "streams_command",
+        choices=("apply",),
+        metavar="ACTION",
+        help="apply: create them or bring them to their configured limits, as the admin identity "
+        "(nats.nkey_file, else <data_dir>/nats/admin.nk)",
+    )
+    nats_config = sub.add_parser(
+        "nats-config",
+        parents=[common],
+        help="print nats-server's config for nerve's identities (made under <data_dir>/nats/ if missing)",
+    )
+    nats_config.add_argument("--nkeys", action="store_true", help="print the public keys file it includes")
+    nats_config.add_argument("--listen", default="127.0.0.1:4222", help="default: 127.0.0.1:4222")
+    nats_config.add_argument("--store-dir", default="/var/lib/nerve/jetstream", help="JetStream's store")
+    for operator in (facts, dead, send, streams, nats_config):  # they find nerve up's identities there
+        operator.add_argument(
+            "--data-dir", type=Path, help="where <data_dir>/nats/ holds the NATS identities (default: .nerve)"
+        )
 
     edge = sub.add_parser("edge", parents=[common], help="run the device daemon")
     edge.add_argument("--device", help="device id (default: the host name)")
@@ -290,10 +310,13 @@ async def _up(args: argparse.Namespace) -> int:
         # One line that says it is ready and what to type; details after it. Every command and path is
         # as it can be typed here: `make run` does not put nerve on the PATH.
         print(f"nerve is up: device {info.device}; try: {info.try_command(settings.prefix)}", flush=True)
+        # Its own nats-server lets in only nerve's identities: the cli's is under the data dir.
+        own_nats = "nats-server" in info.started_brokers and settings.data_dir != Path(".nerve")
+        where = f" --data-dir {shown_path(info.data_dir, cwd=cwd)}" if own_nats else ""
         print(
             f"  mqtt {info.mqtt_host}:{info.mqtt_port}, nats {info.nats_url}, "
             f"data {shown_path(info.data_dir, cwd=cwd)}{started}\n"
-            f"  then: {nerve} facts --nats-url {info.nats_url}   (and: {nerve} deadletters)\n"
+            f"  then: {nerve} facts --nats-url {info.nats_url}{where}   (and: {nerve} deadletters{where})\n"
             f"  clear_temp cleans only {shown_path(info.scratch, cwd=cwd)}. Ctrl-C stops everything.",
             flush=True,
         )
@@ -336,7 +359,7 @@ async def _facts(args: argparse.Namespace) -> int:
     if args.check == "verify" and (args.device is not None or args.limit):
         flag = "--device" if args.device is not None else "--limit"
         raise ConfigError("verify checks the whole chain (a link spans devices)", key=flag)
-    settings = _settings(args)
+    settings = _cli_settings(args)
     keys = args.keys or settings.central.signing_key
     keys = keys or default_keys_dir(os.environ) / f"{settings.central.keyid}{PRIVATE_SUFFIX}"
     if args.check == "verify":
@@ -350,7 +373,7 @@ async def _facts(args: argparse.Namespace) -> int:
 async def _deadletters(args: argparse.Namespace) -> int:
     from nerve.runtime.cli.history import print_dead_letters  # noqa: PLC0415
 
-    return await print_dead_letters(_settings(args), limit=args.limit)
+    return await print_dead_letters(_cli_settings(args), limit=args.limit)
 
 
 def default_keys_dir(env: Mapping[str, str]) -> Path:
@@ -381,7 +404,7 @@ async def _send(args: argparse.Namespace) -> int:
     arguments = parse_args(args.arg)
     expires_in = parse_expires_in(args.expires_in)
     timeout = parse_duration(args.timeout, flag="--timeout") if args.timeout else expires_in + 10.0
-    settings = _settings(args)
+    settings = _cli_settings(args)
     keys_dir = default_keys_dir(os.environ)
     key_path, default_key = signing_key_path(settings, args.key, keys_dir)
     signer = signer_for(settings, args.key, keys_dir)
@@ -464,6 +487,25 @@ async def _central(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _streams(args: argparse.Namespace) -> int:
+    from nerve.runtime.cli.natscmd import streams_apply  # noqa: PLC0415
+
+    return await streams_apply(_settings(args))
+
+
+async def _nats_config(args: argparse.Namespace) -> int:
+    from nerve.runtime.cli.natscmd import nats_config  # noqa: PLC0415
+
+    return nats_config(_settings(args), nkeys=args.nkeys, listen=args.listen, store_dir=args.store_dir)
+
+
+def _cli_settings(args: argparse.Namespace) -> Settings:
+    """The settings of an operator's command: as the cli identity `nerve up` made, if there is one."""
+    from nerve.runtime.stack.natsauth import cli_identity  # noqa: PLC0415
+
+    return cli_identity(_settings(args))
+
+
 def _keys(args: argparse.Namespace) -> int:
     from nerve.runtime.trust.signing import generate_keypair  # noqa: PLC0415
 
@@ -488,13 +530,15 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
     "send": _send,
     "bridge": _bridge,
     "central": _central,
+    "streams": _streams,
+    "nats-config": _nats_config,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - a return per kind of command
     """Entry point of the `nerve` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    quiet = args.command in {"demo", "facts", "deadletters", "keys", "send", "devices"}
+    quiet = args.command in {"demo", "facts", "deadletters", "keys", "send", "devices", "streams", "nats-config"}
     level = (getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper()
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

@@ -23,7 +23,7 @@ from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.errors import ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect, publish_envelope
-from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
 from nerve.runtime.subjects import Address, Kind, is_token, subject_root
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, Signer
 
@@ -224,7 +224,9 @@ class CommandChannel:
     async def __aenter__(self) -> Self:
         self._nc = await connect(self._settings.nats, name="nerve-send")
         try:
-            await ensure_streams(self._nc.jetstream(), self._settings.prefix)
+            await ready_streams(
+                self._nc.jetstream(), self._settings.prefix, configure=self._settings.nats.nkey_file is None
+            )
         except BaseException:
             await self._nc.close()
             raise

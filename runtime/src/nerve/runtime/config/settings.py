@@ -139,9 +139,17 @@ class MqttSettings(_Settings):
 
 
 class NatsSettings(_Settings):
-    """Connection to NATS (JetStream on)."""
+    """Connection to NATS (JetStream on).
+
+    `nkey_file` names this part's NATS identity: a file holding its nkey seed (mode 0600, docs/nats.md).
+    Unset: no authentication (a dev server), except that the cli commands use `<data_dir>/nats/cli.nk`
+    when it exists. A part with an identity only checks that its streams exist; one without creates them.
+    """
 
     url: NatsUrl = "nats://127.0.0.1:4222"
+    nkey_file: ReadableFile | None = Field(
+        default=None, description="this part's nkey seed (SU...), mode 0600; unset: no authentication"
+    )
     connect_timeout_s: float = Field(default=5.0, gt=0)
     codec: Codec = Field(
         default=DEFAULT_CODEC,

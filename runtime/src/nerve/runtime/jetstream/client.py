@@ -8,11 +8,12 @@ the codec `nats.codec` chooses, and its media type in the `Content-Type` header
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
-import nats
+from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -23,6 +24,7 @@ from nerve.runtime.config.settings import host_port
 from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type, encode
 from nerve.runtime.envelope.model import utcnow
 from nerve.runtime.errors import BrokerUnavailable, NerveError
+from nerve.runtime.jetstream.identities import load_nkey
 from nerve.runtime.jetstream.streams import FACTS_STREAM
 from nerve.runtime.stack.brokers import port_answers
 from nerve.runtime.subjects import Address, Kind, deadletter_subject
@@ -34,7 +36,8 @@ from nerve.runtime.trust.chain import (
 )
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
+    from collections.abc import Coroutine
+
     from nats.js import JetStreamContext
     from nats.js.api import PubAck
 
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
 DEFAULT_NATS_PORT: Final = 4222
 PUBLISH_TIMEOUT_S: Final = 5.0
+DISCARD_TIMEOUT_S: Final = 2.0
 # JetStream's error code for a store refused at a stream's limit (`maximum bytes exceeded`, discard new).
 STREAM_FULL_CODE: Final = 10077
 
@@ -80,25 +84,60 @@ async def _store(
         raise full from exc
 
 
+class NatsAuthRefused(BrokerUnavailable):
+    """The server refused this client's identity (or its lack of one): `Authorization Violation`."""
+
+    def __init__(self, url: str, identity: str) -> None:
+        self.identity = identity
+        super().__init__(url, f"it refused {identity} (Authorization Violation; docs/nats.md)")
+
+
+def identity_of(settings: NatsSettings) -> str:
+    """How a connection's identity is named in messages: its seed file, or `no identity`."""
+    return (
+        f"the nkey in {settings.nkey_file}" if settings.nkey_file is not None else "a client with no identity"
+    )
+
+
+def is_auth_violation(exc: BaseException) -> bool:
+    """Whether `exc` is the server's `Authorization Violation` (nats-py raises a plain `Error` for it)."""
+    return "authorization violation" in str(exc).lower()
+
+
+class _Callbacks:
+    """nats-py's callbacks for one connection: log outages; while connecting, note a refusal instead."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.client: NatsClient | None = None  # set once connected
+        self.refused = asyncio.Event()
+
+    async def on_error(self, exc: Exception) -> None:
+        if self.client is None and (self.refused.is_set() or is_auth_violation(exc)):
+            self.refused.set()  # said once, by `connect`; nats-py would retry (and log) forever
+            return
+        log.warning("nats (%s): %s", self.name, exc)
+
+    async def on_disconnected(self) -> None:
+        if self.client is None or self.client.is_closed or self.client.is_draining:
+            return  # our own close, or a refused connect: not an outage
+        log.warning("nats (%s): disconnected, reconnecting", self.name)
+
+    async def on_reconnected(self) -> None:
+        log.info("nats (%s): reconnected", self.name)
+
+
 async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
-    """Connect to NATS; once connected, the client reconnects forever by itself.
+    """Connect to NATS (as `nats.nkey_file`'s identity, if set); then the client reconnects by itself.
 
-    Raises `BrokerUnavailable` if no server answers within the connect timeout.
+    Raises `BrokerUnavailable` if no server answers within the connect timeout, `NatsAuthRefused` as
+    soon as the server refuses the identity, `ConfigError` if the seed file is not a valid nkey seed.
     """
-
-    async def on_error(exc: Exception) -> None:
-        log.warning("nats (%s): %s", name, exc)
-
-    client: list[NatsClient] = []
-
-    async def on_disconnected() -> None:
-        if client and (client[0].is_closed or client[0].is_draining):
-            return  # our own close, not an outage
-        log.warning("nats (%s): disconnected, reconnecting", name)
-
-    async def on_reconnected() -> None:
-        log.info("nats (%s): reconnected", name)
-
+    seed: str | None = None
+    if settings.nkey_file is not None:
+        load_nkey(settings.nkey_file)  # a bad seed is one clear line now, not nats-py's traceback later
+        seed = str(settings.nkey_file)
+    callbacks = _Callbacks(name)
     servers = [url.strip() for url in settings.url.split(",")]
     # nats-py retries an initial connect as often as a reconnect (forever, here): ask the sockets first,
     # so that "nothing listens there" is a clear error now rather than a silent wait.
@@ -106,29 +145,67 @@ async def connect(settings: NatsSettings, *, name: str) -> NatsClient:
     if not any(answers):
         raise BrokerUnavailable(settings.url, "nothing listens there")
     bad_greeting: str | None = None
+    connected = NatsClient()
     try:
         async with asyncio.timeout(settings.connect_timeout_s * 2):
-            connected = await nats.connect(
+            attempt = connected.connect(
                 servers=servers,
                 name=name,
-                connect_timeout=settings.connect_timeout_s,
+                # nats-py annotates these as int; it takes seconds as floats (asyncio timeouts).
+                connect_timeout=settings.connect_timeout_s,  # type: ignore[arg-type]
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                error_cb=callbacks.on_error,
+                disconnected_cb=callbacks.on_disconnected,
+                reconnected_cb=callbacks.on_reconnected,
+                nkeys_seed=seed,
             )
+            accepted = await _unless(attempt, callbacks.refused)
     except (NoServersError, OSError, TimeoutError, NatsError) as exc:
+        await _discard(connected)
         raise BrokerUnavailable(settings.url, str(exc) or type(exc).__name__) from exc
     except Exception as exc:  # noqa: BLE001 - nats-py lets a hostile greeting (`INFO []`) raise anything
         bad_greeting = f"not a valid NATS greeting ({type(exc).__name__}: {str(exc)[:200]})"
     if bad_greeting is not None:
+        await _discard(connected)
         # Raised out here, not chained: nats-py's traceback holds its half-open client and socket, which
         # would otherwise live as long as this error (in a log record, say) instead of closing now.
         raise BrokerUnavailable(settings.url, bad_greeting)
-    client.append(connected)
+    if not accepted:
+        await _discard(connected)
+        raise NatsAuthRefused(settings.url, identity_of(settings))
+    callbacks.client = connected
     return connected
+
+
+async def _discard(client: NatsClient) -> None:
+    """Close a client whose connect failed, now: its socket must not wait for the garbage collector."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(DISCARD_TIMEOUT_S):
+            await client.close()
+    transport = getattr(client, "_transport", None)  # nats-py's; close() leaves a half-open one behind
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
+
+
+async def _unless(attempt: Coroutine[Any, Any, None], event: asyncio.Event) -> bool:
+    """Await `attempt`, unless `event` is set first: then cancel it and return False."""
+    task = asyncio.ensure_future(attempt)
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return False
+    task.result()  # raises what the attempt raised
+    return True
 
 
 async def connect_forever(settings: NatsSettings, *, name: str) -> NatsClient:

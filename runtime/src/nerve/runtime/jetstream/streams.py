@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
 
 from nerve.runtime.config.settings import StreamLimits, StreamsSettings
 from nerve.runtime.errors import NerveError
@@ -27,6 +27,7 @@ from nerve.runtime.subjects import Kind, deadletter_subject, kind_filter
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
     from nats.js.api import StreamInfo
+    from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,30 @@ STREAM_OF_KIND: Final = {spec.kind: spec.name for spec in STREAMS if spec.kind i
 SPEC_OF_STREAM: Final = {spec.name: spec for spec in STREAMS}
 DEADLETTER_STREAM: Final = "NERVE_DEADLETTER"
 FACTS_STREAM: Final = "NERVE_FACTS"
+
+
+@dataclass(frozen=True, slots=True)
+class BucketSpec:
+    """One JetStream KV bucket central keeps: its name and how many values per key it remembers.
+
+    Buckets are created by the admin identity with the streams (`apply_streams`); central only uses them
+    (`open_bucket`), and its NATS permissions are derived from this list (`permissions.py`).
+    """
+
+    name: str
+    history: int = 1
+
+    @property
+    def stream(self) -> str:
+        """The stream JetStream keeps the bucket in."""
+        return f"KV_{self.name}"
+
+
+#: The disk runbook's open incidents, one key per device.
+INCIDENTS_BUCKET: Final = "nerve_incidents"
+#: Every bucket central uses: add one here (and nowhere else) and `nerve streams apply` creates it and
+#: central's NATS identity may use it.
+BUCKETS: Final = (BucketSpec(INCIDENTS_BUCKET, history=1),)
 
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE: Final = 10058
@@ -181,3 +206,67 @@ async def ensure_streams(js: JetStreamContext, prefix: str, streams: StreamsSett
                 continue
             await _check_shrink(js, spec, config)
             await js.update_stream(config)
+
+
+class StreamsMissing(NerveError):
+    """Streams or buckets nerve needs are not on the server, and this identity may not create them."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        super().__init__(
+            f"{'stream' if len(names) == 1 else 'streams'} {', '.join(names)} missing on the NATS server: "
+            "run `nerve streams apply` with the admin identity (docs/nats.md)"
+        )
+
+
+async def ensure_buckets(js: JetStreamContext) -> None:
+    """Create every bucket in `BUCKETS` that is missing; one that exists is left as it is."""
+    for bucket in BUCKETS:
+        try:
+            await js.key_value(bucket.name)
+        except NotFoundError:
+            await js.create_key_value(KeyValueConfig(bucket=bucket.name, history=bucket.history))
+
+
+async def apply_streams(js: JetStreamContext, prefix: str, streams: StreamsSettings | None = None) -> None:
+    """`ensure_streams`, then `ensure_buckets`: everything nerve keeps, created or brought to its limits."""
+    await ensure_streams(js, prefix, streams)
+    await ensure_buckets(js)
+
+
+async def check_streams(js: JetStreamContext) -> None:
+    """Raise `StreamsMissing` naming every stream or bucket of nerve's that the server does not have.
+
+    Asks only STREAM.INFO, which every identity may (docs/nats.md).
+    """
+    missing = []
+    for name in [spec.name for spec in STREAMS] + [bucket.stream for bucket in BUCKETS]:
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            missing.append(name)
+    if missing:
+        raise StreamsMissing(missing)
+
+
+async def ready_streams(
+    js: JetStreamContext, prefix: str, streams: StreamsSettings | None = None, *, configure: bool
+) -> None:
+    """What a part does at start: `apply_streams` if it may `configure` them, else `check_streams`.
+
+    A part connected with an identity (`nats.nkey_file`) may not configure streams under least
+    privilege, so it only checks: a missing stream is one clear `StreamsMissing`, not a refused
+    request. On a server without authentication (dev) it creates what is missing, as before.
+    """
+    if configure:
+        await apply_streams(js, prefix, streams)
+    else:
+        await check_streams(js)
+
+
+async def open_bucket(js: JetStreamContext, name: str) -> KeyValue:
+    """Bucket `name`, which must exist (`apply_streams` makes it); `StreamsMissing` if it does not."""
+    try:
+        return await js.key_value(name)
+    except NotFoundError:
+        raise StreamsMissing([f"KV_{name}"]) from None

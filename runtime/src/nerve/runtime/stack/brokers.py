@@ -479,6 +479,8 @@ class NatsServer(ManagedBroker):
     """A nats-server with JetStream on 127.0.0.1, storing streams under `<data_dir>/jetstream`.
 
     `monitor_port` turns on the HTTP monitoring endpoint (also on 127.0.0.1); it is off by default.
+    `config_file` is read first (nerve up's requires nerve's identities: docs/nats.md); the address and
+    port given here win over what it says, and it must turn JetStream on with `store_dir` as its store.
     """
 
     name: ClassVar[str] = "nats-server"
@@ -493,6 +495,7 @@ class NatsServer(ManagedBroker):
         binary: Path | None = None,
         start_timeout: float = START_TIMEOUT,
         stop_timeout: float = STOP_TIMEOUT,
+        config_file: Path | None = None,
     ) -> None:
         super().__init__(
             port=port,
@@ -502,6 +505,7 @@ class NatsServer(ManagedBroker):
             stop_timeout=stop_timeout,
         )
         self._monitor_port = monitor_port
+        self._config_file = config_file
 
     @property
     def store_dir(self) -> Path:
@@ -522,18 +526,19 @@ class NatsServer(ManagedBroker):
         return find_nats_server(override)
 
     def _prepare(self) -> list[str]:
-        # Flags rather than a config file: nothing here needs more, and the argv in the log
-        # shows the whole setup at a glance.
-        argv = [
-            str(self._binary),
+        # Flags rather than a config file, but for users and permissions, which have no flags: the
+        # argv in the log shows the rest of the setup at a glance.
+        argv = [str(self._binary)]
+        if self._config_file is not None:
+            argv += ["--config", str(self._config_file)]
+        argv += [
             "--addr",
             LOCALHOST,
             "--port",
             str(self._port),
-            "--jetstream",
-            "--store_dir",
-            str(self.store_dir),
         ]
+        if self._config_file is None:  # else the file says it: nats-server refuses both
+            argv += ["--jetstream", "--store_dir", str(self.store_dir)]
         if self._monitor_port is not None:
             # The monitoring listener binds to --addr too, so it stays local.
             argv += ["--http_port", str(self._monitor_port)]

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from pathlib import Path
     from types import TracebackType
 
+    from nerve.runtime.stack.natsauth import LocalNats
+
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S: Final = 30.0
@@ -108,6 +110,7 @@ class Stack:
             }
         )
         self._brokers: list[ManagedBroker] = []
+        self._local_nats: LocalNats | None = None  # identities, when the stack runs its own nats-server
         self._tasks: asyncio.TaskGroup | None = None
         self._stack_task: asyncio.Task[None] | None = None
         self.info: StackInfo | None = None
@@ -135,11 +138,22 @@ class Stack:
             broker = Mosquitto(
                 port=port, data_dir=data_dir, max_packet_size=self._settings.mqtt.max_packet_size
             )
+        elif kind is NatsServer:  # least privilege: one identity per part (docs/nats.md)
+            from nerve.runtime.stack.natsauth import LocalNats  # noqa: PLC0415 - needs nats-py
+
+            store = data_dir / "jetstream"
+            self._local_nats = LocalNats.prepare(
+                self._data_dir, prefix=self._settings.prefix, port=port, store_dir=store
+            )
+            broker = NatsServer(port=port, data_dir=data_dir, config_file=self._local_nats.config_file)
         else:
             broker = kind(port=port, data_dir=data_dir)
         await broker.start()
         self._brokers.append(broker)
         log.info("started %s on 127.0.0.1:%d (data in %s)", kind.name, port, broker.data_dir)
+        if self._local_nats is not None and kind is NatsServer:
+            await self._local_nats.apply_streams(self._settings)
+            self._settings = self._local_nats.part(self._settings, "cli")  # for the operator
 
     def _ensure_keys(self) -> Signer:
         private = self._signing_key
@@ -215,8 +229,12 @@ class Stack:
         from nerve.runtime.central.runner import Central  # noqa: PLC0415
 
         settings = self._settings
-        central = Central(settings=settings, signer=signer, agents=builtin_agents(settings))
-        bridge = Bridge(settings=settings)
+        central_settings, bridge_settings = settings, settings
+        if self._local_nats is not None:
+            central_settings = self._local_nats.part(settings, "central")
+            bridge_settings = self._local_nats.part(settings, "bridge")
+        central = Central(settings=central_settings, signer=signer, agents=builtin_agents(settings))
+        bridge = Bridge(settings=bridge_settings)
         async with open_edge(settings, device=self._device) as edge, asyncio.TaskGroup() as tasks:
             tasks.create_task(central.run(), name="central")
             await _wait_ready(central.ready, "central")
