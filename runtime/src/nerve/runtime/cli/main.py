@@ -538,7 +538,16 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
 def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - a return per kind of command
     """Entry point of the `nerve` command; returns the exit status."""
     args = _parser().parse_args(argv)
-    quiet = args.command in {"demo", "facts", "deadletters", "keys", "send", "devices", "streams", "nats-config"}
+    quiet = args.command in {
+        "demo",
+        "facts",
+        "deadletters",
+        "keys",
+        "send",
+        "devices",
+        "streams",
+        "nats-config",
+    }
     level = (getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper()
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
