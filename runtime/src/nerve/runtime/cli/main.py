@@ -386,7 +386,9 @@ async def _send(args: argparse.Namespace) -> int:
             )
             if notice:
                 _tell(f"{notice}; waiting up to {timeout:g}s for a result")
-            result = await channel.result(command, timeout=max(0.0, timeout - (time.monotonic() - started)))
+            result = await channel.result(
+                command, timeout=max(0.0, timeout - (time.monotonic() - started)), ignored=_tell
+            )
     except asyncio.CancelledError:
         what = f"command {command.id} was sent and may still run until {expires}" if sent else "nothing sent"
         _tell(f"interrupted: {what}")

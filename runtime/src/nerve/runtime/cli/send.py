@@ -2,7 +2,9 @@
 
 The command goes into JetStream (`NERVE_COMMANDS`, subject `<prefix>.<device>.commands.<action>`);
 the bridge's downlink carries it to the device over MQTT, and the device's result comes back up into
-`NERVE_RESULTS`, where this waits for the one whose `causationid` is the command's id. Meanwhile it
+`NERVE_RESULTS`, where this waits for the one whose `causationid` is the command's id and that the
+device signed (it verifies against the key registered for the device, `central.device_keys_dir`, as
+central checks it: `nerve.runtime.trust.devices`); any other is reported as ignored. Meanwhile it
 looks up the device's last reading, event or result in the streams, to say early that a device has
 never been seen or seems offline rather than wait in silence.
 """
@@ -25,10 +27,11 @@ from nerve.runtime.errors import ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect, publish_envelope
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Address, Kind, is_token, subject_root
+from nerve.runtime.trust.devices import DeviceKeys, registry_dir
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, Signer
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
@@ -218,6 +221,7 @@ class CommandChannel:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._device_keys = DeviceKeys(registry_dir(settings.central.device_keys_dir, settings.data_dir))
         self._nc: NatsClient | None = None
         self._results: Subscription | None = None
 
@@ -264,8 +268,14 @@ class CommandChannel:
                 latest = msg.time
         return latest
 
-    async def result(self, command: Command, *, timeout: float) -> CommandResult | None:
-        """The device's result for `command`, or None if none came within `timeout` seconds."""
+    async def result(
+        self, command: Command, *, timeout: float, ignored: Callable[[str], None] | None = None
+    ) -> CommandResult | None:
+        """The device's signed result for `command`, or None if none came within `timeout` seconds.
+
+        A result for `command` that does not verify against the device's registered key is not returned:
+        `ignored` is told `unverified result ... ignored` with the reason, and the wait goes on.
+        """
         if self._results is None:
             raise RuntimeError("result() before send()")
         try:
@@ -276,8 +286,13 @@ class CommandChannel:
                         result = decode(msg.data, CommandResult)
                     except DecodeError:
                         continue  # someone else's garbage on the subject; not ours to judge here
-                    if result.causationid == command.id:
+                    if result.causationid != command.id:
+                        continue
+                    refusal = self._device_keys.refusal(result)
+                    if refusal is None:
                         return result
+                    if ignored is not None:
+                        ignored(f"unverified result {result.id} ({result.status}) ignored: {refusal.reason}")
         except TimeoutError:
             pass
         return None
