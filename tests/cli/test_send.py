@@ -37,7 +37,7 @@ from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, Fact
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import ensure_streams
-from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.testing import provision_device, stream_messages, wait_for_count
 from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
@@ -219,9 +219,15 @@ async def test_help_documents_the_exit_codes() -> None:
 # --- against a real stack: brokers, bridge and edge ----------------------------------------------
 
 
+def device_env(settings: Settings, config_home: Path | None = None, **more: str) -> dict[str, str]:
+    """`clean_env` with the data dir of `settings`: `nerve send` finds the device registry there."""
+    return clean_env(config_home, NERVE_DATA_DIR=str(settings.data_dir), **more)
+
+
 @pytest.fixture
 def stack_settings(settings: Settings, tmp_path: Path) -> Settings:
     generate_keypair(tmp_path / "keys", "central")
+    provision_device(settings.data_dir / "devices", DEVICE)  # the device's key, registered
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     return Settings.model_validate(
@@ -229,6 +235,7 @@ def stack_settings(settings: Settings, tmp_path: Path) -> Settings:
             **settings.model_dump(mode="json"),
             "edge": {
                 "device": DEVICE,
+                "signing_key": str(settings.data_dir / "device-keys" / f"{DEVICE}.key"),
                 "mounts": [],
                 "interval_s": 3600,
                 "clear_temp_roots": [str(scratch)],
@@ -279,7 +286,8 @@ async def test_send_runs_a_command_and_prints_its_result(stack_settings: Setting
     fresh.write_bytes(b"y")
     async with running_stack(stack_settings):
         code, out, err = await nerve(
-            *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--arg", "older_than_s=3600")
+            *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--arg", "older_than_s=3600"),
+            env=device_env(stack_settings),
         )
     assert code == 0, err
     first, _, rest = out.partition("\n")
@@ -296,18 +304,19 @@ async def test_send_exit_codes_for_rejected_and_failed(stack_settings: Settings,
     then = time.time() - 7200
     os.utime(victim, (then, then))
     async with running_stack(stack_settings):
-        code, out, _ = await nerve(*send_args(stack_settings, tmp_path, DEVICE, "reboot"))
+        env = device_env(stack_settings)
+        code, out, _ = await nerve(*send_args(stack_settings, tmp_path, DEVICE, "reboot"), env=env)
         assert code == 3
         assert out == f"rejected: reboot on {DEVICE}: action 'reboot' is not allow-listed on this device\n"
 
         code, out, _ = await nerve(
-            *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--arg", "path=/etc")
+            *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--arg", "path=/etc"), env=env
         )
         assert code == 3
         assert "argument 'path' is not a known argument" in out
 
         code, out, _ = await nerve(
-            *send_args(stack_settings, tmp_path, DEVICE, "run", "--arg", "script=fails", "--json")
+            *send_args(stack_settings, tmp_path, DEVICE, "run", "--arg", "script=fails", "--json"), env=env
         )
         assert code == 1
         result = json.loads(out)
@@ -394,6 +403,7 @@ async def test_send_with_a_key_the_device_does_not_trust_is_rejected(
             stack_settings.nats.url,
             "--key",
             str(tmp_path / "rogue" / "rogue.key"),
+            env=device_env(stack_settings),
         )
     assert code == 3
     assert "signed by unknown key id 'rogue'" in out
@@ -493,8 +503,10 @@ async def test_a_key_the_device_does_not_trust_is_named(stack_settings: Settings
             "clear_temp",
             "--nats-url",
             stack_settings.nats.url,
-            env=clean_env(
-                tmp_path / "config", NERVE_CENTRAL__SIGNING_KEY=str(tmp_path / "other" / "central.key")
+            env=device_env(
+                stack_settings,
+                tmp_path / "config",
+                NERVE_CENTRAL__SIGNING_KEY=str(tmp_path / "other" / "central.key"),
             ),
         )
     assert code == 3
@@ -517,7 +529,7 @@ async def test_the_default_key_is_the_one_nerve_up_trusts(stack_settings: Settin
     )
     async with running_stack(trusting):
         code, out, err = await nerve(
-            "send", DEVICE, "clear_temp", "--nats-url", trusting.nats.url, env=clean_env(config)
+            "send", DEVICE, "clear_temp", "--nats-url", trusting.nats.url, env=device_env(trusting, config)
         )
     assert code == 0, out + err
     assert out.startswith(f"ok: clear_temp on {DEVICE}")

@@ -199,7 +199,7 @@ class Central:
         own = self._own
         if own is None:  # cannot happen: set before any consumer starts
             return True
-        if sample.overflow or key == UNREGISTERED:
+        if sample.overflow:
             await self._counted_fact(own, sample, first=True, kind=RESULT_REFUSED)
             return True
         await own.fact(
