@@ -33,12 +33,13 @@ from nerve.runtime.cli.send import (
     presence_notice,
 )
 from nerve.runtime.config.settings import EdgeSettings, Settings
-from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, Fact
+from nerve.runtime.envelope.codec import decode, to_json
+from nerve.runtime.envelope.model import Command, CommandResult, Fact
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.testing import provision_device, stream_messages, wait_for_count
 from nerve.runtime.trust.signing import Signer, generate_keypair
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -534,3 +535,46 @@ async def test_the_default_key_is_the_one_nerve_up_trusts(stack_settings: Settin
     assert code == 0, out + err
     assert out.startswith(f"ok: clear_temp on {DEVICE}")
     assert "signing with" not in err
+
+
+@pytest.mark.broker
+async def test_a_forged_ok_for_an_offline_device_is_ignored_and_send_does_not_exit_0(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """Issue 9: an attacker answers for an offline device; `nerve send` waits on and exits 6, not 0."""
+    offline = "pi-offline"
+    provision_device(stack_settings.data_dir / "devices", offline)  # registered, but not running
+    rogue = Signer.from_file(generate_keypair(tmp_path / "rogue", offline)[0])  # its id, not its key
+    forged: list[str] = []
+
+    async def attacker(client: MqttClient) -> None:
+        async for message in client.messages:
+            command = decode(message.payload, Command)
+            for status in ("ok", "failed"):
+                result = CommandResult.for_command(
+                    command, source=f"nerve://edge/{offline}", status=status, data={"files_deleted": 4242}
+                )
+                for fake in (result, rogue.sign(result)):
+                    await client.publish(f"nerve/{offline}/results/{command.action}", to_json(fake), qos=1)
+                    forged.append(fake.id)
+
+    async with (
+        running_stack(stack_settings),
+        MqttClient(stack_settings.mqtt, client_id="attacker") as client,
+        asyncio.TaskGroup() as tasks,
+    ):
+        await client.subscribe(f"nerve/{offline}/commands/+")
+        listening = tasks.create_task(attacker(client))
+        code, out, err = await nerve(
+            *send_args(stack_settings, tmp_path, offline, "clear_temp", "--timeout", "3s"),
+            env=device_env(stack_settings),
+        )
+        listening.cancel()
+    assert len(forged) == 4  # the forgeries were sent while it waited
+    assert code == 6, err
+    assert out == ""
+    ignored = [line for line in err.splitlines() if "unverified result" in line]
+    assert len(ignored) == 4
+    assert "ignored: result from pi-offline is not signed" in ignored[0]
+    assert "ignored: result from pi-offline: bad signature: the result was altered or forged" in ignored[1]
+    assert err.splitlines()[-1].startswith(f"nerve send: no result from {offline} within 3s")

@@ -13,7 +13,8 @@ for its `subject` (`DeviceKeys`, `central.device_keys_dir`). Any other result (u
 another key, by an unknown or revoked device, altered or forged) is acknowledged, changes nothing, and
 is kept as a `result_refused` fact, sampled the same way per device and kind of refusal; results
 claiming to be from devices the registry does not know share one key (`UNREGISTERED`), so made-up
-device ids cannot multiply the facts.
+device ids cannot multiply the facts. Every agent subscribed to results gets its own copy of one; each
+copy is refused, and the first such agent's copy is the one counted (`refused_results`, the facts).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import connect_forever, publish_dead_letter, shared_durable
 from nerve.runtime.jetstream.sampling import RefusalSampler
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.subjects import Kind
 from nerve.runtime.trust.devices import DeviceKeys, registry_dir
 
 if TYPE_CHECKING:
@@ -177,11 +179,24 @@ class Central:
             data = {"count": sample.count, "window_s": window, "reason": sample.reason, "last": sample.last}
         await ctx.fact(cause, kind=kind, summary=summary, data=data)
 
-    async def _refuse_result(self, result: CommandResult) -> bool:
-        """Keep (sampled) a `result_refused` fact if `result` is not its device's; True if it was refused."""
+    def _records_results(self, agent: Agent, action: str) -> bool:
+        """Whether `agent` is the first agent subscribed to results of `action`: the one that counts them.
+
+        Each agent's consumer gets its own copy of a result; only one copy is counted and kept as a fact.
+        """
+        for candidate in self._agents:
+            for subscription in candidate.subscriptions:
+                if subscription.kind is Kind.RESULTS and subscription.name in {"*", action}:
+                    return candidate is agent
+        return False
+
+    async def _refuse_result(self, result: CommandResult, *, record: bool) -> bool:
+        """True if `result` is not its device's (`DeviceKeys`); then, if `record`, count it (sampled fact)."""
         refusal = self._device_keys.refusal(result)
         if refusal is None:
             return False
+        if not record:
+            return True
         self.refused_results += 1
         # Bounded by the fleet: made-up device ids share one key.
         key = result.subject if self._device_keys.knows(result.subject) else UNREGISTERED
@@ -256,7 +271,9 @@ class Central:
         except DecodeError as exc:
             await self._dead_letter(ctx, msg, f"{agent.name}: {exc.reason}")
             return
-        if isinstance(envelope, CommandResult) and await self._refuse_result(envelope):
+        if isinstance(envelope, CommandResult) and await self._refuse_result(
+            envelope, record=self._records_results(agent, envelope.action)
+        ):
             await msg.ack()
             return
         if envelope.hops > self._max_hops:
