@@ -27,7 +27,7 @@ from nerve.runtime.errors import ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect, publish_envelope
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Address, Kind, is_token, subject_root
-from nerve.runtime.trust.devices import DeviceKeys, registry_dir
+from nerve.runtime.trust.devices import DeviceKeys, registry_dir, user_registry
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, Signer
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ __all__ = [
     "MAX_EXPIRES_S",
     "SEEN_KINDS",
     "CommandChannel",
+    "device_registry",
     "format_age",
     "format_result",
     "parse_args",
@@ -141,6 +142,18 @@ def signing_key_path(settings: Settings, key: Path | None, keys_dir: Path) -> tu
     return keys_dir / f"{settings.central.keyid}{PRIVATE_SUFFIX}", True
 
 
+def device_registry(settings: Settings, keys_dir: Path) -> Path:
+    """The device registry `nerve send` checks results against.
+
+    `central.device_keys_dir`, else central's default `<data_dir>/devices` if it exists, else
+    `<keys_dir>/../devices`: where `nerve up` registers its device when its settings name no registry.
+    """
+    if settings.central.device_keys_dir is not None:
+        return settings.central.device_keys_dir
+    central = registry_dir(None, settings.data_dir)
+    return central if central.is_dir() else user_registry(keys_dir)
+
+
 def signer_for(settings: Settings, key: Path | None, keys_dir: Path) -> Signer:
     """The operator's signer, from the file `signing_key_path` names (its stem is the key id for --key).
 
@@ -219,9 +232,12 @@ class CommandChannel:
     Raises `BrokerUnavailable` on entry if NATS does not answer.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, registry: Path | None = None) -> None:
+        """`registry`: the device registry results are checked against (default: central's, by `settings`)."""
         self._settings = settings
-        self._device_keys = DeviceKeys(registry_dir(settings.central.device_keys_dir, settings.data_dir))
+        self._device_keys = DeviceKeys(
+            registry or registry_dir(settings.central.device_keys_dir, settings.data_dir)
+        )
         self._nc: NatsClient | None = None
         self._results: Subscription | None = None
 
@@ -292,7 +308,10 @@ class CommandChannel:
                     if refusal is None:
                         return result
                     if ignored is not None:
-                        ignored(f"unverified result {result.id} ({result.status}) ignored: {refusal.reason}")
+                        ignored(
+                            f"unverified result {result.id} ({result.status}) ignored: {refusal.reason} "
+                            f"(device registry {self._device_keys.directory})"
+                        )
         except TimeoutError:
             pass
         return None

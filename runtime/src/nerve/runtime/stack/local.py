@@ -5,9 +5,11 @@ as child processes with their data under the data dir, and stopped on the way ou
 and edge run in this process, in one TaskGroup, in that order (so no reading reaches JetStream before
 its consumer exists). Dev mode: the edge's `clear_temp` works on `<data dir>/scratch`, never /tmp, and
 trusts the central key (the `.pub` beside the signing key, which the stack generates if it is missing).
-The edge signs its results with the device's own key (`edge.signing_key`, else
-`<data dir>/edge-keys/<device>.key`, generated if missing) and the stack registers its public half in
-central's device registry (`<registry>/<device>.pub`) unless that device is registered or revoked there.
+The edge signs its results with the device's own key (generated if missing) and the stack registers its
+public half in central's device registry (`<registry>/<device>.pub`) unless that device is registered or
+revoked there. By default both are under the data dir; `nerve up` keeps them per user instead, beside the
+central key (`$XDG_CONFIG_HOME/nerve/edge-keys/`, `$XDG_CONFIG_HOME/nerve/devices/`), where `nerve send`
+finds the registry.
 """
 
 from __future__ import annotations
@@ -81,11 +83,22 @@ class StackInfo:
 class Stack:
     """Brokers (when needed), central, bridge and edge, as one async context manager."""
 
-    def __init__(self, *, settings: Settings, device: str, signing_key: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        device: str,
+        signing_key: Path | None = None,
+        device_key: Path | None = None,
+        device_keys_dir: Path | None = None,
+    ) -> None:
         """A stack on `settings` whose edge is `device`.
 
         `signing_key`: central's private key, created with its `.pub` if missing (default:
         `central.signing_key`, else `<data dir>/keys/<keyid>.key`, private to this stack).
+        `device_key`: the edge's own key, created if missing (default: `edge.signing_key`, else
+        `<data dir>/edge-keys/<device>.key`); `device_keys_dir`: central's device registry, where its public
+        half is registered (default: `central.device_keys_dir`, else `<data dir>/devices`).
         """
         self._device = device
         data_dir = settings.data_dir.resolve()
@@ -97,9 +110,13 @@ class Stack:
         ).absolute()
         self._signing_key = key
         self._device_key = (
-            settings.edge.signing_key or data_dir / DEVICE_KEYS_DIR / f"{device}{PRIVATE_SUFFIX}"
+            device_key
+            or settings.edge.signing_key
+            or data_dir / DEVICE_KEYS_DIR / f"{device}{PRIVATE_SUFFIX}"
         ).absolute()
-        self._registry = registry_dir(settings.central.device_keys_dir, data_dir).absolute()
+        self._registry = (
+            device_keys_dir or registry_dir(settings.central.device_keys_dir, data_dir)
+        ).absolute()
         keys = key.parent
         bridge_id, edge_id = client_ids(settings, device=device, data_dir=data_dir)
         self._settings = settings.model_copy(
