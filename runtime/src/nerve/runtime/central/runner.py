@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
     from nerve.runtime.envelope.model import Envelope
     from nerve.runtime.jetstream.sampling import Sample
+    from nerve.runtime.trust.devices import Refusal
     from nerve.runtime.trust.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -211,12 +212,19 @@ class Central:
             refusal.reason,
             self._settings.streams.sample_window_s,
         )
+        try:
+            await self._refusal_fact(result, refusal, sample)
+        except (NatsError, TimeoutError) as exc:  # the facts stream full, say: still refused, and said
+            log.warning("central: result %s refused; its fact not kept: %s", result.id, exc)
+        return True
+
+    async def _refusal_fact(self, result: CommandResult, refusal: Refusal, sample: Sample) -> None:
         own = self._own
         if own is None:  # cannot happen: set before any consumer starts
-            return True
+            return
         if sample.overflow:
             await self._counted_fact(own, sample, first=True, kind=RESULT_REFUSED)
-            return True
+            return
         await own.fact(
             result,
             kind=RESULT_REFUSED,
@@ -234,7 +242,6 @@ class Central:
             },
             key="refused",
         )
-        return True
 
     async def _ticks(self, agent: Agent, ctx: AgentContext) -> None:
         while True:
