@@ -1,8 +1,9 @@
 """Footprint of `nerve edge` on a device: time to first reading, steady-state RSS and CPU, with baselines.
 
-Starts its own mosquitto on a free port in a temp dir, writes a key pair and trusts its public half (so
-the daemon starts without warnings), subscribes to `nerve/bench-edge/telemetry/#`, then runs
-`<venv>/bin/nerve edge` as a user would, in a fresh data dir, with no inherited `NERVE_*` variable.
+Starts its own mosquitto on a free port in a temp dir, writes a key pair and trusts its public half, gives
+the device its own key to sign results with (so the daemon starts without warnings), subscribes to
+`nerve/bench-edge/telemetry/#`, then runs `<venv>/bin/nerve edge` as a user would, in a fresh data dir,
+with no inherited `NERVE_*` variable.
 It times exec -> first reading received, then watches the process for `--duration` seconds of steady
 state: RSS (VmRSS, peak VmHWM) from /proc/<pid>/status and CPU (utime + stime) from /proc/<pid>/stat.
 In the same window it measures what the memory is made of: a python that imports nothing, a python
@@ -240,11 +241,13 @@ async def start_edge(tmp: Path, broker_url: str, interval: float) -> tuple[async
     """Start `nerve edge`; returns it and the perf_counter() taken just before the exec."""
     keys = tmp / "keys"
     generate_keypair(keys, "central")
+    device_key, _ = generate_keypair(tmp / "device-keys", DEVICE)  # the device signs its results
     env = {
         **python_env(),
         "NERVE_DATA_DIR": str(tmp / "data"),
         "NERVE_EDGE__INTERVAL_S": f"{interval:g}",
         "NERVE_EDGE__TRUSTED_KEYS_DIR": str(keys),
+        "NERVE_EDGE__SIGNING_KEY": str(device_key),
     }
     nerve = Path(sys.executable).parent / "nerve"
     # A file, not a pipe: nobody reads the daemon's log while it runs.

@@ -22,7 +22,7 @@ from nerve.runtime.envelope.model import CommandResult, Event, Fact, new_id
 from nerve.runtime.jetstream.client import StreamFull, publish_envelope
 from nerve.runtime.jetstream.sampling import OVERFLOW_DEVICE, RefusalSampler
 from nerve.runtime.jetstream.streams import ensure_streams, stream_usage
-from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.testing import provision_device, stream_messages, wait_for_count
 from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
@@ -154,16 +154,19 @@ async def facts_of(js: JetStreamContext) -> list[Fact]:
     return [decode(m.data, Fact) for m in stored if not m.subject.endswith(".filler")]
 
 
-def forged(device: str) -> CommandResult:
-    return CommandResult(
-        id=new_id(),
-        source="attacker",
-        type="nerve.result.clear_temp",
-        subject=device,
-        action="clear_temp",
-        status="rejected",
-        reason="bad signature",
-        causationid=new_id(),
+def refused(device: Signer) -> CommandResult:
+    """A device's genuine (signed) answer refusing a forged command: what a probing attacker causes."""
+    return device.sign(
+        CommandResult(
+            id=new_id(),
+            source="nerve://edge/" + device.keyid,
+            type="nerve.result.clear_temp",
+            subject=device.keyid,
+            action="clear_temp",
+            status="rejected",
+            reason="bad signature",
+            causationid=new_id(),
+        )
     )
 
 
@@ -172,16 +175,17 @@ async def counted(js: JetStreamContext) -> int:
 
 
 @pytest.mark.broker
-async def test_a_flood_of_forged_results_makes_few_facts_with_the_right_counts(
+async def test_a_flood_of_refusals_makes_few_facts_with_the_right_counts(
     nats_server: NatsServer, tmp_path: Path, nc: NatsClient, signer: Signer
 ) -> None:
+    # Forged commands sent to ten devices: each answers every one with a signed refusal.
     settings = settings_for(nats_server, tmp_path, {"sample_window_s": 1.0, "sample_max_keys": 3})
     js = nc.jetstream()
-    devices = [f"dev-{i}" for i in range(10)]
+    devices = [provision_device(tmp_path / "devices", f"dev-{i}") for i in range(10)]
     async with central(settings, signer, [CommandAudit(settings.streams)]) as runner:
         for _ in range(30):
             for device in devices:
-                await publish_envelope(js, f"nerve.{device}.results.clear_temp", forged(device))
+                await publish_envelope(js, f"nerve.{device.keyid}.results.clear_temp", refused(device))
         async with asyncio.timeout(30):
             while runner.handled < 300 or await counted(js) < 300:
                 await asyncio.sleep(0.1)

@@ -16,11 +16,11 @@ from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult, Event, Fact
 from nerve.runtime.jetstream.client import publish_envelope
 from nerve.runtime.jetstream.streams import ensure_streams
-from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.testing import provision_device, stream_messages, wait_for_count
 from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
@@ -36,6 +36,12 @@ pytestmark = pytest.mark.broker
 def keys(tmp_path: Path) -> tuple[Signer, Verifier]:
     private, _ = generate_keypair(tmp_path / "keys", "central")
     return Signer.from_file(private), Verifier.from_config({}, tmp_path / "keys")
+
+
+@pytest.fixture
+def device(tmp_path: Path) -> Callable[[str], Signer]:
+    """Registers a device in central's registry (`<data_dir>/devices`); returns the signer of its results."""
+    return lambda name: provision_device(tmp_path / "devices", name)
 
 
 @pytest.fixture
@@ -78,9 +84,13 @@ async def commands_of(js: JetStreamContext) -> list[Command]:
 
 
 async def test_spike_sends_signed_command_and_result_resolves(
-    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+    central_settings: Settings,
+    nc: NatsClient,
+    keys: tuple[Signer, Verifier],
+    device: Callable[[str], Signer],
 ) -> None:
     signer, verifier = keys
+    pi01 = device("pi-01")
     js = nc.jetstream()
     async with central(central_settings, signer):
         spike = reading("pi-01", 97)
@@ -94,8 +104,10 @@ async def test_spike_sends_signed_command_and_result_resolves(
         assert command.causationid == spike.id
         assert command.hops == 1
         assert command.data == {"older_than_s": central_settings.central.disk.older_than_s}
-        result = CommandResult.for_command(
-            command, source="test", status="ok", data={"files_deleted": 3, "bytes_freed": 3 * 1048576}
+        result = pi01.sign(
+            CommandResult.for_command(
+                command, source="test", status="ok", data={"files_deleted": 3, "bytes_freed": 3 * 1048576}
+            )
         )
         await publish_envelope(js, "nerve.pi-01.results.clear_temp", result)
         await wait_for_count(js, "NERVE_FACTS", 4)
@@ -140,7 +152,10 @@ async def test_no_result_fails_the_incident_after_timeout(
 
 
 async def test_failed_result_fails_the_incident(
-    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+    central_settings: Settings,
+    nc: NatsClient,
+    keys: tuple[Signer, Verifier],
+    device: Callable[[str], Signer],
 ) -> None:
     js = nc.jetstream()
     signer, _ = keys
@@ -148,7 +163,9 @@ async def test_failed_result_fails_the_incident(
         await publish_envelope(js, "nerve.pi-05.telemetry.disk", reading("pi-05", 93))
         await wait_for_count(js, "NERVE_COMMANDS", 1)
         (command,) = await commands_of(js)
-        rejected = CommandResult.for_command(command, source="t", status="rejected", reason="bad signature")
+        rejected = device("pi-05").sign(
+            CommandResult.for_command(command, source="t", status="rejected", reason="bad signature")
+        )
         await publish_envelope(js, "nerve.pi-05.results.clear_temp", rejected)
         await wait_for_count(js, "NERVE_FACTS", 4)
     facts = await facts_of(js)
@@ -157,7 +174,10 @@ async def test_failed_result_fails_the_incident(
 
 
 async def test_open_incident_survives_a_central_restart(
-    central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
+    central_settings: Settings,
+    nc: NatsClient,
+    keys: tuple[Signer, Verifier],
+    device: Callable[[str], Signer],
 ) -> None:
     js = nc.jetstream()
     signer, _ = keys
@@ -168,7 +188,7 @@ async def test_open_incident_survives_a_central_restart(
     async with central(central_settings, signer):
         await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 98))  # incident is open
         result = CommandResult.for_command(command, source="t", status="ok", data={"files_deleted": 0})
-        await publish_envelope(js, "nerve.pi-06.results.clear_temp", result)
+        await publish_envelope(js, "nerve.pi-06.results.clear_temp", device("pi-06").sign(result))
         await wait_for_count(js, "NERVE_FACTS", 4)
     assert len(await commands_of(js)) == 1
     assert (await facts_of(js))[-1].kind == "incident_resolved"

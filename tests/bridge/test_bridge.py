@@ -247,10 +247,14 @@ async def test_two_bridges_share_the_uplink(settings: Settings, nc: NatsClient, 
     assert (await js.stream_info("NERVE_TELEMETRY")).state.messages == total
 
 
-async def test_an_expired_command_becomes_a_signed_fact_of_centrals_audit_and_the_chain_verifies(
+async def test_an_expired_command_becomes_a_signed_fact_of_central_and_the_chain_verifies(
     settings: Settings, nc: NatsClient, running: Running, tmp_path: Path
 ) -> None:
-    """The bridge writes the `expired` result; central's audit keeps the fact, signed and chained."""
+    """The bridge writes the `expired` result; central keeps the fact, signed and chained.
+
+    The bridge holds no device's key, so its result is not signed by the device: central acts on nothing
+    in it (the incident fails at central's own timeout) and keeps a `result_refused` fact that names it.
+    """
     js = nc.jetstream()
     await ensure_streams(js, settings.prefix)
     private, _ = generate_keypair(tmp_path / "keys", "central")
@@ -264,6 +268,8 @@ async def test_an_expired_command_becomes_a_signed_fact_of_centrals_audit_and_th
         await wait_for_count(js, "NERVE_FACTS", 1)
     stored = await stream_messages(js, "NERVE_FACTS")
     fact = decode(stored[0].data, Fact)
-    assert (fact.kind, fact.keyid) == ("command_expired", "central")
+    assert (fact.kind, fact.keyid) == ("result_refused", "central")
+    assert fact.data["status"] == "expired"
+    assert fact.data["command_id"] == stale.id
     records = [(message.seq, message.data) for message in stored]
     assert verify_records(records, Verifier.from_config({}, tmp_path / "keys")) == []

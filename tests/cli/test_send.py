@@ -33,12 +33,13 @@ from nerve.runtime.cli.send import (
     presence_notice,
 )
 from nerve.runtime.config.settings import EdgeSettings, Settings
-from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, Fact
+from nerve.runtime.envelope.codec import decode, to_json
+from nerve.runtime.envelope.model import Command, CommandResult, Fact
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import ensure_streams
-from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.testing import provision_device, stream_messages, wait_for_count
 from nerve.runtime.trust.signing import Signer, generate_keypair
+from nerve.runtime.wire.client import MqttClient
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -219,9 +220,15 @@ async def test_help_documents_the_exit_codes() -> None:
 # --- against a real stack: brokers, bridge and edge ----------------------------------------------
 
 
+def device_env(settings: Settings, config_home: Path | None = None, **more: str) -> dict[str, str]:
+    """`clean_env` with the data dir of `settings`: `nerve send` finds the device registry there."""
+    return clean_env(config_home, NERVE_DATA_DIR=str(settings.data_dir), **more)
+
+
 @pytest.fixture
 def stack_settings(settings: Settings, tmp_path: Path) -> Settings:
     generate_keypair(tmp_path / "keys", "central")
+    provision_device(settings.data_dir / "devices", DEVICE)  # the device's key, registered
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     return Settings.model_validate(
@@ -229,6 +236,7 @@ def stack_settings(settings: Settings, tmp_path: Path) -> Settings:
             **settings.model_dump(mode="json"),
             "edge": {
                 "device": DEVICE,
+                "signing_key": str(settings.data_dir / "device-keys" / f"{DEVICE}.key"),
                 "mounts": [],
                 "interval_s": 3600,
                 "clear_temp_roots": [str(scratch)],
@@ -279,7 +287,8 @@ async def test_send_runs_a_command_and_prints_its_result(stack_settings: Setting
     fresh.write_bytes(b"y")
     async with running_stack(stack_settings):
         code, out, err = await nerve(
-            *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--arg", "older_than_s=3600")
+            *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--arg", "older_than_s=3600"),
+            env=device_env(stack_settings),
         )
     assert code == 0, err
     first, _, rest = out.partition("\n")
@@ -296,18 +305,19 @@ async def test_send_exit_codes_for_rejected_and_failed(stack_settings: Settings,
     then = time.time() - 7200
     os.utime(victim, (then, then))
     async with running_stack(stack_settings):
-        code, out, _ = await nerve(*send_args(stack_settings, tmp_path, DEVICE, "reboot"))
+        env = device_env(stack_settings)
+        code, out, _ = await nerve(*send_args(stack_settings, tmp_path, DEVICE, "reboot"), env=env)
         assert code == 3
         assert out == f"rejected: reboot on {DEVICE}: action 'reboot' is not allow-listed on this device\n"
 
         code, out, _ = await nerve(
-            *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--arg", "path=/etc")
+            *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--arg", "path=/etc"), env=env
         )
         assert code == 3
         assert "argument 'path' is not a known argument" in out
 
         code, out, _ = await nerve(
-            *send_args(stack_settings, tmp_path, DEVICE, "run", "--arg", "script=fails", "--json")
+            *send_args(stack_settings, tmp_path, DEVICE, "run", "--arg", "script=fails", "--json"), env=env
         )
         assert code == 1
         result = json.loads(out)
@@ -394,6 +404,7 @@ async def test_send_with_a_key_the_device_does_not_trust_is_rejected(
             stack_settings.nats.url,
             "--key",
             str(tmp_path / "rogue" / "rogue.key"),
+            env=device_env(stack_settings),
         )
     assert code == 3
     assert "signed by unknown key id 'rogue'" in out
@@ -493,8 +504,10 @@ async def test_a_key_the_device_does_not_trust_is_named(stack_settings: Settings
             "clear_temp",
             "--nats-url",
             stack_settings.nats.url,
-            env=clean_env(
-                tmp_path / "config", NERVE_CENTRAL__SIGNING_KEY=str(tmp_path / "other" / "central.key")
+            env=device_env(
+                stack_settings,
+                tmp_path / "config",
+                NERVE_CENTRAL__SIGNING_KEY=str(tmp_path / "other" / "central.key"),
             ),
         )
     assert code == 3
@@ -517,8 +530,51 @@ async def test_the_default_key_is_the_one_nerve_up_trusts(stack_settings: Settin
     )
     async with running_stack(trusting):
         code, out, err = await nerve(
-            "send", DEVICE, "clear_temp", "--nats-url", trusting.nats.url, env=clean_env(config)
+            "send", DEVICE, "clear_temp", "--nats-url", trusting.nats.url, env=device_env(trusting, config)
         )
     assert code == 0, out + err
     assert out.startswith(f"ok: clear_temp on {DEVICE}")
     assert "signing with" not in err
+
+
+@pytest.mark.broker
+async def test_a_forged_ok_for_an_offline_device_is_ignored_and_send_does_not_exit_0(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """Issue 9: an attacker answers for an offline device; `nerve send` waits on and exits 6, not 0."""
+    offline = "pi-offline"
+    provision_device(stack_settings.data_dir / "devices", offline)  # registered, but not running
+    rogue = Signer.from_file(generate_keypair(tmp_path / "rogue", offline)[0])  # its id, not its key
+    forged: list[str] = []
+
+    async def attacker(client: MqttClient) -> None:
+        async for message in client.messages:
+            command = decode(message.payload, Command)
+            for status in ("ok", "failed"):
+                result = CommandResult.for_command(
+                    command, source=f"nerve://edge/{offline}", status=status, data={"files_deleted": 4242}
+                )
+                for fake in (result, rogue.sign(result)):
+                    await client.publish(f"nerve/{offline}/results/{command.action}", to_json(fake), qos=1)
+                    forged.append(fake.id)
+
+    async with (
+        running_stack(stack_settings),
+        MqttClient(stack_settings.mqtt, client_id="attacker") as client,
+        asyncio.TaskGroup() as tasks,
+    ):
+        await client.subscribe(f"nerve/{offline}/commands/+")
+        listening = tasks.create_task(attacker(client))
+        code, out, err = await nerve(
+            *send_args(stack_settings, tmp_path, offline, "clear_temp", "--timeout", "3s"),
+            env=device_env(stack_settings),
+        )
+        listening.cancel()
+    assert len(forged) == 4  # the forgeries were sent while it waited
+    assert code == 6, err
+    assert out == ""
+    ignored = [line for line in err.splitlines() if "unverified result" in line]
+    assert len(ignored) == 4
+    assert "ignored: result from pi-offline is not signed" in ignored[0]
+    assert "ignored: result from pi-offline: bad signature: the result was altered or forged" in ignored[1]
+    assert err.splitlines()[-1].startswith(f"nerve send: no result from {offline} within 3s")

@@ -23,6 +23,7 @@ from nerve.runtime.envelope.codec import (
 from nerve.runtime.envelope.model import Command, CommandResult, Fact
 from nerve.runtime.stack.local import Stack
 from nerve.runtime.testing import stream_messages, wait_for_count
+from nerve.runtime.trust.devices import DeviceKeys
 from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
@@ -89,6 +90,13 @@ async def test_spike_clears_old_files_and_keeps_facts(
     assert result.status == "ok"
     assert result.data["files_deleted"] == 1
     assert result.data["bytes_freed"] == 4096
+    # Signed by the device's own key, which the stack made (0600) and registered for central.
+    data_dir = settings.data_dir.resolve()
+    assert result.keyid == "pi-01"
+    assert DeviceKeys(data_dir / "devices").refusal(result) is None
+    private = data_dir / "edge-keys" / "pi-01.key"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert (data_dir / "devices" / "pi-01.pub").read_text() == private.with_suffix(".pub").read_text()
     assert not old.exists()
     assert fresh.exists()
     # Every part stored in the codec the setting names, and said so (CloudEvents NATS binding).

@@ -4,7 +4,9 @@
    The claim is atomic (a JetStream KV `create`), so two central processes never open two incidents.
 2. It signs and sends `clear_temp` to the device and keeps facts: incident opened, command issued.
 3. The device's result closes the incident (resolved or failed) with facts: the result, and a summary a
-   person on the dev team can read. No result before the timeout fails the incident.
+   person on the dev team can read. No result before the timeout fails the incident. Only a result its
+   device signed gets here (central's runner refuses any other), and only the one whose `causationid` is
+   the incident's command: the signature covers it, so it cannot be re-pointed at another command.
 4. The device then cools down (`cooldown_s`): readings in that time open nothing (no alert storms).
 
 Every id this agent publishes derives from the reading that opened the incident, so a redelivered
@@ -242,7 +244,8 @@ class DiskRunbook(Agent):
             result,
             kind="command_result",
             summary=f"{device}: {ACTION} {result.status}" + (f": {result.reason}" if result.reason else ""),
-            data={"incident_id": incident.incident_id, "status": result.status, **data},
+            # The device's data under a key of its own: it can never overwrite nerve's fields.
+            data={"incident_id": incident.incident_id, "status": result.status, "result": data},
         )
         if resolved:
             summary = (

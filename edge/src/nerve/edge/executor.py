@@ -21,6 +21,11 @@ command interrupted by a restart). Refusals in step 3 are answered but not kept:
 to publish on the topic could take a genuine command's id, forge the rest, and have the device record
 a refusal that the genuine command would then get as its "recorded result".
 
+Every answer is signed with the device's own key (`signer`, key id = device id), refusals included, so
+central can tell it from a forged one (`nerve.runtime.trust.devices`); without a key, answers go out
+unsigned and central does not act on them. The journal keeps results unsigned: they are signed as they
+leave, so a replayed answer is signed too, with the key the device has now.
+
 A message that cannot be answered, because no command id can be read from it (or it is not on a
 command topic of this device), is counted in `Executor.unanswered` under its kind (`UNANSWERED_KINDS`):
 the first of each kind is logged as a warning, the rest at debug level, so a flood cannot fill the log.
@@ -45,7 +50,7 @@ from nerve.runtime.envelope.codec import DEFAULT_MAX_PAYLOAD, decode, is_msgpack
 from nerve.runtime.envelope.model import MAX_HOPS, MAX_ID_CHARS, Command, CommandResult, utcnow
 from nerve.runtime.errors import ConfigError, DecodeError, PayloadTooLarge, SignatureError, TopicError
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, is_token, parse_topic
-from nerve.runtime.trust.signing import Verifier
+from nerve.runtime.trust.signing import Signer, Verifier
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -123,6 +128,9 @@ class Executor:
     call it from a worker thread in async code. Calls must not overlap: the journal guarantees that
     an id never runs twice, but two overlapping deliveries of one id would get "already running".
 
+    `signer` (the device's own key, whose key id must be `device`) signs every result `handle` returns;
+    None: results go out unsigned (central will not act on them).
+
     The allow-list is `clear_temp` on `clear_temp_roots` (with no roots it is refused as not
     allow-listed), plus `actions` (built by `from_settings` from `edge.actions`, plugins included);
     `disabled` maps names to the reason they do not run, for the refusal. A command whose arguments
@@ -130,7 +138,8 @@ class Executor:
     is good only for a short, present window: its `time` no later than now plus `clock_skew_s`, its
     `expires` no earlier than now minus `clock_skew_s`, and `expires - time` at most `max_validity_s`.
 
-    Raises `ConfigError` from the constructor: a device id that is not a token, a root that is not an
+    Raises `ConfigError` from the constructor: a device id that is not a token, a signer whose key id is
+    not the device id, a root that is not an
     absolute path, a clock skew that is negative or not shorter than the journal's retention (an
     entry pruned while its command could still pass the expiry check would let a replay run again),
     a maximum validity that is not positive.
@@ -141,6 +150,7 @@ class Executor:
         *,
         device: str,
         verifier: Verifier,
+        signer: Signer | None = None,
         journal: CommandJournal,
         clear_temp_roots: Sequence[Path],
         source: str,
@@ -154,6 +164,7 @@ class Executor:
     ) -> None:
         if not is_token(device):
             raise ConfigError(f"{device!r} is not a valid device id (1-64 of A-Z a-z 0-9 _ -)", key="device")
+        _check_signer(signer, device)
         roots = tuple(Path(root) for root in clear_temp_roots)
         for root in roots:
             if not root.is_absolute():
@@ -173,6 +184,7 @@ class Executor:
                 raise ConfigError(f"must be > 0, got {limit!r}", key=key)
         self._device = device
         self._verifier = verifier
+        self._signer = signer
         self._journal = journal
         self._source = source
         self._skew = timedelta(seconds=clock_skew_s)
@@ -199,14 +211,24 @@ class Executor:
 
     @classmethod
     def from_settings(cls, settings: SettingsView, *, device: str, journal: CommandJournal) -> Executor:
-        """An executor configured by `settings.edge` (trusted keys, roots, clock skew).
+        """An executor configured by `settings.edge` (trusted keys, its own key, roots, clock skew).
 
-        Raises `ConfigError` for unreadable or malformed trusted keys, and as the constructor does.
+        Logs one warning if `edge.signing_key` is unset: results then go out unsigned.
+        Raises `ConfigError` for unreadable or malformed keys, and as the constructor does.
         """
         verifier = Verifier.from_config(settings.edge.trusted_keys, settings.edge.trusted_keys_dir)
         if not verifier.keyids:
             _log.warning(
                 "no trusted keys are configured: every command will be refused as signed by an unknown key"
+            )
+        signer = None
+        if settings.edge.signing_key is not None:
+            signer = Signer.from_file(settings.edge.signing_key, device)
+        else:
+            _log.warning(
+                "edge.signing_key is not set: this device's results go out unsigned, and central will not "
+                "act on them (`nerve devices add %s` makes its key)",
+                device,
             )
         allowed = build_allow_list(settings.edge)
         clear = allowed.actions.pop(_CLEAR_TEMP, None)
@@ -215,6 +237,7 @@ class Executor:
         return cls(
             device=device,
             verifier=verifier,
+            signer=signer,
             journal=journal,
             clear_temp_roots=settings.edge.clear_temp_roots if clear is not None else (),
             source=f"nerve://edge/{device}",
@@ -256,7 +279,14 @@ class Executor:
         Otherwise the result says what happened: `ok` or `failed` (the action ran), `rejected` or
         `expired` (it did not, `reason` says why), `unknown` (it was started before a restart and is
         not run again). A command id that was journalled before gets the recorded result again.
+        Every result is signed with the device's key, if it has one.
         """
+        result = self._answer(topic, payload, prefix)
+        if result is None or self._signer is None:
+            return result
+        return self._signer.sign(result)
+
+    def _answer(self, topic: str, payload: bytes, prefix: str) -> CommandResult | None:
         try:
             address = parse_topic(topic, prefix)
         except TopicError as exc:
@@ -560,6 +590,15 @@ class Executor:
             )
         else:
             _log.debug("message on %r dropped (%s): %s", topic, kind, _clip(why))
+
+
+def _check_signer(signer: Signer | None, device: str) -> None:
+    """Raise `ConfigError` unless `signer` is None or signs as `device` (central wants `keyid == subject`)."""
+    if signer is not None and signer.keyid != device:
+        raise ConfigError(
+            f"the device's key id must be its device id {device!r}, got {signer.keyid!r}",
+            key="edge.signing_key",
+        )
 
 
 def _read_head(payload: bytes, *, as_msgpack: bool) -> _Head | None:

@@ -129,6 +129,8 @@ class EdgeView(Protocol):
     @property
     def trusted_keys_dir(self) -> Path | None: ...
     @property
+    def signing_key(self) -> Path | None: ...
+    @property
     def journal(self) -> Path | None: ...
     @property
     def clock_skew_s(self) -> float: ...
@@ -261,6 +263,7 @@ class _Edge:
     clear_temp_roots: tuple[Path, ...]
     trusted_keys: Mapping[str, str]
     trusted_keys_dir: Path | None
+    signing_key: Path | None
     journal: Path | None
     clock_skew_s: float
     max_command_validity_s: float
@@ -305,6 +308,7 @@ class EdgeProcessSettings:
                 clear_temp_roots=tuple(Path(root) for root in edge["clear_temp_roots"]),
                 trusted_keys=dict(edge["trusted_keys"]),
                 trusted_keys_dir=_path(edge["trusted_keys_dir"]),
+                signing_key=_path(edge["signing_key"]),
                 journal=_path(edge["journal"]),
                 clock_skew_s=edge["clock_skew_s"],
                 max_command_validity_s=edge["max_command_validity_s"],

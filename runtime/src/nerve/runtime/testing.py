@@ -1,4 +1,4 @@
-"""Helpers for tests that run against real brokers: read streams, wait for counts.
+"""Helpers for tests that run against real brokers: read streams, wait for counts, provision devices.
 
 Shipped in the product so that tests of agents written by users can use them too.
 """
@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nerve.runtime.cli.history import read_stream
+from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from nats.js import JetStreamContext
 
 
@@ -51,3 +54,16 @@ async def wait_for_count(js: JetStreamContext, stream: str, count: int, *, timeo
             if info.state.messages >= count:
                 return info.state.messages
             await asyncio.sleep(0.02)
+
+
+def provision_device(registry: Path, device: str, *, keys: Path | None = None) -> Signer:
+    """Register `device` in the device key registry `registry` and return the signer of its results.
+
+    What `nerve devices add` does for a test: a new key pair in `keys` (default: `<registry>/../device-keys`,
+    outside the registry), its public half copied to `<registry>/<device>.pub`. The signer's key id is the
+    device id, as the edge signs (`edge.signing_key`).
+    """
+    private, public = generate_keypair(keys or registry.parent / "device-keys", device, overwrite=True)
+    registry.mkdir(parents=True, exist_ok=True)
+    (registry / public.name).write_bytes(public.read_bytes())
+    return Signer.from_file(private, device)

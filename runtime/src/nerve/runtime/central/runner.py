@@ -7,6 +7,14 @@ A message is acknowledged after its handler returned. Undecodable messages and m
 reactions deep are dropped, and a fact says so (the loop guard). Anyone may send a message with a large
 `hops`, so those facts are sampled (`RefusalSampler`, `streams.sample_window_s`): the first per device
 and agent at once, the rest counted into one fact per window.
+
+A command result reaches an agent only if its device signed it: it verifies against the key registered
+for its `subject` (`DeviceKeys`, `central.device_keys_dir`). Any other result (unsigned, signed by
+another key, by an unknown or revoked device, altered or forged) is acknowledged, changes nothing, and
+is kept as a `result_refused` fact, sampled the same way per device and kind of refusal; results
+claiming to be from devices the registry does not know share one key (`UNREGISTERED`), so made-up
+device ids cannot multiply the facts. Every agent subscribed to results gets its own copy of one; each
+copy is refused, and the first such agent's copy is the one counted (`refused_results`, the facts).
 """
 
 from __future__ import annotations
@@ -21,11 +29,13 @@ from nats.errors import Error as NatsError
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.central.agent import DEFAULT_MAX_HOPS, NO_SUBJECT, Agent, AgentContext, Reject, Retry
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode
-from nerve.runtime.envelope.model import Event, derived_id
+from nerve.runtime.envelope.model import CommandResult, Event, derived_id
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import connect_forever, publish_dead_letter, shared_durable
 from nerve.runtime.jetstream.sampling import RefusalSampler
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
+from nerve.runtime.subjects import Kind
+from nerve.runtime.trust.devices import DeviceKeys, registry_dir
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -37,6 +47,7 @@ if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
     from nerve.runtime.envelope.model import Envelope
     from nerve.runtime.jetstream.sampling import Sample
+    from nerve.runtime.trust.devices import Refusal
     from nerve.runtime.trust.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -47,6 +58,10 @@ ACK_WAIT_S: Final = 30.0
 MAX_ACK_PENDING: Final = 1000
 TICK_S: Final = 0.5
 RETRY_DELAY_S: Final = 1.0
+LOOP_GUARD: Final = "loop_guard"
+RESULT_REFUSED: Final = "result_refused"
+#: The sampling key (and fact subject) of refused results claiming a device the registry does not know.
+UNREGISTERED: Final = "unregistered-devices"
 
 
 def consumer_name(agent: Agent, subscription: Subscription) -> str:
@@ -64,7 +79,9 @@ class Central:
         signer: Signer,
         agents: Sequence[Agent],
         max_hops: int = DEFAULT_MAX_HOPS,
+        device_keys: DeviceKeys | None = None,
     ) -> None:
+        """`device_keys`: whose results to believe (default: the registry the settings name)."""
         self._settings = settings
         self._signer = signer
         self._agents = list(agents)
@@ -72,8 +89,16 @@ class Central:
         self.ready = asyncio.Event()
         self.handled = 0
         self.deadlettered = 0
+        self.refused_results = 0
+        self._device_keys = device_keys or DeviceKeys(
+            registry_dir(settings.central.device_keys_dir, settings.data_dir)
+        )
+        self._own: AgentContext | None = None
         self._instance = uuid.uuid4().hex  # tells this process's sampled facts from another's
         self._loop_guard = RefusalSampler(
+            window_s=settings.streams.sample_window_s, max_keys=settings.streams.sample_max_keys
+        )
+        self._result_guard = RefusalSampler(
             window_s=settings.streams.sample_window_s, max_keys=settings.streams.sample_max_keys
         )
 
@@ -90,6 +115,7 @@ class Central:
             )
             async with asyncio.TaskGroup() as tasks:
                 own = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=PART)
+                self._own = own
                 tasks.create_task(self._sampled_facts(own), name="central-sampled-facts")
                 for agent in self._agents:
                     ctx = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=agent.name)
@@ -121,35 +147,105 @@ class Central:
         )
 
     async def _sampled_facts(self, ctx: AgentContext) -> None:
-        """Keep one loop-guard fact per device and agent whose window ended with drops counted."""
+        """Keep one fact per key whose window ended with drops (loop guard) or refusals (results) counted."""
         while True:
             await asyncio.sleep(TICK_S)
-            for sample in self._loop_guard.due():
-                try:
-                    await self._counted_fact(ctx, sample, first=False)
-                except (NatsError, TimeoutError) as exc:
-                    log.warning("central: %d loop-guard drops not kept: %s", sample.count, exc)
+            for kind, sampler in ((LOOP_GUARD, self._loop_guard), (RESULT_REFUSED, self._result_guard)):
+                for sample in sampler.due():
+                    try:
+                        await self._counted_fact(ctx, sample, first=False, kind=kind)
+                    except (NatsError, TimeoutError) as exc:
+                        log.warning("central: %d %s not kept in a fact: %s", sample.count, kind, exc)
             checkpoint()
 
-    async def _counted_fact(self, ctx: AgentContext, sample: Sample, *, first: bool) -> None:
-        """A loop-guard fact for `sample.count` drops under one key (or many devices)."""
+    async def _counted_fact(self, ctx: AgentContext, sample: Sample, *, first: bool, kind: str) -> None:
+        """A `loop_guard` or `result_refused` fact for `sample.count` under one key (or many devices)."""
         window = self._settings.streams.sample_window_s
         device = "many-devices" if sample.overflow else sample.device
         cause = Event(
-            id=derived_id(ctx.source, self._instance, device, sample.reason, repr(sample.since), str(first)),
+            id=derived_id(
+                ctx.source, self._instance, kind, device, sample.reason, repr(sample.since), str(first)
+            ),
             source=ctx.source,
-            type="nerve.central.loop_guard",
+            type=f"nerve.central.{kind}",
             subject=device,
         )
-        await ctx.fact(
-            cause,
-            kind="loop_guard",
-            summary=(
+        if kind == LOOP_GUARD:
+            summary = (
                 f"{sample.reason} dropped {sample.count} message(s) from {device} within {window:g}s: "
                 f"past the limit of {self._max_hops} hops (counted, not kept one by one; the last: "
                 f"{sample.last})"
+            )
+            data: dict[str, object] = {"count": sample.count, "window_s": window, "agent": sample.reason}
+        else:
+            summary = (
+                f"central refused {sample.count} result(s) from {device} within {window:g}s "
+                f"({sample.reason}): not acted on (counted, not kept one by one; the last: {sample.last})"
+            )
+            data = {"count": sample.count, "window_s": window, "reason": sample.reason, "last": sample.last}
+        await ctx.fact(cause, kind=kind, summary=summary, data=data)
+
+    def _records_results(self, agent: Agent, action: str) -> bool:
+        """Whether `agent` is the first agent subscribed to results of `action`: the one that counts them.
+
+        Each agent's consumer gets its own copy of a result; only one copy is counted and kept as a fact.
+        """
+        for candidate in self._agents:
+            for subscription in candidate.subscriptions:
+                if subscription.kind is Kind.RESULTS and subscription.name in {"*", action}:
+                    return candidate is agent
+        return False
+
+    async def _refuse_result(self, result: CommandResult, *, record: bool) -> bool:
+        """True if `result` is not its device's (`DeviceKeys`); then, if `record`, count it (sampled fact)."""
+        refusal = self._device_keys.refusal(result)
+        if refusal is None:
+            return False
+        if not record:
+            return True
+        self.refused_results += 1
+        # Bounded by the fleet: made-up device ids share one key.
+        key = result.subject if self._device_keys.knows(result.subject) else UNREGISTERED
+        last = f"result {result.id} for command {result.causationid}: {refusal.reason}"
+        sample = self._result_guard.offer(key, refusal.kind, last)
+        if sample is None:
+            log.debug("central: result %s refused: %s", result.id, refusal.reason)
+            return True
+        log.warning(
+            "central: result %s refused, not acted on: %s (more like it are counted for %gs)",
+            result.id,
+            refusal.reason,
+            self._settings.streams.sample_window_s,
+        )
+        try:
+            await self._refusal_fact(result, refusal, sample)
+        except (NatsError, TimeoutError) as exc:  # the facts stream full, say: still refused, and said
+            log.warning("central: result %s refused; its fact not kept: %s", result.id, exc)
+        return True
+
+    async def _refusal_fact(self, result: CommandResult, refusal: Refusal, sample: Sample) -> None:
+        own = self._own
+        if own is None:  # cannot happen: set before any consumer starts
+            return
+        if sample.overflow:
+            await self._counted_fact(own, sample, first=True, kind=RESULT_REFUSED)
+            return
+        await own.fact(
+            result,
+            kind=RESULT_REFUSED,
+            summary=(
+                f"central refused result {result.id} ({result.action} {result.status}, command "
+                f"{result.causationid}) from {result.subject}: {refusal.reason}; not acted on"
             ),
-            data={"count": sample.count, "window_s": window, "agent": sample.reason},
+            data={
+                "count": 1,
+                "reason": refusal.kind,
+                "detail": refusal.reason,
+                "result_id": result.id,
+                "command_id": result.causationid,
+                "status": result.status,
+            },
+            key="refused",
         )
 
     async def _ticks(self, agent: Agent, ctx: AgentContext) -> None:
@@ -187,15 +283,20 @@ class Central:
         except DecodeError as exc:
             await self._dead_letter(ctx, msg, f"{agent.name}: {exc.reason}")
             return
+        if isinstance(envelope, CommandResult) and await self._refuse_result(
+            envelope, record=self._records_results(agent, envelope.action)
+        ):
+            await msg.ack()
+            return
         if envelope.hops > self._max_hops:
             device = envelope.subject or NO_SUBJECT
             sample = self._loop_guard.offer(device, agent.name, envelope.id)
             if sample is not None and sample.overflow:  # beyond the devices told apart: about them all
-                await self._counted_fact(ctx, sample, first=True)
+                await self._counted_fact(ctx, sample, first=True, kind=LOOP_GUARD)
             elif sample is not None:
                 await ctx.fact(
                     envelope,
-                    kind="loop_guard",
+                    kind=LOOP_GUARD,
                     summary=(
                         f"{agent.name} dropped {envelope.type} {envelope.id}: {envelope.hops} hops deep, "
                         f"past the limit of {self._max_hops}"

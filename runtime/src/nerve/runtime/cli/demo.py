@@ -3,7 +3,8 @@
 It starts its own mosquitto and nats-server on free ports with a temporary data dir (so it never
 touches a running stack), starts central, bridge and edge, puts old and new files in the edge's scratch
 folder, publishes `{"value": 97}` on the disk topic the way `mosquitto_pub` would, and waits for the
-reading in NATS, the signed command on the device's MQTT topic, the result, and the facts. It exits 0
+reading in NATS, the signed command on the device's MQTT topic, the result (only one the device signed
+counts: it must verify against the key registered for it), and the facts. It exits 0
 when the whole chain happened and the old files (only they) are gone, else 1 naming the missing step.
 """
 
@@ -25,6 +26,7 @@ from nerve.runtime.jetstream.client import connect
 from nerve.runtime.stack.brokers import free_port
 from nerve.runtime.stack.local import Stack
 from nerve.runtime.subjects import Address, Kind, subject_root
+from nerve.runtime.trust.devices import DeviceKeys, registry_dir
 from nerve.runtime.wire.client import MqttClient
 from nerve.runtime.wire.mqtt import MqttWireError
 
@@ -120,7 +122,8 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
     try:
         async with observer, asyncio.TaskGroup() as tasks:
             await observer.subscribe(f"{prefix}/{device}/commands/+", f"{prefix}/{device}/results/+")
-            watch = tasks.create_task(_watch_mqtt(observer, seen), name="nerve-demo-watch-mqtt")
+            keys = DeviceKeys(registry_dir(settings.central.device_keys_dir, settings.data_dir))
+            watch = tasks.create_task(_watch_mqtt(observer, seen, keys), name="nerve-demo-watch-mqtt")
             topic = Address(device, Kind.TELEMETRY, "disk").topic(prefix)
             t0 = time.perf_counter()
             await observer.publish(topic, SPIKE, qos=1)
@@ -136,25 +139,29 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
     return sorted(hops, key=lambda hop: hop.at)
 
 
-async def _watch_mqtt(client: MqttClient, seen: Callable[[str, str], None]) -> None:
+async def _watch_mqtt(client: MqttClient, seen: Callable[[str, str], None], keys: DeviceKeys) -> None:
     # What goes wrong here is a hop in the report (the missing steps then say what did not happen),
     # never an error that ends the demo.
     try:
         async for message in client.messages:
             try:
-                _saw(message, seen)
+                _saw(message, seen, keys)
             except DecodeError as exc:
                 seen("undecodable message", f"{message.topic}: {exc}")
     except MqttWireError as exc:
         seen("MQTT connection lost", str(exc))
 
 
-def _saw(message: Incoming, seen: Callable[[str, str], None]) -> None:
+def _saw(message: Incoming, seen: Callable[[str, str], None], keys: DeviceKeys) -> None:
     if "/commands/" in message.topic:
         command = decode(message.payload, Command)
         seen("command on device topic", f"{message.topic} signed by {command.keyid!r}, args {command.data}")
     else:
         result = decode(message.payload, CommandResult)
+        refusal = keys.refusal(result)
+        if refusal is not None:
+            seen("unverified result ignored", f"{result.status} on {message.topic}: {refusal.reason}")
+            return
         detail = result.data.get("summary") or json.dumps(result.data)
         seen(
             "result from device",

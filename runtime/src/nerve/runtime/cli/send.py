@@ -2,7 +2,9 @@
 
 The command goes into JetStream (`NERVE_COMMANDS`, subject `<prefix>.<device>.commands.<action>`);
 the bridge's downlink carries it to the device over MQTT, and the device's result comes back up into
-`NERVE_RESULTS`, where this waits for the one whose `causationid` is the command's id. Meanwhile it
+`NERVE_RESULTS`, where this waits for the one whose `causationid` is the command's id and that the
+device signed (it verifies against the key registered for the device, `central.device_keys_dir`, as
+central checks it: `nerve.runtime.trust.devices`); any other is reported as ignored. Meanwhile it
 looks up the device's last reading, event or result in the streams, to say early that a device has
 never been seen or seems offline rather than wait in silence.
 """
@@ -25,10 +27,11 @@ from nerve.runtime.errors import ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect, publish_envelope
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
 from nerve.runtime.subjects import Address, Kind, is_token, subject_root
+from nerve.runtime.trust.devices import DeviceKeys, registry_dir, user_registry
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, Signer
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
@@ -41,6 +44,7 @@ __all__ = [
     "MAX_EXPIRES_S",
     "SEEN_KINDS",
     "CommandChannel",
+    "device_registry",
     "format_age",
     "format_result",
     "parse_args",
@@ -138,6 +142,18 @@ def signing_key_path(settings: Settings, key: Path | None, keys_dir: Path) -> tu
     return keys_dir / f"{settings.central.keyid}{PRIVATE_SUFFIX}", True
 
 
+def device_registry(settings: Settings, keys_dir: Path) -> Path:
+    """The device registry `nerve send` checks results against.
+
+    `central.device_keys_dir`, else central's default `<data_dir>/devices` if it exists, else
+    `<keys_dir>/../devices`: where `nerve up` registers its device when its settings name no registry.
+    """
+    if settings.central.device_keys_dir is not None:
+        return settings.central.device_keys_dir
+    central = registry_dir(None, settings.data_dir)
+    return central if central.is_dir() else user_registry(keys_dir)
+
+
 def signer_for(settings: Settings, key: Path | None, keys_dir: Path) -> Signer:
     """The operator's signer, from the file `signing_key_path` names (its stem is the key id for --key).
 
@@ -216,8 +232,12 @@ class CommandChannel:
     Raises `BrokerUnavailable` on entry if NATS does not answer.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, registry: Path | None = None) -> None:
+        """`registry`: the device registry results are checked against (default: central's, by `settings`)."""
         self._settings = settings
+        self._device_keys = DeviceKeys(
+            registry or registry_dir(settings.central.device_keys_dir, settings.data_dir)
+        )
         self._nc: NatsClient | None = None
         self._results: Subscription | None = None
 
@@ -266,8 +286,14 @@ class CommandChannel:
                 latest = msg.time
         return latest
 
-    async def result(self, command: Command, *, timeout: float) -> CommandResult | None:
-        """The device's result for `command`, or None if none came within `timeout` seconds."""
+    async def result(
+        self, command: Command, *, timeout: float, ignored: Callable[[str], None] | None = None
+    ) -> CommandResult | None:
+        """The device's signed result for `command`, or None if none came within `timeout` seconds.
+
+        A result for `command` that does not verify against the device's registered key is not returned:
+        `ignored` is told `unverified result ... ignored` with the reason, and the wait goes on.
+        """
         if self._results is None:
             raise RuntimeError("result() before send()")
         try:
@@ -278,8 +304,16 @@ class CommandChannel:
                         result = decode(msg.data, CommandResult)
                     except DecodeError:
                         continue  # someone else's garbage on the subject; not ours to judge here
-                    if result.causationid == command.id:
+                    if result.causationid != command.id:
+                        continue
+                    refusal = self._device_keys.refusal(result)
+                    if refusal is None:
                         return result
+                    if ignored is not None:
+                        ignored(
+                            f"unverified result {result.id} ({result.status}) ignored: {refusal.reason} "
+                            f"(device registry {self._device_keys.directory})"
+                        )
         except TimeoutError:
             pass
         return None

@@ -352,7 +352,12 @@ class Command(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_un
 
 
 class CommandResult(Envelope, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
-    """What device `subject` did with a command: `causationid` is the command's id."""
+    """What device `subject` did with a command: `causationid` is the command's id.
+
+    Signed by the device (`keyid`, its device id, and `sig`) over every attribute but `sig`
+    (`nerve.runtime.trust.signing.canonical_bytes`): central acts only on a result that verifies against
+    the key registered for `subject` (`nerve.runtime.trust.devices`).
+    """
 
     subject: Token
     time: Time = field(default_factory=utcnow)
@@ -360,6 +365,8 @@ class CommandResult(Envelope, frozen=True, kw_only=True, omit_defaults=True, for
     action: Token
     status: ResultStatus
     reason: str = ""
+    keyid: Annotated[str, Meta(max_length=64)] = ""
+    sig: Annotated[str, Meta(max_length=128)] = ""
 
     @classmethod
     def for_command(

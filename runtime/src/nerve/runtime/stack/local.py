@@ -5,6 +5,11 @@ as child processes with their data under the data dir, and stopped on the way ou
 and edge run in this process, in one TaskGroup, in that order (so no reading reaches JetStream before
 its consumer exists). Dev mode: the edge's `clear_temp` works on `<data dir>/scratch`, never /tmp, and
 trusts the central key (the `.pub` beside the signing key, which the stack generates if it is missing).
+The edge signs its results with the device's own key (generated if missing) and the stack registers its
+public half in central's device registry (`<registry>/<device>.pub`) unless that device is registered or
+revoked there. By default both are under the data dir; `nerve up` keeps them per user instead, beside the
+central key (`$XDG_CONFIG_HOME/nerve/edge-keys/`, `$XDG_CONFIG_HOME/nerve/devices/`), where `nerve send`
+finds the registry.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, NoReturn, Self, TextIO
 
 from nerve.runtime.config.settings import Settings, host_port
 from nerve.runtime.errors import ConfigError, shown_url
 from nerve.runtime.stack.brokers import ManagedBroker, Mosquitto, NatsServer, port_answers
+from nerve.runtime.trust.devices import REVOKED_DIR, registry_dir
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, PUBLIC_SUFFIX, Signer, generate_keypair
 from nerve.runtime.wire.endpoint import default_mqtt_port
 
@@ -35,6 +42,8 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S: Final = 30.0
 SHUTDOWN_TIMEOUT_S: Final = 15.0
 LOOPBACK: Final = {"127.0.0.1", "localhost", "::1"}
+# Not the central key's folder: the edge trusts every `.pub` there, and must not trust its own key.
+DEVICE_KEYS_DIR: Final = "edge-keys"
 CLIENT_ID_SUFFIX_LEN: Final = 8
 
 
@@ -76,11 +85,22 @@ class StackInfo:
 class Stack:
     """Brokers (when needed), central, bridge and edge, as one async context manager."""
 
-    def __init__(self, *, settings: Settings, device: str, signing_key: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        device: str,
+        signing_key: Path | None = None,
+        device_key: Path | None = None,
+        device_keys_dir: Path | None = None,
+    ) -> None:
         """A stack on `settings` whose edge is `device`.
 
         `signing_key`: central's private key, created with its `.pub` if missing (default:
         `central.signing_key`, else `<data dir>/keys/<keyid>.key`, private to this stack).
+        `device_key`: the edge's own key, created if missing (default: `edge.signing_key`, else
+        `<data dir>/edge-keys/<device>.key`); `device_keys_dir`: central's device registry, where its public
+        half is registered (default: `central.device_keys_dir`, else `<data dir>/devices`).
         """
         self._device = device
         data_dir = settings.data_dir.resolve()
@@ -91,6 +111,14 @@ class Stack:
             signing_key or settings.central.signing_key or data_dir / "keys" / f"{keyid}{PRIVATE_SUFFIX}"
         ).absolute()
         self._signing_key = key
+        self._device_key = (
+            device_key
+            or settings.edge.signing_key
+            or data_dir / DEVICE_KEYS_DIR / f"{device}{PRIVATE_SUFFIX}"
+        ).absolute()
+        self._registry = (
+            device_keys_dir or registry_dir(settings.central.device_keys_dir, data_dir)
+        ).absolute()
         keys = key.parent
         bridge_id, edge_id = client_ids(settings, device=device, data_dir=data_dir)
         self._settings = settings.model_copy(
@@ -104,9 +132,12 @@ class Stack:
                         "clear_temp_roots": (self._scratch,),
                         "trusted_keys_dir": keys,
                         "journal": data_dir / "edge-journal.sqlite3",
+                        "signing_key": self._device_key,
                     }
                 ),
-                "central": settings.central.model_copy(update={"signing_key": key}),
+                "central": settings.central.model_copy(
+                    update={"signing_key": key, "device_keys_dir": self._registry}
+                ),
             }
         )
         self._brokers: list[ManagedBroker] = []
@@ -164,6 +195,30 @@ class Stack:
             raise ConfigError("private key without its .pub beside it", source=str(private))
         return Signer.from_file(private, self._settings.central.keyid)
 
+    def _ensure_device_key(self) -> None:
+        """Create the edge's key pair if missing, and register its public key unless the device is known."""
+        private, device = self._device_key, self._device
+        public = private.with_suffix(PUBLIC_SUFFIX)
+        if not private.exists():
+            generate_keypair(private.parent, private.stem)
+            log.info("created the key pair of device %s: %s (and .pub)", device, private)
+        elif not public.exists():
+            raise ConfigError("private key without its .pub beside it", source=str(private))
+        registered = self._registry / f"{device}{PUBLIC_SUFFIX}"
+        if (self._registry / REVOKED_DIR / registered.name).exists():
+            log.warning("device %s is revoked in %s: central will refuse its results", device, self._registry)
+        elif not registered.exists():
+            self._registry.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(public, registered)
+            log.info("registered device %s in %s", device, self._registry)
+        elif registered.read_bytes().strip() != public.read_bytes().strip():
+            log.warning(
+                "device %s is registered in %s with another key than %s: central will refuse its results",
+                device,
+                self._registry,
+                private,
+            )
+
     def _lock_data_dir(self) -> None:
         # Two stacks on one data dir would share client ids and fight over the MQTT sessions.
         path = self._data_dir / "nerve-up.lock"
@@ -195,6 +250,7 @@ class Stack:
             )
             await self._ensure_broker(self._settings.nats.url, 4222, NatsServer)
             signer = self._ensure_keys()
+            self._ensure_device_key()
             ready = asyncio.Event()
             self._stack_task = asyncio.create_task(self._run_parts(signer, ready), name="nerve-stack")
             ready_wait = asyncio.create_task(ready.wait())

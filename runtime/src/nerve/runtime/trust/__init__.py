@@ -1,6 +1,7 @@
 """Trust: the keys that sign commands, results and facts, and how a signature is checked."""
 
 from nerve.runtime.trust.chain import Problem, fact_bytes, record_hash, seal, verify_records
+from nerve.runtime.trust.devices import DeviceKeys, Refusal, registry_dir
 from nerve.runtime.trust.signing import (
     PRIVATE_SUFFIX,
     PUBLIC_SUFFIX,
@@ -8,18 +9,23 @@ from nerve.runtime.trust.signing import (
     Verifier,
     canonical_bytes,
     generate_keypair,
+    read_public_key,
 )
 
 __all__ = [
     "PRIVATE_SUFFIX",
     "PUBLIC_SUFFIX",
+    "DeviceKeys",
     "Problem",
+    "Refusal",
     "Signer",
     "Verifier",
     "canonical_bytes",
     "fact_bytes",
     "generate_keypair",
+    "read_public_key",
     "record_hash",
+    "registry_dir",
     "seal",
     "verify_records",
 ]

@@ -22,6 +22,7 @@ import msgspec
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Fact
 from nerve.runtime.errors import DecodeError, SignatureError
+from nerve.runtime.trust.signing import canonical_bytes
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -34,12 +35,10 @@ WRONG_LAST_SEQUENCE_CODE: Final = 10071
 # How often a publisher re-reads the head and retries when another writer got there first.
 MAX_CHAIN_ATTEMPTS: Final = 20
 
-_CANONICAL: Final = msgspec.json.Encoder(order="sorted")
-
 
 def fact_bytes(fact: Fact) -> bytes:
     """The bytes a fact's signature covers: its JSON without `sig`, keys sorted at every level."""
-    return _CANONICAL.encode(msgspec.structs.replace(fact, sig=""))
+    return canonical_bytes(fact)
 
 
 def record_hash(stored: bytes) -> str:

@@ -1,9 +1,12 @@
-"""Ed25519 signatures on commands: central signs, devices verify.
+"""Ed25519 signatures on commands and results.
 
-The signature covers the canonical JSON of every attribute of the command but `sig` itself (msgspec's
-JSON of the one `Command` model, map keys sorted at every level, no spaces; attributes at their default
-left out, as in every encoding), so it survives a trip through msgpack or JSON and any field changed in
-transit breaks it. Central and devices compute it from the same model.
+Central signs commands, devices verify them; devices sign their results, central verifies them
+(`nerve.runtime.trust.devices`).
+
+The signature covers the canonical JSON of every attribute of the message but `sig` itself (msgspec's
+JSON of the one `Command` or `CommandResult` model, map keys sorted at every level, no spaces; attributes
+at their default left out, as in every encoding), so it survives a trip through msgpack or JSON and any
+field changed in transit breaks it. Signer and verifier compute it from the same model.
 
 Keys are files: `<keyid>.key` holds the base64 seed (mode 0600), `<keyid>.pub` the base64 public key.
 """
@@ -13,12 +16,13 @@ from __future__ import annotations
 import base64
 import binascii
 import os
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import msgspec
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from nerve.runtime.envelope.model import CommandResult
 from nerve.runtime.errors import ConfigError, SignatureError
 from nerve.runtime.subjects import is_token
 
@@ -26,15 +30,23 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from pathlib import Path
 
-    from nerve.runtime.envelope.model import Command
+    from nerve.runtime.envelope.model import Command, Fact
 
 PRIVATE_SUFFIX: Final = ".key"
 PUBLIC_SUFFIX: Final = ".pub"
 
+#: What a `Signer` signs and a `Verifier` checks with `sign`/`verify`: a command or a command result.
+Signed = TypeVar("Signed", "Command", "CommandResult")
 
-def canonical_bytes(command: Command) -> bytes:
-    """The bytes a command's signature covers: its JSON without `sig`, keys sorted at every level."""
-    return _CANONICAL.encode(msgspec.structs.replace(command, sig=""))
+
+def canonical_bytes(message: Command | CommandResult | Fact) -> bytes:
+    """The bytes a message's signature covers: its JSON without `sig`, keys sorted at every level."""
+    return _CANONICAL.encode(msgspec.structs.replace(message, sig=""))
+
+
+def _what(message: Command | CommandResult) -> str:
+    """How errors name `message`: `command` or `result`."""
+    return "result" if isinstance(message, CommandResult) else "command"
 
 
 _CANONICAL: Final = msgspec.json.Encoder(order="sorted")
@@ -71,8 +83,17 @@ def _decode_key(text: str, *, source: str, size: int = 32) -> bytes:
     return raw
 
 
+def read_public_key(path: Path, *, what: str = "public key") -> VerifyKey:
+    """The base64 public key in `path` (as `generate_keypair` writes `<keyid>.pub`). Raises `ConfigError`."""
+    try:
+        text = path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {what}: {exc}", source=str(path)) from None
+    return VerifyKey(_decode_key(text, source=str(path)))
+
+
 class Signer:
-    """Signs commands with one private key."""
+    """Signs commands (central, operators) or results (a device, key id = device id) with one private key."""
 
     def __init__(self, keyid: str, key: SigningKey) -> None:
         self.keyid = keyid
@@ -96,15 +117,14 @@ class Signer:
         """The base64 Ed25519 signature of `data` (facts use it: `nerve.runtime.trust.chain`)."""
         return base64.b64encode(self._key.sign(data).signature).decode()
 
-    def sign(self, command: Command) -> Command:
-        """Return `command` with `keyid` and `sig` set."""
-        unsigned = msgspec.structs.replace(command, keyid=self.keyid, sig="")
-        signature = self._key.sign(canonical_bytes(unsigned)).signature
-        return msgspec.structs.replace(unsigned, sig=base64.b64encode(signature).decode())
+    def sign(self, message: Signed) -> Signed:
+        """Return `message` (a command or a result) with `keyid` and `sig` set."""
+        unsigned = msgspec.structs.replace(message, keyid=self.keyid, sig="")
+        return msgspec.structs.replace(unsigned, sig=self.sign_bytes(canonical_bytes(unsigned)))
 
 
 class Verifier:
-    """Checks command signatures against the keys a device trusts (several, for rotation)."""
+    """Checks signatures against trusted keys: a device trusts central (several, for rotation)."""
 
     def __init__(self, trusted: Mapping[str, VerifyKey]) -> None:
         self._trusted = dict(trusted)
@@ -120,11 +140,7 @@ class Verifier:
             if not directory.is_dir():
                 raise ConfigError("trusted keys directory does not exist", source=str(directory))
             for path in sorted(directory.glob(f"*{PUBLIC_SUFFIX}")):
-                try:
-                    text = path.read_text(encoding="ascii")
-                except (OSError, UnicodeDecodeError) as exc:
-                    raise ConfigError(f"cannot read trusted key: {exc}", source=str(path)) from None
-                trusted[path.stem] = VerifyKey(_decode_key(text, source=str(path)))
+                trusted[path.stem] = read_public_key(path, what="trusted key")
         return cls(trusted)
 
     @property
@@ -132,9 +148,9 @@ class Verifier:
         """The key ids trusted."""
         return frozenset(self._trusted)
 
-    def verify(self, command: Command) -> None:
-        """Return if `command` is signed by a trusted key; raise `SignatureError` saying why not."""
-        self.check(command.keyid, command.sig, lambda: canonical_bytes(command))
+    def verify(self, message: Command | CommandResult) -> None:
+        """Return if `message` is signed by a trusted key; raise `SignatureError` saying why not."""
+        self.check(message.keyid, message.sig, lambda: canonical_bytes(message), what=_what(message))
 
     def check(self, keyid: str, sig: str, signed: Callable[[], bytes], *, what: str = "command") -> None:
         """Return if `sig` by `keyid` signs the bytes `signed()` gives; raise `SignatureError` saying why not.
