@@ -305,7 +305,7 @@ async def test_a_provisioned_edge_and_the_bridge_carry_a_signed_command_and_its_
         running(Bridge(settings=bridge_settings), wait=WAIT),
         open_edge(edge_settings, device="dev3") as edge,
         running(edge, wait=WAIT),
-        CommandChannel(bridge_settings) as channel,
+        CommandChannel(bridge_settings, registry=site.paths.registry) as channel,  # where dev3 was added
     ):
         await channel.send(command, device="dev3")
         result = await channel.result(command, timeout=WAIT)

@@ -296,22 +296,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _up(args: argparse.Namespace) -> int:
-    from nerve.runtime.stack.local import DEVICE_KEYS_DIR, Stack  # noqa: PLC0415 - needs every part installed
-    from nerve.runtime.trust.devices import user_registry  # noqa: PLC0415
+    from nerve.runtime.stack.local import Stack  # noqa: PLC0415 - needs every part installed
 
     settings = _settings(args)
     device = args.device or settings.edge.device or _default_device()
-    keys_dir = default_keys_dir(os.environ)
-    key = settings.central.signing_key or keys_dir / f"{settings.central.keyid}.key"
-    # The device's key and registry live per user too, so that `nerve send` finds them (user_registry).
-    device_key = keys_dir.parent / DEVICE_KEYS_DIR / f"{device}.key"
-    async with Stack(
-        settings=settings,
-        device=device,
-        signing_key=key,
-        device_key=settings.edge.signing_key or device_key,
-        device_keys_dir=settings.central.device_keys_dir or user_registry(keys_dir),
-    ) as stack:
+    key = settings.central.signing_key or default_keys_dir(os.environ) / f"{settings.central.keyid}.key"
+    # The device's key and the registry are the data dir's (`<data_dir>/devices`, as for `nerve devices`
+    # and `nerve send --data-dir`), unless the settings name them.
+    async with Stack(settings=settings, device=device, signing_key=key) as stack:
         info = stack.info
         assert info is not None  # noqa: S101 - set by __aenter__
         started = f" (started: {', '.join(info.started_brokers)})" if info.started_brokers else ""
@@ -428,7 +420,7 @@ async def _send(args: argparse.Namespace) -> int:
     sent = False
     started = time.monotonic()
     try:
-        async with CommandChannel(settings, registry=device_registry(settings, keys_dir)) as channel:
+        async with CommandChannel(settings, registry=device_registry(settings)) as channel:
             await channel.send(command, device=args.device)
             sent = True
             notice = presence_notice(

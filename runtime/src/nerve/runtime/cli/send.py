@@ -27,7 +27,7 @@ from nerve.runtime.errors import ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect, publish_envelope
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
 from nerve.runtime.subjects import Address, Kind, is_token, subject_root
-from nerve.runtime.trust.devices import DeviceKeys, registry_dir, user_registry
+from nerve.runtime.trust.devices import DeviceKeys, registry_dir
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, Signer
 
 if TYPE_CHECKING:
@@ -142,16 +142,9 @@ def signing_key_path(settings: Settings, key: Path | None, keys_dir: Path) -> tu
     return keys_dir / f"{settings.central.keyid}{PRIVATE_SUFFIX}", True
 
 
-def device_registry(settings: Settings, keys_dir: Path) -> Path:
-    """The device registry `nerve send` checks results against.
-
-    `central.device_keys_dir`, else central's default `<data_dir>/devices` if it exists, else
-    `<keys_dir>/../devices`: where `nerve up` registers its device when its settings name no registry.
-    """
-    if settings.central.device_keys_dir is not None:
-        return settings.central.device_keys_dir
-    central = registry_dir(None, settings.data_dir)
-    return central if central.is_dir() else user_registry(keys_dir)
+def device_registry(settings: Settings) -> Path:
+    """The device registry `nerve send` checks results against: central's (`registry_dir`)."""
+    return registry_dir(settings.central.device_keys_dir, settings.data_dir)
 
 
 def signer_for(settings: Settings, key: Path | None, keys_dir: Path) -> Signer:

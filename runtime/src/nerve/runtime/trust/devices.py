@@ -44,7 +44,6 @@ __all__ = [
     "Refusal",
     "RefusalKind",
     "registry_dir",
-    "user_registry",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,15 +67,6 @@ REFUSAL_KINDS: Final[tuple[RefusalKind, ...]] = (
 def registry_dir(device_keys_dir: Path | None, data_dir: Path) -> Path:
     """Where central's registry is: `central.device_keys_dir`, else `<data_dir>/devices`."""
     return device_keys_dir if device_keys_dir is not None else data_dir / REGISTRY_DIR_NAME
-
-
-def user_registry(keys_dir: Path) -> Path:
-    """The registry `nerve up` uses when the settings name none: `devices/` beside the per-user keys dir.
-
-    Per user, like the central key `nerve up` makes in `keys_dir`, so `nerve send` finds it whatever the
-    working directory or `--data-dir` (`$XDG_CONFIG_HOME/nerve/devices`).
-    """
-    return keys_dir.parent / REGISTRY_DIR_NAME
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,6 +44,7 @@ import yaml
 
 from nerve.runtime.errors import ConfigError, NerveError
 from nerve.runtime.subjects import check_token
+from nerve.runtime.trust.devices import registry_dir
 from nerve.runtime.trust.signing import PRIVATE_SUFFIX, PUBLIC_SUFFIX, Verifier, generate_keypair
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class SiteError(NerveError):
 
 def device_keys_dir(settings: Settings) -> Path:
     """The device public keys central reads: `central.device_keys_dir`, else `<data_dir>/devices`."""
-    return settings.central.device_keys_dir or settings.data_dir / "devices"
+    return registry_dir(settings.central.device_keys_dir, settings.data_dir)
 
 
 @dataclass(frozen=True, slots=True)
