@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final, cast
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, ServiceUnavailableError
 
 from nerve.bridge import Bridge
@@ -26,6 +26,7 @@ from nerve.runtime.envelope.model import CommandResult, Event
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.client import STREAM_FULL_CODE, StreamFull, publish_dead_letter, publish_envelope
 from nerve.runtime.jetstream.streams import (
+    BUCKETS,
     DAY,
     DEADLETTER_STREAM,
     DUPLICATE_WINDOW_S,
@@ -33,6 +34,7 @@ from nerve.runtime.jetstream.streams import (
     STREAMS,
     StreamShrinkRefused,
     StreamSpec,
+    ensure_buckets,
     ensure_streams,
     stream_usage,
 )
@@ -456,3 +458,22 @@ async def test_nerve_send_says_in_one_line_that_the_commands_stream_is_full(
     assert "its stream is full" in last
     assert "Traceback" not in err.decode()
     assert (await js.stream_info("NERVE_COMMANDS")).state.messages == held
+
+
+@pytest.mark.broker
+async def test_buckets_are_bounded_and_an_unbounded_one_is_brought_to_its_limits(nc: NatsClient) -> None:
+    js = nc.jetstream()
+    bucket = BUCKETS[0]
+    # A bucket made before buckets had limits (or by hand): no byte or value limit, one value in it.
+    kv = await js.create_key_value(KeyValueConfig(bucket=bucket.name, history=bucket.history))
+    await kv.put("dev1", b"kept")
+    await ensure_buckets(js)
+    config = (await js.stream_info(bucket.stream)).config
+    assert (config.max_bytes, config.max_msg_size) == (bucket.max_bytes, bucket.max_value_size)
+    assert (await kv.get("dev1")).value == b"kept"  # limits only: what it holds stays
+    # A value over the limit is refused, and the putter is told.
+    with pytest.raises(BadRequestError):
+        await kv.put("dev2", b"x" * (bucket.max_value_size + 1))
+    await kv.put("dev2", b"x" * 100)
+    await ensure_buckets(js)  # idempotent
+    assert (await js.stream_info(bucket.stream)).state.messages == 2

@@ -104,6 +104,19 @@ class BucketSpec:
 
     name: str
     history: int = 1
+    # Every bucket is bounded too: JetStream refuses a put beyond `max_bytes` (KV buckets discard new)
+    # or a value over `max_value_size`, and the putter is told (docs/streams.md).
+    max_bytes: int = 64 * 1024 * 1024
+    max_value_size: int = 64 * 1024
+
+    def config(self) -> KeyValueConfig:
+        """The bucket's configuration, with its limits."""
+        return KeyValueConfig(
+            bucket=self.name,
+            history=self.history,
+            max_bytes=self.max_bytes,
+            max_value_size=self.max_value_size,
+        )
 
     @property
     def stream(self) -> str:
@@ -220,12 +233,23 @@ class StreamsMissing(NerveError):
 
 
 async def ensure_buckets(js: JetStreamContext) -> None:
-    """Create every bucket in `BUCKETS` that is missing; one that exists is left as it is."""
+    """Create every bucket in `BUCKETS` that is missing, and bring one that exists to its limits.
+
+    Only the limits change (bytes, value size): what a bucket holds is kept, and a bucket that already
+    holds more than a new `max_bytes` keeps its values (JetStream refuses new puts until it fits).
+    """
     for bucket in BUCKETS:
         try:
-            await js.key_value(bucket.name)
+            info = await js.stream_info(bucket.stream)
         except NotFoundError:
-            await js.create_key_value(KeyValueConfig(bucket=bucket.name, history=bucket.history))
+            await js.create_key_value(bucket.config())
+            continue
+        config = info.config
+        if (config.max_bytes, config.max_msg_size) != (bucket.max_bytes, bucket.max_value_size):
+            config.max_bytes = bucket.max_bytes
+            config.max_msg_size = bucket.max_value_size
+            await js.update_stream(config)
+            log.info("streams: bucket %s brought to its limits", bucket.name)
 
 
 async def apply_streams(js: JetStreamContext, prefix: str, streams: StreamsSettings | None = None) -> None:
