@@ -124,6 +124,7 @@ class _Known:
     state: str
     owner: str
     lease_until: float
+    wake_at: float
 
 
 async def wait_for_run(kv: KeyValue, run_id: str, *, timeout: float, ended: bool = True) -> RunRecord:
@@ -238,6 +239,8 @@ class Engine:
         self._ctx = EngineContext(
             js=js, prefix=self._prefix, settings=self.settings, signer=self._signer, codec=self._codec
         )
+        subscriptions: list[JetStreamContext.PushSubscription] = []
+        watcher: KeyValue.KeyWatcher | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
@@ -252,6 +255,7 @@ class Engine:
                     ack_wait_s=ACK_WAIT_S,
                     max_ack_pending=MAX_ACK_PENDING,
                 )
+                subscriptions.append(timers)
                 tasks.create_task(self._consume_timers(timers), name="engine-timers")
                 for agent in self._agents.values():
                     sub = await shared_durable(
@@ -263,12 +267,21 @@ class Engine:
                         max_ack_pending=MAX_ACK_PENDING,
                         max_deliver=MAX_DELIVER,
                     )
+                    subscriptions.append(sub)
                     tasks.create_task(self._consume_triggers(agent, sub), name=f"engine-trigger-{agent.name}")
                 self.ready.set()
                 log.info("engine %s: running %s", self.instance[:8], ", ".join(self._agents))
         finally:
             self.ready.clear()
             self._tasks = None
+            # Leave the deliver groups, so the messages go to the engines that still run (on this
+            # connection too: a test or a process may start another engine on it).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    for sub in subscriptions:
+                        await sub.unsubscribe()
+                    if watcher is not None:
+                        await watcher.stop()  # type: ignore[no-untyped-call]
 
     # --- operations ----------------------------------------------------------------------------------
 
@@ -424,7 +437,9 @@ class Engine:
             if record.terminal:
                 self._known.pop(run_id, None)
             else:
-                self._known[run_id] = _Known(record.agent, record.state, record.owner, record.lease_until)
+                self._known[run_id] = _Known(
+                    record.agent, record.state, record.owner, record.lease_until, record.wake_at
+                )
 
     async def _on_cancel(self, run_id: str) -> None:
         step = self._live.get(run_id)
@@ -436,17 +451,24 @@ class Engine:
             await self._claim(run_id)
 
     async def _recover(self) -> None:
-        """Claim the runs whose holder stopped renewing its lease (or gave it back)."""
+        """Claim runs whose holder stopped renewing its lease, and parked runs overdue by a lease.
+
+        A run is overdue if its timer did not wake it a lease after it was due (say, the timers stream
+        dropped its schedule at its limit).
+        """
         while True:
             await asyncio.sleep(self.settings.lease_s / 2)
             now = time.time()
             for run_id, known in list(self._known.items()):
-                if (
-                    known.state == "open"
-                    and known.lease_until < now
-                    and known.agent in self._agents
-                    and run_id not in self._live
-                ):
+                if known.agent not in self._agents or run_id in self._live:
+                    continue
+                stalled = known.state == "open" and known.lease_until < now
+                overdue = (
+                    known.state == "waiting"
+                    and not known.owner
+                    and 0 < known.wake_at < now - self.settings.lease_s
+                )
+                if stalled or overdue:
                     try:
                         await self._claim(run_id)
                     except (NatsError, TimeoutError) as exc:
@@ -499,18 +521,19 @@ class Engine:
                 body = tasks.create_task(self._drive(agent, step, handle, trigger))
                 body.add_done_callback(lambda _done: renewal.cancel())
             rewake = body.result()
-        except* LeaseLost:
-            log.warning("engine: run %s: lease lost to another process; stopped here", handle.run_id)
-        except* asyncio.CancelledError:
+        except asyncio.CancelledError:
             # The engine is stopping: give the lease back so another engine resumes the run at once.
             if not handle.lost and not handle.record.terminal:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(RELEASE_TIMEOUT_S):
                         await handle.write(lambda _record: None, release=True)
             raise
-        except* Exception as group:  # noqa: BLE001 - a run's trouble must not stop the engine
-            # Journal or broker trouble: the run stays claimed until its lease runs out, then it resumes.
-            log.error("engine: run %s stopped: %s", handle.run_id, group.exceptions[0])  # noqa: TRY400
+        except ExceptionGroup as group:
+            if group.subgroup(LeaseLost) is not None:
+                log.warning("engine: run %s: lease lost to another process; stopped here", handle.run_id)
+            else:
+                # Journal or broker trouble: the run stays claimed until its lease runs out, then resumes.
+                log.error("engine: run %s stopped: %r", handle.run_id, group.exceptions[0])  # noqa: TRY400
         finally:
             self._live.pop(handle.run_id, None)
             self._slots.release()
@@ -527,7 +550,7 @@ class Engine:
         try:
             result = await agent.fn(trigger, step)
         except Park as park:
-            await handle.write(_set_waiting, release=True)
+            await handle.write(functools.partial(_set_waiting, wake_at=park.due), release=True)
             # The timer may have fired while the run parked: nobody would wake it then.
             return await has_fired(self._context.js, prefix=self._prefix, timer_id=park.timer_id)
         except LeaseLost:
@@ -625,8 +648,9 @@ def _mark_undo(record: RunRecord, *, index: int, status: UndoStatus, reason: str
     )
 
 
-def _set_waiting(record: RunRecord) -> None:
+def _set_waiting(record: RunRecord, *, wake_at: float) -> None:
     record.state = "waiting"
+    record.wake_at = wake_at
 
 
 def _set_done(record: RunRecord, value: Any) -> None:  # noqa: ANN401 - any JSON value

@@ -79,6 +79,8 @@ class RunRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     #: The run failed (or was cancelled) and its undos are running.
     compensating: bool = False
     failure_handled: bool = False
+    #: A parked run: when its timer is due (the engine's watchdog wakes it a lease after, if no timer did).
+    wake_at: float = 0.0
     created: float = 0.0
     updated: float = 0.0
 
@@ -149,6 +151,7 @@ async def try_claim(
     record.lease_until = now + lease_s
     if record.state == "waiting":
         record.state = "open"
+        record.wake_at = 0.0
     record.updated = now
     try:
         revision = await kv.update(run_key(run_id), encode_record(record, limit), last=revision)

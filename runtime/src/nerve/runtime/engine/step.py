@@ -33,7 +33,7 @@ from nerve.runtime.engine.errors import (
 )
 from nerve.runtime.engine.journal import RecordTooLarge, RunRecord, StepRecord, UndoRecord
 from nerve.runtime.engine.names import TIMERS_STREAM, timer_fired_subject
-from nerve.runtime.engine.timers import has_fired, schedule
+from nerve.runtime.engine.timers import forget, has_fired, schedule
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import Fact, derived_id
 from nerve.runtime.errors import DecodeError
@@ -81,8 +81,9 @@ class Park(BaseException):
     A `BaseException`, so that an agent's `except Exception` cannot swallow it.
     """
 
-    def __init__(self, timer_id: str) -> None:
+    def __init__(self, timer_id: str, due: float) -> None:
         self.timer_id = timer_id
+        self.due = due
         super().__init__(timer_id)
 
 
@@ -156,8 +157,8 @@ class Step:
         self._seen.add(name)
         return self._handle.record.steps.get(name)
 
-    def _before_new_step(self) -> None:
-        """Refuse to start a step that is not journalled yet when the run is stopping."""
+    def _before_new_step(self, *, new: bool = True) -> None:
+        """Refuse to start (or, `new` false, go on with) a step not done yet when the run is stopping."""
         if self._handle.lost:
             raise LeaseLost(self.run_id)
         if self._cancelled:
@@ -166,7 +167,7 @@ class Step:
         if record.compensating:
             # A replay during compensation goes only as far as the journal: it re-registers the undos.
             raise StepFailed(self.run_id, "(replay)", record.error or "the run is compensating")
-        if len(record.steps) >= self._ctx.settings.max_steps:
+        if new and len(record.steps) >= self._ctx.settings.max_steps:
             raise StepFailed(
                 self.run_id, "(limit)", f"more than {self._ctx.settings.max_steps} steps (engine.max_steps)"
             )
@@ -218,7 +219,7 @@ class Step:
             return journalled.result
         if journalled is not None and journalled.status == "failed":
             raise StepFailed(self.run_id, name, journalled.error)
-        self._before_new_step()
+        self._before_new_step(new=journalled is None)
         positions = await self._positions()
         started = journalled.started if journalled is not None else time.time()
         attempts = journalled.attempts if journalled is not None else 0
@@ -269,27 +270,27 @@ class Step:
             return
         self._check_duration(name, seconds)
         timer_id = derived_id(self.run_id, "timer", name)
+        fresh = journalled is None
         if journalled is None:
             self._before_new_step()
             due = time.time() + seconds
             positions = await self._positions()
-            await self._record(
-                name,
-                StepRecord(status="sleeping", due=due, timer=timer_id, started=time.time()),
-                positions=positions,
-            )
+            journalled = StepRecord(status="sleeping", due=due, timer=timer_id, started=time.time())
+            await self._record(name, journalled, positions=positions)
             await self._schedule(timer_id, due, name)
-        elif not await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
-            # Maybe the process that journalled the timer died before it scheduled it: schedule it again
-            # (a pending schedule on the same subject is replaced, not doubled).
-            await self._schedule(timer_id, journalled.due, name)
-        if await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
-            started = journalled.started if journalled is not None else time.time()
-            await self._record(
-                name, StepRecord(status="done", started=started, finished=time.time(), timer=timer_id)
-            )
+        else:
+            self._before_new_step(new=False)
+        fired = await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
+        if fired:
+            done = StepRecord(status="done", started=journalled.started, finished=time.time(), timer=timer_id)
+            await self._record(name, done)
+            await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
             return
-        raise Park(timer_id)
+        if not fresh:
+            # Maybe the process that journalled the timer died before it scheduled it, or the schedule was
+            # lost: schedule it again (a pending schedule on the same subject is replaced, not doubled).
+            await self._schedule(timer_id, journalled.due, name)
+        raise Park(timer_id, journalled.due)
 
     def _check_duration(self, name: str, seconds: float) -> None:
         limit = self._ctx.settings.max_sleep_s
@@ -356,8 +357,10 @@ class Step:
             )
             await self._record(name, journalled, positions=positions)
             await self._schedule(timer_id, due, name)
-        elif not await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
-            await self._schedule(timer_id, journalled.due, name)
+        else:
+            self._before_new_step(new=False)
+            if not await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
+                await self._schedule(timer_id, journalled.due, name)
         subject = f"{subject_root(self._ctx.prefix)}.{source}.{kind.value}.{event_type}"
         found = await self._watch(journalled, subject, stream, model, match)
         result = None if found is None else {"event": to_json(found[0]).decode(), "seq": found[1]}
@@ -371,6 +374,7 @@ class Step:
             from_seq=journalled.from_seq,
         )
         await self._record(name, done)
+        await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
         return None if found is None else found[0]
 
     async def _watch(

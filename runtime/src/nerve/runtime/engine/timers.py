@@ -9,9 +9,11 @@ Scheduling a timer again before it fires replaces it (same subject); its id is a
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
+from nats.errors import Error as NatsError
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
     from nerve.runtime.engine.settings import EngineSettings
 
+log = logging.getLogger(__name__)
+
 SCHEDULE_HEADER: Final = "Nats-Schedule"
 SCHEDULE_TARGET_HEADER: Final = "Nats-Schedule-Target"
 RUN_HEADER: Final = "Nerve-Run"
@@ -36,7 +40,12 @@ STEP_HEADER: Final = "Nerve-Step"
 
 
 def timers_config(prefix: str, settings: EngineSettings) -> StreamConfig:
-    """NERVE_TIMERS: schedules allowed; full means new timers are refused (a pending one is never dropped)."""
+    """NERVE_TIMERS: schedules allowed; at its byte limit the oldest messages go.
+
+    nats-server refuses message schedules in a stream that discards new messages, so a full stream drops
+    its oldest: fired messages are deleted once their step is journalled (`forget`) to keep it small, and
+    a parked run whose timer is overdue by a lease is woken by the engine's watchdog all the same.
+    """
     return StreamConfig(
         name=TIMERS_STREAM,
         subjects=[timers_filter(prefix)],
@@ -44,7 +53,7 @@ def timers_config(prefix: str, settings: EngineSettings) -> StreamConfig:
         storage=StorageType.FILE,
         max_age=settings.timers.max_age_s,
         max_bytes=settings.timers.max_bytes,
-        discard=DiscardPolicy.NEW,
+        discard=DiscardPolicy.OLD,
         duplicate_window=DUPLICATE_WINDOW_S,
         allow_msg_schedules=True,
     )
@@ -73,10 +82,24 @@ async def schedule(
     )
 
 
+async def fired_seq(js: JetStreamContext, *, prefix: str, timer_id: str) -> int | None:
+    """The sequence of timer `timer_id`'s fired message in NERVE_TIMERS, or None if it has not fired."""
+    try:
+        return (await js.get_last_msg(TIMERS_STREAM, timer_fired_subject(prefix, timer_id))).seq
+    except NotFoundError:
+        return None
+
+
 async def has_fired(js: JetStreamContext, *, prefix: str, timer_id: str) -> bool:
     """Whether timer `timer_id` fired (its message is in NERVE_TIMERS)."""
+    return await fired_seq(js, prefix=prefix, timer_id=timer_id) is not None
+
+
+async def forget(js: JetStreamContext, *, prefix: str, timer_id: str) -> None:
+    """Delete timer `timer_id`'s fired message (its step is journalled): best effort, never raises."""
     try:
-        await js.get_last_msg(TIMERS_STREAM, timer_fired_subject(prefix, timer_id))
-    except NotFoundError:
-        return False
-    return True
+        seq = await fired_seq(js, prefix=prefix, timer_id=timer_id)
+        if seq is not None:
+            await js.delete_msg(TIMERS_STREAM, seq)
+    except (NatsError, TimeoutError) as exc:
+        log.debug("timers: fired message of %s not deleted: %s", timer_id, exc)
