@@ -11,6 +11,7 @@ import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.runtime.engine import (
     NO_RETRY,
@@ -28,7 +29,6 @@ from nerve.runtime.envelope.model import Fact
 from nerve.runtime.jetstream.streams import FACTS_STREAM
 from nerve.runtime.subjects import Kind
 from nerve.runtime.testing import stream_messages
-from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient

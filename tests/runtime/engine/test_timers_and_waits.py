@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 import pytest
 from nats.js.errors import NotFoundError
+from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.runtime.engine import AgentDeclarationError, Engine, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine.names import TIMERS_STREAM, timer_schedule_subject
 from nerve.runtime.engine.timers import has_fired
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.subjects import Kind
-from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -89,7 +89,10 @@ async def test_a_sleep_longer_than_the_limit_fails_the_run(nc: NatsClient, js: J
     assert AgentDeclarationError.__name__ in record.error
 
 
-gate = asyncio.Event()
+class Gate:
+    """Opened by the test (a new event per test: an asyncio.Event belongs to one loop)."""
+
+    event = asyncio.Event()
 
 
 @durable_agent(
@@ -106,7 +109,7 @@ async def recovery(event: Envelope, step: Step) -> str:
 
     await step.run("offer", offer)
     if event.data.get("gated"):
-        await gate.wait()  # the test publishes the payment here: after the step, before the wait
+        await Gate.event.wait()  # the test publishes the payment here: after the step, before the wait
     paid = await step.wait_for_event(
         "paid",
         "payment_succeeded",
@@ -119,18 +122,20 @@ async def recovery(event: Envelope, step: Step) -> str:
 async def test_an_event_between_the_previous_step_and_the_wait_is_not_missed(
     nc: NatsClient, js: JetStreamContext
 ) -> None:
-    gate.clear()
+    Gate.event = asyncio.Event()
     # A payment for this order from before the trigger does not count; one for another order neither.
     await publish_event(js, "payment_succeeded", {"order": "o-race"}, event_id="e-paid-before")
     async with Engine(nc=nc, agents=[recovery], prefix=PREFIX, settings=FAST) as engine:
-        event = await publish_event(js, "payment_failed", {"order": "o-race", "gated": True}, event_id="e-race")
+        event = await publish_event(
+            js, "payment_failed", {"order": "o-race", "gated": True}, event_id="e-race"
+        )
         run_id = recovery.run_id(event.id)
         async with asyncio.timeout(20):
             while (record := await engine.record(run_id)) is None or "offer" not in record.steps:
                 await asyncio.sleep(0.02)
         await publish_event(js, "payment_succeeded", {"order": "o-other"}, event_id="e-paid-other")
         paid = await publish_event(js, "payment_succeeded", {"order": "o-race"}, event_id="e-paid-race")
-        gate.set()
+        Gate.event.set()
         record = await wait_for_run(engine.kv, run_id, timeout=20)
     assert record.result == "paid"
     assert record.steps["paid"].result["event"]
@@ -154,7 +159,9 @@ async def test_an_event_while_no_engine_ran_is_found_by_the_resumed_wait(
 
 async def test_a_wait_times_out_by_its_durable_timer(nc: NatsClient, js: JetStreamContext) -> None:
     async with Engine(nc=nc, agents=[recovery], prefix=PREFIX, settings=FAST) as engine:
-        event = await publish_event(js, "payment_failed", {"order": "o-late", "timeout": 0.5}, event_id="e-late")
+        event = await publish_event(
+            js, "payment_failed", {"order": "o-late", "timeout": 0.5}, event_id="e-late"
+        )
         record = await wait_for_run(engine.kv, recovery.run_id(event.id), timeout=20)
     assert record.result == "gave_up"
     assert record.steps["paid"].result is None

@@ -1,0 +1,66 @@
+"""A central process with one durable agent, for the crash tests: `python crash_engine.py NATS_URL DIR`.
+
+Each step's effect is a message on `effects.<step>` whose Nats-Msg-Id is the step id, so the stream
+EFFECTS holds each effect once however often the step ran; every execution is also a line in
+DIR/executions. With DIR/hold present, step "slow" stops after its effect (and says so in
+DIR/slow-started) until the process is killed; DIR/delay holds how long each step waits after its effect.
+DIR/ready appears once the engine runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nats
+
+from nerve.runtime.cancellation import until_signalled
+from nerve.runtime.engine import Engine, EngineSettings, Step, Trigger, durable_agent
+from nerve.runtime.subjects import Kind
+
+if TYPE_CHECKING:
+    from nerve.runtime.envelope.model import Envelope
+
+STEPS = ("one", "slow", "two")
+
+
+async def serve(url: str, directory: Path) -> int:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    delay_file = directory / "delay"
+    delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
+
+    async def effect(step: Step, name: str) -> None:
+        with (directory / "executions").open("a") as executions:
+            executions.write(f"{step.run_id} {name}\n")
+        await js.publish(f"effects.{name}", step.run_id.encode(), headers={"Nats-Msg-Id": step.id(name)})
+
+    @durable_agent("crashy", trigger=Trigger(Kind.EVENTS, "crash_test"), key=lambda e: str(e.data["n"]))
+    async def crashy(_event: Envelope, step: Step) -> str:
+        for name in STEPS:
+
+            async def do(name: str = name) -> None:
+                await effect(step, name)
+                if name == "slow" and (directory / "hold").exists():
+                    (directory / "slow-started").touch()
+                    await asyncio.sleep(3600)
+                await asyncio.sleep(delay)  # a window for a kill between the effect and the journal
+
+            await step.run(name, do)
+            if name == "one":
+                await step.sleep("nap", 0.1)
+        return "done"
+
+    try:
+        async with Engine(nc=nc, agents=[crashy], settings=EngineSettings(lease_s=1.0)):
+            (directory / "ready").touch()
+            await asyncio.Event().wait()
+    finally:
+        await nc.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(until_signalled(serve(sys.argv[1], Path(sys.argv[2])))))
