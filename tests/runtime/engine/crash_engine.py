@@ -10,6 +10,8 @@ DIR/ready appears once the engine runs.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,4 +65,9 @@ async def serve(url: str, directory: Path) -> int:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(
+        filename=Path(sys.argv[2]) / "engine.log",
+        level=logging.INFO,
+        format=f"%(asctime)s {os.getpid()} %(name)s %(message)s",
+    )
     sys.exit(asyncio.run(until_signalled(serve(sys.argv[1], Path(sys.argv[2])))))

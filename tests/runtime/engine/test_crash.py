@@ -112,6 +112,9 @@ async def test_runs_survive_kill_9_at_random_instants(
         process = await start_engine(nats_server, tmp_path)
     try:
         records = [await wait_for_run(kv, run_id, timeout=60) for run_id in run_ids]
+    except TimeoutError:
+        print((tmp_path / "engine.log").read_text())  # noqa: T201 - what the engine processes said
+        raise
     finally:
         await stop(process)
     assert [record.state for record in records] == ["done"] * len(run_ids)

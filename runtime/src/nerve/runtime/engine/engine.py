@@ -22,7 +22,6 @@ import functools
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import msgspec
@@ -35,11 +34,11 @@ from nerve.runtime.engine.agent import RunFailure
 from nerve.runtime.engine.errors import EngineError, LeaseLost, RunCancelled
 from nerve.runtime.engine.journal import (
     DECODER,
+    TERMINAL,
     RunHandle,
     RunRecord,
     UndoStatus,
     create_record,
-    encode_record,
     read_record,
     try_claim,
 )
@@ -116,15 +115,17 @@ async def ensure_engine_storage(js: JetStreamContext, prefix: str, settings: Eng
     return kv
 
 
-@dataclass(slots=True)
-class _Known:
-    """What the watcher knows of a run that has not ended."""
+class _Known(msgspec.Struct):
+    """What the watcher knows of a run that has not ended (a part of `RunRecord`)."""
 
     agent: str
-    state: str
-    owner: str
-    lease_until: float
-    wake_at: float
+    state: str = "open"  # the journal leaves out what is at its default
+    owner: str = ""
+    lease_until: float = 0.0
+    wake_at: float = 0.0
+
+
+_SUMMARY: Final = msgspec.json.Decoder(_Known)
 
 
 async def wait_for_run(kv: KeyValue, run_id: str, *, timeout: float, ended: bool = True) -> RunRecord:
@@ -286,7 +287,15 @@ class Engine:
     # --- operations ----------------------------------------------------------------------------------
 
     async def cancel(self, run_id: str) -> None:
-        """Ask for run `run_id` to be cancelled: it stops at its next step and its undos run."""
+        """Ask for run `run_id` to be cancelled: it stops at its next step and its undos run.
+
+        Raises `EngineError` if there is no such run or it has ended already.
+        """
+        found = await read_record(self.kv, run_id)
+        if found is None:
+            raise EngineError(f"no run {run_id}")
+        if found[0].terminal:
+            raise EngineError(f"run {run_id} has ended ({found[0].state}): nothing to cancel")
         await self.kv.put(cancel_key(run_id), b"cancel")
 
     async def record(self, run_id: str) -> RunRecord | None:
@@ -401,9 +410,8 @@ class Engine:
             try:
                 found = await read_record(self.kv, run_id) if run_id else None
                 if found is not None and found[0].state == "waiting" and not found[0].owner:
-                    if found[0].agent not in self._agents:
-                        await msg.nak(delay=1.0)  # for an engine that runs this agent
-                        continue
+                    # A run of an agent this engine does not run is woken by the watchdog of one that
+                    # does, a lease after its timer was due.
                     await self._claim(run_id)
                 # Anything else: the run's holder (or whoever resumes it) looks at the timer itself.
                 await msg.ack()
@@ -430,16 +438,15 @@ class Engine:
                 self._known.pop(run_id, None)
                 continue
             try:
-                record = DECODER.decode(entry.value)
+                # Only what the watchdog needs: the steps are skipped, not decoded.
+                known = _SUMMARY.decode(entry.value)
             except msgspec.DecodeError:
                 log.warning("engine: the journal of run %s cannot be read; left alone", run_id)
                 continue
-            if record.terminal:
+            if known.state in TERMINAL:
                 self._known.pop(run_id, None)
             else:
-                self._known[run_id] = _Known(
-                    record.agent, record.state, record.owner, record.lease_until, record.wake_at
-                )
+                self._known[run_id] = known
 
     async def _on_cancel(self, run_id: str) -> None:
         step = self._live.get(run_id)
@@ -544,6 +551,9 @@ class Engine:
         while True:
             await asyncio.sleep(self.settings.renew_s)
             await handle.renew()
+            # nats-py's request can swallow the cancellation that ends this loop (Python 3.11's wait_for):
+            # without this the run would never finish and never be released.
+            checkpoint()
 
     async def _drive(self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope) -> bool:
         """Replay the agent function over the journal; True if the run parked and its timer fired since."""
@@ -622,6 +632,10 @@ class Engine:
             record.failure_handled = True
 
         await handle.write(finish, release=True)
+        if cancelled:
+            self._cancels.discard(handle.run_id)
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self.kv.delete(cancel_key(handle.run_id))
 
     async def _undo(self, agent: DurableAgent, step: Step, name: str) -> tuple[bool, str, int]:
         """Run the undo of step `name` with the agent's retry policy: (ok, last error, attempts)."""
@@ -666,4 +680,4 @@ def _encodable(value: object) -> bool:
     return True
 
 
-__all__ = ["Engine", "encode_record", "ensure_engine_storage", "wait_for_run"]
+__all__ = ["Engine", "ensure_engine_storage", "wait_for_run"]

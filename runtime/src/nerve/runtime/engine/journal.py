@@ -175,6 +175,8 @@ class RunHandle:
         self.lease_s = lease_s
         self.limit = limit
         self.lost = False
+        #: The lease was given back (the run ended or parked): renewing it would claim the run again.
+        self.released = False
         self._lock = asyncio.Lock()
 
     @property
@@ -212,7 +214,9 @@ class RunHandle:
                 self.lost = True
                 raise LeaseLost(self.run_id) from None
             self.record = updated
+            self.released = release
 
     async def renew(self) -> None:
-        """Extend the lease (raises `LeaseLost` like `write`)."""
-        await self.write(lambda _record: None)
+        """Extend the lease, unless it was given back (raises `LeaseLost` like `write`)."""
+        if not self.released:
+            await self.write(lambda _record: None)

@@ -231,6 +231,7 @@ class Step:
         backoff = policy.backoff()
         while True:
             attempts += 1
+            checkpoint()
             try:
                 value = await fn()
             except Terminal as exc:
