@@ -32,6 +32,7 @@ from nerve.runtime.subjects import Kind
 from nerve.runtime.testing import wait_for_count
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
 
     from nerve.runtime.engine import DurableAgent
@@ -51,7 +52,7 @@ def stepper(name: str, steps: int, *, waits: bool) -> DurableAgent:
 
 
 async def steps_per_second(
-    js: JetStreamContext, nc: nats.NATS, runs: int, steps: int, *, waits: bool
+    js: JetStreamContext, nc: NatsClient, runs: int, steps: int, *, waits: bool
 ) -> float:
     name = "bench_waits" if waits else "bench_steps"
     agent = stepper(name, steps, waits=waits)
@@ -66,7 +67,7 @@ async def steps_per_second(
     return runs * steps / elapsed
 
 
-async def readings_per_second(js: JetStreamContext, nc: nats.NATS, readings: int) -> float:
+async def readings_per_second(js: JetStreamContext, nc: NatsClient, readings: int) -> float:
     async def never(_event: Envelope, _step: Step) -> None:
         return None
 
