@@ -109,8 +109,10 @@ async def _huge() -> str:
 
 
 @durable_agent("misuse", trigger=Trigger(Kind.EVENTS, "misuse"), key=lambda _e: "k")
-async def misuse(event: Envelope, step: Step) -> None:
+async def misuse(event: Envelope, step: Step) -> str:
     await step.run("first", _fine)
+    if event.data["case"] == "result":
+        return "x" * 100_000  # the run's own result, too large to journal
     name, fn = {
         "twice": ("first", _fine),
         "json": ("odd", _unjsonable),
@@ -118,6 +120,7 @@ async def misuse(event: Envelope, step: Step) -> None:
         "name": ("", _fine),
     }[event.data["case"]]
     await step.run(name, fn)
+    return "unreachable"
 
 
 @pytest.mark.broker
@@ -127,6 +130,7 @@ async def test_steps_used_wrong_fail_the_run_naming_the_step(nc: NatsClient, js:
         "json": "step 'odd' failed: its result cannot be journalled as JSON",
         "huge": "over the limit of 65536",
         "name": "step name '': use 1 to 128 printable characters",
+        "result": "RecordTooLarge",
     }
     settings = EngineSettings(lease_s=1.0, max_record_bytes=64 * 1024)
     async with Engine(nc=nc, agents=[misuse], prefix=PREFIX, settings=settings) as engine:

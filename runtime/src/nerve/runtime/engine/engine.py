@@ -35,10 +35,12 @@ from nerve.runtime.engine.errors import EngineError, LeaseLost, RunCancelled
 from nerve.runtime.engine.journal import (
     DECODER,
     TERMINAL,
+    RecordTooLarge,
     RunHandle,
     RunRecord,
     UndoStatus,
     create_record,
+    error_text,
     read_record,
     try_claim,
 )
@@ -569,7 +571,11 @@ class Engine:
             await self._compensate(agent, step, handle, trigger, exc)
             return False
         value = msgspec.to_builtins(result) if _encodable(result) else repr(result)
-        await handle.write(lambda record: _set_done(record, value), release=True)
+        try:
+            await handle.write(lambda record: _set_done(record, value), release=True)
+        except RecordTooLarge as exc:  # a result too large to journal would fail again on every resume
+            await self._compensate(agent, step, handle, trigger, exc)
+            return False
         log.info("engine: run %s (%s) done", handle.run_id, agent.name)
         return False
 
@@ -578,7 +584,7 @@ class Engine:
     ) -> None:
         """Run the registered undos in reverse, each once (journalled, a fact each), then the handler."""
         cancelled = isinstance(exc, RunCancelled) or handle.record.cancelled
-        error = handle.record.error or f"{type(exc).__name__}: {exc}"
+        error = handle.record.error or error_text(exc)
         if not handle.record.compensating:
             log.info("engine: run %s (%s) failed: %s; compensating", handle.run_id, agent.name, error)
 
@@ -648,7 +654,7 @@ class Engine:
             try:
                 await fn()
             except Exception as exc:  # noqa: BLE001 - an undo's failure is journalled and kept as a fact
-                reason = f"{type(exc).__name__}: {exc}"
+                reason = error_text(exc)
                 if attempt < agent.retry.attempts:
                     await asyncio.sleep(backoff.next_delay())
                 continue

@@ -90,7 +90,17 @@ class RunRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
         return self.state in TERMINAL
 
 
+#: The longest error text a journal keeps (a step's, an undo's, the run's): the rest is cut.
+MAX_ERROR_CHARS: Final = 1000
 ENCODER: Final = msgspec.json.Encoder()
+
+
+def error_text(exc: BaseException) -> str:
+    """`Type: message` of `exc`, cut to `MAX_ERROR_CHARS`."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 DECODER: Final = msgspec.json.Decoder(RunRecord)
 
 

@@ -31,7 +31,7 @@ from nerve.runtime.engine.errors import (
     StepFailed,
     Terminal,
 )
-from nerve.runtime.engine.journal import RecordTooLarge, RunRecord, StepRecord, UndoRecord
+from nerve.runtime.engine.journal import RecordTooLarge, RunRecord, StepRecord, UndoRecord, error_text
 from nerve.runtime.engine.names import TIMERS_STREAM, timer_fired_subject
 from nerve.runtime.engine.timers import forget, has_fired, schedule
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
@@ -235,9 +235,9 @@ class Step:
             try:
                 value = await fn()
             except Terminal as exc:
-                await self._fail(name, attempts, started, f"{type(exc).__name__}: {exc}")
+                await self._fail(name, attempts, started, error_text(exc))
             except Exception as exc:  # noqa: BLE001 - any other error is retryable
-                error = f"{type(exc).__name__}: {exc}"
+                error = error_text(exc)
                 if attempts >= policy.attempts:
                     await self._fail(name, attempts, started, error)
                 log.info("engine: run %s step %r try %d failed: %s", self.run_id, name, attempts, error)
