@@ -4,7 +4,8 @@ Each step's effect is a message on `effects.<step>` whose Nats-Msg-Id is the ste
 EFFECTS holds each effect once however often the step ran; every execution is also a line in
 DIR/executions. With DIR/hold present, step "slow" stops after its effect (and says so in
 DIR/slow-started) until the process is killed; DIR/delay holds how long each step waits after its effect.
-DIR/ready appears once the engine runs.
+DIR/ready appears once the engine runs. Agent "crashy_saga" fails at its step "c" and undoes b and a;
+with DIR/hold present, the undo of "b" stops after its effect (DIR/undo-started) in the same way.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from typing import TYPE_CHECKING
 import nats
 
 from nerve.runtime.cancellation import until_signalled
-from nerve.runtime.engine import Engine, EngineSettings, Step, Trigger, durable_agent
+from nerve.runtime.engine import Engine, EngineSettings, Step, Terminal, Trigger, durable_agent
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
     from nerve.runtime.envelope.model import Envelope
 
 STEPS = ("one", "slow", "two")
+SAGA_STEPS = ("a", "b", "c")
 
 
 async def serve(url: str, directory: Path) -> int:
@@ -55,8 +57,25 @@ async def serve(url: str, directory: Path) -> int:
                 await step.sleep("nap", 0.1)
         return "done"
 
+    @durable_agent("crashy_saga", trigger=Trigger(Kind.EVENTS, "crash_saga"), key=lambda e: str(e.data["n"]))
+    async def crashy_saga(_event: Envelope, step: Step) -> None:
+        for name in SAGA_STEPS:
+
+            async def do(name: str = name) -> None:
+                await effect(step, name)
+                if name == "c":
+                    raise Terminal("c fails, always")
+
+            async def undo(name: str = name) -> None:
+                await effect(step, f"undo_{name}")
+                if name == "b" and (directory / "hold").exists():
+                    (directory / "undo-started").touch()
+                    await asyncio.sleep(3600)
+
+            await step.run(name, do, undo=undo)
+
     try:
-        async with Engine(nc=nc, agents=[crashy], settings=EngineSettings(lease_s=1.0)):
+        async with Engine(nc=nc, agents=[crashy, crashy_saga], settings=EngineSettings(lease_s=1.0)):
             (directory / "ready").touch()
             await asyncio.Event().wait()
     finally:

@@ -93,6 +93,47 @@ async def test_a_run_killed_mid_step_resumes_elsewhere_and_each_effect_lands_onc
     assert await effects(js) == {(run_id, step): 1 for step in STEPS}
 
 
+async def test_a_compensation_killed_mid_undo_resumes_and_each_undo_lands_once(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    await js.add_stream(StreamConfig(name="EFFECTS", subjects=["effects.>"]))
+    kv = await ensure_engine_storage(js, PREFIX, FAST)
+    (tmp_path / "hold").touch()
+    first = await start_engine(nats_server, tmp_path)
+    event = await publish_event(js, "crash_saga", {"n": 1}, event_id="e-crash-saga")
+    run_id = derived_id("crashy_saga", "run", event.id)
+    async with asyncio.timeout(30):
+        while not (tmp_path / "undo-started").exists():
+            await asyncio.sleep(0.02)
+    await kill(first)  # in the undo of "b", after its effect, before it is journalled
+    (tmp_path / "hold").unlink()
+    second = await start_engine(nats_server, tmp_path)
+    try:
+        record = await wait_for_run(kv, run_id, timeout=30)
+    finally:
+        await stop(second)
+    assert record.state == "compensated"
+    assert [(undo.step, undo.status) for undo in record.undos] == [
+        ("a", "done"),
+        ("b", "done"),
+        ("c", "done"),
+    ]
+    ran = executions(tmp_path)
+    assert (
+        ran[(run_id, "c")],
+        ran[(run_id, "undo_c")],
+        ran[(run_id, "undo_b")],
+        ran[(run_id, "undo_a")],
+    ) == (
+        1,
+        1,
+        2,  # the undo that was killed ran again in the second process
+        1,
+    )
+    landed = await effects(js)
+    assert landed == {(run_id, name): 1 for name in ("a", "b", "c", "undo_c", "undo_b", "undo_a")}
+
+
 @pytest.mark.slow
 async def test_runs_survive_kill_9_at_random_instants(
     nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
