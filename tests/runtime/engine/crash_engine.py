@@ -24,31 +24,40 @@ from nerve.runtime.engine import Engine, EngineSettings, Step, Terminal, Trigger
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.engine import DurableAgent
     from nerve.runtime.envelope.model import Envelope
 
 STEPS = ("one", "slow", "two")
 SAGA_STEPS = ("a", "b", "c")
 
 
-async def serve(url: str, directory: Path) -> int:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    delay_file = directory / "delay"
-    delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
+class Effects:
+    """Where the agents' effects land: one message per step id in EFFECTS, and a line per execution."""
 
-    async def effect(step: Step, name: str) -> None:
-        with (directory / "executions").open("a") as executions:
+    def __init__(self, js: JetStreamContext, directory: Path) -> None:
+        self.js = js
+        self.directory = directory
+
+    async def __call__(self, step: Step, name: str) -> None:
+        with (self.directory / "executions").open("a") as executions:
             executions.write(f"{step.run_id} {name}\n")
-        await js.publish(f"effects.{name}", step.run_id.encode(), headers={"Nats-Msg-Id": step.id(name)})
+        await self.js.publish(f"effects.{name}", step.run_id.encode(), headers={"Nats-Msg-Id": step.id(name)})
+
+
+def crashy(effect: Effects, delay: float) -> DurableAgent:
+    """Three steps and a nap; "slow" may be held after its effect."""
+    hold = effect.directory / "hold"
 
     @durable_agent("crashy", trigger=Trigger(Kind.EVENTS, "crash_test"), key=lambda e: str(e.data["n"]))
-    async def crashy(_event: Envelope, step: Step) -> str:
+    async def agent(_event: Envelope, step: Step) -> str:
         for name in STEPS:
 
             async def do(name: str = name) -> None:
                 await effect(step, name)
-                if name == "slow" and (directory / "hold").exists():
-                    (directory / "slow-started").touch()
+                if name == "slow" and hold.exists():
+                    (effect.directory / "slow-started").touch()
                     await asyncio.sleep(3600)
                 await asyncio.sleep(delay)  # a window for a kill between the effect and the journal
 
@@ -57,8 +66,15 @@ async def serve(url: str, directory: Path) -> int:
                 await step.sleep("nap", 0.1)
         return "done"
 
+    return agent
+
+
+def crashy_saga(effect: Effects) -> DurableAgent:
+    """Three steps with undos; "c" fails, and the undo of "b" may be held after its effect."""
+    hold = effect.directory / "hold"
+
     @durable_agent("crashy_saga", trigger=Trigger(Kind.EVENTS, "crash_saga"), key=lambda e: str(e.data["n"]))
-    async def crashy_saga(_event: Envelope, step: Step) -> None:
+    async def agent(_event: Envelope, step: Step) -> None:
         for name in SAGA_STEPS:
 
             async def do(name: str = name) -> None:
@@ -68,14 +84,23 @@ async def serve(url: str, directory: Path) -> int:
 
             async def undo(name: str = name) -> None:
                 await effect(step, f"undo_{name}")
-                if name == "b" and (directory / "hold").exists():
-                    (directory / "undo-started").touch()
+                if name == "b" and hold.exists():
+                    (effect.directory / "undo-started").touch()
                     await asyncio.sleep(3600)
 
             await step.run(name, do, undo=undo)
 
+    return agent
+
+
+async def serve(url: str, directory: Path) -> int:
+    nc = await nats.connect(url)
+    delay_file = directory / "delay"
+    delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
+    effect = Effects(nc.jetstream(), directory)
     try:
-        async with Engine(nc=nc, agents=[crashy, crashy_saga], settings=EngineSettings(lease_s=1.0)):
+        agents = [crashy(effect, delay), crashy_saga(effect)]
+        async with Engine(nc=nc, agents=agents, settings=EngineSettings(lease_s=1.0)):
             (directory / "ready").touch()
             await asyncio.Event().wait()
     finally:
