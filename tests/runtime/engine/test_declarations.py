@@ -146,6 +146,22 @@ async def test_steps_used_wrong_fail_the_run_naming_the_step(nc: NatsClient, js:
 
 
 @pytest.mark.broker
+async def test_a_trigger_too_large_to_journal_is_dead_lettered_at_once(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    # Under the 64 KiB a message may have, but not with the rest of the journal around it.
+    agent = durable_agent("big", trigger=Trigger(Kind.EVENTS, "big"), key=lambda _e: "k")(nothing)
+    settings = EngineSettings(lease_s=1.0, max_record_bytes=64 * 1024)
+    async with Engine(nc=nc, agents=[agent], prefix=PREFIX, settings=settings) as engine:
+        event = await publish_event(js, "big", {"blob": "x" * 65_300}, event_id="e-big")
+        await wait_for_count(js, DEADLETTER_STREAM, 1)
+        assert await engine.record(agent.run_id(event.id)) is None
+    [message] = await stream_messages(js, DEADLETTER_STREAM)
+    assert message.headers["Nerve-Reason"].startswith("big: run ")
+    assert "over the limit of 65536" in message.headers["Nerve-Reason"]
+
+
+@pytest.mark.broker
 async def test_cancelling_a_run_that_is_not_there_or_ended_says_so(
     nc: NatsClient, js: JetStreamContext
 ) -> None:

@@ -314,6 +314,13 @@ class Engine:
             except (NatsError, TimeoutError) as exc:
                 log.warning("engine: trigger of %s not taken now (%s); it comes again", agent.name, exc)
                 await msg.nak(delay=1.0)
+            except Exception as exc:  # noqa: BLE001 - one trigger's trouble must not stop the engine
+                reason = f"{agent.name}: starting a run failed: {error_text(exc)}"
+                if msg.metadata.num_delivered >= MAX_DELIVER:
+                    await self._dead_letter(msg, f"{reason} ({MAX_DELIVER} times)")
+                else:
+                    log.error("engine: %s; it comes again", reason)  # noqa: TRY400
+                    await msg.nak(delay=1.0)
             checkpoint()
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
@@ -359,6 +366,10 @@ class Engine:
         await self._slots.acquire()
         try:
             handle = await self._create(agent, event, key, msg)
+        except RecordTooLarge as exc:
+            self._slots.release()
+            await self._dead_letter(msg, f"{agent.name}: {exc}")
+            return
         except BaseException:
             self._slots.release()
             raise
@@ -411,14 +422,23 @@ class Engine:
             run_id = (msg.headers or {}).get(RUN_HEADER, "")
             try:
                 found = await read_record(self.kv, run_id) if run_id else None
-                if found is not None and found[0].state == "waiting" and not found[0].owner:
-                    # A run of an agent this engine does not run is woken by the watchdog of one that
-                    # does, a lease after its timer was due.
-                    await self._claim(run_id)
-                # Anything else: the run's holder (or whoever resumes it) looks at the timer itself.
+                if (
+                    found is not None
+                    and found[0].state == "waiting"
+                    and not found[0].owner
+                    and not await self._claim(run_id)
+                ):
+                    await msg.nak(delay=1.0)  # every slot is taken: later, or by another engine
+                    continue
+                # Anything else: the run's holder (or whoever resumes it) looks at the timer itself; a run
+                # of an agent this engine does not run is woken by the watchdog of one that does, a lease
+                # after its timer was due.
                 await msg.ack()
             except (NatsError, TimeoutError) as exc:
                 log.warning("engine: timer of run %s not handled now (%s); it comes again", run_id, exc)
+                await msg.nak(delay=1.0)
+            except Exception as exc:  # noqa: BLE001 - one timer's trouble must not stop the engine
+                log.error("engine: timer of run %s: %s; it comes again", run_id, error_text(exc))  # noqa: TRY400
                 await msg.nak(delay=1.0)
             checkpoint()
 
@@ -484,10 +504,12 @@ class Engine:
                         log.warning("engine: could not claim run %s now: %s", run_id, exc)
             checkpoint()
 
-    async def _claim(self, run_id: str) -> None:
-        """Claim run `run_id` and start it here if nobody holds it and a slot is free."""
-        if run_id in self._live or self._slots.locked():
-            return
+    async def _claim(self, run_id: str) -> bool:
+        """Claim run `run_id` and start it here if nobody holds it; False if every slot is taken."""
+        if run_id in self._live:
+            return True
+        if self._slots.locked():
+            return False
         await self._slots.acquire()
         try:
             claimed = await try_claim(
@@ -502,9 +524,10 @@ class Engine:
             raise
         if claimed is None or claimed[0].agent not in self._agents or run_id in self._live:
             self._slots.release()
-            return
+            return True
         log.info("engine: resuming run %s (%s)", run_id, claimed[0].agent)
         self._start(self._agents[claimed[0].agent], self._handle(*claimed))
+        return True
 
     # --- executing a run -----------------------------------------------------------------------------
 

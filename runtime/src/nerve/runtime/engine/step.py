@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -92,14 +92,6 @@ def _check_name(name: str) -> None:
         raise AgentDeclarationError(
             f"step name {name!r}: use 1 to {MAX_STEP_NAME_CHARS} printable characters"
         )
-
-
-def _json_value(run_id: str, name: str, value: object) -> Any:  # noqa: ANN401 - any JSON value
-    """`value` as JSON builtins (what the journal keeps and a replay returns); `StepFailed` if it is not."""
-    try:
-        return msgspec.to_builtins(value)
-    except TypeError as exc:
-        raise StepFailed(run_id, name, f"its result cannot be journalled as JSON: {exc}") from None
 
 
 class Step:
@@ -246,14 +238,17 @@ class Step:
                 )
                 await asyncio.sleep(backoff.next_delay())
                 continue
-            result = _json_value(self.run_id, name, value)
+            try:
+                result = msgspec.to_builtins(value)
+            except TypeError as exc:
+                await self._fail(name, attempts, started, f"its result cannot be journalled as JSON: {exc}")
             done = StepRecord(
                 status="done", result=result, attempts=attempts, started=started, finished=time.time()
             )
             await self._record(name, done, positions=positions)
             return result
 
-    async def _fail(self, name: str, attempts: int, started: float, error: str) -> None:
+    async def _fail(self, name: str, attempts: int, started: float, error: str) -> NoReturn:
         failed = StepRecord(
             status="failed", attempts=attempts, error=error, started=started, finished=time.time()
         )
