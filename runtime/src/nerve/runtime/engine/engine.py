@@ -310,18 +310,25 @@ class Engine:
     async def _consume_triggers(self, agent: DurableAgent, sub: JetStreamContext.PushSubscription) -> None:
         async for msg in sub.messages:
             try:
-                await self._on_trigger(agent, msg)
+                await self._take_trigger(agent, msg)
             except (NatsError, TimeoutError) as exc:
                 log.warning("engine: trigger of %s not taken now (%s); it comes again", agent.name, exc)
-                await msg.nak(delay=1.0)
-            except Exception as exc:  # noqa: BLE001 - one trigger's trouble must not stop the engine
-                reason = f"{agent.name}: starting a run failed: {error_text(exc)}"
-                if msg.metadata.num_delivered >= MAX_DELIVER:
-                    await self._dead_letter(msg, f"{reason} ({MAX_DELIVER} times)")
-                else:
-                    log.error("engine: %s; it comes again", reason)  # noqa: TRY400
-                    await msg.nak(delay=1.0)
+                await _nak(msg)
             checkpoint()
+
+    async def _take_trigger(self, agent: DurableAgent, msg: Msg) -> None:
+        """Start the run of one trigger; a failure other than NATS's is retried, then dead-lettered."""
+        try:
+            await self._on_trigger(agent, msg)
+        except (NatsError, TimeoutError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one trigger's trouble must not stop the engine
+            reason = f"{agent.name}: starting a run failed: {error_text(exc)}"
+            if msg.metadata.num_delivered >= MAX_DELIVER:
+                await self._dead_letter(msg, f"{reason} ({MAX_DELIVER} times)")
+            else:
+                log.error("engine: %s; it comes again", reason)  # noqa: TRY400
+                await _nak(msg)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
         await publish_dead_letter(
@@ -428,7 +435,7 @@ class Engine:
                     and not found[0].owner
                     and not await self._claim(run_id)
                 ):
-                    await msg.nak(delay=1.0)  # every slot is taken: later, or by another engine
+                    await _nak(msg)  # every slot is taken: later, or by another engine
                     continue
                 # Anything else: the run's holder (or whoever resumes it) looks at the timer itself; a run
                 # of an agent this engine does not run is woken by the watchdog of one that does, a lease
@@ -436,10 +443,10 @@ class Engine:
                 await msg.ack()
             except (NatsError, TimeoutError) as exc:
                 log.warning("engine: timer of run %s not handled now (%s); it comes again", run_id, exc)
-                await msg.nak(delay=1.0)
+                await _nak(msg)
             except Exception as exc:  # noqa: BLE001 - one timer's trouble must not stop the engine
                 log.error("engine: timer of run %s: %s; it comes again", run_id, error_text(exc))  # noqa: TRY400
-                await msg.nak(delay=1.0)
+                await _nak(msg)
             checkpoint()
 
     async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
@@ -498,14 +505,15 @@ class Engine:
                     and 0 < known.wake_at < now - self.settings.lease_s
                 )
                 if stalled or overdue:
-                    try:
-                        await self._claim(run_id)
-                    except (NatsError, TimeoutError) as exc:
-                        log.warning("engine: could not claim run %s now: %s", run_id, exc)
+                    await self._claim(run_id)
             checkpoint()
 
     async def _claim(self, run_id: str) -> bool:
-        """Claim run `run_id` and start it here if nobody holds it; False if every slot is taken."""
+        """Claim run `run_id` and start it here if nobody holds it.
+
+        False if it could not be tried now (every slot is taken, or NATS did not answer): the timer comes
+        again, and the watchdog tries again.
+        """
         if run_id in self._live:
             return True
         if self._slots.locked():
@@ -519,6 +527,10 @@ class Engine:
                 lease_s=self.settings.lease_s,
                 limit=self.settings.max_record_bytes,
             )
+        except (NatsError, TimeoutError) as exc:
+            self._slots.release()
+            log.warning("engine: could not claim run %s now (%s); later", run_id, exc)
+            return False
         except BaseException:
             self._slots.release()
             raise
@@ -683,6 +695,14 @@ class Engine:
                 continue
             return True, "", attempt
         return False, reason, agent.retry.attempts
+
+
+async def _nak(msg: Msg) -> None:
+    """Have `msg` delivered again in a second; if NATS is not there, it comes again after the ack wait."""
+    try:
+        await msg.nak(delay=1.0)
+    except (NatsError, TimeoutError) as exc:
+        log.debug("engine: nak of %s not sent: %s", msg.subject, exc)
 
 
 def _mark_undo(record: RunRecord, *, index: int, status: UndoStatus, reason: str, attempts: int) -> None:
