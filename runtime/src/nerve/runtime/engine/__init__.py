@@ -1,6 +1,7 @@
 """The durable agent engine: agents declared with a trigger and a key, steps journalled in JetStream.
 
-See docs/engine.md. Public names:
+`durable_agent` declares an agent, `Step` is what its function does everything through, `Engine` runs
+agents (several processes share the work). How to write an agent and what is guaranteed: docs/engine.md.
 """
 
 from nerve.runtime.engine.agent import NO_RETRY, DurableAgent, RetryPolicy, RunFailure, Trigger, durable_agent
