@@ -19,6 +19,7 @@ from nerve.runtime.engine import (
     durable_agent,
     wait_for_run,
 )
+from nerve.runtime.engine.names import ENGINE_NAMES, TIMERS_CONSUMER, engine_subjects, trigger_consumer
 from nerve.runtime.jetstream.streams import DEADLETTER_STREAM
 from nerve.runtime.subjects import Kind
 from nerve.runtime.testing import stream_messages, wait_for_count
@@ -47,6 +48,17 @@ def test_declarations_are_checked_when_made() -> None:
         )
     with pytest.raises(AgentDeclarationError, match="attempts must be at least 1"):
         RetryPolicy(attempts=0)
+
+
+def test_every_engine_name_is_in_one_place() -> None:
+    assert ENGINE_NAMES.buckets == ("nerve_runs",)
+    assert ENGINE_NAMES.streams == ("KV_nerve_runs", "NERVE_TIMERS")
+    assert all(
+        name.lower().startswith("nerve") or name.startswith("KV_nerve") for name in ENGINE_NAMES.streams
+    )
+    assert engine_subjects("site/a") == ("$KV.nerve_runs.>", "site.a.engine.timers.>")
+    assert trigger_consumer("disk").startswith(ENGINE_NAMES.consumer_prefix)
+    assert TIMERS_CONSUMER.startswith(ENGINE_NAMES.consumer_prefix)
 
 
 def test_engine_settings_refuse_a_sleep_that_would_outlive_the_journal() -> None:

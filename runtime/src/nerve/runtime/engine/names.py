@@ -42,6 +42,11 @@ ENGINE_NAMES: Final = EngineNames(
 )
 
 
+def engine_subjects(prefix: str) -> tuple[str, ...]:
+    """The subjects the engine publishes on (besides facts and dead letters): its KV bucket's, its timers'."""
+    return (f"$KV.{RUNS_BUCKET}.>", timers_filter(prefix))
+
+
 def timers_filter(prefix: str) -> str:
     """Every subject of the timers stream."""
     return f"{subject_root(prefix)}.engine.timers.>"
