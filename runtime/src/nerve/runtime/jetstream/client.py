@@ -36,8 +36,9 @@ from nerve.runtime.trust.chain import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine
 
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
     from nats.js.api import PubAck
 
@@ -229,17 +230,21 @@ async def shared_durable(
     ack_wait_s: float,
     max_ack_pending: int,
     max_deliver: int = -1,
+    cb: Callable[[Msg], Awaitable[None]] | None = None,
 ) -> JetStreamContext.PushSubscription:
     """Bind to (creating if needed) durable push consumer `name`, shared by every process using it.
 
     The deliver group has the consumer's name, so processes bound to it split the messages between them.
-    Explicit acks; a new consumer starts from the beginning of the stream (nothing is skipped).
+    Explicit acks; a new consumer starts from the beginning of the stream (nothing is skipped). With `cb`,
+    nats-py calls it for each message in turn (it must not raise): the acks of a burst then leave in one
+    write, where iterating `messages` flushes each on its own.
     """
     return await js.subscribe(
         subject,
         durable=name,
         queue=name,
         stream=stream,
+        cb=cb,
         manual_ack=True,
         config=ConsumerConfig(
             ack_policy=AckPolicy.EXPLICIT,

@@ -1,0 +1,733 @@
+"""The engine: takes triggers, executes runs, resumes them after a crash, wakes them when timers fire.
+
+One `Engine` per central process; several share the work through durable consumers with deliver groups
+(`nerve-engine-<agent>`, `nerve-engine-timers`) and the runs' leases. A run is executed by replaying its
+agent function over its journal (`nerve.runtime.engine.step`): a resumed run starts again at its first step
+without a journalled result.
+
+How a run comes to be executed here:
+- its trigger arrives (the journal is created with an atomic KV create, so the same event twice starts one
+  run, in one process);
+- its timer fired while it was parked (message on `nerve-engine-timers`);
+- its lease ran out (the process holding it died) or was given back (that process stopped): every engine
+  watches the bucket and claims such runs;
+- someone asked to cancel it while it was parked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Final, Self
+
+import msgspec
+from nats.errors import Error as NatsError
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BadRequestError
+
+from nerve.runtime.cancellation import checkpoint
+from nerve.runtime.engine.agent import RunFailure
+from nerve.runtime.engine.errors import EngineError, LeaseLost, RunCancelled
+from nerve.runtime.engine.journal import (
+    DECODER,
+    TERMINAL,
+    RecordTooLarge,
+    RunHandle,
+    RunRecord,
+    UndoStatus,
+    create_record,
+    error_text,
+    read_record,
+    try_claim,
+)
+from nerve.runtime.engine.names import (
+    CANCEL_KEY_PREFIX,
+    RUN_KEY_PREFIX,
+    RUNS_BUCKET,
+    TIMERS_CONSUMER,
+    TIMERS_STREAM,
+    cancel_key,
+    run_key,
+    timer_fired_subject,
+    trigger_consumer,
+)
+from nerve.runtime.engine.settings import EngineSettings
+from nerve.runtime.engine.step import EngineContext, Park, Step
+from nerve.runtime.engine.timers import RUN_HEADER, has_fired, timers_config
+from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
+from nerve.runtime.envelope.model import derived_id
+from nerve.runtime.errors import DecodeError
+from nerve.runtime.jetstream.client import publish_dead_letter, shared_durable
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.subjects import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
+
+    from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
+
+    from nerve.runtime.engine.agent import DurableAgent
+    from nerve.runtime.envelope.codec import Codec
+    from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.trust.signing import Signer
+
+log = logging.getLogger(__name__)
+
+PART: Final = "central"
+ACK_WAIT_S: Final = 30.0
+MAX_ACK_PENDING: Final = 1000
+MAX_DELIVER: Final = 5
+START_TIMEOUT_S: Final = 30.0
+RELEASE_TIMEOUT_S: Final = 2.0
+
+
+async def ensure_engine_storage(js: JetStreamContext, prefix: str, settings: EngineSettings) -> KeyValue:
+    """Create the runs bucket and the timers stream (or update their limits); return the bucket."""
+    config = KeyValueConfig(
+        bucket=RUNS_BUCKET,
+        history=1,
+        ttl=settings.runs.max_age_s,
+        max_bytes=settings.runs.max_bytes,
+        max_value_size=settings.max_record_bytes,
+        storage=StorageType.FILE,
+    )
+    try:
+        kv = await js.create_key_value(config)
+    except BadRequestError:  # it exists with other limits: keep what it holds, bring the limits up to date
+        kv = await js.key_value(RUNS_BUCKET)
+        info = await js.stream_info(f"KV_{RUNS_BUCKET}")
+        stream = info.config
+        stream.max_age = settings.runs.max_age_s
+        stream.max_bytes = settings.runs.max_bytes
+        stream.max_msg_size = settings.max_record_bytes
+        await js.update_stream(stream)
+    timers = timers_config(prefix, settings)
+    try:
+        await js.add_stream(timers)
+    except BadRequestError:
+        await js.update_stream(timers)
+    return kv
+
+
+class _Known(msgspec.Struct):
+    """What the watcher knows of a run that has not ended (a part of `RunRecord`)."""
+
+    agent: str
+    state: str = "open"  # the journal leaves out what is at its default
+    owner: str = ""
+    lease_until: float = 0.0
+    wake_at: float = 0.0
+
+
+_SUMMARY: Final = msgspec.json.Decoder(_Known)
+
+
+async def wait_for_run(kv: KeyValue, run_id: str, *, timeout: float, ended: bool = True) -> RunRecord:
+    """The journal of `run_id` once it exists (and, with `ended`, once the run ended); within `timeout`.
+
+    Raises `TimeoutError` if it did not come to be in time.
+    """
+    watcher = await kv.watch(run_key(run_id))
+    try:
+        async with asyncio.timeout(timeout):
+            async for entry in watcher:
+                if entry is None or entry.value is None:
+                    continue
+                record = DECODER.decode(entry.value)
+                if record.terminal or not ended:
+                    return record
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    raise TimeoutError(run_id)  # the watcher stopped by itself (the connection closed)
+
+
+class Engine:
+    """Runs durable agents until it is left (`async with`) or cancelled (`run`).
+
+    Leaving it stops taking triggers and timers, stops the runs it executes at their current await and
+    gives their leases back, so another engine resumes them at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        nc: NatsClient,
+        agents: Sequence[DurableAgent],
+        prefix: str = DEFAULT_PREFIX,
+        settings: EngineSettings | None = None,
+        signer: Signer | None = None,
+        codec: Codec = DEFAULT_CODEC,
+        instance: str | None = None,
+    ) -> None:
+        names = [agent.name for agent in agents]
+        if len(set(names)) != len(names):
+            raise EngineError(f"two agents share a name: {sorted(names)}")
+        self._nc = nc
+        self._agents = {agent.name: agent for agent in agents}
+        self._prefix = prefix
+        self.settings = settings or EngineSettings()
+        self._signer = signer
+        self._codec = codec
+        #: This process's name in the leases it holds.
+        self.instance = instance or uuid.uuid4().hex
+        self.ready = asyncio.Event()
+        self._kv: KeyValue | None = None
+        self._ctx: EngineContext | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._live: dict[str, Step] = {}
+        self._known: dict[str, _Known] = {}
+        self._cancels: set[str] = set()
+        self._slots = asyncio.Semaphore(self.settings.max_live_runs)
+        self._main: asyncio.Task[None] | None = None
+
+    # --- lifecycle -----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Start (create storage, bind consumers); raises what `run` raised if it could not start."""
+        self._main = asyncio.create_task(self.run(), name=f"engine-{self.instance[:8]}")
+        ready = asyncio.ensure_future(self.ready.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {ready, self._main}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            ready.cancel()
+        if self._main in done:
+            self._main.result()  # raises why it stopped
+            raise EngineError("the engine stopped while starting")
+        if not self.ready.is_set():
+            await self._stop()
+            raise EngineError(f"the engine did not start within {START_TIMEOUT_S:g}s")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Stop: see the class docstring."""
+        await self._stop()
+
+    async def _stop(self) -> None:
+        if self._main is None:
+            return
+        self._main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._main
+        self._main = None
+
+    @property
+    def kv(self) -> KeyValue:
+        """The runs bucket (once started)."""
+        if self._kv is None:
+            raise EngineError("the engine has not started")
+        return self._kv
+
+    @property
+    def live(self) -> frozenset[str]:
+        """The runs this process executes now."""
+        return frozenset(self._live)
+
+    async def run(self) -> None:
+        """Run every agent until cancelled."""
+        js = self._nc.jetstream()
+        await ensure_streams(js, self._prefix)
+        self._kv = await ensure_engine_storage(js, self._prefix, self.settings)
+        self._ctx = EngineContext(
+            js=js, prefix=self._prefix, settings=self.settings, signer=self._signer, codec=self._codec
+        )
+        subscriptions: list[JetStreamContext.PushSubscription] = []
+        watcher: KeyValue.KeyWatcher | None = None
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                self._tasks = tasks
+                watcher = await self.kv.watchall()
+                tasks.create_task(self._watch(watcher), name="engine-watch")
+                tasks.create_task(self._recover(), name="engine-recover")
+                timers = await shared_durable(
+                    js,
+                    subject=timer_fired_subject(self._prefix),
+                    stream=TIMERS_STREAM,
+                    name=TIMERS_CONSUMER,
+                    ack_wait_s=ACK_WAIT_S,
+                    max_ack_pending=MAX_ACK_PENDING,
+                )
+                subscriptions.append(timers)
+                tasks.create_task(self._consume_timers(timers), name="engine-timers")
+                for agent in self._agents.values():
+                    # A callback, not a loop over `messages`: the acks of a burst of triggers that start
+                    # nothing leave in one write (twice the readings per second).
+                    sub = await shared_durable(
+                        js,
+                        subject=agent.trigger.subject(self._prefix),
+                        stream=STREAM_OF_KIND[agent.trigger.kind],
+                        name=trigger_consumer(agent.name),
+                        ack_wait_s=ACK_WAIT_S,
+                        max_ack_pending=MAX_ACK_PENDING,
+                        max_deliver=MAX_DELIVER,
+                        cb=functools.partial(self._on_trigger_message, agent),
+                    )
+                    subscriptions.append(sub)
+                self.ready.set()
+                log.info("engine %s: running %s", self.instance[:8], ", ".join(self._agents))
+        finally:
+            self.ready.clear()
+            self._tasks = None
+            # Leave the deliver groups, so the messages go to the engines that still run (on this
+            # connection too: a test or a process may start another engine on it).
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    for sub in subscriptions:
+                        await sub.unsubscribe()
+                    if watcher is not None:
+                        await watcher.stop()  # type: ignore[no-untyped-call]
+
+    # --- operations ----------------------------------------------------------------------------------
+
+    async def cancel(self, run_id: str) -> None:
+        """Ask for run `run_id` to be cancelled: it stops at its next step and its undos run.
+
+        Raises `EngineError` if there is no such run or it has ended already.
+        """
+        found = await read_record(self.kv, run_id)
+        if found is None:
+            raise EngineError(f"no run {run_id}")
+        if found[0].terminal:
+            raise EngineError(f"run {run_id} has ended ({found[0].state}): nothing to cancel")
+        await self.kv.put(cancel_key(run_id), b"cancel")
+
+    async def record(self, run_id: str) -> RunRecord | None:
+        """The journal of run `run_id`, or None."""
+        found = await read_record(self.kv, run_id)
+        return None if found is None else found[0]
+
+    # --- where runs come from ------------------------------------------------------------------------
+
+    async def _on_trigger_message(self, agent: DurableAgent, msg: Msg) -> None:
+        """nats-py's callback for a trigger: never raises (nats-py would only log it)."""
+        try:
+            await self._take_trigger(agent, msg)
+        except (NatsError, TimeoutError) as exc:
+            log.warning("engine: trigger of %s not taken now (%s); it comes again", agent.name, exc)
+            await _nak(msg)
+
+    async def _take_trigger(self, agent: DurableAgent, msg: Msg) -> None:
+        """Start the run of one trigger; a failure other than NATS's is retried, then dead-lettered."""
+        try:
+            await self._on_trigger(agent, msg)
+        except (NatsError, TimeoutError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one trigger's trouble must not stop the engine
+            reason = f"{agent.name}: starting a run failed: {error_text(exc)}"
+            if msg.metadata.num_delivered >= MAX_DELIVER:
+                await self._dead_letter(msg, f"{reason} ({MAX_DELIVER} times)")
+            else:
+                log.error("engine: %s; it comes again", reason)  # noqa: TRY400
+                await _nak(msg)
+
+    async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        await publish_dead_letter(
+            self._context.js,
+            prefix=self._prefix,
+            part=PART,
+            reason=reason,
+            origin=msg.subject,
+            payload=msg.data,
+        )
+        await msg.term()
+        log.warning("engine: dead-lettered %s: %s", msg.subject, reason)
+
+    @property
+    def _context(self) -> EngineContext:
+        if self._ctx is None:
+            raise EngineError("the engine has not started")
+        return self._ctx
+
+    async def _on_trigger(self, agent: DurableAgent, msg: Msg) -> None:
+        try:
+            event = decode(msg.data, MODEL_OF_KIND[agent.trigger.kind])
+        except DecodeError as exc:
+            await self._dead_letter(msg, f"{agent.name}: {exc.reason}")
+            return
+        try:
+            accepted = agent.trigger.where is None or agent.trigger.where(event)
+            key = agent.key(event) if accepted else ""
+        except Exception as exc:  # noqa: BLE001 - an agent's predicate or key function failing is reported
+            await self._dead_letter(msg, f"{agent.name}: its trigger raised {type(exc).__name__}: {exc}")
+            return
+        if not accepted:
+            await msg.ack()
+            return
+        if not isinstance(key, str) or not key:
+            await self._dead_letter(msg, f"{agent.name}: its key function returned {key!r}, not a string")
+            return
+        run_id = agent.run_id(event.id)
+        if run_id in self._live:
+            await msg.ack()
+            return
+        await self._slots.acquire()
+        try:
+            handle = await self._create(agent, event, key, msg)
+        except RecordTooLarge as exc:
+            self._slots.release()
+            await self._dead_letter(msg, f"{agent.name}: {exc}")
+            return
+        except BaseException:
+            self._slots.release()
+            raise
+        if handle is None:
+            self._slots.release()
+        await msg.ack()
+        if handle is not None:
+            self._start(agent, handle)
+
+    async def _create(self, agent: DurableAgent, event: Envelope, key: str, msg: Msg) -> RunHandle | None:
+        """The journal of a new run, claimed by this process; None if the run exists already."""
+        now = time.time()
+        meta = msg.metadata
+        positions = {STREAM_OF_KIND[kind]: 0 for kind in agent.waits_on}
+        for stream in positions:
+            positions[stream] = (await self._context.js.stream_info(stream)).state.last_seq
+        # A first wait on the trigger's own stream reads everything after the trigger.
+        if meta.stream in positions:
+            positions[meta.stream] = meta.sequence.stream
+        record = RunRecord(
+            run_id=agent.run_id(event.id),
+            agent=agent.name,
+            key=key,
+            trigger=msgspec.Raw(to_json(event)),
+            trigger_stream=meta.stream,
+            trigger_seq=meta.sequence.stream,
+            owner=self.instance,
+            token=1,
+            lease_until=now + self.settings.lease_s,
+            positions=positions,
+            created=now,
+            updated=now,
+        )
+        revision = await create_record(self.kv, record, self.settings.max_record_bytes)
+        if revision is None:
+            return None
+        return self._handle(record, revision)
+
+    def _handle(self, record: RunRecord, revision: int) -> RunHandle:
+        return RunHandle(
+            kv=self.kv,
+            record=record,
+            revision=revision,
+            lease_s=self.settings.lease_s,
+            limit=self.settings.max_record_bytes,
+        )
+
+    async def _consume_timers(self, sub: JetStreamContext.PushSubscription) -> None:
+        async for msg in sub.messages:
+            run_id = (msg.headers or {}).get(RUN_HEADER, "")
+            try:
+                found = await read_record(self.kv, run_id) if run_id else None
+                if (
+                    found is not None
+                    and found[0].state == "waiting"
+                    and not found[0].owner
+                    and not await self._claim(run_id)
+                ):
+                    await _nak(msg)  # every slot is taken: later, or by another engine
+                    continue
+                # Anything else: the run's holder (or whoever resumes it) looks at the timer itself; a run
+                # of an agent this engine does not run is woken by the watchdog of one that does, a lease
+                # after its timer was due.
+                await msg.ack()
+            except (NatsError, TimeoutError) as exc:
+                log.warning("engine: timer of run %s not handled now (%s); it comes again", run_id, exc)
+                await _nak(msg)
+            except Exception as exc:  # noqa: BLE001 - one timer's trouble must not stop the engine
+                log.error("engine: timer of run %s: %s; it comes again", run_id, error_text(exc))  # noqa: TRY400
+                await _nak(msg)
+            checkpoint()
+
+    async def _watch(self, watcher: KeyValue.KeyWatcher) -> None:
+        """Keep `_known` (runs that have not ended) and `_cancels` up to date from the bucket."""
+        async for entry in watcher:
+            checkpoint()
+            if entry is None:
+                continue
+            key = entry.key
+            if key.startswith(CANCEL_KEY_PREFIX):
+                run_id = key.removeprefix(CANCEL_KEY_PREFIX)
+                if entry.value:
+                    self._cancels.add(run_id)
+                    await self._on_cancel(run_id)
+                continue
+            run_id = key.removeprefix(RUN_KEY_PREFIX)
+            if not entry.value:
+                self._known.pop(run_id, None)
+                continue
+            try:
+                # Only what the watchdog needs: the steps are skipped, not decoded.
+                known = _SUMMARY.decode(entry.value)
+            except msgspec.DecodeError:
+                log.warning("engine: the journal of run %s cannot be read; left alone", run_id)
+                continue
+            if known.state in TERMINAL:
+                self._known.pop(run_id, None)
+            else:
+                self._known[run_id] = known
+
+    async def _on_cancel(self, run_id: str) -> None:
+        step = self._live.get(run_id)
+        if step is not None:
+            step.cancel()
+            return
+        known = self._known.get(run_id)
+        if known is not None and known.state == "waiting" and not known.owner:
+            await self._claim(run_id)
+
+    async def _recover(self) -> None:
+        """Claim runs whose holder stopped renewing its lease, and parked runs overdue by a lease.
+
+        A run is overdue if its timer did not wake it a lease after it was due (say, the timers stream
+        dropped its schedule at its limit).
+        """
+        while True:
+            await asyncio.sleep(self.settings.lease_s / 2)
+            now = time.time()
+            for run_id, known in list(self._known.items()):
+                if known.agent not in self._agents or run_id in self._live:
+                    continue
+                stalled = known.state == "open" and known.lease_until < now
+                overdue = (
+                    known.state == "waiting"
+                    and not known.owner
+                    and 0 < known.wake_at < now - self.settings.lease_s
+                )
+                if stalled or overdue:
+                    await self._claim(run_id)
+            checkpoint()
+
+    async def _claim(self, run_id: str) -> bool:
+        """Claim run `run_id` and start it here if nobody holds it.
+
+        False if it could not be tried now (every slot is taken, or NATS did not answer): the timer comes
+        again, and the watchdog tries again.
+        """
+        if run_id in self._live:
+            return True
+        if self._slots.locked():
+            return False
+        await self._slots.acquire()
+        try:
+            claimed = await try_claim(
+                self.kv,
+                run_id,
+                owner=self.instance,
+                lease_s=self.settings.lease_s,
+                limit=self.settings.max_record_bytes,
+            )
+        except (NatsError, TimeoutError) as exc:
+            self._slots.release()
+            log.warning("engine: could not claim run %s now (%s); later", run_id, exc)
+            return False
+        except BaseException:
+            self._slots.release()
+            raise
+        if claimed is None or claimed[0].agent not in self._agents or run_id in self._live:
+            self._slots.release()
+            return True
+        log.info("engine: resuming run %s (%s)", run_id, claimed[0].agent)
+        self._start(self._agents[claimed[0].agent], self._handle(*claimed))
+        return True
+
+    # --- executing a run -----------------------------------------------------------------------------
+
+    def _start(self, agent: DurableAgent, handle: RunHandle) -> None:
+        """Execute a claimed run in the background (it holds one of the slots, given back at its end)."""
+        if self._tasks is None:
+            self._slots.release()
+            return
+        trigger = decode(bytes(handle.record.trigger), MODEL_OF_KIND[agent.trigger.kind])
+        step = Step(ctx=self._context, handle=handle, agent=agent, trigger=trigger)
+        self._live[handle.run_id] = step
+        if handle.run_id in self._cancels:
+            step.cancel()
+        self._tasks.create_task(
+            self._execute(agent, step, handle, trigger), name=f"engine-run-{handle.run_id}"
+        )
+
+    async def _execute(self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope) -> None:
+        rewake = False
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                renewal = tasks.create_task(self._renew(handle), name=f"engine-renew-{handle.run_id}")
+                body = tasks.create_task(self._drive(agent, step, handle, trigger))
+                body.add_done_callback(lambda _done: renewal.cancel())
+            rewake = body.result()
+        except asyncio.CancelledError:
+            # The engine is stopping: give the lease back so another engine resumes the run at once.
+            if not handle.lost and not handle.record.terminal:
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                        await handle.write(lambda _record: None, release=True)
+            raise
+        except ExceptionGroup as group:
+            if group.subgroup(LeaseLost) is not None:
+                log.warning("engine: run %s: lease lost to another process; stopped here", handle.run_id)
+            else:
+                # Journal or broker trouble: the run stays claimed until its lease runs out, then resumes.
+                log.error("engine: run %s stopped: %r", handle.run_id, group.exceptions[0])  # noqa: TRY400
+        finally:
+            self._live.pop(handle.run_id, None)
+            self._slots.release()
+        if rewake:
+            await self._claim(handle.run_id)
+
+    async def _renew(self, handle: RunHandle) -> None:
+        while True:
+            await asyncio.sleep(self.settings.renew_s)
+            await handle.renew()
+            # nats-py's request can swallow the cancellation that ends this loop (Python 3.11's wait_for):
+            # without this the run would never finish and never be released.
+            checkpoint()
+
+    async def _drive(self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope) -> bool:
+        """Replay the agent function over the journal; True if the run parked and its timer fired since."""
+        try:
+            result = await agent.fn(trigger, step)
+        except Park as park:
+            await handle.write(functools.partial(_set_waiting, wake_at=park.due), release=True)
+            # The timer may have fired while the run parked: nobody would wake it then.
+            return await has_fired(self._context.js, prefix=self._prefix, timer_id=park.timer_id)
+        except LeaseLost:
+            raise
+        except Exception as exc:  # noqa: BLE001 - an agent's failure of any kind ends in compensation
+            await self._compensate(agent, step, handle, trigger, exc)
+            return False
+        value = msgspec.to_builtins(result) if _encodable(result) else repr(result)
+        try:
+            await handle.write(lambda record: _set_done(record, value), release=True)
+        except RecordTooLarge as exc:  # a result too large to journal would fail again on every resume
+            await self._compensate(agent, step, handle, trigger, exc)
+            return False
+        log.info("engine: run %s (%s) done", handle.run_id, agent.name)
+        return False
+
+    async def _compensate(
+        self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope, exc: Exception
+    ) -> None:
+        """Run the registered undos in reverse, each once (journalled, a fact each), then the handler."""
+        cancelled = isinstance(exc, RunCancelled) or handle.record.cancelled
+        error = handle.record.error or error_text(exc)
+        if not handle.record.compensating:
+            log.info("engine: run %s (%s) failed: %s; compensating", handle.run_id, agent.name, error)
+
+            def start(record: RunRecord) -> None:
+                record.compensating = True
+                record.error = error
+                record.cancelled = cancelled
+
+            await handle.write(start)
+        failed_undos = 0
+        for index in reversed(range(len(handle.record.undos))):
+            undo = handle.record.undos[index]
+            if undo.status != "registered":
+                failed_undos += undo.status == "failed"
+                continue
+            ok, reason, attempts = await self._undo(agent, step, undo.step)
+            failed_undos += not ok
+            await step.keep_fact(
+                fact_id=derived_id(handle.run_id, "undo", undo.step),
+                kind="compensated" if ok else "compensation_failed",
+                summary=(
+                    f"{agent.name}: undid step {undo.step!r} of run {handle.run_id}"
+                    if ok
+                    else f"{agent.name}: could not undo step {undo.step!r} of run {handle.run_id}: {reason}"
+                ),
+                data={"step": undo.step, "attempts": attempts, "error": error},
+                subject=None,
+            )
+
+            mark = functools.partial(
+                _mark_undo, index=index, status="done" if ok else "failed", reason=reason, attempts=attempts
+            )
+            await handle.write(mark)
+        compensated = bool(handle.record.undos) and failed_undos == 0
+        if agent.on_failure is not None and not handle.record.failure_handled:
+            failure = RunFailure(
+                run_id=handle.run_id,
+                key=handle.record.key,
+                error=error,
+                cancelled=cancelled,
+                compensated=compensated,
+            )
+            try:
+                await agent.on_failure(trigger, failure)
+            except Exception as handler_exc:  # noqa: BLE001 - a failing handler is reported, not retried
+                log.error("engine: run %s: failure handler raised %s", handle.run_id, handler_exc)  # noqa: TRY400
+
+        def finish(record: RunRecord) -> None:
+            record.state = "compensated" if compensated else "failed"
+            record.compensating = False
+            record.failure_handled = True
+
+        await handle.write(finish, release=True)
+        if cancelled:
+            self._cancels.discard(handle.run_id)
+            with contextlib.suppress(NatsError, TimeoutError):
+                await self.kv.delete(cancel_key(handle.run_id))
+
+    async def _undo(self, agent: DurableAgent, step: Step, name: str) -> tuple[bool, str, int]:
+        """Run the undo of step `name` with the agent's retry policy: (ok, last error, attempts)."""
+        fn = step.undos.get(name)
+        if fn is None:
+            return False, "its undo was not registered again when the run was replayed", 0
+        backoff = agent.retry.backoff()
+        reason = ""
+        for attempt in range(1, agent.retry.attempts + 1):
+            try:
+                await fn()
+            except Exception as exc:  # noqa: BLE001 - an undo's failure is journalled and kept as a fact
+                reason = error_text(exc)
+                if attempt < agent.retry.attempts:
+                    await asyncio.sleep(backoff.next_delay())
+                continue
+            return True, "", attempt
+        return False, reason, agent.retry.attempts
+
+
+async def _nak(msg: Msg) -> None:
+    """Have `msg` delivered again in a second; if NATS is not there, it comes again after the ack wait."""
+    try:
+        await msg.nak(delay=1.0)
+    except (NatsError, TimeoutError) as exc:
+        log.debug("engine: nak of %s not sent: %s", msg.subject, exc)
+
+
+def _mark_undo(record: RunRecord, *, index: int, status: UndoStatus, reason: str, attempts: int) -> None:
+    record.undos[index] = msgspec.structs.replace(
+        record.undos[index], status=status, error=reason, attempts=attempts
+    )
+
+
+def _set_waiting(record: RunRecord, *, wake_at: float) -> None:
+    record.state = "waiting"
+    record.wake_at = wake_at
+
+
+def _set_done(record: RunRecord, value: Any) -> None:  # noqa: ANN401 - any JSON value
+    record.state = "done"
+    record.result = value
+
+
+def _encodable(value: object) -> bool:
+    try:
+        msgspec.to_builtins(value)
+    except TypeError:
+        return False
+    return True
+
+
+__all__ = ["Engine", "ensure_engine_storage", "wait_for_run"]

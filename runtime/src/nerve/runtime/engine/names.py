@@ -1,0 +1,77 @@
+"""Every JetStream name the engine uses, in one place (the NATS permissions of central derive from it).
+
+- KV bucket `nerve_runs` (its stream is `KV_nerve_runs`): one key `run.<run id>` per run holding its whole
+  journal (state, lease, steps, undos), and `cancel.<run id>` when someone asked for a run to be cancelled.
+- Stream `NERVE_TIMERS` (message schedules allowed): a durable timer is a schedule message on
+  `<root>.engine.timers.at.<timer id>` that the server turns, when due, into one message on
+  `<root>.engine.timers.fired.<timer id>`.
+- Durable consumers `nerve-engine-<agent>` (one per agent: its trigger) and `nerve-engine-timers`.
+
+Engine subjects have five tokens, device subjects four: the two never overlap, whatever a device is called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from nerve.runtime.subjects import subject_root
+
+RUNS_BUCKET: Final = "nerve_runs"
+RUNS_STREAM: Final = f"KV_{RUNS_BUCKET}"
+TIMERS_STREAM: Final = "NERVE_TIMERS"
+TIMERS_CONSUMER: Final = "nerve-engine-timers"
+RUN_KEY_PREFIX: Final = "run."
+CANCEL_KEY_PREFIX: Final = "cancel."
+
+
+@dataclass(frozen=True, slots=True)
+class EngineNames:
+    """What the engine creates and uses: grant central exactly these (and its trigger streams)."""
+
+    buckets: tuple[str, ...]
+    streams: tuple[str, ...]
+    consumer_prefix: str
+
+
+#: The one list of the engine's storage names.
+ENGINE_NAMES: Final = EngineNames(
+    buckets=(RUNS_BUCKET,),
+    streams=(RUNS_STREAM, TIMERS_STREAM),
+    consumer_prefix="nerve-engine-",
+)
+
+
+def engine_subjects(prefix: str) -> tuple[str, ...]:
+    """The subjects the engine publishes on (besides facts and dead letters): its KV bucket's, its timers'."""
+    return (f"$KV.{RUNS_BUCKET}.>", timers_filter(prefix))
+
+
+def timers_filter(prefix: str) -> str:
+    """Every subject of the timers stream."""
+    return f"{subject_root(prefix)}.engine.timers.>"
+
+
+def timer_schedule_subject(prefix: str, timer_id: str) -> str:
+    """Where the schedule message of a timer is kept until it fires."""
+    return f"{subject_root(prefix)}.engine.timers.at.{timer_id}"
+
+
+def timer_fired_subject(prefix: str, timer_id: str = "*") -> str:
+    """Where a timer's message lands when it fires (`*`: every timer's)."""
+    return f"{subject_root(prefix)}.engine.timers.fired.{timer_id}"
+
+
+def trigger_consumer(agent: str) -> str:
+    """The durable consumer (and deliver group) of an agent's trigger."""
+    return f"{ENGINE_NAMES.consumer_prefix}{agent}"
+
+
+def run_key(run_id: str) -> str:
+    """The KV key of a run's journal."""
+    return f"{RUN_KEY_PREFIX}{run_id}"
+
+
+def cancel_key(run_id: str) -> str:
+    """The KV key that asks for a run to be cancelled."""
+    return f"{CANCEL_KEY_PREFIX}{run_id}"

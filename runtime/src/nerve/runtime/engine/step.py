@@ -1,0 +1,523 @@
+"""The `step` object: everything an agent does goes through it and is journalled.
+
+Each step has a name, unique within a run; its id derives from the run id and that name, so a re-run
+publishes the same ids (JetStream keeps them once). A step whose result is journalled is never run again:
+a resumed run replays the agent function, and every step already done returns its journalled result at
+once. Steps are at-least-once: a process killed while a step's function runs has it run again by
+whoever resumes the run, so a step's effect must be idempotent (use `step.id(name)` as its id).
+
+Still to come (issue 10): `command(device, action, args, ttl)` (a signed command whose id is the step id,
+then a journalled wait on NERVE_RESULTS for the device's signed result, as `wait_for_event` waits) and
+`approve(...)`. Both are steps of the same shape: a first write that records what is awaited, an effect
+published under the step id, and a durable wait with a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
+
+import msgspec
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from nerve.runtime.cancellation import checkpoint
+from nerve.runtime.engine.errors import (
+    AgentDeclarationError,
+    LeaseLost,
+    RunCancelled,
+    StepFailed,
+    Terminal,
+)
+from nerve.runtime.engine.journal import RecordTooLarge, RunRecord, StepRecord, UndoRecord, error_text
+from nerve.runtime.engine.names import TIMERS_STREAM, timer_fired_subject
+from nerve.runtime.engine.timers import forget, has_fired, schedule
+from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
+from nerve.runtime.envelope.model import Fact, derived_id
+from nerve.runtime.errors import DecodeError
+from nerve.runtime.jetstream.client import publish_fact
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND
+from nerve.runtime.subjects import Kind, is_token, subject_root
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from nats.aio.msg import Msg
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
+    from nerve.runtime.engine.journal import RunHandle
+    from nerve.runtime.engine.settings import EngineSettings
+    from nerve.runtime.envelope.codec import Codec
+    from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.trust.signing import Signer
+
+    StepFunction = Callable[[], Awaitable[Any]]
+    UndoFunction = Callable[[], Awaitable[Any]]
+
+log = logging.getLogger(__name__)
+
+MAX_STEP_NAME_CHARS: Final = 128
+# The subject of a fact about a run whose key is not a token (an order id with a dot, say).
+NO_SUBJECT: Final = "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineContext:
+    """What steps need from the engine: JetStream, names, limits, and the key that signs facts."""
+
+    js: JetStreamContext
+    prefix: str
+    settings: EngineSettings
+    signer: Signer | None
+    codec: Codec
+
+
+class Park(BaseException):
+    """Raised through the agent function when the run must wait for timer `timer_id`: it is parked.
+
+    A `BaseException`, so that an agent's `except Exception` cannot swallow it.
+    """
+
+    def __init__(self, timer_id: str, due: float) -> None:
+        self.timer_id = timer_id
+        self.due = due
+        super().__init__(timer_id)
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > MAX_STEP_NAME_CHARS or not name.isprintable():
+        raise AgentDeclarationError(
+            f"step name {name!r}: use 1 to {MAX_STEP_NAME_CHARS} printable characters"
+        )
+
+
+class Step:
+    """The journal of one run, as its agent function sees it. Made by the engine, one per execution."""
+
+    def __init__(
+        self,
+        *,
+        ctx: EngineContext,
+        handle: RunHandle,
+        agent: DurableAgent,
+        trigger: Envelope,
+    ) -> None:
+        self._ctx = ctx
+        self._handle = handle
+        self._agent = agent
+        self._trigger = trigger
+        self._seen: set[str] = set()
+        #: The undo of each step that registered one, in the order this execution reached them.
+        self.undos: dict[str, UndoFunction] = {}
+        self._cancelled = False
+        self._wakeups: asyncio.Queue[Literal["cancel"]] = asyncio.Queue()
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return self._handle.run_id
+
+    @property
+    def key(self) -> str:
+        """The run's key (what `key(event)` returned)."""
+        return self._handle.record.key
+
+    @property
+    def record(self) -> RunRecord:
+        """The run's journal as this process last wrote it."""
+        return self._handle.record
+
+    def id(self, name: str) -> str:
+        """The id of step `name` of this run: the id to give what the step publishes (dedup)."""
+        return derived_id(self.run_id, "step", name)
+
+    def cancel(self) -> None:
+        """Have the run stop at its next step (or its current wait) and compensate."""
+        self._cancelled = True
+        self._wakeups.put_nowait("cancel")
+
+    # --- bookkeeping ---------------------------------------------------------------------------------
+
+    def _enter(self, name: str) -> StepRecord | None:
+        """Check `name` (unique in this run) and return what the journal holds of it."""
+        _check_name(name)
+        if name in self._seen:
+            raise AgentDeclarationError(f"agent {self._agent.name}: step name {name!r} is used twice")
+        self._seen.add(name)
+        return self._handle.record.steps.get(name)
+
+    def _before_new_step(self, *, new: bool = True) -> None:
+        """Refuse to start (or, `new` false, go on with) a step not done yet when the run is stopping."""
+        if self._handle.lost:
+            raise LeaseLost(self.run_id)
+        if self._cancelled:
+            raise RunCancelled(self.run_id)
+        record = self._handle.record
+        if record.compensating:
+            # A replay during compensation goes only as far as the journal: it re-registers the undos.
+            raise StepFailed(self.run_id, "(replay)", record.error or "the run is compensating")
+        if new and len(record.steps) >= self._ctx.settings.max_steps:
+            raise StepFailed(
+                self.run_id, "(limit)", f"more than {self._ctx.settings.max_steps} steps (engine.max_steps)"
+            )
+
+    async def _positions(self) -> dict[str, int]:
+        """The last sequence of each stream the agent waits on: where its next wait will read from."""
+        positions: dict[str, int] = {}
+        for kind in self._agent.waits_on:
+            stream = STREAM_OF_KIND[kind]
+            positions[stream] = (await self._ctx.js.stream_info(stream)).state.last_seq
+        return positions
+
+    async def _record(
+        self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
+    ) -> None:
+        def change(record: RunRecord) -> None:
+            record.steps[name] = step
+            if positions:
+                record.positions.update(positions)
+            if undo and not any(entry.step == name for entry in record.undos):
+                record.undos.append(UndoRecord(step=name))
+
+        try:
+            await self._handle.write(change)
+        except RecordTooLarge as exc:
+            raise StepFailed(self.run_id, name, str(exc)) from None
+
+    # --- steps ---------------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        name: str,
+        fn: StepFunction,
+        *,
+        undo: UndoFunction | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Any:  # noqa: ANN401 - what fn returned, as JSON
+        """Run `fn()` once and journal its result (JSON: what `msgspec.to_builtins` makes of it).
+
+        A step done before returns its journalled result without running `fn`. `undo`, if given, is
+        journalled before `fn` runs, and runs if the run later fails for good or is cancelled. A `Terminal`
+        error fails the step at once; any other error is retried per `retry` (default: the agent's),
+        with jittered backoff, then fails the step. Raises `StepFailed` when the step failed for good.
+        """
+        journalled = self._enter(name)
+        if undo is not None:
+            self.undos[name] = undo
+        if journalled is not None and journalled.status == "done":
+            return journalled.result
+        if journalled is not None and journalled.status == "failed":
+            raise StepFailed(self.run_id, name, journalled.error)
+        self._before_new_step(new=journalled is None)
+        positions = await self._positions()
+        started = journalled.started if journalled is not None else time.time()
+        attempts = journalled.attempts if journalled is not None else 0
+        if undo is not None and not any(entry.step == name for entry in self._handle.record.undos):
+            await self._record(
+                name, StepRecord(status="started", attempts=attempts, started=started), undo=True
+            )
+        policy = retry or self._agent.retry
+        backoff = policy.backoff()
+        while True:
+            attempts += 1
+            checkpoint()
+            try:
+                value = await fn()
+            except Terminal as exc:
+                await self._fail(name, attempts, started, error_text(exc))
+            except Exception as exc:  # noqa: BLE001 - any other error is retryable
+                error = error_text(exc)
+                if attempts >= policy.attempts:
+                    await self._fail(name, attempts, started, error)
+                log.info("engine: run %s step %r try %d failed: %s", self.run_id, name, attempts, error)
+                await self._record(
+                    name, StepRecord(status="started", attempts=attempts, error=error, started=started)
+                )
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            try:
+                result = msgspec.to_builtins(value)
+            except TypeError as exc:
+                await self._fail(name, attempts, started, f"its result cannot be journalled as JSON: {exc}")
+            done = StepRecord(
+                status="done", result=result, attempts=attempts, started=started, finished=time.time()
+            )
+            await self._record(name, done, positions=positions)
+            return result
+
+    async def _fail(self, name: str, attempts: int, started: float, error: str) -> NoReturn:
+        failed = StepRecord(
+            status="failed", attempts=attempts, error=error, started=started, finished=time.time()
+        )
+        await self._record(name, failed)
+        raise StepFailed(self.run_id, name, error)
+
+    async def sleep(self, name: str, seconds: float) -> None:
+        """Sleep `seconds`, durably: the run is parked, and a nats-server schedule wakes it (once).
+
+        The run resumes when the timer fires, in whichever engine takes it; a timer that came due while no
+        engine ran fires when one is back. At most `max_sleep_s` (engine settings).
+        """
+        journalled = self._enter(name)
+        if journalled is not None and journalled.status == "done":
+            return
+        self._check_duration(name, seconds)
+        timer_id = derived_id(self.run_id, "timer", name)
+        fresh = journalled is None
+        if journalled is None:
+            self._before_new_step()
+            due = time.time() + seconds
+            positions = await self._positions()
+            journalled = StepRecord(status="sleeping", due=due, timer=timer_id, started=time.time())
+            await self._record(name, journalled, positions=positions)
+            await self._schedule(timer_id, due, name)
+        else:
+            self._before_new_step(new=False)
+        fired = await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
+        if fired:
+            done = StepRecord(status="done", started=journalled.started, finished=time.time(), timer=timer_id)
+            await self._record(name, done)
+            await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
+            return
+        if not fresh:
+            # Maybe the process that journalled the timer died before it scheduled it, or the schedule was
+            # lost: schedule it again (a pending schedule on the same subject is replaced, not doubled).
+            await self._schedule(timer_id, journalled.due, name)
+        raise Park(timer_id, journalled.due)
+
+    def _check_duration(self, name: str, seconds: float) -> None:
+        limit = self._ctx.settings.max_sleep_s
+        if not 0 <= seconds <= limit:
+            raise AgentDeclarationError(
+                f"step {name!r}: {seconds!r} seconds is not between 0 and {limit:g} (engine.max_sleep_s)"
+            )
+
+    async def _schedule(self, timer_id: str, due: float, name: str) -> None:
+        await schedule(
+            self._ctx.js,
+            prefix=self._ctx.prefix,
+            timer_id=timer_id,
+            due=due,
+            run_id=self.run_id,
+            step_id=self.id(name),
+        )
+
+    async def wait_for_event(
+        self,
+        name: str,
+        event_type: str,
+        *,
+        timeout: float,
+        match: Callable[[Envelope], bool] | None = None,
+        kind: Kind = Kind.EVENTS,
+        source: str = "*",
+    ) -> Envelope | None:
+        """The first `kind` message named `event_type` (from `source`) that `match` accepts, or None.
+
+        Reads from where the run was when its previous step began (after the trigger, for a first
+        step), so an event that came in between is never missed. None when `timeout` seconds passed
+        first (a durable timer). The agent must declare `waits_on` with `kind`.
+        """
+        journalled = self._enter(name)
+        model = MODEL_OF_KIND[kind]
+        if journalled is not None and journalled.status == "done":
+            if journalled.result is None:
+                return None
+            return decode(str(journalled.result["event"]).encode(), model)
+        self._check_duration(name, timeout)
+        if kind not in self._agent.waits_on:
+            raise AgentDeclarationError(
+                f"agent {self._agent.name}: step {name!r} waits on {kind} but the agent does not declare "
+                f"waits_on=(Kind.{kind.name},)"
+            )
+        for what, value in (("event type", event_type), ("source", source)):
+            if value != "*" and not is_token(value):
+                raise AgentDeclarationError(f"step {name!r}: {what} {value!r} is not valid")
+        stream = STREAM_OF_KIND[kind]
+        timer_id = derived_id(self.run_id, "timer", name)
+        if journalled is None:
+            self._before_new_step()
+            from_seq = self._handle.record.positions.get(stream, 0)
+            positions = await self._positions()
+            due = time.time() + timeout
+            journalled = StepRecord(
+                status="waiting",
+                due=due,
+                timer=timer_id,
+                stream=stream,
+                from_seq=from_seq,
+                started=time.time(),
+            )
+            await self._record(name, journalled, positions=positions)
+            await self._schedule(timer_id, due, name)
+        else:
+            self._before_new_step(new=False)
+            if not await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
+                await self._schedule(timer_id, journalled.due, name)
+        subject = f"{subject_root(self._ctx.prefix)}.{source}.{kind.value}.{event_type}"
+        found = await self._watch(journalled, subject, stream, model, match)
+        result = None if found is None else {"event": to_json(found[0]).decode(), "seq": found[1]}
+        done = StepRecord(
+            status="done",
+            result=result,
+            started=journalled.started,
+            finished=time.time(),
+            timer=timer_id,
+            stream=stream,
+            from_seq=journalled.from_seq,
+        )
+        await self._record(name, done)
+        await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
+        return None if found is None else found[0]
+
+    async def _watch(
+        self,
+        waiting: StepRecord,
+        subject: str,
+        stream: str,
+        model: type[Envelope],
+        match: Callable[[Envelope], bool] | None,
+    ) -> tuple[Envelope, int] | None:
+        """Read `subject` after `waiting.from_seq` until a message matches or the step's timer fires."""
+        queue: asyncio.Queue[Msg | Literal["timer"]] = asyncio.Queue()
+
+        async def on_event(msg: Msg) -> None:
+            await queue.put(msg)
+
+        async def on_timer(_msg: Msg) -> None:
+            await queue.put("timer")
+
+        js = self._ctx.js
+        events = await js.subscribe(
+            subject,
+            stream=stream,
+            cb=on_event,
+            ordered_consumer=True,
+            config=ConsumerConfig(
+                deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=waiting.from_seq + 1
+            ),
+        )
+        timer = await js.subscribe(
+            timer_fired_subject(self._ctx.prefix, waiting.timer),
+            stream=TIMERS_STREAM,
+            cb=on_timer,
+            ordered_consumer=True,
+        )
+        try:
+            while True:
+                got = await self._next(queue, waiting)
+                checkpoint()
+                if got == "cancel":
+                    raise RunCancelled(self.run_id)
+                if got == "timer":
+                    return None
+                if got is None:  # the timer is late: look, and schedule it again if it was lost
+                    if await has_fired(js, prefix=self._ctx.prefix, timer_id=waiting.timer):
+                        return None
+                    await schedule(
+                        js,
+                        prefix=self._ctx.prefix,
+                        timer_id=waiting.timer,
+                        due=waiting.due,
+                        run_id=self.run_id,
+                        step_id=waiting.timer,
+                    )
+                    continue
+                try:
+                    envelope = decode(got.data, model)
+                except DecodeError as exc:
+                    log.debug("engine: run %s skips an undecodable %s: %s", self.run_id, got.subject, exc)
+                    continue
+                if match is None or match(envelope):
+                    return envelope, got.metadata.sequence.stream
+        finally:
+            await events.unsubscribe()
+            await timer.unsubscribe()
+
+    async def _next(
+        self, queue: asyncio.Queue[Msg | Literal["timer"]], waiting: StepRecord
+    ) -> Msg | Literal["timer", "cancel"] | None:
+        """The next message or timer, "cancel", or None when the timer is overdue by a lease."""
+        if self._cancelled:
+            return "cancel"
+        wait_s = max(0.0, waiting.due - time.time()) + self._ctx.settings.lease_s
+        got_item = asyncio.ensure_future(queue.get())
+        got_cancel = asyncio.ensure_future(self._wakeups.get())
+        try:
+            done, _ = await asyncio.wait(
+                {got_item, got_cancel}, timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for future in (got_item, got_cancel):
+                if not future.done():
+                    future.cancel()
+        if got_cancel in done:
+            if got_item in done:  # keep what came for the next look
+                queue.put_nowait(got_item.result())
+            return "cancel"
+        if got_item in done:
+            return got_item.result()
+        return None
+
+    async def fact(
+        self,
+        name: str,
+        *,
+        kind: str,
+        summary: str,
+        data: dict[str, Any] | None = None,
+        subject: str | None = None,
+    ) -> str:
+        """Keep a fact (signed and chained, if the engine has a signer) once; return its id.
+
+        `subject` is the device or service it is about (default: the run's key, if it is a token).
+        """
+        journalled = self._enter(name)
+        if journalled is not None and journalled.status == "done":
+            return str(journalled.result)
+        if not is_token(kind):
+            raise AgentDeclarationError(f"step {name!r}: fact kind {kind!r} is not a token")
+        self._before_new_step()
+        positions = await self._positions()
+        started = time.time()
+        fact_id = await self.keep_fact(
+            fact_id=derived_id(self.run_id, "fact", name),
+            kind=kind,
+            summary=summary,
+            data=data,
+            subject=subject,
+        )
+        await self._record(
+            name,
+            StepRecord(status="done", result=fact_id, started=started, finished=time.time()),
+            positions=positions,
+        )
+        return fact_id
+
+    async def keep_fact(
+        self, *, fact_id: str, kind: str, summary: str, data: dict[str, Any] | None, subject: str | None
+    ) -> str:
+        """Publish one fact about this run with id `fact_id` (kept once: JetStream dedups by id)."""
+        trigger = self._trigger
+        about = subject or (self.key if is_token(self.key) else (trigger.subject or NO_SUBJECT))
+        if not is_token(about):
+            about = NO_SUBJECT
+        fact = Fact(
+            id=fact_id,
+            source=f"nerve://central/{self._agent.name}",
+            type=f"nerve.fact.{kind}",
+            subject=about,
+            kind=kind,
+            summary=summary,
+            data={"run": self.run_id, **(data or {})},
+            correlationid=trigger.correlationid or trigger.id,
+            causationid=trigger.id,
+            hops=trigger.hops,
+        )
+        await publish_fact(
+            self._ctx.js, fact, prefix=self._ctx.prefix, signer=self._ctx.signer, codec=self._ctx.codec
+        )
+        return fact_id

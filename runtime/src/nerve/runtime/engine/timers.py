@@ -1,0 +1,105 @@
+"""Durable timers: nats-server message schedules (2.12+), never a polling loop.
+
+A timer is one schedule message `Nats-Schedule: @at <RFC3339>` on `...timers.at.<timer id>` in
+NERVE_TIMERS; when due, the server stores one message on `...timers.fired.<timer id>` (the schedule's body
+and headers, so it names its run and step) and removes the schedule. A timer that came due while no engine
+ran has fired all the same: its message waits in the stream for the durable consumer `nerve-engine-timers`.
+Scheduling a timer again before it fires replaces it (same subject); its id is also its `Nats-Msg-Id`.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Final
+
+from nats.errors import Error as NatsError
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from nerve.runtime.engine.names import (
+    TIMERS_STREAM,
+    timer_fired_subject,
+    timer_schedule_subject,
+    timers_filter,
+)
+from nerve.runtime.jetstream.client import MSG_ID_HEADER, PUBLISH_TIMEOUT_S
+from nerve.runtime.jetstream.streams import DUPLICATE_WINDOW_S
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.engine.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+SCHEDULE_HEADER: Final = "Nats-Schedule"
+SCHEDULE_TARGET_HEADER: Final = "Nats-Schedule-Target"
+RUN_HEADER: Final = "Nerve-Run"
+STEP_HEADER: Final = "Nerve-Step"
+
+
+def timers_config(prefix: str, settings: EngineSettings) -> StreamConfig:
+    """NERVE_TIMERS: schedules allowed; at its byte limit the oldest messages go.
+
+    nats-server refuses message schedules in a stream that discards new messages, so a full stream drops
+    its oldest: fired messages are deleted once their step is journalled (`forget`) to keep it small, and
+    a parked run whose timer is overdue by a lease is woken by the engine's watchdog all the same.
+    """
+    return StreamConfig(
+        name=TIMERS_STREAM,
+        subjects=[timers_filter(prefix)],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=settings.timers.max_age_s,
+        max_bytes=settings.timers.max_bytes,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        allow_msg_schedules=True,
+    )
+
+
+def at_expression(due: float) -> str:
+    """`@at <RFC3339>` for the epoch time `due` (fractions kept: a timer never fires early)."""
+    return "@at " + datetime.fromtimestamp(due, UTC).isoformat().replace("+00:00", "Z")
+
+
+async def schedule(
+    js: JetStreamContext, *, prefix: str, timer_id: str, due: float, run_id: str, step_id: str
+) -> None:
+    """Have the server fire timer `timer_id` at `due` (epoch seconds); safe to call again."""
+    await js.publish(
+        timer_schedule_subject(prefix, timer_id),
+        b"",
+        timeout=PUBLISH_TIMEOUT_S,
+        headers={
+            SCHEDULE_HEADER: at_expression(due),
+            SCHEDULE_TARGET_HEADER: timer_fired_subject(prefix, timer_id),
+            MSG_ID_HEADER: timer_id,
+            RUN_HEADER: run_id,
+            STEP_HEADER: step_id,
+        },
+    )
+
+
+async def fired_seq(js: JetStreamContext, *, prefix: str, timer_id: str) -> int | None:
+    """The sequence of timer `timer_id`'s fired message in NERVE_TIMERS, or None if it has not fired."""
+    try:
+        return (await js.get_last_msg(TIMERS_STREAM, timer_fired_subject(prefix, timer_id))).seq
+    except NotFoundError:
+        return None
+
+
+async def has_fired(js: JetStreamContext, *, prefix: str, timer_id: str) -> bool:
+    """Whether timer `timer_id` fired (its message is in NERVE_TIMERS)."""
+    return await fired_seq(js, prefix=prefix, timer_id=timer_id) is not None
+
+
+async def forget(js: JetStreamContext, *, prefix: str, timer_id: str) -> None:
+    """Delete timer `timer_id`'s fired message (its step is journalled): best effort, never raises."""
+    try:
+        seq = await fired_seq(js, prefix=prefix, timer_id=timer_id)
+        if seq is not None:
+            await js.delete_msg(TIMERS_STREAM, seq)
+    except (NatsError, TimeoutError) as exc:
+        log.debug("timers: fired message of %s not deleted: %s", timer_id, exc)

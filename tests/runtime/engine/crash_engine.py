@@ -1,0 +1,117 @@
+"""A central process with one durable agent, for the crash tests: `python crash_engine.py NATS_URL DIR`.
+
+Each step's effect is a message on `effects.<step>` whose Nats-Msg-Id is the step id, so the stream
+EFFECTS holds each effect once however often the step ran; every execution is also a line in
+DIR/executions. With DIR/hold present, step "slow" stops after its effect (and says so in
+DIR/slow-started) until the process is killed; DIR/delay holds how long each step waits after its effect.
+DIR/ready appears once the engine runs. Agent "crashy_saga" fails at its step "c" and undoes b and a;
+with DIR/hold present, the undo of "b" stops after its effect (DIR/undo-started) in the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nats
+
+from nerve.runtime.cancellation import until_signalled
+from nerve.runtime.engine import Engine, EngineSettings, Step, Terminal, Trigger, durable_agent
+from nerve.runtime.subjects import Kind
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.engine import DurableAgent
+    from nerve.runtime.envelope.model import Envelope
+
+STEPS = ("one", "slow", "two")
+SAGA_STEPS = ("a", "b", "c")
+
+
+class Effects:
+    """Where the agents' effects land: one message per step id in EFFECTS, and a line per execution."""
+
+    def __init__(self, js: JetStreamContext, directory: Path) -> None:
+        self.js = js
+        self.directory = directory
+
+    async def __call__(self, step: Step, name: str) -> None:
+        with (self.directory / "executions").open("a") as executions:
+            executions.write(f"{step.run_id} {name}\n")
+        await self.js.publish(f"effects.{name}", step.run_id.encode(), headers={"Nats-Msg-Id": step.id(name)})
+
+
+def crashy(effect: Effects, delay: float) -> DurableAgent:
+    """Three steps and a nap; "slow" may be held after its effect."""
+    hold = effect.directory / "hold"
+
+    @durable_agent("crashy", trigger=Trigger(Kind.EVENTS, "crash_test"), key=lambda e: str(e.data["n"]))
+    async def agent(_event: Envelope, step: Step) -> str:
+        for name in STEPS:
+
+            async def do(name: str = name) -> None:
+                await effect(step, name)
+                if name == "slow" and hold.exists():
+                    (effect.directory / "slow-started").touch()
+                    await asyncio.sleep(3600)
+                await asyncio.sleep(delay)  # a window for a kill between the effect and the journal
+
+            await step.run(name, do)
+            if name == "one":
+                await step.sleep("nap", 0.1)
+        return "done"
+
+    return agent
+
+
+def crashy_saga(effect: Effects) -> DurableAgent:
+    """Three steps with undos; "c" fails, and the undo of "b" may be held after its effect."""
+    hold = effect.directory / "hold"
+
+    @durable_agent("crashy_saga", trigger=Trigger(Kind.EVENTS, "crash_saga"), key=lambda e: str(e.data["n"]))
+    async def agent(_event: Envelope, step: Step) -> None:
+        for name in SAGA_STEPS:
+
+            async def do(name: str = name) -> None:
+                await effect(step, name)
+                if name == "c":
+                    raise Terminal("c fails, always")
+
+            async def undo(name: str = name) -> None:
+                await effect(step, f"undo_{name}")
+                if name == "b" and hold.exists():
+                    (effect.directory / "undo-started").touch()
+                    await asyncio.sleep(3600)
+
+            await step.run(name, do, undo=undo)
+
+    return agent
+
+
+async def serve(url: str, directory: Path) -> int:
+    nc = await nats.connect(url)
+    delay_file = directory / "delay"
+    delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
+    effect = Effects(nc.jetstream(), directory)
+    try:
+        agents = [crashy(effect, delay), crashy_saga(effect)]
+        async with Engine(nc=nc, agents=agents, settings=EngineSettings(lease_s=1.0)):
+            (directory / "ready").touch()
+            await asyncio.Event().wait()
+    finally:
+        await nc.close()
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(
+        filename=Path(sys.argv[2]) / "engine.log",
+        level=logging.INFO,
+        format=f"%(asctime)s {os.getpid()} %(name)s %(message)s",
+    )
+    sys.exit(asyncio.run(until_signalled(serve(sys.argv[1], Path(sys.argv[2])))))

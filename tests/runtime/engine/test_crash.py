@@ -1,0 +1,167 @@
+"""A run survives kill -9 of its engine process at any instant: resumed, each step's effect lands once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from nats.js.api import StreamConfig
+from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
+
+from nerve.runtime.engine import wait_for_run
+from nerve.runtime.engine.engine import ensure_engine_storage
+from nerve.runtime.envelope.model import derived_id
+
+if TYPE_CHECKING:
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.stack.brokers import NatsServer
+
+pytestmark = pytest.mark.broker
+
+SCRIPT = Path(__file__).with_name("crash_engine.py")
+STEPS = ("one", "slow", "two")
+
+
+async def start_engine(nats_server: NatsServer, directory: Path) -> asyncio.subprocess.Process:
+    (directory / "ready").unlink(missing_ok=True)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(SCRIPT), nats_server.url, str(directory)
+    )
+    async with asyncio.timeout(30):
+        while not (directory / "ready").exists():
+            assert process.returncode is None, "the engine process exited while starting"
+            await asyncio.sleep(0.02)
+    return process
+
+
+async def kill(process: asyncio.subprocess.Process) -> None:
+    process.send_signal(signal.SIGKILL)
+    async with asyncio.timeout(10):
+        await process.wait()
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    process.send_signal(signal.SIGTERM)
+    async with asyncio.timeout(10):
+        assert await process.wait() == 0
+
+
+async def effects(js: JetStreamContext) -> Counter[tuple[str, str]]:
+    """(run id, step) of every effect stored."""
+    info = await js.stream_info("EFFECTS")
+    landed: Counter[tuple[str, str]] = Counter()
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        message = await js.get_msg("EFFECTS", seq)
+        landed[((message.data or b"").decode(), (message.subject or "").removeprefix("effects."))] += 1
+    return landed
+
+
+def executions(directory: Path) -> Counter[tuple[str, str]]:
+    lines = (directory / "executions").read_text().splitlines()
+    return Counter(tuple(line.split()) for line in lines)  # type: ignore[misc]
+
+
+async def test_a_run_killed_mid_step_resumes_elsewhere_and_each_effect_lands_once(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    await js.add_stream(StreamConfig(name="EFFECTS", subjects=["effects.>"]))
+    kv = await ensure_engine_storage(js, PREFIX, FAST)
+    (tmp_path / "hold").touch()
+    first = await start_engine(nats_server, tmp_path)
+    event = await publish_event(js, "crash_test", {"n": 1}, event_id="e-crash")
+    run_id = derived_id("crashy", "run", event.id)
+    async with asyncio.timeout(30):
+        while not (tmp_path / "slow-started").exists():
+            await asyncio.sleep(0.02)
+    await kill(first)  # in step "slow", after its effect, before its result is journalled
+    (tmp_path / "hold").unlink()
+    second = await start_engine(nats_server, tmp_path)
+    try:
+        record = await wait_for_run(kv, run_id, timeout=30)
+    finally:
+        await stop(second)
+    assert record.state == "done"
+    assert record.token >= 2  # claimed again by the second process
+    assert executions(tmp_path) == {(run_id, "one"): 1, (run_id, "slow"): 2, (run_id, "two"): 1}
+    assert await effects(js) == {(run_id, step): 1 for step in STEPS}
+
+
+async def test_a_compensation_killed_mid_undo_resumes_and_each_undo_lands_once(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    await js.add_stream(StreamConfig(name="EFFECTS", subjects=["effects.>"]))
+    kv = await ensure_engine_storage(js, PREFIX, FAST)
+    (tmp_path / "hold").touch()
+    first = await start_engine(nats_server, tmp_path)
+    event = await publish_event(js, "crash_saga", {"n": 1}, event_id="e-crash-saga")
+    run_id = derived_id("crashy_saga", "run", event.id)
+    async with asyncio.timeout(30):
+        while not (tmp_path / "undo-started").exists():
+            await asyncio.sleep(0.02)
+    await kill(first)  # in the undo of "b", after its effect, before it is journalled
+    (tmp_path / "hold").unlink()
+    second = await start_engine(nats_server, tmp_path)
+    try:
+        record = await wait_for_run(kv, run_id, timeout=30)
+    finally:
+        await stop(second)
+    assert record.state == "compensated"
+    assert [(undo.step, undo.status) for undo in record.undos] == [
+        ("a", "done"),
+        ("b", "done"),
+        ("c", "done"),
+    ]
+    ran = executions(tmp_path)
+    assert (
+        ran[(run_id, "c")],
+        ran[(run_id, "undo_c")],
+        ran[(run_id, "undo_b")],
+        ran[(run_id, "undo_a")],
+    ) == (
+        1,
+        1,
+        2,  # the undo that was killed ran again in the second process
+        1,
+    )
+    landed = await effects(js)
+    assert landed == {(run_id, name): 1 for name in ("a", "b", "c", "undo_c", "undo_b", "undo_a")}
+
+
+@pytest.mark.slow
+async def test_runs_survive_kill_9_at_random_instants(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    await js.add_stream(StreamConfig(name="EFFECTS", subjects=["effects.>"]))
+    kv = await ensure_engine_storage(js, PREFIX, FAST)
+    chance = random.Random(20261201)  # noqa: S311 - a reproducible choice of instants, not cryptography
+    (tmp_path / "delay").write_text("0.3")
+    process = await start_engine(nats_server, tmp_path)
+    run_ids = []
+    for n in range(20):
+        event = await publish_event(js, "crash_test", {"n": n}, event_id=f"e-chaos-{n}")
+        run_ids.append(derived_id("crashy", "run", event.id))
+    for _ in range(5):
+        await asyncio.sleep(chance.uniform(0.2, 0.8))
+        await kill(process)
+        process = await start_engine(nats_server, tmp_path)
+    try:
+        records = [await wait_for_run(kv, run_id, timeout=60) for run_id in run_ids]
+    except TimeoutError:
+        print((tmp_path / "engine.log").read_text())  # noqa: T201 - what the engine processes said
+        raise
+    finally:
+        await stop(process)
+    assert [record.state for record in records] == ["done"] * len(run_ids)
+    assert await effects(js) == {(run_id, step): 1 for run_id in run_ids for step in STEPS}
+    ran = executions(tmp_path)
+    assert all(ran[(run_id, step)] >= 1 for run_id in run_ids for step in STEPS)
+    # The kills did land mid-run: some runs were resumed by the next process (a claim after the wake-up
+    # from the nap makes 2).
+    assert max(record.token for record in records) >= 3
