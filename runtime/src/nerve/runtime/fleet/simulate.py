@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import secrets
 import shutil
@@ -36,7 +37,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode, to_msgpack
-from nerve.runtime.envelope.model import Command, CommandResult, Event, derived_id
+from nerve.runtime.envelope.model import Command, CommandResult, Event, Fact, derived_id
 from nerve.runtime.errors import ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND
@@ -97,15 +98,19 @@ class FleetPlan:
         """Raise `ConfigError` naming the first value that cannot be simulated."""
         checks = (
             ("--devices", self.devices > 0, f"{self.devices} devices: give 1 or more"),
-            ("--rate", self.rate > 0, f"rate {self.rate:g}: give readings per second per device, above 0"),
-            ("--spikes", self.spikes >= 0, f"{self.spikes:g} spikes per second: give 0 or more"),
+            (
+                "--rate",
+                0 < self.rate < math.inf,
+                f"rate {self.rate:g}: give readings per second per device, above 0",
+            ),
+            ("--spikes", 0 <= self.spikes < math.inf, f"{self.spikes:g} spikes per second: give 0 or more"),
             (
                 "--duration",
-                self.duration_s is None or self.duration_s > 0,
+                self.duration_s is None or 0 < self.duration_s < math.inf,
                 f"duration {self.duration_s}: give seconds above 0",
             ),
             ("--connections", self.connections >= 0, f"{self.connections} connections: give 0 or more"),
-            ("--drain", self.drain_s >= 0, f"drain {self.drain_s:g}: give seconds, 0 or more"),
+            ("--drain", 0 <= self.drain_s < math.inf, f"drain {self.drain_s:g}: give seconds, 0 or more"),
         )
         for flag, ok, message in checks:
             if not ok:
@@ -162,6 +167,7 @@ class Summary:
     duplicate_commands: int
     incidents_resolved: int
     incidents_failed: int
+    connections_lost: int = 0
     interrupted: bool = False
 
 
@@ -265,14 +271,16 @@ class Simulation:
         self._duplicates = 0
         self._duplicate_commands = 0
         self._bad_commands = 0
-        self._resolved = 0
-        self._failed = 0
+        self._resolved: set[str] = set()
+        self._failed: set[str] = set()
         self._lags: array[float] = array("d")
         self._command_latencies: list[float] = []
         self._window_lags: list[float] = []
         self._window_commands: list[float] = []
         self._window_spikes = 0
         self._spike_count = 0
+        self._connections_lost = 0
+        self._closing = False
         self._stop = asyncio.Event()  # no more load
         self._finished = asyncio.Event()  # drained: no more lines
 
@@ -316,12 +324,22 @@ class Simulation:
         )
         link = _Link(wire, limit=min(MAX_IN_FLIGHT, wire.broker_receive_maximum))
         holder.append(link)
+        wire.closed.add_done_callback(lambda closed: self._connection_ended(client_id, closed))
         filters = [f"{self._prefix}/{name}/{Kind.COMMANDS}/+" for name in names]
         for start in range(0, len(filters), FILTERS_PER_SUBSCRIBE):
             await wire.subscribe(filters[start : start + FILTERS_PER_SUBSCRIBE], timeout_s=OPEN_TIMEOUT_S)
         return link
 
-    async def _connect_fleet(self, signers: list[Signer]) -> None:
+    def _connection_ended(self, client_id: str, closed: asyncio.Future[None]) -> None:
+        reason = closed.exception() if not closed.cancelled() else None  # (retrieved: never "unretrieved")
+        if self._closing:
+            return
+        self._connections_lost += 1
+        # Its devices' readings are counted unacknowledged from now on; the first loss is worth a line.
+        if self._connections_lost == 1:
+            log.warning("simulated connection %s lost: %s", client_id, reason)
+
+    async def _connect_fleet(self) -> list[_Link]:
         plan = self._plan
         groups: list[list[int]] = [[] for _ in range(plan.links)]
         for index in range(plan.devices):
@@ -347,17 +365,18 @@ class Simulation:
             ) from None
         finally:
             self._links = [link for link in links if link is not None]
-        for index in range(plan.devices):
+        return self._links
+
+    def _build_devices(self, links: list[_Link], signers: list[Signer]) -> None:
+        for index, signer in enumerate(signers):
             name = self._name(index)
-            link = links[index % plan.links]
-            assert link is not None  # noqa: S101 - every one opened, or we raised
             device = _Device(
                 name=name,
-                link=link,
+                link=links[index % len(links)],
                 topics=tuple(Address(name, Kind.TELEMETRY, metric).topic(self._prefix) for metric in METRICS),
                 results_topic=Address(name, Kind.RESULTS, ACTION).topic(self._prefix),
                 source=f"nerve://edge/{name}",
-                signer=signers[index],
+                signer=signer,
             )
             self._devices.append(device)
             self._by_name[name] = device
@@ -485,12 +504,17 @@ class Simulation:
         self._window_lags.append(lag)
 
     async def _on_fact(self, msg: Msg) -> None:
+        # A plain subscription sees every publish, also one JetStream then refused as a duplicate: an
+        # incident counts once.
         device = msg.subject.split(".")[-3]
-        if device in self._by_name:
-            if msg.subject.endswith(".incident_resolved"):
-                self._resolved += 1
-            else:
-                self._failed += 1
+        if device not in self._by_name:
+            return
+        try:
+            fact = decode(msg.data, Fact)
+        except DecodeError:
+            return
+        incident = str(fact.data.get("incident_id", fact.id))
+        (self._resolved if fact.kind == "incident_resolved" else self._failed).add(incident)
 
     # -- reporting
 
@@ -543,6 +567,7 @@ class Simulation:
         try:
             return await self._run_with(nc, keys)
         finally:
+            self._closing = True
             for path in self._registered:
                 path.unlink(missing_ok=True)
             shutil.rmtree(keys, ignore_errors=True)
@@ -554,8 +579,8 @@ class Simulation:
     async def _run_with(self, nc: NatsClient, keys: Path) -> Summary:
         plan = self._plan
         connect_began = time.monotonic()
-        signers = self._provision(keys)
-        await self._connect_fleet(signers)
+        links = await self._connect_fleet()  # first: an unreachable broker leaves nothing behind
+        self._build_devices(links, self._provision(keys))
         connect_s = time.monotonic() - connect_began
         js = nc.jetstream()
         root = subject_root(self._prefix)
@@ -612,7 +637,7 @@ class Simulation:
         try:
             while time.monotonic() < deadline:
                 pending = any(link.in_flight or link.queue for link in self._links)
-                closed = self._resolved + self._failed >= len(self._command_latencies)
+                closed = len(self._resolved) + len(self._failed) >= len(self._command_latencies)
                 if not pending and not self._spikes and closed and self._stored_ours >= self._acknowledged():
                     return True
                 await asyncio.sleep(0.05)
@@ -657,8 +682,9 @@ class Simulation:
             command_p50_ms=_ms(percentile(self._command_latencies, 0.5)),
             command_p99_ms=_ms(percentile(self._command_latencies, 0.99)),
             duplicate_commands=self._duplicate_commands,
-            incidents_resolved=self._resolved,
-            incidents_failed=self._failed,
+            incidents_resolved=len(self._resolved),
+            incidents_failed=len(self._failed),
+            connections_lost=self._connections_lost,
             interrupted=interrupted,
         )
 
