@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import math
+import resource
 from typing import TYPE_CHECKING
 
 import pytest
@@ -160,3 +161,18 @@ def test_a_percentile_is_a_value_with_that_share_at_or_below_it(values: list[flo
 
 def test_no_percentile_of_nothing() -> None:
     assert percentile([], 0.5) is None
+
+
+def test_more_connections_than_open_files_is_one_line_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    devices = str(hard + 1)
+    status = main(
+        ["simulate", "--devices", devices, "--nats-url", "nats://127.0.0.1:9", "--data-dir", str(tmp_path)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1
+    assert "--connections" in err[0]
+    assert f"{hard + 1} connections need as many open files" in err[0]

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import math
 import random
+import resource
 import secrets
 import shutil
 import tempfile
@@ -76,6 +77,8 @@ TICK_S: Final = 0.01
 REPORT_EVERY_S: Final = 1.0
 OPEN_TIMEOUT_S: Final = 10.0
 INTERRUPTED_DRAIN_S: Final = 3.0
+# Open files kept for NATS, the key files and the interpreter, beyond one per MQTT connection.
+SPARE_FILES: Final = 100
 _ID_HEADER: Final = "Nats-Msg-Id"
 
 
@@ -562,6 +565,14 @@ class Simulation:
 
     async def run(self) -> Summary:
         """Connect, load, drain, and say what happened (see the class docstring)."""
+        limit = raise_open_files_limit()
+        if self._plan.links > limit - SPARE_FILES:
+            raise ConfigError(
+                f"{self._plan.links} connections need as many open files, and this process may open {limit} "
+                f"(ulimit -n): share fewer connections with --connections (at most {limit - SPARE_FILES})",
+                source="command line",
+                key="--devices",
+            )
         nc = await connect(self._settings.nats, name="nerve-simulate")
         keys = Path(tempfile.mkdtemp(prefix="nerve-simulate-keys-"))
         try:
@@ -687,6 +698,16 @@ class Simulation:
             connections_lost=self._connections_lost,
             interrupted=interrupted,
         )
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit of open files to its hard limit (a socket each); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    return soft
 
 
 def _uncancel() -> None:
