@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import io
 import json
@@ -90,6 +91,31 @@ async def test_devices_multiplexed_over_a_few_connections_still_get_their_comman
     assert summary.incidents_resolved == summary.spikes
     assert seconds
     assert seconds[0].offered_per_s > 0
+
+
+@pytest.mark.broker
+async def test_a_stop_by_hand_still_drains_and_says_what_happened(settings: Settings) -> None:
+    two_lines: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seen: list[Second] = []
+
+    def second(line: Second) -> None:
+        seen.append(line)
+        if len(seen) == 2 and not two_lines.done():
+            two_lines.set_result(None)
+
+    async with Stack(settings=_quiet(settings), device="pi-stop") as stack:
+        plan = FleetPlan(devices=10, rate=5, spikes=1)  # no duration: until stopped
+        run = asyncio.create_task(Simulation(settings=stack.settings, plan=plan, on_second=second).run())
+        async with asyncio.timeout(30):
+            await two_lines
+        run.cancel()  # what Ctrl-C does (nerve.runtime.cancellation.until_signalled)
+        summary = await run
+        registry = stack.settings.central.device_keys_dir
+    assert summary.interrupted
+    assert summary.offered > 0
+    assert summary.stored + summary.lost + summary.unacknowledged == summary.offered
+    assert registry is not None
+    assert not [path for path in registry.iterdir() if path.name.startswith("sim-")]
 
 
 @pytest.mark.broker

@@ -144,7 +144,11 @@ class Second:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """The whole run. `lost`: acknowledged by mosquitto, never stored (after the drain window)."""
+    """The whole run. Every reading offered is stored, lost or unacknowledged.
+
+    `lost`: acknowledged by mosquitto, never stored (after the drain window); `unacknowledged`: never
+    stored, and mosquitto never acknowledged it (its connection was lost, or the run was cut short).
+    """
 
     devices: int
     connections: int
@@ -663,11 +667,13 @@ class Simulation:
     def _summary(self, *, seconds: float, connect_s: float, interrupted: bool) -> Summary:
         lost = unacknowledged = 0
         for device in self._devices:
-            for state in device.state:
-                if not state & 1:
-                    unacknowledged += 1
-                elif not state & 2:
+            for state in device.state:  # stored, lost or unacknowledged: each reading is one of them
+                if state & 2:
+                    continue
+                if state & 1:
                     lost += 1
+                else:
+                    unacknowledged += 1
         span = max(seconds, 1e-9)
         lags = self._lags
         return Summary(
