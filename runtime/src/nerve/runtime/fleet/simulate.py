@@ -274,6 +274,7 @@ class Simulation:
         self._registered: list[Path] = []
         # Counters and samples (wall-clock seconds).
         self._offered = 0
+        self._acked = 0
         self._stored_ours = 0
         self._duplicates = 0
         self._duplicate_commands = 0
@@ -416,6 +417,7 @@ class Simulation:
         def done(ok: bool) -> None:  # noqa: FBT001 - the link's callback
             if ok:
                 state[seq] |= 1
+                self._acked += 1
 
         device.link.offer(device.topics[metric], payload, done)
         if metric == len(METRICS) - 1 and value >= self._threshold:
@@ -653,16 +655,13 @@ class Simulation:
             while time.monotonic() < deadline:
                 pending = any(link.in_flight or link.queue for link in self._links)
                 closed = len(self._resolved) + len(self._failed) >= len(self._command_latencies)
-                if not pending and not self._spikes and closed and self._stored_ours >= self._acknowledged():
+                if not pending and not self._spikes and closed and self._stored_ours >= self._acked:
                     return True
                 await asyncio.sleep(0.05)
         except asyncio.CancelledError:
             _uncancel()
             return False
         return True
-
-    def _acknowledged(self) -> int:
-        return sum(sum(1 for s in device.state if s & 1) for device in self._devices)
 
     def _summary(self, *, seconds: float, connect_s: float, interrupted: bool) -> Summary:
         lost = unacknowledged = 0
