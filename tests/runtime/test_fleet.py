@@ -3,26 +3,37 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
 import math
 import resource
+import struct
 from typing import TYPE_CHECKING
 
+import nats
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from nerve.runtime.cli.main import _parser, main
 from nerve.runtime.cli.simulate import run
+from nerve.runtime.config.settings import load_settings
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.fleet import FleetPlan, Second, Simulation, Summary, percentile
+from nerve.runtime.fleet.simulate import MAX_QUEUED
+from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.stack.brokers import free_port
 from nerve.runtime.stack.local import Stack
+from nerve.runtime.wire.mqtt import packet, varint
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
+
+    from tests.conftest import Serve
 
     from nerve.runtime.config.settings import Settings
     from nerve.runtime.stack.brokers import NatsServer
@@ -122,6 +133,7 @@ async def test_a_stop_by_hand_still_drains_and_says_what_happened(settings: Sett
 def test_an_unreachable_broker_is_one_line(
     nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    asyncio.run(_make_streams(nats_server.url))
     dead = f"mqtt://127.0.0.1:{free_port()}"
     status = main(
         [
@@ -141,6 +153,83 @@ def test_an_unreachable_broker_is_one_line(
     assert len(err) == 1
     assert err[0].startswith(f"nerve simulate: error: cannot connect to {dead}: connection refused")
     assert not (tmp_path / "devices").exists() or not any((tmp_path / "devices").iterdir())
+
+
+async def _make_streams(url: str) -> None:
+    """What the bridge and central make when they start."""
+    async with await nats.connect(url) as nc:
+        await ensure_streams(nc.jetstream(), "nerve")
+
+
+def stuck_broker() -> Serve:
+    """A fake broker that connects (one publish in flight at most) and subscribes, then never PUBACKs."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await answer(reader, writer)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readexactly(1)
+            length = shift = 0
+            while True:  # the remaining length, a variable byte integer
+                byte = (await reader.readexactly(1))[0]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            body = await reader.readexactly(length)
+            kind = head[0] >> 4
+            if kind == 1:  # CONNECT -> CONNACK with Receive Maximum 1
+                properties = bytes([0x21]) + struct.pack("!H", 1)
+                writer.write(packet(0x20, bytes([0, 0]) + varint(len(properties)) + properties))
+            elif kind == 8:
+                filters = body[3:].count(b"/+") or 1
+                writer.write(packet(0x90, body[:2] + b"\x00" + b"\x01" * filters))
+            await writer.drain()
+
+    return serve
+
+
+@pytest.mark.broker
+async def test_a_broker_that_takes_nothing_more_bounds_what_waits(
+    nats_server: NatsServer,
+    tmp_path: Path,
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+) -> None:
+    await _make_streams(nats_server.url)
+    async with tcp_server(stuck_broker()) as port:
+        settings = load_settings(
+            overrides={
+                "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
+                "nats": {"url": nats_server.url},
+                "data_dir": str(tmp_path),
+            }
+        )
+        plan = FleetPlan(devices=1, rate=2000, duration_s=1.5, drain_s=0)
+        summary = await Simulation(settings=settings, plan=plan).run()
+    # One in flight (the broker's Receive Maximum), MAX_QUEUED waiting, the rest skipped.
+    assert summary.offered == 1 + MAX_QUEUED
+    assert summary.skipped > 0
+    assert summary.unacknowledged == summary.offered
+    assert summary.stored == summary.lost == 0
+
+
+@pytest.mark.broker
+def test_a_nats_without_the_stack_is_one_line(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # mosquitto is not even asked: nothing to measure with.
+    argv = ["simulate", "--devices", "2", "--mqtt-url", "mqtt://127.0.0.1:9", "--nats-url", nats_server.url]
+    status = main([*argv, "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err == [
+        (
+            f"nerve simulate: error: nats.url: no stream NERVE_TELEMETRY at {nats_server.url}: is the stack "
+            "running? (nerve up, or nerve streams apply then nerve bridge and nerve central)"
+        )
+    ]
 
 
 @pytest.mark.parametrize(

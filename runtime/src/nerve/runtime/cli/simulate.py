@@ -124,6 +124,8 @@ def format_summary(summary: Summary) -> str:
             f"  offered {summary.offered} ({summary.offered_per_s:.1f}/s), stored {summary.stored} "
             f"({summary.stored_per_s:.1f}/s), lost {summary.lost}, unacknowledged {summary.unacknowledged}, "
             f"duplicates {summary.duplicates}"
+            + (f", skipped {summary.skipped} (mosquitto took nothing more)" if summary.skipped else "")
+            + (f", connections lost {summary.connections_lost}" if summary.connections_lost else "")
         ),
         (
             f"  lag publish -> stored p50 {_ms(summary.lag_p50_ms)} ms, p99 {_ms(summary.lag_p99_ms)} ms, "

@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult, Event, Fact, derived_id
-from nerve.runtime.errors import ConfigError, DecodeError
+from nerve.runtime.errors import ConfigError, DecodeError, shown_url
 from nerve.runtime.jetstream.client import connect
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND
 from nerve.runtime.subjects import Address, Kind, kind_filter, subject_root
@@ -73,6 +74,9 @@ FILTERS_PER_SUBSCRIBE: Final = 64
 COMMAND_RECEIVE_MAXIMUM: Final = 64
 # Publishes in flight per connection, within what the broker takes (its Receive Maximum).
 MAX_IN_FLIGHT: Final = 1000
+# Readings waiting for room in flight, per connection: beyond this a reading is skipped (counted), so a
+# broker that takes nothing cannot make the simulator's memory grow without bound.
+MAX_QUEUED: Final = 1000
 TICK_S: Final = 0.01
 REPORT_EVERY_S: Final = 1.0
 OPEN_TIMEOUT_S: Final = 10.0
@@ -175,6 +179,7 @@ class Summary:
     incidents_resolved: int
     incidents_failed: int
     connections_lost: int = 0
+    skipped: int = 0
     interrupted: bool = False
 
 
@@ -275,6 +280,7 @@ class Simulation:
         # Counters and samples (wall-clock seconds).
         self._offered = 0
         self._acked = 0
+        self._skipped = 0
         self._stored_ours = 0
         self._duplicates = 0
         self._duplicate_commands = 0
@@ -392,6 +398,9 @@ class Simulation:
     # -- the load
 
     def _reading(self, device: _Device, metric: int, value: float) -> None:
+        if len(device.link.queue) >= MAX_QUEUED:
+            self._skipped += 1  # mosquitto takes nothing more from this connection: not offered
+            return
         seq = len(device.sent)
         now = time.time()
         name = METRICS[metric]
@@ -528,7 +537,15 @@ class Simulation:
     # -- reporting
 
     async def _stream_last_seq(self, nc: NatsClient) -> int:
-        info = await nc.jetstream().stream_info(STREAM_OF_KIND[Kind.TELEMETRY])
+        stream = STREAM_OF_KIND[Kind.TELEMETRY]
+        try:
+            info = await nc.jetstream().stream_info(stream)
+        except NotFoundError:
+            raise ConfigError(
+                f"no stream {stream} at {shown_url(self._settings.nats.url)}: is the stack running? "
+                "(nerve up, or nerve streams apply then nerve bridge and nerve central)",
+                key="nats.url",
+            ) from None
         return info.state.last_seq
 
     async def _report(self, nc: NatsClient, began: float) -> None:
@@ -595,13 +612,14 @@ class Simulation:
 
     async def _run_with(self, nc: NatsClient, keys: Path) -> Summary:
         plan = self._plan
+        # Whatever is stored from here on may be ours (the stream is checked before anything connects).
+        start_seq = await self._stream_last_seq(nc) + 1
         connect_began = time.monotonic()
-        links = await self._connect_fleet()  # first: an unreachable broker leaves nothing behind
+        links = await self._connect_fleet()  # before provisioning: an unreachable broker leaves nothing
         self._build_devices(links, self._provision(keys))
         connect_s = time.monotonic() - connect_began
         js = nc.jetstream()
         root = subject_root(self._prefix)
-        start_seq = await self._stream_last_seq(nc) + 1
         # Headers only: the id names the reading and the reply subject says when it was stored.
         stored = await js.subscribe(
             kind_filter(Kind.TELEMETRY, self._prefix),
@@ -701,6 +719,7 @@ class Simulation:
             incidents_resolved=len(self._resolved),
             incidents_failed=len(self._failed),
             connections_lost=self._connections_lost,
+            skipped=self._skipped,
             interrupted=interrupted,
         )
 
