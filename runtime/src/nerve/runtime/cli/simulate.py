@@ -87,7 +87,12 @@ async def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | Non
             file=out,
             flush=True,
         )
-    summary = await Simulation(settings=settings, plan=plan, on_second=second).run()
+
+    def ready(line: str) -> None:
+        if not args.json:
+            print(line, file=out, flush=True)
+
+    summary = await Simulation(settings=settings, plan=plan, on_second=second, on_ready=ready).run()
     print(_json("summary", asdict(summary)) if args.json else format_summary(summary), file=out, flush=True)
     if summary.interrupted:
         return EXIT_INTERRUPTED

@@ -256,17 +256,24 @@ class _Link:
 class Simulation:
     """A run of `plan` against the brokers of `settings`; `run()` returns its `Summary`.
 
-    `on_second` gets a `Second` every `REPORT_EVERY_S`. Raises `ConfigError` for an impossible plan,
+    `on_second` gets a `Second` every `REPORT_EVERY_S`; `on_ready` gets one line once the fleet is
+    connected and registered, before the load starts. Raises `ConfigError` for an impossible plan,
     `MqttWireError` / `BrokerUnavailable` (one line each) when a broker cannot be reached.
     Cancelling `run()` (Ctrl-C) stops the load and still drains and returns the summary (interrupted).
     """
 
     def __init__(
-        self, *, settings: Settings, plan: FleetPlan, on_second: Callable[[Second], None] | None = None
+        self,
+        *,
+        settings: Settings,
+        plan: FleetPlan,
+        on_second: Callable[[Second], None] | None = None,
+        on_ready: Callable[[str], None] | None = None,
     ) -> None:
         self._settings = settings
         self._plan = plan
         self._on_second = on_second or (lambda _: None)
+        self._on_ready = on_ready or (lambda _: None)
         self._run = secrets.token_hex(4)
         self._prefix = settings.prefix
         self._threshold = settings.central.disk.threshold
@@ -618,6 +625,10 @@ class Simulation:
         links = await self._connect_fleet()  # before provisioning: an unreachable broker leaves nothing
         self._build_devices(links, self._provision(keys))
         connect_s = time.monotonic() - connect_began
+        self._on_ready(
+            f"{len(links)} connections open and {plan.devices} devices registered in {self._registry} "
+            f"in {connect_s:.1f}s; load starts"
+        )
         js = nc.jetstream()
         root = subject_root(self._prefix)
         # Headers only: the id names the reading and the reply subject says when it was stored.
