@@ -31,11 +31,11 @@ def add_parser(
         "simulate",
         parents=[common],
         help="drive N simulated devices through mosquitto, the bridge and central; print rates and latencies",
-        description="Each simulated device (sim-00000, ...) has its own MQTT client id and publishes one "
-        "QoS1 reading every 1/RATE s (cpu, memory, disk in turn); SPIKES times a second a distinct device "
-        "reports its disk above the runbook's threshold and answers central's clear_temp with a signed "
-        "result. Prints a line a second and a summary; exit 1 if a reading mosquitto acknowledged was "
-        "never stored. See docs/fleet.md.",
+        description="Each simulated device (sim-<run>-00000, ...) has its own MQTT client id and "
+        "publishes one QoS1 reading every 1/RATE s (cpu, memory, disk in turn); SPIKES times a second a "
+        "distinct device reports its disk above the runbook's threshold and answers central's clear_temp "
+        "with a signed result. Prints a line a second and a summary; exit 1 if a reading mosquitto "
+        "acknowledged was never stored. See docs/fleet.md.",
     )
     simulate.add_argument("--devices", type=int, required=True, help="how many devices")
     simulate.add_argument(
