@@ -221,6 +221,8 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                         f"{args.seconds:g}",
                         "--drain",
                         f"{args.drain:g}",
+                        "--connections",
+                        str(args.connections),
                     ],
                     usage,
                 )
@@ -312,10 +314,14 @@ async def main() -> int:
     parser.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
     parser.add_argument("--spikes", type=float, default=2.0, help="disk spikes per second")
     parser.add_argument("--drain", type=float, default=30.0, help="seconds to wait for the backlog")
+    parser.add_argument(
+        "--connections", type=int, default=0, help="nerve simulate --connections (default 0: one per device)"
+    )
     parser.add_argument("--beyond", action="store_true", help="then find the breaking point past the largest")
     args = parser.parse_args()
     print(
         f"{args.seconds:g} s per case, {args.rate:g} reading/s per device, {args.spikes:g} spikes/s, "
+        f"{args.connections or 'one'} MQTT connection(s) {'in all' if args.connections else 'per device'}, "
         f"{os.cpu_count()} cores; processes: {', '.join(PARTS)}",
         flush=True,
     )
