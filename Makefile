@@ -12,7 +12,7 @@ ARGS ?=
 NERVE_ARGS ?=
 unexport ARGS NERVE_ARGS
 
-.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt clean
+.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt bench-fleet clean
 
 setup: $(STAMP) system-deps
 
@@ -73,6 +73,10 @@ bench-bridge: setup
 
 bench-mqtt: setup
 	$(BIN)/python bench/mqtt_clients.py
+
+# 1,000 / 5,000 / 10,000 simulated devices, 150 s each, then the breaking point past 10,000 (long: ~15 min+).
+bench-fleet: setup
+	$(BIN)/python bench/fleet.py --beyond $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -439,3 +439,27 @@ async def test_the_client_acknowledges_a_message_when_it_hands_it_over_then_repo
             await client.publish("t", b"x")
         with pytest.raises(StopAsyncIteration):
             await anext(client.messages)
+
+
+async def test_send_writes_at_once_and_its_future_is_settled_by_the_puback(connected: Connect) -> None:
+    wire, transport = connected(ignore)
+    first = wire.send("nerve/pi-01/telemetry/cpu", b"a")
+    second = wire.send("nerve/pi-01/telemetry/cpu", b"b")
+    assert bytes(transport.written) == publish_packet("nerve/pi-01/telemetry/cpu", b"a", 1) + publish_packet(
+        "nerve/pi-01/telemetry/cpu", b"b", 2
+    )
+    wire.data_received(bytes([0x40, 2, 0, 2]))  # PUBACK of the second only
+    assert second.done()
+    assert second.result() is None
+    assert not first.done()
+    wire.data_received(bytes([0x40, 3, 0, 1, 0x97]))  # the first refused: quota exceeded
+    with pytest.raises(MqttWireError, match="quota exceeded"):
+        first.result()
+
+
+async def test_the_brokers_receive_maximum_is_kept_from_its_connack(connected: Connect) -> None:
+    wire, _ = connected(ignore)
+    assert wire.broker_receive_maximum == 65535  # none said: MQTT's default
+    properties = bytes([0x21]) + struct.pack("!H", 20)
+    wire.data_received(packet(0x20, bytes([0, 0]) + varint(len(properties)) + properties))
+    assert wire.broker_receive_maximum == 20

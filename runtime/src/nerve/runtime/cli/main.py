@@ -2,7 +2,7 @@
 
 `nerve up` (everything on one host), `nerve demo` (a spike through the whole arc, timed), `nerve facts`,
 `nerve keys generate`, `nerve send` (an operator's signed command), `nerve devices` (device identities on
-the site broker), and one command per part:
+the site broker), `nerve simulate` (a simulated fleet, for load), and one command per part:
 `nerve edge`, `nerve bridge`, `nerve central`.
 Settings come from `--config` (or `NERVE_CONFIG`), `NERVE_*` variables, then flags. Errors print one
 clear line and exit 2; nerve's own errors never show a traceback.
@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.cancellation import until_signalled
 from nerve.runtime.cli.devices import add_parser as devices_parser
+from nerve.runtime.cli.simulate import add_parser as simulate_parser
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, load_settings
 from nerve.runtime.errors import ConfigError, NerveError
 from nerve.runtime.subjects import is_token
@@ -161,6 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
     devices_parser(sub, common)
+    simulate_parser(sub, common)
     streams = sub.add_parser("streams", parents=[common], help="JetStream streams and buckets (admin)")
     streams.add_argument(
         "streams_command",
@@ -498,6 +500,12 @@ async def _streams(args: argparse.Namespace) -> int:
     return await streams_apply(_settings(args))
 
 
+async def _simulate(args: argparse.Namespace) -> int:
+    from nerve.runtime.cli.simulate import run  # noqa: PLC0415
+
+    return await run(args, _cli_settings(args))
+
+
 async def _nats_config(args: argparse.Namespace) -> int:
     from nerve.runtime.cli.natscmd import nats_config  # noqa: PLC0415
 
@@ -537,6 +545,7 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
     "central": _central,
     "streams": _streams,
     "nats-config": _nats_config,
+    "simulate": _simulate,
 }
 
 
@@ -552,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - a return 
         "devices",
         "streams",
         "nats-config",
+        "simulate",
     }
     level = (getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper()
     logging.basicConfig(

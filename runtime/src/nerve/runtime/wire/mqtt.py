@@ -479,6 +479,8 @@ class MqttWire(WireProtocol[Incoming]):
         self._pubacks: dict[int, asyncio.Future[None]] = {}
         self._next_id = 0
         self._broker_max_packet_size = MAX_REMAINING_LENGTH + 5
+        # How many QoS1 publishes the broker takes unacknowledged (its CONNACK's Receive Maximum).
+        self.broker_receive_maximum = MAX_PACKET_ID
         self.session_present = False
         self.lost: Exception | None = None
 
@@ -569,6 +571,9 @@ class MqttWire(WireProtocol[Incoming]):
         limit = properties.get(MAXIMUM_PACKET_SIZE)
         if isinstance(limit, int) and limit:
             self._broker_max_packet_size = limit
+        receive_maximum = properties.get(RECEIVE_MAXIMUM)
+        if isinstance(receive_maximum, int) and receive_maximum:
+            self.broker_receive_maximum = receive_maximum
         if not self._connack.done():
             self._connack.set_result((session_present, properties))
 
@@ -731,6 +736,17 @@ class MqttWire(WireProtocol[Incoming]):
                 self._checked(publish_packet(topic, payload, 0, retain=retain, properties=properties))
             )
             return
+        await self.send(topic, payload, retain=retain, properties=properties)
+
+    def send(
+        self, topic: str, payload: bytes, *, retain: bool = False, properties: bytes = b"\x00"
+    ) -> asyncio.Future[None]:
+        """Publish at QoS1 now, without waiting: the future of its PUBACK (`publish` awaits it).
+
+        For a sender that keeps many publishes in flight without a task each (`nerve simulate`); it
+        must keep them within `broker_receive_maximum`. `properties`: a block from `publish_properties`.
+        Raises `MqttWireError` as `publish` does; the future fails with it when the connection ends.
+        """
         packet_id = self._packet_id(self._pubacks)
         data = self._checked(publish_packet(topic, payload, packet_id, retain=retain, properties=properties))
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -740,7 +756,7 @@ class MqttWire(WireProtocol[Incoming]):
         except BaseException:
             self._pubacks.pop(packet_id, None)
             raise
-        await waiter
+        return waiter
 
     def _checked(self, data: bytes) -> bytes:
         if len(data) > self._broker_max_packet_size:

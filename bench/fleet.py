@@ -1,0 +1,356 @@
+"""The fleet bench (issue 11): `nerve simulate` against separate processes, 1,000 / 5,000 / 10,000 devices.
+
+Every case gets fresh processes on free ports in a temp dir: mosquitto, nats-server (JetStream), `nerve
+bridge`, `nerve central` (the shipped agents), then `nerve simulate --devices N --rate R --spikes S
+--duration D --json`. A one-device warm-up run (repeated until everything it sent was stored and its spike
+got its command) proves the bridge and central subscribed before the clock starts. While the load runs,
+CPU (% of one core, from /proc over the load window) and peak RSS of each process are sampled. Then one
+table row per case, with the issue's columns; with `--beyond` it adds 2,500 devices at a time past the
+largest case until a run misses a target (lost > 0, stored < 98 % of offered, lag p99 > 250 ms, spike →
+command p99 > 50 ms, a spike without its command) and prints that breaking point.
+
+    .venv/bin/python bench/fleet.py                                  # 1,000 / 5,000 / 10,000, 150 s each
+    .venv/bin/python bench/fleet.py --devices 1000 --seconds 20      # a quick check
+    .venv/bin/python bench/fleet.py --beyond                         # and the breaking point past 10,000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from nerve.runtime.stack.brokers import Mosquitto, NatsServer, free_port
+from nerve.runtime.trust.signing import generate_keypair
+
+BIN: Final = Path(sys.executable).parent
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+PAGE: Final = os.sysconf("SC_PAGE_SIZE")
+STEP: Final = 2_500
+BEYOND_LIMIT: Final = 30_000
+WARMUP_TRIES: Final = 30
+STOP_TIMEOUT_S: Final = 30.0
+# The issue's targets.
+TARGET_LAG_P99_MS: Final = 250.0
+TARGET_COMMAND_P99_MS: Final = 50.0
+STORED_SHARE: Final = 0.98
+PARTS: Final = ("mosquitto", "nats-server", "bridge", "central", "simulate")
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """utime + stime of a process, from /proc (0 if it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def rss_mib(pid: int | None) -> float:
+    """Resident set size of a process in MiB (0 if it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except OSError:
+        return 0.0
+    return pages * PAGE / 1048576
+
+
+@dataclass
+class Usage:
+    """CPU over the load window and peak RSS, per process."""
+
+    pids: dict[str, int | None]
+    began: dict[str, float] = field(default_factory=dict)
+    ended: dict[str, float] = field(default_factory=dict)
+    peak_rss: dict[str, float] = field(default_factory=dict)
+    window: tuple[float, float] = (0.0, 0.0)
+    stopped: bool = False
+
+    def start(self) -> None:
+        self.began = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.window = (time.monotonic(), 0.0)
+
+    def sample(self) -> None:
+        """Peak RSS, and CPU so far: a process that exits before `stop` keeps its last sample."""
+        for name, pid in self.pids.items():
+            self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), rss_mib(pid))
+            used = cpu_seconds(pid)
+            if used:
+                self.ended[name] = used
+        self.window = (self.window[0], time.monotonic())
+
+    def stop(self) -> None:
+        self.sample()
+        self.stopped = True
+
+    def cpu_percent(self, name: str) -> float:
+        span = max(self.window[1] - self.window[0], 1e-9)
+        return 100 * (self.ended.get(name, 0.0) - self.began.get(name, 0.0)) / span
+
+
+def clean_env() -> dict[str, str]:
+    # A user's NERVE_* settings must not change what the parts do here.
+    return {k: v for k, v in os.environ.items() if not k.startswith("NERVE_")}
+
+
+async def spawn(argv: list[str], log: Path, *, stdout: int | None = None) -> asyncio.subprocess.Process:
+    with log.open("ab") as out:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=stdout if stdout is not None else out,
+            stderr=out,
+            env=clean_env(),
+            limit=1 << 20,
+        )
+
+
+async def stop(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+def write_config(root: Path, mqtt_url: str, nats_url: str) -> Path:
+    key, _ = generate_keypair(root / "keys", "central")
+    config = root / "nerve.yaml"
+    config.write_text(
+        json.dumps(  # YAML is a superset of JSON
+            {
+                "data_dir": str(root / "data"),
+                "mqtt": {"url": mqtt_url},
+                "nats": {"url": nats_url},
+                "central": {"signing_key": str(key), "device_keys_dir": str(root / "devices")},
+            }
+        )
+    )
+    return config
+
+
+async def simulate(
+    config: Path, log: Path, argv: list[str], usage: Usage | None = None
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Run `nerve simulate --json`; its summary (None if it failed) and its seconds."""
+    process = await spawn(
+        [str(BIN / "nerve"), "simulate", "--config", str(config), "--json", *argv],
+        log,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None  # noqa: S101 - piped above
+    if usage is not None:
+        usage.pids["simulate"] = process.pid
+    seconds: list[dict[str, Any]] = []
+    summary: dict[str, Any] | None = None
+    started = False
+    async for raw in process.stdout:
+        line = json.loads(raw)
+        if line["type"] == "second":
+            seconds.append(line)
+            if usage is not None:
+                if not started:
+                    usage.start()
+                    started = True
+                if not usage.stopped:
+                    usage.sample()
+                if line["offered_per_s"] == 0 and not usage.stopped:
+                    usage.stop()  # the load is over; draining
+        else:
+            summary = line
+            if usage is not None and not usage.stopped:
+                usage.stop()
+    await process.wait()
+    return summary, seconds
+
+
+async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, Any] | None, Usage]:
+    with tempfile.TemporaryDirectory(prefix="nerve-bench-fleet-") as tmp:
+        root = Path(tmp)
+        log = root / "processes.log"
+        async with (
+            Mosquitto(port=free_port(), data_dir=root / "mosquitto") as mosquitto,
+            NatsServer(port=free_port(), data_dir=root / "nats-server") as nats_server,
+        ):
+            config = write_config(root, mosquitto.url, nats_server.url)
+            nerve = str(BIN / "nerve")
+            parts = [
+                await spawn([nerve, "bridge", "--config", str(config), "--log-level", "warning"], log),
+                await spawn([nerve, "central", "--config", str(config), "--log-level", "warning"], log),
+            ]
+            usage = Usage(
+                pids={
+                    "mosquitto": mosquitto.pid,
+                    "nats-server": nats_server.pid,
+                    "bridge": parts[0].pid,
+                    "central": parts[1].pid,
+                }
+            )
+            try:
+                if not await warm_up(config, log):
+                    print(f"  {devices}: warm-up never completed; see {log}")
+                    print(log.read_text()[-4000:])
+                    return None, usage
+                summary, _ = await simulate(
+                    config,
+                    log,
+                    [
+                        "--devices",
+                        str(devices),
+                        "--rate",
+                        f"{args.rate:g}",
+                        "--spikes",
+                        f"{args.spikes:g}",
+                        "--duration",
+                        f"{args.seconds:g}",
+                        "--drain",
+                        f"{args.drain:g}",
+                        "--connections",
+                        str(args.connections),
+                    ],
+                    usage,
+                )
+                if summary is None:
+                    print(f"  {devices}: nerve simulate failed:\n{log.read_text()[-4000:]}")
+                return summary, usage
+            finally:
+                for process in parts:
+                    await stop(process)
+
+
+async def warm_up(config: Path, log: Path) -> bool:
+    """True once a one-device run stored everything and got its command: bridge and central are up."""
+    argv = ["--devices", "1", "--rate", "5", "--spikes", "1", "--duration", "1.5", "--drain", "5"]
+    for _ in range(WARMUP_TRIES):
+        summary, _ = await simulate(config, log, argv)
+        if (
+            summary is not None
+            and summary["lost"] == 0
+            and summary["stored"] == summary["offered"]
+            and summary["spikes_without_command"] == 0
+        ):
+            return True
+        await asyncio.sleep(1.0)
+    return False
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value / 1000:.1f} s" if value >= 10_000 else f"{value:.1f}"
+
+
+def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
+    if summary is None:
+        return f"| {devices:,} | failed | | | | |"
+    stored = f"{summary['stored_per_s']:,.0f}"
+    if summary["stored"] < STORED_SHARE * summary["offered"]:
+        stored += f" of {summary['offered_per_s']:,.0f} offered"
+    lost = f"{summary['lost']}"
+    if summary["duplicates"]:
+        lost += f", {summary['duplicates']:,} stored twice"
+    if summary["unacknowledged"]:
+        lost += f" ({summary['unacknowledged']:,} unacknowledged)"
+    command = f"{_ms(summary['command_p50_ms'])} / {_ms(summary['command_p99_ms'])} ms"
+    if summary["spikes_without_command"]:
+        command += f"; {summary['spikes_without_command']} of {summary['spikes']} spikes got no command"
+    if summary["connections_lost"]:
+        lost += f" ({summary['connections_lost']} connections lost)"
+    cpu = " / ".join(f"{usage.cpu_percent(name):.0f}" for name in PARTS)
+    rss = " / ".join(f"{usage.peak_rss.get(name, 0.0):.0f}" for name in PARTS)
+    return (
+        f"| {devices:,} | {stored} | {lost} | {_ms(summary['lag_p50_ms'])} / {_ms(summary['lag_p99_ms'])} ms "
+        f"| {command} | {cpu} | {rss} |"
+    )
+
+
+def misses(summary: dict[str, Any] | None) -> list[str]:
+    """The targets a run missed."""
+    if summary is None:
+        return ["the run failed"]
+    found = []
+    if summary["lost"]:
+        found.append(f"lost {summary['lost']}")
+    if summary["stored"] < STORED_SHARE * summary["offered"]:
+        found.append(f"stored {summary['stored']} of {summary['offered']}")
+    if (summary["lag_p99_ms"] or 0) > TARGET_LAG_P99_MS:
+        found.append(f"lag p99 {summary['lag_p99_ms']:.0f} ms > {TARGET_LAG_P99_MS:g}")
+    if (summary["command_p99_ms"] or 0) > TARGET_COMMAND_P99_MS:
+        found.append(f"spike -> command p99 {summary['command_p99_ms']:.0f} ms > {TARGET_COMMAND_P99_MS:g}")
+    if summary["spikes_without_command"]:
+        found.append(f"{summary['spikes_without_command']} spikes without a command")
+    return found
+
+
+HEADER: Final = (
+    "| devices | stored/s | lost | lag publish → stored p50 / p99 | spike → command at the device p50 / p99 "
+    "| CPU % of one core: " + " / ".join(PARTS) + " | peak RSS MiB: " + " / ".join(PARTS) + " |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, nargs="+", default=[1_000, 5_000, 10_000])
+    parser.add_argument("--seconds", type=float, default=150.0, help="load per case (default: 150)")
+    parser.add_argument("--rate", type=float, default=1.0, help="readings per second per device")
+    parser.add_argument("--spikes", type=float, default=2.0, help="disk spikes per second")
+    parser.add_argument("--drain", type=float, default=30.0, help="seconds to wait for the backlog")
+    parser.add_argument(
+        "--connections", type=int, default=0, help="nerve simulate --connections (default 0: one per device)"
+    )
+    parser.add_argument("--beyond", action="store_true", help="then find the breaking point past the largest")
+    args = parser.parse_args()
+    print(
+        f"{args.seconds:g} s per case, {args.rate:g} reading/s per device, {args.spikes:g} spikes/s, "
+        f"{args.connections or 'one'} MQTT connection(s) {'in all' if args.connections else 'per device'}, "
+        f"{os.cpu_count()} cores; processes: {', '.join(PARTS)}",
+        flush=True,
+    )
+    rows = []
+    failed = False
+    for devices in args.devices:
+        summary, usage = await run_case(devices, args)
+        rows.append(row(devices, summary, usage))
+        print(rows[-1], flush=True)
+        failed |= bool(misses(summary))
+    if args.beyond:
+        devices = max(args.devices)
+        while devices < BEYOND_LIMIT:
+            devices += STEP
+            summary, usage = await run_case(devices, args)
+            rows.append(row(devices, summary, usage))
+            print(rows[-1], flush=True)
+            missed = misses(summary)
+            if missed:
+                print(f"breaking point: {devices:,} devices ({'; '.join(missed)})")
+                break
+        else:
+            print(f"no breaking point up to {BEYOND_LIMIT:,} devices")
+    print()
+    print(HEADER)
+    print("\n".join(rows))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(asyncio.run(main()))

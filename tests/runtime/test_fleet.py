@@ -1,0 +1,293 @@
+"""`nerve simulate`: simulated devices through mosquitto, the bridge, JetStream and central, measured."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import resource
+import struct
+from typing import TYPE_CHECKING
+
+import nats
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nerve.runtime.cli.main import _parser, main
+from nerve.runtime.cli.simulate import run
+from nerve.runtime.config.settings import load_settings
+from nerve.runtime.errors import ConfigError
+from nerve.runtime.fleet import FleetPlan, Second, Simulation, Summary, percentile
+from nerve.runtime.fleet.simulate import MAX_QUEUED
+from nerve.runtime.jetstream.streams import ensure_streams
+from nerve.runtime.stack.brokers import free_port
+from nerve.runtime.stack.local import Stack
+from nerve.runtime.wire.mqtt import packet, varint
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from contextlib import AbstractAsyncContextManager
+    from pathlib import Path
+
+    from tests.conftest import Serve
+
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.stack.brokers import NatsServer
+
+
+def _quiet(settings: Settings) -> Settings:
+    # Only the simulated spikes: the host's real disk must not open an incident of its own.
+    return settings.model_copy(update={"edge": settings.edge.model_copy(update={"mounts": ()})})
+
+
+@pytest.mark.broker
+async def test_a_small_fleet_is_stored_once_and_every_spike_gets_its_command(settings: Settings) -> None:
+    async with Stack(settings=_quiet(settings), device="pi-sim") as stack:
+        args = _parser().parse_args(
+            ["simulate", "--devices", "20", "--rate", "5", "--spikes", "2", "--duration", "5", "--json"]
+        )
+        out = io.StringIO()
+        status = await run(args, stack.settings, out=out)
+        registry = stack.settings.central.device_keys_dir
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["type"] for line in lines[:-1]] == ["second"] * (len(lines) - 1)
+    assert len(lines) - 1 >= 4  # a line a second while loaded (the last may race the end)
+    assert {key for key in lines[0] if key != "type"} == {field.name for field in dataclasses.fields(Second)}
+    summary = lines[-1]
+    assert summary["type"] == "summary"
+    assert {key for key in summary if key != "type"} == {field.name for field in dataclasses.fields(Summary)}
+    assert status == 0
+    assert summary["devices"] == 20
+    assert summary["connections"] == 20
+    assert summary["interrupted"] is False
+    # 20 devices x 5 readings/s x 5 s, plus the spikes (each a reading too).
+    assert 450 <= summary["offered"] <= 520
+    assert summary["stored"] == summary["offered"]
+    assert summary["lost"] == 0
+    assert summary["unacknowledged"] == 0
+    assert summary["duplicates"] == 0
+    assert summary["connections_lost"] == 0
+    assert summary["lag_p50_ms"] is not None
+    assert summary["lag_p50_ms"] <= summary["lag_p99_ms"] <= summary["lag_max_ms"]
+    assert 8 <= summary["spikes"] <= 10
+    assert summary["commands"] == summary["spikes"]
+    assert summary["spikes_without_command"] == 0
+    assert summary["duplicate_commands"] == 0
+    assert summary["command_p50_ms"] is not None
+    assert summary["command_p99_ms"] is not None
+    # Signed by each device's own key, so central believed them and closed every incident.
+    assert summary["incidents_resolved"] == summary["spikes"]
+    assert summary["incidents_failed"] == 0
+    # The simulated devices' registrations are gone; the stack's own device stays.
+    assert registry is not None
+    assert sorted(path.name for path in registry.iterdir() if path.is_file()) == ["pi-sim.pub"]
+
+
+@pytest.mark.broker
+async def test_devices_multiplexed_over_a_few_connections_still_get_their_commands(
+    settings: Settings,
+) -> None:
+    seconds: list[Second] = []
+    async with Stack(settings=_quiet(settings), device="pi-mux") as stack:
+        plan = FleetPlan(devices=30, rate=2, spikes=3, duration_s=2, connections=3)
+        summary = await Simulation(settings=stack.settings, plan=plan, on_second=seconds.append).run()
+    assert summary.connections == 3
+    assert summary.stored == summary.offered > 0
+    assert summary.lost == 0
+    assert summary.commands == summary.spikes >= 5
+    assert summary.incidents_resolved == summary.spikes
+    assert seconds
+    assert seconds[0].offered_per_s > 0
+
+
+@pytest.mark.broker
+async def test_a_stop_by_hand_still_drains_and_says_what_happened(settings: Settings) -> None:
+    two_lines: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seen: list[Second] = []
+
+    def second(line: Second) -> None:
+        seen.append(line)
+        if len(seen) == 2 and not two_lines.done():
+            two_lines.set_result(None)
+
+    async with Stack(settings=_quiet(settings), device="pi-stop") as stack:
+        plan = FleetPlan(devices=10, rate=5, spikes=1)  # no duration: until stopped
+        run = asyncio.create_task(Simulation(settings=stack.settings, plan=plan, on_second=second).run())
+        async with asyncio.timeout(30):
+            await two_lines
+        run.cancel()  # what Ctrl-C does (nerve.runtime.cancellation.until_signalled)
+        summary = await run
+        registry = stack.settings.central.device_keys_dir
+    assert summary.interrupted
+    assert summary.offered > 0
+    assert summary.stored + summary.lost + summary.unacknowledged == summary.offered
+    assert registry is not None
+    assert not [path for path in registry.iterdir() if path.name.startswith("sim-")]
+
+
+@pytest.mark.broker
+def test_an_unreachable_broker_is_one_line(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asyncio.run(_make_streams(nats_server.url))
+    dead = f"mqtt://127.0.0.1:{free_port()}"
+    status = main(
+        [
+            "simulate",
+            "--devices",
+            "3",
+            "--mqtt-url",
+            dead,
+            "--nats-url",
+            nats_server.url,
+            "--data-dir",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2  # EXIT_ERROR
+    assert len(err) == 1
+    assert err[0].startswith(f"nerve simulate: error: cannot connect to {dead}: connection refused")
+    assert not (tmp_path / "devices").exists() or not any((tmp_path / "devices").iterdir())
+
+
+async def _make_streams(url: str) -> None:
+    """What the bridge and central make when they start."""
+    async with await nats.connect(url) as nc:
+        await ensure_streams(nc.jetstream(), "nerve")
+
+
+def stuck_broker() -> Serve:
+    """A fake broker that connects (one publish in flight at most) and subscribes, then never PUBACKs."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await answer(reader, writer)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head = await reader.readexactly(1)
+            length = shift = 0
+            while True:  # the remaining length, a variable byte integer
+                byte = (await reader.readexactly(1))[0]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+            body = await reader.readexactly(length)
+            kind = head[0] >> 4
+            if kind == 1:  # CONNECT -> CONNACK with Receive Maximum 1
+                properties = bytes([0x21]) + struct.pack("!H", 1)
+                writer.write(packet(0x20, bytes([0, 0]) + varint(len(properties)) + properties))
+            elif kind == 8:
+                filters = body[3:].count(b"/+") or 1
+                writer.write(packet(0x90, body[:2] + b"\x00" + b"\x01" * filters))
+            await writer.drain()
+
+    return serve
+
+
+@pytest.mark.broker
+async def test_a_broker_that_takes_nothing_more_bounds_what_waits(
+    nats_server: NatsServer,
+    tmp_path: Path,
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+) -> None:
+    await _make_streams(nats_server.url)
+    async with tcp_server(stuck_broker()) as port:
+        settings = load_settings(
+            overrides={
+                "mqtt": {"url": f"mqtt://127.0.0.1:{port}"},
+                "nats": {"url": nats_server.url},
+                "data_dir": str(tmp_path),
+            }
+        )
+        plan = FleetPlan(devices=1, rate=2000, duration_s=1.5, drain_s=0)
+        summary = await Simulation(settings=settings, plan=plan).run()
+    # One in flight (the broker's Receive Maximum), MAX_QUEUED waiting, the rest skipped.
+    assert summary.offered == 1 + MAX_QUEUED
+    assert summary.skipped > 0
+    assert summary.unacknowledged == summary.offered
+    assert summary.stored == summary.lost == 0
+
+
+@pytest.mark.broker
+def test_a_nats_without_the_stack_is_one_line(
+    nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # mosquitto is not even asked: nothing to measure with.
+    argv = ["simulate", "--devices", "2", "--mqtt-url", "mqtt://127.0.0.1:9", "--nats-url", nats_server.url]
+    status = main([*argv, "--data-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert err == [
+        (
+            f"nerve simulate: error: nats.url: no stream NERVE_TELEMETRY at {nats_server.url}: is the stack "
+            "running? (nerve up, or nerve streams apply then nerve bridge and nerve central)"
+        )
+    ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--devices", "0"], "--devices"),
+        (["--devices", "-5"], "--devices"),
+        (["--devices", "3", "--rate", "0"], "--rate"),
+        (["--devices", "3", "--rate", "-1"], "--rate"),
+        (["--devices", "3", "--spikes", "-1"], "--spikes"),
+        (["--devices", "3", "--duration", "0"], "--duration"),
+        (["--devices", "3", "--connections", "-1"], "--connections"),
+    ],
+)
+def test_bad_numbers_are_one_line_naming_the_flag(
+    argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Checked before anything connects: no broker here.
+    status = main(["simulate", "--mqtt-url", "mqtt://127.0.0.1:9", "--nats-url", "nats://127.0.0.1:9", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2  # EXIT_ERROR
+    assert len(err) == 1
+    assert err[0].startswith(f"nerve simulate: error: command line: {flag}: ")
+
+
+@given(devices=st.integers(max_value=0), rate=st.floats(allow_nan=False))
+def test_no_plan_without_devices(devices: int, rate: float) -> None:
+    with pytest.raises(ConfigError, match="--devices"):
+        FleetPlan(devices=devices, rate=rate)
+
+
+@given(rate=st.one_of(st.floats(max_value=0), st.just(math.nan), st.just(math.inf)))
+def test_no_plan_without_a_rate(rate: float) -> None:
+    with pytest.raises(ConfigError, match="--rate"):
+        FleetPlan(devices=1, rate=rate)
+
+
+@given(st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1), st.floats(0, 1))
+def test_a_percentile_is_a_value_with_that_share_at_or_below_it(values: list[float], q: float) -> None:
+    found = percentile(values, q)
+    assert found in values
+    assert sum(value <= found for value in values) >= q * len(values)
+
+
+def test_no_percentile_of_nothing() -> None:
+    assert percentile([], 0.5) is None
+
+
+def test_more_connections_than_open_files_is_one_line_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    devices = str(hard + 1)
+    status = main(
+        ["simulate", "--devices", devices, "--nats-url", "nats://127.0.0.1:9", "--data-dir", str(tmp_path)]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1
+    assert "--connections" in err[0]
+    assert f"{hard + 1} connections need as many open files" in err[0]
