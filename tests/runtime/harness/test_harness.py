@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 from nerve.runtime.engine import RetryPolicy, Step, Terminal, Trigger, durable_agent
 from nerve.runtime.harness import AgentHarness
 from nerve.runtime.subjects import Kind
@@ -28,6 +30,13 @@ class Sink:
 
 
 sink = Sink()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sink() -> None:
+    """Each test (and binding) counts its own effects."""
+    sink.calls.clear()
+    sink.landed.clear()
 
 
 @durable_agent(
