@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests.runtime.harness.orders import sink
 
 from nerve.runtime.harness import BINDINGS
 
@@ -20,3 +21,10 @@ def binding(request: pytest.FixtureRequest) -> dict[str, Any]:
     request.applymarker(pytest.mark.broker)
     server: NatsServer = request.getfixturevalue("nats_server")
     return {"binding": "nats", "nats_url": server.url}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sink() -> None:
+    """Each test (and binding) counts its own effects."""
+    sink.calls.clear()
+    sink.landed.clear()
