@@ -69,6 +69,7 @@ STREAM_NAME_IN_USE: Final = 10058
 KV_OPERATION_HEADER: Final = "KV-Operation"
 _SCHEDULE_HEADERS: Final = frozenset({SCHEDULE_HEADER, SCHEDULE_TARGET_HEADER, MSG_ID_HEADER})
 _DEFAULT_ACK_WAIT_S: Final = 30.0
+_AT_RESOLUTION_S: Final = 1e-6
 
 
 class FakeClock:
@@ -450,7 +451,7 @@ class MemoryJetStream:
     def _fire_due(self, stream: _Stream) -> None:
         now = self.clock.time()
         for subject, (due, seq) in sorted(stream.schedules.items(), key=lambda item: item[1]):
-            if due > now:
+            if due > now + _AT_RESOLUTION_S:  # `@at` keeps microseconds: `due` may come back a hair later
                 continue
             del stream.schedules[subject]
             schedule = stream.messages.pop(seq, None)
