@@ -24,10 +24,10 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, Self, TypeVar, cast
 
-import nats
 from nats.errors import Error as NatsError
 from nats.js.errors import NotFoundError
 
+from nerve.runtime.config.settings import NatsSettings
 from nerve.runtime.engine.clock import SYSTEM_CLOCK
 from nerve.runtime.engine.engine import Engine, ensure_engine_storage, wait_for_run
 from nerve.runtime.engine.journal import DECODER, RunRecord
@@ -38,7 +38,7 @@ from nerve.runtime.envelope.model import Command, Envelope, Event, Fact, new_id
 from nerve.runtime.errors import DecodeError, NerveError
 from nerve.runtime.harness.crash import CrashWhen, Gate, GatedNats
 from nerve.runtime.harness.memory import FakeClock, MemoryJetStream
-from nerve.runtime.jetstream.client import publish_envelope
+from nerve.runtime.jetstream.client import connect, publish_envelope
 from nerve.runtime.jetstream.streams import FACTS_STREAM, STREAM_OF_KIND, ensure_streams
 from nerve.runtime.stack.brokers import NatsServer, free_port
 from nerve.runtime.subjects import DEFAULT_PREFIX, Address, Kind, is_token
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
     from nats.js.kv import KeyValue
 
     from nerve.runtime.engine.agent import DurableAgent
@@ -64,6 +65,7 @@ HARNESS_SETTINGS: Final = EngineSettings(lease_s=1.0)
 WAIT_TIMEOUT_S: Final = 10.0
 _SETTLE_ROUNDS: Final = 20
 _POLL_S: Final = 0.01
+RESTART_TIMEOUT_S: Final = 60.0
 
 
 class HarnessError(NerveError):
@@ -120,6 +122,7 @@ class AgentHarness:
         self._gate: Gate | None = None
         self._crashed = asyncio.Event()
         self._restarting = asyncio.Lock()
+        self._restarted = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         #: Journal writes (runs' KV writes) by every engine so far.
         self.journal_writes = 0
@@ -177,9 +180,9 @@ class AgentHarness:
         if self._server is not None:
             return cast("NatsClient", self._server.connect())
         try:
-            return await nats.connect(self._nats_url or "", allow_reconnect=False)
-        except (NatsError, OSError, TimeoutError) as exc:
-            raise HarnessError(f"cannot connect to {self._nats_url}: {exc}") from exc
+            return await connect(NatsSettings(url=self._nats_url or ""), name="nerve-harness")
+        except NerveError as exc:
+            raise HarnessError(f"cannot connect to {self._nats_url}: {exc}") from None
 
     async def _start_engine(self) -> None:
         self._engines += 1
@@ -228,6 +231,7 @@ class AgentHarness:
             # The dead engine's leases run out (1.5 leases: the new engine's watchdog looks twice).
             for _ in range(3):
                 await self.advance(self.settings.lease_s / 2)
+            self._restarted.set()
 
     async def crash_and_restart(self) -> None:
         """Kill the engine now (as `kill -9`: its leases are not given back) and start another.
@@ -235,10 +239,15 @@ class AgentHarness:
         Returns once the new engine runs and the dead one's leases have run out (1.5 leases of time:
         instant on "memory", real seconds on "nats").
         """
-        if self._gate is None:
+        if self._gate is None or self._supervisor is None:
             raise HarnessError("the harness has not started")
-        self._gate.crash()
-        await self._restart()
+        self._restarted.clear()
+        self._gate.crash()  # the supervisor restarts it
+        try:
+            async with asyncio.timeout(RESTART_TIMEOUT_S):
+                await self._restarted.wait()
+        except TimeoutError:
+            raise HarnessError(f"no engine started again within {RESTART_TIMEOUT_S:g}s") from None
 
     # --- time ----------------------------------------------------------------------------------------
 
@@ -305,7 +314,7 @@ class AgentHarness:
         return self._engine
 
     @property
-    def _js(self) -> nats.js.JetStreamContext:
+    def _js(self) -> JetStreamContext:
         if self._nc is None:
             raise HarnessError("the harness has not started")
         return self._nc.jetstream()

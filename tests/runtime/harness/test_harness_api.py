@@ -1,0 +1,67 @@
+"""The harness itself: misuse is one clear error; a cancel and an explicit crash on both bindings."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from tests.runtime.harness.orders import COMPENSATED, DONE, drive, fulfil, sink
+
+from nerve.runtime.envelope.model import Event
+from nerve.runtime.harness import AgentHarness, HarnessError
+from nerve.runtime.stack.brokers import free_port
+
+
+async def test_a_wrong_binding_or_crash_point_is_refused() -> None:
+    with pytest.raises(HarnessError, match="binding 'redis'"):
+        AgentHarness(agents=[fulfil], binding="redis")  # type: ignore[arg-type]
+    with pytest.raises(HarnessError, match="crash_at 0"):
+        AgentHarness(agents=[fulfil], crash_at=0)
+
+
+async def test_an_unreachable_server_is_named() -> None:
+    url = f"nats://127.0.0.1:{free_port()}"
+    with pytest.raises(HarnessError, match=re.escape(f"cannot connect to {url}")):
+        async with AgentHarness(agents=[fulfil], binding="nats", nats_url=url):
+            pass
+
+
+async def test_misuse_inside_is_one_clear_error() -> None:
+    async with AgentHarness(agents=[fulfil]) as h:
+        with pytest.raises(HarnessError, match=r"subject 'a\.b' names no device"):
+            await h.publish(Event(id="e1", source="nerve://x", type="order_placed", subject="a.b"))
+        with pytest.raises(HarnessError, match="time does not go back"):
+            await h.advance(-1)
+        with pytest.raises(HarnessError, match="no journal"):
+            await h.wait_for_run("nope", timeout=0.1)
+        with pytest.raises(HarnessError, match="no step 'x'"):
+            await h.wait_for_step("nope", "x", timeout=0.1)
+        assert await h.run_state("nope") is None
+
+
+async def test_a_cancelled_run_is_compensated(binding: dict[str, Any]) -> None:
+    async with AgentHarness(agents=[fulfil], **binding) as h:
+        event = await h.publish_event("order_placed", {"order": "o-cancel"})
+        run_id = fulfil.run_id(event.id)
+        await h.wait_for_step(run_id, "shipped", status="waiting")
+        await h.engine.cancel(run_id)
+        record = await h.wait_for_run(run_id)
+        assert (record.state, record.cancelled) == ("compensated", True)
+        assert sink.landed["o-cancel"] == COMPENSATED
+
+
+async def test_a_crash_while_parked_resumes_in_the_next_engine(binding: dict[str, Any]) -> None:
+    async with AgentHarness(agents=[fulfil], **binding) as h:
+        event = await h.publish_event("order_placed", {"order": "o-parked"})
+        run_id = fulfil.run_id(event.id)
+        await h.wait_for_step(run_id, "shipped", status="waiting")
+        await h.publish_event("order_shipped", {"order": "o-parked"})
+        await h.wait_for_run(run_id, state="waiting")  # parked in its cool-down: nobody holds it
+        first = h.engine
+        await h.crash_and_restart()
+        assert h.engine is not first
+        assert h.crashes == 1
+        assert await drive(h, run_id, tick=0.5) == "done"
+        assert sink.landed["o-parked"] == DONE
+        assert all(sink.calls[f"o-parked:{what}"] == 1 for what in DONE)
