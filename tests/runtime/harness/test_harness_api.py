@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +26,16 @@ async def test_an_unreachable_server_is_named() -> None:
     with pytest.raises(HarnessError, match=re.escape(f"cannot connect to {url}")):
         async with AgentHarness(agents=[fulfil], binding="nats", nats_url=url):
             pass
+
+
+@pytest.mark.broker
+async def test_the_nats_binding_starts_a_server_of_its_own() -> None:
+    async with AgentHarness(agents=[fulfil], binding="nats") as h:
+        event = await h.publish_event("order_placed", {"order": "o-own"})
+        run_id = fulfil.run_id(event.id)
+        await h.wait_for_step(run_id, "shipped", status="waiting")
+        assert sink.landed["o-own"] == ["reserve", "charge"]
+        assert h.clock is None
 
 
 async def test_misuse_inside_is_one_clear_error() -> None:
@@ -65,3 +76,11 @@ async def test_a_crash_while_parked_resumes_in_the_next_engine(binding: dict[str
         assert await drive(h, run_id, tick=0.5) == "done"
         assert sink.landed["o-parked"] == DONE
         assert all(sink.calls[f"o-parked:{what}"] == 1 for what in DONE)
+
+
+def test_the_docs_show_the_example_word_for_word() -> None:
+    root = Path(__file__).resolve().parents[3]
+    example = (root / "tests/runtime/harness/test_docs_example.py").read_text()
+    page = (root / "docs/testing-agents.md").read_text()
+    block = page.split("<!-- example: tests/runtime/harness/test_docs_example.py -->\n```python\n", 1)[1]
+    assert block.split("```\n", 1)[0] == example

@@ -139,13 +139,7 @@ class AgentHarness:
                 self.clock = FakeClock()
                 self._server = MemoryJetStream(self.clock)
             elif self._nats_url is None:
-                data_dir = Path(
-                    self._stack.enter_context(tempfile.TemporaryDirectory(prefix="nerve-harness-"))
-                )
-                server = await self._stack.enter_async_context(
-                    NatsServer(port=free_port(), data_dir=data_dir / "nats-server")
-                )
-                self._nats_url = server.url
+                self._nats_url = await self._start_nats_server()
             self._nc = await self._connect()
             js = self._nc.jetstream()
             await ensure_streams(js, self.prefix)
@@ -175,6 +169,16 @@ class AgentHarness:
                 await self._nc.close()
             self._nc = None
         await self._stack.aclose()
+
+    async def _start_nats_server(self) -> str:
+        data_dir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="nerve-harness-")))
+        try:
+            server = await self._stack.enter_async_context(
+                NatsServer(port=free_port(), data_dir=data_dir / "nats-server")
+            )
+        except NerveError as exc:
+            raise HarnessError(f"cannot start nats-server: {exc}") from None
+        return server.url
 
     async def _connect(self) -> NatsClient:
         if self._server is not None:
