@@ -7,11 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 from tests.runtime.harness.orders import COMPENSATED, DONE, drive, fulfil, sink
 
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.harness import AgentHarness, HarnessError
+from nerve.runtime.jetstream.streams import FACTS_STREAM
 from nerve.runtime.stack.brokers import free_port
+from nerve.runtime.trust.chain import verify_records
+from nerve.runtime.trust.signing import Signer, Verifier
 
 
 async def test_a_wrong_binding_or_crash_point_is_refused() -> None:
@@ -19,6 +23,8 @@ async def test_a_wrong_binding_or_crash_point_is_refused() -> None:
         AgentHarness(agents=[fulfil], binding="redis")  # type: ignore[arg-type]
     with pytest.raises(HarnessError, match="crash_at 0"):
         AgentHarness(agents=[fulfil], crash_at=0)
+    with pytest.raises(HarnessError, match="crash_when 'during'"):
+        AgentHarness(agents=[fulfil], crash_at=1, crash_when="during")  # type: ignore[arg-type]
 
 
 async def test_an_unreachable_server_is_named() -> None:
@@ -84,3 +90,17 @@ def test_the_docs_show_the_example_word_for_word() -> None:
     page = (root / "docs/testing-agents.md").read_text()
     block = page.split("<!-- example: tests/runtime/harness/test_docs_example.py -->\n```python\n", 1)[1]
     assert block.split("```\n", 1)[0] == example
+
+
+async def test_facts_kept_with_a_signer_are_signed_and_chained(binding: dict[str, Any]) -> None:
+    key = SigningKey.generate()
+    async with AgentHarness(agents=[fulfil], signer=Signer("central", key), **binding) as h:
+        event = await h.publish_event("order_placed", {"order": "o-signed"})
+        run_id = fulfil.run_id(event.id)
+        await h.wait_for_step(run_id, "shipped", status="waiting")
+        await h.engine.cancel(run_id)
+        await h.wait_for_run(run_id)
+        stored = await h.messages(FACTS_STREAM)
+        assert len(stored) == 3  # charged, and two undos
+        verifier = Verifier({"central": key.verify_key})
+        assert verify_records([(message.seq, message.data) for message in stored], verifier) == []

@@ -102,6 +102,8 @@ class AgentHarness:
             raise HarnessError(f"binding {binding!r}: use one of {', '.join(BINDINGS)}")
         if crash_at is not None and crash_at < 1:
             raise HarnessError(f"crash_at {crash_at!r}: journal writes are counted from 1")
+        if crash_when not in ("before", "after"):
+            raise HarnessError(f"crash_when {crash_when!r}: use 'before' or 'after'")
         self.agents = tuple(agents)
         self.binding: Binding = binding
         self.settings = settings
@@ -361,9 +363,11 @@ class AgentHarness:
         """
         try:
             async with asyncio.timeout(timeout):
+                if state is None:
+                    return await wait_for_run(self.kv, run_id, timeout=timeout)
                 while True:
-                    record = await wait_for_run(self.kv, run_id, timeout=timeout, ended=state is None)
-                    if state is None or record.state == state:
+                    record = await self.run(run_id)
+                    if record is not None and record.state == state:
                         return record
                     await asyncio.sleep(_POLL_S)
         except TimeoutError:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Final
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.js.api import (
+    ConsumerConfig,
     DeliverPolicy,
     KeyValueConfig,
     PubAck,
@@ -61,7 +62,6 @@ from nerve.runtime.trust.chain import EXPECTED_LAST_SEQUENCE_HEADER, WRONG_LAST_
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from nats.js.api import ConsumerConfig
 
 log = logging.getLogger(__name__)
 
@@ -623,9 +623,7 @@ class MemoryJetStreamContext:
             return sub
         consumer = found.consumers.get(durable)
         if consumer is None:
-            from nats.js.api import ConsumerConfig as _ConsumerConfig  # noqa: PLC0415 - a default
-
-            consumer_config = config or _ConsumerConfig()
+            consumer_config = config or ConsumerConfig()
             consumer_config.filter_subject = consumer_config.filter_subject or subject
             consumer = _Consumer(server=self._server, stream=found, name=durable, config=consumer_config)
             found.consumers[durable] = consumer
