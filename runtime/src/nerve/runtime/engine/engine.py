@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import time
 import uuid
 from typing import TYPE_CHECKING, Any, Final, Self
 
@@ -31,6 +30,7 @@ from nats.js.errors import BadRequestError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.agent import RunFailure
+from nerve.runtime.engine.clock import SYSTEM_CLOCK
 from nerve.runtime.engine.errors import EngineError, LeaseLost, RunCancelled
 from nerve.runtime.engine.journal import (
     DECODER,
@@ -75,6 +75,7 @@ if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
     from nerve.runtime.engine.agent import DurableAgent
+    from nerve.runtime.engine.clock import Clock
     from nerve.runtime.envelope.codec import Codec
     from nerve.runtime.envelope.model import Envelope
     from nerve.runtime.trust.signing import Signer
@@ -166,6 +167,7 @@ class Engine:
         signer: Signer | None = None,
         codec: Codec = DEFAULT_CODEC,
         instance: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         names = [agent.name for agent in agents]
         if len(set(names)) != len(names):
@@ -176,6 +178,7 @@ class Engine:
         self.settings = settings or EngineSettings()
         self._signer = signer
         self._codec = codec
+        self._clock = clock
         #: This process's name in the leases it holds.
         self.instance = instance or uuid.uuid4().hex
         self.ready = asyncio.Event()
@@ -240,7 +243,12 @@ class Engine:
         await ensure_streams(js, self._prefix)
         self._kv = await ensure_engine_storage(js, self._prefix, self.settings)
         self._ctx = EngineContext(
-            js=js, prefix=self._prefix, settings=self.settings, signer=self._signer, codec=self._codec
+            js=js,
+            prefix=self._prefix,
+            settings=self.settings,
+            signer=self._signer,
+            codec=self._codec,
+            clock=self._clock,
         )
         subscriptions: list[JetStreamContext.PushSubscription] = []
         watcher: KeyValue.KeyWatcher | None = None
@@ -389,7 +397,7 @@ class Engine:
 
     async def _create(self, agent: DurableAgent, event: Envelope, key: str, msg: Msg) -> RunHandle | None:
         """The journal of a new run, claimed by this process; None if the run exists already."""
-        now = time.time()
+        now = self._clock.time()
         meta = msg.metadata
         positions = {STREAM_OF_KIND[kind]: 0 for kind in agent.waits_on}
         for stream in positions:
@@ -423,6 +431,7 @@ class Engine:
             revision=revision,
             lease_s=self.settings.lease_s,
             limit=self.settings.max_record_bytes,
+            clock=self._clock,
         )
 
     async def _consume_timers(self, sub: JetStreamContext.PushSubscription) -> None:
@@ -494,8 +503,8 @@ class Engine:
         dropped its schedule at its limit).
         """
         while True:
-            await asyncio.sleep(self.settings.lease_s / 2)
-            now = time.time()
+            await self._clock.sleep(self.settings.lease_s / 2)
+            now = self._clock.time()
             for run_id, known in list(self._known.items()):
                 if known.agent not in self._agents or run_id in self._live:
                     continue
@@ -527,6 +536,7 @@ class Engine:
                 owner=self.instance,
                 lease_s=self.settings.lease_s,
                 limit=self.settings.max_record_bytes,
+                clock=self._clock,
             )
         except (NatsError, TimeoutError) as exc:
             self._slots.release()
@@ -587,7 +597,7 @@ class Engine:
 
     async def _renew(self, handle: RunHandle) -> None:
         while True:
-            await asyncio.sleep(self.settings.renew_s)
+            await self._clock.sleep(self.settings.renew_s)
             await handle.renew()
             # nats-py's request can swallow the cancellation that ends this loop (Python 3.11's wait_for):
             # without this the run would never finish and never be released.

@@ -10,12 +10,12 @@ with `LeaseLost`. That is how two processes never both advance one run.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import msgspec
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
+from nerve.runtime.engine.clock import SYSTEM_CLOCK
 from nerve.runtime.engine.errors import EngineError, LeaseLost
 from nerve.runtime.engine.names import run_key
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from nats.js.kv import KeyValue
+
+    from nerve.runtime.engine.clock import Clock
 
 RunState = Literal["open", "waiting", "done", "failed", "compensated"]
 StepStatus = Literal["started", "done", "failed", "sleeping", "waiting"]
@@ -142,7 +144,7 @@ async def create_record(kv: KeyValue, record: RunRecord, limit: int) -> int | No
 
 
 async def try_claim(
-    kv: KeyValue, run_id: str, *, owner: str, lease_s: float, limit: int
+    kv: KeyValue, run_id: str, *, owner: str, lease_s: float, limit: int, clock: Clock = SYSTEM_CLOCK
 ) -> tuple[RunRecord, int] | None:
     """Claim run `run_id` for `owner` if nobody holds it (or the holder's lease ran out).
 
@@ -153,7 +155,7 @@ async def try_claim(
     if found is None:
         return None
     record, revision = found
-    now = time.time()
+    now = clock.time()
     if record.terminal or (record.owner and record.owner != owner and record.lease_until > now):
         return None
     record.owner = owner
@@ -178,8 +180,18 @@ class RunHandle:
     `lost` for good.
     """
 
-    def __init__(self, *, kv: KeyValue, record: RunRecord, revision: int, lease_s: float, limit: int) -> None:
+    def __init__(
+        self,
+        *,
+        kv: KeyValue,
+        record: RunRecord,
+        revision: int,
+        lease_s: float,
+        limit: int,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self.kv = kv
+        self.clock = clock
         self.record = record
         self.revision = revision
         self.lease_s = lease_s
@@ -210,7 +222,7 @@ class RunHandle:
                 positions=dict(self.record.positions),
             )
             change(updated)
-            now = time.time()
+            now = self.clock.time()
             updated.updated = now
             if release:
                 updated.owner = ""

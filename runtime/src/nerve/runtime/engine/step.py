@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
@@ -24,6 +23,7 @@ import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.cancellation import checkpoint
+from nerve.runtime.engine.clock import SYSTEM_CLOCK
 from nerve.runtime.engine.errors import (
     AgentDeclarationError,
     LeaseLost,
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
+    from nerve.runtime.engine.clock import Clock
     from nerve.runtime.engine.journal import RunHandle
     from nerve.runtime.engine.settings import EngineSettings
     from nerve.runtime.envelope.codec import Codec
@@ -73,6 +74,7 @@ class EngineContext:
     settings: EngineSettings
     signer: Signer | None
     codec: Codec
+    clock: Clock = SYSTEM_CLOCK
 
 
 class Park(BaseException):
@@ -133,6 +135,10 @@ class Step:
     def id(self, name: str) -> str:
         """The id of step `name` of this run: the id to give what the step publishes (dedup)."""
         return derived_id(self.run_id, "step", name)
+
+    def _now(self) -> float:
+        """Now, by the engine's clock."""
+        return self._ctx.clock.time()
 
     def cancel(self) -> None:
         """Have the run stop at its next step (or its current wait) and compensate."""
@@ -213,7 +219,7 @@ class Step:
             raise StepFailed(self.run_id, name, journalled.error)
         self._before_new_step(new=journalled is None)
         positions = await self._positions()
-        started = journalled.started if journalled is not None else time.time()
+        started = journalled.started if journalled is not None else self._now()
         attempts = journalled.attempts if journalled is not None else 0
         if undo is not None and not any(entry.step == name for entry in self._handle.record.undos):
             await self._record(
@@ -243,14 +249,14 @@ class Step:
             except TypeError as exc:
                 await self._fail(name, attempts, started, f"its result cannot be journalled as JSON: {exc}")
             done = StepRecord(
-                status="done", result=result, attempts=attempts, started=started, finished=time.time()
+                status="done", result=result, attempts=attempts, started=started, finished=self._now()
             )
             await self._record(name, done, positions=positions)
             return result
 
     async def _fail(self, name: str, attempts: int, started: float, error: str) -> NoReturn:
         failed = StepRecord(
-            status="failed", attempts=attempts, error=error, started=started, finished=time.time()
+            status="failed", attempts=attempts, error=error, started=started, finished=self._now()
         )
         await self._record(name, failed)
         raise StepFailed(self.run_id, name, error)
@@ -269,16 +275,16 @@ class Step:
         fresh = journalled is None
         if journalled is None:
             self._before_new_step()
-            due = time.time() + seconds
+            due = self._now() + seconds
             positions = await self._positions()
-            journalled = StepRecord(status="sleeping", due=due, timer=timer_id, started=time.time())
+            journalled = StepRecord(status="sleeping", due=due, timer=timer_id, started=self._now())
             await self._record(name, journalled, positions=positions)
             await self._schedule(timer_id, due, name)
         else:
             self._before_new_step(new=False)
         fired = await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
         if fired:
-            done = StepRecord(status="done", started=journalled.started, finished=time.time(), timer=timer_id)
+            done = StepRecord(status="done", started=journalled.started, finished=self._now(), timer=timer_id)
             await self._record(name, done)
             await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
             return
@@ -342,14 +348,14 @@ class Step:
             self._before_new_step()
             from_seq = self._handle.record.positions.get(stream, 0)
             positions = await self._positions()
-            due = time.time() + timeout
+            due = self._now() + timeout
             journalled = StepRecord(
                 status="waiting",
                 due=due,
                 timer=timer_id,
                 stream=stream,
                 from_seq=from_seq,
-                started=time.time(),
+                started=self._now(),
             )
             await self._record(name, journalled, positions=positions)
             await self._schedule(timer_id, due, name)
@@ -364,7 +370,7 @@ class Step:
             status="done",
             result=result,
             started=journalled.started,
-            finished=time.time(),
+            finished=self._now(),
             timer=timer_id,
             stream=stream,
             from_seq=journalled.from_seq,
@@ -443,7 +449,7 @@ class Step:
         """The next message or timer, "cancel", or None when the timer is overdue by a lease."""
         if self._cancelled:
             return "cancel"
-        wait_s = max(0.0, waiting.due - time.time()) + self._ctx.settings.lease_s
+        wait_s = max(0.0, waiting.due - self._now()) + self._ctx.settings.lease_s
         got_item = asyncio.ensure_future(queue.get())
         got_cancel = asyncio.ensure_future(self._wakeups.get())
         try:
@@ -482,7 +488,7 @@ class Step:
             raise AgentDeclarationError(f"step {name!r}: fact kind {kind!r} is not a token")
         self._before_new_step()
         positions = await self._positions()
-        started = time.time()
+        started = self._now()
         fact_id = await self.keep_fact(
             fact_id=derived_id(self.run_id, "fact", name),
             kind=kind,
@@ -492,7 +498,7 @@ class Step:
         )
         await self._record(
             name,
-            StepRecord(status="done", result=fact_id, started=started, finished=time.time()),
+            StepRecord(status="done", result=fact_id, started=started, finished=self._now()),
             positions=positions,
         )
         return fact_id
