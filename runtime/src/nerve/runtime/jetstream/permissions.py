@@ -10,7 +10,8 @@ Least privilege (docs/nats.md has the table):
 - `central`: reads every stream of nerve's through its consumers, publishes commands and facts (the only
   identity that may publish a fact) and its own dead letters, uses its KV buckets (`BUCKETS`).
 - `cli`: reads every stream (ordered consumers, direct get, info) and subscribes under the prefix;
-  publishes commands (`nerve send`).
+  publishes commands (`nerve send`); reads the engine's runs and writes in its bucket only cancel requests
+  and signed decisions (`nerve runs cancel`, `nerve approve`: `engine.names.operator_subjects`).
 
 No identity but admin may reach `$JS.API.STREAM.{CREATE,UPDATE,DELETE,PURGE,MSG.DELETE}` or delete a
 consumer; and none but admin may publish to an `_INBOX`, so no client can answer another's request (a
@@ -23,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from nerve.runtime.engine.names import ENGINE_NAMES, operator_subjects
 from nerve.runtime.jetstream.identities import Identity
 from nerve.runtime.jetstream.streams import BUCKETS, STREAMS, BucketSpec
 from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, deadletter_subject, kind_filter
@@ -127,6 +129,9 @@ def permissions(identity: Identity, prefix: str = DEFAULT_PREFIX) -> Permissions
         kind_filter(Kind.COMMANDS, prefix),
         *_infos(),
         *(subject for stream in all_streams for subject in _reads(stream)),
+        # nerve runs, nerve approve: read the engine's runs; write only cancel requests and decisions.
+        *(subject for bucket in ENGINE_NAMES.buckets for subject in _reads(f"KV_{bucket}")),
+        *operator_subjects(),
     ]
     root = prefix.replace("/", ".")
     return Permissions(publish=_unique(publish), subscribe=(INBOXES, f"{root}.>"), deny_publish=deny)
