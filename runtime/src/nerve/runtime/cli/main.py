@@ -208,9 +208,7 @@ def _runs_parsers(
         parents=[common],
         help="the engine's runs: list them, `show RUN_ID` (each step), `cancel RUN_ID` (its undos run)",
     )
-    runs.add_argument(
-        "runs_action", nargs="?", choices=("show", "cancel"), metavar="ACTION", help="show, cancel"
-    )
+    runs.add_argument("runs_action", nargs="?", metavar="ACTION", help="show or cancel (none: list the runs)")
     runs.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (show, cancel)")
     runs.add_argument("--state", choices=RUN_STATES, help="only runs in this state (list)")
     runs.add_argument("--json", action="store_true", help="one JSON document per run")
@@ -577,10 +575,12 @@ async def _runs(args: argparse.Namespace) -> int:
     from nerve.runtime.engine.runs import check_run_id  # noqa: PLC0415
 
     action = args.runs_action
+    if action not in {None, "show", "cancel"}:
+        raise ConfigError(
+            f"{action!r}: say `show RUN_ID` or `cancel RUN_ID` (or nothing: the list)", key="ACTION"
+        )
     if args.run_id is not None:
         check_run_id(args.run_id)
-    if action is None and args.run_id is not None:
-        raise ConfigError(f"{args.run_id!r}: say `show` or `cancel` before a run id", key="ACTION")
     if action is not None and args.run_id is None:
         raise ConfigError(f"`nerve runs {action}` needs a RUN_ID", key="RUN_ID")
     if action is not None and args.state is not None:
