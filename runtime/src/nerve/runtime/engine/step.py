@@ -328,12 +328,15 @@ class Step:
         match: Callable[[Envelope], bool] | None = None,
         kind: Kind = Kind.EVENTS,
         source: str = "*",
+        since_trigger: bool = False,
     ) -> Envelope | None:
         """The first `kind` message named `event_type` (from `source`) that `match` accepts, or None.
 
         Reads from where the run was when its previous step began (after the trigger, for a first
-        step), so an event that came in between is never missed. None when `timeout` seconds passed
-        first (a durable timer). The agent must declare `waits_on` with `kind`.
+        step), so an event that came in between is never missed; with `since_trigger`, from right after
+        the trigger (the trigger's own stream only), so one that came while earlier steps ran counts too.
+        None when `timeout` seconds passed first (a durable timer). The agent must declare `waits_on`
+        with `kind`.
         """
         journalled = self._enter(name)
         model = MODEL_OF_KIND[kind]
@@ -351,10 +354,13 @@ class Step:
             if value != "*" and not is_token(value):
                 raise AgentDeclarationError(f"step {name!r}: {what} {value!r} is not valid")
         stream = STREAM_OF_KIND[kind]
+        if since_trigger and stream != self._handle.record.trigger_stream:
+            raise AgentDeclarationError(f"step {name!r}: since_trigger reads only the trigger's stream")
         timer_id = derived_id(self.run_id, "timer", name)
         if journalled is None:
             self._before_new_step()
-            from_seq = self._handle.record.positions.get(stream, 0)
+            record = self._handle.record
+            from_seq = record.trigger_seq if since_trigger else record.positions.get(stream, 0)
             positions = await self._positions()
             due = time.time() + timeout
             journalled = StepRecord(
