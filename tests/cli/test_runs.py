@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from nats.errors import Error as NatsError
 
 from nerve.runtime.cli.runs import OPERATOR_KEYID, operator_signer
@@ -17,12 +19,13 @@ from nerve.runtime.config.settings import Settings, load_settings
 from nerve.runtime.engine import NO_RETRY, Engine, EngineSettings, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine.journal import DECODER
 from nerve.runtime.engine.names import approval_key, cancel_key, run_key
+from nerve.runtime.engine.runs import NoSuchRun, check_run_id
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.jetstream.client import connect, publish_envelope
 from nerve.runtime.jetstream.identities import Identity
 from nerve.runtime.stack.brokers import NatsServer, free_port
 from nerve.runtime.stack.natsauth import LocalNats
-from nerve.runtime.subjects import Kind
+from nerve.runtime.subjects import Kind, is_token
 from nerve.runtime.trust.signing import Signer, generate_keypair
 
 if TYPE_CHECKING:
@@ -128,6 +131,51 @@ async def pending(kv: KeyValue, run_id: str) -> RunRecord:
     raise AssertionError("the watcher stopped")
 
 
+async def shows_a_pending_approval(site: Site, home: Path, run_id: str) -> None:
+    """`nerve runs show` of a run of `refund` (order o-1) waiting for its approval, as text and JSON."""
+    code, out, err = await nerve(site, home, "runs", "show", run_id)
+    assert code == 0, err
+    assert f"run {run_id}  agent refund  key o-1  waiting" in out
+    assert "  hold  done" in out
+    assert "undo registered" in out
+    assert 'result: "held o-1"' in out
+    assert "  ok  waiting" in out
+    assert "fact approval_requested: refund: a refund: waiting for finance" in out
+
+    code, out, err = await nerve(site, home, "runs", "show", run_id, "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    assert (document["run_id"], document["trigger"]["id"]) == (run_id, "e-o-1")
+    assert [fact["kind"] for fact in document["facts"]] == ["approval_requested"]
+    assert document["steps"]["ok"]["result"]["approval"]["route"] == "finance"
+
+
+async def refused_in_one_line(site: Site, home: Path, ended: str) -> None:
+    """Bad ids, bad actions, and runs that have ended: one line each, exit 2, nothing on stdout."""
+    for args, message in [
+        (("runs", "show", "nope"), "nerve runs: error: no run nope\n"),
+        (("runs", "show", "a.>"), "nerve runs: error: 'a.>' is not a run id (1-64 of A-Z a-z 0-9 _ -)\n"),
+        (
+            ("runs", ended),
+            (
+                f"nerve runs: error: ACTION: {ended!r}: say `show RUN_ID` or `cancel RUN_ID` "
+                "(or nothing: the list)\n"
+            ),
+        ),
+        (
+            ("runs", "cancel", ended),
+            f"nerve runs: error: run {ended} has ended (done): nothing to cancel\n",
+        ),
+        (
+            ("approve", ended),
+            f"nerve approve: error: run {ended} has ended (done): nothing to approve\n",
+        ),
+        (("approve", "nope"), "nerve approve: error: no run nope\n"),
+    ]:
+        code, out, err = await nerve(site, home, *args)
+        assert (code, out, err) == (2, "", message), args
+
+
 @pytest.mark.broker
 async def test_list_show_approve_and_cancel_runs_as_the_cli_identity(site: Site, tmp_path: Path) -> None:
     keys = tmp_path / "nerve" / "keys"
@@ -158,15 +206,7 @@ async def test_list_show_approve_and_cancel_runs_as_the_cli_identity(site: Site,
             documents = [json.loads(line) for line in out.splitlines()]
             assert sorted(document["key"] for document in documents) == ["o-1", "o-2"]
 
-            code, out, err = await nerve(site, tmp_path, "runs", "show", approve_id)
-            assert code == 0, err
-            assert f"run {approve_id}  agent refund  key o-1  waiting" in out
-            assert "  hold  done" in out
-            assert "undo registered" in out
-            assert 'result: "held o-1"' in out
-            assert "  ok  waiting" in out
-            assert "fact approval_requested: refund: a refund: waiting for finance" in out
-
+            await shows_a_pending_approval(site, tmp_path, approve_id)
             code, out, err = await nerve(site, tmp_path, "approve", approve_id, "--comment", "ok by me")
             assert code == 0, err
             assert out.splitlines()[-1] == "the run took it: approved"
@@ -184,28 +224,7 @@ async def test_list_show_approve_and_cancel_runs_as_the_cli_identity(site: Site,
     code, out, _ = await nerve(site, tmp_path, "runs", "show", cancel_id)
     assert "compensated" in out.splitlines()[0]
     assert "undo done" in out
-    for args, message in [
-        (("runs", "show", "nope"), "nerve runs: error: no run nope\n"),
-        (("runs", "show", "a.>"), "nerve runs: error: 'a.>' is not a run id (1-64 of A-Z a-z 0-9 _ -)\n"),
-        (
-            ("runs", approve_id),
-            (
-                f"nerve runs: error: ACTION: {approve_id!r}: say `show RUN_ID` or `cancel RUN_ID` "
-                "(or nothing: the list)\n"
-            ),
-        ),
-        (
-            ("runs", "cancel", approve_id),
-            f"nerve runs: error: run {approve_id} has ended (done): nothing to cancel\n",
-        ),
-        (
-            ("approve", approve_id),
-            f"nerve approve: error: run {approve_id} has ended (done): nothing to approve\n",
-        ),
-        (("approve", "nope"), "nerve approve: error: no run nope\n"),
-    ]:
-        code, out, err = await nerve(site, tmp_path, *args)
-        assert (code, out, err) == (2, "", message), args
+    await refused_in_one_line(site, tmp_path, approve_id)
 
 
 @pytest.mark.broker
@@ -262,3 +281,13 @@ def test_the_operator_key_is_preferred_when_there_is_one(tmp_path: Path) -> None
     assert operator_signer(settings, None, tmp_path).keyid == OPERATOR_KEYID
     explicit = tmp_path / "central.key"
     assert operator_signer(settings, explicit, tmp_path).keyid == "central"  # --key wins
+
+
+@given(st.text(max_size=80))
+def test_a_run_id_is_a_token_or_one_line_naming_it(text: str) -> None:
+    if is_token(text):
+        assert check_run_id(text) == text
+        return
+    with pytest.raises(NoSuchRun) as refused:
+        check_run_id(text)
+    assert str(refused.value) == f"{text!r} is not a run id (1-64 of A-Z a-z 0-9 _ -)"

@@ -199,8 +199,7 @@ async def show_run(settings: Settings, run_id: str, *, as_json: bool, out: TextI
         await nc.close()
     facts = [fact for fact in facts if fact.data.get("run") == record.run_id]
     if as_json:
-        document = msgspec.to_builtins(record)
-        document["trigger"] = msgspec.json.decode(bytes(record.trigger))
+        document = msgspec.json.decode(msgspec.json.encode(record))  # the trigger is raw JSON in it
         document["facts"] = [msgspec.to_builtins(fact) for fact in facts]
         print(msgspec.json.encode(document).decode(), file=out)
         return 0
