@@ -6,15 +6,15 @@ import asyncio
 import json
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 from nacl.signing import SigningKey
 
-from nerve.agents.payment import AGENT, payment_recovery
+from nerve.agents.payment import AGENT, PaymentRecovery, payment_recovery
 from nerve.runtime.central.agent import AgentContext
 from nerve.runtime.config.settings import PaymentRecoverySettings, load_settings
-from nerve.runtime.engine import Engine, EngineSettings, wait_for_run
+from nerve.runtime.engine import Engine, EngineSettings, RunFailure, wait_for_run
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, Event, Fact
 from nerve.runtime.jetstream.streams import DEADLETTER_STREAM, FACTS_STREAM, STREAM_OF_KIND, ensure_streams
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
     from nerve.runtime.engine import DurableAgent
+    from nerve.runtime.envelope.model import Envelope
     from nerve.runtime.stack.brokers import NatsServer
 
 pytestmark = pytest.mark.broker
@@ -249,3 +250,23 @@ def test_the_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="source"):
         PaymentRecoverySettings(source="shop.*")
     assert PaymentRecoverySettings().wait_s == 3600
+
+
+async def test_the_escalation_is_tried_again_and_never_for_a_cancelled_run() -> None:
+    class Flaky(PaymentRecovery):
+        calls = 0
+
+        async def _escalate(self, _trigger: Envelope, _failure: RunFailure) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise TimeoutError("nats did not answer")
+
+    saga = Flaky(cast("AgentContext", None), PaymentRecoverySettings())
+    trigger = Event(source="nerve://shop", type="payment_failed", data={"order_id": "o-1"})
+    failure = RunFailure(run_id="r", key="o-1", error="not paid", cancelled=False, compensated=True)
+    await saga.escalate(trigger, failure)
+    assert saga.calls == 2
+    await saga.escalate(
+        trigger, RunFailure(run_id="r", key="o-1", error="", cancelled=True, compensated=True)
+    )
+    assert saga.calls == 2

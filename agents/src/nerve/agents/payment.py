@@ -23,6 +23,8 @@ should treat a command id it has seen as done). Commands go to the shop through 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
@@ -36,6 +38,8 @@ if TYPE_CHECKING:
     from nerve.runtime.config.settings import PaymentRecoverySettings
     from nerve.runtime.engine import DurableAgent, RunFailure, Step
     from nerve.runtime.envelope.model import Envelope
+
+log = logging.getLogger(__name__)
 
 AGENT: Final = "payment_recovery"
 OFFER: Final = "offer_alternative_payment"
@@ -99,9 +103,28 @@ class PaymentRecovery:
         return sent.id
 
     async def escalate(self, trigger: Envelope, failure: RunFailure) -> None:
-        """After the undos: a person must look (an event and a fact), unless a person cancelled the run."""
+        """After the undos: a person must look (an event and a fact), unless a person cancelled the run.
+
+        Tried as a step is (`RETRY`): the engine calls a failure handler once and does not retry it. Its
+        ids derive from the run, so a try again (or a resumed run) publishes nothing twice.
+        """
         if failure.cancelled:
             return
+        backoff = RETRY.backoff()
+        for attempt in range(1, RETRY.attempts + 1):
+            try:
+                await self._escalate(trigger, failure)
+            except Exception as exc:
+                if attempt == RETRY.attempts:
+                    raise
+                log.warning(
+                    "payment_recovery: escalating run %s failed (%s); trying again", failure.run_id, exc
+                )
+                await asyncio.sleep(backoff.next_delay())
+            else:
+                return
+
+    async def _escalate(self, trigger: Envelope, failure: RunFailure) -> None:
         order = order_of(trigger)
         event_id = derived_id(failure.run_id, "event", "escalated")
         await self.emit(trigger, "recovery_escalated", event_id, {"reason": failure.error})
