@@ -16,6 +16,8 @@ from nerve.runtime.errors import TopicError
 
 TOKEN_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_PREFIX: Final = "nerve"
+#: The source (service name) of the events central's agents emit: `<prefix>.central.events.<type>`.
+CENTRAL_SOURCE: Final = "central"
 
 
 class Kind(StrEnum):

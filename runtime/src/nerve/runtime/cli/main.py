@@ -2,7 +2,8 @@
 
 `nerve up` (everything on one host), `nerve demo` (a spike through the whole arc, timed), `nerve facts`,
 `nerve keys generate`, `nerve send` (an operator's signed command), `nerve devices` (device identities on
-the site broker), `nerve simulate` (a simulated fleet, for load), and one command per part:
+the site broker), `nerve simulate` (a simulated fleet, for load), `nerve runs` and `nerve approve`
+(the engine's runs), and one command per part:
 `nerve edge`, `nerve bridge`, `nerve central`.
 Settings come from `--config` (or `NERVE_CONFIG`), `NERVE_*` variables, then flags. Errors print one
 clear line and exit 2; nerve's own errors never show a traceback.
@@ -55,6 +56,15 @@ EXIT_OF_STATUS: Final = {
     "expired": EXIT_EXPIRED,
     "unknown": EXIT_UNKNOWN,
 }
+#: `nerve runs --state` (nerve.runtime.engine.runs.SHOWN_STATES; here so that the parser imports no nats).
+RUN_STATES: Final = ("open", "waiting", "done", "failed", "compensated")
+APPROVE_EXIT_HELP: Final = f"""\
+exit status:
+  {EXIT_OK}  the run took the decision
+  {EXIT_FAILED}  the run took another decision, or the approval expired first
+  {EXIT_ERROR}  bad arguments, no such run, or nothing to approve (nothing was stored)
+  {EXIT_TIMEOUT}  stored, but the run did not take it within --timeout (is an engine running?)
+"""
 SEND_EXIT_HELP: Final = f"""\
 exit status:
   {EXIT_OK}  ok: the device ran the command
@@ -161,6 +171,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     send.add_argument("--json", action="store_true", help="print the whole result as JSON")
 
+    runs, approve = _runs_parsers(sub, common)
     devices_parser(sub, common)
     simulate_parser(sub, common)
     streams = sub.add_parser("streams", parents=[common], help="JetStream streams and buckets (admin)")
@@ -179,7 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     nats_config.add_argument("--nkeys", action="store_true", help="print the public keys file it includes")
     nats_config.add_argument("--listen", default="127.0.0.1:4222", help="default: 127.0.0.1:4222")
     nats_config.add_argument("--store-dir", default="/var/lib/nerve/jetstream", help="JetStream's store")
-    for operator in (facts, dead, send, streams, nats_config):  # they find nerve up's identities there
+    for operator in (facts, dead, send, streams, nats_config, runs, approve):  # nerve up's identities there
         operator.add_argument(
             "--data-dir", type=Path, help="where <data_dir>/nats/ holds the NATS identities (default: .nerve)"
         )
@@ -189,6 +200,39 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bridge", parents=[common], help="run the MQTT <-> JetStream bridge")
     sub.add_parser("central", parents=[common], help="run the central agents")
     return parser
+
+
+def _runs_parsers(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """`nerve runs` and `nerve approve`."""
+    runs = sub.add_parser(
+        "runs",
+        parents=[common],
+        help="the engine's runs: list them, `show RUN_ID` (each step), `cancel RUN_ID` (its undos run)",
+    )
+    runs.add_argument("runs_action", nargs="?", metavar="ACTION", help="show or cancel (none: list the runs)")
+    runs.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the run (show, cancel)")
+    runs.add_argument("--state", choices=RUN_STATES, help="only runs in this state (list)")
+    runs.add_argument("--json", action="store_true", help="one JSON document per run")
+    approve = sub.add_parser(
+        "approve",
+        parents=[common],
+        help="approve (or --reject) a run's pending approval, signed with the operator's key",
+        epilog=APPROVE_EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    approve.add_argument("run_id", metavar="RUN_ID", help="the run waiting for a decision")
+    approve.add_argument("--reject", action="store_true", help="reject instead of approve")
+    approve.add_argument("--comment", default="", help="why (kept in the journal and the fact)")
+    approve.add_argument(
+        "--key",
+        type=Path,
+        help="private key to sign with (default: operator.key in the keys directory if it exists, "
+        "else the key `nerve send` uses)",
+    )
+    approve.add_argument("--timeout", default="10s", help="how long to wait for the run to take it (10s)")
+    return runs, approve
 
 
 PARTS: Final = ("nerve-runtime", "nerve-edge", "nerve-bridge", "nerve-agents")
@@ -535,6 +579,43 @@ def _devices(args: argparse.Namespace) -> int:
     return run(args, _settings(args), keys_dir=default_keys_dir(os.environ))
 
 
+async def _runs(args: argparse.Namespace) -> int:
+    from nerve.runtime.cli.runs import cancel_run, print_runs, show_run  # noqa: PLC0415
+    from nerve.runtime.engine.runs import check_run_id  # noqa: PLC0415
+
+    action = args.runs_action
+    if action not in {None, "show", "cancel"}:
+        raise ConfigError(
+            f"{action!r}: say `show RUN_ID` or `cancel RUN_ID` (or nothing: the list)", key="ACTION"
+        )
+    if args.run_id is not None:
+        check_run_id(args.run_id)
+    if action is not None and args.run_id is None:
+        raise ConfigError(f"`nerve runs {action}` needs a RUN_ID", key="RUN_ID")
+    if action is not None and args.state is not None:
+        raise ConfigError("--state filters the list, not one run", key="--state")
+    settings = _cli_settings(args)
+    if action == "show":
+        return await show_run(settings, args.run_id, as_json=args.json)
+    if action == "cancel":
+        return await cancel_run(settings, args.run_id)
+    return await print_runs(settings, state=args.state, as_json=args.json)
+
+
+async def _approve(args: argparse.Namespace) -> int:
+    from nerve.runtime.cli.runs import approve_run, operator_signer  # noqa: PLC0415
+    from nerve.runtime.cli.send import parse_duration  # noqa: PLC0415
+    from nerve.runtime.engine.runs import check_run_id  # noqa: PLC0415
+
+    check_run_id(args.run_id)
+    timeout = parse_duration(args.timeout, flag="--timeout")
+    settings = _cli_settings(args)
+    signer = operator_signer(settings, args.key, default_keys_dir(os.environ))
+    return await approve_run(
+        settings, args.run_id, signer=signer, reject=args.reject, comment=args.comment, timeout=timeout
+    )
+
+
 COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]]] = {
     "up": _up,
     "demo": _demo,
@@ -546,6 +627,8 @@ COMMANDS: Final[dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int
     "streams": _streams,
     "nats-config": _nats_config,
     "simulate": _simulate,
+    "runs": _runs,
+    "approve": _approve,
 }
 
 
@@ -562,6 +645,8 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - a return 
         "streams",
         "nats-config",
         "simulate",
+        "runs",
+        "approve",
     }
     level = (getattr(args, "log_level", None) or ("warning" if quiet else "info")).upper()
     logging.basicConfig(

@@ -385,6 +385,16 @@ class DiskRunbookSettings(_Settings):
     cooldown_s: float = Field(default=300.0, ge=0)
 
 
+class PaymentRecoverySettings(_Settings):
+    """The payment-recovery saga (`nerve.agents.payment`, docs/engine.md)."""
+
+    source: Token = Field(default="shop", description="the service whose payment events it reacts to")
+    wait_s: float = Field(default=3600.0, gt=0, le=30 * 86400.0, description="how long to wait for payment")
+    command_ttl_s: float = Field(
+        default=300.0, gt=0, le=86400.0, description="how long its commands are valid"
+    )
+
+
 class CentralSettings(_Settings):
     """The central agents."""
 
@@ -394,6 +404,7 @@ class CentralSettings(_Settings):
         default=None, description="registered device public keys `<device>.pub`; unset: <data_dir>/devices"
     )
     disk: DiskRunbookSettings = DiskRunbookSettings()
+    payment: PaymentRecoverySettings = PaymentRecoverySettings()
 
 
 #: The MQTT user name of the bridge on a site broker (`site.bridge_user`): no device may be called so.

@@ -5,6 +5,7 @@ agents (several processes share the work). How to write an agent and what is gua
 """
 
 from nerve.runtime.engine.agent import NO_RETRY, DurableAgent, RetryPolicy, RunFailure, Trigger, durable_agent
+from nerve.runtime.engine.approval import Decision
 from nerve.runtime.engine.engine import Engine, ensure_engine_storage, wait_for_run
 from nerve.runtime.engine.errors import (
     AgentDeclarationError,
@@ -27,6 +28,7 @@ __all__ = [
     "RUNS_BUCKET",
     "TIMERS_STREAM",
     "AgentDeclarationError",
+    "Decision",
     "DurableAgent",
     "Engine",
     "EngineError",

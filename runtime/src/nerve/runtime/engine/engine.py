@@ -45,6 +45,7 @@ from nerve.runtime.engine.journal import (
     try_claim,
 )
 from nerve.runtime.engine.names import (
+    APPROVAL_KEY_PREFIX,
     CANCEL_KEY_PREFIX,
     RUN_KEY_PREFIX,
     RUNS_BUCKET,
@@ -55,6 +56,7 @@ from nerve.runtime.engine.names import (
     timer_fired_subject,
     trigger_consumer,
 )
+from nerve.runtime.engine.runs import request_cancel
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import EngineContext, Park, Step
 from nerve.runtime.engine.timers import RUN_HEADER, has_fired, timers_config
@@ -64,6 +66,7 @@ from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import publish_dead_letter, shared_durable
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import DEFAULT_PREFIX
+from nerve.runtime.trust.signing import Verifier
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -168,6 +171,7 @@ class Engine:
         codec: Codec = DEFAULT_CODEC,
         instance: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        operators: Verifier | None = None,
     ) -> None:
         names = [agent.name for agent in agents]
         if len(set(names)) != len(names):
@@ -179,6 +183,11 @@ class Engine:
         self._signer = signer
         self._codec = codec
         self._clock = clock
+        #: Whose decisions `step.approve` acts on: `operators`, else the signer's own key (the operator
+        #: signs with the central key unless it has one of its own).
+        self._operators = operators
+        if operators is None and signer is not None:
+            self._operators = Verifier.from_config({signer.keyid: signer.public_key})
         #: This process's name in the leases it holds.
         self.instance = instance or uuid.uuid4().hex
         self.ready = asyncio.Event()
@@ -249,6 +258,7 @@ class Engine:
             signer=self._signer,
             codec=self._codec,
             clock=self._clock,
+            operators=self._operators,
         )
         subscriptions: list[JetStreamContext.PushSubscription] = []
         watcher: KeyValue.KeyWatcher | None = None
@@ -303,12 +313,7 @@ class Engine:
 
         Raises `EngineError` if there is no such run or it has ended already.
         """
-        found = await read_record(self.kv, run_id)
-        if found is None:
-            raise EngineError(f"no run {run_id}")
-        if found[0].terminal:
-            raise EngineError(f"run {run_id} has ended ({found[0].state}): nothing to cancel")
-        await self.kv.put(cancel_key(run_id), b"cancel")
+        await request_cancel(self.kv, run_id)
 
     async def record(self, run_id: str) -> RunRecord | None:
         """The journal of run `run_id`, or None."""
@@ -472,6 +477,8 @@ class Engine:
                     self._cancels.add(run_id)
                     await self._on_cancel(run_id)
                 continue
+            if key.startswith(APPROVAL_KEY_PREFIX):
+                continue  # a decision: the run's approve step reads it itself
             run_id = key.removeprefix(RUN_KEY_PREFIX)
             if not entry.value:
                 self._known.pop(run_id, None)

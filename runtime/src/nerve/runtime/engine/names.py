@@ -6,6 +6,8 @@
   `<root>.engine.timers.at.<timer id>` that the server turns, when due, into one message on
   `<root>.engine.timers.fired.<timer id>`.
 - Durable consumers `nerve-engine-<agent>` (one per agent: its trigger) and `nerve-engine-timers`.
+- In the same bucket, what operators write (`nerve runs cancel`, `nerve approve`): `cancel.<run id>` and
+  `approval.<run id>.<decision id>`, one key per signed decision (`operator_subjects`).
 
 Engine subjects have five tokens, device subjects four: the two never overlap, whatever a device is called.
 """
@@ -23,6 +25,7 @@ TIMERS_STREAM: Final = "NERVE_TIMERS"
 TIMERS_CONSUMER: Final = "nerve-engine-timers"
 RUN_KEY_PREFIX: Final = "run."
 CANCEL_KEY_PREFIX: Final = "cancel."
+APPROVAL_KEY_PREFIX: Final = "approval."
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +78,18 @@ def run_key(run_id: str) -> str:
 def cancel_key(run_id: str) -> str:
     """The KV key that asks for a run to be cancelled."""
     return f"{CANCEL_KEY_PREFIX}{run_id}"
+
+
+def approval_key(run_id: str, decision_id: str) -> str:
+    """The KV key of one operator's signed decision on a run's pending approval."""
+    return f"{APPROVAL_KEY_PREFIX}{run_id}.{decision_id}"
+
+
+def approvals_subject(run_id: str) -> str:
+    """The subject (in the bucket's stream) of every decision on run `run_id`."""
+    return f"$KV.{RUNS_BUCKET}.{APPROVAL_KEY_PREFIX}{run_id}.*"
+
+
+def operator_subjects() -> tuple[str, ...]:
+    """What an operator (the cli identity) may write in the runs bucket: cancel requests and decisions."""
+    return (f"$KV.{RUNS_BUCKET}.{CANCEL_KEY_PREFIX}*", f"$KV.{RUNS_BUCKET}.{APPROVAL_KEY_PREFIX}*.*")

@@ -17,12 +17,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from nerve.runtime.cancellation import checkpoint
+from nerve.runtime.engine.approval import (
+    ON_EXPIRY,
+    Decision,
+    DecisionRefused,
+    OnExpiry,
+    check_decision,
+    is_pending_approval,
+    pending_info,
+)
 from nerve.runtime.engine.clock import SYSTEM_CLOCK
 from nerve.runtime.engine.errors import (
     AgentDeclarationError,
@@ -32,7 +42,7 @@ from nerve.runtime.engine.errors import (
     Terminal,
 )
 from nerve.runtime.engine.journal import RecordTooLarge, RunRecord, StepRecord, UndoRecord, error_text
-from nerve.runtime.engine.names import TIMERS_STREAM, timer_fired_subject
+from nerve.runtime.engine.names import RUNS_STREAM, TIMERS_STREAM, approvals_subject, timer_fired_subject
 from nerve.runtime.engine.timers import forget, has_fired, schedule
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import Fact, derived_id
@@ -53,7 +63,7 @@ if TYPE_CHECKING:
     from nerve.runtime.engine.settings import EngineSettings
     from nerve.runtime.envelope.codec import Codec
     from nerve.runtime.envelope.model import Envelope
-    from nerve.runtime.trust.signing import Signer
+    from nerve.runtime.trust.signing import Signer, Verifier
 
     StepFunction = Callable[[], Awaitable[Any]]
     UndoFunction = Callable[[], Awaitable[Any]]
@@ -61,6 +71,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_STEP_NAME_CHARS: Final = 128
+#: How long an expired approval waits for the decisions stored before its expiry to be read.
+DECISIONS_READ_S: Final = 10.0
 # The subject of a fact about a run whose key is not a token (an order id with a dot, say).
 NO_SUBJECT: Final = "unknown"
 
@@ -75,6 +87,8 @@ class EngineContext:
     signer: Signer | None
     codec: Codec
     clock: Clock = SYSTEM_CLOCK
+    #: The operator keys whose decisions `approve` acts on (None: none).
+    operators: Verifier | None = None
 
 
 class Park(BaseException):
@@ -320,12 +334,15 @@ class Step:
         match: Callable[[Envelope], bool] | None = None,
         kind: Kind = Kind.EVENTS,
         source: str = "*",
+        since_trigger: bool = False,
     ) -> Envelope | None:
         """The first `kind` message named `event_type` (from `source`) that `match` accepts, or None.
 
         Reads from where the run was when its previous step began (after the trigger, for a first
-        step), so an event that came in between is never missed. None when `timeout` seconds passed
-        first (a durable timer). The agent must declare `waits_on` with `kind`.
+        step), so an event that came in between is never missed; with `since_trigger`, from right after
+        the trigger (the trigger's own stream only), so one that came while earlier steps ran counts too.
+        None when `timeout` seconds passed first (a durable timer). The agent must declare `waits_on`
+        with `kind`.
         """
         journalled = self._enter(name)
         model = MODEL_OF_KIND[kind]
@@ -343,10 +360,13 @@ class Step:
             if value != "*" and not is_token(value):
                 raise AgentDeclarationError(f"step {name!r}: {what} {value!r} is not valid")
         stream = STREAM_OF_KIND[kind]
+        if since_trigger and stream != self._handle.record.trigger_stream:
+            raise AgentDeclarationError(f"step {name!r}: since_trigger reads only the trigger's stream")
         timer_id = derived_id(self.run_id, "timer", name)
         if journalled is None:
             self._before_new_step()
-            from_seq = self._handle.record.positions.get(stream, 0)
+            record = self._handle.record
+            from_seq = record.trigger_seq if since_trigger else record.positions.get(stream, 0)
             positions = await self._positions()
             due = self._now() + timeout
             journalled = StepRecord(
@@ -527,3 +547,199 @@ class Step:
             self._ctx.js, fact, prefix=self._ctx.prefix, signer=self._ctx.signer, codec=self._ctx.codec
         )
         return fact_id
+
+    # --- human approval (nerve.runtime.engine.approval) ----------------------------------------------
+
+    async def approve(
+        self,
+        name: str,
+        *,
+        route: str,
+        expires: float,
+        on_expiry: OnExpiry = "escalate",
+        summary: str = "",
+    ) -> Decision:
+        """Wait up to `expires` seconds for a person (`route`: who, a token) to approve or reject.
+
+        Keeps an `approval_requested` fact; `nerve approve RUN_ID [--reject]` signs the decision with the
+        operator's key, and only a decision signed by a key the engine trusts counts (any other is kept as
+        an `approval_refused` fact and ignored). Returns the `Decision`. When nobody decided in time the
+        declared path is taken: `escalate` keeps an `approval_expired` fact and returns an `expired`
+        decision; `compensate` keeps it and fails the step (`StepFailed`: the run's undos run).
+        """
+        journalled = self._enter(name)
+        if journalled is not None and journalled.status == "done":
+            return msgspec.convert(journalled.result["decision"], Decision)
+        if journalled is not None and journalled.status == "failed":
+            raise StepFailed(self.run_id, name, journalled.error)
+        self._check_duration(name, expires)
+        if not is_token(route):
+            raise AgentDeclarationError(f"step {name!r}: route {route!r} is not a token")
+        if on_expiry not in ON_EXPIRY:
+            raise AgentDeclarationError(f"step {name!r}: on_expiry {on_expiry!r} is not one of {ON_EXPIRY}")
+        timer_id = derived_id(self.run_id, "timer", name)
+        if journalled is None:
+            self._before_new_step()
+            positions = await self._positions()
+            now = self._now()
+            journalled = StepRecord(
+                status="waiting", due=now + expires, timer=timer_id, stream=RUNS_STREAM, started=now
+            )
+            await self._record(name, journalled, positions=positions)
+            await self._schedule(timer_id, journalled.due, name)
+        else:
+            self._before_new_step(new=False)
+            if not await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
+                await self._schedule(timer_id, journalled.due, name)
+        until = _iso(journalled.due)
+        if not is_pending_approval(journalled.result):
+            await self.keep_fact(
+                fact_id=derived_id(self.run_id, "fact", name, "requested"),
+                kind="approval_requested",
+                summary=f"{self._agent.name}: {summary or name}: waiting for {route} to decide until {until} "
+                f"(nerve approve {self.run_id} [--reject]); then: {on_expiry}",
+                data={"step": name, "route": route, "expires": until, "on_expiry": on_expiry},
+                subject=None,
+            )
+            info = pending_info(route=route, due=journalled.due, on_expiry=on_expiry, summary=summary)
+            journalled = msgspec.structs.replace(journalled, result=info)
+            await self._record(name, journalled)
+        decision = await self._await_decision(name, journalled)
+        if decision is None:
+            path = "the run compensates" if on_expiry == "compensate" else f"escalated: {route} must look"
+            await self.keep_fact(
+                fact_id=derived_id(self.run_id, "fact", name, "expired"),
+                kind="approval_expired",
+                summary=f"{self._agent.name}: nobody decided on {summary or name} by {until}: {path}",
+                data={"step": name, "route": route, "on_expiry": on_expiry},
+                subject=None,
+            )
+            if on_expiry == "compensate":
+                await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
+                await self._fail(name, 1, journalled.started, f"the approval expired at {until}")
+            decision = Decision(outcome="expired")
+        else:
+            await self.keep_fact(
+                fact_id=derived_id(self.run_id, "fact", name, "decided"),
+                kind=decision.outcome,
+                summary=f"{self._agent.name}: {summary or name}: {decision.outcome} by key {decision.by}"
+                + (f": {decision.comment}" if decision.comment else ""),
+                data={
+                    "step": name,
+                    "by": decision.by,
+                    "comment": decision.comment,
+                    "decision": decision.decision,
+                },
+                subject=None,
+            )
+        done = msgspec.structs.replace(
+            journalled,
+            status="done",
+            finished=self._now(),
+            result={**journalled.result, "decision": msgspec.to_builtins(decision)},
+        )
+        await self._record(name, done)
+        await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
+        return decision
+
+    async def _await_decision(self, name: str, waiting: StepRecord) -> Decision | None:
+        """The first decision on step `name` that counts, or None once the approval expired."""
+        queue: asyncio.Queue[Msg | Literal["timer"]] = asyncio.Queue()
+
+        async def on_decision(msg: Msg) -> None:
+            await queue.put(msg)
+
+        async def on_timer(_msg: Msg) -> None:
+            await queue.put("timer")
+
+        js = self._ctx.js
+        subject = approvals_subject(self.run_id)
+        decisions = await js.subscribe(
+            subject,
+            stream=RUNS_STREAM,
+            cb=on_decision,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        timer = await js.subscribe(
+            timer_fired_subject(self._ctx.prefix, waiting.timer),
+            stream=TIMERS_STREAM,
+            cb=on_timer,
+            ordered_consumer=True,
+        )
+        seen = 0
+        try:
+            while True:
+                got = await self._next(queue, waiting)
+                checkpoint()
+                if got == "cancel":
+                    raise RunCancelled(self.run_id)
+                if got is None and not await has_fired(js, prefix=self._ctx.prefix, timer_id=waiting.timer):
+                    await self._schedule(waiting.timer, waiting.due, name)  # the timer was lost
+                    continue
+                if got is None or got == "timer":
+                    # Expired: but a decision stored before now is read first (it may have come in time).
+                    return await self._last_decisions(name, waiting, queue, subject, seen)
+                seen += 1
+                decision = await self._judge(name, waiting, got)
+                if decision is not None:
+                    return decision
+        finally:
+            await decisions.unsubscribe()
+            await timer.unsubscribe()
+
+    async def _last_decisions(
+        self,
+        name: str,
+        waiting: StepRecord,
+        queue: asyncio.Queue[Msg | Literal["timer"]],
+        subject: str,
+        seen: int,
+    ) -> Decision | None:
+        """Read the decisions stored but not yet read (`seen` were); the first that counts, or None."""
+        info = await self._ctx.js.stream_info(RUNS_STREAM, subjects_filter=subject)
+        stored = sum((info.state.subjects or {}).values())
+        try:
+            async with asyncio.timeout(DECISIONS_READ_S):
+                while seen < stored:
+                    got = await queue.get()
+                    if got == "timer":
+                        continue
+                    seen += 1
+                    decision = await self._judge(name, waiting, got)
+                    if decision is not None:
+                        return decision
+        except TimeoutError:
+            log.warning("engine: run %s: %d decision(s) not read in time", self.run_id, stored - seen)
+        return None
+
+    async def _judge(self, name: str, waiting: StepRecord, msg: Msg) -> Decision | None:
+        """The decision in `msg` if it counts; else None, and a refused one is kept as a fact."""
+        key = msg.subject.rsplit(".", 1)[-1]
+        try:
+            _, decision = check_decision(
+                msg.data,
+                run_id=self.run_id,
+                step=name,
+                due=waiting.due,
+                stored=msg.metadata.timestamp,
+                operators=self._ctx.operators,
+            )
+        except DecisionRefused as refused:
+            if refused.elsewhere:
+                return None
+            log.warning("engine: run %s: decision %s refused: %s", self.run_id, key, refused.reason)
+            await self.keep_fact(
+                fact_id=derived_id(self.run_id, "refused", name, key),
+                kind="approval_refused",
+                summary=f"{self._agent.name}: a decision on {name!r} of run {self.run_id} was refused: "
+                f"{refused.reason}",
+                data={"step": name, "decision": key, "reason": refused.reason},
+                subject=None,
+            )
+            return None
+        return decision
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")

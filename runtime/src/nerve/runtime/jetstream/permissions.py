@@ -8,9 +8,11 @@ Least privilege (docs/nats.md has the table):
 - `bridge`: publishes readings, events and results into their streams and its own dead letters; reads
   NERVE_COMMANDS through its consumer and acknowledges what it sent down.
 - `central`: reads every stream of nerve's through its consumers, publishes commands and facts (the only
-  identity that may publish a fact) and its own dead letters, uses its KV buckets (`BUCKETS`).
+  identity that may publish a fact), its agents' own events (`<prefix>.central.events.*`) and its own dead
+  letters, uses its KV buckets (`BUCKETS`).
 - `cli`: reads every stream (ordered consumers, direct get, info) and subscribes under the prefix;
-  publishes commands (`nerve send`).
+  publishes commands (`nerve send`); reads the engine's runs and writes in its bucket only cancel requests
+  and signed decisions (`nerve runs cancel`, `nerve approve`: `engine.names.operator_subjects`).
 
 No identity but admin may reach `$JS.API.STREAM.{CREATE,UPDATE,DELETE,PURGE,MSG.DELETE}` or delete a
 consumer; and none but admin may publish to an `_INBOX`, so no client can answer another's request (a
@@ -23,9 +25,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from nerve.runtime.engine.names import ENGINE_NAMES, operator_subjects
 from nerve.runtime.jetstream.identities import Identity
 from nerve.runtime.jetstream.streams import BUCKETS, STREAMS, BucketSpec
-from nerve.runtime.subjects import DEFAULT_PREFIX, Kind, deadletter_subject, kind_filter
+from nerve.runtime.subjects import (
+    CENTRAL_SOURCE,
+    DEFAULT_PREFIX,
+    Kind,
+    deadletter_subject,
+    kind_filter,
+    subject_root,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -117,6 +127,7 @@ def permissions(identity: Identity, prefix: str = DEFAULT_PREFIX) -> Permissions
         publish = [
             kind_filter(Kind.COMMANDS, prefix),
             kind_filter(Kind.FACTS, prefix),
+            f"{subject_root(prefix)}.{CENTRAL_SOURCE}.{Kind.EVENTS.value}.*",  # its agents' own events
             deadletter_subject("central", prefix),
             *_infos(),
             *(subject for stream in all_streams for subject in [*_reads(stream), *_acks(stream)]),
@@ -127,6 +138,9 @@ def permissions(identity: Identity, prefix: str = DEFAULT_PREFIX) -> Permissions
         kind_filter(Kind.COMMANDS, prefix),
         *_infos(),
         *(subject for stream in all_streams for subject in _reads(stream)),
+        # nerve runs, nerve approve: read the engine's runs; write only cancel requests and decisions.
+        *(subject for bucket in ENGINE_NAMES.buckets for subject in _reads(f"KV_{bucket}")),
+        *operator_subjects(),
     ]
     root = prefix.replace("/", ".")
     return Permissions(publish=_unique(publish), subscribe=(INBOXES, f"{root}.>"), deny_publish=deny)
