@@ -451,6 +451,20 @@ async def test_nerve_up_runs_its_own_nats_server_with_an_identity_per_part(tmp_p
         cli = await connect(stack.settings.nats, name="cli")
         try:
             js = cli.jetstream()
+            await wait_for_count(js, "NERVE_FACTS", 3, timeout=20)  # opened, issued, the result
+            # The runbook (a durable agent on the engine, as central) verifies by the next reading.
+            process = await asyncio.create_subprocess_exec(
+                mosquitto_pub,
+                "-p",
+                str(mqtt_port),
+                "-q",
+                "1",
+                "-t",
+                "nerve/pi-auth/telemetry/disk",
+                "-m",
+                "40",
+            )
+            assert await process.wait() == 0
             await wait_for_count(js, "NERVE_FACTS", 4, timeout=20)
             facts = [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]
         finally:

@@ -15,11 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+# The storage itself is defined with every other stream and bucket of nerve's (created by the admin
+# identity: `nerve streams apply`); the names are re-exported here.
+from nerve.runtime.jetstream.streams import RUNS_BUCKET, TIMERS_STREAM, timers_filter
 from nerve.runtime.subjects import subject_root
 
-RUNS_BUCKET: Final = "nerve_runs"
 RUNS_STREAM: Final = f"KV_{RUNS_BUCKET}"
-TIMERS_STREAM: Final = "NERVE_TIMERS"
 TIMERS_CONSUMER: Final = "nerve-engine-timers"
 RUN_KEY_PREFIX: Final = "run."
 CANCEL_KEY_PREFIX: Final = "cancel."
@@ -47,11 +48,6 @@ def engine_subjects(prefix: str) -> tuple[str, ...]:
     return (f"$KV.{RUNS_BUCKET}.>", timers_filter(prefix))
 
 
-def timers_filter(prefix: str) -> str:
-    """Every subject of the timers stream."""
-    return f"{subject_root(prefix)}.engine.timers.>"
-
-
 def timer_schedule_subject(prefix: str, timer_id: str) -> str:
     """Where the schedule message of a timer is kept until it fires."""
     return f"{subject_root(prefix)}.engine.timers.at.{timer_id}"
@@ -75,3 +71,22 @@ def run_key(run_id: str) -> str:
 def cancel_key(run_id: str) -> str:
     """The KV key that asks for a run to be cancelled."""
     return f"{CANCEL_KEY_PREFIX}{run_id}"
+
+
+__all__ = [
+    "CANCEL_KEY_PREFIX",
+    "ENGINE_NAMES",
+    "RUNS_BUCKET",
+    "RUNS_STREAM",
+    "RUN_KEY_PREFIX",
+    "TIMERS_CONSUMER",
+    "TIMERS_STREAM",
+    "EngineNames",
+    "cancel_key",
+    "engine_subjects",
+    "run_key",
+    "timer_fired_subject",
+    "timer_schedule_subject",
+    "timers_filter",
+    "trigger_consumer",
+]

@@ -48,10 +48,12 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
+    from nerve.runtime.engine.command import ResultRefusals
     from nerve.runtime.engine.journal import RunHandle
     from nerve.runtime.engine.settings import EngineSettings
     from nerve.runtime.envelope.codec import Codec
-    from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.envelope.model import CommandResult, Envelope
+    from nerve.runtime.trust.devices import DeviceKeys
     from nerve.runtime.trust.signing import Signer
 
     StepFunction = Callable[[], Awaitable[Any]]
@@ -73,6 +75,9 @@ class EngineContext:
     settings: EngineSettings
     signer: Signer | None
     codec: Codec
+    #: `step.command`: whose results to believe (none: no result is), and who keeps refusals as facts.
+    device_keys: DeviceKeys | None = None
+    refusals: ResultRefusals | None = None
 
 
 class Park(BaseException):
@@ -129,6 +134,11 @@ class Step:
     def record(self) -> RunRecord:
         """The run's journal as this process last wrote it."""
         return self._handle.record
+
+    @property
+    def js(self) -> JetStreamContext:
+        """JetStream, for a step function's own effects (inside `run`, so that they are journalled)."""
+        return self._ctx.js
 
     def id(self, name: str) -> str:
         """The id of step `name` of this run: the id to give what the step publishes (dedup)."""
@@ -461,6 +471,30 @@ class Step:
         if got_item in done:
             return got_item.result()
         return None
+
+    async def command(
+        self,
+        name: str,
+        *,
+        device: str,
+        action: str,
+        args: dict[str, Any],
+        ttl: float,
+        attempts: int = 1,
+    ) -> CommandResult:
+        """Send `action` to `device`, signed by the engine's signer, and return the device's result.
+
+        The command id is the step id (a re-run sends the same id: kept once). Waits durably for the
+        result on NERVE_RESULTS from where the stream was before the send, and acts only on one that
+        verifies against the device registry. No result within `ttl` (plus clock skew): the command is
+        sent again under a new id while `attempts` last, then the step fails (`StepFailed`).
+        See `nerve.runtime.engine.command`.
+        """
+        from nerve.runtime.engine.command import send_command  # noqa: PLC0415 - it imports this module
+
+        return await send_command(
+            self, name, device=device, action=action, args=args, ttl=ttl, attempts=attempts
+        )
 
     async def fact(
         self,
