@@ -157,6 +157,7 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
         "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/up-test/telemetry/disk", "-m", "96"
     )
     assert await pub.wait() == 0
+    cleared = False
     async with asyncio.timeout(15):
         while True:
             code, out, _ = await run(
@@ -165,6 +166,9 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
             assert code == 0
             if "incident_resolved" in out:
                 break
+            if "command_result" in out and not cleared:  # the runbook now waits for the next reading
+                await next_reading(mqtt_port, "up-test")
+                cleared = True
             await asyncio.sleep(0.2)
 
     # `nerve send` without --key signs with the key this `nerve up` trusts (whatever --data-dir says).
@@ -216,6 +220,17 @@ async def start_up(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio.su
     return process
 
 
+async def next_reading(mqtt_port: int, device: str) -> None:
+    """The device's next disk reading, below the clear level, as its edge would send once the disk cleared.
+
+    The spike was typed by a person (the disk is not really full), so the edge sees no change to report.
+    """
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", f"nerve/{device}/telemetry/disk", "-m", "40"
+    )
+    assert await pub.wait() == 0
+
+
 async def wait_closed(port: int) -> None:
     async with asyncio.timeout(10):
         while await port_answers("127.0.0.1", port):
@@ -233,8 +248,12 @@ async def test_kill_9_of_up_takes_its_brokers_and_keeps_the_facts(tmp_path: Path
         "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/k9/telemetry/disk", "-m", "99"
     )
     assert await pub.wait() == 0
+    cleared = False
     async with asyncio.timeout(15):
-        while "incident_resolved" not in (await run("facts", "--nats-url", nats_url, *data_dir))[1]:
+        while "incident_resolved" not in (out := (await run("facts", "--nats-url", nats_url, *data_dir))[1]):
+            if "command_result" in out and not cleared:
+                await next_reading(mqtt_port, "k9")
+                cleared = True
             await asyncio.sleep(0.2)
 
     process.kill()  # kill -9: no chance to clean up
