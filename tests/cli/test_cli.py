@@ -309,3 +309,41 @@ async def test_deadletters_shows_reason_origin_and_bytes(settings: Settings) -> 
     assert "nerve/pi-01/telemetry/disk" in out
     assert "must be a number" in out
     assert "b'hello'" in out
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_kill_9_mid_incident_resumes_the_runbook_where_it_was(tmp_path: Path) -> None:
+    """`nerve up` killed while the disk runbook waits for the verifying reading: the next one finishes it."""
+    mqtt_port, nats_port = free_port(), free_port()
+    nats_url = f"nats://127.0.0.1:{nats_port}"
+    data_dir = ("--data-dir", str(tmp_path / "data"))
+    process = await start_up(tmp_path / "data", mqtt_port, nats_port)
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/k9/telemetry/disk", "-m", "99"
+    )
+    assert await pub.wait() == 0
+    async with asyncio.timeout(15):
+        while "command_result" not in (await run("facts", "--nats-url", nats_url, *data_dir))[1]:
+            await asyncio.sleep(0.2)
+    process.kill()  # kill -9 while the run waits for the reading (its lease held by the dead process)
+    await process.wait()
+    await wait_closed(nats_port)
+
+    process = await start_up(tmp_path / "data", mqtt_port, nats_port)
+    # With the key `nerve up` made (start_up's XDG_CONFIG_HOME): every fact verified, none marked.
+    keys_home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    try:
+        await next_reading(mqtt_port, "k9")  # read from the journalled position whenever the run resumes
+        async with asyncio.timeout(60):  # the lease of the killed process runs out first (15 s)
+            while True:
+                out = (await run("facts", "--nats-url", nats_url, *data_dir, env=keys_home))[1]
+                if "incident_resolved" in out:
+                    break
+                await asyncio.sleep(0.5)
+        kinds = [line.split()[2] for line in out.splitlines()]
+        assert kinds == ["incident_opened", "command_issued", "command_result", "incident_resolved"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await process.wait() == 0
