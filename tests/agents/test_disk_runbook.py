@@ -223,3 +223,42 @@ async def test_undecodable_and_too_deep_messages(
     assert record["payload"] == b"\x81\xa1x\xc1"
     assert [command.subject for command in await commands_of(js)] == ["pi-08"]
     assert {fact.subject for fact in await facts_of(js)} == {"pi-08"}
+
+
+async def test_a_forged_result_is_refused_as_central_refuses_one_and_changes_nothing(
+    central_settings: Settings,
+    nc: NatsClient,
+    keys: tuple[Signer, Verifier],
+    device: Callable[[str], Signer],
+    tmp_path: Path,
+) -> None:
+    """The runbook alone (no runner agent reads results): its command step has central count the refusal."""
+    js = nc.jetstream()
+    signer, _ = keys
+    pi09 = device("pi-09")
+    impostor = provision_device(tmp_path / "elsewhere", "pi-09")  # a key central does not hold for pi-09
+    async with central(central_settings, signer) as runner:
+        await publish_envelope(js, "nerve.pi-09.telemetry.disk", reading("pi-09", 95))
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands_of(js)
+        forged = impostor.sign(CommandResult.for_command(command, source="t", status="ok"))
+        await publish_envelope(js, "nerve.pi-09.results.clear_temp", forged)
+        await wait_for_count(js, "NERVE_FACTS", 3)  # opened, issued, and the refusal
+        assert runner.refused_results == 1
+        genuine = pi09.sign(
+            CommandResult.for_command(command, source="t", status="ok", data={"files_deleted": 2})
+        )
+        await publish_envelope(js, "nerve.pi-09.results.clear_temp", genuine)
+        await wait_for_count(js, "NERVE_FACTS", 4)
+        await publish_envelope(js, "nerve.pi-09.telemetry.disk", reading("pi-09", 30))
+        await wait_for_count(js, "NERVE_FACTS", 5)
+    facts = await facts_of(js)
+    assert [fact.kind for fact in facts] == [
+        "incident_opened",
+        "command_issued",
+        "result_refused",
+        "command_result",
+        "incident_resolved",
+    ]
+    assert facts[2].data["result_id"] == forged.id
+    assert "deleted 2 files" in facts[-1].summary
