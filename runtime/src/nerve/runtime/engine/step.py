@@ -6,10 +6,10 @@ a resumed run replays the agent function, and every step already done returns it
 once. Steps are at-least-once: a process killed while a step's function runs has it run again by
 whoever resumes the run, so a step's effect must be idempotent (use `step.id(name)` as its id).
 
-Still to come (issue 10): `command(device, action, args, ttl)` (a signed command whose id is the step id,
-then a journalled wait on NERVE_RESULTS for the device's signed result, as `wait_for_event` waits) and
-`approve(...)`. Both are steps of the same shape: a first write that records what is awaited, an effect
-published under the step id, and a durable wait with a timer.
+`command(name, device=, action=, args=, ttl=)` (a signed command whose id is the step id, then a journalled
+wait on NERVE_RESULTS for the device's signed result) is in `nerve.runtime.engine.command`. Still to come
+(issue 10): `approve(...)`, a step of the same shape: a first write that records what is awaited, an
+effect published under the step id, and a durable wait with a timer.
 """
 
 from __future__ import annotations
