@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import msgpack
 import pytest
 
-from nerve.agents import DiskRunbook
+from nerve.agents import disk_runbook
 from nerve.runtime.central.runner import Central
 from nerve.runtime.config.settings import load_settings
 from nerve.runtime.envelope.codec import decode
@@ -57,7 +57,9 @@ def central_settings(nats_server: NatsServer, tmp_path: Path) -> Settings:
 
 @contextlib.asynccontextmanager
 async def central(settings: Settings, signer: Signer) -> AsyncIterator[Central]:
-    runner = Central(settings=settings, signer=signer, agents=[DiskRunbook(settings.central.disk)])
+    runner = Central(
+        settings=settings, signer=signer, agents=[], durable=[disk_runbook(settings.central.disk)]
+    )
     task = asyncio.create_task(runner.run())
     try:
         async with asyncio.timeout(10):
@@ -110,6 +112,10 @@ async def test_spike_sends_signed_command_and_result_resolves(
             )
         )
         await publish_envelope(js, "nerve.pi-01.results.clear_temp", result)
+        await wait_for_count(js, "NERVE_FACTS", 3)
+        # Resolved once a reading after the result shows the disk below the clear level.
+        await publish_envelope(js, "nerve.pi-01.telemetry.disk", reading("pi-01", 85))  # not yet
+        await publish_envelope(js, "nerve.pi-01.telemetry.disk", reading("pi-01", 40))
         await wait_for_count(js, "NERVE_FACTS", 4)
     kinds = [fact.kind for fact in await facts_of(js)]
     assert kinds == ["incident_opened", "command_issued", "command_result", "incident_resolved"]
@@ -189,6 +195,8 @@ async def test_open_incident_survives_a_central_restart(
         await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 98))  # incident is open
         result = CommandResult.for_command(command, source="t", status="ok", data={"files_deleted": 0})
         await publish_envelope(js, "nerve.pi-06.results.clear_temp", device("pi-06").sign(result))
+        await wait_for_count(js, "NERVE_FACTS", 3)
+        await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 40))
         await wait_for_count(js, "NERVE_FACTS", 4)
     assert len(await commands_of(js)) == 1
     assert (await facts_of(js))[-1].kind == "incident_resolved"
@@ -197,23 +205,60 @@ async def test_open_incident_survives_a_central_restart(
 async def test_undecodable_and_too_deep_messages(
     central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
 ) -> None:
+    """The engine dead-letters what it cannot decode; a reading past the hop limit opens nothing."""
     js = nc.jetstream()
     await ensure_streams(js, "nerve")
     signer, _ = keys
-    runner: Central
-    async with central(central_settings, signer) as runner:
+    async with central(central_settings, signer):
         await js.publish("nerve.pi-07.telemetry.disk", b"\x81\xa1x\xc1")  # malformed msgpack
         looping = Event(source="t", type="nerve.telemetry.disk", subject="pi-07", data={"value": 99}, hops=9)
         await publish_envelope(js, "nerve.pi-07.telemetry.disk", looping)
+        await publish_envelope(js, "nerve.pi-08.telemetry.disk", reading("pi-08", 99))  # after them
         await wait_for_count(js, "NERVE_DEADLETTER", 1)
-        await wait_for_count(js, "NERVE_FACTS", 1)
-        assert runner.deadlettered == 1
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
     (dead,) = await stream_messages(js, "NERVE_DEADLETTER")
     record = msgpack.unpackb(dead.data)
     assert dead.subject == "nerve.deadletter.central"
     assert "malformed msgpack" in record["reason"]
     assert record["payload"] == b"\x81\xa1x\xc1"
-    (fact,) = await facts_of(js)
-    assert fact.kind == "loop_guard"
-    assert "9 hops" in fact.summary
-    assert await commands_of(js) == []
+    assert [command.subject for command in await commands_of(js)] == ["pi-08"]
+    assert {fact.subject for fact in await facts_of(js)} == {"pi-08"}
+
+
+async def test_a_forged_result_is_refused_as_central_refuses_one_and_changes_nothing(
+    central_settings: Settings,
+    nc: NatsClient,
+    keys: tuple[Signer, Verifier],
+    device: Callable[[str], Signer],
+    tmp_path: Path,
+) -> None:
+    """The runbook alone (no runner agent reads results): its command step has central count the refusal."""
+    js = nc.jetstream()
+    signer, _ = keys
+    pi09 = device("pi-09")
+    impostor = provision_device(tmp_path / "elsewhere", "pi-09")  # a key central does not hold for pi-09
+    async with central(central_settings, signer) as runner:
+        await publish_envelope(js, "nerve.pi-09.telemetry.disk", reading("pi-09", 95))
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands_of(js)
+        forged = impostor.sign(CommandResult.for_command(command, source="t", status="ok"))
+        await publish_envelope(js, "nerve.pi-09.results.clear_temp", forged)
+        await wait_for_count(js, "NERVE_FACTS", 3)  # opened, issued, and the refusal
+        assert runner.refused_results == 1
+        genuine = pi09.sign(
+            CommandResult.for_command(command, source="t", status="ok", data={"files_deleted": 2})
+        )
+        await publish_envelope(js, "nerve.pi-09.results.clear_temp", genuine)
+        await wait_for_count(js, "NERVE_FACTS", 4)
+        await publish_envelope(js, "nerve.pi-09.telemetry.disk", reading("pi-09", 30))
+        await wait_for_count(js, "NERVE_FACTS", 5)
+    facts = await facts_of(js)
+    assert [fact.kind for fact in facts] == [
+        "incident_opened",
+        "command_issued",
+        "result_refused",
+        "command_result",
+        "incident_resolved",
+    ]
+    assert facts[2].data["result_id"] == forged.id
+    assert "deleted 2 files" in facts[-1].summary

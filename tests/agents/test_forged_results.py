@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import pytest
 
-from nerve.agents import CommandAudit, DiskRunbook
+from nerve.agents import CommandAudit, disk_runbook
 from nerve.bridge import Bridge
 from nerve.runtime.central.runner import UNREGISTERED, Central
 from nerve.runtime.config.settings import load_settings
@@ -71,7 +71,8 @@ async def site(settings: Settings, central_key: Signer) -> AsyncIterator[tuple[C
     runner = Central(
         settings=settings,
         signer=central_key,
-        agents=[DiskRunbook(settings.central.disk), CommandAudit(settings.streams)],
+        agents=[CommandAudit(settings.streams)],
+        durable=[disk_runbook(settings.central.disk)],
     )
     bridge = Bridge(settings=settings)
     async with asyncio.TaskGroup() as tasks:
@@ -183,6 +184,9 @@ async def test_forged_results_close_nothing_are_sampled_facts_and_the_genuine_on
         genuine = dev2.sign(result(command, data={"files_deleted": 3, "incident_id": "pwned", "status": "x"}))
         await attacker.publish("nerve/dev2/results/clear_temp", to_json(genuine), qos=1)
         await until(lambda: runner.handled >= 1, "the genuine result handled")
+        await wait_for_count(js, "NERVE_FACTS", len(facts) + 1, timeout=WAIT)  # command_result
+        # The runbook verifies by the device's next reading that the disk went below the clear level.
+        await attacker.publish("nerve/dev2/telemetry/disk", b'{"value": 40}', qos=1)
         await wait_for_count(js, "NERVE_FACTS", len(facts) + 2, timeout=WAIT)
     facts = await facts_of(js)
     opened = next(f for f in facts if f.kind == "incident_opened" and f.subject == "dev2")

@@ -157,6 +157,7 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
         "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/up-test/telemetry/disk", "-m", "96"
     )
     assert await pub.wait() == 0
+    cleared = False
     async with asyncio.timeout(15):
         while True:
             code, out, _ = await run(
@@ -165,6 +166,9 @@ async def test_up_starts_brokers_and_sigterm_stops_everything(tmp_path: Path) ->
             assert code == 0
             if "incident_resolved" in out:
                 break
+            if "command_result" in out and not cleared:  # the runbook now waits for the next reading
+                await next_reading(mqtt_port, "up-test")
+                cleared = True
             await asyncio.sleep(0.2)
 
     # `nerve send` without --key signs with the key this `nerve up` trusts (whatever --data-dir says).
@@ -216,6 +220,17 @@ async def start_up(data_dir: Path, mqtt_port: int, nats_port: int) -> asyncio.su
     return process
 
 
+async def next_reading(mqtt_port: int, device: str) -> None:
+    """The device's next disk reading, below the clear level, as its edge would send once the disk cleared.
+
+    The spike was typed by a person (the disk is not really full), so the edge sees no change to report.
+    """
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", f"nerve/{device}/telemetry/disk", "-m", "40"
+    )
+    assert await pub.wait() == 0
+
+
 async def wait_closed(port: int) -> None:
     async with asyncio.timeout(10):
         while await port_answers("127.0.0.1", port):
@@ -233,8 +248,12 @@ async def test_kill_9_of_up_takes_its_brokers_and_keeps_the_facts(tmp_path: Path
         "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/k9/telemetry/disk", "-m", "99"
     )
     assert await pub.wait() == 0
+    cleared = False
     async with asyncio.timeout(15):
-        while "incident_resolved" not in (await run("facts", "--nats-url", nats_url, *data_dir))[1]:
+        while "incident_resolved" not in (out := (await run("facts", "--nats-url", nats_url, *data_dir))[1]):
+            if "command_result" in out and not cleared:
+                await next_reading(mqtt_port, "k9")
+                cleared = True
             await asyncio.sleep(0.2)
 
     process.kill()  # kill -9: no chance to clean up
@@ -290,3 +309,41 @@ async def test_deadletters_shows_reason_origin_and_bytes(settings: Settings) -> 
     assert "nerve/pi-01/telemetry/disk" in out
     assert "must be a number" in out
     assert "b'hello'" in out
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+async def test_kill_9_mid_incident_resumes_the_runbook_where_it_was(tmp_path: Path) -> None:
+    """`nerve up` killed while the disk runbook waits for the verifying reading: the next one finishes it."""
+    mqtt_port, nats_port = free_port(), free_port()
+    nats_url = f"nats://127.0.0.1:{nats_port}"
+    data_dir = ("--data-dir", str(tmp_path / "data"))
+    process = await start_up(tmp_path / "data", mqtt_port, nats_port)
+    pub = await asyncio.create_subprocess_exec(
+        "mosquitto_pub", "-p", str(mqtt_port), "-q", "1", "-t", "nerve/k9/telemetry/disk", "-m", "99"
+    )
+    assert await pub.wait() == 0
+    async with asyncio.timeout(15):
+        while "command_result" not in (await run("facts", "--nats-url", nats_url, *data_dir))[1]:
+            await asyncio.sleep(0.2)
+    process.kill()  # kill -9 while the run waits for the reading (its lease held by the dead process)
+    await process.wait()
+    await wait_closed(nats_port)
+
+    process = await start_up(tmp_path / "data", mqtt_port, nats_port)
+    # With the key `nerve up` made (start_up's XDG_CONFIG_HOME): every fact verified, none marked.
+    keys_home = {"XDG_CONFIG_HOME": str(tmp_path / "config")}
+    try:
+        await next_reading(mqtt_port, "k9")  # read from the journalled position whenever the run resumes
+        async with asyncio.timeout(60):  # the lease of the killed process runs out first (15 s)
+            while True:
+                out = (await run("facts", "--nats-url", nats_url, *data_dir, env=keys_home))[1]
+                if "incident_resolved" in out:
+                    break
+                await asyncio.sleep(0.5)
+        kinds = [line.split()[2] for line in out.splitlines()]
+        assert kinds == ["incident_opened", "command_issued", "command_result", "incident_resolved"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await process.wait() == 0

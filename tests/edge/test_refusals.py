@@ -29,7 +29,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from nerve.agents.disk import DiskRunbook
+from nerve.agents.disk import disk_runbook
 from nerve.edge import CommandJournal, EdgeAgent, Executor
 from nerve.runtime.cli.send import MAX_EXPIRES_S
 from nerve.runtime.config.settings import (
@@ -504,5 +504,5 @@ def test_whatever_sends_commands_keeps_within_the_edges_default_window() -> None
     assert window >= MAX_EXPIRES_S
     assert window <= MAX_MAX_COMMAND_VALIDITY_S
     with pytest.raises(ConfigError, match="longer than any device accepts a command for") as caught:
-        DiskRunbook(DiskRunbookSettings(command_ttl_s=MAX_MAX_COMMAND_VALIDITY_S + 1))
+        disk_runbook(DiskRunbookSettings(command_ttl_s=MAX_MAX_COMMAND_VALIDITY_S + 1))
     assert caught.value.key == "central.disk.command_ttl_s"

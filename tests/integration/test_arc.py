@@ -74,6 +74,9 @@ async def test_spike_clears_old_files_and_keeps_facts(
         os.utime(outside, (past, past))
 
         await mosquitto_pub(mosquitto, "nerve/pi-01/telemetry/disk", '{"value": 97}')
+        await wait_for_count(js, "NERVE_FACTS", 3, timeout=15)  # opened, issued, the result
+        # The edge sends no readings here (no mounts): the next one, below the clear level, as it would.
+        await mosquitto_pub(mosquitto, "nerve/pi-01/telemetry/disk", '{"value": 40}')
         await wait_for_count(js, "NERVE_FACTS", 4, timeout=15)
 
     facts = [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]
@@ -116,6 +119,8 @@ async def test_plain_number_spike_and_bad_input_together(
         await mosquitto_pub(mosquitto, "nerve/pi-02/telemetry/disk", "abc")
         await mosquitto_pub(mosquitto, "nerve/pi 02/telemetry/disk", "95")
         await mosquitto_pub(mosquitto, "nerve/pi-02/telemetry/disk", "95")
+        await wait_for_count(js, "NERVE_FACTS", 3, timeout=15)
+        await mosquitto_pub(mosquitto, "nerve/pi-02/telemetry/disk", "40")
         await wait_for_count(js, "NERVE_FACTS", 4, timeout=15)
         await wait_for_count(js, "NERVE_DEADLETTER", 2)
     facts = [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]

@@ -372,3 +372,26 @@ def test_nats_codec() -> None:
         load_settings(env={"NERVE_NATS__CODEC": "xml"})
     assert "json" in str(caught.value)
     assert "msgpack" in str(caught.value)
+
+
+def test_the_engine_settings_are_central_engine(tmp_path: Path) -> None:
+    """`central.engine` is the engine's `EngineSettings`, from a file or the environment like any key."""
+    from nerve.runtime.engine import EngineSettings  # noqa: PLC0415 - the engine re-exports the one model
+
+    config = tmp_path / "nerve.yaml"
+    engine = "lease_s: 5, max_sleep_s: 3600, runs: {max_bytes: 2097152, max_age_s: 86400}"
+    config.write_text(f"central:\n  engine: {{{engine}}}\n")
+    settings = load_settings(config, env={"NERVE_CENTRAL__ENGINE__MAX_STEPS": "50"})
+    assert isinstance(settings.central.engine, EngineSettings)
+    assert (settings.central.engine.lease_s, settings.central.engine.max_steps) == (5.0, 50)
+    assert settings.central.engine.runs.max_bytes == 2097152
+    with pytest.raises(ConfigError, match=r"central\.engine\.leas: unknown key"):
+        load_settings(overrides={"central": {"engine": {"leas": 3}}})
+    # A sleep longer than the runs are kept is refused: the run would be aged out before it woke.
+    with pytest.raises(ConfigError, match="max_sleep_s"):
+        load_settings(overrides={"central": {"engine": {"runs": {"max_bytes": 2097152, "max_age_s": 86400}}}})
+
+
+def test_the_disk_runbook_clears_below_its_threshold() -> None:
+    with pytest.raises(ConfigError, match=r"clear_below \(95\) must not be above threshold \(90\)"):
+        load_settings(overrides={"central": {"disk": {"clear_below": 95}}})

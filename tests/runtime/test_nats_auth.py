@@ -23,8 +23,10 @@ from nats.js.errors import NotFoundError
 from nerve.bridge.natswire import NatsWireError, StoreAck, headers_block, open_nats
 from nerve.runtime.cli.history import read_records
 from nerve.runtime.config.settings import StreamsSettings, load_settings
+from nerve.runtime.engine import Engine, EngineSettings, Step, Trigger, durable_agent, wait_for_run
+from nerve.runtime.engine.names import RUNS_BUCKET, TIMERS_STREAM, timer_fired_subject
 from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, Fact
+from nerve.runtime.envelope.model import Command, Event, Fact
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.client import (
     MSG_ID_HEADER,
@@ -48,6 +50,7 @@ from nerve.runtime.jetstream.streams import (
 from nerve.runtime.stack.brokers import NatsServer, find_nats_server, free_port
 from nerve.runtime.stack.local import Stack
 from nerve.runtime.stack.natsauth import LocalNats, cli_identity
+from nerve.runtime.subjects import Kind
 from nerve.runtime.testing import stream_messages, wait_for_count
 from nerve.runtime.trust.signing import Signer, generate_keypair
 
@@ -58,6 +61,7 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
     from nerve.runtime.config.settings import Settings
+    from nerve.runtime.envelope.model import Envelope
 
 pytestmark = pytest.mark.broker
 
@@ -451,8 +455,67 @@ async def test_nerve_up_runs_its_own_nats_server_with_an_identity_per_part(tmp_p
         cli = await connect(stack.settings.nats, name="cli")
         try:
             js = cli.jetstream()
+            await wait_for_count(js, "NERVE_FACTS", 3, timeout=20)  # opened, issued, the result
+            # The runbook (a durable agent on the engine, as central) verifies by the next reading.
+            process = await asyncio.create_subprocess_exec(
+                mosquitto_pub,
+                "-p",
+                str(mqtt_port),
+                "-q",
+                "1",
+                "-t",
+                "nerve/pi-auth/telemetry/disk",
+                "-m",
+                "40",
+            )
+            assert await process.wait() == 0
             await wait_for_count(js, "NERVE_FACTS", 4, timeout=20)
             facts = [decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS")]
         finally:
             await cli.close()
     assert [fact.kind for fact in facts][-1] == "incident_resolved"
+
+
+# --- the engine, as central ----------------------------------------------------------------------------
+
+
+@durable_agent("dozer", trigger=Trigger(Kind.EVENTS, "doze"), key=lambda event: str(event.subject))
+async def dozer(event: Envelope, step: Step) -> str:
+    await step.sleep("doze", 0.2)
+    return "rested"
+
+
+async def test_central_runs_the_engine_as_itself(secured: Secured, admin_js: JetStreamContext) -> None:
+    """Storage made by admin; central only checks it, then journals, schedules and deletes fired timers."""
+    await apply_streams(admin_js, "nerve")
+    central = await secured.client(Identity.CENTRAL)
+    try:
+        engine = Engine(nc=central, agents=[dozer], settings=EngineSettings(lease_s=1.0), configure=False)
+        async with engine:
+            event = Event(source="t", type="doze", subject="pi-1")
+            await publish_envelope(admin_js, "nerve.pi-1.events.doze", event)
+            record = await wait_for_run(engine.kv, dozer.run_id(event.id), timeout=20)
+    finally:
+        await central.close()
+    assert (record.state, record.result) == ("done", "rested")
+    timer = record.steps["doze"].timer
+    with pytest.raises(NotFoundError):  # central deleted the fired timer's message: it may, there only
+        await admin_js.get_last_msg(TIMERS_STREAM, timer_fired_subject("nerve", timer))
+
+
+async def test_an_engine_with_an_identity_names_its_missing_storage(
+    secured: Secured, admin_js: JetStreamContext
+) -> None:
+    await apply_streams(admin_js, "nerve")
+    await admin_js.delete_stream(TIMERS_STREAM)
+    await admin_js.delete_key_value(RUNS_BUCKET)
+    central = await secured.client(Identity.CENTRAL)
+    try:
+        with pytest.raises(StreamsMissing) as missing:
+            async with Engine(nc=central, agents=[dozer], configure=False):
+                pass
+    finally:
+        await central.close()
+    assert missing.value.names == ["KV_nerve_runs", "NERVE_TIMERS"]
+    with pytest.raises(NotFoundError):
+        await admin_js.stream_info(TIMERS_STREAM)  # nothing was created behind admin's back

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
+from nerve.runtime.engine.names import engine_subjects
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.identities import (
     Identity,
@@ -110,9 +111,31 @@ def test_no_part_is_allowed_the_admin_api_a_wildcard_or_an_inbox(identity: Ident
         assert subject not in {">", "$JS.API.>", "$JS.>", INBOXES}
         assert not subject.startswith(("_INBOX", "$JS.API.STREAM.CREATE", "$JS.API.STREAM.UPDATE"))
         assert not subject.startswith(("$JS.API.STREAM.DELETE", "$JS.API.STREAM.PURGE"))
-        assert not subject.startswith(("$JS.API.STREAM.MSG.DELETE", "$JS.API.CONSUMER.DELETE"))
-    assert set(ADMIN_ONLY_API) <= set(rules.deny_publish)
+        assert not subject.startswith("$JS.API.CONSUMER.DELETE")
+        # The one deletion a part may do: central, of a fired timer once its step is journalled.
+        if subject.startswith("$JS.API.STREAM.MSG.DELETE"):
+            assert (identity, subject) == (Identity.CENTRAL, "$JS.API.STREAM.MSG.DELETE.NERVE_TIMERS")
+    deny = set(rules.deny_publish)
+    if identity is Identity.CENTRAL:  # message deletion refused stream by stream, but for the timers
+        assert set(ADMIN_ONLY_API) - {"$JS.API.STREAM.MSG.DELETE.>"} <= deny
+        assert {f"$JS.API.STREAM.MSG.DELETE.{spec.name}" for spec in STREAMS} <= deny
+        assert {f"$JS.API.STREAM.MSG.DELETE.{bucket.stream}" for bucket in BUCKETS} <= deny
+        assert "$JS.API.STREAM.MSG.DELETE.NERVE_TIMERS" not in deny
+    else:
+        assert set(ADMIN_ONLY_API) <= deny
     assert INBOXES in rules.deny_publish
+
+
+def test_central_may_run_the_engine() -> None:
+    """Central's identity reaches the engine's bucket and timers: derived from the lists and its names."""
+    central = permissions(Identity.CENTRAL, "site/a").publish
+    for subject in engine_subjects("site/a"):
+        assert subject in central
+    assert "site.a.engine.timers.>" in central
+    assert "$JS.API.CONSUMER.DURABLE.CREATE.NERVE_TIMERS.*" in central
+    assert "$JS.API.STREAM.INFO.NERVE_TIMERS" in central
+    for identity in (Identity.BRIDGE, Identity.CLI):
+        assert not set(engine_subjects("site/a")) & set(permissions(identity, "site/a").publish)
 
 
 def test_only_central_may_publish_facts_and_use_the_buckets() -> None:

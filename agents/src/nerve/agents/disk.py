@@ -1,69 +1,47 @@
-"""The disk-full runbook: a disk reading at or over the threshold opens an incident and clears temp files.
+"""The disk-full runbook, a durable agent: a disk reading at or over the threshold opens an incident.
 
-1. A `disk` reading ≥ threshold on a device with no open incident (and not cooling down) opens one.
-   The claim is atomic (a JetStream KV `create`), so two central processes never open two incidents.
-2. It signs and sends `clear_temp` to the device and keeps facts: incident opened, command issued.
-3. The device's result closes the incident (resolved or failed) with facts: the result, and a summary a
-   person on the dev team can read. No result before the timeout fails the incident. Only a result its
-   device signed gets here (central's runner refuses any other), and only the one whose `causationid` is
-   the incident's command: the signature covers it, so it cannot be re-pointed at another command.
-4. The device then cools down (`cooldown_s`): readings in that time open nothing (no alert storms).
+1. Claim the device (one open incident per device: an atomic KV `create` in `nerve_incidents`, held
+   through the cooldown, so readings in that time open nothing).
+2. Send `clear_temp`, signed, and wait durably for the device's signed result (`step.command`).
+3. Verify: the device's next disk reading must be below `clear_below` within `verify_s`; else a person
+   is needed (`incident_failed`). A failed result, or none in time, fails the incident too.
+4. Cool down (a durable sleep), then release the device.
 
-Every id this agent publishes derives from the reading that opened the incident, so a redelivered
-reading or a restarted central publishes the same messages again and JetStream keeps them once.
+Every step is journalled by the engine: a central killed at any point resumes the incident where it was,
+and every id published derives from the run, so nothing is sent or kept twice.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import time
-from dataclasses import asdict, dataclass
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
+from typing import TYPE_CHECKING, Any, Final
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from nerve.runtime.central.agent import Agent, AgentContext, Subscription
+from nerve.runtime.central.agent import DEFAULT_MAX_HOPS
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, MAX_MAX_COMMAND_VALIDITY_S
-from nerve.runtime.envelope.model import CommandResult, Envelope, Event, derived_id
+from nerve.runtime.engine import StepFailed, Trigger, durable_agent
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import INCIDENTS_BUCKET, open_bucket
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
-    from nats.js.kv import KeyValue
-
     from nerve.runtime.config.settings import DiskRunbookSettings
+    from nerve.runtime.engine import DurableAgent, Step
+    from nerve.runtime.envelope.model import Envelope
 
 log = logging.getLogger(__name__)
 
-BUCKET: Final = INCIDENTS_BUCKET
 ACTION: Final = "clear_temp"
 
 
-@dataclass(frozen=True, slots=True)
-class Incident:
-    """The state of one device's disk incident, kept in the KV bucket under the device id."""
-
-    state: Literal["open", "cooling"]
-    incident_id: str
-    command_id: str
-    device: str
-    mount: str
-    value: float
-    opened_at: float
-    deadline: float
-    until: float = 0.0
-
-    def encode(self) -> bytes:
-        """As stored in KV."""
-        return json.dumps(asdict(self)).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> Incident:
-        """From KV."""
-        return cls(**json.loads(raw))
+def _value(event: Envelope) -> float | None:
+    """The reading's value: only a map with a numeric `value`, about a device, is a reading."""
+    data = getattr(event, "data", None)
+    value = data.get("value") if isinstance(data, dict) else None
+    if event.subject is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
 
 
 def _disk(mount: str) -> str:
@@ -74,226 +52,147 @@ def _mib(size: object) -> str:
     return f"{size / 1048576:.1f} MiB" if isinstance(size, int | float) else "? MiB"
 
 
-class DiskRunbook(Agent):
-    """Clears temp files on a device whose disk is nearly full; see the module docstring."""
+async def _claim(step: Step, device: str) -> bool:
+    """Hold `device` for this run; True if this run holds it (again, after a crash), False if another does."""
+    kv = await open_bucket(step.js, INCIDENTS_BUCKET)
+    try:
+        await kv.create(device, step.run_id.encode())
+    except KeyWrongLastSequenceError:
+        try:
+            return (await kv.get(device)).value == step.run_id.encode()
+        except KeyNotFoundError:  # released just now: try again
+            return await _claim(step, device)
+    return True
 
-    name: ClassVar[str] = "disk"
-    subscriptions: ClassVar[tuple[Subscription, ...]] = (
-        Subscription(Kind.TELEMETRY, "disk"),
-        Subscription(Kind.RESULTS, ACTION),
+
+async def _release(step: Step, device: str) -> None:
+    kv = await open_bucket(step.js, INCIDENTS_BUCKET)
+    try:
+        entry = await kv.get(device)
+    except KeyNotFoundError:
+        return
+    if entry.value == step.run_id.encode():
+        await kv.delete(device, last=entry.revision)
+
+
+async def _verified(step: Step, settings: DiskRunbookSettings, device: str, mount: str) -> bool:
+    """Whether a reading of the device, after its result came (the previous step), is below `clear_below`.
+
+    The wait reads from where the stream was when the previous step (the result's fact) began.
+    """
+
+    def cleared(event: Envelope) -> bool:
+        level = _value(event)
+        same = not mount or (isinstance(event.data, dict) and event.data.get("mount") == mount)
+        return same and level is not None and level < settings.clear_below
+
+    found = await step.wait_for_event(
+        "verify", "disk", kind=Kind.TELEMETRY, source=device, timeout=settings.verify_s, match=cleared
     )
+    return found is not None
 
-    def __init__(self, settings: DiskRunbookSettings) -> None:
-        """Raises `ConfigError` if `command_ttl_s` is longer than any device may accept a command for."""
-        ttl = settings.command_ttl_s
-        if ttl > MAX_MAX_COMMAND_VALIDITY_S:
-            raise ConfigError(
-                f"{ttl:g} s is longer than any device accepts a command for "
-                f"(edge.max_command_validity_s is at most {MAX_MAX_COMMAND_VALIDITY_S:g} s)",
-                key="central.disk.command_ttl_s",
-            )
-        if ttl > DEFAULT_MAX_COMMAND_VALIDITY_S:
-            log.warning(
-                "central.disk.command_ttl_s (%g s) is longer than devices accept by default (%g s): they "
-                "refuse its commands unless their edge.max_command_validity_s is raised to match",
-                ttl,
-                DEFAULT_MAX_COMMAND_VALIDITY_S,
-            )
-        self._settings = settings
-        self._kv: KeyValue | None = None
-        # Open incidents this process watches for timeouts: device -> deadline.
-        self._deadlines: dict[str, float] = {}
 
-    @property
-    def kv(self) -> KeyValue:
-        """The incidents bucket (after `start`)."""
-        if self._kv is None:
-            msg = "DiskRunbook.start() was not called"
-            raise RuntimeError(msg)
-        return self._kv
-
-    async def start(self, ctx: AgentContext) -> None:
-        """Create the incidents bucket and pick up incidents a previous run left open."""
-        self._kv = await open_bucket(ctx.js, BUCKET)  # made by `nerve streams apply` (or central, in dev)
-        try:
-            keys = await self.kv.keys()
-        except NoKeysError:
-            keys = []
-        for device in keys:
-            incident = await self._get(device)
-            if incident is not None and incident.state == "open":
-                self._deadlines[device] = incident.deadline
-
-    async def _get(self, device: str) -> Incident | None:
-        try:
-            entry = await self.kv.get(device)
-        except KeyNotFoundError:
-            return None
-        return Incident.decode(entry.value) if entry.value else None
-
-    async def handle(self, envelope: Envelope, ctx: AgentContext) -> None:
-        """Route a reading or a result."""
-        if isinstance(envelope, CommandResult):
-            await self._on_result(envelope, ctx)
-        elif isinstance(envelope, Event):
-            await self._on_reading(envelope, ctx)
-
-    async def _claim(self, device: str, incident: Incident) -> Incident | None:
-        """Store `incident` unless another one is open or cooling; return the one that holds."""
-        try:
-            await self.kv.create(device, incident.encode())
-        except KeyWrongLastSequenceError:
-            entry = await self.kv.get(device)
-            current = Incident.decode(entry.value) if entry.value else None
-            if current is not None and (
-                current.incident_id == incident.incident_id  # a redelivery: carry on with it
-                or current.state == "open"
-                or current.until > time.time()
-            ):
-                return current
-            try:
-                await self.kv.update(device, incident.encode(), last=entry.revision)
-            except KeyWrongLastSequenceError:
-                return await self._get(device)  # another process claimed it just now
-        return incident
-
-    async def _on_reading(self, reading: Event, ctx: AgentContext) -> None:
-        # Any CloudEvent may arrive here: only a map with a numeric `value`, about a device, is a reading.
-        data = reading.data
-        device = reading.subject
-        if not isinstance(data, dict) or device is None:
-            return
-        value = data.get("value")
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return
-        if value < self._settings.threshold:
-            return
-        mount = str(data.get("mount", ""))
-        now = time.time()
-        proposal = Incident(
-            state="open",
-            incident_id=derived_id(reading.id, "incident"),
-            command_id=derived_id(reading.id, "command", device, ACTION),
-            device=device,
-            mount=mount,
-            value=float(value),
-            opened_at=now,
-            deadline=now + self._settings.result_timeout_s,
+def _ttl(settings: DiskRunbookSettings) -> float:
+    """How long a command is valid, and waited for: `command_ttl_s`, at most `result_timeout_s`."""
+    if settings.command_ttl_s > MAX_MAX_COMMAND_VALIDITY_S:
+        raise ConfigError(
+            f"{settings.command_ttl_s:g} s is longer than any device accepts a command for "
+            f"(edge.max_command_validity_s is at most {MAX_MAX_COMMAND_VALIDITY_S:g} s)",
+            key="central.disk.command_ttl_s",
         )
-        incident = await self._claim(device, proposal)
-        if incident is None or incident.incident_id != proposal.incident_id or incident.state != "open":
-            log.debug("disk: %s at %.1f%% but an incident is open or cooling", device, value)
-            return
-        command = await ctx.command(
-            reading,
-            device=device,
-            action=ACTION,
-            args={"older_than_s": self._settings.older_than_s},
-            ttl=timedelta(seconds=self._settings.command_ttl_s),
+    ttl = min(settings.command_ttl_s, settings.result_timeout_s)
+    if ttl > DEFAULT_MAX_COMMAND_VALIDITY_S:
+        log.warning(
+            "central.disk: commands valid %g s: devices refuse them unless their "
+            "edge.max_command_validity_s is raised to match",
+            ttl,
         )
-        self._deadlines[device] = incident.deadline
-        threshold = self._settings.threshold
-        await ctx.fact(
-            reading,
+    return ttl
+
+
+def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
+    """The runbook as a durable agent. Raises `ConfigError` for a ttl no device accepts."""
+    ttl = _ttl(settings)
+
+    def spike(event: Envelope) -> bool:
+        # A reading deeper than the loop guard's limit is some loop's effect: it opens nothing.
+        value = _value(event)
+        return value is not None and value >= settings.threshold and event.hops <= DEFAULT_MAX_HOPS
+
+    @durable_agent(
+        "disk",
+        trigger=Trigger(Kind.TELEMETRY, "disk", where=spike),
+        key=lambda event: str(event.subject),
+        waits_on=(Kind.TELEMETRY,),
+    )
+    async def runbook(reading: Envelope, step: Step) -> str:
+        device, value = step.key, _value(reading) or 0.0
+        mount = str(reading.data.get("mount", "")) if isinstance(reading.data, dict) else ""
+        if not await step.run("claim", lambda: _claim(step, device), undo=lambda: _release(step, device)):
+            return "an incident is open or cooling down on this device"
+        disk, incident = _disk(mount), step.run_id
+        await step.fact(
+            "opened",
             kind="incident_opened",
-            summary=f"{device}: {_disk(mount)} at {value:.1f}% (threshold {threshold:g}%): incident opened",
-            data={"incident_id": incident.incident_id, "value": value, "mount": mount},
+            summary=f"{device}: {disk} at {value:.1f}% (threshold {settings.threshold:g}%): incident opened",
+            data={"incident_id": incident, "value": value, "mount": mount},
         )
-        await ctx.fact(
-            reading,
+        command_id = step.id(ACTION)
+        await step.fact(
+            "issued",
             kind="command_issued",
-            summary=(
-                f"{device}: sent {ACTION} (files older than {self._settings.older_than_s:g}s), "
-                f"command {command.id}, expires {command.expires.isoformat()}"
-            ),
-            data={"incident_id": incident.incident_id, "command_id": command.id, "action": ACTION},
+            summary=f"{device}: sent {ACTION} (files older than {settings.older_than_s:g}s), "
+            f"command {command_id}, valid {ttl:g}s",
+            data={"incident_id": incident, "command_id": command_id, "action": ACTION},
         )
-        log.info(
-            "disk: %s at %.1f%%: incident %s opened, %s sent", device, value, incident.incident_id, ACTION
-        )
-
-    async def _close(self, device: str, incident: Incident) -> bool:
-        """Move an open incident to cooling; False if it was not open any more (closed elsewhere)."""
+        failed = ""
         try:
-            entry = await self.kv.get(device)
-        except KeyNotFoundError:
-            return False
-        current = Incident.decode(entry.value) if entry.value else None
-        if current is None or current.state != "open" or current.incident_id != incident.incident_id:
-            return False
-        cooling = Incident(
-            **{**asdict(current), "state": "cooling", "until": time.time() + self._settings.cooldown_s}
-        )
-        try:
-            await self.kv.update(device, cooling.encode(), last=entry.revision)
-        except KeyWrongLastSequenceError:
-            return False
-        self._deadlines.pop(device, None)
-        return True
-
-    async def _on_result(self, result: CommandResult, ctx: AgentContext) -> None:
-        device = result.subject
-        incident = await self._get(device)
-        if incident is None or incident.command_id != result.causationid:
-            log.debug("disk: result %s matches no open incident on %s", result.id, device)
-            return
-        data: dict[str, Any] = result.data
-        took = time.time() - incident.opened_at
-        resolved = result.status == "ok"
-        await ctx.fact(
-            result,
-            kind="command_result",
-            summary=f"{device}: {ACTION} {result.status}" + (f": {result.reason}" if result.reason else ""),
-            # The device's data under a key of its own: it can never overwrite nerve's fields.
-            data={"incident_id": incident.incident_id, "status": result.status, "result": data},
-        )
-        if resolved:
-            summary = (
-                f"Incident on {device} resolved in {took:.2f}s: {_disk(incident.mount)} was at "
-                f"{incident.value:.1f}%; {ACTION} deleted {data.get('files_deleted', '?')} files and "
-                f"freed {_mib(data.get('bytes_freed'))}."
+            result = await step.command(
+                ACTION, device=device, action=ACTION, args={"older_than_s": settings.older_than_s}, ttl=ttl
+            )
+        except StepFailed as exc:
+            if exc.step != ACTION:  # not a timeout: the run is being compensated or stopped
+                raise
+            result, failed = None, f"no result to {ACTION} within {ttl:g}s"
+        if result is not None:
+            data: dict[str, Any] = result.data
+            reason = f": {result.reason}" if result.reason else ""
+            await step.fact(
+                "result",
+                kind="command_result",
+                summary=f"{device}: {ACTION} {result.status}{reason}",
+                # The device's data under a key of its own: it can never overwrite nerve's fields.
+                data={"incident_id": incident, "status": result.status, "result": data},
+            )
+            if result.status != "ok":
+                failed = f"{ACTION} came back {result.status}" + (
+                    f" ({result.reason})" if result.reason else ""
+                )
+        if not failed and not await _verified(step, settings, device, mount):
+            failed = (
+                f"{ACTION} ran but the disk was not below {settings.clear_below:g}% in {settings.verify_s:g}s"
+            )
+        took = step.record.updated - step.record.created
+        if failed:
+            await step.fact(
+                "closed",
+                kind="incident_failed",
+                summary=f"Incident on {device} FAILED after {took:.2f}s: {disk} was at {value:.1f}%; "
+                f"{failed}. Needs a person.",
+                data={"incident_id": incident, "seconds": round(took, 3), "reason": failed},
             )
         else:
-            summary = (
-                f"Incident on {device} FAILED after {took:.2f}s: {_disk(incident.mount)} was at "
-                f"{incident.value:.1f}%; {ACTION} came back {result.status}"
-                + (f" ({result.reason})" if result.reason else "")
-                + ". Needs a person."
+            freed = result.data if result is not None else {}
+            await step.fact(
+                "closed",
+                kind="incident_resolved",
+                summary=f"Incident on {device} resolved in {took:.2f}s: {disk} was at {value:.1f}%; "
+                f"{ACTION} deleted {freed.get('files_deleted', '?')} files and freed "
+                f"{_mib(freed.get('bytes_freed'))}.",
+                data={"incident_id": incident, "seconds": round(took, 3), "status": "ok"},
             )
-        await ctx.fact(
-            result,
-            kind="incident_resolved" if resolved else "incident_failed",
-            summary=summary,
-            data={"incident_id": incident.incident_id, "seconds": round(took, 3), "status": result.status},
-        )
-        await self._close(device, incident)
+        await step.sleep("cooldown", settings.cooldown_s)
+        await step.run("release", lambda: _release(step, device))
+        return "failed" if failed else "resolved"
 
-    async def tick(self, ctx: AgentContext) -> None:
-        """Fail open incidents whose device did not answer in time."""
-        now = time.time()
-        for device, deadline in list(self._deadlines.items()):
-            if deadline > now:
-                continue
-            incident = await self._get(device)
-            if incident is None or incident.state != "open":
-                self._deadlines.pop(device, None)
-                continue
-            if not await self._close(device, incident):
-                continue
-            cause = Event(
-                id=incident.incident_id,
-                source=ctx.source,
-                type="nerve.incident.timeout",
-                subject=device,
-            )
-            await ctx.fact(
-                cause,
-                kind="incident_failed",
-                summary=(
-                    f"Incident on {device} FAILED: {_disk(incident.mount)} at {incident.value:.1f}% and no "
-                    f"result to {ACTION} within {self._settings.result_timeout_s:g}s. Needs a person."
-                ),
-                data={"incident_id": incident.incident_id, "command_id": incident.command_id},
-                key="timeout",
-            )
-            log.warning("disk: incident %s on %s timed out", incident.incident_id, device)
+    return runbook

@@ -28,6 +28,7 @@ from nats.errors import Error as NatsError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.central.agent import DEFAULT_MAX_HOPS, NO_SUBJECT, Agent, AgentContext, Reject, Retry
+from nerve.runtime.engine.errors import EngineError
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode
 from nerve.runtime.envelope.model import CommandResult, Event, derived_id
 from nerve.runtime.errors import DecodeError
@@ -40,11 +41,13 @@ from nerve.runtime.trust.devices import DeviceKeys, registry_dir
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
     from nerve.runtime.central.agent import Subscription
     from nerve.runtime.config.settings import Settings
+    from nerve.runtime.engine import DurableAgent
     from nerve.runtime.envelope.model import Envelope
     from nerve.runtime.jetstream.sampling import Sample
     from nerve.runtime.trust.devices import Refusal
@@ -58,6 +61,7 @@ ACK_WAIT_S: Final = 30.0
 MAX_ACK_PENDING: Final = 1000
 TICK_S: Final = 0.5
 RETRY_DELAY_S: Final = 1.0
+ENGINE_START_S: Final = 30.0
 LOOP_GUARD: Final = "loop_guard"
 RESULT_REFUSED: Final = "result_refused"
 #: The sampling key (and fact subject) of refused results claiming a device the registry does not know.
@@ -80,11 +84,16 @@ class Central:
         agents: Sequence[Agent],
         max_hops: int = DEFAULT_MAX_HOPS,
         device_keys: DeviceKeys | None = None,
+        durable: Sequence[DurableAgent] = (),
     ) -> None:
-        """`device_keys`: whose results to believe (default: the registry the settings name)."""
+        """`device_keys`: whose results to believe (default: the registry the settings name).
+
+        `durable`: durable agents, run by an `Engine` (`central.engine`) on the same connection.
+        """
         self._settings = settings
         self._signer = signer
         self._agents = list(agents)
+        self._durable = list(durable)
         self._max_hops = max_hops
         self.ready = asyncio.Event()
         self.handled = 0
@@ -112,6 +121,7 @@ class Central:
                 self._settings.prefix,
                 self._settings.streams,
                 configure=self._settings.nats.nkey_file is None,
+                engine=self._settings.central.engine,
             )
             async with asyncio.TaskGroup() as tasks:
                 own = AgentContext(js=js, settings=self._settings, signer=self._signer, agent=PART)
@@ -127,11 +137,49 @@ class Central:
                             name=f"central-{consumer_name(agent, subscription)}",
                         )
                     tasks.create_task(self._ticks(agent, ctx), name=f"central-{agent.name}-tick")
+                if self._durable:
+                    await self._start_engine(nc, tasks)
                 self.ready.set()
                 log.info("central: running %s", ", ".join(agent.name for agent in self._agents))
         finally:
             self.ready.clear()
             await nc.close()
+
+    async def _start_engine(self, nc: NatsClient, tasks: asyncio.TaskGroup) -> None:
+        """Run the durable agents in an engine beside the agents; return once it took its consumers."""
+        from nerve.runtime.engine import Engine  # noqa: PLC0415 - only when there are durable agents
+
+        settings = self._settings
+        engine = Engine(
+            nc=nc,
+            agents=self._durable,
+            prefix=settings.prefix,
+            settings=settings.central.engine,
+            signer=self._signer,
+            codec=settings.nats.codec,
+            configure=False,  # done above (`ready_streams`), or not ours to do
+            device_keys=self._device_keys,
+            refusals=self,
+        )
+        running = tasks.create_task(engine.run(), name="central-engine")
+        ready = asyncio.ensure_future(engine.ready.wait())
+        try:
+            await asyncio.wait({ready, running}, timeout=ENGINE_START_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if running.done():
+            running.result()  # raises why it stopped
+        if not engine.ready.is_set():
+            raise EngineError(f"the engine did not start within {ENGINE_START_S:g}s")
+
+    async def refuse_result(self, result: CommandResult) -> bool:
+        """True if `result` is not its device's: the engine's command steps ask (`ResultRefusals`).
+
+        Counted and kept as a sampled `result_refused` fact, unless one of this runner's agents reads
+        results of its action (its consumer counts it already: one count per result).
+        """
+        counted = any(self._records_results(agent, result.action) for agent in self._agents)
+        return await self._refuse_result(result, record=not counted)
 
     async def _subscribe(
         self, js: JetStreamContext, agent: Agent, subscription: Subscription

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
     from nerve.runtime.wire.mqtt import Incoming
 
 SPIKE: Final = b'{"value": 97}'
+#: The device's next reading once clear_temp ran: below the clear level, so the runbook resolves.
+CLEARED: Final = b'{"value": 40}'
 OLD_FILES: Final = 5
 OLD_FILE_BYTES: Final = 64 * 1024
 OLD_AGE_S: Final = 2 * 24 * 3600
@@ -98,6 +100,7 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
     prefix = settings.prefix
     hops: list[Hop] = []
     done = asyncio.Event()
+    acted = asyncio.Event()  # the device's result is in: the runbook now waits for its next reading
     t0 = 0.0
 
     def seen(step: str, detail: str) -> None:
@@ -111,6 +114,8 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
     async def on_fact(msg: Msg) -> None:
         fact = decode(msg.data, Fact)
         seen(f"fact {fact.kind}", fact.summary)
+        if fact.kind == "command_result":
+            acted.set()
         if fact.kind in FINAL_FACTS:
             done.set()
 
@@ -130,13 +135,27 @@ async def _drive(settings: Settings, device: str, timeout: float) -> list[Hop]:
             seen("spike published", f"{topic} {SPIKE.decode()}")
             try:
                 async with asyncio.timeout(timeout):
-                    await done.wait()
+                    await _first(acted, done)
+                    if not done.is_set():  # the edge sends no readings here: its next one, as it would
+                        await observer.publish(topic, CLEARED, qos=1)
+                        seen("reading after clearing", f"{topic} {CLEARED.decode()}")
+                        await done.wait()
             except TimeoutError:
                 pass
             watch.cancel()
     finally:
         await nc.close()
     return sorted(hops, key=lambda hop: hop.at)
+
+
+async def _first(*events: asyncio.Event) -> None:
+    """Return once one of `events` is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _watch_mqtt(client: MqttClient, seen: Callable[[str, str], None], keys: DeviceKeys) -> None:
@@ -177,6 +196,7 @@ REQUIRED: Final = (
     "fact incident_opened",
     "fact command_issued",
     "fact command_result",
+    "reading after clearing",
     "fact incident_resolved",
 )
 

@@ -524,7 +524,7 @@ async def _bridge(args: argparse.Namespace) -> int:
 
 
 async def _central(args: argparse.Namespace) -> int:
-    from nerve.agents import builtin_agents  # noqa: PLC0415
+    from nerve.agents import builtin_agents, builtin_durable_agents  # noqa: PLC0415
     from nerve.runtime.central.runner import Central  # noqa: PLC0415
     from nerve.runtime.errors import ConfigError  # noqa: PLC0415
     from nerve.runtime.trust.signing import Signer  # noqa: PLC0415
@@ -534,7 +534,13 @@ async def _central(args: argparse.Namespace) -> int:
         msg = "central needs a signing key: set central.signing_key (see `nerve keys generate`)"
         raise ConfigError(msg, key="central.signing_key")
     signer = Signer.from_file(settings.central.signing_key, settings.central.keyid)
-    await Central(settings=settings, signer=signer, agents=builtin_agents(settings)).run()
+    central = Central(
+        settings=settings,
+        signer=signer,
+        agents=builtin_agents(settings),
+        durable=builtin_durable_agents(settings),
+    )
+    await central.run()
     return 0
 
 

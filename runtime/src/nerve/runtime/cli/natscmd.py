@@ -8,7 +8,7 @@ from nerve.runtime.errors import shown_url
 from nerve.runtime.jetstream.client import connect, identity_of
 from nerve.runtime.jetstream.identities import ensure_identities, identities_dir
 from nerve.runtime.jetstream.permissions import nkey_variables, server_config
-from nerve.runtime.jetstream.streams import BUCKETS, STREAMS, apply_streams
+from nerve.runtime.jetstream.streams import apply_streams, storage_names
 from nerve.runtime.stack.natsauth import admin_identity
 
 if TYPE_CHECKING:
@@ -24,10 +24,10 @@ async def streams_apply(settings: Settings) -> int:
     admin = admin_identity(settings)
     nc = await connect(admin.nats, name="nerve-streams")
     try:
-        await apply_streams(nc.jetstream(), settings.prefix, settings.streams)
+        await apply_streams(nc.jetstream(), settings.prefix, settings.streams, settings.central.engine)
     finally:
         await nc.close()
-    names = [spec.name for spec in STREAMS] + [bucket.stream for bucket in BUCKETS]
+    names = storage_names()
     print(f"applied {', '.join(names)} on {shown_url(admin.nats.url)} as {identity_of(admin.nats)}")
     return 0
 

@@ -383,6 +383,21 @@ class DiskRunbookSettings(_Settings):
     command_ttl_s: float = Field(default=60.0, gt=0)
     result_timeout_s: float = Field(default=30.0, gt=0)
     cooldown_s: float = Field(default=300.0, ge=0)
+    clear_below: float = Field(
+        default=80.0,
+        gt=0,
+        le=100,
+        description="a reading under this % after clear_temp resolves the incident",
+    )
+    verify_s: float = Field(default=60.0, gt=0, description="how long to wait for that reading")
+
+    @model_validator(mode="after")
+    def _clears_below_threshold(self) -> Self:
+        if self.clear_below > self.threshold:
+            raise ValueError(
+                f"clear_below ({self.clear_below:g}) must not be above threshold ({self.threshold:g})"
+            )
+        return self
 
 
 class PaymentRecoverySettings(_Settings):
@@ -405,6 +420,8 @@ class CentralSettings(_Settings):
     )
     disk: DiskRunbookSettings = DiskRunbookSettings()
     payment: PaymentRecoverySettings = PaymentRecoverySettings()
+    # Defined below, beside the stream limits it uses (model_rebuild after it).
+    engine: EngineSettings = Field(default_factory=lambda: EngineSettings())  # noqa: PLW0108 - defined below
 
 
 #: The MQTT user name of the bridge on a site broker (`site.bridge_user`): no device may be called so.
@@ -493,6 +510,48 @@ class StreamsSettings(_Settings):
     sample_max_keys: int = Field(
         default=100, ge=1, le=100_000, description="keys sampled apart per window; the rest share one key"
     )
+
+
+#: The largest run record a bucket may be told to hold (JetStream's own default max payload is 1 MiB).
+MAX_RECORD_BYTES: Final = 8 * MIB
+
+
+class EngineSettings(_Settings):
+    """How the durable agent engine runs (`central.engine`; docs/engine.md, "Limits").
+
+    `lease_s` is how long a run stays claimed by a process that stopped renewing it: after a crash, another
+    engine resumes the run that much later at most. It must be longer than the clocks of two engines can
+    disagree (the fencing token keeps the journal right even then; only a step's effect could run twice).
+    """
+
+    lease_s: float = Field(default=15.0, ge=1.0, le=3600.0, description="seconds a claim on a run lasts")
+    max_live_runs: int = Field(default=1000, ge=1, description="runs one process executes at once")
+    max_record_bytes: int = Field(
+        default=1 * MIB, ge=64 * 1024, le=MAX_RECORD_BYTES, description="largest journal of one run"
+    )
+    max_steps: int = Field(default=1000, ge=1, description="steps one run may take")
+    max_sleep_s: float = Field(default=30 * _DAY_S, gt=0, description="longest sleep or wait timeout")
+    runs: StreamLimits = StreamLimits(max_bytes=1 * GIB, max_age_s=90 * _DAY_S)
+    timers: StreamLimits = StreamLimits(max_bytes=256 * MIB, max_age_s=90 * _DAY_S)
+
+    @model_validator(mode="after")
+    def _sleeps_fit(self) -> Self:
+        """A run parked for `max_sleep_s` must outlive it: the journal and the timer are aged out after."""
+        longest = min(self.runs.max_age_s, self.timers.max_age_s)
+        if self.max_sleep_s >= longest:
+            raise ValueError(
+                f"max_sleep_s ({self.max_sleep_s:g}) must be shorter than runs.max_age_s and "
+                f"timers.max_age_s ({longest:g}): a parked run would be aged out before it wakes"
+            )
+        return self
+
+    @property
+    def renew_s(self) -> float:
+        """How often a live run's lease is renewed: three times per lease."""
+        return self.lease_s / 3
+
+
+CentralSettings.model_rebuild()
 
 
 class Settings(_Settings):

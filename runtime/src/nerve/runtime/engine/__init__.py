@@ -6,6 +6,7 @@ agents (several processes share the work). How to write an agent and what is gua
 
 from nerve.runtime.engine.agent import NO_RETRY, DurableAgent, RetryPolicy, RunFailure, Trigger, durable_agent
 from nerve.runtime.engine.approval import Decision
+from nerve.runtime.engine.command import CLOCK_SKEW_S, ResultRefusals
 from nerve.runtime.engine.engine import Engine, ensure_engine_storage, wait_for_run
 from nerve.runtime.engine.errors import (
     AgentDeclarationError,
@@ -23,6 +24,7 @@ from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import Step
 
 __all__ = [
+    "CLOCK_SKEW_S",
     "ENGINE_NAMES",
     "NO_RETRY",
     "RUNS_BUCKET",
@@ -34,6 +36,7 @@ __all__ = [
     "EngineError",
     "EngineSettings",
     "LeaseLost",
+    "ResultRefusals",
     "RetryPolicy",
     "Retryable",
     "RunCancelled",

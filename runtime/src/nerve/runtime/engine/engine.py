@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any, Final, Self
 
 import msgspec
 from nats.errors import Error as NatsError
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.agent import RunFailure
@@ -59,12 +57,12 @@ from nerve.runtime.engine.names import (
 from nerve.runtime.engine.runs import request_cancel
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import EngineContext, Park, Step
-from nerve.runtime.engine.timers import RUN_HEADER, has_fired, timers_config
+from nerve.runtime.engine.timers import RUN_HEADER, has_fired
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import publish_dead_letter, shared_durable
-from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, apply_streams, check_streams, open_bucket
 from nerve.runtime.subjects import DEFAULT_PREFIX
 from nerve.runtime.trust.signing import Verifier
 
@@ -79,8 +77,10 @@ if TYPE_CHECKING:
 
     from nerve.runtime.engine.agent import DurableAgent
     from nerve.runtime.engine.clock import Clock
+    from nerve.runtime.engine.command import ResultRefusals
     from nerve.runtime.envelope.codec import Codec
     from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.trust.devices import DeviceKeys
     from nerve.runtime.trust.signing import Signer
 
 log = logging.getLogger(__name__)
@@ -94,31 +94,12 @@ RELEASE_TIMEOUT_S: Final = 2.0
 
 
 async def ensure_engine_storage(js: JetStreamContext, prefix: str, settings: EngineSettings) -> KeyValue:
-    """Create the runs bucket and the timers stream (or update their limits); return the bucket."""
-    config = KeyValueConfig(
-        bucket=RUNS_BUCKET,
-        history=1,
-        ttl=settings.runs.max_age_s,
-        max_bytes=settings.runs.max_bytes,
-        max_value_size=settings.max_record_bytes,
-        storage=StorageType.FILE,
-    )
-    try:
-        kv = await js.create_key_value(config)
-    except BadRequestError:  # it exists with other limits: keep what it holds, bring the limits up to date
-        kv = await js.key_value(RUNS_BUCKET)
-        info = await js.stream_info(f"KV_{RUNS_BUCKET}")
-        stream = info.config
-        stream.max_age = settings.runs.max_age_s
-        stream.max_bytes = settings.runs.max_bytes
-        stream.max_msg_size = settings.max_record_bytes
-        await js.update_stream(stream)
-    timers = timers_config(prefix, settings)
-    try:
-        await js.add_stream(timers)
-    except BadRequestError:
-        await js.update_stream(timers)
-    return kv
+    """Create (or bring to their limits) everything nerve keeps, the engine's too; return the runs bucket.
+
+    What `nerve streams apply` does as admin (`apply_streams`); for a server without authentication.
+    """
+    await apply_streams(js, prefix, engine=settings)
+    return await js.key_value(RUNS_BUCKET)
 
 
 class _Known(msgspec.Struct):
@@ -172,7 +153,15 @@ class Engine:
         instance: str | None = None,
         clock: Clock = SYSTEM_CLOCK,
         operators: Verifier | None = None,
+        configure: bool = True,
+        device_keys: DeviceKeys | None = None,
+        refusals: ResultRefusals | None = None,
     ) -> None:
+        """`configure` false: only check that the storage exists (a NATS identity may not create it).
+
+        `device_keys`: the registry a command step's result must verify against (none: every result is
+        refused); `refusals`: what keeps refused results as sampled facts (default: one of its own).
+        """
         names = [agent.name for agent in agents]
         if len(set(names)) != len(names):
             raise EngineError(f"two agents share a name: {sorted(names)}")
@@ -199,6 +188,9 @@ class Engine:
         self._cancels: set[str] = set()
         self._slots = asyncio.Semaphore(self.settings.max_live_runs)
         self._main: asyncio.Task[None] | None = None
+        self._configure = configure
+        self._device_keys = device_keys
+        self._refusals = refusals
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -249,8 +241,11 @@ class Engine:
     async def run(self) -> None:
         """Run every agent until cancelled."""
         js = self._nc.jetstream()
-        await ensure_streams(js, self._prefix)
-        self._kv = await ensure_engine_storage(js, self._prefix, self.settings)
+        if self._configure:
+            await apply_streams(js, self._prefix, engine=self.settings)
+        else:
+            await check_streams(js)
+        self._kv = await open_bucket(js, RUNS_BUCKET)
         self._ctx = EngineContext(
             js=js,
             prefix=self._prefix,
@@ -259,6 +254,8 @@ class Engine:
             codec=self._codec,
             clock=self._clock,
             operators=self._operators,
+            device_keys=self._device_keys,
+            refusals=self._refusals,
         )
         subscriptions: list[JetStreamContext.PushSubscription] = []
         watcher: KeyValue.KeyWatcher | None = None

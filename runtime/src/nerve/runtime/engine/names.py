@@ -17,11 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+# The storage itself is defined with every other stream and bucket of nerve's (created by the admin
+# identity: `nerve streams apply`); the names are re-exported here.
+from nerve.runtime.jetstream.streams import RUNS_BUCKET, TIMERS_STREAM, timers_filter
 from nerve.runtime.subjects import subject_root
 
-RUNS_BUCKET: Final = "nerve_runs"
 RUNS_STREAM: Final = f"KV_{RUNS_BUCKET}"
-TIMERS_STREAM: Final = "NERVE_TIMERS"
 TIMERS_CONSUMER: Final = "nerve-engine-timers"
 RUN_KEY_PREFIX: Final = "run."
 CANCEL_KEY_PREFIX: Final = "cancel."
@@ -48,11 +49,6 @@ ENGINE_NAMES: Final = EngineNames(
 def engine_subjects(prefix: str) -> tuple[str, ...]:
     """The subjects the engine publishes on (besides facts and dead letters): its KV bucket's, its timers'."""
     return (f"$KV.{RUNS_BUCKET}.>", timers_filter(prefix))
-
-
-def timers_filter(prefix: str) -> str:
-    """Every subject of the timers stream."""
-    return f"{subject_root(prefix)}.engine.timers.>"
 
 
 def timer_schedule_subject(prefix: str, timer_id: str) -> str:
@@ -93,3 +89,26 @@ def approvals_subject(run_id: str) -> str:
 def operator_subjects() -> tuple[str, ...]:
     """What an operator (the cli identity) may write in the runs bucket: cancel requests and decisions."""
     return (f"$KV.{RUNS_BUCKET}.{CANCEL_KEY_PREFIX}*", f"$KV.{RUNS_BUCKET}.{APPROVAL_KEY_PREFIX}*.*")
+
+
+__all__ = [
+    "APPROVAL_KEY_PREFIX",
+    "CANCEL_KEY_PREFIX",
+    "ENGINE_NAMES",
+    "RUNS_BUCKET",
+    "RUNS_STREAM",
+    "RUN_KEY_PREFIX",
+    "TIMERS_CONSUMER",
+    "TIMERS_STREAM",
+    "EngineNames",
+    "approval_key",
+    "approvals_subject",
+    "cancel_key",
+    "engine_subjects",
+    "operator_subjects",
+    "run_key",
+    "timer_fired_subject",
+    "timer_schedule_subject",
+    "timers_filter",
+    "trigger_consumer",
+]

@@ -6,10 +6,10 @@ a resumed run replays the agent function, and every step already done returns it
 once. Steps are at-least-once: a process killed while a step's function runs has it run again by
 whoever resumes the run, so a step's effect must be idempotent (use `step.id(name)` as its id).
 
-Still to come (issue 10): `command(device, action, args, ttl)` (a signed command whose id is the step id,
-then a journalled wait on NERVE_RESULTS for the device's signed result, as `wait_for_event` waits) and
-`approve(...)`. Both are steps of the same shape: a first write that records what is awaited, an effect
-published under the step id, and a durable wait with a timer.
+`command(name, device=, action=, args=, ttl=)` (a signed command whose id is the step id, then a journalled
+wait on NERVE_RESULTS for the device's signed result) is in `nerve.runtime.engine.command`. Still to come
+(issue 10): `approve(...)`, a step of the same shape: a first write that records what is awaited, an
+effect published under the step id, and a durable wait with a timer.
 """
 
 from __future__ import annotations
@@ -59,10 +59,12 @@ if TYPE_CHECKING:
 
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
     from nerve.runtime.engine.clock import Clock
+    from nerve.runtime.engine.command import ResultRefusals
     from nerve.runtime.engine.journal import RunHandle
     from nerve.runtime.engine.settings import EngineSettings
     from nerve.runtime.envelope.codec import Codec
-    from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.envelope.model import CommandResult, Envelope
+    from nerve.runtime.trust.devices import DeviceKeys
     from nerve.runtime.trust.signing import Signer, Verifier
 
     StepFunction = Callable[[], Awaitable[Any]]
@@ -89,6 +91,9 @@ class EngineContext:
     clock: Clock = SYSTEM_CLOCK
     #: The operator keys whose decisions `approve` acts on (None: none).
     operators: Verifier | None = None
+    #: `step.command`: whose results to believe (none: no result is), and who keeps refusals as facts.
+    device_keys: DeviceKeys | None = None
+    refusals: ResultRefusals | None = None
 
 
 class Park(BaseException):
@@ -145,6 +150,11 @@ class Step:
     def record(self) -> RunRecord:
         """The run's journal as this process last wrote it."""
         return self._handle.record
+
+    @property
+    def js(self) -> JetStreamContext:
+        """JetStream, for a step function's own effects (inside `run`, so that they are journalled)."""
+        return self._ctx.js
 
     def id(self, name: str) -> str:
         """The id of step `name` of this run: the id to give what the step publishes (dedup)."""
@@ -487,6 +497,30 @@ class Step:
         if got_item in done:
             return got_item.result()
         return None
+
+    async def command(
+        self,
+        name: str,
+        *,
+        device: str,
+        action: str,
+        args: dict[str, Any],
+        ttl: float,
+        attempts: int = 1,
+    ) -> CommandResult:
+        """Send `action` to `device`, signed by the engine's signer, and return the device's result.
+
+        The command id is the step id (a re-run sends the same id: kept once). Waits durably for the
+        result on NERVE_RESULTS from where the stream was before the send, and acts only on one that
+        verifies against the device registry. No result within `ttl` (plus clock skew): the command is
+        sent again under a new id while `attempts` last, then the step fails (`StepFailed`).
+        See `nerve.runtime.engine.command`.
+        """
+        from nerve.runtime.engine.command import send_command  # noqa: PLC0415 - it imports this module
+
+        return await send_command(
+            self, name, device=device, action=action, args=args, ttl=ttl, attempts=attempts
+        )
 
     async def fact(
         self,

@@ -14,22 +14,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from nerve.runtime.engine.names import (
-    TIMERS_STREAM,
-    timer_fired_subject,
-    timer_schedule_subject,
-    timers_filter,
-)
+from nerve.runtime.engine.names import TIMERS_STREAM, timer_fired_subject, timer_schedule_subject
 from nerve.runtime.jetstream.client import MSG_ID_HEADER, PUBLISH_TIMEOUT_S
-from nerve.runtime.jetstream.streams import DUPLICATE_WINDOW_S
+from nerve.runtime.jetstream.streams import timers_config
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
-
-    from nerve.runtime.engine.settings import EngineSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,26 +29,6 @@ SCHEDULE_HEADER: Final = "Nats-Schedule"
 SCHEDULE_TARGET_HEADER: Final = "Nats-Schedule-Target"
 RUN_HEADER: Final = "Nerve-Run"
 STEP_HEADER: Final = "Nerve-Step"
-
-
-def timers_config(prefix: str, settings: EngineSettings) -> StreamConfig:
-    """NERVE_TIMERS: schedules allowed; at its byte limit the oldest messages go.
-
-    nats-server refuses message schedules in a stream that discards new messages, so a full stream drops
-    its oldest: fired messages are deleted once their step is journalled (`forget`) to keep it small, and
-    a parked run whose timer is overdue by a lease is woken by the engine's watchdog all the same.
-    """
-    return StreamConfig(
-        name=TIMERS_STREAM,
-        subjects=[timers_filter(prefix)],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=settings.timers.max_age_s,
-        max_bytes=settings.timers.max_bytes,
-        discard=DiscardPolicy.OLD,
-        duplicate_window=DUPLICATE_WINDOW_S,
-        allow_msg_schedules=True,
-    )
 
 
 def at_expression(due: float) -> str:
@@ -103,3 +75,6 @@ async def forget(js: JetStreamContext, *, prefix: str, timer_id: str) -> None:
             await js.delete_msg(TIMERS_STREAM, seq)
     except (NatsError, TimeoutError) as exc:
         log.debug("timers: fired message of %s not deleted: %s", timer_id, exc)
+
+
+__all__ = ["at_expression", "fired_seq", "forget", "has_fired", "schedule", "timers_config"]

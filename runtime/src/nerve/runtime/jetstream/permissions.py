@@ -9,7 +9,9 @@ Least privilege (docs/nats.md has the table):
   NERVE_COMMANDS through its consumer and acknowledges what it sent down.
 - `central`: reads every stream of nerve's through its consumers, publishes commands and facts (the only
   identity that may publish a fact), its agents' own events (`<prefix>.central.events.*`) and its own dead
-  letters, uses its KV buckets (`BUCKETS`).
+  letters, uses its KV buckets (`BUCKETS`) and the engine's timers (`SCHEDULE_STREAMS`, `engine_subjects`):
+  it publishes schedules and deletes a fired timer's message once its step is journalled, the one message
+  deletion a part may do, in that stream only.
 - `cli`: reads every stream (ordered consumers, direct get, info) and subscribes under the prefix;
   publishes commands (`nerve send`); reads the engine's runs and writes in its bucket only cancel requests
   and signed decisions (`nerve runs cancel`, `nerve approve`: `engine.names.operator_subjects`).
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING, Final
 
 from nerve.runtime.engine.names import ENGINE_NAMES, operator_subjects
 from nerve.runtime.jetstream.identities import Identity
-from nerve.runtime.jetstream.streams import BUCKETS, STREAMS, BucketSpec
+from nerve.runtime.jetstream.streams import BUCKETS, SCHEDULE_STREAMS, STREAMS, BucketSpec, storage_names
 from nerve.runtime.subjects import (
     CENTRAL_SOURCE,
     DEFAULT_PREFIX,
@@ -59,6 +61,11 @@ ADMIN_ONLY_API: Final = (
     f"{API}.META.>",
     f"{API}.SERVER.>",
 )
+
+
+MSG_DELETE: Final = f"{API}.STREAM.MSG.DELETE"
+#: The streams whose messages central deletes itself: fired timers, once their step is journalled.
+CENTRAL_DELETES_IN: Final = tuple(name for name, _config in SCHEDULE_STREAMS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +104,14 @@ def _bucket(bucket: BucketSpec) -> list[str]:
 
 def _infos() -> list[str]:
     """STREAM.INFO of every stream and bucket: how a part checks they exist (`check_streams`)."""
-    return [f"{API}.INFO"] + [
-        f"{API}.STREAM.INFO.{name}" for name in [s.name for s in STREAMS] + [b.stream for b in BUCKETS]
-    ]
+    return [f"{API}.INFO"] + [f"{API}.STREAM.INFO.{name}" for name in storage_names()]
+
+
+def _central_deny() -> tuple[str, ...]:
+    """The admin-only API, but message deletion refused per stream: allowed in `CENTRAL_DELETES_IN`."""
+    deny = [subject for subject in ADMIN_ONLY_API if subject != f"{MSG_DELETE}.>"]
+    deny += [f"{MSG_DELETE}.{name}" for name in storage_names() if name not in CENTRAL_DELETES_IN]
+    return (*deny, INBOXES)
 
 
 def _unique(subjects: Iterable[str]) -> tuple[str, ...]:
@@ -124,6 +136,10 @@ def permissions(identity: Identity, prefix: str = DEFAULT_PREFIX) -> Permissions
         ]
         return Permissions(publish=_unique(publish), subscribe=(INBOXES,), deny_publish=deny)
     if identity is Identity.CENTRAL:
+        # Imported here: the engine imports this package (the names of its storage live in `streams`).
+        from nerve.runtime.engine.names import engine_subjects  # noqa: PLC0415
+
+        scheduled = [name for name, _config in SCHEDULE_STREAMS]
         publish = [
             kind_filter(Kind.COMMANDS, prefix),
             kind_filter(Kind.FACTS, prefix),
@@ -132,8 +148,11 @@ def permissions(identity: Identity, prefix: str = DEFAULT_PREFIX) -> Permissions
             *_infos(),
             *(subject for stream in all_streams for subject in [*_reads(stream), *_acks(stream)]),
             *(subject for bucket in BUCKETS for subject in _bucket(bucket)),
+            *engine_subjects(prefix),
+            *(subject for stream in scheduled for subject in [*_reads(stream), *_acks(stream)]),
+            *(f"{MSG_DELETE}.{name}" for name in CENTRAL_DELETES_IN),
         ]
-        return Permissions(publish=_unique(publish), subscribe=(INBOXES,), deny_publish=deny)
+        return Permissions(publish=_unique(publish), subscribe=(INBOXES,), deny_publish=_central_deny())
     publish = [
         kind_filter(Kind.COMMANDS, prefix),
         *_infos(),

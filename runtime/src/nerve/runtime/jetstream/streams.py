@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Final
 from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from nerve.runtime.config.settings import StreamLimits, StreamsSettings
+from nerve.runtime.config.settings import EngineSettings, StreamLimits, StreamsSettings
 from nerve.runtime.errors import NerveError
-from nerve.runtime.subjects import Kind, deadletter_subject, kind_filter
+from nerve.runtime.subjects import Kind, deadletter_subject, kind_filter, subject_root
 
 if TYPE_CHECKING:
     from nats.js import JetStreamContext
@@ -36,6 +36,7 @@ DAY: Final = 24 * 3600.0
 # a bridge restart and an edge replaying its outbox after a short outage.
 DUPLICATE_WINDOW_S: Final = 20 * 60.0
 DEFAULT_STREAMS: Final = StreamsSettings()
+DEFAULT_ENGINE: Final = EngineSettings()
 
 
 class StreamShrinkRefused(NerveError):
@@ -108,6 +109,7 @@ class BucketSpec:
     # or a value over `max_value_size`, and the putter is told (docs/streams.md).
     max_bytes: int = 64 * 1024 * 1024
     max_value_size: int = 64 * 1024
+    max_age_s: float = 0.0  # 0: values are kept until deleted
 
     def config(self) -> KeyValueConfig:
         """The bucket's configuration, with its limits."""
@@ -116,6 +118,8 @@ class BucketSpec:
             history=self.history,
             max_bytes=self.max_bytes,
             max_value_size=self.max_value_size,
+            ttl=self.max_age_s or None,
+            storage=StorageType.FILE,
         )
 
     @property
@@ -126,9 +130,59 @@ class BucketSpec:
 
 #: The disk runbook's open incidents, one key per device.
 INCIDENTS_BUCKET: Final = "nerve_incidents"
-#: Every bucket central uses: add one here (and nowhere else) and `nerve streams apply` creates it and
-#: central's NATS identity may use it.
-BUCKETS: Final = (BucketSpec(INCIDENTS_BUCKET, history=1),)
+#: The durable agent engine's run journals (`run.<run id>`, `cancel.<run id>`): docs/engine.md.
+RUNS_BUCKET: Final = "nerve_runs"
+#: The engine's durable timers: nats-server message schedules (docs/engine.md).
+TIMERS_STREAM: Final = "NERVE_TIMERS"
+
+
+def buckets(engine: EngineSettings = DEFAULT_ENGINE) -> tuple[BucketSpec, ...]:
+    """Every bucket central uses, the engine's sized by `engine` (`central.engine`)."""
+    return (
+        BucketSpec(INCIDENTS_BUCKET, history=1),
+        BucketSpec(
+            RUNS_BUCKET,
+            history=1,
+            max_bytes=engine.runs.max_bytes,
+            max_value_size=engine.max_record_bytes,
+            max_age_s=engine.runs.max_age_s,
+        ),
+    )
+
+
+#: Every bucket central uses: add one to `buckets` (and nowhere else) and `nerve streams apply` creates
+#: it and central's NATS identity may use it.
+BUCKETS: Final = buckets()
+
+
+def timers_filter(prefix: str) -> str:
+    """Every subject of the timers stream (`<root>.engine.timers.>`: five tokens, never a device's)."""
+    return f"{subject_root(prefix)}.engine.timers.>"
+
+
+def timers_config(prefix: str, engine: EngineSettings = DEFAULT_ENGINE) -> StreamConfig:
+    """NERVE_TIMERS: schedules allowed; at its byte limit the oldest messages go.
+
+    nats-server refuses message schedules in a stream that discards new messages, so a full stream drops
+    its oldest: fired messages are deleted once their step is journalled (`forget`) to keep it small, and
+    a parked run whose timer is overdue by a lease is woken by the engine's watchdog all the same.
+    """
+    return StreamConfig(
+        name=TIMERS_STREAM,
+        subjects=[timers_filter(prefix)],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=engine.timers.max_age_s,
+        max_bytes=engine.timers.max_bytes,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        allow_msg_schedules=True,
+    )
+
+
+#: Streams that hold message schedules (one list, like `STREAMS` and `BUCKETS`): their configuration
+#: under a prefix and the engine's settings.
+SCHEDULE_STREAMS: Final = ((TIMERS_STREAM, timers_config),)
 
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE: Final = 10058
@@ -232,30 +286,64 @@ class StreamsMissing(NerveError):
         )
 
 
-async def ensure_buckets(js: JetStreamContext) -> None:
-    """Create every bucket in `BUCKETS` that is missing, and bring one that exists to its limits.
+async def ensure_buckets(js: JetStreamContext, engine: EngineSettings | None = None) -> None:
+    """Create every bucket in `buckets(engine)` that is missing, and bring one that exists to its limits.
 
-    Only the limits change (bytes, value size): what a bucket holds is kept, and a bucket that already
+    Only the limits change (bytes, value size, age): what a bucket holds is kept, and a bucket that already
     holds more than a new `max_bytes` keeps its values (JetStream refuses new puts until it fits).
     """
-    for bucket in BUCKETS:
+    for bucket in buckets(engine or DEFAULT_ENGINE):
         try:
             info = await js.stream_info(bucket.stream)
         except NotFoundError:
             await js.create_key_value(bucket.config())
             continue
         config = info.config
-        if (config.max_bytes, config.max_msg_size) != (bucket.max_bytes, bucket.max_value_size):
+        wanted = (bucket.max_bytes, bucket.max_value_size, bucket.max_age_s)
+        if (config.max_bytes, config.max_msg_size, config.max_age or 0.0) != wanted:
             config.max_bytes = bucket.max_bytes
             config.max_msg_size = bucket.max_value_size
+            config.max_age = bucket.max_age_s
             await js.update_stream(config)
             log.info("streams: bucket %s brought to its limits", bucket.name)
 
 
-async def apply_streams(js: JetStreamContext, prefix: str, streams: StreamsSettings | None = None) -> None:
-    """`ensure_streams`, then `ensure_buckets`: everything nerve keeps, created or brought to its limits."""
+async def ensure_schedule_streams(
+    js: JetStreamContext, prefix: str, engine: EngineSettings | None = None
+) -> None:
+    """Create every stream of `SCHEDULE_STREAMS`, or bring it to its limits (what it holds is kept)."""
+    for _name, make in SCHEDULE_STREAMS:
+        config = make(prefix, engine or DEFAULT_ENGINE)
+        try:
+            await js.add_stream(config)
+        except BadRequestError as exc:
+            if exc.err_code != _STREAM_NAME_IN_USE:
+                raise
+            await js.update_stream(config)
+
+
+async def apply_streams(
+    js: JetStreamContext,
+    prefix: str,
+    streams: StreamsSettings | None = None,
+    engine: EngineSettings | None = None,
+) -> None:
+    """Everything nerve keeps, created or brought to its limits: streams, buckets, schedule streams.
+
+    `streams` and `engine` are the settings' limits (`streams`, `central.engine`); see `ensure_streams`.
+    """
     await ensure_streams(js, prefix, streams)
-    await ensure_buckets(js)
+    await ensure_buckets(js, engine)
+    await ensure_schedule_streams(js, prefix, engine)
+
+
+def storage_names() -> list[str]:
+    """The name of every stream nerve keeps: `STREAMS`, the buckets' streams, `SCHEDULE_STREAMS`."""
+    return (
+        [spec.name for spec in STREAMS]
+        + [bucket.stream for bucket in BUCKETS]
+        + [name for name, _make in SCHEDULE_STREAMS]
+    )
 
 
 async def check_streams(js: JetStreamContext) -> None:
@@ -264,7 +352,7 @@ async def check_streams(js: JetStreamContext) -> None:
     Asks only STREAM.INFO, which every identity may (docs/nats.md).
     """
     missing = []
-    for name in [spec.name for spec in STREAMS] + [bucket.stream for bucket in BUCKETS]:
+    for name in storage_names():
         try:
             await js.stream_info(name)
         except NotFoundError:
@@ -274,7 +362,12 @@ async def check_streams(js: JetStreamContext) -> None:
 
 
 async def ready_streams(
-    js: JetStreamContext, prefix: str, streams: StreamsSettings | None = None, *, configure: bool
+    js: JetStreamContext,
+    prefix: str,
+    streams: StreamsSettings | None = None,
+    *,
+    configure: bool,
+    engine: EngineSettings | None = None,
 ) -> None:
     """What a part does at start: `apply_streams` if it may `configure` them, else `check_streams`.
 
@@ -283,7 +376,7 @@ async def ready_streams(
     request. On a server without authentication (dev) it creates what is missing, as before.
     """
     if configure:
-        await apply_streams(js, prefix, streams)
+        await apply_streams(js, prefix, streams, engine)
     else:
         await check_streams(js)
 

@@ -279,7 +279,7 @@ class Stack:
 
     async def _run_parts(self, signer: Signer, ready: asyncio.Event) -> None:
         # Imported here: an edge-only install has no bridge or agents, and `nerve edge` must not need them.
-        from nerve.agents import builtin_agents  # noqa: PLC0415
+        from nerve.agents import builtin_agents, builtin_durable_agents  # noqa: PLC0415
         from nerve.bridge import Bridge  # noqa: PLC0415
         from nerve.edge.daemon import open_edge  # noqa: PLC0415
         from nerve.runtime.central.runner import Central  # noqa: PLC0415
@@ -289,7 +289,12 @@ class Stack:
         if self._local_nats is not None:
             central_settings = self._local_nats.part(settings, "central")
             bridge_settings = self._local_nats.part(settings, "bridge")
-        central = Central(settings=central_settings, signer=signer, agents=builtin_agents(settings))
+        central = Central(
+            settings=central_settings,
+            signer=signer,
+            agents=builtin_agents(settings),
+            durable=builtin_durable_agents(settings),
+        )
         bridge = Bridge(settings=bridge_settings)
         async with open_edge(settings, device=self._device) as edge, asyncio.TaskGroup() as tasks:
             tasks.create_task(central.run(), name="central")

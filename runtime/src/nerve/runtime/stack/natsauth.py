@@ -95,7 +95,7 @@ class LocalNats:
         """Create (or bring to their limits) every stream and bucket, as admin."""
         nc = await connect(self.part(settings, Identity.ADMIN).nats, name="nerve-streams")
         try:
-            await apply_streams(nc.jetstream(), settings.prefix, settings.streams)
+            await apply_streams(nc.jetstream(), settings.prefix, settings.streams, settings.central.engine)
         finally:
             await nc.close()
         log.info("nats: streams and buckets set up as admin (identities in %s)", self.directory)

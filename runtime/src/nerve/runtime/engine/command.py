@@ -1,0 +1,202 @@
+"""`step.command`: a command signed by central, sent once, and a durable wait for the device's result.
+
+1. The step journals what it awaits (the NERVE_RESULTS position before the send, the due time, the timer)
+   and schedules its timer: ttl plus `CLOCK_SKEW_S`, a nats-server message schedule like a sleep's.
+2. It signs and publishes the command; the command id is the step id (the n-th attempt's derives from it),
+   so a resumed run publishes the same id again and JetStream keeps it once (the edge runs an id once).
+3. It reads NERVE_RESULTS from the journalled position for a result whose `causationid` is the command id:
+   a result stored between the send and the wait, or while no engine ran, is found. Only a result that
+   verifies against the device registry (`DeviceKeys`) is acted on; any other is refused (a sampled
+   `result_refused` fact, through `ResultRefusals`: central's own) and the wait goes on.
+4. When the timer fires first, the command is sent again under a new id if `attempts` are left (a
+   retryable timeout), else the step fails (`StepFailed`: terminal, the run compensates unless the agent
+   catches it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import msgspec
+
+from nerve.runtime.engine.errors import AgentDeclarationError, StepFailed
+from nerve.runtime.engine.journal import StepRecord
+from nerve.runtime.engine.timers import forget, has_fired
+from nerve.runtime.envelope.codec import decode, to_json
+from nerve.runtime.envelope.model import Command, CommandResult, derived_id
+from nerve.runtime.jetstream.client import publish_envelope
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND
+from nerve.runtime.subjects import Address, Kind, is_token
+
+if TYPE_CHECKING:
+    from nerve.runtime.engine.step import Step
+    from nerve.runtime.envelope.model import Envelope
+
+log = logging.getLogger(__name__)
+
+#: Added to a command's ttl before its step times out: the device's clock, and the trip back.
+CLOCK_SKEW_S: Final = 5.0
+RESULTS_STREAM: Final = STREAM_OF_KIND[Kind.RESULTS]
+
+
+class ResultRefusals(Protocol):
+    """Whose results to believe, and what to do with the others (central's runner is one)."""
+
+    async def refuse_result(self, result: CommandResult) -> bool:
+        """True if `result` does not verify against its device's registered key (then it is counted)."""
+        ...
+
+
+def _ids(step: Step, name: str, attempt: int) -> tuple[str, str]:
+    """The command id and the timer id of attempt `attempt` (1: the step id itself)."""
+    if attempt <= 1:
+        return step.id(name), derived_id(step.run_id, "timer", name)
+    command_id = derived_id(step.id(name), "attempt", str(attempt))
+    return command_id, derived_id(command_id, "timer")
+
+
+async def send_command(
+    step: Step,
+    name: str,
+    *,
+    device: str,
+    action: str,
+    args: dict[str, Any],
+    ttl: float,
+    attempts: int,
+) -> CommandResult:
+    """What `Step.command` does (see the module docstring)."""
+    journalled = step._enter(name)  # noqa: SLF001 - a step of Step's, kept in a module of its own
+    if journalled is not None and journalled.status == "done":
+        return decode(str(journalled.result["result"]).encode(), CommandResult)
+    if journalled is not None and journalled.status == "failed":
+        raise StepFailed(step.run_id, name, journalled.error)
+    _check(step, name, device, action, attempts, ttl)
+    ctx = step._ctx  # noqa: SLF001
+    while True:
+        journalled = await _begin(step, name, journalled, ttl)
+        command_id, _timer = _ids(step, name, journalled.attempts)
+        if journalled.due > time.time():  # resent after a crash: the same id, kept once
+            await _publish(step, command_id, device, action, args, ttl)
+        found = await _await_result(step, journalled, command_id, device, action)
+        if found is not None:
+            result, seq = found
+            done = msgspec.structs.replace(
+                journalled,
+                status="done",
+                result={"result": to_json(result).decode(), "seq": seq},
+                finished=time.time(),
+            )
+            await step._record(name, done)  # noqa: SLF001
+            await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
+            return result
+        await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
+        error = f"no result from {device} to {action} within {ttl + CLOCK_SKEW_S:g}s"
+        if journalled.attempts >= attempts:
+            failed = msgspec.structs.replace(journalled, status="failed", error=error, finished=time.time())
+            await step._record(name, failed)  # noqa: SLF001
+            raise StepFailed(step.run_id, name, error)
+        log.info("engine: run %s step %r: %s (try %d)", step.run_id, name, error, journalled.attempts)
+        journalled = msgspec.structs.replace(journalled, status="started", error=error)
+
+
+def _check(step: Step, name: str, device: str, action: str, attempts: int, ttl: float) -> None:  # noqa: PLR0917
+    for what, value in (("device", device), ("action", action)):
+        if not is_token(value):
+            raise AgentDeclarationError(f"step {name!r}: {what} {value!r} is not valid")
+    if attempts < 1:
+        raise AgentDeclarationError(f"step {name!r}: attempts must be at least 1")
+    if step._ctx.signer is None:  # noqa: SLF001
+        raise AgentDeclarationError(f"step {name!r}: the engine has no signer to sign commands with")
+    step._check_duration(name, ttl + CLOCK_SKEW_S)  # noqa: SLF001
+
+
+async def _begin(step: Step, name: str, journalled: StepRecord | None, ttl: float) -> StepRecord:
+    """Journal a new attempt (the results' position before its send, its timer), or resume the one begun."""
+    ctx = step._ctx  # noqa: SLF001
+    if journalled is not None and journalled.status == "waiting":
+        step._before_new_step(new=False)  # noqa: SLF001
+        if not await has_fired(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer):
+            await step._schedule(journalled.timer, journalled.due, name)  # noqa: SLF001
+        return journalled
+    attempt = (journalled.attempts if journalled is not None else 0) + 1
+    step._before_new_step(new=journalled is None)  # noqa: SLF001
+    from_seq = (await ctx.js.stream_info(RESULTS_STREAM)).state.last_seq
+    positions = await step._positions()  # noqa: SLF001
+    now = time.time()
+    _command_id, timer_id = _ids(step, name, attempt)
+    waiting = StepRecord(
+        status="waiting",
+        attempts=attempt,
+        due=now + ttl + CLOCK_SKEW_S,
+        timer=timer_id,
+        stream=RESULTS_STREAM,
+        from_seq=from_seq,
+        started=journalled.started if journalled is not None else now,
+    )
+    await step._record(name, waiting, positions=positions)  # noqa: SLF001
+    await step._schedule(timer_id, waiting.due, name)  # noqa: SLF001
+    return waiting
+
+
+async def _publish(  # noqa: PLR0917
+    step: Step, command_id: str, device: str, action: str, args: dict[str, Any], ttl: float
+) -> Command:
+    ctx = step._ctx  # noqa: SLF001
+    signer = ctx.signer
+    if signer is None:  # checked by the caller
+        raise AgentDeclarationError("the engine has no signer")
+    trigger: Envelope = step._trigger  # noqa: SLF001
+    command = Command.create(
+        device=device,
+        action=action,
+        args=args,
+        source=f"nerve://central/{step._agent.name}",  # noqa: SLF001
+        ttl=timedelta(seconds=ttl),
+        cause=trigger,
+        command_id=command_id,
+    )
+    signed = signer.sign(command)
+    subject = Address(device=device, kind=Kind.COMMANDS, name=action).subject(ctx.prefix)
+    await publish_envelope(ctx.js, subject, signed, codec=ctx.codec)
+    return signed
+
+
+async def _await_result(
+    step: Step, waiting: StepRecord, command_id: str, device: str, action: str
+) -> tuple[CommandResult, int] | None:
+    """The first verified result of `command_id` after `waiting.from_seq`, or None when the timer fired."""
+    ctx = step._ctx  # noqa: SLF001
+    subject = Address(device=device, kind=Kind.RESULTS, name=action).subject(ctx.prefix)
+    while True:
+        found = await step._watch(  # noqa: SLF001
+            waiting,
+            subject,
+            RESULTS_STREAM,
+            CommandResult,
+            lambda result: result.causationid == command_id,
+        )
+        if found is None:
+            return None
+        result, seq = found
+        if not isinstance(result, CommandResult):  # cannot happen: decoded as one
+            return None
+        if not await _refused(step, result):
+            return result, seq
+        # Read on after the refused one.
+        waiting = msgspec.structs.replace(waiting, from_seq=seq)
+
+
+async def _refused(step: Step, result: CommandResult) -> bool:
+    ctx = step._ctx  # noqa: SLF001
+    if ctx.refusals is not None:
+        return await ctx.refusals.refuse_result(result)
+    refusal = ctx.device_keys.refusal(result) if ctx.device_keys is not None else None
+    if ctx.device_keys is None or refusal is not None:
+        reason = refusal.reason if refusal is not None else "the engine has no device registry"
+        log.warning("engine: result %s of command %s refused: %s", result.id, result.causationid, reason)
+        return True
+    return False

@@ -1,0 +1,166 @@
+"""`step.command`: a signed command sent once, and a durable wait for the device's verified result."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
+
+from nerve.runtime.engine import Engine, Step, StepFailed, Trigger, durable_agent, wait_for_run
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Command, CommandResult, derived_id
+from nerve.runtime.jetstream.client import publish_envelope
+from nerve.runtime.subjects import Address, Kind
+from nerve.runtime.testing import provision_device, stream_messages, wait_for_count
+from nerve.runtime.trust.devices import DeviceKeys
+from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.envelope.model import Envelope
+
+pytestmark = pytest.mark.broker
+
+
+@durable_agent("fixer", trigger=Trigger(Kind.EVENTS, "broken"), key=lambda event: str(event.data["device"]))
+async def fixer(event: Envelope, step: Step) -> str:
+    try:
+        result = await step.command(
+            "fix",
+            device=step.key,
+            action="clear_temp",
+            args={"older_than_s": 1},
+            ttl=float(event.data.get("ttl", 30)),
+            attempts=int(event.data.get("attempts", 1)),
+        )
+    except StepFailed as exc:
+        return f"timed out: {exc.reason}"
+    return f"{result.status} {result.data.get('files_deleted')}"
+
+
+class Refusals:
+    """Central's part (`ResultRefusals`), recorded: which results were refused."""
+
+    def __init__(self, keys: DeviceKeys) -> None:
+        self.keys = keys
+        self.refused: list[str] = []
+
+    async def refuse_result(self, result: CommandResult) -> bool:
+        if self.keys.refusal(result) is None:
+            return False
+        self.refused.append(result.id)
+        return True
+
+
+@pytest.fixture
+def central(tmp_path: Path) -> tuple[Signer, Verifier]:
+    private, _ = generate_keypair(tmp_path / "keys", "central")
+    return Signer.from_file(private), Verifier.from_config({}, tmp_path / "keys")
+
+
+async def commands(js: JetStreamContext) -> list[Command]:
+    return [decode(m.data, Command) for m in await stream_messages(js, "NERVE_COMMANDS")]
+
+
+async def answer(js: JetStreamContext, command: Command, signer: Signer, *, files: int = 3) -> CommandResult:
+    result = signer.sign(
+        CommandResult.for_command(command, source="t", status="ok", data={"files_deleted": files})
+    )
+    subject = Address(device=command.subject or "", kind=Kind.RESULTS, name=command.action).subject(PREFIX)
+    await publish_envelope(js, subject, result)
+    return result
+
+
+async def test_the_command_is_signed_and_only_its_devices_result_is_acted_on(
+    nc: NatsClient, js: JetStreamContext, tmp_path: Path, central: tuple[Signer, Verifier]
+) -> None:
+    signer, verifier = central
+    dev1 = provision_device(tmp_path / "devices", "dev1")
+    dev2 = provision_device(tmp_path / "devices", "dev2")
+    refusals = Refusals(DeviceKeys(tmp_path / "devices"))
+    engine = Engine(nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, refusals=refusals)
+    async with engine:
+        event = await publish_event(js, "broken", {"device": "dev1"}, event_id="e-broken-1")
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands(js)
+        verifier.verify(command)  # raises if the signature is bad
+        run_id = fixer.run_id(event.id)
+        record = await engine.record(run_id)
+        assert record is not None
+        assert command.id == derived_id(run_id, "step", "fix")  # the step id: a re-run sends it again
+        assert command.causationid == event.id
+        forged = await answer(js, command, dev2, files=666)  # another device's key: refused
+        unsigned = CommandResult.for_command(command, source="t", status="ok", data={"files_deleted": 7})
+        await publish_envelope(js, "nerve.dev1.results.clear_temp", unsigned)
+        await answer(js, command, dev1)
+        done = await wait_for_run(engine.kv, run_id, timeout=20)
+    assert done.result == "ok 3"
+    assert forged.id in refusals.refused
+    assert unsigned.id in refusals.refused
+    assert len(await commands(js)) == 1
+
+
+async def test_a_result_that_came_while_no_engine_ran_is_found_and_nothing_is_sent_twice(
+    nc: NatsClient, js: JetStreamContext, tmp_path: Path, central: tuple[Signer, Verifier]
+) -> None:
+    signer, _ = central
+    dev3 = provision_device(tmp_path / "devices", "dev3")
+    keys = DeviceKeys(tmp_path / "devices")
+    async with Engine(nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, device_keys=keys):
+        event = await publish_event(js, "broken", {"device": "dev3"}, event_id="e-broken-3")
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+    (command,) = await commands(js)
+    await answer(js, command, dev3, files=5)  # the engine is gone: the result waits in NERVE_RESULTS
+    async with Engine(
+        nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, device_keys=keys
+    ) as engine:
+        done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=20)
+    assert done.result == "ok 5"
+    assert len(await commands(js)) == 1  # sent again on resume under the same id: kept once
+
+
+async def test_no_result_in_time_sends_again_under_a_new_id_then_fails_the_step(
+    nc: NatsClient, js: JetStreamContext, tmp_path: Path, central: tuple[Signer, Verifier]
+) -> None:
+    signer, _ = central
+    keys = DeviceKeys(tmp_path / "devices")
+    async with Engine(
+        nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, device_keys=keys
+    ) as engine:
+        data = {"device": "dev4", "ttl": 0.1, "attempts": 2}
+        event = await publish_event(js, "broken", data, event_id="e-broken-4")
+        done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=40)
+    assert str(done.result).startswith("timed out: no result from dev4 to clear_temp within")
+    sent = await commands(js)
+    assert len(sent) == 2
+    assert len({command.id for command in sent}) == 2
+    assert done.steps["fix"].status == "failed"
+    assert done.steps["fix"].attempts == 2
+
+
+async def test_a_result_refused_without_a_registry(
+    nc: NatsClient, js: JetStreamContext, tmp_path: Path, central: tuple[Signer, Verifier]
+) -> None:
+    """An engine told of no device registry believes no result: the step times out."""
+    signer, _ = central
+    dev5 = provision_device(tmp_path / "devices", "dev5")
+    async with Engine(nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer) as engine:
+        event = await publish_event(js, "broken", {"device": "dev5", "ttl": 0.5}, event_id="e-broken-5")
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands(js)
+        await answer(js, command, dev5)
+        done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=30)
+    assert str(done.result).startswith("timed out")
+
+
+async def test_a_command_step_needs_a_signer(nc: NatsClient, js: JetStreamContext) -> None:
+    async with Engine(nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST) as engine:
+        event = await publish_event(js, "broken", {"device": "dev6"}, event_id="e-broken-6")
+        done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=20)
+    assert done.state == "failed"
+    assert "no signer" in done.error
