@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from nerve.runtime.engine.names import ENGINE_NAMES, operator_subjects
 from nerve.runtime.jetstream.identities import Identity
 from nerve.runtime.jetstream.streams import BUCKETS, SCHEDULE_STREAMS, STREAMS, BucketSpec, storage_names
 from nerve.runtime.subjects import (
@@ -153,6 +152,8 @@ def permissions(identity: Identity, prefix: str = DEFAULT_PREFIX) -> Permissions
             *(f"{MSG_DELETE}.{name}" for name in CENTRAL_DELETES_IN),
         ]
         return Permissions(publish=_unique(publish), subscribe=(INBOXES,), deny_publish=_central_deny())
+    from nerve.runtime.engine.names import ENGINE_NAMES, operator_subjects  # noqa: PLC0415 - as above
+
     publish = [
         kind_filter(Kind.COMMANDS, prefix),
         *_infos(),
