@@ -12,7 +12,8 @@ what nerve needs, and nothing else (it is small too: paho and aiomqtt cost the e
 - SUBSCRIBE/SUBACK (QoS1 maximum, so the broker never sends QoS2; No Local and Retain Handling if asked);
 - incoming PUBLISH at QoS0/1, with its user properties and content type (the CloudEvents MQTT binary
   mode), acknowledged only when the caller says so (`puback`), in receive order;
-- outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink, the edge's outbox), or at QoS0,
+- outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink, the edge's outbox; the broker's
+  Receive Maximum from CONNACK is `receive_maximum`, for the caller to keep to), or at QoS0,
   retained or not (the edge's presence), with user properties and a content type if asked;
 - keep-alive (PINGREQ/PINGRESP) and DISCONNECT.
 
@@ -479,6 +480,9 @@ class MqttWire(WireProtocol[Incoming]):
         self._pubacks: dict[int, asyncio.Future[None]] = {}
         self._next_id = 0
         self._broker_max_packet_size = MAX_REMAINING_LENGTH + 5
+        #: How many QoS1 publishes the broker takes unacknowledged at once (its CONNACK's Receive
+        #: Maximum; 65535 when it sets none). Exceeding it is a protocol error the broker disconnects for.
+        self.receive_maximum = MAX_PACKET_ID
         self.session_present = False
         self.lost: Exception | None = None
 
@@ -569,6 +573,9 @@ class MqttWire(WireProtocol[Incoming]):
         limit = properties.get(MAXIMUM_PACKET_SIZE)
         if isinstance(limit, int) and limit:
             self._broker_max_packet_size = limit
+        receive_maximum = properties.get(RECEIVE_MAXIMUM)
+        if isinstance(receive_maximum, int) and receive_maximum:
+            self.receive_maximum = receive_maximum
         if not self._connack.done():
             self._connack.set_result((session_present, properties))
 
