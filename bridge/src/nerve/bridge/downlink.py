@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
 from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, SessionTakenOver, open_mqtt
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
@@ -202,53 +203,31 @@ class Downlink:
         self, wire: MqttWire, subscription: JetStreamContext.PushSubscription, ack_wait_s: float
     ) -> None:
         """Take commands as JetStream delivers them; keep up to `window` on their way to mosquitto."""
-        waiting: collections.deque[_Held] = collections.deque()
-        in_flight: set[_Held] = set()
-        arrived = asyncio.Event()
-        slots = asyncio.Semaphore(self.window)
+        pipeline: _Pipeline | None = None
         try:
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self._receive(subscription, waiting, arrived), name="downlink-receive")
-                tasks.create_task(self._progress(waiting, in_flight, ack_wait_s), name="downlink-progress")
+                pipeline = _Pipeline(self, wire, tasks)
+                tasks.create_task(self._progress(pipeline, ack_wait_s), name="downlink-progress")
                 tasks.create_task(self._watch(wire), name="downlink-watch")
-                while True:
-                    await slots.acquire()
-                    while not waiting:
-                        arrived.clear()
-                        await arrived.wait()
-                    held = waiting.popleft()
-                    in_flight.add(held)
-                    tasks.create_task(self._send(wire, held, in_flight, slots), name="downlink-send")
+                # Taken out of nats-py's queue at once: a command waiting here is one `_progress` sees.
+                async for msg in subscription.messages:
+                    pipeline.take(msg)
                     checkpoint()
+                raise NatsError("the commands subscription ended")
         finally:
             # Not acknowledged (the connection failed, or the bridge stops): JetStream's again, at once.
-            for held in (*in_flight, *waiting):
+            for held in pipeline.unsettled() if pipeline is not None else []:
                 with contextlib.suppress(NatsError, TimeoutError):
                     await held.msg.nak()
             self.in_flight = 0
 
-    async def _receive(
-        self,
-        subscription: JetStreamContext.PushSubscription,
-        waiting: collections.deque[_Held],
-        arrived: asyncio.Event,
-    ) -> None:
-        # Taken out of nats-py's queue at once: a command waiting here is one `_progress` can see.
-        async for msg in subscription.messages:
-            waiting.append(_Held(msg, time.monotonic()))
-            arrived.set()
-            checkpoint()
-        raise NatsError("the commands subscription ended")
-
-    async def _progress(
-        self, waiting: collections.deque[_Held], in_flight: set[_Held], ack_wait_s: float
-    ) -> None:
+    async def _progress(self, pipeline: _Pipeline, ack_wait_s: float) -> None:
         """+WPI for every command held a third of the ack wait: load never makes it pass."""
         every = ack_wait_s / 3
         while True:
             await asyncio.sleep(every / 2)
             now = time.monotonic()
-            for held in [*waiting, *in_flight]:
+            for held in pipeline.unsettled():
                 if now - held.since >= every:
                     held.since = now
                     with contextlib.suppress(NatsError, TimeoutError):
@@ -260,49 +239,46 @@ class Downlink:
         await asyncio.wait([wire.closed])
         wire.closed.result()
 
-    async def _send(
-        self, wire: MqttWire, held: _Held, in_flight: set[_Held], slots: asyncio.Semaphore
-    ) -> None:
-        """Send one command; an MQTT failure ends the session (the command stays held, to be handed back)."""
-        try:
-            await self._send_command(wire, held.msg)
-        except (NatsError, TimeoutError) as exc:
-            # Not acknowledged: JetStream delivers it again after the ack wait.
-            log.warning("bridge: downlink: %s; the command will come again", exc or type(exc).__name__)
-        finally:
-            slots.release()
-        in_flight.discard(held)
-
-    async def _send_command(self, wire: MqttWire, msg: Msg) -> None:
+    def read_command(self, msg: Msg) -> tuple[Command, str] | str:
+        """The command in `msg` and its topic, or why it cannot be sent (a reason to dead-letter it)."""
         try:
             address = parse_subject(msg.subject, self._prefix)
             command = decode(msg.data, Command, max_size=self._settings.bridge.max_payload)
-            if command.subject != address.device or command.action != address.name:
-                raise DecodeError(  # noqa: TRY301 - one place turns bad commands into dead letters
-                    f"command for {command.subject}/{command.action} stored under {msg.subject}"
-                )
         except (TopicError, DecodeError) as exc:
-            await self._dead_letter(reason=str(exc), origin=msg.subject, payload=msg.data)
-            await msg.term()
-            return
-        if command.expires <= utcnow():
-            await self._expire(command)
-            await msg.ack()
-            return
-        topic = address.topic(self._prefix)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return str(exc)
+        if command.subject != address.device or command.action != address.name:
+            return f"command for {command.subject}/{command.action} stored under {msg.subject}"
+        return command, address.topic(self._prefix)
+
+    async def settle(self, held: _Held, puback: asyncio.Future[None]) -> None:
+        """Wait for the PUBACK, then acknowledge to JetStream; a missing PUBACK ends the session."""
         try:
             async with asyncio.timeout(MQTT_PUBLISH_TIMEOUT_S):
-                await wire.publish(topic, msg.data)
+                await puback
         except TimeoutError:
             raise MqttWireError(f"no PUBACK within {MQTT_PUBLISH_TIMEOUT_S:g}s") from None
         finally:
             self.in_flight -= 1
         # mosquitto has it (PUBACK): only now may JetStream forget it.
-        await msg.ack()
-        self._stats.commands_sent += 1
-        log.debug("bridge: sent command %s to %s", command.id, topic)
+        try:
+            await held.msg.ack()
+        except (NatsError, TimeoutError) as exc:
+            log.warning("bridge: downlink: %s; the command will come again", exc or type(exc).__name__)
+        else:
+            self._stats.commands_sent += 1
+
+    async def refuse(self, held: _Held, outcome: Command | str) -> None:
+        """Dead-letter a command that cannot be read (and terminate it), or answer an expired one."""
+        msg = held.msg
+        try:
+            if isinstance(outcome, str):
+                await self._dead_letter(reason=outcome, origin=msg.subject, payload=msg.data)
+                await msg.term()
+            else:
+                await self._expire(outcome)
+                await msg.ack()
+        except (NatsError, TimeoutError) as exc:
+            log.warning("bridge: downlink: %s; the command will come again", exc or type(exc).__name__)
 
     async def _dead_letter(self, *, reason: str, origin: str, payload: bytes) -> None:
         backoff = Backoff(maximum=2.0)
@@ -335,6 +311,60 @@ class Downlink:
         await publish_envelope(self._js, result_subject, result, codec=self._settings.nats.codec)
         self._stats.commands_expired += 1
         log.warning("bridge: command %s to %s %s", command.id, command.subject, reason)
+
+
+class _Pipeline:
+    """One session's commands: those waiting for a slot, and those on their way (up to `window`).
+
+    A command is written to mosquitto from the very step that takes it from JetStream (or frees its
+    slot), not a loop iteration later: on a bridge busy with the uplink, each iteration can cost a batch
+    of readings' worth of CPU. Commands are started in the order JetStream delivered them.
+    """
+
+    def __init__(self, downlink: Downlink, wire: MqttWire, tasks: asyncio.TaskGroup) -> None:
+        self._downlink = downlink
+        self._wire = wire
+        self._tasks = tasks
+        self._window = downlink.window
+        self._waiting: collections.deque[_Held] = collections.deque()
+        self._active: set[_Held] = set()
+
+    def unsettled(self) -> list[_Held]:
+        """Every command taken and not yet acknowledged, terminated or handed back."""
+        return [*self._active, *self._waiting]
+
+    def take(self, msg: Msg) -> None:
+        """A command from JetStream: started now if a slot is free, else queued behind the others."""
+        held = _Held(msg, time.monotonic())
+        if self._waiting or len(self._active) >= self._window:
+            self._waiting.append(held)
+        else:
+            self._start(held)
+
+    def _start(self, held: _Held) -> None:
+        downlink = self._downlink
+        self._active.add(held)
+        outcome = downlink.read_command(held.msg)
+        if isinstance(outcome, str) or outcome[0].expires <= utcnow():
+            refused = outcome if isinstance(outcome, str) else outcome[0]
+            self._tasks.create_task(
+                self._finish(held, functools.partial(downlink.refuse, held, refused)), name="downlink-refuse"
+            )
+            return
+        command, topic = outcome
+        puback = self._wire.publish_nowait(topic, held.msg.data)  # raises MqttWireError: the session ends
+        downlink.in_flight += 1
+        downlink.max_in_flight = max(downlink.max_in_flight, downlink.in_flight)
+        log.debug("bridge: sent command %s to %s", command.id, topic)
+        settle = functools.partial(downlink.settle, held, puback)
+        self._tasks.create_task(self._finish(held, settle), name="downlink-settle")
+
+    async def _finish(self, held: _Held, settle: Callable[[], Awaitable[None]]) -> None:
+        """Settle one command, then give its slot to the next one waiting (an MQTT failure ends all)."""
+        await settle()
+        self._active.discard(held)
+        while self._waiting and len(self._active) < self._window:
+            self._start(self._waiting.popleft())
 
 
 def _unexpected(batch: list[Incoming]) -> None:

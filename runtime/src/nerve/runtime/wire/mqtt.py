@@ -738,6 +738,17 @@ class MqttWire(WireProtocol[Incoming]):
                 self._checked(publish_packet(topic, payload, 0, retain=retain, properties=properties))
             )
             return
+        await self.publish_nowait(topic, payload, retain=retain, properties=properties)
+
+    def publish_nowait(
+        self, topic: str, payload: bytes, *, retain: bool = False, properties: bytes = b"\x00"
+    ) -> asyncio.Future[None]:
+        """Write a QoS1 PUBLISH now; return the future of its PUBACK (what `publish` awaits).
+
+        For a caller that must not wait a loop iteration to send (the bridge's downlink). The future
+        fails with `MqttWireError` as `publish` would; the PUBLISH is written before this returns, or
+        `MqttWireError` (not connected, over the broker's Maximum Packet Size) is raised.
+        """
         packet_id = self._packet_id(self._pubacks)
         data = self._checked(publish_packet(topic, payload, packet_id, retain=retain, properties=properties))
         waiter: asyncio.Future[None] = self._loop.create_future()
@@ -747,7 +758,7 @@ class MqttWire(WireProtocol[Incoming]):
         except BaseException:
             self._pubacks.pop(packet_id, None)
             raise
-        await waiter
+        return waiter
 
     def _checked(self, data: bytes) -> bytes:
         if len(data) > self._broker_max_packet_size:
