@@ -234,7 +234,8 @@ def show(case: Case, args: argparse.Namespace) -> str:
     mean = statistics.fmean(ordered) if ordered else float("nan")
     return (
         f"{case.name:<14} n={len(ordered):<3} p50 {at(ordered, 0.5):8.1f} ms"
-        f"   p99 {at(ordered, 0.99):8.1f} ms   max {at(ordered, 1.0):8.1f} ms   mean {mean:8.1f} ms   missing {case.missing}"
+        f"   p99 {at(ordered, 0.99):8.1f} ms   max {at(ordered, 1.0):8.1f} ms   mean {mean:8.1f} ms"
+        f"   missing {case.missing}"
         f"   redelivered {case.redelivered}{pending}"
     )
 
