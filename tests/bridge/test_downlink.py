@@ -71,6 +71,12 @@ async def receive(device: MqttClient, count: int) -> list[Command]:
     return received
 
 
+async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+
 @dataclass
 class Valve:
     """Relays to a real nats-server, and holds what clients send while closed (nothing is dropped)."""
@@ -160,29 +166,43 @@ async def test_commands_reach_devices_while_the_uplink_is_stalled_behind_a_backl
 
 
 async def test_200_commands_to_200_devices_are_pipelined_and_each_delivered_once(
-    settings: Settings, nc: NatsClient, running: Running
+    settings: Settings, mosquitto: Mosquitto, nc: NatsClient, running: Running
 ) -> None:
+    """mosquitto is stopped (SIGSTOP) while JetStream hands the bridge 200 commands: the downlink writes a
+    whole window of them without waiting for a PUBACK (one at a time, it would have written one), never
+    more than mosquitto's Receive Maximum; once mosquitto runs again, each device gets its command once."""
     js = nc.jetstream()
     await ensure_streams(js, settings.prefix)
     commands = [command_for(f"dev-{i:03d}") for i in range(200)]
-    # Stored before the bridge starts: JetStream hands them over together (up to max_ack_pending).
-    await store_commands(js, commands)
     bridge = Bridge(settings=settings)
+    assert mosquitto.pid is not None
     async with MqttClient(settings.mqtt, client_id="devices") as devices:
         await devices.subscribe("nerve/+/commands/+")
         async with running(bridge, wait=WAIT):
-            received = await receive(devices, len(commands))
             assert bridge.downlink is not None
-            async with asyncio.timeout(WAIT):
-                while bridge.stats.commands_sent < len(commands):
-                    await asyncio.sleep(0.05)
+            downlink = bridge.downlink
+            os.kill(mosquitto.pid, signal.SIGSTOP)
+            try:
+                await store_commands(js, commands)
+
+                async def window_written() -> bool:
+                    return downlink.in_flight == downlink.window
+
+                await until(window_written)
+            finally:
+                os.kill(mosquitto.pid, signal.SIGCONT)
+            received = await receive(devices, len(commands))
+
+            async def all_sent() -> bool:
+                return bridge.stats.commands_sent == len(commands)
+
+            await until(all_sent)
             consumer = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
     per_device = collections.Counter(c.subject for c in received)
     assert per_device == {f"dev-{i:03d}": 1 for i in range(200)}
     assert sorted(c.id for c in received) == sorted(c.id for c in commands)
-    assert bridge.stats.commands_sent == len(commands)
-    assert bridge.downlink.window == 20  # mosquitto's Receive Maximum (max_inflight_messages) bounds it
-    assert bridge.downlink.max_in_flight > 1
+    assert downlink.window == 20  # mosquitto's Receive Maximum (its max_inflight_messages) bounds it
+    assert downlink.max_in_flight == downlink.window
     assert consumer.num_ack_pending == 0
     assert consumer.num_pending == 0
     assert consumer.num_redelivered == 0
@@ -243,12 +263,6 @@ async def start_bridge(settings: Settings) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-
-
-async def until(condition: Callable[[], Awaitable[bool]]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not await condition():
-            await asyncio.sleep(0.05)
 
 
 @pytest.mark.slow

@@ -14,27 +14,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
 
 from nerve.bridge.downlink import Downlink
 from nerve.bridge.metrics import MetricsServer
-from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats, shown
+from nerve.bridge.natsclient import connect_nats
+from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
 from nerve.bridge.pump import Pump
 from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.errors import ConfigError, shown_url
-from nerve.runtime.jetstream.client import connect_forever
+from nerve.runtime.errors import shown_url
 from nerve.runtime.jetstream.identities import load_nkey
 from nerve.runtime.jetstream.streams import ready_streams
 from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, open_mqtt
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
-
     from nerve.runtime.config.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,47 +92,72 @@ class Bridge:
                 metrics.close()
 
     async def _bridge(self) -> None:
-        nc = await self._connect_nats()
+        nc = await connect_nats(self._settings.nats, name="nerve-bridge")
         try:
             js = nc.jetstream()
             await ready_streams(js, self._prefix, configure=self._settings.nats.nkey_file is None)
-            self.downlink = Downlink(
-                settings=self._settings, js=js, stats=self.stats, on_ready=self._ready_changed
-            )
+            main = asyncio.get_running_loop()
+
+            def ready_changed() -> None:  # called in the downlink's thread
+                main.call_soon_threadsafe(self._ready_changed)
+
+            self.downlink = Downlink(settings=self._settings, stats=self.stats, on_ready=ready_changed)
             async with asyncio.TaskGroup() as tasks:
                 # Each on its own MQTT connection, each reconnecting on its own: a stalled uplink (NATS
                 # slow, its in-flight window full) holds no command, and a command no reading.
                 tasks.create_task(self._run_mqtt(), name="bridge-uplink")
-                tasks.create_task(self.downlink.run(), name="bridge-downlink")
+                tasks.create_task(self._run_downlink(), name="bridge-downlink")
                 await asyncio.Future()  # parked in the body (see `_session`)
         finally:
             self.ready.clear()
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.close()
 
-    async def _connect_nats(self) -> NatsClient:
-        """nats-py's connection (streams, downlink), retried with backoff whatever the server sends.
+    async def _run_downlink(self) -> None:
+        """The downlink, in a thread of its own with its own event loop and NATS connection.
 
-        `connect_forever` waits out an absent server; but nats-py lets a hostile INFO raise what it likes
-        (`AttributeError` on `INFO []`, `RecursionError` on deep nesting), which would end the bridge.
+        Why a thread: under a reading backlog the uplink keeps this loop busy (each socket read brings up
+        to `bridge.max_in_flight` readings to translate and store, tens of milliseconds of CPU), and a
+        command waiting on the same loop waited a batch per hop. In its own thread a command waits at
+        most the interpreter's switch interval (5 ms) for the GIL. Cancelling this cancels the downlink
+        (what it holds is handed back to JetStream) and waits for its thread to end.
         """
-        backoff = Backoff()
-        while True:
+        downlink = self.downlink
+        assert downlink is not None  # noqa: S101 - set by `_bridge` before this starts
+        main = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = main.create_future()
+
+        def report(outcome: BaseException | None) -> None:
+            if ended.done():
+                return
+            if outcome is None:
+                ended.set_result(None)
+            else:
+                ended.set_exception(outcome)
+
+        def thread() -> None:
+            outcome: BaseException | None = None
             try:
-                return await connect_forever(self._settings.nats, name="nerve-bridge")
-            except ConfigError:
-                raise  # a bad seed file: one clear line, and no retry would mend it
-            except Exception as exc:  # noqa: BLE001 - anything nats-py raises on a bad server is retried
-                delay = backoff.next_delay()
-                log.warning(
-                    "bridge: cannot connect to %s: the server sent what nats-py cannot read (%s: %s); "
-                    "retrying in %.1fs",
-                    shown_url(self._settings.nats.url),
-                    type(exc).__name__,
-                    shown(str(exc).encode(), 120),
-                    delay,
-                )
-                await asyncio.sleep(delay)
+                asyncio.run(downlink.run_in_thread())
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - handed to the bridge's task, which raises it
+                outcome = exc
+            main.call_soon_threadsafe(report, outcome)
+
+        worker = threading.Thread(target=thread, name="nerve-bridge-downlink", daemon=True)
+        worker.start()
+        try:
+            await asyncio.shield(ended)
+        finally:
+            # Drained first (what is in flight gets its PUBACK and is acknowledged), then at once.
+            for drain in (True, False):
+                downlink.stop(drain=drain)
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(DRAIN_TIMEOUT_S + 1):
+                        await asyncio.shield(ended)
+                if ended.done():
+                    break
 
     async def _run_mqtt(self) -> None:
         backoff = Backoff()

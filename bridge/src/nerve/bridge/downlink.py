@@ -26,12 +26,14 @@ import collections
 import contextlib
 import functools
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
 
+from nerve.bridge.natsclient import connect_nats
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode
@@ -67,6 +69,8 @@ DOWNLINK_ACK_WAIT_S: Final = 30.0
 MQTT_PUBLISH_TIMEOUT_S: Final = 10.0
 # The downlink subscribes to nothing; the smallest Receive Maximum MQTT allows.
 RECEIVE_MAXIMUM: Final = 1
+#: At a stop, how long commands already sent may take to get their PUBACK (then they are handed back).
+DRAIN_TIMEOUT_S: Final = 5.0
 
 
 def downlink_mqtt(settings: Settings) -> MqttSettings:
@@ -94,20 +98,67 @@ class Downlink:
     `max_in_flight` is the most commands ever seen waiting for their PUBACK at once (for tests and benches).
     """
 
-    def __init__(
-        self, *, settings: Settings, js: JetStreamContext, stats: BridgeStats, on_ready: Callable[[], None]
-    ) -> None:
+    def __init__(self, *, settings: Settings, stats: BridgeStats, on_ready: Callable[[], None]) -> None:
         self._settings = settings
         self._prefix = settings.prefix
-        self._js = js
         self._stats = stats
         self._on_ready = on_ready
         self._mqtt = downlink_mqtt(settings)
         self._client_id = settings.bridge.effective_downlink_client_id
-        self.ready = asyncio.Event()
+        self._js: JetStreamContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = threading.Event()
+        self._draining = asyncio.Event()
+        self._piping = False
+        self.ready = threading.Event()
         self.window = 0
         self.in_flight = 0
         self.max_in_flight = 0
+
+    async def run_in_thread(self) -> None:
+        """`run` with a NATS connection of its own, in the loop of the calling thread, until `stop`."""
+        self._draining = asyncio.Event()
+        self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
+        if self._stopping.is_set():
+            return
+        nc = await connect_nats(self._settings.nats, name="nerve-bridge-downlink")
+        try:
+            self._js = nc.jetstream()
+            await self.run()
+        finally:
+            with contextlib.suppress(NatsError, OSError, TimeoutError):
+                await nc.close()
+
+    def stop(self, *, drain: bool = True) -> None:
+        """End `run_in_thread`, from any thread; drained unless `drain=False`.
+
+        Drained: take nothing new, let what is in flight get its PUBACK and be acknowledged (for up to
+        `DRAIN_TIMEOUT_S`), hand back the rest. At once: everything held is handed back.
+        """
+        self._stopping.set()
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop closed already
+                loop.call_soon_threadsafe(self._stop_now if not drain else self._stop_drained)
+
+    def _stop_drained(self) -> None:
+        if self._piping:
+            self._draining.set()  # the pipeline drains, then the session ends, and `run` with it
+        else:
+            self._stop_now()
+
+    def _stop_now(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context of the downlink's own connection."""
+        if self._js is None:
+            raise RuntimeError("the downlink has no NATS connection yet (run_in_thread)")
+        return self._js
 
     async def run(self) -> None:
         """Run sessions until cancelled; a failed one is logged and made again with jittered backoff."""
@@ -117,10 +168,12 @@ class Downlink:
                 await self._session(backoff)
             except* (MqttWireError, NatsError) as group:
                 failure: BaseException = group.exceptions[0]
+            else:
+                return  # drained: stopped
             finally:
                 self._set_ready(ready=False)
             checkpoint()
-            self._stats.reconnects += 1
+            self._stats.downlink_reconnects += 1
             delay = backoff.next_delay()
             log.warning("bridge: downlink: %s%s; reconnecting in %.1fs", failure, self._hint(failure), delay)
             await asyncio.sleep(delay)
@@ -184,14 +237,14 @@ class Downlink:
                 wire.closed.result()  # raises: the MQTT side went meanwhile
             try:
                 subscription = await shared_durable(
-                    self._js,
+                    self.js,
                     subject=kind_filter(Kind.COMMANDS, self._prefix),
                     stream=stream,
                     name=name,
                     ack_wait_s=DOWNLINK_ACK_WAIT_S,
                     max_ack_pending=DOWNLINK_MAX_ACK_PENDING,
                 )
-                info = await self._js.consumer_info(stream, name)
+                info = await self.js.consumer_info(stream, name)
             except (NatsError, TimeoutError) as exc:
                 delay = backoff.next_delay()
                 log.warning("bridge: downlink: cannot bind its consumer (%s); retrying in %.1fs", exc, delay)
@@ -202,24 +255,43 @@ class Downlink:
     async def _pipeline(
         self, wire: MqttWire, subscription: JetStreamContext.PushSubscription, ack_wait_s: float
     ) -> None:
-        """Take commands as JetStream delivers them; keep up to `window` on their way to mosquitto."""
+        """Take commands as JetStream delivers them; keep up to `window` on their way to mosquitto.
+
+        Returns once drained (`stop`); raises why the session failed otherwise.
+        """
         pipeline: _Pipeline | None = None
+        self._piping = True
         try:
             async with asyncio.TaskGroup() as tasks:
                 pipeline = _Pipeline(self, wire, tasks)
                 tasks.create_task(self._progress(pipeline, ack_wait_s), name="downlink-progress")
                 tasks.create_task(self._watch(wire), name="downlink-watch")
-                # Taken out of nats-py's queue at once: a command waiting here is one `_progress` sees.
-                async for msg in subscription.messages:
-                    pipeline.take(msg)
-                    checkpoint()
-                raise NatsError("the commands subscription ended")
+                taking = tasks.create_task(self._take(subscription, pipeline), name="downlink-take")
+                await self._draining.wait()
+                taking.cancel()
+                with contextlib.suppress(NatsError, TimeoutError):
+                    await subscription.unsubscribe()  # nothing new: the group's other bridges take it
+                await pipeline.hand_back_waiting()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                        await pipeline.settled()
+                raise _Drained  # noqa: TRY301 - how a drained pipeline ends its TaskGroup
+        except* _Drained:
+            pass
         finally:
+            self._piping = False
             # Not acknowledged (the connection failed, or the bridge stops): JetStream's again, at once.
             for held in pipeline.unsettled() if pipeline is not None else []:
                 with contextlib.suppress(NatsError, TimeoutError):
                     await held.msg.nak()
             self.in_flight = 0
+
+    async def _take(self, subscription: JetStreamContext.PushSubscription, pipeline: _Pipeline) -> None:
+        # Taken out of nats-py's queue at once: a command waiting here is one `_progress` sees.
+        async for msg in subscription.messages:
+            pipeline.take(msg)
+            checkpoint()
+        raise NatsError("the commands subscription ended")
 
     async def _progress(self, pipeline: _Pipeline, ack_wait_s: float) -> None:
         """+WPI for every command held a third of the ack wait: load never makes it pass."""
@@ -285,14 +357,14 @@ class Downlink:
         while True:
             try:
                 await publish_dead_letter(
-                    self._js, prefix=self._prefix, part=PART, reason=reason, origin=origin, payload=payload
+                    self.js, prefix=self._prefix, part=PART, reason=reason, origin=origin, payload=payload
                 )
             except (NatsError, TimeoutError) as exc:
                 delay = backoff.next_delay()
                 log.warning("bridge: dead-lettering failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
             else:
-                self._stats.deadlettered += 1
+                self._stats.commands_deadlettered += 1
                 log.warning("bridge: dead-lettered a message from %s: %s", origin, reason)
                 return
 
@@ -308,7 +380,7 @@ class Downlink:
         result_subject = Address(command.subject, Kind.RESULTS, command.action).subject(self._prefix)
         # The result is the record; central's command audit keeps the fact (signed and chained by central,
         # as every fact: the bridge holds no key, so a fact of its own would not verify).
-        await publish_envelope(self._js, result_subject, result, codec=self._settings.nats.codec)
+        await publish_envelope(self.js, result_subject, result, codec=self._settings.nats.codec)
         self._stats.commands_expired += 1
         log.warning("bridge: command %s to %s %s", command.id, command.subject, reason)
 
@@ -328,10 +400,24 @@ class _Pipeline:
         self._window = downlink.window
         self._waiting: collections.deque[_Held] = collections.deque()
         self._active: set[_Held] = set()
+        self._idle = asyncio.Event()
 
     def unsettled(self) -> list[_Held]:
         """Every command taken and not yet acknowledged, terminated or handed back."""
         return [*self._active, *self._waiting]
+
+    async def hand_back_waiting(self) -> None:
+        """Give the commands not yet sent back to JetStream (`nak`): delivered again at once."""
+        while self._waiting:
+            held = self._waiting.popleft()
+            with contextlib.suppress(NatsError, TimeoutError):
+                await held.msg.nak()
+
+    async def settled(self) -> None:
+        """Until every command sent is settled (acknowledged after its PUBACK, or given up)."""
+        while self._active:
+            self._idle.clear()
+            await self._idle.wait()
 
     def take(self, msg: Msg) -> None:
         """A command from JetStream: started now if a slot is free, else queued behind the others."""
@@ -365,6 +451,12 @@ class _Pipeline:
         self._active.discard(held)
         while self._waiting and len(self._active) < self._window:
             self._start(self._waiting.popleft())
+        if not self._active:
+            self._idle.set()
+
+
+class _Drained(Exception):  # not an error: how a drained pipeline ends its TaskGroup
+    """The pipeline drained for `stop`."""
 
 
 def _unexpected(batch: list[Incoming]) -> None:
