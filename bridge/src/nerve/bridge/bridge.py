@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 STORE_TIMEOUT_S: Final = 5.0
 WATCH_INTERVAL_S: Final = 1.0
 DRAIN_TIMEOUT_S: Final = 5.0
+#: How long the uplink waits for the downlink to connect first, at start.
+DOWNLINK_FIRST_S: Final = 5.0
 SUBSCRIBE_TIMEOUT_S: Final = 30.0
 
 
@@ -59,9 +61,14 @@ class Bridge:
         self.ready = asyncio.Event()
         self.downlink: Downlink | None = None
         self._uplink_ready = asyncio.Event()
+        self._downlink_ready = asyncio.Event()
 
     def _ready_changed(self) -> None:
-        if self._uplink_ready.is_set() and self.downlink is not None and self.downlink.ready.is_set():
+        if self.downlink is not None and self.downlink.ready.is_set():
+            self._downlink_ready.set()
+        else:
+            self._downlink_ready.clear()
+        if self._uplink_ready.is_set() and self._downlink_ready.is_set():
             self.ready.set()
         else:
             self.ready.clear()
@@ -105,8 +112,14 @@ class Bridge:
             async with asyncio.TaskGroup() as tasks:
                 # Each on its own MQTT connection, each reconnecting on its own: a stalled uplink (NATS
                 # slow, its in-flight window full) holds no command, and a command no reading.
-                tasks.create_task(self._run_mqtt(), name="bridge-uplink")
                 tasks.create_task(self._run_downlink(), name="bridge-downlink")
+                # The downlink connects first: a resumed uplink session floods the process with readings
+                # from its first moment, and would slow the downlink's start (bounded: a downlink that
+                # cannot connect, say its login is missing, holds no reading back for long).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DOWNLINK_FIRST_S):
+                        await self._downlink_ready.wait()
+                tasks.create_task(self._run_mqtt(), name="bridge-uplink")
                 await asyncio.Future()  # parked in the body (see `_session`)
         finally:
             self.ready.clear()
