@@ -14,7 +14,7 @@ import yaml
 
 from nerve.runtime.cli.main import main
 from nerve.runtime.trust.signing import generate_keypair
-from nerve.runtime.trust.site import BUNDLE_PASSWORD
+from nerve.runtime.trust.site import BUNDLE_PASSWORD, DOWNLINK_PASSWORD
 
 NERVE = str(Path(sys.executable).parent / "nerve")
 
@@ -33,7 +33,7 @@ def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def secrets_under(root: Path) -> list[str]:
     """Every password and private key nerve devices wrote: none may ever be printed."""
-    found = [p.read_text().strip() for p in root.rglob(BUNDLE_PASSWORD)]
+    found = [p.read_text().strip() for name in (BUNDLE_PASSWORD, DOWNLINK_PASSWORD) for p in root.rglob(name)]
     found += [p.read_text().strip() for p in root.rglob("*.key")]
     return [s for s in found if s]
 
@@ -50,7 +50,7 @@ def test_add_prints_what_to_copy_where_and_no_secret(
     assert "SHA256:" in out
     assert "systemctl reload mosquitto" in out  # no pid file set: it says how to reload
     secrets = secrets_under(tmp_path)
-    assert len(secrets) >= 4  # the device's password and key, the bridge's password, the CA's key
+    assert len(secrets) >= 5  # the device's password and key, the bridge's two passwords, the CA's key
     assert not [s for s in secrets if s in out or s in err]
     bundle = tmp_path / "data" / "site" / "bundles" / "pi-01"
     assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
@@ -61,7 +61,8 @@ def test_add_prints_what_to_copy_where_and_no_secret(
     [
         (["add", "a.b"], "ID: device id 'a.b' is not valid"),
         (["add", "pi/01"], "ID: device id 'pi/01' is not valid"),
-        (["add", "nerve-bridge"], "is the bridge's login"),
+        (["add", "nerve-bridge"], "is one of the bridge's logins"),
+        (["add", "nerve-bridge-down"], "is one of the bridge's logins"),
         (["revoke", "ghost"], "no device 'ghost' on this site"),
         (["revoke", "*"], "ID: device id '*' is not valid"),
         (["add", "pi-01", "--central-key", "/nonexistent/central.pub"], "cannot read central's public key"),
@@ -123,6 +124,12 @@ def test_site_prints_the_bridges_settings_without_its_password(
     assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
     assert password_file.read_text().strip() not in out
     assert Path(settings["ca_file"]).read_text().startswith("-----BEGIN CERTIFICATE-----")
+    downlink = yaml.safe_load(out[out.index("mqtt:") :])["bridge"]
+    assert downlink["downlink_username"] == "nerve-bridge-down"
+    downlink_password = Path(downlink["downlink_password_file"])
+    assert stat.S_IMODE(downlink_password.stat().st_mode) == 0o600
+    assert downlink_password.read_text().strip() not in out
+    assert downlink_password.read_text() != password_file.read_text()
     # Again: nothing new is made, the same settings are printed.
     assert main(["devices", "bridge", *site]) == 0
     again, _ = capsys.readouterr()

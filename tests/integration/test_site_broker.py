@@ -1,8 +1,9 @@
 """The shipped site broker config (configs/mosquitto-site.conf) with the files `nerve devices` writes.
 
 A real mosquitto (Debian's 2.0.11 here) runs the shipped file, with only its paths and port moved into a
-temp dir, on TLS with the site CA: each device is held to its own topics, the bridge reads the uplink and
-writes commands, strangers are refused at CONNECT, and a revoked device is disconnected and refused.
+temp dir, on TLS with the site CA: each device is held to its own topics, the bridge's uplink login reads
+the uplink and writes nothing, its downlink login writes commands and reads nothing, strangers are refused
+at CONNECT, and a revoked device is disconnected and refused.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.broker
 SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "mosquitto-site.conf"
 WAIT = 10.0
 BRIDGE_CLIENT = "nerve-bridge-test"
+DOWNLINK_CLIENT = "nerve-bridge-test-down"
 
 
 def site_config(*, port: int, broker_dir: Path, data_dir: Path, pid_file: Path) -> str:
@@ -93,6 +95,17 @@ class SiteBroker:
 
     def bridge(self) -> MqttSettings:
         return MqttSettings.model_validate(self.site.bridge_settings(["127.0.0.1"]) | {"url": self.url})
+
+    def downlink(self) -> MqttSettings:
+        login = self.site.downlink_settings()
+        return MqttSettings.model_validate(
+            self.site.bridge_settings(["127.0.0.1"])
+            | {
+                "url": self.url,
+                "username": login["downlink_username"],
+                "password_file": login["downlink_password_file"],
+            }
+        )
 
 
 @pytest.fixture
@@ -174,7 +187,7 @@ async def test_a_device_reads_only_its_own_commands(site_broker: SiteBroker) -> 
         await device.subscribe("nerve/dev2/commands/+", "nerve/+/commands/#", "nerve/#", "#")
         async with MqttClient(site_broker.device("dev2"), client_id="nerve-edge-dev2") as other:
             await other.publish("nerve/dev2/telemetry/disk", b"dev2's reading")
-        async with MqttClient(site_broker.bridge(), client_id=BRIDGE_CLIENT) as bridge:
+        async with MqttClient(site_broker.downlink(), client_id=DOWNLINK_CLIENT) as bridge:
             await bridge.publish("nerve/dev2/commands/clear_temp", b"for dev2")
             await bridge.publish("nerve/dev1/commands/clear_temp", b"for dev1")
         # Delivered in the order published: dev2's messages would have come first.
@@ -186,6 +199,25 @@ async def test_the_bridge_writes_commands_but_no_uplink(site_broker: SiteBroker)
         await bridge.subscribe("$share/bridges/nerve/#")  # bridge.shared_group's form is allowed too
         with pytest.raises(MqttWireError, match=DENIED):
             await bridge.publish("nerve/dev1/telemetry/disk", b"95")
+    # The uplink's login writes no command either: that is the downlink's, which reads nothing.
+    async with MqttClient(site_broker.bridge(), client_id=BRIDGE_CLIENT) as bridge:
+        with pytest.raises(MqttWireError, match=DENIED):
+            await bridge.publish("nerve/dev1/commands/clear_temp", b"{}")
+    async with MqttClient(site_broker.downlink(), client_id=DOWNLINK_CLIENT) as downlink:
+        await downlink.subscribe("nerve/#")
+        with pytest.raises(MqttWireError, match=DENIED):
+            await downlink.publish("nerve/dev1/telemetry/disk", b"95")
+    # What the downlink writes reaches the device (and the uplink, which ignores a command).
+    async with (
+        MqttClient(site_broker.downlink(), client_id=DOWNLINK_CLIENT) as downlink,
+        MqttClient(site_broker.bridge(), client_id=BRIDGE_CLIENT) as bridge,
+        MqttClient(site_broker.device("dev1"), client_id="nerve-edge-dev1") as device,
+    ):
+        await bridge.subscribe("nerve/#")
+        await device.subscribe("nerve/dev1/commands/+")
+        await downlink.publish("nerve/dev1/commands/clear_temp", b"a command")
+        assert await next_message(device) == ("nerve/dev1/commands/clear_temp", b"a command")
+        assert await next_message(bridge) == ("nerve/dev1/commands/clear_temp", b"a command")
 
 
 async def test_strangers_are_refused_at_connect(site_broker: SiteBroker, tmp_path: Path) -> None:
@@ -297,6 +329,7 @@ async def test_a_provisioned_edge_and_the_bridge_carry_a_signed_command_and_its_
             "data_dir": str(tmp_path / "bridge-data"),
             "nats": {"url": nats_server.url},
             "mqtt": site_broker.site.bridge_settings(["127.0.0.1"]) | mqtt,
+            "bridge": site_broker.site.downlink_settings(),
         }
     )
     signer = Signer.from_file(keys / "central.key")

@@ -443,8 +443,8 @@ async def test_the_client_acknowledges_a_message_when_it_hands_it_over_then_repo
 
 async def test_send_writes_at_once_and_its_future_is_settled_by_the_puback(connected: Connect) -> None:
     wire, transport = connected(ignore)
-    first = wire.send("nerve/pi-01/telemetry/cpu", b"a")
-    second = wire.send("nerve/pi-01/telemetry/cpu", b"b")
+    first = wire.publish_nowait("nerve/pi-01/telemetry/cpu", b"a")
+    second = wire.publish_nowait("nerve/pi-01/telemetry/cpu", b"b")
     assert bytes(transport.written) == publish_packet("nerve/pi-01/telemetry/cpu", b"a", 1) + publish_packet(
         "nerve/pi-01/telemetry/cpu", b"b", 2
     )
@@ -459,7 +459,7 @@ async def test_send_writes_at_once_and_its_future_is_settled_by_the_puback(conne
 
 async def test_the_brokers_receive_maximum_is_kept_from_its_connack(connected: Connect) -> None:
     wire, _ = connected(ignore)
-    assert wire.broker_receive_maximum == 65535  # none said: MQTT's default
+    assert wire.receive_maximum == 65535  # none said: MQTT's default
     properties = bytes([0x21]) + struct.pack("!H", 20)
     wire.data_received(packet(0x20, bytes([0, 0]) + varint(len(properties)) + properties))
-    assert wire.broker_receive_maximum == 20
+    assert wire.receive_maximum == 20

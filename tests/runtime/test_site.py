@@ -24,6 +24,7 @@ from nerve.runtime.trust.signing import generate_keypair
 from nerve.runtime.trust.site import (
     BUNDLE_CA,
     BUNDLE_PASSWORD,
+    DOWNLINK_PASSWORD,
     Site,
     SiteError,
     acl_text,
@@ -98,8 +99,9 @@ def test_the_acl_keeps_devices_to_their_topics_under_the_configured_prefix() -> 
         "pattern read acme/site-1/%u/commands/#",
         "user bridge-a",
         "topic read acme/site-1/#",
-        "topic write acme/site-1/+/commands/#",
         "topic read sensors/+/disk",
+        "user bridge-a-down",
+        "topic write acme/site-1/+/commands/#",
     ]
 
 
@@ -119,6 +121,7 @@ def test_the_written_acl_follows_settings(tmp_path: Path, central: Path) -> None
     acl = site.paths.acl.read_text()
     assert "pattern read acme/%u/commands/#" in acl
     assert "user br-1\n" in acl
+    assert "user br-1-down\ntopic write acme/+/commands/#\n" in acl
     assert "topic read sensors/+/disk" in acl
     assert (site.paths.bundles / "pi-01" / "edge.yaml").read_text().count("prefix: acme") == 1
 
@@ -143,6 +146,7 @@ def test_add_writes_private_files_and_keeps_the_private_key_out_of_the_registry(
         paths.acl,
         paths.ledger,
         paths.bridge / BUNDLE_PASSWORD,
+        paths.bridge / DOWNLINK_PASSWORD,
     ):
         assert mode(path) == 0o600, path
     assert sorted(p.name for p in added.bundle.rglob("*")) == sorted(
@@ -153,7 +157,7 @@ def test_add_writes_private_files_and_keeps_the_private_key_out_of_the_registry(
     # The password is in the bundle (for the device) and, hashed, in the broker's file: nowhere else.
     password = (added.bundle / BUNDLE_PASSWORD).read_text().strip()
     entries = dict(line.split(":", 1) for line in paths.passwd.read_text().splitlines())
-    assert set(entries) == {"pi-01", "nerve-bridge"}
+    assert set(entries) == {"pi-01", "nerve-bridge", "nerve-bridge-down"}
     assert password_matches(password, entries["pi-01"])
     holding = [p for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
     assert holding == [added.bundle / BUNDLE_PASSWORD]
@@ -255,7 +259,7 @@ def test_revoke_removes_the_login_and_retires_the_key(tmp_path: Path, central: P
     assert moved.exists()
     assert sorted(p.name for p in site.paths.registry.glob("*.pub")) == ["pi-02.pub"]
     users = [line.split(":")[0] for line in site.paths.passwd.read_text().splitlines()]
-    assert users == ["nerve-bridge", "pi-02"]
+    assert users == ["nerve-bridge", "nerve-bridge-down", "pi-02"]
     assert not (site.paths.bundles / "pi-01").exists()
     listed = {d.device: d.revoked for d in site.devices()}
     assert listed["pi-01"] is not None
@@ -303,7 +307,7 @@ def test_concurrent_adds_all_land(tmp_path: Path, central: Path) -> None:
     site = Site(settings)
     assert [d.device for d in site.devices()] == [f"pi-{n:02d}" for n in range(6)]
     users = {line.split(":")[0] for line in site.paths.passwd.read_text().splitlines()}
-    assert users == {"nerve-bridge", *(f"pi-{n:02d}" for n in range(6))}
+    assert users == {"nerve-bridge", "nerve-bridge-down", *(f"pi-{n:02d}" for n in range(6))}
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:

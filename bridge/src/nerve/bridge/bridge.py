@@ -1,12 +1,12 @@
-"""The bridge: MQTT ⇄ JetStream, uplink and downlink, on one persistent MQTT session.
+"""The bridge: MQTT ⇄ JetStream, the uplink on one persistent MQTT session, the downlink on another.
 
 Uplink: every message from devices is stored in JetStream (or dead-lettered with the reason) before
 its PUBACK goes back to mosquitto, so a bridge killed at any moment loses nothing: mosquitto redelivers
 what was not acknowledged, and JetStream's dedup (by event id) stores an envelope once.
 
-Downlink: a durable JetStream consumer on NERVE_COMMANDS; a command is acknowledged to JetStream only
-after mosquitto acknowledged the QoS1 publish. An expired command is not sent: a CommandResult
-`expired` and a fact say so.
+Downlink (`nerve.bridge.downlink`): a durable JetStream consumer on NERVE_COMMANDS, sent down on an MQTT
+connection of its own with many commands in flight; a command is acknowledged to JetStream only after
+mosquitto acknowledged the QoS1 publish. An expired command is not sent: a CommandResult `expired` says so.
 """
 
 from __future__ import annotations
@@ -14,54 +14,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
 
+from nerve.bridge.downlink import Downlink
 from nerve.bridge.metrics import MetricsServer
-from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats, shown
+from nerve.bridge.natsclient import connect_nats
+from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
 from nerve.bridge.pump import Pump
 from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.cancellation import checkpoint
-from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, CommandResult, derived_id, utcnow
-from nerve.runtime.errors import ConfigError, DecodeError, TopicError, shown_url
-from nerve.runtime.jetstream.client import (
-    connect_forever,
-    publish_dead_letter,
-    publish_envelope,
-    shared_durable,
-)
+from nerve.runtime.errors import shown_url
 from nerve.runtime.jetstream.identities import load_nkey
-from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
-from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
+from nerve.runtime.jetstream.streams import ready_streams
 from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, open_mqtt
 
 if TYPE_CHECKING:
-    from nats.aio.client import Client as NatsClient
-    from nats.aio.msg import Msg
-    from nats.js import JetStreamContext
-
     from nerve.runtime.config.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SOURCE: Final = "nerve://bridge"
-PART: Final = "bridge"
 STORE_TIMEOUT_S: Final = 5.0
 WATCH_INTERVAL_S: Final = 1.0
 DRAIN_TIMEOUT_S: Final = 5.0
+#: How long the uplink waits for the downlink to connect first, at start.
+DOWNLINK_FIRST_S: Final = 5.0
 SUBSCRIBE_TIMEOUT_S: Final = 30.0
-MQTT_PUBLISH_TIMEOUT_S: Final = 10.0
-# How many commands may be on their way to mosquitto at once; the rest wait in JetStream.
-DOWNLINK_MAX_ACK_PENDING: Final = 256
-DOWNLINK_ACK_WAIT_S: Final = 30.0
 
 
 class Bridge:
-    """Runs uplink and downlink until cancelled; reconnects to either broker forever."""
+    """Runs uplink and downlink until cancelled; reconnects to either broker forever.
+
+    `ready` is set while the uplink is subscribed and the downlink has its connection and consumer.
+    `downlink` is the running downlink (None before `run` reached NATS).
+    """
 
     def __init__(self, *, settings: Settings) -> None:
         self._settings = settings
@@ -69,6 +59,26 @@ class Bridge:
         self._metrics = frozenset(settings.bridge.metrics)
         self.stats = BridgeStats()
         self.ready = asyncio.Event()
+        self.downlink: Downlink | None = None
+        self._uplink_ready = asyncio.Event()
+        self._downlink_ready = asyncio.Event()
+
+    def _ready_changed(self) -> None:
+        if self.downlink is not None and self.downlink.ready.is_set():
+            self._downlink_ready.set()
+        else:
+            self._downlink_ready.clear()
+        if self._uplink_ready.is_set() and self._downlink_ready.is_set():
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+    def _uplink_is(self, *, ready: bool) -> None:
+        if ready:
+            self._uplink_ready.set()
+        else:
+            self._uplink_ready.clear()
+        self._ready_changed()
 
     async def run(self) -> None:
         """Bridge until cancelled. Cancelling loses nothing: unacknowledged messages are redelivered."""
@@ -89,45 +99,84 @@ class Bridge:
                 metrics.close()
 
     async def _bridge(self) -> None:
-        nc = await self._connect_nats()
+        nc = await connect_nats(self._settings.nats, name="nerve-bridge")
         try:
             js = nc.jetstream()
             await ready_streams(js, self._prefix, configure=self._settings.nats.nkey_file is None)
-            await self._run_mqtt(js)
+            main = asyncio.get_running_loop()
+
+            def ready_changed() -> None:  # called in the downlink's thread
+                main.call_soon_threadsafe(self._ready_changed)
+
+            self.downlink = Downlink(settings=self._settings, stats=self.stats, on_ready=ready_changed)
+            async with asyncio.TaskGroup() as tasks:
+                # Each on its own MQTT connection, each reconnecting on its own: a stalled uplink (NATS
+                # slow, its in-flight window full) holds no command, and a command no reading.
+                tasks.create_task(self._run_downlink(), name="bridge-downlink")
+                # The downlink connects first: a resumed uplink session floods the process with readings
+                # from its first moment, and would slow the downlink's start (bounded: a downlink that
+                # cannot connect, say its login is missing, holds no reading back for long).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DOWNLINK_FIRST_S):
+                        await self._downlink_ready.wait()
+                tasks.create_task(self._run_mqtt(), name="bridge-uplink")
+                await asyncio.Future()  # parked in the body (see `_session`)
         finally:
             self.ready.clear()
             with contextlib.suppress(NatsError, OSError, TimeoutError):
                 await nc.close()
 
-    async def _connect_nats(self) -> NatsClient:
-        """nats-py's connection (streams, downlink), retried with backoff whatever the server sends.
+    async def _run_downlink(self) -> None:
+        """The downlink, in a thread of its own with its own event loop and NATS connection.
 
-        `connect_forever` waits out an absent server; but nats-py lets a hostile INFO raise what it likes
-        (`AttributeError` on `INFO []`, `RecursionError` on deep nesting), which would end the bridge.
+        Why a thread: under a reading backlog the uplink keeps this loop busy (each socket read brings up
+        to `bridge.max_in_flight` readings to translate and store, tens of milliseconds of CPU), and a
+        command waiting on the same loop waited a batch per hop. In its own thread a command waits at
+        most the interpreter's switch interval (5 ms) for the GIL. Cancelling this cancels the downlink
+        (what it holds is handed back to JetStream) and waits for its thread to end.
         """
-        backoff = Backoff()
-        while True:
-            try:
-                return await connect_forever(self._settings.nats, name="nerve-bridge")
-            except ConfigError:
-                raise  # a bad seed file: one clear line, and no retry would mend it
-            except Exception as exc:  # noqa: BLE001 - anything nats-py raises on a bad server is retried
-                delay = backoff.next_delay()
-                log.warning(
-                    "bridge: cannot connect to %s: the server sent what nats-py cannot read (%s: %s); "
-                    "retrying in %.1fs",
-                    shown_url(self._settings.nats.url),
-                    type(exc).__name__,
-                    shown(str(exc).encode(), 120),
-                    delay,
-                )
-                await asyncio.sleep(delay)
+        downlink = self.downlink
+        assert downlink is not None  # noqa: S101 - set by `_bridge` before this starts
+        main = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = main.create_future()
 
-    async def _run_mqtt(self, js: JetStreamContext) -> None:
+        def report(outcome: BaseException | None) -> None:
+            if ended.done():
+                return
+            if outcome is None:
+                ended.set_result(None)
+            else:
+                ended.set_exception(outcome)
+
+        def thread() -> None:
+            outcome: BaseException | None = None
+            try:
+                asyncio.run(downlink.run_in_thread())
+            except asyncio.CancelledError:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - handed to the bridge's task, which raises it
+                outcome = exc
+            main.call_soon_threadsafe(report, outcome)
+
+        worker = threading.Thread(target=thread, name="nerve-bridge-downlink", daemon=True)
+        worker.start()
+        try:
+            await asyncio.shield(ended)
+        finally:
+            # Drained first (what is in flight gets its PUBACK and is acknowledged), then at once.
+            for drain in (True, False):
+                downlink.stop(drain=drain)
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    async with asyncio.timeout(DRAIN_TIMEOUT_S + 1):
+                        await asyncio.shield(ended)
+                if ended.done():
+                    break
+
+    async def _run_mqtt(self) -> None:
         backoff = Backoff()
         while True:
             try:
-                await self._session(js, backoff)
+                await self._session(backoff)
             except* (MqttWireError, NatsWireError) as group:
                 failure: BaseException = group.exceptions[0]
             task = asyncio.current_task()
@@ -138,7 +187,7 @@ class Bridge:
             log.warning("bridge: %s; reconnecting in %.1fs", failure, delay)
             await asyncio.sleep(delay)
 
-    async def _session(self, js: JetStreamContext, backoff: Backoff) -> None:
+    async def _session(self, backoff: Backoff) -> None:
         """One MQTT session and one NATS publishing connection, until either fails (or cancelled)."""
         settings = self._settings
         pump = Pump(
@@ -178,14 +227,12 @@ class Bridge:
                     # Watched from the start: a resumed session floods in before the SUBACK (the pump may
                     # pause reading at max_in_flight until stores come back), and NATS may go meanwhile.
                     tasks.create_task(self._watch(pump, mqtt_wire, nats_wire), name="bridge-watch")
-                    tasks.create_task(
-                        self._subscribed(mqtt_wire, js, filters, backoff), name="bridge-downlink"
-                    )
+                    tasks.create_task(self._subscribe(mqtt_wire, filters, backoff), name="bridge-subscribe")
                     # Park in the body: on 3.11 a TaskGroup whose child fails while the parent waits in
                     # __aexit__ leaves the parent's cancel count raised for good.
                     await asyncio.Future()
             finally:
-                self.ready.clear()
+                self._uplink_is(ready=False)
         finally:
             if mqtt_wire is not None:
                 await self._drain(pump, mqtt_wire, nats_wire)
@@ -193,14 +240,13 @@ class Bridge:
             nats_wire.close()
             self.stats.in_flight = 0  # what was not acknowledged is mosquitto's again
 
-    async def _subscribed(
-        self, mqtt_wire: MqttWire, js: JetStreamContext, filters: list[str], backoff: Backoff
-    ) -> None:
-        """Subscribe the uplink, then run the downlink until the session ends.
+    async def _subscribe(self, mqtt_wire: MqttWire, filters: list[str], backoff: Backoff) -> None:
+        """Subscribe the uplink; it is ready then.
 
         Retain Handling 2: the retained messages under the prefix (every device's `status`) are not sent
-        at each subscribe, only what is published from now on. No Local (not allowed in a shared group):
-        the commands this bridge publishes down are not sent back up to it.
+        at each subscribe, only what is published from now on. (No Local, where allowed, only keeps back
+        what this connection publishes, which is nothing: the downlink's commands come on another one,
+        and are acknowledged and ignored when they come back up.)
         """
         await mqtt_wire.subscribe(
             filters,
@@ -214,7 +260,7 @@ class Bridge:
             shown_url(self._settings.mqtt.url),
             shown_url(self._settings.nats.url),
         )
-        await self._downlink(mqtt_wire, js)
+        self._uplink_is(ready=True)
 
     async def _drain(self, pump: Pump, mqtt_wire: MqttWire, nats_wire: NatsWire) -> None:
         """Take nothing new, and give what is in flight a moment to be stored and acknowledged."""
@@ -238,95 +284,3 @@ class Bridge:
                 future.result()  # raises MqttWireError / NatsWireError
             pump.check_timeouts()
             checkpoint()
-
-    async def _dead_letter(self, js: JetStreamContext, *, reason: str, origin: str, payload: bytes) -> None:
-        backoff = Backoff(maximum=2.0)
-        while True:
-            try:
-                await publish_dead_letter(
-                    js, prefix=self._prefix, part=PART, reason=reason, origin=origin, payload=payload
-                )
-            except (NatsError, TimeoutError) as exc:
-                delay = backoff.next_delay()
-                log.warning("bridge: dead-lettering failed (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-            else:
-                self.stats.deadlettered += 1
-                log.warning("bridge: dead-lettered a message from %s: %s", origin, reason)
-                return
-
-    async def _subscribe_downlink(self, js: JetStreamContext) -> JetStreamContext.PushSubscription:
-        return await shared_durable(
-            js,
-            subject=kind_filter(Kind.COMMANDS, self._prefix),
-            stream=STREAM_OF_KIND[Kind.COMMANDS],
-            name=self._settings.bridge.downlink_durable,
-            ack_wait_s=DOWNLINK_ACK_WAIT_S,
-            max_ack_pending=DOWNLINK_MAX_ACK_PENDING,
-        )
-
-    async def _downlink(self, mqtt_wire: MqttWire, js: JetStreamContext) -> None:
-        """Send stored commands down until the session ends; NATS trouble is waited out, not fatal."""
-        backoff = Backoff()
-        while True:
-            try:
-                subscription = await self._subscribe_downlink(js)
-            except (NatsError, TimeoutError) as exc:
-                delay = backoff.next_delay()
-                log.warning("bridge: downlink: cannot bind its consumer (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            self.ready.set()
-            try:
-                async for msg in subscription.messages:
-                    try:
-                        await self._send_command(mqtt_wire, js, msg)
-                    except (NatsError, TimeoutError) as exc:
-                        # Not acknowledged: JetStream delivers it again after the ack wait.
-                        log.warning(
-                            "bridge: downlink: %s; the command will come again", exc or type(exc).__name__
-                        )
-                    checkpoint()
-            finally:
-                with contextlib.suppress(NatsError, TimeoutError):
-                    await subscription.unsubscribe()
-
-    async def _send_command(self, mqtt_wire: MqttWire, js: JetStreamContext, msg: Msg) -> None:
-        try:
-            address = parse_subject(msg.subject, self._prefix)
-            command = decode(msg.data, Command, max_size=self._settings.bridge.max_payload)
-            if command.subject != address.device or command.action != address.name:
-                raise DecodeError(  # noqa: TRY301 - one place turns bad commands into dead letters
-                    f"command for {command.subject}/{command.action} stored under {msg.subject}"
-                )
-        except (TopicError, DecodeError) as exc:
-            await self._dead_letter(js, reason=str(exc), origin=msg.subject, payload=msg.data)
-            await msg.term()
-            return
-        if command.expires <= utcnow():
-            await self._expire(js, command)
-            await msg.ack()
-            return
-        topic = address.topic(self._prefix)
-        async with asyncio.timeout(MQTT_PUBLISH_TIMEOUT_S):
-            await mqtt_wire.publish(topic, msg.data)
-        # mosquitto has it (PUBACK): only now may JetStream forget it.
-        await msg.ack()
-        self.stats.commands_sent += 1
-        log.debug("bridge: sent command %s to %s", command.id, topic)
-
-    async def _expire(self, js: JetStreamContext, command: Command) -> None:
-        reason = f"expired at {command.expires.isoformat()} before the bridge could send it"
-        result = CommandResult.for_command(
-            command,
-            source=SOURCE,
-            status="expired",
-            reason=reason,
-            result_id=derived_id(command.id, "expired"),
-        )
-        result_subject = Address(command.subject, Kind.RESULTS, command.action).subject(self._prefix)
-        # The result is the record; central's command audit keeps the fact (signed and chained by central,
-        # as every fact: the bridge holds no key, so a fact of its own would not verify).
-        await publish_envelope(js, result_subject, result, codec=self._settings.nats.codec)
-        self.stats.commands_expired += 1
-        log.warning("bridge: command %s to %s %s", command.id, command.subject, reason)

@@ -38,7 +38,13 @@ class BridgeCollector(Collector):
             ("deadlettered", "messages sent to NERVE_DEADLETTER with a reason", stats.deadlettered),
             ("commands_sent", "commands delivered to mosquitto (PUBACK received)", stats.commands_sent),
             ("commands_expired", "commands not sent because they had expired", stats.commands_expired),
-            ("reconnects", "MQTT reconnections", stats.reconnects),
+            (
+                "commands_deadlettered",
+                "commands sent to NERVE_DEADLETTER (unreadable)",
+                stats.commands_deadlettered,
+            ),
+            ("reconnects", "MQTT reconnections of the uplink", stats.reconnects),
+            ("downlink_reconnects", "MQTT reconnections of the downlink", stats.downlink_reconnects),
         )
         for name, documentation, value in counters:
             yield CounterMetricFamily(f"nerve_bridge_{name}", documentation, value=value)

@@ -1,4 +1,8 @@
-"""The bridge's counters: bumped on the hot path, read by the metrics collector when scraped."""
+"""The bridge's counters: bumped on the hot path, read by the metrics collector when scraped.
+
+The uplink's run in the bridge's event loop, the downlink's (`commands_*`, `downlink_reconnects`) in the
+downlink's thread: each counter has one writer, so no increment is lost to the other thread.
+"""
 
 from __future__ import annotations
 
@@ -16,4 +20,6 @@ class BridgeStats:
     in_flight: int = 0
     commands_sent: int = 0
     commands_expired: int = 0
+    commands_deadlettered: int = 0
     reconnects: int = 0
+    downlink_reconnects: int = 0

@@ -54,10 +54,14 @@ def add_parser(
         "site",
         aliases=["bridge"],
         parents=[shared],
-        help="set up the site (CA, broker certificate, the bridge's login) and print the bridge's settings",
+        help="set up the site (CA, broker certificate, the bridge's logins) and print the bridge's settings",
     )
     site.add_argument("--renew", action="store_true", help="issue a new broker certificate")
-    site.add_argument("--new-bridge-password", action="store_true", help="give the bridge a new password")
+    site.add_argument(
+        "--new-bridge-password",
+        action="store_true",
+        help="give the bridge new passwords (its uplink's and downlink's)",
+    )
 
 
 def _shared(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -162,7 +166,8 @@ def _site(site: Site, *, renew: bool, new_bridge_password: bool) -> int:
         f"the site broker's files are in {_shown(paths.broker)}: "
         "ca.crt, server.crt, server.key, passwd, acl\n"
         "  (configs/mosquitto-site.conf reads them from /etc/mosquitto/nerve: set site.broker_dir there)\n"
-        "the bridge's settings (its --config file; no secret here, the password is in the file named):"
+        "the bridge's settings (its --config file; no secret here, the passwords are in the files named):"
     )
-    print(yaml.safe_dump({"mqtt": site.bridge_settings(setup.hosts)}, sort_keys=False), end="")
+    bridge = {"mqtt": site.bridge_settings(setup.hosts), "bridge": site.downlink_settings()}
+    print(yaml.safe_dump(bridge, sort_keys=False), end="")
     return 0

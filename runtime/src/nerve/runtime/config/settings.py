@@ -352,14 +352,46 @@ class BridgeSettings(_Settings):
         default=None,
         description="several bridges with this group (and distinct client_id) share the uplink ($share)",
     )
+    downlink_client_id: str | None = Field(
+        default=None, min_length=1, description="the downlink's own MQTT client id; unset: <client_id>-down"
+    )
+    downlink_username: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=65535,
+        description="the downlink's own MQTT login (a site broker: `nerve devices site` makes it); "
+        "unset: the bridge's (mqtt.username, mqtt.password_file)",
+    )
+    downlink_password_file: ReadableFile | None = Field(
+        default=None, description="holds the downlink's password; one trailing newline is stripped"
+    )
+    downlink_in_flight: int = Field(
+        default=64,
+        ge=1,
+        le=65535,
+        description="commands sent to mosquitto and not yet acknowledged (PUBACK), at most; the broker's "
+        "Receive Maximum bounds it too (mosquitto: max_inflight_messages, 20 by default)",
+    )
 
     @property
     def effective_ranges(self) -> dict[str, tuple[float, float]]:
         """The range of each metric that has one: the built-in ones, then `ranges`."""
         return {**DEFAULT_RANGES, **self.ranges}
 
+    @property
+    def effective_downlink_client_id(self) -> str:
+        """The downlink's MQTT client id: `downlink_client_id`, else `<client_id>-down`."""
+        return self.downlink_client_id or f"{self.client_id}-down"
+
     @model_validator(mode="after")
     def _check_mappings(self) -> Self:
+        if self.downlink_password_file is not None and self.downlink_username is None:
+            raise ValueError("downlink_password_file is set without downlink_username")
+        if self.effective_downlink_client_id == self.client_id:
+            raise ValueError(
+                f"downlink_client_id {self.client_id!r} is the uplink's client_id: each connection takes "
+                "the other's session over"
+            )
         for metric, (low, high) in self.ranges.items():
             if not (math.isfinite(low) and math.isfinite(high) and low <= high):
                 raise ValueError(f"range of {metric!r} must be two finite numbers [low, high], low <= high")
@@ -468,6 +500,11 @@ class SiteSettings(_Settings):
     ca_days: int = Field(default=3650, ge=1, le=36500, description="validity of a new site CA")
     server_days: int = Field(default=825, ge=1, le=36500, description="validity of a broker certificate")
 
+    @property
+    def downlink_user(self) -> str:
+        """The MQTT user name of the bridge's downlink on the site broker: `<bridge_user>-down`."""
+        return f"{self.bridge_user}-down"
+
 
 MIB: Final = 1024 * 1024
 GIB: Final = 1024 * MIB
@@ -574,6 +611,11 @@ class Settings(_Settings):
             raise ValueError(
                 f"bridge.max_payload ({self.bridge.max_payload}) must be below mqtt.max_packet_size "
                 f"({self.mqtt.max_packet_size})"
+            )
+        if self.bridge.downlink_username is not None and urlsplit(self.mqtt.url).username is not None:
+            raise ValueError(
+                "bridge.downlink_username is set but mqtt.url carries the bridge's credentials: give them "
+                "as mqtt.username and mqtt.password_file instead"
             )
         first = self.prefix.split("/")[0]
         for rule in self.bridge.mappings:

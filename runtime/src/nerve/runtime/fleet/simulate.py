@@ -235,7 +235,7 @@ class _Link:
 
     def _send(self, topic: str, payload: bytes, done: Callable[[bool], None] | None) -> None:
         try:
-            future = self.wire.send(topic, payload)
+            future = self.wire.publish_nowait(topic, payload)
         except MqttWireError:
             if done is not None:
                 done(False)  # noqa: FBT003 - the outcome
@@ -343,7 +343,7 @@ class Simulation:
             receive_maximum=COMMAND_RECEIVE_MAXIMUM,
             timeout_s=OPEN_TIMEOUT_S,
         )
-        link = _Link(wire, limit=min(MAX_IN_FLIGHT, wire.broker_receive_maximum))
+        link = _Link(wire, limit=min(MAX_IN_FLIGHT, wire.receive_maximum))
         holder.append(link)
         wire.closed.add_done_callback(lambda closed: self._connection_ended(client_id, closed))
         filters = [f"{self._prefix}/{name}/{Kind.COMMANDS}/+" for name in names]

@@ -200,6 +200,9 @@ set_tcp_nodelay true
 max_queued_messages 0
 # max_inflight_messages stays at its default (20): it bounds MQTT 3.1.1 clients. An MQTT v5 client
 # such as the bridge sets its own window with the Receive Maximum it sends in CONNECT (bridge.max_in_flight).
+# mosquitto also announces it in CONNACK as its own Receive Maximum: how many QoS1 publishes a client may
+# have unacknowledged towards it. The bridge's downlink keeps to that (bridge.downlink_in_flight, 64, is
+# cut to 20); raise it here to let more commands be on their way at once.
 
 # nerve's clients take packets up to mqtt.max_packet_size; a bigger publish is refused at the door (its
 # sender disconnected) rather than stored and then silently never delivered to them. Announced in CONNACK.

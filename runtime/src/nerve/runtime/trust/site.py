@@ -6,7 +6,7 @@ What `nerve devices` keeps (docs/devices.md). Under `<data_dir>/site/` (mode 070
 site.json            the devices: id, when added, when revoked, key fingerprint
 lock                 held while a `nerve devices` run changes anything
 ca.key ca.crt        the site CA (the key never leaves this directory)
-bridge/              the bridge's login: mqtt-password, mqtt-ca.pem
+bridge/              the bridge's logins: mqtt-password (uplink), mqtt-password-down (downlink), mqtt-ca.pem
 bundles/<id>/        what to copy to a device (0700, files 0600): delete it once copied
 broker/              what mosquitto reads (`site.broker_dir`): server.key server.crt ca.crt passwd acl
 ```
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
 
 __all__ = [
+    "DOWNLINK_PASSWORD",
     "DeviceRecord",
     "Site",
     "SiteError",
@@ -77,6 +78,8 @@ PUBLIC_MODE: Final = 0o644
 #: What a device bundle calls its files (on the device, under `site.device_dir`).
 BUNDLE_CA: Final = "mqtt-ca.pem"
 BUNDLE_PASSWORD: Final = "mqtt-password"  # noqa: S105 - a file name
+#: Where the password of the bridge's downlink login (`site.downlink_user`) is, beside the bridge's.
+DOWNLINK_PASSWORD: Final = "mqtt-password-down"  # noqa: S105 - a file name
 BUNDLE_TRUSTED: Final = "trusted"
 BUNDLE_CONFIG: Final = "edge.yaml"
 _UTC_STAMP: Final = "%Y%m%dT%H%M%SZ"
@@ -154,7 +157,7 @@ class SitePaths:
 
     @property
     def bridge(self) -> Path:
-        """The bridge's login: `mqtt-password` and `mqtt-ca.pem`."""
+        """The bridge's logins: `mqtt-password`, `mqtt-password-down` (its downlink) and `mqtt-ca.pem`."""
         return self.root / "bridge"
 
     @property
@@ -296,14 +299,19 @@ def _passwd_text(entries: Mapping[str, str]) -> str:
     return "".join(f"{user}:{hashed}\n" for user, hashed in sorted(entries.items()))
 
 
-def acl_text(*, prefix: str, bridge_user: str, mapped_topics: Sequence[str] = ()) -> str:
+def acl_text(
+    *, prefix: str, bridge_user: str, downlink_user: str | None = None, mapped_topics: Sequence[str] = ()
+) -> str:
     """The ACL for mosquitto: each device (user name = device id) to its own topics; the bridge to the uplink.
 
     A device writes only `<prefix>/<id>/{telemetry,events,results}/...` and `<prefix>/<id>/status`, and reads
-    only `<prefix>/<id>/commands/...`. The bridge reads everything under the prefix (it dead-letters what
-    is mistyped, and ignores commands and presence) and each mapping's foreign topic, and writes commands.
+    only `<prefix>/<id>/commands/...`. The bridge's uplink login reads everything under the prefix (it
+    dead-letters what is mistyped, and ignores commands and presence) and each mapping's foreign topic, and
+    writes nothing; its downlink login (`downlink_user`, default `<bridge_user>-down`) writes commands and
+    reads nothing.
     """
     check_token(bridge_user, "bridge user")
+    downlink_user = downlink_user or f"{bridge_user}-down"
     lines = [
         "# Written by `nerve devices` (nerve.runtime.trust.site), rewritten on every change: do not edit.",
         "# A device logs in with its id as its user name (%u): it publishes only on its own uplink topics",
@@ -314,11 +322,14 @@ def acl_text(*, prefix: str, bridge_user: str, mapped_topics: Sequence[str] = ()
         f"pattern write {prefix}/%u/status",
         f"pattern read {prefix}/%u/commands/#",
         "",
-        "# The bridge: the whole uplink (and each bridge.mappings topic), and every device's commands.",
+        "# The bridge's uplink: reads the whole uplink (and each bridge.mappings topic), writes nothing.",
         f"user {bridge_user}",
         f"topic read {prefix}/#",
-        f"topic write {prefix}/+/commands/#",
         *(f"topic read {topic}" for topic in mapped_topics),
+        "",
+        "# The bridge's downlink (a connection of its own): writes every device's commands, reads nothing.",
+        f"user {downlink_user}",
+        f"topic write {prefix}/+/commands/#",
     ]
     return "\n".join(lines) + "\n"
 
@@ -536,15 +547,17 @@ class Site:
             check_token(device, "device id")
         except ValueError as exc:
             raise ConfigError(f"{exc} (no wildcards, no dots, no slashes)", key="ID") from None
-        if device == self._settings.site.bridge_user:
+        if device in {self._settings.site.bridge_user, self._settings.site.downlink_user}:
             raise ConfigError(
-                f"{device!r} is the bridge's login (site.bridge_user): a device cannot have it", key="ID"
+                f"{device!r} is one of the bridge's logins (site.bridge_user, and its downlink's "
+                "<bridge_user>-down): a device cannot have it",
+                key="ID",
             )
 
     # -- set-up --
 
     def setup(self, *, renew: bool = False, new_bridge_password: bool = False) -> SetUp:
-        """Create what is missing (CA, broker certificate, the bridge's login, ACL); hold the lock."""
+        """Create what is missing (CA, broker certificate, the bridge's two logins, ACL); hold the lock."""
         with site_lock(self._paths.lock):
             return self._setup(renew=renew, new_bridge_password=new_bridge_password)
 
@@ -578,14 +591,17 @@ class Site:
             )
         write_atomic(paths.broker_ca, ca_cert, mode=PUBLIC_MODE, owner=site.broker_user)
         passwd = _read_passwd(paths.passwd)
-        if new_bridge_password or site.bridge_user not in passwd:
-            password = secrets.token_urlsafe(PASSWORD_BYTES)
-            _private_dir(paths.bridge)
-            write_atomic(paths.bridge / BUNDLE_PASSWORD, password.encode() + b"\n", mode=PRIVATE_MODE)
-            passwd[site.bridge_user] = password_hash(password)
-            made.append(
-                f"the bridge's login {site.bridge_user!r} (password in {paths.bridge / BUNDLE_PASSWORD})"
-            )
+        logins = (
+            ("the bridge's login", site.bridge_user, BUNDLE_PASSWORD),
+            ("the bridge's downlink login", site.downlink_user, DOWNLINK_PASSWORD),
+        )
+        for what, user, file_name in logins:
+            if new_bridge_password or user not in passwd:
+                password = secrets.token_urlsafe(PASSWORD_BYTES)
+                _private_dir(paths.bridge)
+                write_atomic(paths.bridge / file_name, password.encode() + b"\n", mode=PRIVATE_MODE)
+                passwd[user] = password_hash(password)
+                made.append(f"{what} {user!r} (password in {paths.bridge / file_name})")
         write_atomic(paths.bridge / BUNDLE_CA, ca_cert, mode=PRIVATE_MODE)
         self._write_broker_files(passwd)
         if tuple(ledger.hosts) != hosts:
@@ -596,7 +612,12 @@ class Site:
     def _write_broker_files(self, passwd: Mapping[str, str]) -> None:
         site = self._settings.site
         mapped = [rule.topic for rule in self._settings.bridge.mappings]
-        acl = acl_text(prefix=self._settings.prefix, bridge_user=site.bridge_user, mapped_topics=mapped)
+        acl = acl_text(
+            prefix=self._settings.prefix,
+            bridge_user=site.bridge_user,
+            downlink_user=site.downlink_user,
+            mapped_topics=mapped,
+        )
         write_atomic(self._paths.acl, acl.encode(), mode=PRIVATE_MODE, owner=site.broker_user)
         write_atomic(
             self._paths.passwd, _passwd_text(passwd).encode(), mode=PRIVATE_MODE, owner=site.broker_user
@@ -609,6 +630,13 @@ class Site:
             "ca_file": str((self._paths.bridge / BUNDLE_CA).absolute()),
             "username": self._settings.site.bridge_user,
             "password_file": str((self._paths.bridge / BUNDLE_PASSWORD).absolute()),
+        }
+
+    def downlink_settings(self) -> dict[str, object]:
+        """The `bridge` settings of the bridge's downlink login on this site (no secret)."""
+        return {
+            "downlink_username": self._settings.site.downlink_user,
+            "downlink_password_file": str((self._paths.bridge / DOWNLINK_PASSWORD).absolute()),
         }
 
     # -- devices --

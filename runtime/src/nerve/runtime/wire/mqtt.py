@@ -12,7 +12,8 @@ what nerve needs, and nothing else (it is small too: paho and aiomqtt cost the e
 - SUBSCRIBE/SUBACK (QoS1 maximum, so the broker never sends QoS2; No Local and Retain Handling if asked);
 - incoming PUBLISH at QoS0/1, with its user properties and content type (the CloudEvents MQTT binary
   mode), acknowledged only when the caller says so (`puback`), in receive order;
-- outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink, the edge's outbox), or at QoS0,
+- outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink, the edge's outbox; the broker's
+  Receive Maximum from CONNACK is `receive_maximum`, for the caller to keep to), or at QoS0,
   retained or not (the edge's presence), with user properties and a content type if asked;
 - keep-alive (PINGREQ/PINGRESP) and DISCONNECT.
 
@@ -479,8 +480,9 @@ class MqttWire(WireProtocol[Incoming]):
         self._pubacks: dict[int, asyncio.Future[None]] = {}
         self._next_id = 0
         self._broker_max_packet_size = MAX_REMAINING_LENGTH + 5
-        # How many QoS1 publishes the broker takes unacknowledged (its CONNACK's Receive Maximum).
-        self.broker_receive_maximum = MAX_PACKET_ID
+        #: How many QoS1 publishes the broker takes unacknowledged at once (its CONNACK's Receive
+        #: Maximum; 65535 when it sets none). Exceeding it is a protocol error the broker disconnects for.
+        self.receive_maximum = MAX_PACKET_ID
         self.session_present = False
         self.lost: Exception | None = None
 
@@ -573,7 +575,7 @@ class MqttWire(WireProtocol[Incoming]):
             self._broker_max_packet_size = limit
         receive_maximum = properties.get(RECEIVE_MAXIMUM)
         if isinstance(receive_maximum, int) and receive_maximum:
-            self.broker_receive_maximum = receive_maximum
+            self.receive_maximum = receive_maximum
         if not self._connack.done():
             self._connack.set_result((session_present, properties))
 
@@ -736,16 +738,17 @@ class MqttWire(WireProtocol[Incoming]):
                 self._checked(publish_packet(topic, payload, 0, retain=retain, properties=properties))
             )
             return
-        await self.send(topic, payload, retain=retain, properties=properties)
+        await self.publish_nowait(topic, payload, retain=retain, properties=properties)
 
-    def send(
+    def publish_nowait(
         self, topic: str, payload: bytes, *, retain: bool = False, properties: bytes = b"\x00"
     ) -> asyncio.Future[None]:
-        """Publish at QoS1 now, without waiting: the future of its PUBACK (`publish` awaits it).
+        """Write a QoS1 PUBLISH now; return the future of its PUBACK (what `publish` awaits).
 
-        For a sender that keeps many publishes in flight without a task each (`nerve simulate`); it
-        must keep them within `broker_receive_maximum`. `properties`: a block from `publish_properties`.
-        Raises `MqttWireError` as `publish` does; the future fails with it when the connection ends.
+        For a caller that must not wait a loop iteration to send (the bridge's downlink), or that keeps
+        many publishes in flight without a task each (`nerve simulate`), within `receive_maximum`. The future
+        fails with `MqttWireError` as `publish` would; the PUBLISH is written before this returns, or
+        `MqttWireError` (not connected, over the broker's Maximum Packet Size) is raised.
         """
         packet_id = self._packet_id(self._pubacks)
         data = self._checked(publish_packet(topic, payload, packet_id, retain=retain, properties=properties))

@@ -1,0 +1,327 @@
+"""The downlink against a real mosquitto and nats-server: commands first, whatever the uplink is doing.
+
+The downlink has its own MQTT connection, so a command's PUBACK never waits behind readings, and it keeps
+several commands in flight. Each test asserts an order or a count, never a duration: waits have timeouts
+only so that a failure ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+import nerve.bridge.bridge as bridge_module
+from nerve.bridge import Bridge
+from nerve.bridge.downlink import downlink_mqtt
+from nerve.bridge.natswire import open_nats
+from nerve.runtime.config.settings import load_settings
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Command
+from nerve.runtime.jetstream.client import publish_envelope, shared_durable
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
+from nerve.runtime.subjects import Kind, kind_filter
+from nerve.runtime.testing import stream_messages
+from nerve.runtime.wire.client import MqttClient
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+    from contextlib import AbstractAsyncContextManager
+
+    from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
+    from tests.conftest import Running, Serve
+
+    from nerve.bridge.natswire import NatsWire
+    from nerve.runtime.config.settings import Settings
+    from nerve.runtime.stack.brokers import Mosquitto, NatsServer
+
+pytestmark = pytest.mark.broker
+
+WAIT = 30.0
+NERVE = str(Path(sys.executable).parent / "nerve")
+
+
+def command_for(device: str) -> Command:
+    return Command.create(device=device, action="clear_temp", args={}, source="t", ttl=timedelta(minutes=5))
+
+
+async def store_commands(js: JetStreamContext, commands: list[Command]) -> None:
+    for command in commands:
+        await publish_envelope(js, f"nerve.{command.subject}.commands.{command.action}", command)
+
+
+async def receive(device: MqttClient, count: int) -> list[Command]:
+    """The next `count` commands the subscribed client gets (a timeout only so that a failure ends)."""
+    received: list[Command] = []
+    async with asyncio.timeout(WAIT):
+        async for message in device.messages:
+            received.append(decode(message.payload, Command))
+            if len(received) == count:
+                return received
+    return received
+
+
+async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+    async with asyncio.timeout(WAIT):
+        while not await condition():
+            await asyncio.sleep(0.05)
+
+
+@dataclass
+class Valve:
+    """Relays to a real nats-server, and holds what clients send while closed (nothing is dropped)."""
+
+    upstream_port: int
+    flowing: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._copy(reader, up_writer, self.flowing), name="valve-up")
+                tasks.create_task(self._copy(up_reader, writer, None), name="valve-down")
+        except* (ConnectionError, OSError):
+            pass
+        finally:
+            up_writer.close()
+            writer.close()
+
+    @staticmethod
+    async def _copy(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, flowing: asyncio.Event | None
+    ) -> None:
+        while data := await reader.read(65536):
+            if flowing is not None:
+                await flowing.wait()
+            writer.write(data)
+            await writer.drain()
+        raise ConnectionError  # either side gone: end the other copy too
+
+
+@contextlib.asynccontextmanager
+async def uplink_through_valve(
+    nats_server: NatsServer,
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Valve]:
+    """The uplink's JetStream publisher (only it) goes through a valve, open to begin with."""
+    valve = Valve(upstream_port=int(nats_server.url.rsplit(":", 1)[1]))
+    valve.flowing.set()
+    async with tcp_server(valve.serve) as port:
+
+        async def through_valve(_: str, **options: Any) -> NatsWire:
+            return await open_nats(f"nats://127.0.0.1:{port}", **options)
+
+        monkeypatch.setattr(bridge_module, "open_nats", through_valve)
+        yield valve
+
+
+async def test_commands_reach_devices_while_the_uplink_is_stalled_behind_a_backlog(  # noqa: PLR0917 - fixtures
+    settings: Settings,
+    nats_server: NatsServer,
+    nc: NatsClient,
+    running: Running,
+    tcp_server: Callable[[Serve], AbstractAsyncContextManager[int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """JetStream stores hang for the uplink: it stops reading mosquitto at max_in_flight, with thousands
+    of readings queued behind. Every command still reaches its device before one more reading is stored;
+    once the stores flow again, every reading is stored."""
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    readings = 2000
+    settings = settings.model_copy(
+        update={"bridge": settings.bridge.model_copy(update={"max_in_flight": 50})}
+    )
+    commands = [command_for(f"dev-{i}") for i in range(5)]
+    async with (
+        uplink_through_valve(nats_server, tcp_server, monkeypatch) as valve,
+        running(Bridge(settings=settings), wait=WAIT) as _,
+        MqttClient(settings.mqtt, client_id="devices") as devices,
+        MqttClient(settings.mqtt, client_id="sensors") as sensors,
+    ):
+        await devices.subscribe("nerve/+/commands/+")
+        valve.flowing.clear()
+        for i in range(readings):
+            await sensors.publish(f"nerve/dev-{i % 50}/telemetry/disk", str(i % 100).encode())
+        await store_commands(js, commands)
+        received = await receive(devices, len(commands))
+        stored = (await js.stream_info("NERVE_TELEMETRY")).state.messages
+        valve.flowing.set()
+        async with asyncio.timeout(WAIT * 2):
+            while (await js.stream_info("NERVE_TELEMETRY")).state.messages < readings:
+                await asyncio.sleep(0.1)
+    assert sorted(c.id for c in received) == sorted(c.id for c in commands)
+    assert stored == 0  # the backlog was still all pending when the last command arrived
+
+
+async def test_200_commands_to_200_devices_are_pipelined_and_each_delivered_once(
+    settings: Settings, mosquitto: Mosquitto, nc: NatsClient, running: Running
+) -> None:
+    """mosquitto is stopped (SIGSTOP) while JetStream hands the bridge 200 commands: the downlink writes a
+    whole window of them without waiting for a PUBACK (one at a time, it would have written one), never
+    more than mosquitto's Receive Maximum; once mosquitto runs again, each device gets its command once."""
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    commands = [command_for(f"dev-{i:03d}") for i in range(200)]
+    bridge = Bridge(settings=settings)
+    assert mosquitto.pid is not None
+    async with MqttClient(settings.mqtt, client_id="devices") as devices:
+        await devices.subscribe("nerve/+/commands/+")
+        async with running(bridge, wait=WAIT):
+            assert bridge.downlink is not None
+            downlink = bridge.downlink
+            os.kill(mosquitto.pid, signal.SIGSTOP)
+            try:
+                await store_commands(js, commands)
+
+                async def window_written() -> bool:
+                    return downlink.in_flight == downlink.window
+
+                await until(window_written)
+            finally:
+                os.kill(mosquitto.pid, signal.SIGCONT)
+            received = await receive(devices, len(commands))
+
+            async def all_sent() -> bool:
+                return bridge.stats.commands_sent == len(commands)
+
+            await until(all_sent)
+            consumer = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
+    per_device = collections.Counter(c.subject for c in received)
+    assert per_device == {f"dev-{i:03d}": 1 for i in range(200)}
+    assert sorted(c.id for c in received) == sorted(c.id for c in commands)
+    assert downlink.window == 20  # mosquitto's Receive Maximum (its max_inflight_messages) bounds it
+    assert downlink.max_in_flight == downlink.window
+    assert consumer.num_ack_pending == 0
+    assert consumer.num_pending == 0
+    assert consumer.num_redelivered == 0
+
+
+async def test_the_downlink_has_its_own_client_id_and_login(settings: Settings, tmp_path: Path) -> None:
+    password = tmp_path / "down-password"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    derived = load_settings(overrides={"bridge": {"client_id": "site-bridge"}})
+    assert derived.bridge.effective_downlink_client_id == "site-bridge-down"
+    assert downlink_mqtt(derived) == derived.mqtt
+    own = load_settings(
+        overrides={
+            "mqtt": {"username": "up", "password_file": str(password)},
+            "bridge": {
+                "downlink_client_id": "down-1",
+                "downlink_username": "down",
+                "downlink_password_file": str(password),
+            },
+        }
+    )
+    assert own.bridge.effective_downlink_client_id == "down-1"
+    assert (downlink_mqtt(own).username, downlink_mqtt(own).password_file) == ("down", password)
+    assert downlink_mqtt(own).url == own.mqtt.url
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        ({"bridge": {"client_id": "b", "downlink_client_id": "b"}}, "is the uplink's client_id"),
+        ({"bridge": {"downlink_password_file": "/etc/hostname"}}, "without downlink_username"),
+        (
+            {"mqtt": {"url": "mqtt://u:p@127.0.0.1"}, "bridge": {"downlink_username": "d"}},
+            "mqtt.url carries the bridge's credentials",
+        ),
+        ({"bridge": {"downlink_in_flight": 0}}, "downlink_in_flight"),
+    ],
+)
+def test_bad_downlink_settings_are_refused_in_one_line(overrides: dict[str, Any], says: str) -> None:
+    from nerve.runtime.errors import ConfigError  # noqa: PLC0415
+
+    with pytest.raises(ConfigError, match=says) as refused:
+        load_settings(overrides=overrides)
+    assert "\n" not in str(refused.value).strip()
+
+
+async def start_bridge(settings: Settings) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        NERVE,
+        "bridge",
+        "--mqtt-url",
+        settings.mqtt.url,
+        "--nats-url",
+        settings.nats.url,
+        "--log-level",
+        "error",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.slow
+async def test_a_bridge_killed_with_commands_in_flight_loses_none(
+    settings: Settings, mosquitto: Mosquitto, nc: NatsClient
+) -> None:
+    """SIGKILL while mosquitto (stopped) owes PUBACKs for a window of commands: each still arrives.
+
+    The consumer is made beforehand with a short ack wait, so that JetStream delivers again soon what
+    the killed bridge never acknowledged; a device may get a command twice (its journal drops the copy).
+    """
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    made = await shared_durable(
+        js,
+        subject=kind_filter(Kind.COMMANDS, settings.prefix),
+        stream=STREAM_OF_KIND[Kind.COMMANDS],
+        name=settings.bridge.downlink_durable,
+        ack_wait_s=2.0,
+        max_ack_pending=256,
+    )
+    await made.unsubscribe()  # the consumer stays, for the bridge to bind; this test takes no command
+    warmup = command_for("warmup")
+    commands = [command_for(f"dev-{i:02d}") for i in range(60)]
+    assert mosquitto.pid is not None
+    bridge = await start_bridge(settings)
+    try:
+        async with MqttClient(settings.mqtt, client_id="devices") as devices:
+            await devices.subscribe("nerve/+/commands/+")
+            await store_commands(js, [warmup])
+            assert [c.id for c in await receive(devices, 1)] == [warmup.id]
+            os.kill(mosquitto.pid, signal.SIGSTOP)
+            try:
+                await store_commands(js, commands)
+
+                async def delivered_to_the_bridge() -> bool:
+                    info = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
+                    return bool(info.num_ack_pending == len(commands))
+
+                await until(delivered_to_the_bridge)
+                bridge.send_signal(signal.SIGKILL)
+                await bridge.wait()
+            finally:
+                os.kill(mosquitto.pid, signal.SIGCONT)
+            bridge = await start_bridge(settings)
+            seen: list[Command] = []
+            async with asyncio.timeout(WAIT * 2):
+                async for message in devices.messages:
+                    seen.append(decode(message.payload, Command))
+                    if {c.id for c in seen} >= {c.id for c in commands}:
+                        break
+
+            async def all_acknowledged() -> bool:
+                info = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
+                return bool(info.num_ack_pending == 0 and info.num_pending == 0)
+
+            await until(all_acknowledged)
+    finally:
+        bridge.send_signal(signal.SIGTERM)
+        await bridge.wait()
+    assert {c.id for c in seen} == {c.id for c in commands}
+    assert await stream_messages(js, "NERVE_RESULTS") == []  # none expired
