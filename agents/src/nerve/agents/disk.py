@@ -76,9 +76,12 @@ async def _release(step: Step, device: str) -> None:
 
 
 async def _verified(step: Step, settings: DiskRunbookSettings, device: str, mount: str) -> bool:
-    """Whether a reading of the device, after its result came (the previous step), is below `clear_below`.
+    """Whether a reading of the device since the spike that opened the run is below `clear_below`.
 
-    The wait reads from where the stream was when the previous step (the result's fact) began.
+    Read from right after the trigger (`since_trigger`), not from where the previous step began: the edge
+    reports its freed disk right after its result, often before the result's fact step begins, and a
+    wait from there would miss it. A reading below the clear level at any point after the spike says the
+    disk is no longer full, whoever freed it.
     """
 
     def cleared(event: Envelope) -> bool:
@@ -87,7 +90,13 @@ async def _verified(step: Step, settings: DiskRunbookSettings, device: str, moun
         return same and level is not None and level < settings.clear_below
 
     found = await step.wait_for_event(
-        "verify", "disk", kind=Kind.TELEMETRY, source=device, timeout=settings.verify_s, match=cleared
+        "verify",
+        "disk",
+        kind=Kind.TELEMETRY,
+        source=device,
+        timeout=settings.verify_s,
+        match=cleared,
+        since_trigger=True,
     )
     return found is not None
 
