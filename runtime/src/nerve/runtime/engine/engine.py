@@ -32,6 +32,7 @@ from nats.js.errors import BadRequestError
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.agent import RunFailure
 from nerve.runtime.engine.errors import EngineError, LeaseLost, RunCancelled
+from nerve.runtime.engine.flow import START, Decision, Flow, ensure_flow_storage
 from nerve.runtime.engine.journal import (
     DECODER,
     TERMINAL,
@@ -57,7 +58,7 @@ from nerve.runtime.engine.names import (
 )
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import EngineContext, Park, Step
-from nerve.runtime.engine.timers import RUN_HEADER, has_fired, timers_config
+from nerve.runtime.engine.timers import RUN_HEADER, has_fired, schedule, timers_config
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.errors import DecodeError
@@ -66,7 +67,7 @@ from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import TracebackType
 
     from nats.aio.client import Client as NatsClient
@@ -87,6 +88,8 @@ MAX_ACK_PENDING: Final = 1000
 MAX_DELIVER: Final = 5
 START_TIMEOUT_S: Final = 30.0
 RELEASE_TIMEOUT_S: Final = 2.0
+#: How often the facts that flow control counted are kept (one per key and limit and window).
+LIMIT_FACTS_TICK_S: Final = 0.5
 
 
 async def ensure_engine_storage(js: JetStreamContext, prefix: str, settings: EngineSettings) -> KeyValue:
@@ -166,7 +169,13 @@ class Engine:
         signer: Signer | None = None,
         codec: Codec = DEFAULT_CODEC,
         instance: str | None = None,
+        fleet_size: Callable[[], int] | None = None,
     ) -> None:
+        """Take agents to run; nothing starts before `async with` (or `run`).
+
+        `fleet_size` says how many devices the fleet has (the device registry), for blast-radius
+        percentages; `settings.fleet_size`, when set, wins.
+        """
         names = [agent.name for agent in agents]
         if len(set(names)) != len(names):
             raise EngineError(f"two agents share a name: {sorted(names)}")
@@ -187,6 +196,8 @@ class Engine:
         self._cancels: set[str] = set()
         self._slots = asyncio.Semaphore(self.settings.max_live_runs)
         self._main: asyncio.Task[None] | None = None
+        self._fleet_size = fleet_size
+        self._flow: Flow | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -239,8 +250,26 @@ class Engine:
         js = self._nc.jetstream()
         await ensure_streams(js, self._prefix)
         self._kv = await ensure_engine_storage(js, self._prefix, self.settings)
+        limits, lineage = await ensure_flow_storage(js, self.settings)
+        self._flow = Flow(
+            js=js,
+            limits=limits,
+            lineage=lineage,
+            runs=self._kv,
+            prefix=self._prefix,
+            settings=self.settings,
+            signer=self._signer,
+            codec=self._codec,
+            instance=self.instance,
+            fleet_size=self._fleet_size,
+        )
         self._ctx = EngineContext(
-            js=js, prefix=self._prefix, settings=self.settings, signer=self._signer, codec=self._codec
+            js=js,
+            prefix=self._prefix,
+            settings=self.settings,
+            signer=self._signer,
+            codec=self._codec,
+            flow=self._flow,
         )
         subscriptions: list[JetStreamContext.PushSubscription] = []
         watcher: KeyValue.KeyWatcher | None = None
@@ -250,6 +279,7 @@ class Engine:
                 watcher = await self.kv.watchall()
                 tasks.create_task(self._watch(watcher), name="engine-watch")
                 tasks.create_task(self._recover(), name="engine-recover")
+                tasks.create_task(self._limit_facts(self._flow), name="engine-limit-facts")
                 timers = await shared_durable(
                     js,
                     subject=timer_fired_subject(self._prefix),
@@ -302,6 +332,11 @@ class Engine:
             raise EngineError(f"run {run_id} has ended ({found[0].state}): nothing to cancel")
         await self.kv.put(cancel_key(run_id), b"cancel")
 
+    @property
+    def limit_counts(self) -> dict[str, int]:
+        """What flow control did in this process: `<agent>.<limit>.<dropped|merged|delayed>` -> count."""
+        return {} if self._flow is None else dict(self._flow.counts)
+
     async def record(self, run_id: str) -> RunRecord | None:
         """The journal of run `run_id`, or None."""
         found = await read_record(self.kv, run_id)
@@ -349,7 +384,7 @@ class Engine:
             raise EngineError("the engine has not started")
         return self._ctx
 
-    async def _on_trigger(self, agent: DurableAgent, msg: Msg) -> None:
+    async def _on_trigger(self, agent: DurableAgent, msg: Msg) -> None:  # noqa: C901, PLR0911 - each exit a case
         try:
             event = decode(msg.data, MODEL_OF_KIND[agent.trigger.kind])
         except DecodeError as exc:
@@ -371,6 +406,18 @@ class Engine:
         if run_id in self._live:
             await msg.ack()
             return
+        decision = START if self._flow is None else await self._flow.at_trigger(agent, event, key, run_id)
+        if decision.outcome in {"drop", "merge"}:  # a fact says so
+            await msg.ack()
+            return
+        if decision.outcome == "park":
+            try:
+                await self._park_new(agent, event, key, msg, decision)
+            except RecordTooLarge as exc:
+                await self._dead_letter(msg, f"{agent.name}: {exc}")
+                return
+            await msg.ack()
+            return
         await self._slots.acquire()
         try:
             handle = await self._create(agent, event, key, msg)
@@ -387,8 +434,33 @@ class Engine:
         if handle is not None:
             self._start(agent, handle)
 
-    async def _create(self, agent: DurableAgent, event: Envelope, key: str, msg: Msg) -> RunHandle | None:
-        """The journal of a new run, claimed by this process; None if the run exists already."""
+    async def _park_new(
+        self, agent: DurableAgent, event: Envelope, key: str, msg: Msg, decision: Decision
+    ) -> None:
+        """Journal a new run parked at a flow-control gate (nobody holds it); its timer wakes it."""
+        created = await self._create(agent, event, key, msg, gate=decision.gate, due=decision.due)
+        if created is not None:
+            await self._gate_timer(created.run_id, decision)
+
+    async def _gate_timer(self, run_id: str, decision: Decision) -> None:
+        if decision.due:
+            await schedule(
+                self._context.js,
+                prefix=self._prefix,
+                timer_id=derived_id(run_id, "gate", decision.gate, repr(decision.due)),
+                due=decision.due,
+                run_id=run_id,
+                step_id=decision.gate,
+            )
+
+    async def _create(
+        self, agent: DurableAgent, event: Envelope, key: str, msg: Msg, *, gate: str = "", due: float = 0.0
+    ) -> RunHandle | None:
+        """The journal of a new run, claimed by this process; None if the run exists already.
+
+        With `gate`, the run is parked there instead (nobody holds it), to be woken at `due` (or, with no
+        `due`, when a slot frees; the watchdog looks again a lease after `wake_at`).
+        """
         now = time.time()
         meta = msg.metadata
         positions = {STREAM_OF_KIND[kind]: 0 for kind in agent.waits_on}
@@ -411,6 +483,10 @@ class Engine:
             created=now,
             updated=now,
         )
+        if gate:
+            record = msgspec.structs.replace(
+                record, owner="", token=0, lease_until=0.0, state="waiting", gate=gate, wake_at=due or now
+            )
         revision = await create_record(self.kv, record, self.settings.max_record_bytes)
         if revision is None:
             return None
@@ -582,8 +658,69 @@ class Engine:
         finally:
             self._live.pop(handle.run_id, None)
             self._slots.release()
+        if handle.record.terminal and not handle.lost:
+            await self._give_back(agent, handle.record)
         if rewake:
             await self._claim(handle.run_id)
+
+    async def _give_back(self, agent: DurableAgent, record: RunRecord) -> None:
+        """Flow control: free the slots of a run that ended, and start the runs waiting for them."""
+        if self._flow is None:
+            return
+        try:
+            woken = await self._flow.at_end(agent, record)
+            for run_id in woken:
+                known = self._known.get(run_id)
+                if known is None or known.agent in self._agents:
+                    await self._claim(run_id)
+        except (NatsError, TimeoutError, EngineError) as exc:
+            # The next run that finds the pool full frees what ended (`Flow._prune`); the watchdog wakes
+            # the waiting runs.
+            log.warning("engine: run %s: its slots not given back now (%s)", record.run_id, exc)
+
+    async def _limit_facts(self, flow: Flow) -> None:
+        while True:
+            await asyncio.sleep(LIMIT_FACTS_TICK_S)
+            await flow.keep_due_facts()
+            checkpoint()
+
+    async def _pass_gate(
+        self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope
+    ) -> Envelope | None:
+        """A run parked at a gate: the trigger to start with, or None if it parked again (or was dropped)."""
+        if self._flow is None or handle.run_id in self._cancels:
+            return trigger  # a cancelled run goes on to its first step, which stops it
+        decision = await self._flow.at_wake(agent, handle.record, trigger)
+        if decision.outcome == "park":
+            now = time.time()
+            wake_at = decision.due or now + self.settings.lease_s
+            await handle.write(
+                functools.partial(_set_gate, gate=decision.gate, wake_at=wake_at), release=True
+            )
+            await self._gate_timer(handle.run_id, decision)
+            return None
+        if decision.outcome != "start":
+
+            def dropped(record: RunRecord) -> None:
+                record.state = "failed"
+                record.error = "dropped by flow control before its first step (a fact says why)"
+                record.gate = ""
+
+            await handle.write(dropped, release=True)
+            return None
+        swapped = decision.trigger
+
+        def admitted(record: RunRecord) -> None:
+            record.gate = ""
+            if swapped is not None:
+                record.trigger = msgspec.Raw(swapped)
+
+        await handle.write(admitted)
+        if swapped is None:
+            return trigger
+        latest = decode(swapped, MODEL_OF_KIND[agent.trigger.kind])
+        step.retrigger(latest)
+        return latest
 
     async def _renew(self, handle: RunHandle) -> None:
         while True:
@@ -595,6 +732,11 @@ class Engine:
 
     async def _drive(self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope) -> bool:
         """Replay the agent function over the journal; True if the run parked and its timer fired since."""
+        if handle.record.gate:
+            passed = await self._pass_gate(agent, step, handle, trigger)
+            if passed is None:
+                return False
+            trigger = passed
         try:
             result = await agent.fn(trigger, step)
         except Park as park:
@@ -714,6 +856,12 @@ def _mark_undo(record: RunRecord, *, index: int, status: UndoStatus, reason: str
 
 def _set_waiting(record: RunRecord, *, wake_at: float) -> None:
     record.state = "waiting"
+    record.wake_at = wake_at
+
+
+def _set_gate(record: RunRecord, *, gate: str, wake_at: float) -> None:
+    record.state = "waiting"
+    record.gate = gate
     record.wake_at = wake_at
 
 

@@ -5,6 +5,9 @@
 - Stream `NERVE_TIMERS` (message schedules allowed): a durable timer is a schedule message on
   `<root>.engine.timers.at.<timer id>` that the server turns, when due, into one message on
   `<root>.engine.timers.fired.<timer id>`.
+- KV bucket `nerve_limits`: flow control's state, one key per limit and key (`<limit>.<agent>.<key hash>`),
+  per blast-radius group (`blast.<group>`) and per breaker (`breaker.<action>`).
+- KV bucket `nerve_lineage`: `chain.<correlation hash>`, the runs a correlation chain started (loop guard).
 - Durable consumers `nerve-engine-<agent>` (one per agent: its trigger) and `nerve-engine-timers`.
 
 Engine subjects have five tokens, device subjects four: the two never overlap, whatever a device is called.
@@ -18,6 +21,10 @@ from typing import Final
 from nerve.runtime.subjects import subject_root
 
 RUNS_BUCKET: Final = "nerve_runs"
+#: Flow control's state (`nerve.runtime.engine.flow`): windows, slots, debounces, breakers.
+LIMITS_BUCKET: Final = "nerve_limits"
+#: Which runs each correlation chain started (the loop guard); kept a short while (`loop_window_s`).
+LINEAGE_BUCKET: Final = "nerve_lineage"
 RUNS_STREAM: Final = f"KV_{RUNS_BUCKET}"
 TIMERS_STREAM: Final = "NERVE_TIMERS"
 TIMERS_CONSUMER: Final = "nerve-engine-timers"
@@ -36,15 +43,20 @@ class EngineNames:
 
 #: The one list of the engine's storage names.
 ENGINE_NAMES: Final = EngineNames(
-    buckets=(RUNS_BUCKET,),
-    streams=(RUNS_STREAM, TIMERS_STREAM),
+    buckets=(RUNS_BUCKET, LIMITS_BUCKET, LINEAGE_BUCKET),
+    streams=(RUNS_STREAM, f"KV_{LIMITS_BUCKET}", f"KV_{LINEAGE_BUCKET}", TIMERS_STREAM),
     consumer_prefix="nerve-engine-",
 )
 
 
 def engine_subjects(prefix: str) -> tuple[str, ...]:
     """The subjects the engine publishes on (besides facts and dead letters): its KV bucket's, its timers'."""
-    return (f"$KV.{RUNS_BUCKET}.>", timers_filter(prefix))
+    return (
+        f"$KV.{RUNS_BUCKET}.>",
+        f"$KV.{LIMITS_BUCKET}.>",
+        f"$KV.{LINEAGE_BUCKET}.>",
+        timers_filter(prefix),
+    )
 
 
 def timers_filter(prefix: str) -> str:
@@ -75,3 +87,23 @@ def run_key(run_id: str) -> str:
 def cancel_key(run_id: str) -> str:
     """The KV key that asks for a run to be cancelled."""
     return f"{CANCEL_KEY_PREFIX}{run_id}"
+
+
+def limit_key(limit: str, agent: str, key_hash: str) -> str:
+    """The `nerve_limits` key of one limit of one agent for one key (hashed: a key may be any string)."""
+    return f"{limit}.{agent}.{key_hash}"
+
+
+def blast_key(group: str) -> str:
+    """The `nerve_limits` key of a blast-radius group."""
+    return f"blast.{group}"
+
+
+def breaker_key(action: str) -> str:
+    """The `nerve_limits` key of an action's circuit breaker."""
+    return f"breaker.{action}"
+
+
+def chain_key(chain_hash: str) -> str:
+    """The `nerve_lineage` key of a correlation chain."""
+    return f"chain.{chain_hash}"

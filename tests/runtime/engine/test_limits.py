@@ -1,0 +1,461 @@
+"""Flow control: the window arithmetic (Hypothesis), breakers, and each limit on a real nats-server.
+
+Where a limit's state must be shared, two engines take the same agent's triggers (a deliver group).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
+
+from nerve.runtime.engine import Engine, Step, Trigger, durable_agent, wait_for_run
+from nerve.runtime.engine.errors import AgentDeclarationError
+from nerve.runtime.engine.limits import (
+    BlastRadius,
+    Breaker,
+    BreakerRecord,
+    Limits,
+    Window,
+    breaker_failed,
+    breaker_state,
+    breaker_succeeded,
+    counted,
+    next_start,
+)
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Event, Fact
+from nerve.runtime.jetstream.client import publish_envelope
+from nerve.runtime.jetstream.streams import FACTS_STREAM
+from nerve.runtime.subjects import Address, Kind
+from nerve.runtime.testing import stream_messages
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
+
+    from nerve.runtime.engine import DurableAgent
+    from nerve.runtime.envelope.model import Envelope
+
+# --- the arithmetic ----------------------------------------------------------------------------------
+
+windows = st.builds(Window, st.integers(1, 5), st.floats(0.5, 10.0))
+arrivals = st.lists(st.floats(0.0, 50.0), max_size=40).map(sorted)
+
+
+@given(windows, arrivals)
+def test_a_throttle_starts_every_trigger_in_order_never_more_than_count_per_period(
+    window: Window, times: list[float]
+) -> None:
+    starts: list[float] = []
+    kept: list[float] = []
+    for now in times:
+        start = next_start(kept, now, window)
+        # never before the trigger, in order, and no later than it must be
+        assert start >= now
+        assert not starts or start >= starts[-1]
+        due = max(
+            [
+                now,
+                *starts[-1:],
+                *([starts[-window.count] + window.period_s] if len(starts) >= window.count else []),
+            ]
+        )
+        assert start == due
+        starts.append(start)
+        kept = counted(kept, start, window, now)
+    for i in range(len(starts) - window.count):
+        assert starts[i + window.count] >= starts[i] + window.period_s  # any period holds at most count
+
+
+@given(windows, arrivals)
+def test_a_rate_limit_drops_only_what_is_over_count_in_the_last_period(
+    window: Window, times: list[float]
+) -> None:
+    kept: list[float] = []
+    admitted: list[float] = []
+    for now in times:
+        recent = [at for at in admitted if at + window.period_s > now]  # within the last period
+        if next_start(kept, now, window) > now:
+            assert len(recent) >= window.count  # dropped: count were admitted within the period
+            continue
+        assert len(recent) < window.count
+        admitted.append(now)
+        kept = counted(kept, now, window, now)
+    assert len(kept) <= window.count
+
+
+def test_a_breaker_opens_after_n_failures_within_t_probes_after_the_cool_off_and_closes() -> None:
+    breaker = Breaker(failures=3, within_s=10.0, cooloff_s=5.0)
+    record = BreakerRecord()
+    for at in (0.0, 1.0):
+        record = breaker_failed(record, at, breaker)
+        assert breaker_state(record, at, breaker) == "closed"
+    record = breaker_failed(BreakerRecord(failures=[-20.0, 1.0]), 2.0, breaker)  # one too old: 2 of 3
+    assert breaker_state(record, 2.0, breaker) == "closed"
+    record = breaker_failed(breaker_failed(BreakerRecord(), 0.0, breaker), 1.0, breaker)
+    record = breaker_failed(record, 2.0, breaker)
+    assert breaker_state(record, 2.0, breaker) == "open"
+    assert breaker_state(record, 6.9, breaker) == "open"
+    assert breaker_state(record, 7.0, breaker) == "half_open"
+    probing = BreakerRecord(opened=record.opened, probing=7.0)
+    assert breaker_state(probing, 8.0, breaker) == "open"  # one probe at a time
+    reopened = breaker_failed(probing, 8.0, breaker)  # the probe failed: open again, for a cool-off
+    assert breaker_state(reopened, 12.9, breaker) == "open"
+    assert breaker_state(breaker_succeeded(), 8.0, breaker) == "closed"
+
+
+def test_limits_refuse_wrong_numbers_with_one_clear_line() -> None:
+    for make, words in (
+        (lambda: Window(0, 1.0), "count must be"),
+        (lambda: Limits(concurrency=0), "concurrency 0"),
+        (lambda: Limits(debounce_s=0), "debounce_s 0"),
+        (BlastRadius, "give max_keys, percent"),
+        (lambda: BlastRadius(percent=150), "percent 150"),
+        (lambda: Limits(breakers={"a.b": Breaker()}), "not a token"),
+    ):
+        with pytest.raises(AgentDeclarationError, match=words):
+            make()
+    assert BlastRadius(percent=10).cap(25) == 2
+    assert BlastRadius(percent=10, max_keys=1).cap(1000) == 1
+    assert BlastRadius(percent=1).cap(5) == 1  # never below one
+
+
+# --- on a real nats-server ---------------------------------------------------------------------------
+
+#: What the agents saw: (agent, key) -> trigger ids, in the order their runs started.
+started: dict[str, list[str]] = defaultdict(list)
+open_runs: dict[str, int] = defaultdict(int)
+most_open: dict[str, int] = defaultdict(int)
+
+
+class Gate:
+    """Runs of the blocking agents wait here until the test opens it (one per test: a fresh loop)."""
+
+    event = asyncio.Event()
+
+
+async def _blocking(name: str, event: Envelope, step: Step) -> None:
+    async def work() -> None:
+        started[name].append(event.id)
+        open_runs[name] += 1
+        most_open[name] = max(most_open[name], open_runs[name])
+        try:
+            async with asyncio.timeout(30):
+                await Gate.event.wait()
+        finally:
+            open_runs[name] -= 1
+
+    await step.run("work", work)
+
+
+def _key(event: Envelope) -> str:
+    return str(event.data["key"])
+
+
+@durable_agent("rated", trigger=Trigger(Kind.EVENTS, "rated"), key=_key, limits=Limits(rate=Window(2, 60.0)))
+async def rated(event: Envelope, step: Step) -> None:
+    await step.run("work", lambda: _note("rated", event))
+
+
+async def _note(name: str, event: Envelope) -> None:
+    started[name].append(event.id)
+
+
+@durable_agent("single", trigger=Trigger(Kind.EVENTS, "single"), key=_key, limits=Limits(singleton="drop"))
+async def single(event: Envelope, step: Step) -> None:
+    await _blocking("single", event, step)
+
+
+@durable_agent("queued", trigger=Trigger(Kind.EVENTS, "queued"), key=_key, limits=Limits(concurrency=1))
+async def queued(event: Envelope, step: Step) -> None:
+    await _blocking("queued", event, step)
+
+
+@durable_agent(
+    "throttled",
+    trigger=Trigger(Kind.EVENTS, "throttled"),
+    key=_key,
+    limits=Limits(throttle=Window(1, 1.0)),
+)
+async def throttled(event: Envelope, step: Step) -> float:
+    return float(await step.run("at", _now))
+
+
+async def _now() -> float:
+    return time.time()
+
+
+@durable_agent(
+    "debounced", trigger=Trigger(Kind.EVENTS, "debounced"), key=_key, limits=Limits(debounce_s=1.0)
+)
+async def debounced(event: Envelope, step: Step) -> str:
+    await step.run("work", lambda: _note("debounced", event))
+    return event.id
+
+
+@durable_agent(
+    "blasted",
+    trigger=Trigger(Kind.EVENTS, "blasted"),
+    key=_key,
+    limits=Limits(blast=BlastRadius(max_keys=1, group="test_blast")),
+)
+async def blasted(event: Envelope, step: Step) -> None:
+    await _blocking("blasted", event, step)
+
+
+@durable_agent("echo", trigger=Trigger(Kind.EVENTS, "ping"), key=_key, limits=Limits(max_hops=3))
+async def echo(event: Envelope, step: Step) -> None:
+    """Answers a ping with a ping about the same key: its own effect would trigger it again."""
+
+    async def answer() -> None:
+        started["echo"].append(event.id)
+        reply = Event(
+            id=step.id("answer"),
+            source="nerve://shop",
+            type="ping",
+            subject="shop",
+            data=event.data,
+            **event.caused(),
+        )
+        subject = Address(device="shop", kind=Kind.EVENTS, name="ping").subject(PREFIX)
+        await publish_envelope(js_of[0], subject, reply)
+
+    await step.run("answer", answer)
+
+
+js_of: list[JetStreamContext] = []
+
+
+#: Short leases, and a counted fact every half second after the first.
+QUICK = FAST.model_copy(update={"limit_facts_window_s": 0.5})
+
+
+async def _two_engines(nc: NatsClient, agents: list[DurableAgent]) -> tuple[Engine, Engine]:
+    return Engine(nc=nc, agents=agents, prefix=PREFIX, settings=QUICK), Engine(
+        nc=nc, agents=agents, prefix=PREFIX, settings=QUICK
+    )
+
+
+async def _until(predicate: object, timeout: float = 20.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():  # type: ignore[operator]
+            await asyncio.sleep(0.05)
+
+
+def _total(engines: tuple[Engine, ...], name: str) -> int:
+    return sum(engine.limit_counts.get(name, 0) for engine in engines)
+
+
+async def _facts(js: JetStreamContext, kind: str) -> list[Fact]:
+    facts = [decode(message.data, Fact) for message in await stream_messages(js, FACTS_STREAM)]
+    return [fact for fact in facts if fact.kind == kind]
+
+
+@pytest.mark.broker
+async def test_a_rate_limit_drops_past_its_count_and_keeps_a_fact(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    first, second = await _two_engines(nc, [rated])
+    async with first, second:
+        for n in range(5):
+            await publish_event(js, "rated", {"key": "k1"}, event_id=f"rate-{n}")
+        await publish_event(js, "rated", {"key": "k2"}, event_id="rate-other-key")
+        await _until(
+            lambda: _total((first, second), "rated.rate.dropped") == 3 and len(started["rated"]) == 3
+        )
+        # The first drop in each engine is a fact at once; the others are counted into one per window.
+        async with asyncio.timeout(20):
+            while sum(fact.data["count"] for fact in await _facts(js, "trigger_dropped")) < 3:
+                await asyncio.sleep(0.1)
+    # Two engines take the triggers: which two of k1's five run is theirs to race for; two, and k2's.
+    assert len([run for run in started["rated"] if run != "rate-other-key"]) == 2
+    assert "rate-other-key" in started["rated"]
+    dropped = await _facts(js, "trigger_dropped")
+    assert sum(fact.data["count"] for fact in dropped) == 3
+    assert {fact.data["limit"] for fact in dropped} == {"rate"}
+    assert {fact.subject for fact in dropped} == {"k1"}
+
+
+@pytest.mark.broker
+async def test_a_singleton_drops_a_trigger_while_its_key_has_a_run_across_two_engines(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    Gate.event = asyncio.Event()
+    first, second = await _two_engines(nc, [single])
+    async with first, second:
+        await publish_event(js, "single", {"key": "d1"}, event_id="single-0")
+        await _until(lambda: len(started["single"]) == 1)
+        for n in range(1, 4):
+            await publish_event(js, "single", {"key": "d1"}, event_id=f"single-{n}")
+        await _until(lambda: _total((first, second), "single.singleton.dropped") == 3)
+        Gate.event.set()
+        await wait_for_run(first.kv, single.run_id("single-0"), timeout=20)
+        await publish_event(js, "single", {"key": "d1"}, event_id="single-after")  # the key is free again
+        record = await wait_for_run(first.kv, single.run_id("single-after"), timeout=20)
+    assert record.state == "done"
+    assert started["single"] == ["single-0", "single-after"]
+    assert most_open["single"] == 1
+
+
+@durable_agent("merging", trigger=Trigger(Kind.EVENTS, "merging"), key=_key, limits=Limits(singleton="merge"))
+async def merging(event: Envelope, step: Step) -> None:
+    await _blocking("merging", event, step)
+
+
+@pytest.mark.broker
+async def test_a_singleton_merges_a_trigger_into_the_open_run_of_its_key(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    Gate.event = asyncio.Event()
+    async with Engine(nc=nc, agents=[merging], prefix=PREFIX, settings=FAST) as engine:
+        await publish_event(js, "merging", {"key": "m1"}, event_id="merging-0")
+        await _until(lambda: len(started["merging"]) == 1)
+        await publish_event(js, "merging", {"key": "m1"}, event_id="merging-1")
+        await _until(lambda: engine.limit_counts.get("merging.singleton.merged", 0) == 1)
+        Gate.event.set()
+        await wait_for_run(engine.kv, merging.run_id("merging-0"), timeout=20)
+    assert await engine.record(merging.run_id("merging-1")) is None
+    (merged,) = await _facts(js, "trigger_merged")
+    assert merged.data["into"] == merging.run_id("merging-0")
+    assert merged.data["trigger"] == "merging-1"
+
+
+@pytest.mark.broker
+async def test_concurrency_one_runs_a_keys_triggers_one_at_a_time_in_order_across_two_engines(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    Gate.event = asyncio.Event()
+    first, second = await _two_engines(nc, [queued])
+    async with first, second:
+        for n in range(3):
+            await publish_event(js, "queued", {"key": "q1"}, event_id=f"queued-{n}")
+        await _until(lambda: len(started["queued"]) == 1)
+        await _until(lambda: _total((first, second), "queued.concurrency.delayed") == 2)
+        Gate.event.set()
+        for n in range(3):
+            record = await wait_for_run(first.kv, queued.run_id(f"queued-{n}"), timeout=20)
+            assert record.state == "done"
+    # In the order they joined the queue: two engines take the triggers, so 1 and 2 may come either way.
+    assert started["queued"][0] == "queued-0"
+    assert sorted(started["queued"]) == ["queued-0", "queued-1", "queued-2"]
+    assert most_open["queued"] == 1
+    delayed = await _facts(js, "trigger_delayed")
+    assert delayed[0].data["limit"] == "concurrency"
+
+
+@pytest.mark.broker
+async def test_a_throttle_delays_starts_to_count_per_period(nc: NatsClient, js: JetStreamContext) -> None:
+    async with Engine(nc=nc, agents=[throttled], prefix=PREFIX, settings=FAST) as engine:
+        published = time.time()
+        for n in range(3):
+            await publish_event(js, "throttled", {"key": "t1"}, event_id=f"throttled-{n}")
+        starts = []
+        for n in range(3):
+            record = await wait_for_run(engine.kv, throttled.run_id(f"throttled-{n}"), timeout=20)
+            assert record.state == "done"
+            starts.append(record.result)
+        assert engine.limit_counts["throttled.throttle.delayed"] == 2
+    # The first starts at once; the n-th a period after the one before: never before published + n.
+    starts.sort()
+    assert starts[1] >= published + 1.0
+    assert starts[2] >= published + 2.0
+
+
+@pytest.mark.broker
+async def test_debounce_starts_one_run_with_the_last_trigger_of_a_burst(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    async with Engine(nc=nc, agents=[debounced], prefix=PREFIX, settings=FAST) as engine:
+        for n in range(4):
+            await publish_event(js, "debounced", {"key": "b1"}, event_id=f"debounced-{n}")
+        record = await wait_for_run(engine.kv, debounced.run_id("debounced-0"), timeout=20)
+        assert engine.limit_counts["debounced.debounce.merged"] == 3
+        for n in range(1, 4):
+            assert await engine.record(debounced.run_id(f"debounced-{n}")) is None
+    assert record.result == "debounced-3"
+    assert started["debounced"] == ["debounced-3"]
+    merged = await _facts(js, "trigger_merged")
+    assert merged[0].data["into"] == debounced.run_id("debounced-0")
+
+
+@pytest.mark.broker
+async def test_the_blast_radius_holds_a_second_key_until_the_first_is_done(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    Gate.event = asyncio.Event()
+    first, second = await _two_engines(nc, [blasted])
+    async with first, second:
+        await publish_event(js, "blasted", {"key": "dev-a"}, event_id="blast-a")
+        await _until(lambda: started["blasted"] == ["blast-a"])
+        await publish_event(js, "blasted", {"key": "dev-a"}, event_id="blast-a2")  # same key: no new key
+        await publish_event(js, "blasted", {"key": "dev-b"}, event_id="blast-b")
+        await _until(lambda: _total((first, second), "blasted.blast.delayed") == 1)
+        await _until(lambda: len(started["blasted"]) == 2)
+        assert "blast-b" not in started["blasted"]
+        Gate.event.set()
+        record = await wait_for_run(first.kv, blasted.run_id("blast-b"), timeout=20)
+    assert record.state == "done"
+    assert started["blasted"][-1] == "blast-b"
+
+
+@pytest.mark.broker
+async def test_the_loop_guard_refuses_a_runs_own_effect_and_a_trigger_too_deep(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    js_of[:] = [js]
+    async with Engine(nc=nc, agents=[echo], prefix=PREFIX, settings=FAST) as engine:
+        await publish_event(js, "ping", {"key": "e1"}, event_id="ping-0")
+        deep = Event(
+            id="ping-deep", source="nerve://shop", type="ping", subject="shop", data={"key": "e2"}, hops=4
+        )
+        await publish_envelope(
+            js, Address(device="shop", kind=Kind.EVENTS, name="ping").subject(PREFIX), deep
+        )
+        await _until(lambda: engine.limit_counts.get("echo.loop_guard.dropped", 0) == 1)
+        await _until(lambda: engine.limit_counts.get("echo.max_hops.dropped", 0) == 1)
+    assert started["echo"] == ["ping-0"]  # its answer did not start a second run
+    refused = await _facts(js, "loop_refused")
+    assert {fact.data["limit"] for fact in refused} == {"loop_guard", "max_hops"}
+
+
+flaky_calls: list[str] = []
+
+
+async def _always_fails() -> None:
+    flaky_calls.append("call")
+    raise RuntimeError("gateway down")
+
+
+@durable_agent(
+    "broken",
+    trigger=Trigger(Kind.EVENTS, "broken"),
+    key=_key,
+    limits=Limits(breakers={"gateway": Breaker(failures=2, within_s=60, cooloff_s=60, on_open="terminal")}),
+)
+async def broken(_event: Envelope, step: Step) -> None:
+    await step.run("call", _always_fails, action="gateway", retry=None)
+
+
+@pytest.mark.broker
+async def test_a_breaker_opened_by_failures_fails_the_next_steps_fast(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    async with Engine(nc=nc, agents=[broken], prefix=PREFIX, settings=FAST) as engine:
+        await publish_event(js, "broken", {"key": "x"}, event_id="broken-0")
+        first = await wait_for_run(engine.kv, broken.run_id("broken-0"), timeout=30)
+        calls = len(flaky_calls)
+        await publish_event(js, "broken", {"key": "y"}, event_id="broken-1")
+        second = await wait_for_run(engine.kv, broken.run_id("broken-1"), timeout=30)
+    assert first.state == "failed"
+    assert calls == 2  # the second failure opened it: the third try failed fast
+    assert second.state == "failed"
+    assert len(flaky_calls) == calls  # never called while open
+    assert "circuit breaker of 'gateway' is open" in second.steps["call"].error
+    assert await _facts(js, "breaker_opened")
