@@ -10,6 +10,7 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.runtime.engine import Engine, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine.errors import AgentDeclarationError
+from nerve.runtime.engine.flow import key_hash
 from nerve.runtime.engine.limits import (
     BlastRadius,
     Breaker,
@@ -29,6 +31,7 @@ from nerve.runtime.engine.limits import (
     counted,
     next_start,
 )
+from nerve.runtime.engine.names import LIMITS_BUCKET, limit_key
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Event, Fact
 from nerve.runtime.jetstream.client import publish_envelope
@@ -418,11 +421,11 @@ async def test_the_loop_guard_refuses_a_runs_own_effect_and_a_trigger_too_deep(
         await publish_envelope(
             js, Address(device="shop", kind=Kind.EVENTS, name="ping").subject(PREFIX), deep
         )
-        await _until(lambda: engine.limit_counts.get("echo.loop_guard.dropped", 0) == 1)
+        await _until(lambda: engine.limit_counts.get("echo.causation.dropped", 0) == 1)
         await _until(lambda: engine.limit_counts.get("echo.max_hops.dropped", 0) == 1)
     assert started["echo"] == ["ping-0"]  # its answer did not start a second run
-    refused = await _facts(js, "loop_refused")
-    assert {fact.data["limit"] for fact in refused} == {"loop_guard", "max_hops"}
+    refused = await _facts(js, "loop_guard")
+    assert {fact.data["limit"] for fact in refused} == {"causation", "max_hops"}
 
 
 flaky_calls: list[str] = []
@@ -459,3 +462,24 @@ async def test_a_breaker_opened_by_failures_fails_the_next_steps_fast(
     assert len(flaky_calls) == calls  # never called while open
     assert "circuit breaker of 'gateway' is open" in second.steps["call"].error
     assert await _facts(js, "breaker_opened")
+
+
+@durable_agent("healed", trigger=Trigger(Kind.EVENTS, "healed"), key=_key, limits=Limits(concurrency=1))
+async def healed(event: Envelope, step: Step) -> None:
+    await step.run("work", lambda: _note("healed", event))
+
+
+@pytest.mark.broker
+async def test_a_slot_left_by_a_run_that_vanished_is_freed_by_the_next_trigger(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    async with Engine(nc=nc, agents=[healed], prefix=PREFIX, settings=FAST) as engine:
+        # A process took the slot and died before it journalled its run (long ago), and another's run
+        # ended without giving its slot back: both are freed when the pool is found full.
+        limits = await js.key_value(LIMITS_BUCKET)
+        ghost = {"running": {"ghost": ["h1", time.time() - 3600]}, "queued": {"ghost-2": time.time() - 3600}}
+        await limits.put(limit_key("concurrency", "healed", key_hash("h1")), msgspec.json.encode(ghost))
+        await publish_event(js, "healed", {"key": "h1"}, event_id="healed-0")
+        record = await wait_for_run(engine.kv, healed.run_id("healed-0"), timeout=20)
+    assert record.state == "done"
+    assert started["healed"] == ["healed-0"]

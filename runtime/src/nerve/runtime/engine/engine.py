@@ -32,7 +32,7 @@ from nats.js.errors import BadRequestError
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.agent import RunFailure
 from nerve.runtime.engine.errors import EngineError, LeaseLost, RunCancelled
-from nerve.runtime.engine.flow import START, Decision, Flow, ensure_flow_storage
+from nerve.runtime.engine.flow import GATES, START, Decision, Flow, ensure_flow_storage
 from nerve.runtime.engine.journal import (
     DECODER,
     TERMINAL,
@@ -58,7 +58,7 @@ from nerve.runtime.engine.names import (
 )
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import EngineContext, Park, Step
-from nerve.runtime.engine.timers import RUN_HEADER, has_fired, schedule, timers_config
+from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, has_fired, schedule, timers_config
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.errors import DecodeError
@@ -518,6 +518,8 @@ class Engine:
                 # of an agent this engine does not run is woken by the watchdog of one that does, a lease
                 # after its timer was due.
                 await msg.ack()
+                if (msg.headers or {}).get(STEP_HEADER) in GATES:  # a gate's timer: nobody looks at it again
+                    await self._context.js.delete_msg(TIMERS_STREAM, msg.metadata.sequence.stream)
             except (NatsError, TimeoutError) as exc:
                 log.warning("engine: timer of run %s not handled now (%s); it comes again", run_id, exc)
                 await _nak(msg)
@@ -673,10 +675,10 @@ class Engine:
                 known = self._known.get(run_id)
                 if known is None or known.agent in self._agents:
                     await self._claim(run_id)
-        except (NatsError, TimeoutError, EngineError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the engine
             # The next run that finds the pool full frees what ended (`Flow._prune`); the watchdog wakes
             # the waiting runs.
-            log.warning("engine: run %s: its slots not given back now (%s)", record.run_id, exc)
+            log.warning("engine: run %s: its slots not given back now (%s)", record.run_id, error_text(exc))
 
     async def _limit_facts(self, flow: Flow) -> None:
         while True:
@@ -691,31 +693,25 @@ class Engine:
         if self._flow is None or handle.run_id in self._cancels:
             return trigger  # a cancelled run goes on to its first step, which stops it
         decision = await self._flow.at_wake(agent, handle.record, trigger)
-        if decision.outcome == "park":
-            now = time.time()
-            wake_at = decision.due or now + self.settings.lease_s
-            await handle.write(
-                functools.partial(_set_gate, gate=decision.gate, wake_at=wake_at), release=True
-            )
-            await self._gate_timer(handle.run_id, decision)
-            return None
-        if decision.outcome != "start":
+        swapped = decision.trigger  # a debounce passed: the run goes on with the burst's last trigger
 
-            def dropped(record: RunRecord) -> None:
-                record.state = "failed"
-                record.error = "dropped by flow control before its first step (a fact says why)"
-                record.gate = ""
-
-            await handle.write(dropped, release=True)
-            return None
-        swapped = decision.trigger
-
-        def admitted(record: RunRecord) -> None:
-            record.gate = ""
+        def gated(record: RunRecord) -> None:
             if swapped is not None:
                 record.trigger = msgspec.Raw(swapped)
+            record.gate = ""
+            if decision.outcome == "park":
+                record.state = "waiting"
+                record.gate = decision.gate
+                record.wake_at = decision.due or time.time() + self.settings.lease_s
+            elif decision.outcome != "start":
+                record.state = "failed"
+                record.error = "dropped by flow control before its first step (a fact says why)"
 
-        await handle.write(admitted)
+        await handle.write(gated, release=decision.outcome != "start")
+        if decision.outcome == "park":
+            await self._gate_timer(handle.run_id, decision)
+        if decision.outcome != "start":
+            return None
         if swapped is None:
             return trigger
         latest = decode(swapped, MODEL_OF_KIND[agent.trigger.kind])
@@ -856,12 +852,6 @@ def _mark_undo(record: RunRecord, *, index: int, status: UndoStatus, reason: str
 
 def _set_waiting(record: RunRecord, *, wake_at: float) -> None:
     record.state = "waiting"
-    record.wake_at = wake_at
-
-
-def _set_gate(record: RunRecord, *, gate: str, wake_at: float) -> None:
-    record.state = "waiting"
-    record.gate = gate
     record.wake_at = wake_at
 
 

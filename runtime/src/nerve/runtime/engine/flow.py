@@ -50,6 +50,7 @@ from nerve.runtime.engine.names import (
 )
 from nerve.runtime.envelope.codec import to_json
 from nerve.runtime.envelope.model import Fact, derived_id
+from nerve.runtime.errors import NerveError
 from nerve.runtime.jetstream.client import publish_fact
 from nerve.runtime.jetstream.sampling import RefusalSampler
 from nerve.runtime.subjects import is_token
@@ -79,7 +80,8 @@ Outcome = Literal["start", "park", "drop", "merge"]
 DROPPED: Final = "trigger_dropped"
 MERGED: Final = "trigger_merged"
 DELAYED: Final = "trigger_delayed"
-LOOP_REFUSED: Final = "loop_refused"
+#: The same kind as central's loop guard facts (`nerve.runtime.central.runner`).
+LOOP_REFUSED: Final = "loop_guard"
 BREAKER_OPENED: Final = "breaker_opened"
 #: Compare-and-set tries before a limit's state is declared contended (the trigger comes again).
 MAX_CAS_TRIES: Final = 20
@@ -135,7 +137,8 @@ class _Slot(msgspec.Struct, array_like=True):
 
 class _Pool(msgspec.Struct, omit_defaults=True):
     running: dict[str, _Slot] = msgspec.field(default_factory=dict)
-    queued: list[str] = msgspec.field(default_factory=list)
+    #: Runs waiting for a slot, in order, with when they joined the queue.
+    queued: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 class _Debounce(msgspec.Struct, omit_defaults=True):
@@ -240,7 +243,7 @@ class Flow:
             if origin is not None:
                 reason = f"caused by its own run {origin} of key {key!r} (correlation {event.correlationid})"
                 return await self._refuse(
-                    agent, event, key, limit="loop_guard", kind=LOOP_REFUSED, reason=reason
+                    agent, event, key, limit="causation", kind=LOOP_REFUSED, reason=reason
                 )
         if limits.rate is not None and not await self._within_rate(agent, key, limits.rate):
             reason = f"over {limits.rate.count} per {limits.rate.period_s:g}s"
@@ -388,10 +391,7 @@ class Flow:
     async def keep_due_facts(self) -> None:
         """Keep one fact per key and limit whose window ended with more counted. Call it regularly."""
         for sample in self._sampler.due():
-            try:
-                await self._counted_fact(sample)
-            except (NatsError, TimeoutError) as exc:
-                log.warning("engine: %d limited trigger(s) not kept in a fact: %s", sample.count, exc)
+            await self._counted_fact(sample)
 
     # --- the limits, one by one ----------------------------------------------------------------------
 
@@ -483,17 +483,18 @@ class Flow:
                 keys = {slot.key for slot in pool.running.values()}
                 used = len(keys) if by_key else len(pool.running)
                 joins = by_key and key in keys  # its key is under remediation already: no new key
-                first = not pool.queued or pool.queued[0] == run_id
+                first = not pool.queued or next(iter(pool.queued)) == run_id
                 if joins or (used < cap and first):
                     running = {**pool.running, run_id: _Slot(key, now)}
-                    return _Pool(running, [queued for queued in pool.queued if queued != run_id]), "run"
+                    queued = {other: at for other, at in pool.queued.items() if other != run_id}
+                    return _Pool(running, queued), "run"
                 if run_id in pool.queued:
                     return None, "queued" if pruned else "blocked"
                 if not wait or len(pool.queued) >= queue:
                     return None, "full" if pruned else "blocked"
                 if not pruned:
                     return None, "blocked"
-                return _Pool(pool.running, [*pool.queued, run_id]), "queued"
+                return _Pool(pool.running, {**pool.queued, run_id: now}), "queued"
 
             outcome = await self._cas(name, _Pool, change)
             if outcome != "blocked":
@@ -515,8 +516,8 @@ class Flow:
         for run_id, slot in pool.running.items():
             if await self._ended(run_id, slot.since, now):
                 gone.add(run_id)
-        for run_id in pool.queued[:1]:
-            if await self._ended(run_id, 0.0, now):
+        for run_id, since in list(pool.queued.items())[:1]:  # the head: it holds the others up
+            if await self._ended(run_id, since, now):
                 gone.add(run_id)
         if not gone:
             return
@@ -528,7 +529,9 @@ class Flow:
             if state is None:
                 return None, None
             running = {run_id: slot for run_id, slot in state.running.items() if run_id not in gone}
-            return _Pool(running, [run_id for run_id in state.queued if run_id not in gone]), None
+            return _Pool(
+                running, {run_id: at for run_id, at in state.queued.items() if run_id not in gone}
+            ), None
 
         await self._cas(name, _Pool, change)
 
@@ -545,8 +548,8 @@ class Flow:
             if state is None or (run_id not in state.running and run_id not in state.queued):
                 return None, []
             running = {other: slot for other, slot in state.running.items() if other != run_id}
-            queued = [other for other in state.queued if other != run_id]
-            return _Pool(running, queued), queued[:1]
+            queued = {other: at for other, at in state.queued.items() if other != run_id}
+            return _Pool(running, queued), list(queued)[:1]
 
         return await self._cas(name, _Pool, change)
 
@@ -642,7 +645,17 @@ class Flow:
             causationid=event.id,
             hops=event.hops,
         )
-        await publish_fact(self._js, fact, prefix=self._prefix, signer=self._signer, codec=self._codec)
+        await self._publish(fact, 1)
+
+    async def _publish(self, fact: Fact, count: int) -> None:
+        """Keep `fact`; what the limit did is done even if the fact cannot be kept.
+
+        If it cannot (NATS away, facts stream full), the log says so and the count stays in `counts`.
+        """
+        try:
+            await publish_fact(self._js, fact, prefix=self._prefix, signer=self._signer, codec=self._codec)
+        except (NerveError, NatsError, TimeoutError) as exc:
+            log.warning("engine: %d %s trigger(s) not kept in a fact: %s", count, fact.kind, exc)
 
     async def _counted_fact(self, sample: Sample) -> None:
         agent, limit, kind = sample.reason.split("/")
@@ -661,7 +674,7 @@ class Flow:
             ),
             data={"agent": agent, "key": about, "limit": limit, "count": sample.count, "last": sample.last},
         )
-        await publish_fact(self._js, fact, prefix=self._prefix, signer=self._signer, codec=self._codec)
+        await self._publish(fact, sample.count)
 
     # --- compare-and-set -----------------------------------------------------------------------------
 
