@@ -487,7 +487,13 @@ class Engine:
             record = msgspec.structs.replace(
                 record, owner="", token=0, lease_until=0.0, state="waiting", gate=gate, wake_at=due or now
             )
-        revision = await create_record(self.kv, record, self.settings.max_record_bytes)
+        if self._flow is None:
+            revision = await create_record(self.kv, record, self.settings.max_record_bytes)
+        else:  # the loop guard's note of the run, in the same round trip
+            revision, _ = await asyncio.gather(
+                create_record(self.kv, record, self.settings.max_record_bytes),
+                self._flow.remember(agent, event, key, record.run_id),
+            )
         if revision is None:
             return None
         return self._handle(record, revision)

@@ -18,6 +18,7 @@ Every trigger a limit drops, merges or delays is counted (`Flow.counts`) and kep
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -88,8 +89,6 @@ MAX_CAS_TRIES: Final = 20
 #: A slot held by a run whose journal is missing (it was never created) is freed only this much later,
 #: so a run that took its slot and is being created is not mistaken for one that vanished.
 STALE_AFTER_S: Final = 30.0
-#: The runs a correlation chain remembers for the loop guard (the latest).
-MAX_LINEAGE: Final = 64
 #: Where a fact about a key that is not a token is filed.
 NO_SUBJECT: Final = "unknown"
 
@@ -149,14 +148,8 @@ class _Debounce(msgspec.Struct, omit_defaults=True):
 
 
 class _Origin(msgspec.Struct, array_like=True):
-    agent: str
-    key: str  # hashed
     run: str
     hops: int
-
-
-class _Chain(msgspec.Struct, omit_defaults=True):
-    runs: list[_Origin] = msgspec.field(default_factory=list)
 
 
 def key_hash(key: str) -> str:
@@ -260,8 +253,6 @@ class Flow:
                     agent, event, key, limit="singleton", kind=kind, reason=reason, into=holder
                 )
         decision = await self._gates(agent, key, run_id, event, GATES[0], arriving=True)
-        if decision.outcome in {"start", "park"}:
-            await self._remember(agent, event, key, run_id)
         if decision.outcome == "park":
             self._count(agent, decision.gate, "delayed")
             await self._fact(
@@ -566,36 +557,30 @@ class Flow:
     async def _looped(self, agent: DurableAgent, event: Envelope, key: str, run_id: str) -> str | None:
         """The run of this agent and key that `event` descends from, if any.
 
-        Every run notes its correlation chain (`nerve_lineage`), with its trigger's hops. A trigger in the
+        Every run notes its correlation chain (`remember`), with its trigger's hops. A trigger in the
         same chain, for the same agent and key, and deeper than that run's trigger, can only have been
         caused by what happened after that run started: it is taken as the run's own effect.
         """
         assert event.correlationid is not None  # noqa: S101 - checked by the caller
+        name = chain_key(derived_id("chain", event.correlationid), agent.name, key_hash(key))
         try:
-            entry = await self._lineage.get(chain_key(derived_id("chain", event.correlationid)))
+            entry = await self._lineage.get(name)
         except KeyNotFoundError:
             return None
-        chain = msgspec.json.decode(entry.value or b"{}", type=_Chain)
-        hashed = key_hash(key)
-        for origin in chain.runs:
-            mine = origin.agent == agent.name and origin.key == hashed and origin.run != run_id
-            if mine and origin.hops < event.hops:
-                return origin.run
-        return None
+        origin = msgspec.json.decode(entry.value or b"[]", type=_Origin)
+        return origin.run if origin.run != run_id and origin.hops < event.hops else None
 
-    async def _remember(self, agent: DurableAgent, event: Envelope, key: str, run_id: str) -> None:
+    async def remember(self, agent: DurableAgent, event: Envelope, key: str, run_id: str) -> None:
+        """Note that run `run_id` (of `agent`, for `key`) starts in `event`'s chain (the first one stays).
+
+        One write, made while the run's journal is created (the engine does both at once).
+        """
         if not agent.limits.loop_guard:
             return
         chain = event.correlationid or event.id
-        origin = _Origin(agent.name, key_hash(key), run_id, event.hops)
-
-        def change(state: _Chain | None) -> tuple[_Chain | None, None]:
-            runs = (state or _Chain()).runs
-            if any(known.run == run_id for known in runs):
-                return None, None
-            return _Chain([*runs, origin][-MAX_LINEAGE:]), None
-
-        await self._cas(chain_key(derived_id("chain", chain)), _Chain, change, bucket=self._lineage)
+        name = chain_key(derived_id("chain", chain), agent.name, key_hash(key))
+        with contextlib.suppress(KeyWrongLastSequenceError):  # a run of the chain came first: it stays
+            await self._lineage.create(name, msgspec.json.encode(_Origin(run_id, event.hops)))
 
     # --- facts ---------------------------------------------------------------------------------------
 

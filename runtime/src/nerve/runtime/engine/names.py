@@ -7,7 +7,8 @@
   `<root>.engine.timers.fired.<timer id>`.
 - KV bucket `nerve_limits`: flow control's state, one key per limit and key (`<limit>.<agent>.<key hash>`),
   per blast-radius group (`blast.<group>`) and per breaker (`breaker.<action>`).
-- KV bucket `nerve_lineage`: `chain.<correlation hash>`, the runs a correlation chain started (loop guard).
+- KV bucket `nerve_lineage`: `chain.<correlation hash>.<agent>.<key hash>`, the first run of an agent for
+  a key in a correlation chain, and its trigger's hops (loop guard).
 - Durable consumers `nerve-engine-<agent>` (one per agent: its trigger) and `nerve-engine-timers`.
 
 Engine subjects have five tokens, device subjects four: the two never overlap, whatever a device is called.
@@ -104,6 +105,6 @@ def breaker_key(action: str) -> str:
     return f"breaker.{action}"
 
 
-def chain_key(chain_hash: str) -> str:
-    """The `nerve_lineage` key of a correlation chain."""
-    return f"chain.{chain_hash}"
+def chain_key(chain_hash: str, agent: str, key_hash: str) -> str:
+    """The `nerve_lineage` key of the first run of `agent` for a key in a correlation chain."""
+    return f"chain.{chain_hash}.{agent}.{key_hash}"
