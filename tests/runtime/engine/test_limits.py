@@ -413,17 +413,29 @@ async def test_the_loop_guard_refuses_a_runs_own_effect_and_a_trigger_too_deep(
     nc: NatsClient, js: JetStreamContext
 ) -> None:
     js_of[:] = [js]
+    ping = Address(device="shop", kind=Kind.EVENTS, name="ping").subject(PREFIX)
     async with Engine(nc=nc, agents=[echo], prefix=PREFIX, settings=FAST) as engine:
+        # A chain's first message: its run is found by its id when its answer comes back.
         await publish_event(js, "ping", {"key": "e1"}, event_id="ping-0")
+        # A reaction in another chain starts a run, which notes its chain (nerve_lineage).
+        mid = Event(
+            id="ping-mid",
+            source="nerve://shop",
+            type="ping",
+            subject="shop",
+            data={"key": "e3"},
+            correlationid="elsewhere",
+            causationid="elsewhere",
+            hops=1,
+        )
+        await publish_envelope(js, ping, mid)
         deep = Event(
             id="ping-deep", source="nerve://shop", type="ping", subject="shop", data={"key": "e2"}, hops=4
         )
-        await publish_envelope(
-            js, Address(device="shop", kind=Kind.EVENTS, name="ping").subject(PREFIX), deep
-        )
-        await _until(lambda: engine.limit_counts.get("echo.causation.dropped", 0) == 1)
+        await publish_envelope(js, ping, deep)
+        await _until(lambda: engine.limit_counts.get("echo.causation.dropped", 0) == 2)
         await _until(lambda: engine.limit_counts.get("echo.max_hops.dropped", 0) == 1)
-    assert started["echo"] == ["ping-0"]  # its answer did not start a second run
+    assert sorted(started["echo"]) == ["ping-0", "ping-mid"]  # their answers did not start runs
     refused = await _facts(js, "loop_guard")
     assert {fact.data["limit"] for fact in refused} == {"causation", "max_hops"}
 

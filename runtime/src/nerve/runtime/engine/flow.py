@@ -152,6 +152,13 @@ class _Origin(msgspec.Struct, array_like=True):
     hops: int
 
 
+class _Hops(msgspec.Struct):
+    hops: int = 0
+
+
+_HOPS: Final = msgspec.json.Decoder(_Hops)
+
+
 def key_hash(key: str) -> str:
     """A KV-safe name for a run key (any string)."""
     return derived_id("key", key)
@@ -562,6 +569,13 @@ class Flow:
         caused by what happened after that run started: it is taken as the run's own effect.
         """
         assert event.correlationid is not None  # noqa: S101 - checked by the caller
+        # A run started by the chain's first message: its id derives from the chain's id.
+        first = agent.run_id(event.correlationid)
+        found = None if first == run_id else await read_record(self._runs, first)
+        if found is not None and found[0].key == key:
+            if _HOPS.decode(found[0].trigger).hops < event.hops:
+                return first
+            return None
         name = chain_key(derived_id("chain", event.correlationid), agent.name, key_hash(key))
         try:
             entry = await self._lineage.get(name)
@@ -573,11 +587,12 @@ class Flow:
     async def remember(self, agent: DurableAgent, event: Envelope, key: str, run_id: str) -> None:
         """Note that run `run_id` (of `agent`, for `key`) starts in `event`'s chain (the first one stays).
 
-        One write, made while the run's journal is created (the engine does both at once).
+        One write, made while the run's journal is created (the engine does both at once); none for a run
+        started by the first message of a chain (its run id says so: see `_looped`).
         """
-        if not agent.limits.loop_guard:
-            return
         chain = event.correlationid or event.id
+        if not agent.limits.loop_guard or chain == event.id:
+            return
         name = chain_key(derived_id("chain", chain), agent.name, key_hash(key))
         with contextlib.suppress(KeyWrongLastSequenceError):  # a run of the chain came first: it stays
             await self._lineage.create(name, msgspec.json.encode(_Origin(run_id, event.hops)))
