@@ -17,6 +17,7 @@ from nerve.runtime.engine.errors import (
     Terminal,
 )
 from nerve.runtime.engine.journal import RunRecord, StepRecord, UndoRecord
+from nerve.runtime.engine.limits import BlastRadius, Breaker, Limits, Window
 from nerve.runtime.engine.names import ENGINE_NAMES, RUNS_BUCKET, TIMERS_STREAM
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import Step
@@ -27,11 +28,14 @@ __all__ = [
     "RUNS_BUCKET",
     "TIMERS_STREAM",
     "AgentDeclarationError",
+    "BlastRadius",
+    "Breaker",
     "DurableAgent",
     "Engine",
     "EngineError",
     "EngineSettings",
     "LeaseLost",
+    "Limits",
     "RetryPolicy",
     "Retryable",
     "RunCancelled",
@@ -44,6 +48,7 @@ __all__ = [
     "Terminal",
     "Trigger",
     "UndoRecord",
+    "Window",
     "durable_agent",
     "ensure_engine_storage",
     "wait_for_run",
