@@ -11,6 +11,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import msgspec
+import nats
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -40,11 +41,14 @@ from nerve.runtime.subjects import Address, Kind
 from nerve.runtime.testing import stream_messages
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
     from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
 
     from nerve.runtime.engine import DurableAgent
     from nerve.runtime.envelope.model import Envelope
+    from nerve.runtime.stack.brokers import NatsServer
 
 # --- the arithmetic ----------------------------------------------------------------------------------
 
@@ -240,9 +244,18 @@ js_of: list[JetStreamContext] = []
 QUICK = FAST.model_copy(update={"limit_facts_window_s": 0.5})
 
 
-async def _two_engines(nc: NatsClient, agents: list[DurableAgent]) -> tuple[Engine, Engine]:
+@pytest.fixture
+async def other_nc(nats_server: NatsServer) -> AsyncIterator[NatsClient]:
+    """A second connection, for a second engine: as another central process would have."""
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+def _two_engines(nc: NatsClient, other_nc: NatsClient, agents: list[DurableAgent]) -> tuple[Engine, Engine]:
+    """Two engines sharing `agents`' work, each on its own connection."""
     return Engine(nc=nc, agents=agents, prefix=PREFIX, settings=QUICK), Engine(
-        nc=nc, agents=agents, prefix=PREFIX, settings=QUICK
+        nc=other_nc, agents=agents, prefix=PREFIX, settings=QUICK
     )
 
 
@@ -263,9 +276,9 @@ async def _facts(js: JetStreamContext, kind: str) -> list[Fact]:
 
 @pytest.mark.broker
 async def test_a_rate_limit_drops_past_its_count_and_keeps_a_fact(
-    nc: NatsClient, js: JetStreamContext
+    nc: NatsClient, other_nc: NatsClient, js: JetStreamContext
 ) -> None:
-    first, second = await _two_engines(nc, [rated])
+    first, second = _two_engines(nc, other_nc, [rated])
     async with first, second:
         for n in range(5):
             await publish_event(js, "rated", {"key": "k1"}, event_id=f"rate-{n}")
@@ -288,10 +301,10 @@ async def test_a_rate_limit_drops_past_its_count_and_keeps_a_fact(
 
 @pytest.mark.broker
 async def test_a_singleton_drops_a_trigger_while_its_key_has_a_run_across_two_engines(
-    nc: NatsClient, js: JetStreamContext
+    nc: NatsClient, other_nc: NatsClient, js: JetStreamContext
 ) -> None:
     Gate.event = asyncio.Event()
-    first, second = await _two_engines(nc, [single])
+    first, second = _two_engines(nc, other_nc, [single])
     async with first, second:
         await publish_event(js, "single", {"key": "d1"}, event_id="single-0")
         await _until(lambda: len(started["single"]) == 1)
@@ -332,10 +345,10 @@ async def test_a_singleton_merges_a_trigger_into_the_open_run_of_its_key(
 
 @pytest.mark.broker
 async def test_concurrency_one_runs_a_keys_triggers_one_at_a_time_in_order_across_two_engines(
-    nc: NatsClient, js: JetStreamContext
+    nc: NatsClient, other_nc: NatsClient, js: JetStreamContext
 ) -> None:
     Gate.event = asyncio.Event()
-    first, second = await _two_engines(nc, [queued])
+    first, second = _two_engines(nc, other_nc, [queued])
     async with first, second:
         for n in range(3):
             await publish_event(js, "queued", {"key": "q1"}, event_id=f"queued-{n}")
@@ -390,10 +403,10 @@ async def test_debounce_starts_one_run_with_the_last_trigger_of_a_burst(
 
 @pytest.mark.broker
 async def test_the_blast_radius_holds_a_second_key_until_the_first_is_done(
-    nc: NatsClient, js: JetStreamContext
+    nc: NatsClient, other_nc: NatsClient, js: JetStreamContext
 ) -> None:
     Gate.event = asyncio.Event()
-    first, second = await _two_engines(nc, [blasted])
+    first, second = _two_engines(nc, other_nc, [blasted])
     async with first, second:
         await publish_event(js, "blasted", {"key": "dev-a"}, event_id="blast-a")
         await _until(lambda: started["blasted"] == ["blast-a"])
