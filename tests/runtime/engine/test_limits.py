@@ -508,3 +508,28 @@ async def test_a_slot_left_by_a_run_that_vanished_is_freed_by_the_next_trigger(
         record = await wait_for_run(engine.kv, healed.run_id("healed-0"), timeout=20)
     assert record.state == "done"
     assert started["healed"] == ["healed-0"]
+
+
+@durable_agent("cancelled", trigger=Trigger(Kind.EVENTS, "cancelled"), key=_key, limits=Limits(concurrency=1))
+async def cancelled(event: Envelope, step: Step) -> None:
+    await _blocking("cancelled", event, step)
+
+
+@pytest.mark.broker
+async def test_a_run_cancelled_while_it_waits_for_a_slot_leaves_the_queue(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    Gate.event = asyncio.Event()
+    async with Engine(nc=nc, agents=[cancelled], prefix=PREFIX, settings=FAST) as engine:
+        for n in range(3):
+            await publish_event(js, "cancelled", {"key": "c1"}, event_id=f"cancelled-{n}")
+        await _until(lambda: engine.limit_counts.get("cancelled.concurrency.delayed", 0) == 2)
+        await engine.cancel(cancelled.run_id("cancelled-1"))
+        gone = await wait_for_run(engine.kv, cancelled.run_id("cancelled-1"), timeout=20)
+        Gate.event.set()
+        last = await wait_for_run(engine.kv, cancelled.run_id("cancelled-2"), timeout=20)
+    assert gone.state == "failed"  # cancelled before its first step: nothing to undo
+    assert gone.cancelled
+    assert not gone.steps
+    assert last.state == "done"
+    assert started["cancelled"] == ["cancelled-0", "cancelled-2"]
