@@ -533,3 +533,15 @@ async def test_a_run_cancelled_while_it_waits_for_a_slot_leaves_the_queue(
     assert not gone.steps
     assert last.state == "done"
     assert started["cancelled"] == ["cancelled-0", "cancelled-2"]
+
+
+@pytest.mark.broker
+async def test_drops_counted_in_a_window_are_kept_when_the_engine_stops(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    async with Engine(nc=nc, agents=[rated], prefix=PREFIX, settings=FAST) as engine:  # a 60 s window
+        for n in range(6):
+            await publish_event(js, "rated", {"key": "k9"}, event_id=f"stop-{n}")
+        await _until(lambda: engine.limit_counts.get("rated.rate.dropped", 0) == 4)
+    dropped = await _facts(js, "trigger_dropped")
+    assert [fact.data["count"] for fact in dropped] == [1, 3]  # the first at once, the rest at the stop

@@ -687,10 +687,15 @@ class Engine:
             log.warning("engine: run %s: its slots not given back now (%s)", record.run_id, error_text(exc))
 
     async def _limit_facts(self, flow: Flow) -> None:
-        while True:
-            await asyncio.sleep(LIMIT_FACTS_TICK_S)
-            await flow.keep_due_facts()
-            checkpoint()
+        try:
+            while True:
+                await asyncio.sleep(LIMIT_FACTS_TICK_S)
+                await flow.keep_due_facts()
+                checkpoint()
+        finally:  # stopping: what was counted and not kept yet is kept now
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await flow.keep_due_facts(everything=True)
 
     async def _pass_gate(
         self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope

@@ -386,9 +386,12 @@ class Flow:
 
     # --- sampled facts -------------------------------------------------------------------------------
 
-    async def keep_due_facts(self) -> None:
-        """Keep one fact per key and limit whose window ended with more counted. Call it regularly."""
-        for sample in self._sampler.due():
+    async def keep_due_facts(self, *, everything: bool = False) -> None:
+        """Keep one fact per key and limit whose window ended with more counted. Call it regularly.
+
+        `everything`: whatever was counted, window ended or not (the engine stops: nothing is lost).
+        """
+        for sample in self._sampler.due(everything=everything):
             await self._counted_fact(sample)
 
     # --- the limits, one by one ----------------------------------------------------------------------
