@@ -545,3 +545,32 @@ async def test_drops_counted_in_a_window_are_kept_when_the_engine_stops(
         await _until(lambda: engine.limit_counts.get("rated.rate.dropped", 0) == 4)
     dropped = await _facts(js, "trigger_dropped")
     assert [fact.data["count"] for fact in dropped] == [1, 3]  # the first at once, the rest at the stop
+
+
+@durable_agent(
+    "capped",
+    trigger=Trigger(Kind.EVENTS, "capped"),
+    key=_key,
+    limits=Limits(concurrency=1, blast=BlastRadius(max_keys=1, group="test_capped", on_full="drop")),
+)
+async def capped(event: Envelope, step: Step) -> None:
+    await _blocking("capped", event, step)
+
+
+@pytest.mark.broker
+async def test_a_trigger_dropped_at_the_blast_radius_gives_back_the_slot_an_earlier_gate_took(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    Gate.event = asyncio.Event()
+    async with Engine(nc=nc, agents=[capped], prefix=PREFIX, settings=FAST) as engine:
+        await publish_event(js, "capped", {"key": "a"}, event_id="capped-a")
+        await _until(lambda: started["capped"] == ["capped-a"])
+        await publish_event(js, "capped", {"key": "b"}, event_id="capped-b")  # b's slot taken, then dropped
+        await _until(lambda: engine.limit_counts.get("capped.blast.dropped", 0) == 1)
+        Gate.event.set()
+        await wait_for_run(engine.kv, capped.run_id("capped-a"), timeout=20)
+        await publish_event(js, "capped", {"key": "b"}, event_id="capped-b2")
+        record = await wait_for_run(engine.kv, capped.run_id("capped-b2"), timeout=20)
+    assert record.state == "done"
+    assert started["capped"] == ["capped-a", "capped-b2"]
+    assert "capped.concurrency.delayed" not in engine.limit_counts  # b's slot was free: it never waited

@@ -676,7 +676,7 @@ class Engine:
         if self._flow is None:
             return
         try:
-            woken = await self._flow.at_end(agent, record)
+            woken = await self._flow.at_end(agent, record.key, record.run_id)
             for run_id in woken:
                 known = self._known.get(run_id)
                 if known is None or known.agent in self._agents:

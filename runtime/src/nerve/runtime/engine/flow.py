@@ -265,8 +265,8 @@ class Flow:
             await self._fact(
                 agent, event, key, limit=decision.gate, kind=DELAYED, reason=_delay_text(decision), into=""
             )
-        if decision.outcome == "drop" and limits.singleton is not None:
-            await self._leave(limit_key("singleton", agent.name, key_hash(key)), run_id)
+        if decision.outcome == "drop":  # no run: give back the slots a gate before took for it
+            await self.at_end(agent, key, run_id)
         return decision
 
     # --- a gated run wakes ---------------------------------------------------------------------------
@@ -341,19 +341,19 @@ class Flow:
 
     # --- a run ends ----------------------------------------------------------------------------------
 
-    async def at_end(self, agent: DurableAgent, record: RunRecord) -> list[str]:
-        """Give back the slots run `record` held; return the waiting runs that may now start."""
+    async def at_end(self, agent: DurableAgent, key: str, run_id: str) -> list[str]:
+        """Give back the slots (and queue places) run `run_id` held; return the runs that may now start."""
         limits = agent.limits
         pools = []
         if limits.singleton is not None:
-            pools.append(limit_key("singleton", agent.name, key_hash(record.key)))
+            pools.append(limit_key("singleton", agent.name, key_hash(key)))
         if limits.concurrency is not None:
-            pools.append(limit_key("concurrency", agent.name, key_hash(record.key)))
+            pools.append(limit_key("concurrency", agent.name, key_hash(key)))
         if limits.blast is not None:
             pools.append(blast_key(limits.blast.group))
         woken: list[str] = []
         for pool in pools:
-            woken.extend(await self._leave(pool, record.run_id))
+            woken.extend(await self._leave(pool, run_id))
         return woken
 
     # --- circuit breakers ----------------------------------------------------------------------------
