@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 import msgspec
 import nats
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.runtime.engine import Engine, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine.errors import AgentDeclarationError
-from nerve.runtime.engine.flow import key_hash
+from nerve.runtime.engine.flow import Pool, admit, key_hash, leave
 from nerve.runtime.engine.limits import (
     BlastRadius,
     Breaker,
@@ -96,6 +96,53 @@ def test_a_rate_limit_drops_only_what_is_over_count_in_the_last_period(
         admitted.append(now)
         kept = counted(kept, now, window, now)
     assert len(kept) <= window.count
+
+
+# A run: (its id, its key). Operations: a run arrives or is woken (True), or a run ends (False).
+pool_ops = st.lists(st.tuples(st.integers(0, 7), st.booleans()), max_size=60)
+
+
+@settings(max_examples=500)
+@given(st.integers(1, 3), st.booleans(), st.integers(1, 4), pool_ops)
+@example(2, False, 4, [(1, True), (2, True), (3, True), (1, False), (4, True)])  # a newcomer, a slot free
+def test_slots_never_exceed_the_cap_and_the_queue_goes_first_in_order(
+    cap: int, by_key: bool, queue: int, ops: list[tuple[int, bool]]
+) -> None:
+    pool = Pool()
+    ended: set[str] = set()
+    for number, arrives in ops:
+        run_id, key = f"r{number}", f"k{number % 3}"
+        if run_id in ended:
+            continue
+        if arrives:
+            before = list(pool.queued)
+            keys_before = {slot.key for slot in pool.running.values()}
+            used_before = len(keys_before) if by_key else len(pool.running)
+            was_running = run_id in pool.running
+            new, outcome = admit(
+                pool, run_id, key, cap=cap, by_key=by_key, queue=queue, wait=True, now=0.0, final=True
+            )
+            pool = new or pool
+            if outcome == "run" and not was_running:
+                # never ahead of the runs queued before it (all of them, for a newcomer), unless they fit
+                # too, or its key holds a slot already (blast radius)
+                ahead = before[: before.index(run_id)] if run_id in before else before
+                assert used_before + len(ahead) < cap or (by_key and key in keys_before)
+            assert outcome != "blocked"
+        else:
+            new, _woken = leave(pool, run_id)
+            pool = new or pool
+            ended.add(run_id)
+        used = len({slot.key for slot in pool.running.values()}) if by_key else len(pool.running)
+        assert used <= cap
+        assert len(pool.queued) <= queue
+        assert not set(pool.queued) & set(pool.running)
+    if not pool.running and pool.queued:  # everything ended: the head of the queue gets a slot
+        head = next(iter(pool.queued))
+        _new, outcome = admit(
+            pool, head, "k", cap=cap, by_key=by_key, queue=queue, wait=True, now=0.0, final=True
+        )
+        assert outcome == "run"
 
 
 def test_a_breaker_opens_after_n_failures_within_t_probes_after_the_cool_off_and_closes() -> None:

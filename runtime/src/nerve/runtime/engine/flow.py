@@ -129,13 +129,17 @@ class _Starts(msgspec.Struct, omit_defaults=True):
     starts: list[float] = msgspec.field(default_factory=list)
 
 
-class _Slot(msgspec.Struct, array_like=True):
+class Slot(msgspec.Struct, array_like=True):
+    """A run holding a slot: its key, and since when."""
+
     key: str
     since: float
 
 
-class _Pool(msgspec.Struct, omit_defaults=True):
-    running: dict[str, _Slot] = msgspec.field(default_factory=dict)
+class Pool(msgspec.Struct, omit_defaults=True):
+    """Slots (concurrency, singleton, blast radius): the runs holding one, and the runs waiting, in order."""
+
+    running: dict[str, Slot] = msgspec.field(default_factory=dict)
     #: Runs waiting for a slot, in order, with when they joined the queue.
     queued: dict[str, float] = msgspec.field(default_factory=dict)
 
@@ -157,6 +161,54 @@ class _Hops(msgspec.Struct):
 
 
 _HOPS: Final = msgspec.json.Decoder(_Hops)
+
+
+Taken = Literal["run", "queued", "full", "blocked"]
+
+
+def admit(
+    pool: Pool,
+    run_id: str,
+    key: str,
+    *,
+    cap: int,
+    by_key: bool,
+    queue: int,
+    wait: bool,
+    now: float,
+    final: bool,
+) -> tuple[Pool | None, Taken]:
+    """Whether `run_id` (for `key`) gets a slot in `pool`: the new pool (None: unchanged) and the outcome.
+
+    At most `cap` runs hold a slot (`by_key`: at most `cap` keys; a run of a key that holds one joins it).
+    The queue goes first, in order: a run gets a slot only if the runs queued before it fit too. Until
+    `final` (the slots of runs that ended were freed), a run that would wait or be dropped is "blocked".
+    """
+    if run_id in pool.running:
+        return None, "run"
+    keys = {slot.key for slot in pool.running.values()}
+    used = len(keys) if by_key else len(pool.running)
+    order = list(pool.queued)
+    ahead = order.index(run_id) if run_id in pool.queued else len(order)
+    if (by_key and key in keys) or used + ahead < cap:
+        running = {**pool.running, run_id: Slot(key, now)}
+        return Pool(running, {other: at for other, at in pool.queued.items() if other != run_id}), "run"
+    if not final:
+        return None, "blocked"
+    if run_id in pool.queued:
+        return None, "queued"
+    if not wait or len(pool.queued) >= queue:
+        return None, "full"
+    return Pool(pool.running, {**pool.queued, run_id: now}), "queued"
+
+
+def leave(pool: Pool, run_id: str) -> tuple[Pool | None, list[str]]:
+    """`pool` without `run_id`'s slot or queue place (None: it had neither), and the first queued run."""
+    if run_id not in pool.running and run_id not in pool.queued:
+        return None, []
+    running = {other: slot for other, slot in pool.running.items() if other != run_id}
+    queued = {other: at for other, at in pool.queued.items() if other != run_id}
+    return Pool(running, queued), list(queued)[:1]
 
 
 def key_hash(key: str) -> str:
@@ -471,33 +523,29 @@ class Flow:
         queue: int = 0,
         wait: bool = True,
     ) -> Literal["run", "queued", "full"]:
-        """A slot in pool `name` for `run_id`: taken, queued (in order), or none (the pool is full)."""
+        """A slot in pool `name` for `run_id`: taken, queued (in order), or none (the pool is full).
+
+        See `admit`; when the pool looks full, the slots of runs that ended are freed first (`_prune`).
+        """
         for pruned in (False, True):
             now = time.time()
 
             def change(
-                state: _Pool | None, now: float = now, *, pruned: bool = pruned
-            ) -> tuple[_Pool | None, Literal["run", "queued", "full", "blocked"]]:
-                pool = state or _Pool()
-                if run_id in pool.running:
-                    return None, "run"
-                keys = {slot.key for slot in pool.running.values()}
-                used = len(keys) if by_key else len(pool.running)
-                joins = by_key and key in keys  # its key is under remediation already: no new key
-                first = not pool.queued or next(iter(pool.queued)) == run_id
-                if joins or (used < cap and first):
-                    running = {**pool.running, run_id: _Slot(key, now)}
-                    queued = {other: at for other, at in pool.queued.items() if other != run_id}
-                    return _Pool(running, queued), "run"
-                if run_id in pool.queued:
-                    return None, "queued" if pruned else "blocked"
-                if not wait or len(pool.queued) >= queue:
-                    return None, "full" if pruned else "blocked"
-                if not pruned:
-                    return None, "blocked"
-                return _Pool(pool.running, {**pool.queued, run_id: now}), "queued"
+                state: Pool | None, now: float = now, *, pruned: bool = pruned
+            ) -> tuple[Pool | None, Taken]:
+                return admit(
+                    state or Pool(),
+                    run_id,
+                    key,
+                    cap=cap,
+                    by_key=by_key,
+                    queue=queue,
+                    wait=wait,
+                    now=now,
+                    final=pruned,
+                )
 
-            outcome = await self._cas(name, _Pool, change)
+            outcome = await self._cas(name, Pool, change)
             if outcome != "blocked":
                 return outcome
             await self._prune(name)
@@ -511,7 +559,7 @@ class Flow:
             return
         if not entry.value:
             return
-        pool = msgspec.json.decode(entry.value, type=_Pool)
+        pool = msgspec.json.decode(entry.value, type=Pool)
         now = time.time()
         gone = set()
         for run_id, slot in pool.running.items():
@@ -526,15 +574,15 @@ class Flow:
             "engine: %s: freed the slots of %d run(s) that ended without giving them back", name, len(gone)
         )
 
-        def change(state: _Pool | None) -> tuple[_Pool | None, None]:
+        def change(state: Pool | None) -> tuple[Pool | None, None]:
             if state is None:
                 return None, None
             running = {run_id: slot for run_id, slot in state.running.items() if run_id not in gone}
-            return _Pool(
+            return Pool(
                 running, {run_id: at for run_id, at in state.queued.items() if run_id not in gone}
             ), None
 
-        await self._cas(name, _Pool, change)
+        await self._cas(name, Pool, change)
 
     async def _ended(self, run_id: str, since: float, now: float) -> bool:
         found = await read_record(self._runs, run_id)
@@ -545,21 +593,17 @@ class Flow:
     async def _leave(self, name: str, run_id: str) -> list[str]:
         """Give back `run_id`'s slot (or queue place) in pool `name`; the queued runs that may go now."""
 
-        def change(state: _Pool | None) -> tuple[_Pool | None, list[str]]:
-            if state is None or (run_id not in state.running and run_id not in state.queued):
-                return None, []
-            running = {other: slot for other, slot in state.running.items() if other != run_id}
-            queued = {other: at for other, at in state.queued.items() if other != run_id}
-            return _Pool(running, queued), list(queued)[:1]
+        def change(state: Pool | None) -> tuple[Pool | None, list[str]]:
+            return (None, []) if state is None else leave(state, run_id)
 
-        return await self._cas(name, _Pool, change)
+        return await self._cas(name, Pool, change)
 
     async def _holder(self, name: str) -> str:
         try:
             entry = await self._limits.get(name)
         except KeyNotFoundError:
             return "?"
-        pool = msgspec.json.decode(entry.value or b"{}", type=_Pool)
+        pool = msgspec.json.decode(entry.value or b"{}", type=Pool)
         return next(iter(pool.running), "?")
 
     # --- the loop guard ------------------------------------------------------------------------------
@@ -723,4 +767,15 @@ def _delay_text(decision: Decision) -> str:
     return f"waits at {decision.gate} for a slot, in order"
 
 
-__all__ = ["GATES", "Decision", "Flow", "LimitContended", "ensure_flow_storage", "key_hash"]
+__all__ = [
+    "GATES",
+    "Decision",
+    "Flow",
+    "LimitContended",
+    "Pool",
+    "Slot",
+    "admit",
+    "ensure_flow_storage",
+    "key_hash",
+    "leave",
+]
