@@ -67,6 +67,18 @@ def test_first_refusal_at_once_then_one_count_per_window() -> None:
     assert sampler.offer("pi-01", "rejected", "again") is not None  # a new first
 
 
+def test_everything_counted_can_be_taken_before_its_window_ends() -> None:
+    clock = Clock()
+    sampler = RefusalSampler(window_s=WINDOW, max_keys=10, clock=clock)
+    assert sampler.offer("pi-01", "rejected", "r1") is not None
+    assert sampler.offer("pi-01", "rejected", "r2") is None
+    assert sampler.offer("pi-02", "rejected", "r3") is not None  # only its first: nothing to count
+    assert sampler.due() == []
+    (sample,) = sampler.due(everything=True)  # stopping: the count is not lost
+    assert (sample.device, sample.count, sample.last) == ("pi-01", 1, "r2")
+    assert sampler.due(everything=True) == []  # counted once
+
+
 def test_keys_beyond_max_share_one_overflow_key_per_reason() -> None:
     clock = Clock()
     sampler = RefusalSampler(window_s=WINDOW, max_keys=3, clock=clock)

@@ -6,6 +6,8 @@ DIR/executions. With DIR/hold present, step "slow" stops after its effect (and s
 DIR/slow-started) until the process is killed; DIR/delay holds how long each step waits after its effect.
 DIR/ready appears once the engine runs. Agent "crashy_saga" fails at its step "c" and undoes b and a;
 with DIR/hold present, the undo of "b" stops after its effect (DIR/undo-started) in the same way.
+Agent "limited" (concurrency 1 per key) writes `start <run> <pid>` and `end <run> <pid>` lines to
+DIR/limited around a step that takes 0.3 s.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING
 import nats
 
 from nerve.runtime.cancellation import until_signalled
-from nerve.runtime.engine import Engine, EngineSettings, Step, Terminal, Trigger, durable_agent
+from nerve.runtime.engine import Engine, EngineSettings, Limits, Step, Terminal, Trigger, durable_agent
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
@@ -93,13 +95,35 @@ def crashy_saga(effect: Effects) -> DurableAgent:
     return agent
 
 
+def limited(directory: Path) -> DurableAgent:
+    """One open run per key at a time, in every process: its step says when it starts and ends."""
+
+    @durable_agent(
+        "limited",
+        trigger=Trigger(Kind.EVENTS, "limited"),
+        key=lambda e: str(e.data["key"]),
+        limits=Limits(concurrency=1),
+    )
+    async def agent(_event: Envelope, step: Step) -> None:
+        async def work() -> None:
+            with (directory / "limited").open("a") as lines:
+                lines.write(f"start {step.run_id} {os.getpid()}\n")
+            await asyncio.sleep(0.3)
+            with (directory / "limited").open("a") as lines:
+                lines.write(f"end {step.run_id} {os.getpid()}\n")
+
+        await step.run("work", work)
+
+    return agent
+
+
 async def serve(url: str, directory: Path) -> int:
     nc = await nats.connect(url)
     delay_file = directory / "delay"
     delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
     effect = Effects(nc.jetstream(), directory)
     try:
-        agents = [crashy(effect, delay), crashy_saga(effect)]
+        agents = [crashy(effect, delay), crashy_saga(effect), limited(directory)]
         async with Engine(nc=nc, agents=agents, settings=EngineSettings(lease_s=1.0)):
             (directory / "ready").touch()
             await asyncio.Event().wait()

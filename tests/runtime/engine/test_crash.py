@@ -165,3 +165,50 @@ async def test_runs_survive_kill_9_at_random_instants(
     # The kills did land mid-run: some runs were resumed by the next process (a claim after the wake-up
     # from the nap makes 2).
     assert max(record.token for record in records) >= 3
+
+
+def most_open(directory: Path) -> int:
+    """The most runs of agent "limited" open at once, from its start and end lines (a run killed mid-step
+    and resumed elsewhere is still one open run)."""
+    open_runs: set[str] = set()
+    most = 0
+    for line in (directory / "limited").read_text().splitlines():
+        what, run_id, _pid = line.split()
+        if what == "start":
+            open_runs.add(run_id)
+        else:
+            open_runs.discard(run_id)
+        most = max(most, len(open_runs))
+    return most
+
+
+async def test_concurrency_holds_across_two_engine_processes_and_a_kill_of_one(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    kv = await ensure_engine_storage(js, PREFIX, FAST)
+    first = await start_engine(nats_server, tmp_path)
+    second = await start_engine(nats_server, tmp_path)
+    runs = []
+    try:
+        for n in range(6):
+            event = await publish_event(js, "limited", {"key": "one-key"}, event_id=f"limited-{n}")
+            runs.append(derived_id("limited", "run", event.id))
+        # Kill whichever process executes the first run, in the middle of its step: its slot stays
+        # taken by that run, which the other process resumes a lease later and ends.
+        async with asyncio.timeout(30):
+            while not (tmp_path / "limited").exists():
+                await asyncio.sleep(0.02)
+        pid = int((tmp_path / "limited").read_text().split()[2])
+        await kill(first if first.pid == pid else second)
+        for run_id in runs:
+            record = await wait_for_run(kv, run_id, timeout=60)
+            assert record.state == "done"
+    finally:
+        for process in (first, second):
+            if process.returncode is None:
+                await stop(process)
+    assert most_open(tmp_path) == 1
+    ends = [
+        line.split()[1] for line in (tmp_path / "limited").read_text().splitlines() if line.startswith("end")
+    ]
+    assert sorted(ends) == sorted(runs)  # each run's step ended once (the killed one in the survivor)

@@ -51,12 +51,17 @@ def test_declarations_are_checked_when_made() -> None:
 
 
 def test_every_engine_name_is_in_one_place() -> None:
-    assert ENGINE_NAMES.buckets == ("nerve_runs",)
-    assert ENGINE_NAMES.streams == ("KV_nerve_runs", "NERVE_TIMERS")
+    assert ENGINE_NAMES.buckets == ("nerve_runs", "nerve_limits", "nerve_lineage")
+    assert ENGINE_NAMES.streams == ("KV_nerve_runs", "KV_nerve_limits", "KV_nerve_lineage", "NERVE_TIMERS")
     assert all(
         name.lower().startswith("nerve") or name.startswith("KV_nerve") for name in ENGINE_NAMES.streams
     )
-    assert engine_subjects("site/a") == ("$KV.nerve_runs.>", "site.a.engine.timers.>")
+    assert engine_subjects("site/a") == (
+        "$KV.nerve_runs.>",
+        "$KV.nerve_limits.>",
+        "$KV.nerve_lineage.>",
+        "site.a.engine.timers.>",
+    )
     assert trigger_consumer("disk").startswith(ENGINE_NAMES.consumer_prefix)
     assert TIMERS_CONSUMER.startswith(ENGINE_NAMES.consumer_prefix)
 

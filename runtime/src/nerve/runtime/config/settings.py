@@ -568,6 +568,21 @@ class EngineSettings(_Settings):
     )
     max_steps: int = Field(default=1000, ge=1, description="steps one run may take")
     max_sleep_s: float = Field(default=30 * _DAY_S, gt=0, description="longest sleep or wait timeout")
+    limits_max_bytes: int = Field(
+        default=64 * MIB,
+        ge=1 * MIB,
+        description="bytes of nerve_limits and of nerve_lineage",
+    )
+    loop_window_s: float = Field(
+        default=_DAY_S, gt=0, description="how long the loop guard remembers which runs a chain started"
+    )
+    limit_facts_window_s: float = Field(
+        default=60.0, gt=0, description="after a limit's first fact per key, one counted fact per window"
+    )
+    limit_facts_max_keys: int = Field(default=100, ge=1, description="keys told apart in limit facts")
+    fleet_size: int = Field(
+        default=0, ge=0, description="devices in the fleet for blast-radius percentages (0: the registry's)"
+    )
     runs: StreamLimits = StreamLimits(max_bytes=1 * GIB, max_age_s=90 * _DAY_S)
     timers: StreamLimits = StreamLimits(max_bytes=256 * MIB, max_age_s=90 * _DAY_S)
 

@@ -19,6 +19,7 @@ from nerve.runtime.engine.errors import (
     Terminal,
 )
 from nerve.runtime.engine.journal import RunRecord, StepRecord, UndoRecord
+from nerve.runtime.engine.limits import BlastRadius, Breaker, Limits, Window
 from nerve.runtime.engine.names import ENGINE_NAMES, RUNS_BUCKET, TIMERS_STREAM
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import Step
@@ -30,12 +31,15 @@ __all__ = [
     "RUNS_BUCKET",
     "TIMERS_STREAM",
     "AgentDeclarationError",
+    "BlastRadius",
+    "Breaker",
     "Decision",
     "DurableAgent",
     "Engine",
     "EngineError",
     "EngineSettings",
     "LeaseLost",
+    "Limits",
     "ResultRefusals",
     "RetryPolicy",
     "Retryable",
@@ -49,6 +53,7 @@ __all__ = [
     "Terminal",
     "Trigger",
     "UndoRecord",
+    "Window",
     "durable_agent",
     "ensure_engine_storage",
     "wait_for_run",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.engine.errors import AgentDeclarationError
+from nerve.runtime.engine.limits import NO_LIMITS, Limits
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.subjects import Kind, is_token, subject_root
 
@@ -109,6 +110,7 @@ class DurableAgent:
     waits_on: tuple[Kind, ...] = ()
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     on_failure: FailureHandler | None = None
+    limits: Limits = NO_LIMITS
 
     def __post_init__(self) -> None:
         """Check the name and the kinds waited on (raises `AgentDeclarationError`)."""
@@ -131,12 +133,14 @@ def durable_agent(
     waits_on: tuple[Kind, ...] = (),
     retry: RetryPolicy | None = None,
     on_failure: FailureHandler | None = None,
+    limits: Limits = NO_LIMITS,
 ) -> Callable[[AgentFunction], DurableAgent]:
     """Declare `fn(event, step)` as durable agent `name`, started by `trigger`, scoped by `key(event)`.
 
     `waits_on` names the kinds of stream `step.wait_for_event` reads (their positions are journalled at
     each step); `retry` is the default retry policy of its steps; `on_failure` is called once when a run
-    fails for good, after its undos ran. Raises `AgentDeclarationError` for a wrong declaration.
+    fails for good, after its undos ran; `limits` is its flow control (docs/engine.md). Raises
+    `AgentDeclarationError` for a wrong declaration.
     """
 
     def declare(fn: AgentFunction) -> DurableAgent:
@@ -148,6 +152,7 @@ def durable_agent(
             waits_on=waits_on,
             retry=retry or RetryPolicy(),
             on_failure=on_failure,
+            limits=limits,
         )
 
     return declare

@@ -30,6 +30,7 @@ from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.agent import RunFailure
 from nerve.runtime.engine.clock import SYSTEM_CLOCK
 from nerve.runtime.engine.errors import EngineError, LeaseLost, RunCancelled
+from nerve.runtime.engine.flow import GATES, START, Decision, Flow
 from nerve.runtime.engine.journal import (
     DECODER,
     TERMINAL,
@@ -57,17 +58,24 @@ from nerve.runtime.engine.names import (
 from nerve.runtime.engine.runs import request_cancel
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import EngineContext, Park, Step
-from nerve.runtime.engine.timers import RUN_HEADER, has_fired
+from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, has_fired, schedule
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import publish_dead_letter, shared_durable
-from nerve.runtime.jetstream.streams import STREAM_OF_KIND, apply_streams, check_streams, open_bucket
+from nerve.runtime.jetstream.streams import (
+    LIMITS_BUCKET,
+    LINEAGE_BUCKET,
+    STREAM_OF_KIND,
+    apply_streams,
+    check_streams,
+    open_bucket,
+)
 from nerve.runtime.subjects import DEFAULT_PREFIX
 from nerve.runtime.trust.signing import Verifier
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import TracebackType
 
     from nats.aio.client import Client as NatsClient
@@ -91,6 +99,8 @@ MAX_ACK_PENDING: Final = 1000
 MAX_DELIVER: Final = 5
 START_TIMEOUT_S: Final = 30.0
 RELEASE_TIMEOUT_S: Final = 2.0
+#: How often the facts that flow control counted are kept (one per key and limit and window).
+LIMIT_FACTS_TICK_S: Final = 0.5
 
 
 async def ensure_engine_storage(js: JetStreamContext, prefix: str, settings: EngineSettings) -> KeyValue:
@@ -156,11 +166,14 @@ class Engine:
         configure: bool = True,
         device_keys: DeviceKeys | None = None,
         refusals: ResultRefusals | None = None,
+        fleet_size: Callable[[], int] | None = None,
     ) -> None:
         """`configure` false: only check that the storage exists (a NATS identity may not create it).
 
         `device_keys`: the registry a command step's result must verify against (none: every result is
         refused); `refusals`: what keeps refused results as sampled facts (default: one of its own).
+        `fleet_size` says how many devices the fleet has (the device registry), for blast-radius
+        percentages; `settings.fleet_size`, when set, wins.
         """
         names = [agent.name for agent in agents]
         if len(set(names)) != len(names):
@@ -191,6 +204,8 @@ class Engine:
         self._configure = configure
         self._device_keys = device_keys
         self._refusals = refusals
+        self._fleet_size = fleet_size
+        self._flow: Flow | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -246,6 +261,18 @@ class Engine:
         else:
             await check_streams(js)
         self._kv = await open_bucket(js, RUNS_BUCKET)
+        self._flow = Flow(
+            js=js,
+            limits=await open_bucket(js, LIMITS_BUCKET),
+            lineage=await open_bucket(js, LINEAGE_BUCKET),
+            runs=self._kv,
+            prefix=self._prefix,
+            settings=self.settings,
+            signer=self._signer,
+            codec=self._codec,
+            instance=self.instance,
+            fleet_size=self._fleet_size,
+        )
         self._ctx = EngineContext(
             js=js,
             prefix=self._prefix,
@@ -256,6 +283,7 @@ class Engine:
             operators=self._operators,
             device_keys=self._device_keys,
             refusals=self._refusals,
+            flow=self._flow,
         )
         subscriptions: list[JetStreamContext.PushSubscription] = []
         watcher: KeyValue.KeyWatcher | None = None
@@ -265,6 +293,7 @@ class Engine:
                 watcher = await self.kv.watchall()
                 tasks.create_task(self._watch(watcher), name="engine-watch")
                 tasks.create_task(self._recover(), name="engine-recover")
+                tasks.create_task(self._limit_facts(self._flow), name="engine-limit-facts")
                 timers = await shared_durable(
                     js,
                     subject=timer_fired_subject(self._prefix),
@@ -311,6 +340,11 @@ class Engine:
         Raises `EngineError` if there is no such run or it has ended already.
         """
         await request_cancel(self.kv, run_id)
+
+    @property
+    def limit_counts(self) -> dict[str, int]:
+        """What flow control did in this process: `<agent>.<limit>.<dropped|merged|delayed>` -> count."""
+        return {} if self._flow is None else dict(self._flow.counts)
 
     async def record(self, run_id: str) -> RunRecord | None:
         """The journal of run `run_id`, or None."""
@@ -359,7 +393,7 @@ class Engine:
             raise EngineError("the engine has not started")
         return self._ctx
 
-    async def _on_trigger(self, agent: DurableAgent, msg: Msg) -> None:
+    async def _on_trigger(self, agent: DurableAgent, msg: Msg) -> None:  # noqa: C901, PLR0911 - each exit a case
         try:
             event = decode(msg.data, MODEL_OF_KIND[agent.trigger.kind])
         except DecodeError as exc:
@@ -381,6 +415,18 @@ class Engine:
         if run_id in self._live:
             await msg.ack()
             return
+        decision = START if self._flow is None else await self._flow.at_trigger(agent, event, key, run_id)
+        if decision.outcome in {"drop", "merge"}:  # a fact says so
+            await msg.ack()
+            return
+        if decision.outcome == "park":
+            try:
+                await self._park_new(agent, event, key, msg, decision)
+            except RecordTooLarge as exc:
+                await self._dead_letter(msg, f"{agent.name}: {exc}")
+                return
+            await msg.ack()
+            return
         await self._slots.acquire()
         try:
             handle = await self._create(agent, event, key, msg)
@@ -397,8 +443,33 @@ class Engine:
         if handle is not None:
             self._start(agent, handle)
 
-    async def _create(self, agent: DurableAgent, event: Envelope, key: str, msg: Msg) -> RunHandle | None:
-        """The journal of a new run, claimed by this process; None if the run exists already."""
+    async def _park_new(
+        self, agent: DurableAgent, event: Envelope, key: str, msg: Msg, decision: Decision
+    ) -> None:
+        """Journal a new run parked at a flow-control gate (nobody holds it); its timer wakes it."""
+        created = await self._create(agent, event, key, msg, gate=decision.gate, due=decision.due)
+        if created is not None:
+            await self._gate_timer(created.run_id, decision)
+
+    async def _gate_timer(self, run_id: str, decision: Decision) -> None:
+        if decision.due:
+            await schedule(
+                self._context.js,
+                prefix=self._prefix,
+                timer_id=derived_id(run_id, "gate", decision.gate, repr(decision.due)),
+                due=decision.due,
+                run_id=run_id,
+                step_id=decision.gate,
+            )
+
+    async def _create(
+        self, agent: DurableAgent, event: Envelope, key: str, msg: Msg, *, gate: str = "", due: float = 0.0
+    ) -> RunHandle | None:
+        """The journal of a new run, claimed by this process; None if the run exists already.
+
+        With `gate`, the run is parked there instead (nobody holds it), to be woken at `due` (or, with no
+        `due`, when a slot frees; the watchdog looks again a lease after `wake_at`).
+        """
         now = self._clock.time()
         meta = msg.metadata
         positions = {STREAM_OF_KIND[kind]: 0 for kind in agent.waits_on}
@@ -421,7 +492,17 @@ class Engine:
             created=now,
             updated=now,
         )
-        revision = await create_record(self.kv, record, self.settings.max_record_bytes)
+        if gate:
+            record = msgspec.structs.replace(
+                record, owner="", token=0, lease_until=0.0, state="waiting", gate=gate, wake_at=due or now
+            )
+        if self._flow is None:
+            revision = await create_record(self.kv, record, self.settings.max_record_bytes)
+        else:  # the loop guard's note of the run, in the same round trip
+            revision, _ = await asyncio.gather(
+                create_record(self.kv, record, self.settings.max_record_bytes),
+                self._flow.remember(agent, event, key, record.run_id),
+            )
         if revision is None:
             return None
         return self._handle(record, revision)
@@ -453,6 +534,8 @@ class Engine:
                 # of an agent this engine does not run is woken by the watchdog of one that does, a lease
                 # after its timer was due.
                 await msg.ack()
+                if (msg.headers or {}).get(STEP_HEADER) in GATES:  # a gate's timer: nobody looks at it again
+                    await self._context.js.delete_msg(TIMERS_STREAM, msg.metadata.sequence.stream)
             except (NatsError, TimeoutError) as exc:
                 log.warning("engine: timer of run %s not handled now (%s); it comes again", run_id, exc)
                 await _nak(msg)
@@ -596,8 +679,68 @@ class Engine:
         finally:
             self._live.pop(handle.run_id, None)
             self._slots.release()
+        if handle.record.terminal and not handle.lost:
+            await self._give_back(agent, handle.record)
         if rewake:
             await self._claim(handle.run_id)
+
+    async def _give_back(self, agent: DurableAgent, record: RunRecord) -> None:
+        """Flow control: free the slots of a run that ended, and start the runs waiting for them."""
+        if self._flow is None:
+            return
+        try:
+            woken = await self._flow.at_end(agent, record.key, record.run_id)
+            for run_id in woken:
+                known = self._known.get(run_id)
+                if known is None or known.agent in self._agents:
+                    await self._claim(run_id)
+        except Exception as exc:  # noqa: BLE001 - one run's trouble must not stop the engine
+            # The next run that finds the pool full frees what ended (`Flow._prune`); the watchdog wakes
+            # the waiting runs.
+            log.warning("engine: run %s: its slots not given back now (%s)", record.run_id, error_text(exc))
+
+    async def _limit_facts(self, flow: Flow) -> None:
+        try:
+            while True:
+                await asyncio.sleep(LIMIT_FACTS_TICK_S)
+                await flow.keep_due_facts()
+                checkpoint()
+        finally:  # stopping: what was counted and not kept yet is kept now
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(RELEASE_TIMEOUT_S):
+                    await flow.keep_due_facts(everything=True)
+
+    async def _pass_gate(
+        self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope
+    ) -> Envelope | None:
+        """A run parked at a gate: the trigger to start with, or None if it parked again (or was dropped)."""
+        if self._flow is None or handle.run_id in self._cancels:
+            return trigger  # a cancelled run goes on to its first step, which stops it
+        decision = await self._flow.at_wake(agent, handle.record, trigger)
+        swapped = decision.trigger  # a debounce passed: the run goes on with the burst's last trigger
+
+        def gated(record: RunRecord) -> None:
+            if swapped is not None:
+                record.trigger = msgspec.Raw(swapped)
+            record.gate = ""
+            if decision.outcome == "park":
+                record.state = "waiting"
+                record.gate = decision.gate
+                record.wake_at = decision.due or self._clock.time() + self.settings.lease_s
+            elif decision.outcome != "start":
+                record.state = "failed"
+                record.error = "dropped by flow control before its first step (a fact says why)"
+
+        await handle.write(gated, release=decision.outcome != "start")
+        if decision.outcome == "park":
+            await self._gate_timer(handle.run_id, decision)
+        if decision.outcome != "start":
+            return None
+        if swapped is None:
+            return trigger
+        latest = decode(swapped, MODEL_OF_KIND[agent.trigger.kind])
+        step.retrigger(latest)
+        return latest
 
     async def _renew(self, handle: RunHandle) -> None:
         while True:
@@ -609,6 +752,11 @@ class Engine:
 
     async def _drive(self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope) -> bool:
         """Replay the agent function over the journal; True if the run parked and its timer fired since."""
+        if handle.record.gate:
+            passed = await self._pass_gate(agent, step, handle, trigger)
+            if passed is None:
+                return False
+            trigger = passed
         try:
             result = await agent.fn(trigger, step)
         except Park as park:

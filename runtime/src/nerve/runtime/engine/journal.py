@@ -83,6 +83,9 @@ class RunRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     failure_handled: bool = False
     #: A parked run: when its timer is due (the engine's watchdog wakes it a lease after, if no timer did).
     wake_at: float = 0.0
+    #: Flow control: the gate (debounce, throttle, concurrency, blast) a run waits at before its first
+    #: step; "" once it passed them all (`nerve.runtime.engine.flow`).
+    gate: str = ""
     created: float = 0.0
     updated: float = 0.0
 

@@ -5,6 +5,10 @@
 - Stream `NERVE_TIMERS` (message schedules allowed): a durable timer is a schedule message on
   `<root>.engine.timers.at.<timer id>` that the server turns, when due, into one message on
   `<root>.engine.timers.fired.<timer id>`.
+- KV bucket `nerve_limits`: flow control's state, one key per limit and key (`<limit>.<agent>.<key hash>`),
+  per blast-radius group (`blast.<group>`) and per breaker (`breaker.<action>`).
+- KV bucket `nerve_lineage`: `chain.<correlation hash>.<agent>.<key hash>`, the first run of an agent for
+  a key in a correlation chain, and its trigger's hops (loop guard).
 - Durable consumers `nerve-engine-<agent>` (one per agent: its trigger) and `nerve-engine-timers`.
 - In the same bucket, what operators write (`nerve runs cancel`, `nerve approve`): `cancel.<run id>` and
   `approval.<run id>.<decision id>`, one key per signed decision (`operator_subjects`).
@@ -19,7 +23,13 @@ from typing import Final
 
 # The storage itself is defined with every other stream and bucket of nerve's (created by the admin
 # identity: `nerve streams apply`); the names are re-exported here.
-from nerve.runtime.jetstream.streams import RUNS_BUCKET, TIMERS_STREAM, timers_filter
+from nerve.runtime.jetstream.streams import (
+    LIMITS_BUCKET,
+    LINEAGE_BUCKET,
+    RUNS_BUCKET,
+    TIMERS_STREAM,
+    timers_filter,
+)
 from nerve.runtime.subjects import subject_root
 
 RUNS_STREAM: Final = f"KV_{RUNS_BUCKET}"
@@ -40,15 +50,20 @@ class EngineNames:
 
 #: The one list of the engine's storage names.
 ENGINE_NAMES: Final = EngineNames(
-    buckets=(RUNS_BUCKET,),
-    streams=(RUNS_STREAM, TIMERS_STREAM),
+    buckets=(RUNS_BUCKET, LIMITS_BUCKET, LINEAGE_BUCKET),
+    streams=(RUNS_STREAM, f"KV_{LIMITS_BUCKET}", f"KV_{LINEAGE_BUCKET}", TIMERS_STREAM),
     consumer_prefix="nerve-engine-",
 )
 
 
 def engine_subjects(prefix: str) -> tuple[str, ...]:
     """The subjects the engine publishes on (besides facts and dead letters): its KV bucket's, its timers'."""
-    return (f"$KV.{RUNS_BUCKET}.>", timers_filter(prefix))
+    return (
+        f"$KV.{RUNS_BUCKET}.>",
+        f"$KV.{LIMITS_BUCKET}.>",
+        f"$KV.{LINEAGE_BUCKET}.>",
+        timers_filter(prefix),
+    )
 
 
 def timer_schedule_subject(prefix: str, timer_id: str) -> str:
@@ -91,10 +106,32 @@ def operator_subjects() -> tuple[str, ...]:
     return (f"$KV.{RUNS_BUCKET}.{CANCEL_KEY_PREFIX}*", f"$KV.{RUNS_BUCKET}.{APPROVAL_KEY_PREFIX}*.*")
 
 
+def limit_key(limit: str, agent: str, key_hash: str) -> str:
+    """The `nerve_limits` key of one limit of one agent for one key (hashed: a key may be any string)."""
+    return f"{limit}.{agent}.{key_hash}"
+
+
+def blast_key(group: str) -> str:
+    """The `nerve_limits` key of a blast-radius group."""
+    return f"blast.{group}"
+
+
+def breaker_key(action: str) -> str:
+    """The `nerve_limits` key of an action's circuit breaker."""
+    return f"breaker.{action}"
+
+
+def chain_key(chain_hash: str, agent: str, key_hash: str) -> str:
+    """The `nerve_lineage` key of the first run of `agent` for a key in a correlation chain."""
+    return f"chain.{chain_hash}.{agent}.{key_hash}"
+
+
 __all__ = [
     "APPROVAL_KEY_PREFIX",
     "CANCEL_KEY_PREFIX",
     "ENGINE_NAMES",
+    "LIMITS_BUCKET",
+    "LINEAGE_BUCKET",
     "RUNS_BUCKET",
     "RUNS_STREAM",
     "RUN_KEY_PREFIX",
@@ -103,8 +140,12 @@ __all__ = [
     "EngineNames",
     "approval_key",
     "approvals_subject",
+    "blast_key",
+    "breaker_key",
     "cancel_key",
+    "chain_key",
     "engine_subjects",
+    "limit_key",
     "operator_subjects",
     "run_key",
     "timer_fired_subject",

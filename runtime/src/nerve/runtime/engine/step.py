@@ -37,6 +37,7 @@ from nerve.runtime.engine.clock import SYSTEM_CLOCK
 from nerve.runtime.engine.errors import (
     AgentDeclarationError,
     LeaseLost,
+    Retryable,
     RunCancelled,
     StepFailed,
     Terminal,
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
     from nerve.runtime.engine.clock import Clock
     from nerve.runtime.engine.command import ResultRefusals
+    from nerve.runtime.engine.flow import Flow
     from nerve.runtime.engine.journal import RunHandle
     from nerve.runtime.engine.settings import EngineSettings
     from nerve.runtime.envelope.codec import Codec
@@ -94,6 +96,8 @@ class EngineContext:
     #: `step.command`: whose results to believe (none: no result is), and who keeps refusals as facts.
     device_keys: DeviceKeys | None = None
     refusals: ResultRefusals | None = None
+    #: Flow control (circuit breakers); None: no breakers.
+    flow: Flow | None = None
 
 
 class Park(BaseException):
@@ -164,6 +168,10 @@ class Step:
         """Now, by the engine's clock."""
         return self._ctx.clock.time()
 
+    def retrigger(self, trigger: Envelope) -> None:
+        """Flow control swapped the run's trigger for a later one (debounce) before its first step."""
+        self._trigger = trigger
+
     def cancel(self) -> None:
         """Have the run stop at its next step (or its current wait) and compensate."""
         self._cancelled = True
@@ -226,6 +234,7 @@ class Step:
         *,
         undo: UndoFunction | None = None,
         retry: RetryPolicy | None = None,
+        action: str | None = None,
     ) -> Any:  # noqa: ANN401 - what fn returned, as JSON
         """Run `fn()` once and journal its result (JSON: what `msgspec.to_builtins` makes of it).
 
@@ -233,6 +242,8 @@ class Step:
         journalled before `fn` runs, and runs if the run later fails for good or is cancelled. A `Terminal`
         error fails the step at once; any other error is retried per `retry` (default: the agent's),
         with jittered backoff, then fails the step. Raises `StepFailed` when the step failed for good.
+        `action` names what the step does to the outside world: if the agent declares a circuit breaker
+        for it (`Limits.breakers`), every try goes through the breaker.
         """
         journalled = self._enter(name)
         if undo is not None:
@@ -255,7 +266,7 @@ class Step:
             attempts += 1
             checkpoint()
             try:
-                value = await fn()
+                value = await self._through_breaker(action, fn)
             except Terminal as exc:
                 await self._fail(name, attempts, started, error_text(exc))
             except Exception as exc:  # noqa: BLE001 - any other error is retryable
@@ -277,6 +288,33 @@ class Step:
             )
             await self._record(name, done, positions=positions)
             return result
+
+    async def _through_breaker(self, action: str | None, fn: StepFunction) -> Any:  # noqa: ANN401
+        """`await fn()`, counted by `action`'s breaker; fails at once (`on_open`) while it is open."""
+        breaker = None if action is None else self._agent.limits.breakers.get(action)
+        flow = self._ctx.flow
+        if action is None or breaker is None or flow is None:
+            return await fn()
+        if await flow.breaker_allows(action, breaker) == "open":
+            reason = f"the circuit breaker of {action!r} is open (it fails fast for {breaker.cooloff_s:g}s)"
+            raise Terminal(reason) if breaker.on_open == "terminal" else Retryable(reason)
+        try:
+            value = await fn()
+        except Exception:
+            if await flow.breaker_outcome(action, breaker, ok=False):
+                await self.keep_fact(
+                    fact_id=derived_id(self.run_id, "breaker", action, str(self._now())),
+                    kind="breaker_opened",
+                    summary=(
+                        f"{self._agent.name}: circuit breaker of {action!r} opened after {breaker.failures} "
+                        f"failure(s) in {breaker.within_s:g}s; its steps fail fast for {breaker.cooloff_s:g}s"
+                    ),
+                    data={"action": action, "failures": breaker.failures, "within_s": breaker.within_s},
+                    subject=None,
+                )
+            raise
+        await flow.breaker_outcome(action, breaker, ok=True)
+        return value
 
     async def _fail(self, name: str, attempts: int, started: float, error: str) -> NoReturn:
         failed = StepRecord(

@@ -88,12 +88,15 @@ class RefusalSampler:
             window.devices.add(device)  # bounded: only says "at least this many devices"
         return None
 
-    def due(self) -> list[Sample]:
-        """The samples whose window ended with refusals counted: one fact each. Call it regularly."""
+    def due(self, *, everything: bool = False) -> list[Sample]:
+        """The samples whose window ended with refusals counted: one fact each. Call it regularly.
+
+        `everything`: every window with refusals counted, ended or not (when stopping: none is lost).
+        """
         now = self._clock()
         samples = []
         for key, window in list(self._windows.items()):
-            if now - window.started < self._window_s:
+            if now - window.started < self._window_s and not everything:
                 continue
             if window.count:
                 samples.append(Sample(key[0], key[1], window.count, window.started, window.last))

@@ -132,6 +132,10 @@ class BucketSpec:
 INCIDENTS_BUCKET: Final = "nerve_incidents"
 #: The durable agent engine's run journals (`run.<run id>`, `cancel.<run id>`): docs/engine.md.
 RUNS_BUCKET: Final = "nerve_runs"
+#: Flow control's state (`nerve.runtime.engine.flow`): windows, slots, debounces, breakers.
+LIMITS_BUCKET: Final = "nerve_limits"
+#: Which runs each correlation chain started (the loop guard); kept `central.engine.loop_window_s`.
+LINEAGE_BUCKET: Final = "nerve_lineage"
 #: The engine's durable timers: nats-server message schedules (docs/engine.md).
 TIMERS_STREAM: Final = "NERVE_TIMERS"
 
@@ -146,6 +150,20 @@ def buckets(engine: EngineSettings = DEFAULT_ENGINE) -> tuple[BucketSpec, ...]:
             max_bytes=engine.runs.max_bytes,
             max_value_size=engine.max_record_bytes,
             max_age_s=engine.runs.max_age_s,
+        ),
+        BucketSpec(
+            LIMITS_BUCKET,
+            history=1,
+            max_bytes=engine.limits_max_bytes,
+            max_value_size=engine.max_record_bytes,  # a debounce keeps its last trigger
+            max_age_s=engine.runs.max_age_s,  # a slot lives as long as a run may
+        ),
+        BucketSpec(
+            LINEAGE_BUCKET,
+            history=1,
+            max_bytes=engine.limits_max_bytes,
+            max_value_size=64 * 1024,
+            max_age_s=engine.loop_window_s,
         ),
     )
 
