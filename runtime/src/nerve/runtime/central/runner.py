@@ -160,6 +160,8 @@ class Central:
             configure=False,  # done above (`ready_streams`), or not ours to do
             device_keys=self._device_keys,
             refusals=self,
+            # Blast-radius percentages count the registered devices (`central.engine.fleet_size` wins).
+            fleet_size=lambda: len(self._device_keys.devices),
         )
         running = tasks.create_task(engine.run(), name="central-engine")
         ready = asyncio.ensure_future(engine.ready.wait())
