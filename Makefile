@@ -12,7 +12,7 @@ ARGS ?=
 NERVE_ARGS ?=
 unexport ARGS NERVE_ARGS
 
-.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt bench-fleet clean
+.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt bench-engine bench-downlink bench-fleet clean
 
 setup: $(STAMP) system-deps
 
@@ -73,6 +73,14 @@ bench-bridge: setup
 
 bench-mqtt: setup
 	$(BIN)/python bench/mqtt_clients.py
+
+# The durable agent engine: step transitions/s and readings/s through a trigger that does not fire.
+bench-engine: setup
+	$(BIN)/python bench/engine_steps.py
+
+# A command's publish -> device latency with and without a reading backlog, beside the old bridge.
+bench-downlink: setup
+	$(BIN)/python bench/downlink.py
 
 # 1,000 / 5,000 / 10,000 simulated devices, 150 s each, then the breaking point past 10,000 (long: ~15 min+).
 bench-fleet: setup
