@@ -205,7 +205,8 @@ async def test_open_incident_survives_a_central_restart(
 async def test_undecodable_and_too_deep_messages(
     central_settings: Settings, nc: NatsClient, keys: tuple[Signer, Verifier]
 ) -> None:
-    """The engine dead-letters what it cannot decode; a reading past the hop limit opens nothing."""
+    """The engine dead-letters what it cannot decode; a reading past the hop limit opens nothing, and the
+    engine's loop guard keeps a fact saying so (nothing refused vanishes unseen)."""
     js = nc.jetstream()
     await ensure_streams(js, "nerve")
     signer, _ = keys
@@ -216,13 +217,18 @@ async def test_undecodable_and_too_deep_messages(
         await publish_envelope(js, "nerve.pi-08.telemetry.disk", reading("pi-08", 99))  # after them
         await wait_for_count(js, "NERVE_DEADLETTER", 1)
         await wait_for_count(js, "NERVE_COMMANDS", 1)
+        async with asyncio.timeout(10):
+            while not any(fact.kind == "loop_guard" for fact in await facts_of(js)):
+                await asyncio.sleep(0.1)
     (dead,) = await stream_messages(js, "NERVE_DEADLETTER")
     record = msgpack.unpackb(dead.data)
     assert dead.subject == "nerve.deadletter.central"
     assert "malformed msgpack" in record["reason"]
     assert record["payload"] == b"\x81\xa1x\xc1"
     assert [command.subject for command in await commands_of(js)] == ["pi-08"]
-    assert {fact.subject for fact in await facts_of(js)} == {"pi-08"}
+    facts = await facts_of(js)
+    assert {fact.subject for fact in facts if fact.kind != "loop_guard"} == {"pi-08"}
+    assert [fact.kind for fact in facts if fact.subject == "pi-07"] == ["loop_guard"]
 
 
 async def test_a_forged_result_is_refused_as_central_refuses_one_and_changes_nothing(

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from nerve.runtime.central.agent import DEFAULT_MAX_HOPS
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, MAX_MAX_COMMAND_VALIDITY_S
 from nerve.runtime.engine import StepFailed, Trigger, durable_agent
 from nerve.runtime.errors import ConfigError
@@ -124,9 +123,10 @@ def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
     ttl = _ttl(settings)
 
     def spike(event: Envelope) -> bool:
-        # A reading deeper than the loop guard's limit is some loop's effect: it opens nothing.
+        # A spike deeper than `max_hops` (some loop's effect) is refused by the engine's loop guard, which
+        # keeps a `loop_guard` fact (docs/engine.md, "Flow control"): not dropped here unseen.
         value = _value(event)
-        return value is not None and value >= settings.threshold and event.hops <= DEFAULT_MAX_HOPS
+        return value is not None and value >= settings.threshold
 
     @durable_agent(
         "disk",
