@@ -26,7 +26,9 @@ pytestmark = [pytest.mark.broker, pytest.mark.slow]
 EVENTS = 20_000
 DEVICES = 10
 WAIT = 10.0
-UNSTORED = 100  # kill nats-server when at least this many received messages wait for their store
+# Kill nats-server while received messages wait for their store. 100 in flight was not always reached
+# on a loaded machine (a fresh-clone CI run waited 60 s for it): one store in flight is the case to test.
+UNSTORED = 1
 
 
 async def until_busy(bridge: Bridge, stored: int) -> None:
