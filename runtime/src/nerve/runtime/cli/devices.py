@@ -15,11 +15,9 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from nerve.runtime.trust.site import BUNDLE_CONFIG, Site, SiteError
-
 if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
-    from nerve.runtime.trust.site import Reload, SetUp
+    from nerve.runtime.trust.site import Reload, SetUp, Site
 
 
 def add_parser(
@@ -83,6 +81,10 @@ def run(args: argparse.Namespace, settings: Settings, *, keys_dir: Path) -> int:
 
     Raises `NerveError` (one line) for what it refuses.
     """
+    # Imported here, not at the top: every `nerve` command builds this parser, and the site module (yaml,
+    # file locks, certificates) would add ~55 ms to each start, `nerve edge` included.
+    from nerve.runtime.trust.site import Site, SiteError  # noqa: PLC0415
+
     try:
         site = Site(settings, hosts=args.host)
         if args.devices_command == "add":
@@ -120,6 +122,8 @@ def _reload(site: Site) -> None:
 
 
 def _add(site: Site, settings: Settings, args: argparse.Namespace, keys_dir: Path) -> int:
+    from nerve.runtime.trust.site import BUNDLE_CONFIG  # noqa: PLC0415 - see `run`
+
     central = args.central_key or settings.central.signing_key or keys_dir / f"{settings.central.keyid}.key"
     added = site.add(args.device_id, central_public_key=central, force=args.force)
     _made(added.setup)
