@@ -12,13 +12,12 @@ import collections
 import contextlib
 import os
 import signal
-import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from tests.chaos.test_bridge_restarts import start_bridge  # one way to run `nerve bridge` in tests
 
 import nerve.bridge.bridge as bridge_module
 from nerve.bridge import Bridge
@@ -36,6 +35,7 @@ from nerve.runtime.wire.client import MqttClient
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
     from contextlib import AbstractAsyncContextManager
+    from pathlib import Path
 
     from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
@@ -49,7 +49,6 @@ pytestmark = pytest.mark.broker
 
 WAIT = 30.0
 RECEIVE_MAXIMUM = 20  # mosquitto's max_inflight_messages default, which it announces in CONNACK
-NERVE = str(Path(sys.executable).parent / "nerve")
 
 
 def command_for(device: str) -> Command:
@@ -249,21 +248,6 @@ def test_bad_downlink_settings_are_refused_in_one_line(overrides: dict[str, Any]
     with pytest.raises(ConfigError, match=says) as refused:
         load_settings(overrides=overrides)
     assert "\n" not in str(refused.value).strip()
-
-
-async def start_bridge(settings: Settings) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        NERVE,
-        "bridge",
-        "--mqtt-url",
-        settings.mqtt.url,
-        "--nats-url",
-        settings.nats.url,
-        "--log-level",
-        "error",
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
 
 
 @pytest.mark.slow
