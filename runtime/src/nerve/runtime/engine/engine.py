@@ -236,10 +236,15 @@ class Engine:
     async def _stop(self) -> None:
         if self._main is None:
             return
-        self._main.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._main
-        self._main = None
+        main, self._main = self._main, None
+        main.cancel()
+        try:
+            await main
+        except asyncio.CancelledError:
+            # Its own end, as asked; but if whoever stops the engine is being cancelled, that goes on.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
 
     @property
     def kv(self) -> KeyValue:
@@ -485,11 +490,12 @@ class Engine:
         """
         now = self._clock.time()
         meta = msg.metadata
-        positions = {STREAM_OF_KIND[kind]: 0 for kind in agent.waits_on}
-        for stream in positions:
-            positions[stream] = (await self._context.js.stream_info(stream)).state.last_seq
-        # A first wait on the trigger's own stream reads everything after the trigger.
-        if meta.stream in positions:
+        # A first wait on the trigger's own stream reads everything after the trigger; on another
+        # stream, everything after where that stream was now (asked of every stream at once).
+        others = [STREAM_OF_KIND[kind] for kind in agent.waits_on if STREAM_OF_KIND[kind] != meta.stream]
+        infos = await asyncio.gather(*(self._context.js.stream_info(stream) for stream in others))
+        positions = {stream: info.state.last_seq for stream, info in zip(others, infos, strict=True)}
+        if any(STREAM_OF_KIND[kind] == meta.stream for kind in agent.waits_on):
             positions[meta.stream] = meta.sequence.stream
         record = RunRecord(
             run_id=agent.run_id(event.id),
@@ -678,6 +684,7 @@ class Engine:
             rewake = body.result()
         except asyncio.CancelledError:
             # The engine is stopping: give the lease back so another engine resumes the run at once.
+            step.abandon()
             if not handle.lost and not handle.record.terminal:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(RELEASE_TIMEOUT_S):
@@ -772,6 +779,7 @@ class Engine:
             trigger = passed
         try:
             result = await agent.fn(trigger, step)
+            await step.settle()
         except Park as park:
             await handle.write(functools.partial(_set_waiting, wake_at=park.due), release=True)
             # The timer may have fired while the run parked: nobody would wake it then.

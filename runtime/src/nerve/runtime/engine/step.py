@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
@@ -49,7 +49,7 @@ from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import Fact, derived_id
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import publish_fact
-from nerve.runtime.jetstream.streams import STREAM_OF_KIND
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, open_bucket
 from nerve.runtime.subjects import Kind, is_token, subject_root
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
 
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
     from nerve.runtime.engine.clock import Clock
@@ -98,6 +99,8 @@ class EngineContext:
     refusals: ResultRefusals | None = None
     #: Flow control (circuit breakers); None: no breakers.
     flow: Flow | None = None
+    #: The KV buckets steps opened (`Step.bucket`), each once.
+    buckets: dict[str, KeyValue] = field(default_factory=dict)
 
 
 class Park(BaseException):
@@ -139,6 +142,8 @@ class Step:
         self.undos: dict[str, UndoFunction] = {}
         self._cancelled = False
         self._wakeups: asyncio.Queue[Literal["cancel"]] = asyncio.Queue()
+        #: Journal writes sent ahead (`_record_soon`), in order: the next write waits for them.
+        self._ahead: list[asyncio.Future[None]] = []
 
     @property
     def run_id(self) -> str:
@@ -163,6 +168,13 @@ class Step:
     def id(self, name: str) -> str:
         """The id of step `name` of this run: the id to give what the step publishes (dedup)."""
         return derived_id(self.run_id, "step", name)
+
+    async def bucket(self, name: str) -> KeyValue:
+        """KV bucket `name` (it must exist: `StreamsMissing` if not), opened once per engine."""
+        bucket = self._ctx.buckets.get(name)
+        if bucket is None:
+            bucket = self._ctx.buckets[name] = await open_bucket(self._ctx.js, name)
+        return bucket
 
     def _now(self) -> float:
         """Now, by the engine's clock."""
@@ -204,13 +216,67 @@ class Step:
 
     async def _positions(self) -> dict[str, int]:
         """The last sequence of each stream the agent waits on: where its next wait will read from."""
-        positions: dict[str, int] = {}
-        for kind in self._agent.waits_on:
-            stream = STREAM_OF_KIND[kind]
-            positions[stream] = (await self._ctx.js.stream_info(stream)).state.last_seq
-        return positions
+        streams = [STREAM_OF_KIND[kind] for kind in self._agent.waits_on]
+        infos = await asyncio.gather(*(self._ctx.js.stream_info(stream) for stream in streams))
+        return {stream: info.state.last_seq for stream, info in zip(streams, infos, strict=True)}
+
+    def _positions_soon(self) -> asyncio.Future[dict[str, int]]:
+        """`_positions()`, asked now and read in the background while the step goes on.
+
+        Asked at the step's start, before the step sends anything on the engine's connection, so nothing
+        the step causes can be stored before the position it reads from; the step awaits it before it
+        journals. Saves a round trip per step.
+        """
+        if not self._agent.waits_on:
+            done: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
+            done.set_result({})
+            return done
+        future = asyncio.ensure_future(self._positions())
+        future.add_done_callback(_retrieved)
+        return future
+
+    async def settle(self) -> None:
+        """Wait for the journal writes sent ahead; raise what the first that failed raised.
+
+        The engine calls it when the agent function returned, before it journals the run's end.
+        """
+        ahead, self._ahead = self._ahead, []
+        for write in ahead:
+            await write
+
+    def abandon(self) -> None:
+        """Cancel the journal writes sent ahead (the engine is stopping): the run resumes from its journal."""
+        ahead, self._ahead = self._ahead, []
+        for write in ahead:
+            write.cancel()
+
+    def _record_soon(self, name: str, step: StepRecord, positions: asyncio.Future[dict[str, int]]) -> None:
+        """`_record`, sent ahead: the run goes on to its next step while the write is on its way.
+
+        Only for a step whose effect is kept once by its id whatever happens (a fact): a crash before the
+        write lands repeats the effect under the same id, as a crash just after the effect always could.
+        Writes keep their order (each waits for the one before); the next `_record`, and `settle`,
+        wait for them all and raise what failed.
+        """
+        before = self._ahead[-1] if self._ahead else None
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await self._write(name, step, positions=await positions)
+
+        task = asyncio.ensure_future(write())
+        task.add_done_callback(_retrieved)
+        self._ahead.append(task)
 
     async def _record(
+        self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
+    ) -> None:
+        if self._ahead:
+            await self.settle()
+        await self._write(name, step, positions=positions, undo=undo)
+
+    async def _write(
         self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
     ) -> None:
         def change(record: RunRecord) -> None:
@@ -253,13 +319,15 @@ class Step:
         if journalled is not None and journalled.status == "failed":
             raise StepFailed(self.run_id, name, journalled.error)
         self._before_new_step(new=journalled is None)
-        positions = await self._positions()
+        reading = self._positions_soon()
         started = journalled.started if journalled is not None else self._now()
         attempts = journalled.attempts if journalled is not None else 0
         if undo is not None and not any(entry.step == name for entry in self._handle.record.undos):
             await self._record(
                 name, StepRecord(status="started", attempts=attempts, started=started), undo=True
             )
+        # Read before `fn` runs: `fn` may act on other connections, which nothing orders after the read.
+        positions = await reading
         policy = retry or self._agent.retry
         backoff = policy.backoff()
         while True:
@@ -552,7 +620,9 @@ class Step:
         result on NERVE_RESULTS from where the stream was before the send, and acts only on one that
         verifies against the device registry. No result within `ttl` (plus clock skew): the command is
         sent again under a new id while `attempts` last, then the step fails (`StepFailed`).
-        See `nerve.runtime.engine.command`.
+        An agent that declares `waits_on` with `Kind.RESULTS` sends a round trip sooner: the place to
+        read results from is then in its journal already, and the send need not wait for the step's own
+        entry. See `nerve.runtime.engine.command`.
         """
         from nerve.runtime.engine.command import send_command  # noqa: PLC0415 - it imports this module
 
@@ -579,7 +649,7 @@ class Step:
         if not is_token(kind):
             raise AgentDeclarationError(f"step {name!r}: fact kind {kind!r} is not a token")
         self._before_new_step()
-        positions = await self._positions()
+        positions = self._positions_soon()
         started = self._now()
         fact_id = await self.keep_fact(
             fact_id=derived_id(self.run_id, "fact", name),
@@ -588,10 +658,8 @@ class Step:
             data=data,
             subject=subject,
         )
-        await self._record(
-            name,
-            StepRecord(status="done", result=fact_id, started=started, finished=self._now()),
-            positions=positions,
+        self._record_soon(
+            name, StepRecord(status="done", result=fact_id, started=started, finished=self._now()), positions
         )
         return fact_id
 
@@ -815,3 +883,9 @@ class Step:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a background read's error as seen: a step that failed before awaiting it has its own error."""
+    if not future.cancelled():
+        future.exception()
