@@ -132,9 +132,7 @@ def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
         "disk",
         trigger=Trigger(Kind.TELEMETRY, "disk", where=spike),
         key=lambda event: str(event.subject),
-        # RESULTS too: the journal then holds a place before every send to wait for the result from,
-        # so the command goes out without waiting for its own journal entry (`Step.command`).
-        waits_on=(Kind.TELEMETRY, Kind.RESULTS),
+        waits_on=(Kind.TELEMETRY,),
     )
     async def runbook(reading: Envelope, step: Step) -> str:
         device, value = step.key, _value(reading) or 0.0

@@ -124,13 +124,12 @@ def _check(step: Step, name: str, device: str, action: str, attempts: int, ttl: 
 async def _begin(
     step: Step, name: str, journalled: StepRecord | None, ttl: float
 ) -> tuple[StepRecord, Awaitable[None]]:
-    """A new attempt (the results' position before its send, its timer), or the one begun before.
+    """A new attempt (a place in NERVE_RESULTS before its send, its timer), or the one begun before.
 
-    Returns it with what is left to journal and schedule, which may go with the send: when the run's
-    journal already holds a position of NERVE_RESULTS (an agent that declares `waits_on` RESULTS), it
-    is taken from there, a place before the send whatever happens to this attempt's own entry (a crash
-    before it is written resends the same id and reads from that place again). Otherwise the stream is
-    asked, and the entry is written before the send.
+    Returns it with what is left to journal and schedule, which goes with the send when the place comes
+    from the journal's last entry (`RunRecord.results_from`): stored before the send, so a crash before
+    this attempt's own entry is written resends the same id and reads from there again. Without one, the
+    stream is asked and the entry is written before the send.
     """
     ctx = step._ctx  # noqa: SLF001
     if journalled is not None and journalled.status == "waiting":
@@ -141,8 +140,10 @@ async def _begin(
     attempt = (journalled.attempts if journalled is not None else 0) + 1
     step._before_new_step(new=journalled is None)  # noqa: SLF001
     reading = step._positions_soon()  # noqa: SLF001
-    from_seq = step.record.positions.get(RESULTS_STREAM)
-    before = from_seq is not None
+    # Stored before this send whatever happens to it: in the journal's last entry (or now, then the entry
+    # goes first).
+    from_seq = step.record.results_from
+    ahead = from_seq is not None
     if from_seq is None:
         from_seq = (await ctx.js.stream_info(RESULTS_STREAM)).state.last_seq
     now = time.time()
@@ -166,7 +167,7 @@ async def _begin(
     async def both() -> None:
         await asyncio.gather(journal(), schedule_timer())
 
-    if before:
+    if ahead:
         return waiting, both()
     await journal()
     return waiting, schedule_timer()

@@ -303,6 +303,7 @@ class Engine:
             refusals=self._refusals,
             flow=self._flow,
         )
+        await self._ctx.results.bound()  # known from the first run on (`RunRecord.results_from`)
         subscriptions: list[JetStreamContext.PushSubscription] = []
         watcher: KeyValue.KeyWatcher | None = None
         try:
@@ -508,6 +509,7 @@ class Engine:
             token=1,
             lease_until=now + self.settings.lease_s,
             positions=positions,
+            results_from=self._context.results.known(),
             created=now,
             updated=now,
         )

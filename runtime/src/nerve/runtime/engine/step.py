@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
@@ -101,6 +102,56 @@ class EngineContext:
     flow: Flow | None = None
     #: The KV buckets steps opened (`Step.bucket`), each once.
     buckets: dict[str, KeyValue] = field(default_factory=dict)
+    #: Where NERVE_RESULTS was lately (`RunRecord.results_from`); made by the engine.
+    results: StreamMark = field(init=False)
+
+    def __post_init__(self) -> None:
+        """Make `results` on `js`."""
+        object.__setattr__(self, "results", StreamMark(self.js, STREAM_OF_KIND[Kind.RESULTS]))
+
+
+class StreamMark:
+    """A lower bound of a stream's last sequence, re-read at most every `max_age_s` in the background.
+
+    For reads that filter exactly what they look for (a command's result, by the command's id): starting
+    further back only reads more.
+    """
+
+    def __init__(self, js: JetStreamContext, stream: str, *, max_age_s: float = 1.0) -> None:
+        self._js = js
+        self.stream = stream
+        self.max_age_s = max_age_s
+        self._seq: int | None = None
+        self._read_at = 0.0
+        self._reading: asyncio.Future[None] | None = None
+
+    def known(self) -> int | None:
+        """A sequence the stream had reached before this call (None: not read yet); re-read if stale."""
+        if time.monotonic() - self._read_at > self.max_age_s:
+            self.refresh()
+        return self._seq
+
+    def refresh(self) -> None:
+        """Read it again in the background (unless a read is under way)."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(_retrieved)
+
+    async def bound(self) -> int:
+        """As `known`, but waits for a first read."""
+        seq = self.known()
+        if seq is None and self._reading is not None:
+            await self._reading
+            seq = self._seq
+        if seq is None:  # cannot happen: `_read` set it or raised
+            raise RuntimeError(f"no position of {self.stream}")
+        return seq
+
+    async def _read(self) -> None:
+        asked = time.monotonic()
+        seq = (await self._js.stream_info(self.stream)).state.last_seq
+        # A stream made again from scratch starts over: follow it down too.
+        self._seq, self._read_at = seq, asked
 
 
 class Park(BaseException):
@@ -250,7 +301,7 @@ class Step:
         for write in ahead:
             write.cancel()
 
-    def _record_soon(self, name: str, step: StepRecord, positions: asyncio.Future[dict[str, int]]) -> None:
+    def _record_soon(self, name: str, step: StepRecord) -> None:
         """`_record`, sent ahead: the run goes on to its next step while the write is on its way.
 
         Only for a step whose effect is kept once by its id whatever happens (a fact): a crash before the
@@ -263,7 +314,7 @@ class Step:
         async def write() -> None:
             if before is not None:
                 await asyncio.wait([before])
-            await self._write(name, step, positions=await positions)
+            await self._write(name, step)
 
         task = asyncio.ensure_future(write())
         task.add_done_callback(_retrieved)
@@ -279,10 +330,14 @@ class Step:
     async def _write(
         self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
     ) -> None:
+        results_from = self._ctx.results.known()
+
         def change(record: RunRecord) -> None:
             record.steps[name] = step
             if positions:
                 record.positions.update(positions)
+            if results_from is not None:
+                record.results_from = results_from
             if undo and not any(entry.step == name for entry in record.undos):
                 record.undos.append(UndoRecord(step=name))
 
@@ -620,9 +675,7 @@ class Step:
         result on NERVE_RESULTS from where the stream was before the send, and acts only on one that
         verifies against the device registry. No result within `ttl` (plus clock skew): the command is
         sent again under a new id while `attempts` last, then the step fails (`StepFailed`).
-        An agent that declares `waits_on` with `Kind.RESULTS` sends a round trip sooner: the place to
-        read results from is then in its journal already, and the send need not wait for the step's own
-        entry. See `nerve.runtime.engine.command`.
+        See `nerve.runtime.engine.command`.
         """
         from nerve.runtime.engine.command import send_command  # noqa: PLC0415 - it imports this module
 
@@ -649,7 +702,6 @@ class Step:
         if not is_token(kind):
             raise AgentDeclarationError(f"step {name!r}: fact kind {kind!r} is not a token")
         self._before_new_step()
-        positions = self._positions_soon()
         started = self._now()
         fact_id = await self.keep_fact(
             fact_id=derived_id(self.run_id, "fact", name),
@@ -658,8 +710,10 @@ class Step:
             data=data,
             subject=subject,
         )
+        # No new positions: a wait after a fact reads from where the step before it began (a fact takes
+        # a round trip; reading that much further back costs nothing and saves two).
         self._record_soon(
-            name, StepRecord(status="done", result=fact_id, started=started, finished=self._now()), positions
+            name, StepRecord(status="done", result=fact_id, started=started, finished=self._now())
         )
         return fact_id
 
