@@ -196,7 +196,8 @@ async def test_concurrency_holds_across_two_engine_processes_and_a_kill_of_one(
         # Kill whichever process executes the first run, in the middle of its step: its slot stays
         # taken by that run, which the other process resumes a lease later and ends.
         async with asyncio.timeout(30):
-            while not (tmp_path / "limited").exists():
+            # The file exists from the moment it is opened, before its first line is written.
+            while not (tmp_path / "limited").exists() or not (tmp_path / "limited").read_text():
                 await asyncio.sleep(0.02)
         pid = int((tmp_path / "limited").read_text().split()[2])
         await kill(first if first.pid == pid else second)
