@@ -7,9 +7,11 @@ ran. How often functions ran: DIR/executions (a line per execution). Who ran the
 fencing token: DIR/spans. A span the process never ended (it was killed) ends when the test saw the
 process die.
 
-The other chaos cases of issue 10 are in tests/runtime/engine: nats-server killed mid-run, runs resume
-and timers fire once (`test_nats_restart.py`); a timer due while no engine ran fires once when one is
-back (`test_timers_and_waits.py`).
+Here too: nats-server SIGKILLed while steps run and write their journals (a NATS timeout there is not
+the agent's failure: the run must not compensate). The other chaos cases of issue 10 are in
+tests/runtime/engine: nats-server killed while runs sleep, runs resume and timers fire once
+(`test_nats_restart.py`); a timer due while no engine ran fires once when one is back
+(`test_timers_and_waits.py`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from nats.js.api import StreamConfig
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 from tests.runtime.engine.crash_engine import CHAOS_STEPS
 from tests.runtime.engine.test_crash import executions, kill, start_engine, stop
+from tests.runtime.engine.test_nats_restart import jetstream_back
 
 from nerve.runtime.engine import RunRecord, Trigger, wait_for_run
 from nerve.runtime.engine.engine import MAX_ACK_PENDING, MAX_DELIVER, ensure_engine_storage
@@ -255,3 +258,28 @@ async def test_two_engines_share_sagas_one_killed_mid_run_none_lost_none_run_twi
     assert taken_over
     for run_id in taken_over:
         assert {span.pid for span in executed if span.run_id == run_id} == set(processes)
+
+
+async def test_nats_server_killed_while_steps_run_each_run_resumes_and_ends_as_it_should(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    # tests/runtime/engine/test_nats_restart.py kills nats-server while runs sleep; here steps are
+    # executing and writing their journals when it goes.
+    kv = await js.key_value("nerve_runs")
+    (tmp_path / "delay").write_text("0.1")
+    process = await start_engine(nats_server, tmp_path)
+    runs = {await start_run(js, n): n for n in range(40)}
+    try:
+        async with asyncio.timeout(30):
+            while not (tmp_path / "spans").exists() or len(spans(tmp_path, {process.pid: 0.0})) < 40:
+                await asyncio.sleep(0.01)
+        await nats_server.kill()
+        await asyncio.sleep(0.5)
+        await nats_server.start()
+        await jetstream_back(js)
+        records = await wait_for_all(kv, list(runs), tmp_path)
+    finally:
+        await stop(process)
+    check_runs(records, runs)
+    check_effects(await landed(js), executions(tmp_path), runs)
+    check_fencing(spans(tmp_path, {}))
