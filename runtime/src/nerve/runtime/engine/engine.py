@@ -24,7 +24,10 @@ import uuid
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import msgspec
+from nats.errors import ConnectionClosedError, NoRespondersError, NoServersError, StaleConnectionError
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import ServiceUnavailableError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.agent import RunFailure
@@ -101,6 +104,18 @@ START_TIMEOUT_S: Final = 30.0
 RELEASE_TIMEOUT_S: Final = 2.0
 #: How often the facts that flow control counted are kept (one per key and limit and window).
 LIMIT_FACTS_TICK_S: Final = 0.5
+#: NATS away or slow (no answer in time, the connection lost, JetStream not back yet): when one of these
+#: comes out of an agent function, it came from NATS calls outside a step's function (the engine's journal
+#: writes, stream positions, timers), whose errors `step.run` would have retried, then raised as `StepFailed`.
+#: nats-py's timeout only: an agent's own `TimeoutError` is its failure.
+NATS_AWAY: Final = (
+    NatsTimeoutError,
+    ConnectionClosedError,
+    StaleConnectionError,
+    NoServersError,
+    NoRespondersError,
+    ServiceUnavailableError,
+)
 
 
 async def ensure_engine_storage(js: JetStreamContext, prefix: str, settings: EngineSettings) -> KeyValue:
@@ -787,6 +802,11 @@ class Engine:
             # The timer may have fired while the run parked: nobody would wake it then.
             return await has_fired(self._context.js, prefix=self._prefix, timer_id=park.timer_id)
         except LeaseLost:
+            raise
+        except NATS_AWAY:
+            # Not the agent's failure: compensating would undo a run that did nothing wrong. The run stops
+            # here and is resumed a lease later (by the watchdog, here or elsewhere) at its first step
+            # without a journalled result.
             raise
         except Exception as exc:  # noqa: BLE001 - an agent's failure of any kind ends in compensation
             await self._compensate(agent, step, handle, trigger, exc)
