@@ -17,6 +17,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
 from nats.errors import NoServersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
@@ -360,9 +361,10 @@ class _Chain:
     from racing each other for one place in the chain.
     """
 
-    __slots__ = ("head", "lock")
+    __slots__ = ("head", "lock", "stream")
 
-    def __init__(self) -> None:
+    def __init__(self, stream: str) -> None:
+        self.stream = stream
         self.lock = asyncio.Lock()
         self.head: tuple[int, bytes | None] | None = None
 
@@ -372,7 +374,7 @@ _CHAINS: weakref.WeakKeyDictionary[NatsClient, dict[str, _Chain]] = weakref.Weak
 
 def _chain_of(js: JetStreamContext, stream: str) -> _Chain:
     per_client = _CHAINS.setdefault(js._nc, {})  # noqa: SLF001 - the connection a context publishes on
-    return per_client.setdefault(stream, _Chain())
+    return per_client.setdefault(stream, _Chain(stream))
 
 
 async def publish_fact(
@@ -401,11 +403,29 @@ async def publish_fact(
     if signer is None:
         return await publish_envelope(js, subject, fact, codec=codec, timeout=timeout)
     chain = _chain_of(js, stream)
+    try:
+        return await _chain_and_store(js, fact, subject, chain, signer, codec, timeout)
+    except TimeoutError as exc:
+        if isinstance(exc, NatsTimeoutError):
+            raise
+        # Waited for this process's earlier facts that long: NATS is slow, as for a publish's own timeout.
+        raise NatsTimeoutError from exc
+
+
+async def _chain_and_store(  # noqa: PLR0917 - publish_fact's, passed on
+    js: JetStreamContext,
+    fact: Fact,
+    subject: str,
+    chain: _Chain,
+    signer: Signer,
+    codec: Codec,
+    timeout: float,
+) -> PubAck:
     async with asyncio.timeout(timeout * MAX_CHAIN_ATTEMPTS), chain.lock:
         for _ in range(MAX_CHAIN_ATTEMPTS):
             if chain.head is None:
                 async with asyncio.timeout(timeout):
-                    chain.head = await _chain_head(js, stream)
+                    chain.head = await _chain_head(js, chain.stream)
             last_seq, previous = chain.head
             sealed = seal(fact, signer, chainseq=last_seq + 1, previous=previous)
             headers = envelope_headers(sealed, codec) | {EXPECTED_LAST_SEQUENCE_HEADER: str(last_seq)}
