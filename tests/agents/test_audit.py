@@ -296,15 +296,14 @@ async def test_a_command_refused_at_the_limit_is_not_lost_silently(
             for _ in range(20):
                 await js.publish("nerve.filler.commands.clear_temp", b"x" * size)
     spike = Event(source="test", type="nerve.telemetry.disk", subject="pi-01", data={"value": 97})
-    # The disk runbook's run fails at its command step: it is compensated (the device released), and the
-    # fact of that names the reason.
+    # The disk runbook's run fails at its command step, and the fact of its end names the reason.
     with caplog.at_level(logging.INFO):
         async with central(settings, signer, [], [disk_runbook(settings.central.disk)]):
             await publish_envelope(js, "nerve.pi-01.telemetry.disk", spike)
             async with asyncio.timeout(30):
-                while not [f for f in await facts_of(js) if f.kind == "compensated"]:
+                while not [f for f in await facts_of(js) if f.kind == "run_failed"]:
                     await asyncio.sleep(0.1)
-    (fact,) = [f for f in await facts_of(js) if f.kind == "compensated"]
+    (fact,) = [f for f in await facts_of(js) if f.kind == "run_failed"]
     assert "its stream is full" in fact.data["error"]
     assert "nerve.pi-01.commands.clear_temp" in fact.data["error"]
     assert "JetStream refused nerve.pi-01.commands.clear_temp" in caplog.text

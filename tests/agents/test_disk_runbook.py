@@ -192,14 +192,23 @@ async def test_open_incident_survives_a_central_restart(
         await wait_for_count(js, "NERVE_COMMANDS", 1)
     (command,) = await commands_of(js)
     async with central(central_settings, signer):
-        await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 98))  # incident is open
+        # The incident is open: this spike starts no run, and a fact says it was dropped.
+        await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 98))
+        await wait_for_count(js, "NERVE_FACTS", 3)
         result = CommandResult.for_command(command, source="t", status="ok", data={"files_deleted": 0})
         await publish_envelope(js, "nerve.pi-06.results.clear_temp", device("pi-06").sign(result))
-        await wait_for_count(js, "NERVE_FACTS", 3)
-        await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 40))
         await wait_for_count(js, "NERVE_FACTS", 4)
+        await publish_envelope(js, "nerve.pi-06.telemetry.disk", reading("pi-06", 40))
+        await wait_for_count(js, "NERVE_FACTS", 5)
     assert len(await commands_of(js)) == 1
-    assert (await facts_of(js))[-1].kind == "incident_resolved"
+    kinds = [fact.kind for fact in await facts_of(js)]
+    assert kinds == [
+        "incident_opened",
+        "command_issued",
+        "trigger_dropped",
+        "command_result",
+        "incident_resolved",
+    ]
 
 
 async def test_undecodable_and_too_deep_messages(

@@ -217,6 +217,7 @@ async def test_no_payment_in_time_releases_notifies_and_escalates_once(
         "compensated",
         "compensated",
         "escalated",
+        "run_failed",
     ]
     assert [fact.data["step"] for fact in facts[1:3]] == ["offer", "initiate"]
     assert "a person must look" in facts[3].summary
@@ -233,7 +234,7 @@ async def test_a_cancelled_recovery_compensates_without_escalating(
     record = await wait_for_run(slow.engine.kv, run_id, timeout=20)
     assert (record.state, record.cancelled) == ("compensated", True)
     kinds = [fact.kind for fact in await facts_for(js, order)]
-    assert kinds == ["recovery_flow_initiated", "compensated", "compensated"]
+    assert kinds == ["recovery_flow_initiated", "compensated", "compensated", "run_cancelled"]
 
 
 async def test_a_payment_failed_without_an_order_is_dead_lettered(

@@ -40,7 +40,7 @@ from nerve.runtime.jetstream.identities import Identity, load_nkey, seed_path, w
 from nerve.runtime.jetstream.permissions import NKEYS_FILE, nkey_variables, server_config
 from nerve.runtime.jetstream.streams import (
     BUCKETS,
-    INCIDENTS_BUCKET,
+    LIMITS_BUCKET,
     STREAMS,
     StreamsMissing,
     apply_streams,
@@ -294,16 +294,16 @@ async def test_a_part_with_an_identity_names_missing_streams_instead_of_creating
     secured: Secured, admin_js: JetStreamContext
 ) -> None:
     await admin_js.delete_stream("NERVE_FACTS")
-    await admin_js.delete_key_value(INCIDENTS_BUCKET)
+    await admin_js.delete_key_value(LIMITS_BUCKET)
     central = await secured.client(Identity.CENTRAL)
     try:
         with pytest.raises(StreamsMissing) as missing:
             await ready_streams(central.jetstream(), "nerve", configure=False)
-        with pytest.raises(StreamsMissing, match="KV_nerve_incidents"):
-            await open_bucket(central.jetstream(), INCIDENTS_BUCKET)
+        with pytest.raises(StreamsMissing, match="KV_nerve_limits"):
+            await open_bucket(central.jetstream(), LIMITS_BUCKET)
     finally:
         await central.close()
-    assert missing.value.names == ["NERVE_FACTS", "KV_nerve_incidents"]
+    assert missing.value.names == ["NERVE_FACTS", "KV_nerve_limits"]
     assert "run `nerve streams apply` with the admin identity" in str(missing.value)
     with pytest.raises(NotFoundError):
         await admin_js.stream_info("NERVE_FACTS")  # nothing was created behind admin's back
@@ -328,7 +328,7 @@ async def test_central_publishes_commands_and_signed_facts_and_uses_its_bucket(
             )
         )
         await publish_envelope(js, "nerve.pi-1.commands.clear_temp", command)
-        kv = await open_bucket(js, INCIDENTS_BUCKET)
+        kv = await open_bucket(js, LIMITS_BUCKET)
         await kv.put("pi-1", b"open")
         assert (await kv.get("pi-1")).value == b"open"
         assert await kv.keys() == ["pi-1"]

@@ -190,7 +190,7 @@ async def test_an_expired_approval_that_compensates_undoes_the_run(
     assert "the approval expired" in done.error
     assert effects[done.key] == ["hold", "release"]
     kinds = [fact.kind for fact in await facts_of(js, run_id)]
-    assert kinds == ["approval_requested", "approval_expired", "compensated"]
+    assert kinds == ["approval_requested", "approval_expired", "compensated", "run_failed"]
 
 
 async def test_a_decision_stored_after_the_expiry_does_not_count(

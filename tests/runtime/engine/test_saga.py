@@ -152,8 +152,15 @@ async def test_a_terminal_failure_undoes_in_reverse_once_each_as_facts(
         ("s2", "done"),
     ]
     facts = await facts_of(js, record.run_id)
-    assert [fact.kind for fact in facts] == ["order_started", "compensated", "compensated", "compensated"]
-    assert [fact.data["step"] for fact in facts[1:]] == ["s2", "s1", "s0"]
+    assert [fact.kind for fact in facts] == [
+        "order_started",
+        "compensated",
+        "compensated",
+        "compensated",
+        "run_failed",
+    ]
+    assert [fact.data["step"] for fact in facts[1:4]] == ["s2", "s1", "s0"]
+    assert (facts[4].data["undone"], facts[4].data["undo_failed"]) == (3, 0)
     assert [(failure.run_id, failure.compensated, failure.cancelled) for failure in failures] == [
         (record.run_id, True, False)
     ]
@@ -216,7 +223,8 @@ async def test_a_failing_undo_is_journalled_and_the_run_ends_failed(
         ("failed", "RuntimeError: gateway down")
     ]
     facts = await facts_of(js, record.run_id)
-    assert [fact.kind for fact in facts] == ["compensation_failed"]
+    assert [fact.kind for fact in facts] == ["compensation_failed", "run_failed"]
+    assert (facts[1].data["undone"], facts[1].data["undo_failed"]) == (0, 1)
 
 
 async def test_a_cancelled_run_compensates(nc: NatsClient, js: JetStreamContext) -> None:

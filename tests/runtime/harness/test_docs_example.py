@@ -79,7 +79,7 @@ async def test_an_unpaid_order_is_released_after_an_hour() -> None:
         assert (await h.wait_for_run(run_id)).state == "compensated"
         assert (reservations, released) == ({}, ["o-2"])
         kinds = [fact.kind for fact in await h.facts()]
-        assert kinds == ["recovery_flow_initiated", "compensated"]
+        assert kinds == ["recovery_flow_initiated", "compensated", "run_failed"]
 
 
 async def test_the_same_failure_twice_starts_one_run() -> None:

@@ -101,6 +101,6 @@ async def test_facts_kept_with_a_signer_are_signed_and_chained(binding: dict[str
         await h.engine.cancel(run_id)
         await h.wait_for_run(run_id)
         stored = await h.messages(FACTS_STREAM)
-        assert len(stored) == 3  # charged, and two undos
+        assert len(stored) == 4  # charged, two undos, and the run cancelled
         verifier = Verifier({"central": key.verify_key})
         assert verify_records([(message.seq, message.data) for message in stored], verifier) == []

@@ -1,11 +1,13 @@
 """The disk-full runbook, a durable agent: a disk reading at or over the threshold opens an incident.
 
-1. Claim the device (one open incident per device: an atomic KV `create` in `nerve_incidents`, held
-   through the cooldown, so readings in that time open nothing).
-2. Send `clear_temp`, signed, and wait durably for the device's signed result (`step.command`).
-3. Verify: the device's next disk reading must be below `clear_below` within `verify_s`; else a person
-   is needed (`incident_failed`). A failed result, or none in time, fails the incident too.
-4. Cool down (a durable sleep), then release the device.
+One incident per device at a time: the agent is a singleton per device (`Limits(singleton="drop")`), so
+a spike while the device's incident is open or cooling down starts no run; the engine counts it and keeps
+a sampled `trigger_dropped` fact instead.
+
+1. Send `clear_temp`, signed, and wait durably for the device's signed result (`step.command`).
+2. Verify: a reading of the device since the spike must be below `clear_below` within `verify_s`; else a
+   person is needed (`incident_failed`). A failed result, or none in time, fails the incident too.
+3. Cool down (a durable sleep): the run, and so the device's incident, stays open until then.
 
 Every step is journalled by the engine: a central killed at any point resumes the incident where it was,
 and every id published derives from the run, so nothing is sent or kept twice.
@@ -16,12 +18,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Final
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
-
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, MAX_MAX_COMMAND_VALIDITY_S
-from nerve.runtime.engine import StepFailed, Trigger, durable_agent
+from nerve.runtime.engine import Limits, StepFailed, Trigger, durable_agent
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.jetstream.streams import INCIDENTS_BUCKET
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
@@ -49,29 +48,6 @@ def _disk(mount: str) -> str:
 
 def _mib(size: object) -> str:
     return f"{size / 1048576:.1f} MiB" if isinstance(size, int | float) else "? MiB"
-
-
-async def _claim(step: Step, device: str) -> bool:
-    """Hold `device` for this run; True if this run holds it (again, after a crash), False if another does."""
-    kv = await step.bucket(INCIDENTS_BUCKET)
-    try:
-        await kv.create(device, step.run_id.encode())
-    except KeyWrongLastSequenceError:
-        try:
-            return (await kv.get(device)).value == step.run_id.encode()
-        except KeyNotFoundError:  # released just now: try again
-            return await _claim(step, device)
-    return True
-
-
-async def _release(step: Step, device: str) -> None:
-    kv = await step.bucket(INCIDENTS_BUCKET)
-    try:
-        entry = await kv.get(device)
-    except KeyNotFoundError:
-        return
-    if entry.value == step.run_id.encode():
-        await kv.delete(device, last=entry.revision)
 
 
 async def _verified(step: Step, settings: DiskRunbookSettings, device: str, mount: str) -> bool:
@@ -133,12 +109,11 @@ def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
         trigger=Trigger(Kind.TELEMETRY, "disk", where=spike),
         key=lambda event: str(event.subject),
         waits_on=(Kind.TELEMETRY,),
+        limits=Limits(singleton="drop"),
     )
     async def runbook(reading: Envelope, step: Step) -> str:
         device, value = step.key, _value(reading) or 0.0
         mount = str(reading.data.get("mount", "")) if isinstance(reading.data, dict) else ""
-        if not await step.run("claim", lambda: _claim(step, device), undo=lambda: _release(step, device)):
-            return "an incident is open or cooling down on this device"
         disk, incident = _disk(mount), step.run_id
         await step.fact(
             "opened",
@@ -201,7 +176,6 @@ def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
                 data={"incident_id": incident, "seconds": round(took, 3), "status": "ok"},
             )
         await step.sleep("cooldown", settings.cooldown_s)
-        await step.run("release", lambda: _release(step, device))
         return "failed" if failed else "resolved"
 
     return runbook

@@ -878,6 +878,18 @@ class Engine:
             record.compensating = False
             record.failure_handled = True
 
+        # The run's end, kept once (its id derives from the run) before the journal says it ended: a
+        # failed run is a fact even when it had nothing to undo.
+        undone = sum(undo.status == "done" for undo in handle.record.undos)
+        await step.keep_fact(
+            fact_id=derived_id(handle.run_id, "ended"),
+            kind="run_cancelled" if cancelled else "run_failed",
+            summary=f"{agent.name}: run {handle.run_id} {'cancelled' if cancelled else 'failed'}: {error}"
+            + (f"; {undone} step(s) undone" if undone else "; nothing to undo")
+            + (f", {failed_undos} undo(s) failed" if failed_undos else ""),
+            data={"error": error, "undone": undone, "undo_failed": failed_undos},
+            subject=None,
+        )
         await handle.write(finish, release=True)
         if cancelled:
             self._cancels.discard(handle.run_id)

@@ -128,8 +128,6 @@ class BucketSpec:
         return f"KV_{self.name}"
 
 
-#: The disk runbook's open incidents, one key per device.
-INCIDENTS_BUCKET: Final = "nerve_incidents"
 #: The durable agent engine's run journals (`run.<run id>`, `cancel.<run id>`): docs/engine.md.
 RUNS_BUCKET: Final = "nerve_runs"
 #: Flow control's state (`nerve.runtime.engine.flow`): windows, slots, debounces, breakers.
@@ -143,7 +141,6 @@ TIMERS_STREAM: Final = "NERVE_TIMERS"
 def buckets(engine: EngineSettings = DEFAULT_ENGINE) -> tuple[BucketSpec, ...]:
     """Every bucket central uses, the engine's sized by `engine` (`central.engine`)."""
     return (
-        BucketSpec(INCIDENTS_BUCKET, history=1),
         BucketSpec(
             RUNS_BUCKET,
             history=1,
