@@ -401,7 +401,8 @@ class AgentHarness:
         except NotFoundError:
             return []
         found = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        # An empty stream says first 0 (or last+1); nats-server refuses to get sequence 0.
+        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
             try:
                 msg = await self._js.get_msg(stream, seq=seq)
             except NotFoundError:
