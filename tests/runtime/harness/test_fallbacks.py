@@ -11,6 +11,7 @@ from nacl.signing import SigningKey
 
 from nerve.runtime.engine import (
     AgentDeclarationError,
+    EngineError,
     Fallback,
     Person,
     RetryPolicy,
@@ -104,14 +105,15 @@ async def placed(h: AgentHarness, order: str, *down: str) -> str:
 async def decide(h: AgentHarness, run_id: str, *, approve: bool) -> None:
     """A person decides on the run's pending approval, as `nerve approve` does."""
     await h.wait_for_step(run_id, "charge_by_hand", status="waiting")
-    for _ in range(100):  # the pending decision is journalled right after the step's first write
-        record = await h.run(run_id)
-        assert record is not None
-        try:
-            ask = pending_approval(record)
-            break
-        except Exception:  # noqa: BLE001 - not yet pending
-            await asyncio.sleep(0.02)
+    async with asyncio.timeout(10):  # the pending decision is journalled right after the step's first write
+        while True:
+            record = await h.run(run_id)
+            assert record is not None
+            try:
+                ask = pending_approval(record)
+                break
+            except EngineError:  # not pending yet
+                await asyncio.sleep(0.02)
     decision = sign_decision(
         OPERATOR, run_id=run_id, step=ask.step, approve=approve, comment="phoned", valid_until=ask.expires
     )
@@ -213,10 +215,10 @@ async def test_a_crash_at_any_journal_write_charges_once() -> None:
                 agents=[charge], signer=OPERATOR, crash_at=crash_at, crash_when=when
             ) as h:
                 run_id = await placed(h, order, "primary")
-                for _ in range(20):
+                for _ in range(160):  # a second at a time: the lease is one (HARNESS_SETTINGS)
                     if (record := await h.run(run_id)) is not None and record.terminal:
                         break
-                    await h.advance(15)  # past a trigger's ack wait, when the crash lost it
+                    await h.advance(1)  # past a trigger's 30 s ack wait, when the crash lost it
                 record = await h.wait_for_run(run_id)
                 taken = [fact.data["fallback"] for fact in await h.facts("fallback_taken")]
             assert (record.state, record.result) == ("done", "backup"), (crash_at, when)

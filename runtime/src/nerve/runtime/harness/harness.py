@@ -326,6 +326,11 @@ class AgentHarness:
         return self._nc.jetstream()
 
     @property
+    def js(self) -> JetStreamContext:
+        """JetStream on the harness's broker, for what a test stores or reads itself (raises before start)."""
+        return self._js
+
+    @property
     def kv(self) -> KeyValue:
         """The runs bucket, read by the harness (never crashed)."""
         if self._kv is None:
