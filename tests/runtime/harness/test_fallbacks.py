@@ -239,5 +239,7 @@ def test_fallbacks_are_checked_when_declared() -> None:
         declared("a", [("a", nothing)])
     with pytest.raises(AgentDeclarationError, match="used twice"):
         declared("a", [("b", nothing), Fallback("b", nothing)])
+    with pytest.raises(AgentDeclarationError, match="route 'ops team' is not a token"):
+        declared("a", [Person("b", route="ops team", expires=60)])
     with pytest.raises(AgentDeclarationError, match="not a Fallback"):
         declared("a", ["b"])  # type: ignore[list-item]

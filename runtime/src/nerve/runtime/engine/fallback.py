@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from nerve.runtime.engine.errors import AgentDeclarationError, StepFailed
+from nerve.runtime.subjects import is_token
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -79,7 +80,10 @@ FallbackSpec = Fallback | Person | tuple[str, "StepFunction"]
 
 
 def declared(name: str, fallbacks: Sequence[FallbackSpec]) -> tuple[Fallback | Person, ...]:
-    """`fallbacks` as `Fallback`/`Person`; raises `AgentDeclarationError` for a malformed or reused name."""
+    """`fallbacks` as `Fallback`/`Person`.
+
+    Raises `AgentDeclarationError` for a malformed fallback, a name used twice, or a route that is no token.
+    """
     ways: list[Fallback | Person] = []
     names = {name}
     for spec in fallbacks:
@@ -96,6 +100,11 @@ def declared(name: str, fallbacks: Sequence[FallbackSpec]) -> tuple[Fallback | P
             way = Fallback(given[0], given[1])
         else:
             msg = f"step {name!r}: fallback {spec!r} is not a Fallback, a Person or a (name, function) pair"
+            raise AgentDeclarationError(msg)
+        if isinstance(way, Person) and not is_token(way.route):
+            msg = (
+                f"step {name!r}: fallback {way.name!r}: route {way.route!r} is not a token (A-Z a-z 0-9 _ -)"
+            )
             raise AgentDeclarationError(msg)
         if way.name in names or way.name.endswith(TAKEN_SUFFIX):
             msg = f"step {name!r}: fallback name {way.name!r} is used twice (or ends in {TAKEN_SUFFIX!r})"
