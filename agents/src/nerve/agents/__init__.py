@@ -2,10 +2,9 @@
 
 from typing import TYPE_CHECKING
 
+from nerve.agents import disk, payment
 from nerve.agents.audit import CommandAudit, StreamWatch
-from nerve.agents.disk import AGENT as DISK_AGENT
 from nerve.agents.disk import disk_runbook
-from nerve.agents.payment import AGENT as PAYMENT_AGENT
 from nerve.agents.payment import PaymentRecovery, payment_recovery
 
 if TYPE_CHECKING:
@@ -41,9 +40,9 @@ def builtin_durable_agents(settings: "Settings") -> list["DurableAgent | Durable
     from nerve.runtime.errors import ConfigError  # noqa: PLC0415
 
     known: dict[str, Callable[[], DurableAgent | DurableAgentFactory]] = {
-        DISK_AGENT: lambda: disk_runbook(settings.central.disk),
-        PAYMENT_AGENT: lambda: DurableAgentFactory(
-            PAYMENT_AGENT, lambda ctx: payment_recovery(ctx, settings.central.payment)
+        disk.AGENT: lambda: disk_runbook(settings.central.disk),
+        payment.AGENT: lambda: DurableAgentFactory(
+            payment.AGENT, lambda ctx: payment_recovery(ctx, settings.central.payment)
         ),
     }
     names = settings.central.durable_agents
