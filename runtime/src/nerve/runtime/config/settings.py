@@ -454,6 +454,13 @@ class PaymentRecoverySettings(_Settings):
         default=4 * 3600.0, gt=0, le=30 * 86400.0, description="how long a person has to offer by hand"
     )
 
+    @model_validator(mode="after")
+    def _other_sources(self) -> Self:
+        for index, service in enumerate(self.fallback_sources):
+            if service == self.source or service in self.fallback_sources[:index]:
+                raise ValueError(f"fallback_sources: {service!r} is the source or named twice")
+        return self
+
 
 class CentralSettings(_Settings):
     """The central agents."""
