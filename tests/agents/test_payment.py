@@ -251,6 +251,10 @@ def test_the_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="source"):
         PaymentRecoverySettings(source="shop.*")
     assert PaymentRecoverySettings().wait_s == 3600
+    for others in (("shop",), ("gw", "gw")):
+        with pytest.raises(ValueError, match="is the source or named twice"):
+            PaymentRecoverySettings(fallback_sources=others)
+    assert PaymentRecoverySettings(fallback_sources=("gw-1", "gw-2")).fallback_sources == ("gw-1", "gw-2")
 
 
 async def test_the_escalation_is_tried_again_and_never_for_a_cancelled_run() -> None:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: The agent's name (`central.durable_agents`, its runs, its consumer `nerve-engine-disk`).
+AGENT: Final = "disk"
 ACTION: Final = "clear_temp"
 
 
@@ -105,7 +107,7 @@ def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
         return value is not None and value >= settings.threshold
 
     @durable_agent(
-        "disk",
+        AGENT,
         trigger=Trigger(Kind.TELEMETRY, "disk", where=spike),
         key=lambda event: str(event.subject),
         waits_on=(Kind.TELEMETRY,),

@@ -7,7 +7,12 @@ per event, keyed by the order:
    a fact of it. Its undo: the command `notify_customer` (the order could not be paid).
 2. `offer`: the command `offer_alternative_payment` to the shop
    (`nerve.shop.commands.offer_alternative_payment`, signed by central like every command). Its undo: the
-   command `release_reservation`.
+   command `release_reservation`. Should the offer fail for good (the command cannot be stored, after
+   its retries), its declared fallbacks take over, each a step of its own and a `fallback_taken` fact:
+   the same command to each of `central.payment.fallback_sources` (other gateways, `offer_via_<service>`),
+   then a person (`offer_by_hand`, an approval routed to `central.payment.person_route`: approve once
+   the customer was offered another way by hand; a rejection, or nobody within `person_expires_s`, fails
+   the run, which compensates as in 4).
 3. `paid`: waits up to `central.payment.wait_s` for a `payment_succeeded` of that order (any stored
    since the `payment_failed` counts, even one that came before the offer was made). Then:
    `recovery_flow_completed`, a `payment_recovered` fact, done.
@@ -28,12 +33,14 @@ import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
-from nerve.runtime.engine import RetryPolicy, Terminal, Trigger, durable_agent
+from nerve.runtime.engine import Fallback, Person, RetryPolicy, Terminal, Trigger, durable_agent
 from nerve.runtime.envelope.model import Event, derived_id, utcnow
 from nerve.runtime.jetstream.client import publish_envelope
 from nerve.runtime.subjects import CENTRAL_SOURCE, Address, Kind
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from nerve.runtime.central.agent import AgentContext
     from nerve.runtime.config.settings import PaymentRecoverySettings
     from nerve.runtime.engine import DurableAgent, RunFailure, Step
@@ -46,6 +53,8 @@ OFFER: Final = "offer_alternative_payment"
 RELEASE: Final = "release_reservation"
 NOTIFY: Final = "notify_customer"
 RETRY: Final = RetryPolicy(attempts=5, initial_s=0.5, maximum_s=10.0)
+#: The step (an approval) in which a person offers another way to pay when no service could.
+OFFER_BY_HAND: Final = "offer_by_hand"
 
 
 def order_of(event: Envelope) -> str:
@@ -71,9 +80,12 @@ def _same_order(order: str) -> Any:  # noqa: ANN401 - a predicate on an envelope
 class PaymentRecovery:
     """The saga's effects: its own events, its signed commands to the shop, the escalation; and its steps."""
 
-    def __init__(self, ctx: AgentContext, settings: PaymentRecoverySettings) -> None:
+    def __init__(
+        self, ctx: AgentContext, settings: PaymentRecoverySettings, *, retry: RetryPolicy = RETRY
+    ) -> None:
         self._ctx = ctx
         self._settings = settings
+        self.retry = retry
 
     async def emit(self, trigger: Envelope, event_type: str, event_id: str, data: dict[str, Any]) -> str:
         """Store one of its own events, `<prefix>.central.events.<event_type>`, with id `event_id` (once)."""
@@ -91,11 +103,36 @@ class PaymentRecovery:
         await publish_envelope(self._ctx.js, subject, event, codec=self._ctx.settings.nats.codec)
         return event.id
 
-    async def command(self, trigger: Envelope, action: str, args: dict[str, Any]) -> str:
-        """Sign and send `action` to the shop; its id derives from the trigger (the same run: the same id)."""
+    def _offer_fallbacks(
+        self, order: str, offer: Callable[[str], Callable[[], Awaitable[str]]]
+    ) -> list[Fallback | Person]:
+        """When the offer to the shop cannot be made: each of `fallback_sources` in turn, then a person."""
+        settings = self._settings
+        ways: list[Fallback | Person] = [
+            Fallback(f"offer_via_{service}", offer(service)) for service in settings.fallback_sources
+        ]
+        if settings.person_route is not None:
+            summary = f"offer order {order} another way to pay, by hand: no service could (approve once done)"
+            ways.append(
+                Person(
+                    OFFER_BY_HAND,
+                    route=settings.person_route,
+                    expires=settings.person_expires_s,
+                    summary=summary,
+                )
+            )
+        return ways
+
+    async def command(
+        self, trigger: Envelope, action: str, args: dict[str, Any], *, service: str | None = None
+    ) -> str:
+        """Sign and send `action` to `service` (default: the shop); its id derives from the trigger and both.
+
+        The same run sends the same id.
+        """
         sent = await self._ctx.command(
             trigger,
-            device=self._settings.source,
+            device=service or self._settings.source,
             action=action,
             args={"order_id": order_of(trigger), **args},
             ttl=timedelta(seconds=self._settings.command_ttl_s),
@@ -110,12 +147,12 @@ class PaymentRecovery:
         """
         if failure.cancelled:
             return
-        backoff = RETRY.backoff()
-        for attempt in range(1, RETRY.attempts + 1):
+        backoff = self.retry.backoff()
+        for attempt in range(1, self.retry.attempts + 1):
             try:
                 await self._escalate(trigger, failure)
             except Exception as exc:
-                if attempt == RETRY.attempts:
+                if attempt == self.retry.attempts:
                     raise
                 log.warning(
                     "payment_recovery: escalating run %s failed (%s); trying again", failure.run_id, exc
@@ -152,8 +189,12 @@ class PaymentRecovery:
                 event, NOTIFY, {"customer_id": customer, "message": "payment_not_recovered"}
             )
 
-        async def offer() -> str:
-            return await self.command(event, OFFER, {"customer_id": customer, "within_s": wait_s})
+        def offer(service: str) -> Callable[[], Awaitable[str]]:
+            async def send() -> str:
+                args = {"customer_id": customer, "within_s": wait_s}
+                return await self.command(event, OFFER, args, service=service)
+
+            return send
 
         async def release() -> str:
             return await self.command(event, RELEASE, {})
@@ -165,7 +206,9 @@ class PaymentRecovery:
             summary=f"order {order}: payment failed; offering another way to pay for {wait_s:g}s",
             data={"order_id": order},
         )
-        offered = await step.run("offer", offer, undo=release)
+        offered = await step.run(
+            "offer", offer(self._settings.source), undo=release, fallbacks=self._offer_fallbacks(order, offer)
+        )
         paid = await step.wait_for_event(
             "paid",
             "payment_succeeded",
@@ -192,14 +235,19 @@ class PaymentRecovery:
         return {"order_id": order, "outcome": "recovered", "offer": offered, "payment_event": paid.id}
 
 
-def payment_recovery(ctx: AgentContext, settings: PaymentRecoverySettings) -> DurableAgent:
-    """The saga as a durable agent; `ctx` signs its commands (central's key) and reaches JetStream."""
-    saga = PaymentRecovery(ctx, settings)
+def payment_recovery(
+    ctx: AgentContext, settings: PaymentRecoverySettings, *, retry: RetryPolicy = RETRY
+) -> DurableAgent:
+    """The saga as a durable agent; `ctx` signs its commands (central's key) and reaches JetStream.
+
+    `retry`: how its steps (and its escalation) are tried.
+    """
+    saga = PaymentRecovery(ctx, settings, retry=retry)
     return durable_agent(
         AGENT,
         trigger=Trigger(Kind.EVENTS, "payment_failed", source=settings.source),
         key=order_of,
         waits_on=(Kind.EVENTS,),
-        retry=RETRY,
+        retry=retry,
         on_failure=saga.escalate,
     )(saga.recover)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
@@ -39,7 +40,7 @@ from nerve.runtime.subjects import Kind
 from nerve.runtime.trust.devices import DeviceKeys, registry_dir
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
@@ -68,6 +69,19 @@ RESULT_REFUSED: Final = "result_refused"
 UNREGISTERED: Final = "unregistered-devices"
 
 
+@dataclass(frozen=True, slots=True)
+class DurableAgentFactory:
+    """A durable agent that is built once central is connected: `build(ctx)` gets its `AgentContext`.
+
+    For agents whose effects go through central's context (its key signs their commands and facts,
+    `ctx.js` stores their events), as the payment-recovery saga's do. `name` names the context
+    (`nerve://central/<name>`): the agent's name.
+    """
+
+    name: str
+    build: Callable[[AgentContext], DurableAgent]
+
+
 def consumer_name(agent: Agent, subscription: Subscription) -> str:
     """The durable consumer (and deliver group) of one agent subscription."""
     return f"nerve-agent-{agent.name}-{subscription.kind.value}-{subscription.name.replace('*', 'all')}"
@@ -84,11 +98,12 @@ class Central:
         agents: Sequence[Agent],
         max_hops: int = DEFAULT_MAX_HOPS,
         device_keys: DeviceKeys | None = None,
-        durable: Sequence[DurableAgent] = (),
+        durable: Sequence[DurableAgent | DurableAgentFactory] = (),
     ) -> None:
         """`device_keys`: whose results to believe (default: the registry the settings name).
 
-        `durable`: durable agents, run by an `Engine` (`central.engine`) on the same connection.
+        `durable`: durable agents, run by an `Engine` (`central.engine`) on the same connection; a
+        `DurableAgentFactory` is built with its `AgentContext` once central is connected.
         """
         self._settings = settings
         self._signer = signer
@@ -138,21 +153,27 @@ class Central:
                         )
                     tasks.create_task(self._ticks(agent, ctx), name=f"central-{agent.name}-tick")
                 if self._durable:
-                    await self._start_engine(nc, tasks)
+                    await self._start_engine(nc, js, tasks)
                 self.ready.set()
                 log.info("central: running %s", ", ".join(agent.name for agent in self._agents))
         finally:
             self.ready.clear()
             await nc.close()
 
-    async def _start_engine(self, nc: NatsClient, tasks: asyncio.TaskGroup) -> None:
+    async def _start_engine(self, nc: NatsClient, js: JetStreamContext, tasks: asyncio.TaskGroup) -> None:
         """Run the durable agents in an engine beside the agents; return once it took its consumers."""
         from nerve.runtime.engine import Engine  # noqa: PLC0415 - only when there are durable agents
 
         settings = self._settings
+        agents = [
+            agent.build(AgentContext(js=js, settings=settings, signer=self._signer, agent=agent.name))
+            if isinstance(agent, DurableAgentFactory)
+            else agent
+            for agent in self._durable
+        ]
         engine = Engine(
             nc=nc,
-            agents=self._durable,
+            agents=agents,
             prefix=settings.prefix,
             settings=settings.central.engine,
             signer=self._signer,

@@ -440,6 +440,26 @@ class PaymentRecoverySettings(_Settings):
     command_ttl_s: float = Field(
         default=300.0, gt=0, le=86400.0, description="how long its commands are valid"
     )
+    fallback_sources: tuple[Token, ...] = Field(
+        default=(),
+        max_length=8,
+        description="other services (gateways) asked to offer another way to pay, in order, when the offer "
+        "to `source` cannot be made",
+    )
+    person_route: Token | None = Field(
+        default="payments",
+        description="who offers by hand when no service could (a token for `nerve approve`); null: nobody",
+    )
+    person_expires_s: float = Field(
+        default=4 * 3600.0, gt=0, le=30 * 86400.0, description="how long a person has to offer by hand"
+    )
+
+    @model_validator(mode="after")
+    def _other_sources(self) -> Self:
+        for index, service in enumerate(self.fallback_sources):
+            if service == self.source or service in self.fallback_sources[:index]:
+                raise ValueError(f"fallback_sources: {service!r} is the source or named twice")
+        return self
 
 
 class CentralSettings(_Settings):
@@ -452,6 +472,11 @@ class CentralSettings(_Settings):
     )
     disk: DiskRunbookSettings = DiskRunbookSettings()
     payment: PaymentRecoverySettings = PaymentRecoverySettings()
+    durable_agents: tuple[Token, ...] = Field(
+        default=("disk", "payment_recovery"),
+        max_length=64,
+        description="the built-in durable agents central runs on its engine, by name; [] runs none",
+    )
     # Defined below, beside the stream limits it uses (model_rebuild after it).
     engine: EngineSettings = Field(default_factory=lambda: EngineSettings())  # noqa: PLW0108 - defined below
 

@@ -18,6 +18,7 @@ from nerve.runtime.engine.errors import (
     StepFailed,
     Terminal,
 )
+from nerve.runtime.engine.fallback import FALLBACK_TAKEN, Fallback, Person
 from nerve.runtime.engine.journal import RunRecord, StepRecord, UndoRecord
 from nerve.runtime.engine.limits import BlastRadius, Breaker, Limits, Window
 from nerve.runtime.engine.names import ENGINE_NAMES, RUNS_BUCKET, TIMERS_STREAM
@@ -27,6 +28,7 @@ from nerve.runtime.engine.step import Step
 __all__ = [
     "CLOCK_SKEW_S",
     "ENGINE_NAMES",
+    "FALLBACK_TAKEN",
     "NO_RETRY",
     "RUNS_BUCKET",
     "TIMERS_STREAM",
@@ -38,8 +40,10 @@ __all__ = [
     "Engine",
     "EngineError",
     "EngineSettings",
+    "Fallback",
     "LeaseLost",
     "Limits",
+    "Person",
     "ResultRefusals",
     "RetryPolicy",
     "Retryable",

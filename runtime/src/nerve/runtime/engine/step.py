@@ -43,6 +43,7 @@ from nerve.runtime.engine.errors import (
     StepFailed,
     Terminal,
 )
+from nerve.runtime.engine.fallback import run_with_fallbacks
 from nerve.runtime.engine.journal import RecordTooLarge, RunRecord, StepRecord, UndoRecord, error_text
 from nerve.runtime.engine.names import RUNS_STREAM, TIMERS_STREAM, approvals_subject, timer_fired_subject
 from nerve.runtime.engine.timers import forget, has_fired, schedule
@@ -54,7 +55,7 @@ from nerve.runtime.jetstream.streams import STREAM_OF_KIND, open_bucket
 from nerve.runtime.subjects import Kind, is_token, subject_root
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
     from nerve.runtime.engine.clock import Clock
     from nerve.runtime.engine.command import ResultRefusals
+    from nerve.runtime.engine.fallback import FallbackSpec
     from nerve.runtime.engine.flow import Flow
     from nerve.runtime.engine.journal import RunHandle
     from nerve.runtime.engine.settings import EngineSettings
@@ -348,7 +350,7 @@ class Step:
 
     # --- steps ---------------------------------------------------------------------------------------
 
-    async def run(
+    async def run(  # noqa: C901 - the fallbacks' branch is one line; the rest is one loop
         self,
         name: str,
         fn: StepFunction,
@@ -356,6 +358,7 @@ class Step:
         undo: UndoFunction | None = None,
         retry: RetryPolicy | None = None,
         action: str | None = None,
+        fallbacks: Sequence[FallbackSpec] = (),
     ) -> Any:  # noqa: ANN401 - what fn returned, as JSON
         """Run `fn()` once and journal its result (JSON: what `msgspec.to_builtins` makes of it).
 
@@ -364,8 +367,14 @@ class Step:
         error fails the step at once; any other error is retried per `retry` (default: the agent's),
         with jittered backoff, then fails the step. Raises `StepFailed` when the step failed for good.
         `action` names what the step does to the outside world: if the agent declares a circuit breaker
-        for it (`Limits.breakers`), every try goes through the breaker.
+        for it (`Limits.breakers`), every try goes through the breaker. `fallbacks`: the other ways of
+        doing it, each its own step, taken in turn once the previous failed for good (then `StepFailed`
+        names them all): see `nerve.runtime.engine.fallback`.
         """
+        if fallbacks:
+            return await run_with_fallbacks(
+                self, name, fn, undo=undo, retry=retry, action=action, fallbacks=fallbacks
+            )
         journalled = self._enter(name)
         if undo is not None:
             self.undos[name] = undo

@@ -326,6 +326,11 @@ class AgentHarness:
         return self._nc.jetstream()
 
     @property
+    def js(self) -> JetStreamContext:
+        """JetStream on the harness's broker, for what a test stores or reads itself (raises before start)."""
+        return self._js
+
+    @property
     def kv(self) -> KeyValue:
         """The runs bucket, read by the harness (never crashed)."""
         if self._kv is None:
@@ -401,7 +406,8 @@ class AgentHarness:
         except NotFoundError:
             return []
         found = []
-        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        # An empty stream says first 0 (or last+1); nats-server refuses to get sequence 0.
+        for seq in range(max(info.state.first_seq, 1), info.state.last_seq + 1):
             try:
                 msg = await self._js.get_msg(stream, seq=seq)
             except NotFoundError:
