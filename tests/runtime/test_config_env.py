@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nerve.runtime.config.settings import NOT_SETTINGS, Settings, load_settings
+from nerve.runtime.config.settings import NOT_SETTINGS, Settings, _env_value, load_settings
 from nerve.runtime.errors import ConfigError
 
 SECTIONS = set(Settings.model_fields)
@@ -64,3 +65,41 @@ def test_no_variable_outside_the_settings_passes_silently(name: str, value: str)
         load_settings(env={f"NERVE_{name}": value})
     assert caught.value.source == "environment"
     assert caught.value.key == f"NERVE_{name}"
+
+
+def yaml_reading(raw: str) -> object:
+    """A variable's value by definition: the list or mapping YAML reads, YAML's null, else the text."""
+    try:
+        value = yaml.safe_load(raw) if raw else raw
+    except yaml.YAMLError:
+        return raw
+    return value if value is None or isinstance(value, dict | list) else raw
+
+
+# Pieces that make YAML read a collection, a null, a tag, a comment or an error, and plain text around them.
+YAML_PIECES = st.sampled_from(
+    [*"aZ09_/.:+=,@-~ #[]{}!&*?%|>'\"\n\t<`", "null", "Null", "NULL", "...", "---", "- ", ": ", "true", "é"]
+)
+
+
+@given(raw=st.lists(YAML_PIECES, max_size=8).map("".join))
+def test_a_value_is_read_as_yaml_reads_it_even_when_yaml_is_not_imported(raw: str) -> None:
+    # _env_value skips the parser for plain scalars (PyYAML's import costs every start): same result.
+    assert _env_value(raw) == yaml_reading(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("mqtt://127.0.0.1:1883", "mqtt://127.0.0.1:1883"),
+        ("/var/lib/nerve-edge", "/var/lib/nerve-edge"),
+        ("001", "001"),
+        ("null", None),
+        ("~", None),
+        ("a:", {"a": None}),
+        ("[/, /data]", ["/", "/data"]),
+        ("", ""),
+    ],
+)
+def test_plain_values_lists_mappings_and_nulls(raw: str, expected: object) -> None:
+    assert _env_value(raw) == expected

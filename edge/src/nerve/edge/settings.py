@@ -183,6 +183,8 @@ def needs_openssl(settings: Settings) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _Mqtt:
+    """`mqtt.*` (an `MqttView`)."""
+
     url: str
     keepalive_s: int
     session_expiry_s: int
@@ -210,11 +212,15 @@ class _Mqtt:
 
 @dataclass(frozen=True, slots=True)
 class _Bridge:
+    """`bridge.max_payload` (a `BridgeView`)."""
+
     max_payload: int
 
 
 @dataclass(frozen=True, slots=True)
 class _Sensor:
+    """`edge.sensors.<name>` (a `SensorView`)."""
+
     enabled: bool
     interval_s: float | None
     deadband: float | None
@@ -224,18 +230,24 @@ class _Sensor:
 
 @dataclass(frozen=True, slots=True)
 class _Outbox:
+    """`edge.outbox` (an `OutboxView`)."""
+
     path: Path | None
     max_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
 class _Script:
+    """`edge.actions.scripts.<name>` (a `ScriptView`)."""
+
     argv: tuple[str, ...]
     timeout_s: float
 
 
 @dataclass(frozen=True, slots=True)
 class _Actions:
+    """`edge.actions` (an `ActionsView`)."""
+
     allow: tuple[str, ...]
     journalctl: tuple[str, ...]
     systemctl: tuple[str, ...]
@@ -253,6 +265,8 @@ class _Actions:
 
 @dataclass(frozen=True, slots=True)
 class _Edge:
+    """`edge.*` (an `EdgeView`)."""
+
     device: str | None
     client_id: str | None
     interval_s: float

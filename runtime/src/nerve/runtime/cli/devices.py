@@ -13,8 +13,6 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import yaml
-
 if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
     from nerve.runtime.trust.site import Reload, SetUp, Site
@@ -172,6 +170,8 @@ def _site(site: Site, *, renew: bool, new_bridge_password: bool) -> int:
         "  (configs/mosquitto-site.conf reads them from /etc/mosquitto/nerve: set site.broker_dir there)\n"
         "the bridge's settings (its --config file; no secret here, the passwords are in the files named):"
     )
+    import yaml  # noqa: PLC0415 - as the site module: not at every `nerve` start (~10 ms)
+
     bridge = {"mqtt": site.bridge_settings(setup.hosts), "bridge": site.downlink_settings()}
     print(yaml.safe_dump(bridge, sort_keys=False), end="")
     return 0

@@ -12,8 +12,6 @@ clear line and exit 2; nerve's own errors never show a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -23,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from nerve.runtime.cancellation import until_signalled
 from nerve.runtime.cli.devices import add_parser as devices_parser
 from nerve.runtime.cli.simulate import add_parser as simulate_parser
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, load_settings
@@ -96,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         description="event-driven agent runtime for edge fleets",
         formatter_class=argparse.RawTextHelpFormatter,  # keeps --version on one line
     )
-    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = sub.add_parser("up", parents=[common], help="run the whole stack on this host")
@@ -238,8 +235,24 @@ def _runs_parsers(
 PARTS: Final = ("nerve-runtime", "nerve-edge", "nerve-bridge", "nerve-agents")
 
 
+class _VersionAction(argparse._VersionAction):  # noqa: SLF001 - argparse's own, output kept as it was
+    """`--version`: `version_line()`, looked up only when asked, not each time the parser is built."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        self.version = version_line()
+        super().__call__(parser, namespace, values, option_string)
+
+
 def version_line() -> str:
     """`nerve 0.1.0 (nerve-runtime 0.1.0, nerve-edge 0.1.0, ...)`: the installed distributions' versions."""
+    import importlib.metadata  # noqa: PLC0415 - ~15 ms: only for --version, not at every start
+
     installed = []
     for name in PARTS:
         try:
@@ -435,6 +448,8 @@ def default_keys_dir(env: Mapping[str, str]) -> Path:
 
 
 async def _send(args: argparse.Namespace) -> int:
+    import asyncio  # noqa: PLC0415 - see main()
+
     from nerve.runtime.cli.send import (  # noqa: PLC0415
         CommandChannel,
         device_registry,
@@ -666,6 +681,11 @@ def main(argv: Sequence[str] | None = None) -> int:  # noqa: PLR0911 - a return 
             return _edge(args)
         if args.command == "devices":
             return _devices(args)
+        # Here, not at the top: `nerve edge` execs the lean edge process and never needs asyncio (~25 ms).
+        import asyncio  # noqa: PLC0415
+
+        from nerve.runtime.cancellation import until_signalled  # noqa: PLC0415
+
         return asyncio.run(until_signalled(COMMANDS[args.command](args)))
     except NerveError as exc:
         print(f"nerve {args.command}: error: {exc}", file=sys.stderr)

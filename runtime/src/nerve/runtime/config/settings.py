@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, Self
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, Codec
 from nerve.runtime.errors import ConfigError, shown_url
 from nerve.runtime.subjects import DEFAULT_PREFIX, check_prefix, check_token
-from nerve.runtime.wire.mqtt import DEFAULT_MAX_PACKET_SIZE
+from nerve.runtime.wire.endpoint import DEFAULT_MAX_PACKET_SIZE  # not wire.mqtt: that imports asyncio
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -689,6 +688,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read settings file: {exc.strerror}", source=str(path)) from None
+    import yaml  # noqa: PLC0415 - ~10 ms at each start: only when there is a file (see _env_value)
+
     try:
         document = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -723,17 +724,35 @@ def _env_layer(env: Mapping[str, str], origins: dict[tuple[str, ...], str]) -> d
             known = ", ".join(sections)
             hint = _NOT_OURS.get(name) or f"{path[0]!r} is not a setting (settings: {known}; levels: __)"
             raise ConfigError(hint, source="environment", key=name)
-        try:
-            value = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
-            value = raw
-        if value is not None and not isinstance(value, dict | list):
-            # A scalar stays text: pydantic reads "85" or "true" by the key's type, and a device id
-            # `123`, `001` or `yes` stays the string it is (YAML would make it 123, 1, True).
-            value = raw
         origins[tuple(path)] = name
-        layer = _merge(layer, _nested(path, value))
+        layer = _merge(layer, _nested(path, _env_value(raw)))
     return layer
+
+
+# A value YAML can only read as one scalar: a letter, digit, `_` or `/` first, then no space and no
+# indicator that could start a list, a mapping, a tag, an anchor or a comment; not ending with `:`
+# (`a:` is a mapping). Such a value is not parsed: importing PyYAML costs every start ~10 ms.
+_PLAIN_SCALAR: Final = re.compile(r"[A-Za-z0-9_/][A-Za-z0-9_./:+=,@-]*(?<!:)")
+# What YAML reads as null among those (`~` and the empty value are not plain scalars here).
+_YAML_NULLS: Final = frozenset({"null", "Null", "NULL"})
+
+
+def _env_value(raw: str) -> object:
+    """The value of one `NERVE_*` variable: the list or mapping YAML reads in it, None, or `raw` itself.
+
+    None is YAML's null (`null`, `~`, an empty document). A scalar stays text: pydantic reads "85" or
+    "true" by the key's type, and a device id `123`, `001` or `yes` stays the string it is (YAML would
+    make it 123, 1, True). Text that YAML cannot read stays text too.
+    """
+    if not raw or _PLAIN_SCALAR.fullmatch(raw):
+        return None if raw in _YAML_NULLS else raw
+    import yaml  # noqa: PLC0415 - only for a value that may be more than one scalar (see _PLAIN_SCALAR)
+
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return value if value is None or isinstance(value, dict | list) else raw
 
 
 def _variable(loc: tuple[str | int, ...], origins: Mapping[tuple[str, ...], str]) -> str | None:

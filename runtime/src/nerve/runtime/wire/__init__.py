@@ -14,6 +14,7 @@ from nerve.runtime import lazy as _lazy
 if TYPE_CHECKING:
     from nerve.runtime.wire.client import MqttClient
     from nerve.runtime.wire.endpoint import (
+        DEFAULT_MAX_PACKET_SIZE,
         DEFAULT_MQTT_PORT,
         DEFAULT_MQTTS_PORT,
         MqttConnectSettings,
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
         mqtt_endpoint,
     )
     from nerve.runtime.wire.mqtt import (
-        DEFAULT_MAX_PACKET_SIZE,
         Incoming,
         MqttRefused,
         MqttWire,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from nerve.runtime.wire.protocol import WireError, WireProtocol
 
 _MODULE_OF: dict[str, str] = {
-    "DEFAULT_MAX_PACKET_SIZE": "nerve.runtime.wire.mqtt",
+    "DEFAULT_MAX_PACKET_SIZE": "nerve.runtime.wire.endpoint",
     "DEFAULT_MQTTS_PORT": "nerve.runtime.wire.endpoint",
     "DEFAULT_MQTT_PORT": "nerve.runtime.wire.endpoint",
     "Incoming": "nerve.runtime.wire.mqtt",

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "DEFAULT_MAX_PACKET_SIZE",
     "DEFAULT_MQTTS_PORT",
     "DEFAULT_MQTT_PORT",
     "MqttConnectSettings",
@@ -40,6 +41,8 @@ __all__ = [
 
 DEFAULT_MQTT_PORT: Final = 1883
 DEFAULT_MQTTS_PORT: Final = 8883
+# Here, not in nerve.runtime.wire.mqtt: the settings' default, and they must not import asyncio with it.
+DEFAULT_MAX_PACKET_SIZE: Final = 256 * 1024  # our Maximum Packet Size (mqtt.max_packet_size)
 _TLS_SCHEMES: Final = frozenset({"mqtts"})
 
 # OpenSSL's X509_V_ERR_* codes a broker's certificate fails with most (ssl.SSLCertVerificationError).

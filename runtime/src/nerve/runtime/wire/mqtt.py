@@ -31,7 +31,14 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
-from nerve.runtime.wire.endpoint import DEFAULT_MQTT_PORT, MqttEndpoint, explain, is_tls_error, mqtt_endpoint
+from nerve.runtime.wire.endpoint import (
+    DEFAULT_MAX_PACKET_SIZE,
+    DEFAULT_MQTT_PORT,
+    MqttEndpoint,
+    explain,
+    is_tls_error,
+    mqtt_endpoint,
+)
 from nerve.runtime.wire.protocol import WireError, WireProtocol
 
 if TYPE_CHECKING:
@@ -40,6 +47,7 @@ if TYPE_CHECKING:
     from nerve.runtime.wire.endpoint import MqttConnectSettings
 
 __all__ = [
+    "DEFAULT_MAX_PACKET_SIZE",
     "DEFAULT_MQTT_PORT",
     "Incoming",
     "MqttRefused",
@@ -70,7 +78,6 @@ DISCONNECT_PACKET: Final = b"\xe0\x00"  # normal disconnection, no properties
 MAX_PACKET_ID: Final = 0xFFFF
 MAX_REMAINING_LENGTH: Final = 268_435_455
 SUCCESS_LIMIT: Final = 0x80  # reason codes below this are successes
-DEFAULT_MAX_PACKET_SIZE: Final = 256 * 1024  # our Maximum Packet Size (mqtt.max_packet_size)
 BAD_USER_NAME_OR_PASSWORD: Final = 0x86
 NOT_AUTHORIZED: Final = 0x87
 SESSION_TAKEN_OVER: Final = 0x8E
