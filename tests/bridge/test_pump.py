@@ -49,6 +49,7 @@ class FakeNats:
 
 class FakeMqtt:
     def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pubacks: list[list[int]] = []
         self.paused = False
         self.pauses = 0
@@ -304,6 +305,23 @@ async def test_a_raw_reading_sent_again_after_a_reconnect_keeps_the_id_of_its_fi
     b2, a3, a4 = stored_ids(nats2)
     assert b2 == b1
     assert len({a1, a2, b1, a3, a4}) == 5
+
+
+async def test_a_store_answered_after_the_connection_dropped_keeps_its_id_for_the_redelivery() -> None:
+    """Its PUBACK could not go: mosquitto sends the reading again, and it must not get a second id."""
+    ids = RedeliveredIds()
+    first, nats1, mqtt1, _ = make_pump(ids=ids)
+    first.on_messages([reading("a", 95, 1), reading("a", 96, 2)])
+    t1, t2 = nats1.tokens()
+    first.on_acks([ok(t1)])  # acknowledged while connected: forgotten
+    mqtt1.closed.set_exception(ConnectionResetError())
+    mqtt1.closed.exception()
+    first.on_acks([ok(t2)])  # stored after the drop: no PUBACK went
+    assert mqtt1.pubacks == [[1]]
+    second, nats2, _, _ = make_pump(ids=ids)
+    second.on_connack(True)
+    second.on_messages([reading("a", 96, 2)._replace(dup=True)])
+    assert stored_ids(nats2) == stored_ids(nats1)[1:]
 
 
 async def test_a_session_the_broker_forgot_gives_fresh_ids() -> None:

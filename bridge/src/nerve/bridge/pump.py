@@ -143,6 +143,7 @@ class Pump:
         self._mqtt = mqtt
         if self._unsent_pubacks:
             mqtt.puback(self._unsent_pubacks)
+            self._ids.forget(self._unsent_pubacks)
             self._unsent_pubacks = []
 
     @property
@@ -267,11 +268,14 @@ class Pump:
                 packet_ids.append(packet_id)
         if packet_ids:
             self._backoff.reset()
-            self._ids.forget(packet_ids)
-            if self._mqtt is None:
+            mqtt = self._mqtt
+            if mqtt is None:
                 self._unsent_pubacks += packet_ids
-            else:
-                self._mqtt.puback(packet_ids)
+            elif not mqtt.closed.done():
+                mqtt.puback(packet_ids)
+                self._ids.forget(packet_ids)
+            # Else the connection is gone and these PUBACKs with it (stores answered after it dropped):
+            # mosquitto sends the messages again, and a raw reading must get its id again then.
         self._stats.in_flight = len(queue)
         if len(queue) <= self._low_water and self._mqtt is not None:
             self._mqtt.resume_reading()  # a no-op unless paused
