@@ -9,7 +9,7 @@ the byte limit is chosen for what it holds:
   `StreamFull`: nothing is dropped without someone being told. Facts are never deleted or purged either.
 
 Telemetry is stored s2-compressed (`streams.telemetry.compression`): a raw reading the bridge wraps takes
-about 89 bytes of disk instead of 339 (bench/telemetry_storage.py). Its limit is a disk budget
+about 87 bytes of disk instead of 338 (bench/telemetry_storage.py). Its limit is a disk budget
 (`streams.telemetry.disk_budget`); JetStream counts bytes before compression, so its `max_bytes` is the
 budget times `COMPRESSION_CREDIT` (docs/streams.md, "Telemetry").
 """
