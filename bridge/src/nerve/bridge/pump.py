@@ -141,7 +141,7 @@ class Pump:
     def attach_mqtt(self, mqtt: MqttWire) -> None:
         """Acknowledge through `mqtt` (PUBACKs earned before this go out now)."""
         self._mqtt = mqtt
-        if self._unsent_pubacks:
+        if self._unsent_pubacks and not mqtt.closed.done():
             mqtt.puback(self._unsent_pubacks)
             self._ids.forget(self._unsent_pubacks)
             self._unsent_pubacks = []
