@@ -10,6 +10,7 @@ import pytest
 
 from nerve.bridge.natswire import StoreAck, headers_block
 from nerve.bridge.pump import Pump
+from nerve.bridge.redelivery import RedeliveredIds
 from nerve.bridge.stats import BridgeStats
 from nerve.runtime.config.settings import DEFAULT_METRICS
 from nerve.runtime.envelope.codec import (
@@ -48,6 +49,7 @@ class FakeNats:
 
 class FakeMqtt:
     def __init__(self) -> None:
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.pubacks: list[list[int]] = []
         self.paused = False
         self.pauses = 0
@@ -71,6 +73,7 @@ def make_pump(
     nats_max: int = 1 << 20,
     attach_mqtt: bool = True,
     codec: Codec = Codec.MSGPACK,
+    ids: RedeliveredIds | None = None,
 ) -> tuple[Pump, FakeNats, FakeMqtt, BridgeStats]:
     stats = BridgeStats()
     pump = Pump(
@@ -83,6 +86,7 @@ def make_pump(
         store_timeout_s=store_timeout_s,
         max_in_flight=max_in_flight,
         codec=codec,
+        ids=ids,
     )
     nats, mqtt = FakeNats(nats_max), FakeMqtt()
     pump.attach_nats(cast("NatsWire", nats))
@@ -263,3 +267,77 @@ async def test_retries_stop_when_the_session_is_over(closed: bool) -> None:
     await asyncio.sleep(0.05)
     pump.check_timeouts()
     assert len(nats.published) == (1 if closed else 2)
+
+
+def stored_ids(nats: FakeNats) -> list[str]:
+    """The `Nats-Msg-Id` of every publish, and check it is the id inside the stored event too."""
+    found = []
+    for _, headers, body, _ in nats.published:
+        line = next(h for h in headers.split(b"\r\n") if h.startswith(MSG_ID_HEADER.encode()))
+        msg_id = line.split(b": ", 1)[1].decode()
+        assert decode(body, Event).id == msg_id
+        found.append(msg_id)
+    return found
+
+
+async def test_a_raw_reading_sent_again_after_a_reconnect_keeps_the_id_of_its_first_delivery() -> None:
+    ids = RedeliveredIds()
+    first, nats1, mqtt1, _ = make_pump(ids=ids)
+    first.on_connack(False)
+    # Two readings with the same payload are two readings; the third is acknowledged before the end.
+    first.on_messages([reading("a", 95, 1), reading("a", 95, 2), reading("b", 7, 3)])
+    a1, a2, b1 = stored_ids(nats1)
+    assert len({a1, a2, b1}) == 3
+    t1, t2, _t3 = nats1.tokens()
+    first.on_acks([ok(t1), ok(t2)])  # stored; their PUBACKs went. 3 is stored but not acknowledged:
+    assert mqtt1.pubacks == [[1, 2]]
+    # the connection ends; on the resumed session mosquitto sends 3 again (DUP), then new ones that
+    # reuse the acknowledged packet ids 1 and 2 (first deliveries: new readings, even with equal payloads).
+    second, nats2, _, _ = make_pump(ids=ids)
+    second.on_connack(True)
+    second.on_messages(
+        [
+            reading("b", 7, 3)._replace(dup=True),
+            reading("a", 95, 1),
+            reading("a", 95, 2)._replace(dup=True),  # not remembered (acknowledged): a fresh id
+        ]
+    )
+    b2, a3, a4 = stored_ids(nats2)
+    assert b2 == b1
+    assert len({a1, a2, b1, a3, a4}) == 5
+
+
+async def test_a_store_answered_after_the_connection_dropped_keeps_its_id_for_the_redelivery() -> None:
+    """Its PUBACK could not go: mosquitto sends the reading again, and it must not get a second id."""
+    ids = RedeliveredIds()
+    first, nats1, mqtt1, _ = make_pump(ids=ids)
+    first.on_messages([reading("a", 95, 1), reading("a", 96, 2)])
+    t1, t2 = nats1.tokens()
+    first.on_acks([ok(t1)])  # acknowledged while connected: forgotten
+    mqtt1.closed.set_exception(ConnectionResetError())
+    mqtt1.closed.exception()
+    first.on_acks([ok(t2)])  # stored after the drop: no PUBACK went
+    assert mqtt1.pubacks == [[1]]
+    second, nats2, _, _ = make_pump(ids=ids)
+    second.on_connack(True)
+    second.on_messages([reading("a", 96, 2)._replace(dup=True)])
+    assert stored_ids(nats2) == stored_ids(nats1)[1:]
+
+
+async def test_a_session_the_broker_forgot_gives_fresh_ids() -> None:
+    ids = RedeliveredIds()
+    first, nats1, _, _ = make_pump(ids=ids)
+    first.on_messages([reading("a", 95, 1)])
+    second, nats2, _, _ = make_pump(ids=ids)
+    second.on_connack(False)
+    second.on_messages([reading("a", 95, 1)._replace(dup=True)])
+    assert stored_ids(nats2) != stored_ids(nats1)
+
+
+async def test_an_enveloped_reading_keeps_its_own_id_and_is_not_remembered() -> None:
+    ids = RedeliveredIds()
+    pump, nats, _, _ = make_pump(ids=ids)
+    event = Event(id="own-1", source="s", type="nerve.telemetry.cpu", subject="a", data={"value": 1})
+    pump.on_messages([Incoming("nerve/a/telemetry/cpu", to_msgpack(event), 5, dup=True)])
+    assert stored_ids(nats) == ["own-1"]
+    assert len(ids) == 0

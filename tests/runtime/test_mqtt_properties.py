@@ -80,6 +80,15 @@ def test_without_properties_nothing_is_added() -> None:
     assert parse_publish(raw[0], raw, 2, len(raw)) == Incoming("t", b"v", 1)
 
 
+def test_the_dup_flag_of_a_qos1_publish_is_read_and_means_nothing_at_qos0() -> None:
+    again = bytearray(publish_packet("t", b"v", 1))
+    again[0] |= 0x08  # DUP: the broker sends it again after a reconnect
+    assert parse_publish(again[0], again, 2, len(again)) == Incoming("t", b"v", 1, dup=True)
+    qos0 = bytearray(publish_packet("t", b"v", 0))
+    qos0[0] |= 0x08
+    assert parse_publish(qos0[0], qos0, 2, len(qos0)) == Incoming("t", b"v", 0)
+
+
 text = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)  # no lone surrogates: not UTF-8
 
 

@@ -463,3 +463,18 @@ async def test_the_brokers_receive_maximum_is_kept_from_its_connack(connected: C
     properties = bytes([0x21]) + struct.pack("!H", 20)
     wire.data_received(packet(0x20, bytes([0, 0]) + varint(len(properties)) + properties))
     assert wire.receive_maximum == 20
+
+
+async def test_the_session_present_flag_is_told_before_the_messages_that_follow_the_connack(
+    new_transport: Callable[[], FakeTransport],
+) -> None:
+    """A resumed session's messages may come in the very read that brings the CONNACK."""
+    seen: list[object] = []
+    wire = MqttWire(seen.append, keepalive_s=0, on_connack=lambda present: seen.append(("connack", present)))
+    wire.connection_made(new_transport())
+    connack = packet(0x20, b"\x01\x00\x00")  # Session Present, success, no properties
+    again = bytearray(publish_packet("nerve/a/telemetry/cpu", b"95", 7))
+    again[0] |= 0x08  # DUP
+    wire.data_received(connack + bytes(again))
+    assert seen == [("connack", True), [Incoming("nerve/a/telemetry/cpu", b"95", 7, dup=True)]]
+    assert wire.session_present

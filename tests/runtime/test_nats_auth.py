@@ -389,10 +389,12 @@ async def test_the_cli_may_send_a_command_but_not_store_a_reading(secured: Secur
 
 async def test_admin_applies_stream_limits(secured: Secured, admin_js: JetStreamContext) -> None:
     limits = StreamsSettings().model_dump()
-    limits["telemetry"] = {"max_bytes": 3 * 1024 * 1024, "max_age_s": 7200.0}
+    limits["telemetry"] = {"disk_budget": 4 * 1024 * 1024, "max_age_s": 7200.0}
     await apply_streams(admin_js, "nerve", StreamsSettings.model_validate(limits))
     info = await admin_js.stream_info("NERVE_TELEMETRY")
-    assert (info.config.max_bytes, info.config.max_age) == (3 * 1024 * 1024, 7200.0)
+    # JetStream counts before compression: it is told the disk budget x the compression credit.
+    assert (info.config.max_bytes, info.config.max_age) == (10 * 1024 * 1024, 7200.0)
+    assert info.config.compression == "s2"
     names = {spec.name for spec in STREAMS} | {bucket.stream for bucket in BUCKETS}
     assert {name for name in names if await admin_js.stream_info(name)} == names
 

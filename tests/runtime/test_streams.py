@@ -11,16 +11,24 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Final, cast
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, ServiceUnavailableError
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StoreCompression,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, ServerError, ServiceUnavailableError
 
 from nerve.bridge import Bridge
-from nerve.runtime.config.settings import GIB, MIB, StreamsSettings, load_settings
+from nerve.runtime.config.settings import COMPRESSION_CREDIT, GIB, MIB, StreamsSettings, load_settings
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import CommandResult, Event
 from nerve.runtime.errors import ConfigError
@@ -32,6 +40,7 @@ from nerve.runtime.jetstream.streams import (
     DUPLICATE_WINDOW_S,
     STREAM_OF_KIND,
     STREAMS,
+    StreamConfigRefused,
     StreamShrinkRefused,
     StreamSpec,
     ensure_buckets,
@@ -187,13 +196,29 @@ def test_limits_come_from_settings() -> None:
     assert config.as_dict()["max_age"] == 7200 * 10**9
 
 
+def test_telemetry_is_compressed_and_its_max_bytes_is_its_disk_budget_times_the_credit() -> None:
+    default = SPEC["NERVE_TELEMETRY"].config("nerve")
+    assert default.compression is StoreCompression.S2
+    assert default.max_bytes == int(StreamsSettings().telemetry.disk_budget * COMPRESSION_CREDIT)
+    plain = load_settings(
+        overrides={"streams": {"telemetry": {"disk_budget": 8 * MIB, "compression": "none"}}}
+    )
+    config = SPEC["NERVE_TELEMETRY"].config("nerve", plain.streams)
+    assert (config.max_bytes, config.compression) == (8 * MIB, StoreCompression.NONE)
+    # Other streams keep whatever compression an operator gave them: nerve leaves it unset.
+    assert all(spec.config("nerve").compression is None for spec in STREAMS if spec.key != "telemetry")
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
         ({"deadletter": {"max_bytes": 1000, "max_age_s": 60}}, "streams.deadletter.max_bytes"),
         ({"facts": {"max_bytes": 8 * MIB, "max_age_s": 0}}, "streams.facts.max_age_s"),
         ({"commands": {"max_bytes": 8 * MIB, "max_age_s": 60}}, "streams.commands.max_age_s"),
-        ({"telemetry": {"max_bytes": 8 * MIB}}, "streams.telemetry.max_age_s"),
+        ({"telemetry": {"disk_budget": 1000}}, "streams.telemetry.disk_budget"),
+        ({"telemetry": {"max_age_s": 60}}, "streams.telemetry.max_age_s"),
+        ({"telemetry": {"compression": "zstd"}}, "streams.telemetry.compression"),
+        ({"telemetry": {"max_bytes": 8 * MIB}}, "streams.telemetry: max_bytes is replaced by disk_budget"),
         ({"facts_warn_at": 1.5}, "streams.facts_warn_at"),
         ({"command": {}}, "streams.command"),
     ],
@@ -274,6 +299,36 @@ async def test_ensure_streams_raises_other_errors() -> None:
     assert js.added == ["NERVE_TELEMETRY"]
 
 
+async def test_no_room_on_the_server_is_one_line_naming_max_file_store() -> None:
+    class Full(FakeJetStream):
+        async def add_stream(self, config: StreamConfig) -> None:  # noqa: ARG002 - refuses them all
+            raise ServerError(
+                code=500, err_code=10047, description="insufficient storage resources available"
+            )
+
+    with pytest.raises(
+        StreamConfigRefused, match=r"NERVE_TELEMETRY: nats-server has no room .*max_file_store"
+    ):
+        await ensure_streams(cast("JetStreamContext", Full(existing=set())), "nerve")
+
+
+async def test_a_server_that_cannot_change_compression_is_one_line() -> None:
+    class Old(FakeJetStream):
+        async def stream_info(self, name: str) -> SimpleNamespace:
+            return SimpleNamespace(
+                config=SimpleNamespace(name=name, max_age=None), state=SimpleNamespace(bytes=0, messages=0)
+            )
+
+        async def update_stream(self, config: StreamConfig) -> None:  # noqa: ARG002 - refuses them all
+            raise BadRequestError(
+                code=400, err_code=10052, description="stream configuration for compression invalid"
+            )
+
+    js = Old(existing={"NERVE_TELEMETRY"})
+    with pytest.raises(StreamConfigRefused, match=r"NERVE_TELEMETRY: .*compression 's2'.*compression: none"):
+        await ensure_streams(cast("JetStreamContext", js), "nerve", StreamsSettings())
+
+
 # --- floods and limits, against a real nats-server ---------------------------------------------------------
 
 BLOB: Final = 100_000  # bytes of data per flooding message
@@ -281,11 +336,22 @@ FLOOD: Final = 30  # messages: about three times a 1 MiB limit
 TINY: Final = {"max_bytes": MIB, "max_age_s": 3600}
 
 
+def limits(key: str, max_bytes: int, max_age_s: float = 3600) -> dict[str, object]:
+    """Settings for `key` that give its stream `max_bytes` (telemetry: an uncompressed disk budget)."""
+    if key == "telemetry":
+        return {"disk_budget": max_bytes, "max_age_s": max_age_s, "compression": "none"}
+    return {"max_bytes": max_bytes, "max_age_s": max_age_s}
+
+
 def tiny_streams() -> StreamsSettings:
-    return load_settings(overrides={"streams": dict.fromkeys(SPEC_KEYS, TINY)}).streams
+    return load_settings(overrides={"streams": {key: limits(key, MIB) for key in SPEC_KEYS}}).streams
 
 
 SPEC_KEYS: Final = [spec.key for spec in STREAMS]
+
+
+def reading(value: int) -> Event:
+    return Event(source="test", type="nerve.telemetry.cpu", subject="pi", data={"value": value})
 
 
 def blob(i: int) -> Event:
@@ -350,16 +416,36 @@ async def test_ensure_streams_brings_old_streams_to_their_limits_without_losing_
 
 
 @pytest.mark.broker
+async def test_apply_compresses_an_existing_telemetry_stream_and_keeps_what_it_holds(nc: NatsClient) -> None:
+    """A telemetry stream made before compression: `nerve streams apply` (ensure_streams) turns s2 on."""
+    js = nc.jetstream()
+    before = SPEC["NERVE_TELEMETRY"].config("nerve")
+    await js.add_stream(replace(before, compression=StoreCompression.NONE, max_bytes=2 * GIB))
+    for i in range(5):
+        await publish_envelope(js, "nerve.pi.telemetry.cpu", reading(i))
+    await ensure_streams(js, "nerve", StreamsSettings())
+    info = await js.stream_info("NERVE_TELEMETRY")
+    assert info.config.compression == StoreCompression.S2
+    assert info.config.max_bytes == before.max_bytes
+    assert info.state.messages == 5
+    await publish_envelope(js, "nerve.pi.telemetry.cpu", reading(5))
+    stored = await stream_messages(js, "NERVE_TELEMETRY")
+    assert [decode(m.data, Event).data["value"] for m in stored] == list(range(6))
+
+
+@pytest.mark.broker
 async def test_shrinking_drops_oldest_telemetry_but_never_facts(
     nc: NatsClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     js = nc.jetstream()
-    big = load_settings(overrides={"streams": {key: {**TINY, "max_bytes": 4 * MIB} for key in SPEC_KEYS}})
+    big = load_settings(overrides={"streams": {key: limits(key, 4 * MIB) for key in SPEC_KEYS}})
     await ensure_streams(js, "nerve", big.streams)
     for i in range(20):  # 2 MB each
         await publish_envelope(js, "nerve.pi.facts.kept", blob(i))
         await publish_envelope(js, "nerve.pi.telemetry.cpu", blob(i))
-    small = load_settings(overrides={"streams": {"telemetry": TINY, "facts": {**TINY, "max_bytes": 4 * MIB}}})
+    small = load_settings(
+        overrides={"streams": {"telemetry": limits("telemetry", MIB), "facts": limits("facts", 4 * MIB)}}
+    )
     await ensure_streams(js, "nerve", small.streams)
     telemetry = await stream_usage(js, "NERVE_TELEMETRY")
     assert telemetry.bytes <= MIB

@@ -75,3 +75,33 @@ async def test_an_unanswered_ping_ends_the_connection_unless_reading_is_paused(
     assert transport.aborted
     with pytest.raises(WireError, match=r"no answer to a ping within 0s: test peer gone"):
         await wire.closed
+
+
+async def test_a_peer_that_keeps_sending_is_alive_while_its_answer_waits_behind_a_backlog(
+    new_transport: Callable[[], FakeTransport],
+) -> None:
+    """mosquitto writes a session's whole backlog ahead of a PINGRESP: data coming in is the proof of life."""
+    wire, transport, delivered = connected(new_transport)
+    wire._keep_alive(3600, b"PING\n")  # the ticks are driven by hand below
+    wire._tick()
+    for n in range(5):  # a tick each time something came but no PONG yet: pinged again, not ended
+        wire.data_received(b"reading %d\n" % n)
+        wire._tick()
+        assert not wire.closed.done()
+    assert transport.written == b"PING\n" * 6
+    assert len(delivered) == 5
+    wire._tick()  # nothing at all since the last ping: gone
+    assert transport.aborted
+    with pytest.raises(WireError, match=r"no answer to a ping within 3600s: test peer gone"):
+        await wire.closed
+
+
+async def test_an_answered_ping_keeps_a_quiet_connection(new_transport: Callable[[], FakeTransport]) -> None:
+    wire, transport, _ = connected(new_transport)
+    wire._keep_alive(3600, b"PING\n")
+    for _ in range(3):
+        wire._tick()
+        wire.data_received(b"PONG\n")
+    wire._tick()
+    assert not wire.closed.done()
+    assert transport.written == b"PING\n" * 4

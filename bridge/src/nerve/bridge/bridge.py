@@ -24,6 +24,7 @@ from nerve.bridge.metrics import MetricsServer
 from nerve.bridge.natsclient import connect_nats
 from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
 from nerve.bridge.pump import Pump
+from nerve.bridge.redelivery import RedeliveredIds
 from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
@@ -62,6 +63,8 @@ class Bridge:
         self.downlink: Downlink | None = None
         self._uplink_ready = asyncio.Event()
         self._downlink_ready = asyncio.Event()
+        # Across uplink sessions: what mosquitto sends again after a reconnect keeps its first id.
+        self._redelivered_ids = RedeliveredIds()
 
     def _ready_changed(self) -> None:
         if self.downlink is not None and self.downlink.ready.is_set():
@@ -201,6 +204,7 @@ class Bridge:
             store_timeout_s=STORE_TIMEOUT_S,
             max_in_flight=settings.bridge.max_in_flight,
             codec=settings.nats.codec,
+            ids=self._redelivered_ids,
         )
         # Read at every session: a rotated seed is picked up at the next reconnect.
         nkey = load_nkey(settings.nats.nkey_file) if settings.nats.nkey_file is not None else None
@@ -217,6 +221,7 @@ class Bridge:
                 clean_start=False,
                 session_expiry_s=settings.mqtt.session_expiry_s,
                 receive_maximum=settings.bridge.max_in_flight,
+                on_connack=pump.on_connack,
             )
             pump.attach_mqtt(mqtt_wire)
             filters = uplink_filters(

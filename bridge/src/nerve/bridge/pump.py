@@ -23,6 +23,9 @@ it stops reading the MQTT socket, and reads again once half of them are stored.
 
 A store JetStream refuses (an error ack, no responders) is retried with backoff, holding back the PUBACKs
 behind it; one that gets no ack within `store_timeout_s` is published again (same id: stored once).
+
+A raw reading (no id of its own) redelivered by mosquitto after a reconnect gets the id its first
+delivery got (`RedeliveredIds`, kept by the bridge across its sessions), so it too is stored once.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from nerve.bridge.natswire import StoreAck, headers_block
+from nerve.bridge.redelivery import RedeliveredIds
 from nerve.bridge.uplink import Forward, Ignore, Reject, Translator
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type
@@ -93,8 +97,11 @@ class Pump:
         store_timeout_s: float,
         max_in_flight: int,
         codec: Codec = DEFAULT_CODEC,
+        ids: RedeliveredIds | None = None,
     ) -> None:
         self._loop = loop
+        # The bridge's, across its sessions (a redelivery comes on the next one); else this pump's own.
+        self._ids = ids if ids is not None else RedeliveredIds()
         self._translator = Translator(
             prefix=prefix,
             metrics=metrics,
@@ -127,11 +134,16 @@ class Pump:
         """Publish through `nats` (before any MQTT message can arrive)."""
         self._nats = nats
 
+    def on_connack(self, session_present: bool) -> None:  # noqa: FBT001 - the MQTT wire's callback
+        """The MQTT session began; a broker that did not keep ours will send nothing of it again."""
+        self._ids.session(present=session_present)
+
     def attach_mqtt(self, mqtt: MqttWire) -> None:
         """Acknowledge through `mqtt` (PUBACKs earned before this go out now)."""
         self._mqtt = mqtt
-        if self._unsent_pubacks:
+        if self._unsent_pubacks and not mqtt.closed.done():
             mqtt.puback(self._unsent_pubacks)
+            self._ids.forget(self._unsent_pubacks)
             self._unsent_pubacks = []
 
     @property
@@ -178,15 +190,18 @@ class Pump:
     def _entry(self, message: Incoming, limit: int) -> InFlight:
         """What to publish for one message; `limit` is the NATS server's max_payload."""
         topic, payload, packet_id = message.topic, message.payload, message.packet_id
+        given = self._ids.recall(packet_id, topic, payload, dup=True) if message.dup else None
         try:
             outcome = self._translator.translate(
-                topic, payload, message.user_properties, message.content_type
+                topic, payload, message.user_properties, message.content_type, event_id=given
             )
         except Exception as exc:
             log.exception("bridge: translating a message from %s failed", topic)
             outcome = Reject(f"internal error while translating: {type(exc).__name__}: {exc}")
         if isinstance(outcome, Forward):
             msg_id = outcome.msg_id
+            if outcome.minted:
+                self._ids.remember(packet_id, topic, payload, msg_id)
             if "\r" in msg_id or "\n" in msg_id:
                 reason = f"event id {msg_id!r} cannot be a dedup id (it has a line break)"
             else:
@@ -253,10 +268,14 @@ class Pump:
                 packet_ids.append(packet_id)
         if packet_ids:
             self._backoff.reset()
-            if self._mqtt is None:
+            mqtt = self._mqtt
+            if mqtt is None:
                 self._unsent_pubacks += packet_ids
-            else:
-                self._mqtt.puback(packet_ids)
+            elif not mqtt.closed.done():
+                mqtt.puback(packet_ids)
+                self._ids.forget(packet_ids)
+            # Else the connection is gone and these PUBACKs with it (stores answered after it dropped):
+            # mosquitto sends the messages again, and a raw reading must get its id again then.
         self._stats.in_flight = len(queue)
         if len(queue) <= self._low_water and self._mqtt is not None:
             self._mqtt.resume_reading()  # a no-op unless paused

@@ -59,13 +59,16 @@ ROUTE_CACHE_SIZE: Final = 4096
 class Forward(NamedTuple):
     """Store `body` on `subject`; `msg_id` is the dedup id (the event id).
 
-    A named tuple (immutable, and cheaper to build than a frozen dataclass): one is made per message.
+    `minted`: the message had no id of its own (a raw reading, wrapped): `msg_id` was made here, so a
+    redelivery of the same PUBLISH must be given it again (`nerve.bridge.redelivery`). A named tuple
+    (immutable, and cheaper to build than a frozen dataclass): one is made per message.
     """
 
     subject: str
     body: bytes
     msg_id: str
     device: str
+    minted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,12 +170,15 @@ class Translator:
         payload: bytes,
         properties: Sequence[tuple[str, str]] = (),
         content_type: str | None = None,
+        *,
+        event_id: str | None = None,
     ) -> Forward | Reject | Ignore:
         """What the message on `topic` becomes (encoded with the codec), or the reason it cannot be stored.
 
         `properties` and `content_type` are the PUBLISH's user properties and Content Type (MQTT v5): with
-        a `specversion` among the properties, the message is a CloudEvent in binary content mode. Never
-        raises.
+        a `specversion` among the properties, the message is a CloudEvent in binary content mode.
+        `event_id`: the id to give a message that has none of its own (a raw reading) instead of a fresh
+        one, i.e. the id its first delivery got. Never raises.
         """
         try:
             if len(payload) > self._max_payload:
@@ -182,9 +188,9 @@ class Translator:
                 if route is None:
                     route = self._route(topic)
                 if isinstance(route, _Route):
-                    return self._own(route, payload, properties, content_type)
+                    return self._own(route, payload, properties, content_type, event_id)
                 return route  # Reject | Ignore: the topic alone decided
-            return self._foreign(topic, payload)
+            return self._foreign(topic, payload, event_id)
         except (TopicError, DecodeError) as exc:
             return Reject(str(exc))
         except (ValueError, OverflowError, RecursionError, TypeError) as exc:
@@ -222,7 +228,12 @@ class Translator:
         return route
 
     def _own(
-        self, route: _Route, payload: bytes, properties: Sequence[tuple[str, str]], content_type: str | None
+        self,
+        route: _Route,
+        payload: bytes,
+        properties: Sequence[tuple[str, str]],
+        content_type: str | None,
+        event_id: str | None,
     ) -> Forward | Reject:
         """A message on nerve's own scheme: binary mode, enveloped (msgpack or JSON), or raw."""
         address = route.address
@@ -247,8 +258,10 @@ class Translator:
             envelope = decode(payload, route.model, max_size=len(payload))
             return self._enveloped(route, payload, envelope, as_msgpack=False)
         event = wrap_raw(address, payload, source=route.source)
+        if event_id is not None:
+            event = msgspec.structs.replace(event, id=event_id)
         check_range(address.name, event.data, route.bounds)
-        return Forward(route.subject, encode(event, self._codec), event.id, address.device)
+        return Forward(route.subject, encode(event, self._codec), event.id, address.device, True)  # noqa: FBT003
 
     def _enveloped(self, route: _Route, payload: bytes, envelope: Envelope, *, as_msgpack: bool) -> Forward:
         device = route.address.device
@@ -266,14 +279,16 @@ class Translator:
             body = encode(envelope, self._codec)
         return Forward(route.subject, body, envelope.id, device)
 
-    def _foreign(self, topic: str, payload: bytes) -> Forward | Reject:
+    def _foreign(self, topic: str, payload: bytes, event_id: str | None = None) -> Forward | Reject:
         """A third-party topic, brought into the scheme by the first mapping that matches it."""
         levels = topic.split("/")
         rule = next((r for r in self._mappings if topic_matches(r.topic.split("/"), levels)), None)
         if rule is None:
             return Reject(f"topic {topic!r} is outside {self._prefix!r}/ and matches no mapping")
         bounds = self._ranges.get(rule.metric) if rule.kind == "telemetry" else None
-        return _mapped(rule, topic, payload, prefix=self._prefix, codec=self._codec, bounds=bounds)
+        return _mapped(
+            rule, topic, payload, prefix=self._prefix, codec=self._codec, bounds=bounds, event_id=event_id
+        )
 
 
 def _mapped(
@@ -284,8 +299,9 @@ def _mapped(
     prefix: str,
     codec: Codec,
     bounds: tuple[float, float] | None,
+    event_id: str | None = None,
 ) -> Forward:
-    """Apply a foreign-topic mapping; raise `DecodeError` naming the rule."""
+    """Apply a foreign-topic mapping (id: `event_id`, else a fresh one); `DecodeError` names the rule."""
     device = topic.split("/")[rule.device_level - 1]
     if not is_token(device):
         raise DecodeError(
@@ -302,10 +318,18 @@ def _mapped(
         payload = json.dumps(document[rule.value_field]).encode()
     try:
         event: Event = wrap_raw(address, payload, source=f"mqtt://{topic}")
+        if event_id is not None:
+            event = msgspec.structs.replace(event, id=event_id)
         check_range(rule.metric, event.data, bounds)
     except DecodeError as exc:
         raise DecodeError(f"mapping {rule.name!r}: {exc.reason}") from None
-    return Forward(subject=address.subject(prefix), body=encode(event, codec), msg_id=event.id, device=device)
+    return Forward(
+        subject=address.subject(prefix),
+        body=encode(event, codec),
+        msg_id=event.id,
+        device=device,
+        minted=True,
+    )
 
 
 def translate(

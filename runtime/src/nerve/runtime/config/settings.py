@@ -546,16 +546,56 @@ class StreamLimits(_Settings):
     max_age_s: float = Field(ge=MIN_STREAM_AGE_S, description="seconds a message is kept at most")
 
 
+#: How many bytes JetStream counts against `max_bytes` per byte of disk s2-compressed telemetry takes, at
+#: least. nats-server counts a stream's bytes before compression (its limits and its reservations against
+#: `max_file_store` alike); bench/telemetry_storage.py measured 3.9 for raw readings the bridge wraps and
+#: 4.0 for binary-mode readings with ids of their own (2.8 on a small stream). 2.5 leaves room below.
+COMPRESSION_CREDIT: Final = 2.5
+_WEEK_S: Final = 7 * _DAY_S
+
+
+class TelemetryLimits(_Settings):
+    """The telemetry stream's limits: the disk it may take, and an age. See docs/streams.md, "Telemetry".
+
+    `max_bytes`, what JetStream is told, is `disk_budget` times `COMPRESSION_CREDIT` with s2 compression (it
+    counts bytes before compression), `disk_budget` itself without.
+    """
+
+    disk_budget: int = Field(
+        default=800 * MIB, ge=MIN_STREAM_BYTES, description="bytes of disk the telemetry stream may take"
+    )
+    max_age_s: float = Field(default=_WEEK_S, ge=MIN_STREAM_AGE_S, description="seconds a reading is kept")
+    compression: Literal["s2", "none"] = Field(
+        default="s2", description="how JetStream stores readings on disk (s2 needs nats-server 2.10 or later)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _max_bytes_is_now_a_disk_budget(cls, data: Any) -> Any:  # noqa: ANN401 - pydantic's raw input
+        if isinstance(data, dict) and "max_bytes" in data:
+            raise ValueError(
+                "max_bytes is replaced by disk_budget, the bytes of disk telemetry may take "
+                '(JetStream\'s max_bytes is derived from it: docs/streams.md, "Telemetry")'
+            )
+        return data
+
+    @property
+    def max_bytes(self) -> int:
+        """What JetStream's `max_bytes` is set to (bytes before compression)."""
+        return int(self.disk_budget * COMPRESSION_CREDIT) if self.compression == "s2" else self.disk_budget
+
+
 class StreamsSettings(_Settings):
     """Limits of every stream nerve keeps, sized for a site box with 10 GiB of disk for JetStream.
 
     What happens at a limit is fixed per stream (docs/streams.md): telemetry, events and dead letters drop
     their oldest messages; commands, results and facts refuse new ones (the publisher is told). The
-    defaults add up to 9.5 GiB: telemetry 2 GiB, events 1 GiB, commands 256 MiB, results 256 MiB, facts
-    6 GiB, dead letters 512 MiB.
+    defaults add up to 9.95 GiB as JetStream counts them (and reserves them against its max_file_store):
+    telemetry 2000 MiB (800 MiB of disk, s2-compressed), events 1 GiB, commands 256 MiB, results 256 MiB,
+    facts 6 GiB, dead letters 512 MiB; 8.8 GiB of disk at most.
     """
 
-    telemetry: StreamLimits = StreamLimits(max_bytes=2 * GIB, max_age_s=7 * _DAY_S)
+    telemetry: TelemetryLimits = TelemetryLimits()
     events: StreamLimits = StreamLimits(max_bytes=1 * GIB, max_age_s=30 * _DAY_S)
     commands: StreamLimits = StreamLimits(max_bytes=256 * MIB, max_age_s=7 * _DAY_S)
     results: StreamLimits = StreamLimits(max_bytes=256 * MIB, max_age_s=30 * _DAY_S)

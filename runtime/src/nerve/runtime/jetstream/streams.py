@@ -7,6 +7,11 @@ the byte limit is chosen for what it holds:
   `last_seq - messages` (`StreamUsage.dropped`), so a capped dead-letter stream still counts what it lost.
 - commands, results, facts: a new message is refused (`DiscardPolicy.NEW`) and its publisher gets
   `StreamFull`: nothing is dropped without someone being told. Facts are never deleted or purged either.
+
+Telemetry is stored s2-compressed (`streams.telemetry.compression`): a raw reading the bridge wraps takes
+about 87 bytes of disk instead of 338 (bench/telemetry_storage.py). Its limit is a disk budget
+(`streams.telemetry.disk_budget`); JetStream counts bytes before compression, so its `max_bytes` is the
+budget times `COMPRESSION_CREDIT` (docs/streams.md, "Telemetry").
 """
 
 from __future__ import annotations
@@ -17,10 +22,17 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StoreCompression,
+    StreamConfig,
+)
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
-from nerve.runtime.config.settings import EngineSettings, StreamLimits, StreamsSettings
+from nerve.runtime.config.settings import EngineSettings, StreamLimits, StreamsSettings, TelemetryLimits
 from nerve.runtime.errors import NerveError
 from nerve.runtime.subjects import Kind, deadletter_subject, kind_filter, subject_root
 
@@ -48,6 +60,15 @@ class StreamShrinkRefused(NerveError):
         super().__init__(f"{stream}: not updated: {reason}")
 
 
+class StreamConfigRefused(NerveError):
+    """nats-server refused a stream's configuration (storage, compression); `reason` says what to do."""
+
+    def __init__(self, stream: str, reason: str) -> None:
+        self.stream = stream
+        self.reason = reason
+        super().__init__(f"{stream}: {reason}")
+
+
 @dataclass(frozen=True, slots=True)
 class StreamSpec:
     """One stream: its name, what it holds, its settings key, and what happens when it is full."""
@@ -58,15 +79,16 @@ class StreamSpec:
     discard: DiscardPolicy
     kept: bool = False  # facts: no delete, no purge, no shrinking that would drop one
 
-    def limits(self, streams: StreamsSettings) -> StreamLimits:
+    def limits(self, streams: StreamsSettings) -> StreamLimits | TelemetryLimits:
         """This stream's limits in `streams`."""
-        limits: StreamLimits = getattr(streams, self.key)
+        limits: StreamLimits | TelemetryLimits = getattr(streams, self.key)
         return limits
 
     def config(self, prefix: str, streams: StreamsSettings = DEFAULT_STREAMS) -> StreamConfig:
         """The JetStream configuration of this stream under `prefix`, with its limits from `streams`."""
         subject = kind_filter(self.kind, prefix) if self.kind else deadletter_subject("*", prefix)
         limits = self.limits(streams)
+        compressed = isinstance(limits, TelemetryLimits) and limits.compression == "s2"
         return StreamConfig(
             name=self.name,
             subjects=[subject],
@@ -78,6 +100,15 @@ class StreamSpec:
             duplicate_window=DUPLICATE_WINDOW_S,
             deny_delete=self.kept,
             deny_purge=self.kept,
+            # Left unset (the server's default, none) where nerve does not choose, so that applying these
+            # limits never changes what an operator chose for another stream.
+            compression=(
+                StoreCompression.S2
+                if compressed
+                else StoreCompression.NONE
+                if isinstance(limits, TelemetryLimits)
+                else None
+            ),
         )
 
 
@@ -201,6 +232,9 @@ SCHEDULE_STREAMS: Final = ((TIMERS_STREAM, timers_config),)
 
 # JetStream's error code for "stream name already in use with a different configuration".
 _STREAM_NAME_IN_USE: Final = 10058
+# JetStream's error code for "insufficient storage resources available": the limits of every stream add up
+# to more than the server's `max_file_store` (it counts bytes before compression).
+_INSUFFICIENT_STORAGE: Final = 10047
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,11 +317,35 @@ async def ensure_streams(js: JetStreamContext, prefix: str, streams: StreamsSett
             await js.add_stream(config)
         except BadRequestError as exc:
             if exc.err_code != _STREAM_NAME_IN_USE:
-                raise
+                raise _refused(spec.name, config, exc) from None
             if streams is None:
                 continue
             await _check_shrink(js, spec, config)
-            await js.update_stream(config)
+            try:
+                await js.update_stream(config)
+            except APIError as update_exc:
+                raise _refused(spec.name, config, update_exc) from None
+        except APIError as exc:
+            raise _refused(spec.name, config, exc) from None
+
+
+def _refused(name: str, config: StreamConfig, exc: APIError) -> StreamConfigRefused | APIError:
+    """What a refusal of `config` means, in one line naming the setting to change; else `exc` as it came."""
+    said = exc.description or str(exc)
+    if exc.err_code == _INSUFFICIENT_STORAGE:
+        return StreamConfigRefused(
+            name,
+            f"nats-server has no room for max_bytes {config.max_bytes} ({said}): the limits of all streams "
+            "add up to more than its jetstream max_file_store, which counts bytes before compression; "
+            "raise max_file_store in nats-server.conf or lower the streams' limits (docs/streams.md)",
+        )
+    if config.compression is not None and "compress" in said.lower():
+        return StreamConfigRefused(
+            name,
+            f"nats-server refused compression {config.compression.value!r} ({said}): s2 needs nats-server "
+            "2.10 or later; set streams.telemetry.compression: none, or upgrade (docs/streams.md)",
+        )
+    return exc
 
 
 class StreamsMissing(NerveError):

@@ -177,7 +177,9 @@ class Incoming(NamedTuple):
 
     `user_properties` (in the order sent; a name may repeat) and `content_type` are what the publisher
     set, e.g. the CloudEvents attributes of the MQTT binary mode; `retain` is set on a retained message
-    sent because we subscribed. A NamedTuple: built once per message, it costs half a frozen dataclass.
+    sent because we subscribed; `dup` (QoS1 only) when the broker sends again, after a reconnect, a
+    message it sent this session before and got no PUBACK for (same packet id). A NamedTuple: built once
+    per message, it costs half a frozen dataclass.
     """
 
     topic: str
@@ -186,6 +188,7 @@ class Incoming(NamedTuple):
     user_properties: tuple[tuple[str, str], ...] = ()
     content_type: str | None = None
     retain: bool = False
+    dup: bool = False
 
 
 # --- encoding ---------------------------------------------------------------------------------------
@@ -432,7 +435,7 @@ def parse_publish(first: int, buf: bytes | bytearray, start: int, end: int) -> I
             raise MqttWireError("protocol error: QoS2 PUBLISH on a QoS1 subscription")
         packet_id = (buf[i] << 8) | buf[i + 1]
         i += 2
-    if not buf[i] and not first & 0x01:  # no properties, not retained: the usual case, no more work
+    if not buf[i] and not first & 0x09:  # no properties, not retained, not DUP: the usual case
         return Incoming(topic, bytes(buf[i + 1 : end]), packet_id)
     properties = read_properties(buf, i, end)
     content_type = properties.single.get(CONTENT_TYPE)
@@ -443,6 +446,7 @@ def parse_publish(first: int, buf: bytes | bytearray, start: int, end: int) -> I
         tuple(properties.user),
         content_type if isinstance(content_type, str) else None,
         bool(first & 0x01),
+        bool(qos and first & 0x08),  # DUP means nothing at QoS0 (MQTT v5 3.3.1.1)
     )
 
 
@@ -476,8 +480,10 @@ class MqttWire(WireProtocol[Incoming]):
         keepalive_s: int,
         max_packet_size: int = DEFAULT_MAX_PACKET_SIZE,
         endpoint: MqttEndpoint | None = None,
+        on_connack: Callable[[bool], None] | None = None,
     ) -> None:
         super().__init__(on_messages)
+        self._on_connack_hook = on_connack
         self._keepalive_s = keepalive_s
         self._max_packet_size = max_packet_size
         self._endpoint = endpoint
@@ -583,6 +589,10 @@ class MqttWire(WireProtocol[Incoming]):
         receive_maximum = properties.get(RECEIVE_MAXIMUM)
         if isinstance(receive_maximum, int) and receive_maximum:
             self.receive_maximum = receive_maximum
+        self.session_present = session_present
+        if self._on_connack_hook is not None:
+            # Before any PUBLISH of the session is handed over (they follow in this read or later).
+            self._on_connack_hook(session_present)
         if not self._connack.done():
             self._connack.set_result((session_present, properties))
 
@@ -795,8 +805,12 @@ async def open_mqtt(
     receive_maximum: int,
     will: Will | None = None,
     timeout_s: float = 10.0,
+    on_connack: Callable[[bool], None] | None = None,
 ) -> MqttWire:
     """Connect to the broker of `settings` (TCP or TLS, credentials) and complete CONNECT/CONNACK.
+
+    `on_connack` is called with the CONNACK's Session Present flag before `on_messages` gets any message
+    of the session (a resumed session's messages may come in the same read as the CONNACK).
 
     The keep-alive and Maximum Packet Size come from `settings` too. Raises `MqttWireError` with one
     line saying why not (`MqttRefused` when the broker refused the CONNECT: bad user name or
@@ -812,6 +826,7 @@ async def open_mqtt(
             keepalive_s=settings.keepalive_s,
             max_packet_size=settings.max_packet_size,
             endpoint=endpoint,
+            on_connack=on_connack,
         )
 
     try:
