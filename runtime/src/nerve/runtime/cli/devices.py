@@ -72,16 +72,13 @@ def add_parser(
     )
     bridge_add.add_argument("name", metavar="NAME", help="the bridge's name (1-64 of A-Z a-z 0-9 _ -)")
     bridge_add.add_argument(
-        "--group", default=None, help="its $share group, bridge.shared_group (default: nerve-bridges)"
-    )
-    bridge_add.add_argument(
         "--dir",
         type=Path,
         help="where the bundle will be on the bridge's host (default: where it is written here)",
     )
     bridge_add.add_argument("--force", action="store_true", help="give an existing bridge new passwords")
     bridge_list = bridges.add_parser(
-        "list", parents=[nested], help="the named bridges: group, logins, added, revoked"
+        "list", parents=[nested], help="the named bridges: logins, added, revoked"
     )
     bridge_list.add_argument("--json", action="store_true", help="as a JSON list")
     bridge_revoke = bridges.add_parser(
@@ -217,12 +214,8 @@ def _list(site: Site, *, as_json: bool) -> int:
 
 
 def _bridge(site: Site, args: argparse.Namespace, command: str) -> int:
-    from nerve.runtime.trust.site import DEFAULT_SHARED_GROUP  # noqa: PLC0415 - see `run`
-
     if command == "add":
-        added = site.add_bridge(
-            args.name, group=args.group or DEFAULT_SHARED_GROUP, directory=args.dir, force=args.force
-        )
+        added = site.add_bridge(args.name, directory=args.dir, force=args.force)
         _made(added.setup)
         _print_added_bridge(added, directory=args.dir)
         _reload(site)
@@ -233,8 +226,8 @@ def _bridge(site: Site, args: argparse.Namespace, command: str) -> int:
     had = "" if revoked.session_found else " (it had none: the bridge never connected)"
     print(
         f"revoked bridge {revoked.name}: its logins {revoked.username!r} and {revoked.downlink_username!r} "
-        f"are gone, and its session left the $share group {revoked.group!r}{had}: the group's other "
-        "bridges take the whole uplink"
+        f"are gone, and its session left the site's $share group{had}: the group's other bridges take "
+        "the whole uplink"
     )
     for reload in revoked.reloads:
         print(reload.message if reload.sent else f"the broker still has the old files: {reload.message}")
@@ -244,10 +237,11 @@ def _bridge(site: Site, args: argparse.Namespace, command: str) -> int:
 def _print_added_bridge(added: AddedBridge, *, directory: Path | None) -> None:
     bundle, config = shlex.quote(_shown(added.bundle)), _shown(added.config)
     print(
-        f"added bridge {added.name} to the $share group {added.group!r}: logins {added.username!r} (uplink) "
-        f"and {added.downlink_username!r} (downlink) on {added.url}\n"
+        f"added bridge {added.name} to the site's $share group: logins {added.username!r} (uplink) and "
+        f"{added.downlink_username!r} (downlink) on {added.url}\n"
         f"  its bundle (its two passwords and the site CA, mode 0700): {_shown(added.bundle)}\n"
-        f"  its settings: {config} (add its nats settings to it; no secret in it)"
+        f"  its settings: {config} (add its nats settings to it; no password in it, but keep the group's "
+        "name in it to the bridges)"
     )
     if directory is None:
         print(f"run it on this host:\n  nerve bridge --config {shlex.quote(config)}")
@@ -268,11 +262,8 @@ def _list_bridges(site: Site, *, as_json: bool) -> int:
         print("no named bridges on this site yet (`nerve devices bridge add NAME`)")
         return 0
     name_width = max(len("NAME"), *(len(b.name) for b in bridges))
-    group_width = max(len("GROUP"), *(len(b.group) for b in bridges))
     login_width = max(len("LOGIN"), *(len(b.username) for b in bridges))
-    print(
-        f"{'NAME':<{name_width}}  {'GROUP':<{group_width}}  {'LOGIN':<{login_width}}  {'ADDED':<25}  STATUS"
-    )
+    print(f"{'NAME':<{name_width}}  {'LOGIN':<{login_width}}  {'ADDED':<25}  STATUS")
     for b in bridges:
         if b.revoked is None:
             status = "active"
@@ -280,8 +271,7 @@ def _list_bridges(site: Site, *, as_json: bool) -> int:
             status = f"revoked {b.revoked}"
         else:
             status = f"revoked {b.revoked}, its session still in the group: run `bridge revoke` again"
-        columns = f"{b.name:<{name_width}}  {b.group:<{group_width}}  {b.username:<{login_width}}"
-        print(f"{columns}  {b.added:<25}  {status}")
+        print(f"{b.name:<{name_width}}  {b.username:<{login_width}}  {b.added:<25}  {status}")
     return 0
 
 

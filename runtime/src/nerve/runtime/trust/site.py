@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BRIDGE_CONFIG",
-    "DEFAULT_SHARED_GROUP",
     "DOWNLINK_PASSWORD",
     "BridgeRecord",
     "DeviceRecord",
@@ -89,8 +88,10 @@ BUNDLE_TRUSTED: Final = "trusted"
 BUNDLE_CONFIG: Final = "edge.yaml"
 #: A named bridge's settings file, in its bundle.
 BRIDGE_CONFIG: Final = "bridge.yaml"
-#: The `$share` group of the bridges `nerve devices bridge add` makes, unless told another.
-DEFAULT_SHARED_GROUP: Final = "nerve-bridges"
+#: Random bytes in the name of the site's `$share` group. mosquitto's file ACL cannot keep a login out of a
+#: shared subscription, and gives the group's messages to a member whose reads it then denies (measured,
+#: 2.0.11): a device that joined the group would swallow a share of the uplink. It cannot guess this name.
+SHARED_GROUP_BYTES: Final = 16
 #: How long `nerve devices bridge revoke` waits for the reloaded broker to let it in (to leave the group).
 LEAVE_TIMEOUT_S: Final = 10.0
 _LEAVE_RETRY_S: Final = 0.1
@@ -508,6 +509,7 @@ class BridgeRecord(msgspec.Struct, frozen=True, kw_only=True):
 
 class _Ledger(msgspec.Struct, kw_only=True):
     hosts: list[str] = msgspec.field(default_factory=list)
+    shared_group: str | None = None  # made by the first `nerve devices bridge add`
     devices: dict[str, DeviceRecord] = msgspec.field(default_factory=dict)
     bridges: dict[str, BridgeRecord] = msgspec.field(default_factory=dict)
 
@@ -565,7 +567,6 @@ class AddedBridge:
     """A named bridge made: its bundle (its settings file and passwords) and its two logins."""
 
     name: str
-    group: str
     bundle: Path
     config: Path
     username: str
@@ -579,7 +580,6 @@ class RevokedBridge:
     """A named bridge revoked: its logins are gone and its session left its `$share` group."""
 
     name: str
-    group: str
     username: str
     downlink_username: str
     session_found: bool
@@ -591,7 +591,6 @@ class BridgeInfo:
     """One line of `nerve devices bridge list`."""
 
     name: str
-    group: str
     username: str
     downlink_username: str
     added: str
@@ -874,33 +873,24 @@ class Site:
                 key="NAME",
             )
 
-    def add_bridge(
-        self,
-        name: str,
-        *,
-        group: str = DEFAULT_SHARED_GROUP,
-        directory: Path | None = None,
-        force: bool = False,
-    ) -> AddedBridge:
-        """Make bridge `name` of `$share` group `group`: two logins, ACL entries, and a bundle.
+    def add_bridge(self, name: str, *, directory: Path | None = None, force: bool = False) -> AddedBridge:
+        """Make bridge `name` of the site's `$share` group: two logins, ACL entries, and a bundle.
 
-        `directory` is where the bundle's files will be on the bridge's host (default: where the bundle is
-        written). Raises `ConfigError` (a bad name or group) or `SiteError` (an active bridge of that name,
-        without `force`; a name whose login is a device's id; a revocation not finished).
+        The group's name is made at the first bridge, with `SHARED_GROUP_BYTES` random bytes in it (only
+        the bundles have it). `directory` is where the bundle's files will be on the bridge's host
+        (default: where the bundle is written). Raises `ConfigError` (a bad name) or `SiteError` (an active
+        bridge of that name, without `force`; a name whose login is a device's id; a revocation not
+        finished).
         """
         self._check_bridge(name)
-        try:
-            check_token(group, "shared group")
-        except ValueError as exc:
-            raise ConfigError(str(exc), key="--group") from None
         uplink, downlink = self.bridge_logins(name)
         with site_lock(self._paths.lock):
             ledger = _read_ledger(self._paths.ledger)
             known = ledger.bridges.get(name)
             if known is not None and known.revoked is None and not force:
                 raise SiteError(
-                    f"bridge {name!r} exists already (added {known.added}, group {known.group}); pass "
-                    "--force to give it new passwords (its running connections end at the reload)"
+                    f"bridge {name!r} exists already (added {known.added}); pass --force to give it new "
+                    "passwords (its running connections end at the reload)"
                 )
             if known is not None and known.revoked is not None and not known.left:
                 raise SiteError(
@@ -912,6 +902,9 @@ class Site:
                     raise SiteError(f"{login!r} is a device's id on this site: name the bridge otherwise")
             setup = self._setup()
             ledger = _read_ledger(self._paths.ledger)
+            if ledger.shared_group is None:
+                ledger.shared_group = f"nerve-{secrets.token_urlsafe(SHARED_GROUP_BYTES)}"
+            group = ledger.shared_group
             passwords = (secrets.token_urlsafe(PASSWORD_BYTES), secrets.token_urlsafe(PASSWORD_BYTES))
             bundle = self._bridge_bundle(name, group, passwords, directory, setup.hosts)
             passwd = _read_passwd(self._paths.passwd)
@@ -922,7 +915,6 @@ class Site:
             _write_ledger(self._paths.ledger, ledger)
             return AddedBridge(
                 name=name,
-                group=group,
                 bundle=bundle,
                 config=bundle / BRIDGE_CONFIG,
                 username=uplink,
@@ -1014,7 +1006,6 @@ class Site:
             shutil.rmtree(self._paths.bridges / name, ignore_errors=True)
         return RevokedBridge(
             name=name,
-            group=known.group,
             username=uplink,
             downlink_username=downlink,
             session_found=session_found,
@@ -1054,7 +1045,7 @@ class Site:
                     hint = "" if reload.sent else f" ({reload.message})"
                     raise SiteError(
                         f"cannot log in to the broker at {settings.url} as {username} to take its session "
-                        f"out of the $share group {group!r}: {exc}{hint}; the bridge is cut off, but its "
+                        f"out of the site's $share group: {exc}{hint}; the bridge is cut off, but its "
                         "session still takes a share of the uplink: run the revoke again once the broker "
                         "has reloaded"
                     ) from None
@@ -1066,7 +1057,6 @@ class Site:
         return [
             BridgeInfo(
                 name=name,
-                group=record.group,
                 username=self.bridge_logins(name)[0],
                 downlink_username=self.bridge_logins(name)[1],
                 added=record.added,
@@ -1162,7 +1152,8 @@ def bridge_config(
     }
     header = (
         f"# Written by `nerve devices bridge add {name}`: bridge {name}'s settings for `nerve bridge`,\n"
-        f"# one of the $share group {group!r} on the site broker. Every file it names is in {directory}.\n"
+        "# one of the site broker's $share group (keep its name to the bridges: a device that knew it could\n"
+        f"# join the group and swallow a share of the uplink). Every file it names is in {directory}.\n"
         "# Add the rest (nats: its URL and credentials; configs/bridge.yaml has them all); keep these.\n"
     )
     return header + yaml.safe_dump(settings, sort_keys=False)
