@@ -22,7 +22,10 @@ from nerve.bridge import Bridge
 from nerve.edge.daemon import open_edge
 from nerve.runtime.cli.send import CommandChannel, sign_command
 from nerve.runtime.config.settings import MqttSettings, Settings, load_settings
+from nerve.runtime.envelope.codec import decode
+from nerve.runtime.envelope.model import Event
 from nerve.runtime.stack.brokers import Mosquitto, free_port
+from nerve.runtime.testing import stream_messages, wait_for_count
 from nerve.runtime.trust.signing import Signer, generate_keypair
 from nerve.runtime.trust.site import BRIDGE_CONFIG, BUNDLE_CA, BUNDLE_CONFIG, BUNDLE_PASSWORD, Site
 from nerve.runtime.wire.client import MqttClient
@@ -31,6 +34,7 @@ from nerve.runtime.wire.mqtt import MqttRefused, MqttWireError
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
+    from nats.aio.client import Client as NatsClient
     from tests.conftest import Running
 
     from nerve.runtime.stack.brokers import NatsServer
@@ -545,3 +549,37 @@ async def test_a_device_that_knew_the_groups_name_would_swallow_a_share(
         got = await readings_to(site_broker, {"a": a, "device": device}, 10, tag="uplink")
     assert got["device"] == []
     assert 0 < len(got["a"]) < 10
+
+
+async def test_two_bridges_from_their_bundles_store_each_reading_once(
+    site_broker: SiteBroker, nats_server: NatsServer, nc: NatsClient, running: Running, tmp_path: Path
+) -> None:
+    # nerve's own bridges, each run from its bundle's bridge.yaml (plus its NATS side), in one group.
+    logins = await add_bridges(site_broker, tmp_path, "a", "b")
+    bridges = [
+        Bridge(
+            settings=load_settings(
+                tmp_path / "on-bridge" / name / BRIDGE_CONFIG,
+                overrides={
+                    "data_dir": str(tmp_path / f"bridge-{name}"),
+                    "nats": {"url": nats_server.url},
+                    "mqtt": {"url": site_broker.url},
+                },
+            )
+        )
+        for name in logins
+    ]
+    js = nc.jetstream()
+    async with (
+        running(bridges[0], wait=WAIT),
+        running(bridges[1], wait=WAIT),
+        MqttClient(site_broker.device("dev2"), client_id="nerve-edge-dev2") as device,
+    ):
+        for value in range(1, 21):
+            await device.publish("nerve/dev2/telemetry/disk", str(value).encode())
+        await wait_for_count(js, "NERVE_TELEMETRY", 20, timeout=WAIT)
+        await asyncio.sleep(0.2)  # a reading stored twice would show now
+    stored = [decode(m.data, Event).data for m in await stream_messages(js, "NERVE_TELEMETRY")]
+    assert sorted(data["value"] for data in stored) == list(range(1, 21))
+    assert [bridge.stats.stored > 0 for bridge in bridges] == [True, True]
+    assert sum(bridge.stats.stored for bridge in bridges) == 20
