@@ -508,3 +508,19 @@ async def test_after_unsubscribe_a_persistent_session_gets_nothing_more(mosquitt
     # Messages come in order: one queued for the session while away would have come first.
     assert [m.payload for m in received.messages] == [b"after"]
     wire.close()
+
+
+async def test_wait_closed_waits_for_the_socket_and_aborts_one_that_does_not_close(
+    connected: Connect,
+) -> None:
+    # Over TLS, close() only starts the shutdown: a loop that ends at once would leave the socket open.
+    wire, transport = connected(ignore)
+    wire.close()
+    assert transport.closed
+    await wire.wait_closed(timeout_s=0.05)  # the fake transport never reports the end: aborted
+    assert transport.aborted
+    wire, transport = connected(ignore)
+    wire.close()
+    wire.connection_lost(None)  # what asyncio calls once the socket is closed
+    await wire.wait_closed(timeout_s=5)
+    assert not transport.aborted

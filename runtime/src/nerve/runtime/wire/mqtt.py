@@ -494,6 +494,7 @@ class MqttWire(WireProtocol[Incoming]):
         self.receive_maximum = MAX_PACKET_ID
         self.session_present = False
         self.lost: Exception | None = None
+        self._gone = asyncio.Event()  # the transport is closed: connection_lost was called
 
     # -- parsing
 
@@ -593,6 +594,7 @@ class MqttWire(WireProtocol[Incoming]):
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail every waiter and `closed` with the reason (a TLS alert, a reset…) in one line."""
         self.lost = exc
+        self._gone.set()
         if is_tls_error(exc) and exc is not None and self._endpoint is not None:  # a TLS alert: say which
             self._fail(MqttWireError(f"connection lost: {explain(exc, self._endpoint)}"))
         elif exc is None and self._connack.done():
@@ -808,6 +810,20 @@ class MqttWire(WireProtocol[Incoming]):
                 self._transport.write(DISCONNECT_PACKET)
             self._transport.close()
         self._fail(MqttWireError("closed"))
+
+    async def wait_closed(self, timeout_s: float = 1.0) -> None:
+        """Wait until the socket is closed after `close` (over TLS, after the TLS shutdown); else abort it.
+
+        A loop about to end must wait for it (the bridge's downlink, in a thread of its own): over TLS,
+        `close` only starts the TLS shutdown, and a loop closed before it completes leaves the socket open.
+        """
+        if self._transport is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._gone.wait()
+        except TimeoutError:
+            self._transport.abort()
 
 
 async def open_mqtt(
