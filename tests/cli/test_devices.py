@@ -149,3 +149,85 @@ def test_the_command_itself_prints_no_secret(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "mqtts://10.1.2.3:8883" in done.stdout
     assert not [s for s in secrets_under(tmp_path) if s in done.stdout or s in done.stderr]
+
+
+# --- named bridges: several in a $share group, each with its own logins ---------------------------------
+
+
+def test_bridge_add_prints_how_to_run_it_and_no_secret(
+    tmp_path: Path, site: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["devices", "bridge", "add", "b1", *site]) == 0
+    out, err = capsys.readouterr()
+    assert "added bridge b1" in out
+    assert "'nerve-bridge-b1' (uplink) and 'nerve-bridge-b1-down' (downlink)" in out
+    assert "nerve bridge --config data/site/bridges/b1/bridge.yaml" in out
+    assert "systemctl reload mosquitto" in out  # no pid file set: it says how to reload
+    bundle = tmp_path / "data" / "site" / "bridges" / "b1"
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o700
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in bundle.iterdir()} == {
+        "bridge.yaml": 0o600,
+        "mqtt-ca.pem": 0o600,
+        BUNDLE_PASSWORD: 0o600,
+        DOWNLINK_PASSWORD: 0o600,
+    }
+    secrets = secrets_under(tmp_path)
+    assert len(secrets) >= 5  # b1's two passwords, the default bridge's two, the CA's key
+    assert not [s for s in secrets if s in out or s in err]
+    group = yaml.safe_load((bundle / "bridge.yaml").read_text())["bridge"]["shared_group"]
+    assert group not in out  # the group's name stays in the bundles
+
+
+def test_bridge_add_with_a_dir_says_where_to_copy_it(
+    tmp_path: Path, site: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The shared options given before the action are kept (argparse would reset them to their defaults).
+    assert main(["devices", "bridge", *site, "add", "b2", "--dir", "/etc/nerve-bridge"]) == 0
+    out = capsys.readouterr().out
+    assert "scp -rp data/site/bridges/b2 root@BRIDGE-HOST:/etc/nerve-bridge" in out
+    assert "nerve bridge --config /etc/nerve-bridge/bridge.yaml" in out
+    assert "mqtts://mqtt.site.example:8883" in out  # --host, given before `add`
+    config = yaml.safe_load((tmp_path / "data" / "site" / "bridges" / "b2" / "bridge.yaml").read_text())
+    assert Path(config["mqtt"]["password_file"]) == Path("/etc/nerve-bridge") / BUNDLE_PASSWORD
+    assert Path(config["bridge"]["downlink_password_file"]) == Path("/etc/nerve-bridge") / DOWNLINK_PASSWORD
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["bridge", "add", "a.b"], "NAME: bridge name 'a.b' is not valid"),
+        (["bridge", "add", "down"], "names ending in -down are refused"),
+        (["bridge", "add", "b1-down"], "names ending in -down are refused"),
+        (["bridge", "revoke", "ghost"], "no bridge 'ghost' on this site"),
+        (["add", "nerve-bridge-b1"], "kept for the logins of named bridges"),
+    ],
+)
+def test_bridge_refusals_are_one_line(
+    site: list[str], capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    assert main(["devices", *argv, *site]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert says in err
+
+
+def test_bridge_list_and_a_duplicate(site: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["devices", "bridge", "list", *site]) == 0
+    assert "no named bridges on this site yet" in capsys.readouterr().out
+    for name in ("b1", "b2"):
+        assert main(["devices", "bridge", "add", name, *site]) == 0
+    assert main(["devices", "bridge", "add", "b1", *site]) == 2
+    assert "bridge 'b1' exists already" in capsys.readouterr().err
+    assert main(["devices", "bridge", "add", "b1", "--force", *site]) == 0
+    capsys.readouterr()
+    assert main(["devices", "bridge", "list", "--json", *site]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(b["name"], b["username"], b["revoked"]) for b in listed] == [
+        ("b1", "nerve-bridge-b1", None),
+        ("b2", "nerve-bridge-b2", None),
+    ]
+    assert main(["devices", "bridge", "list", *site]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["NAME", "LOGIN", "ADDED", "STATUS"]
+    assert [line.split()[-1] for line in table[1:]] == ["active", "active"]

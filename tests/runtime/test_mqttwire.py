@@ -24,6 +24,7 @@ from nerve.runtime.wire.mqtt import (
     publish_packet,
     read_properties,
     read_varint,
+    unsubscribe_packet,
     utf8,
     varint,
 )
@@ -478,3 +479,63 @@ async def test_the_session_present_flag_is_told_before_the_messages_that_follow_
     wire.data_received(connack + bytes(again))
     assert seen == [("connack", True), [Incoming("nerve/a/telemetry/cpu", b"95", 7, dup=True)]]
     assert wire.session_present
+
+
+async def test_unsubscribe_is_answered_by_its_unsuback_and_a_refusal_names_the_filter(
+    connected: Connect,
+) -> None:
+    wire, transport = connected(ignore)
+    gone = asyncio.ensure_future(wire.unsubscribe(["$share/g/nerve/#", "nerve/#"], timeout_s=5))
+    await asyncio.sleep(0)
+    assert bytes(transport.written) == unsubscribe_packet(1, ["$share/g/nerve/#", "nerve/#"])
+    assert bytes(transport.written) == packet(
+        0xA2, b"\x00\x01\x00" + utf8("$share/g/nerve/#") + utf8("nerve/#")
+    )
+    wire.data_received(packet(0xB0, b"\x00\x01\x00" + bytes([0x00, 0x11])))  # 0x11: there was none: fine
+    await gone
+    refused = asyncio.ensure_future(wire.unsubscribe(["nerve/#"], timeout_s=5))
+    await asyncio.sleep(0)
+    wire.data_received(packet(0xB0, b"\x00\x02\x00" + bytes([0x87])))
+    with pytest.raises(MqttWireError, match=r"refused to unsubscribe: nerve/# \(not authorized, 0x87\)"):
+        await refused
+    silent = asyncio.ensure_future(wire.unsubscribe(["nerve/#"], timeout_s=0.05))
+    with pytest.raises(MqttWireError, match="no UNSUBACK within"):
+        await silent
+
+
+@pytest.mark.broker
+async def test_after_unsubscribe_a_persistent_session_gets_nothing_more(mosquitto: Mosquitto) -> None:
+    host, port = host_port(mosquitto.url, 1883)
+    received = Collected()
+    wire = await open_wire(port, "leaving", received.take, host=host, clean_start=False, session_expiry_s=300)
+    await wire.subscribe(["nerve/+/telemetry/#"])
+    await wire.unsubscribe(["nerve/+/telemetry/#", "never/subscribed"])
+    wire.close()
+    async with MqttClient(MqttSettings(url=mosquitto.url), client_id="pub") as pub:
+        await pub.publish("nerve/pi/telemetry/cpu", b"while away", qos=1)
+        await pub.publish("marker/x", b"marker", qos=1)
+    wire = await open_wire(port, "leaving", received.take, host=host, clean_start=False, session_expiry_s=300)
+    assert wire.session_present
+    await wire.subscribe(["marker/#"])
+    async with MqttClient(MqttSettings(url=mosquitto.url), client_id="pub") as pub:
+        await pub.publish("marker/x", b"after", qos=1)
+    await received.wait_for(1)
+    # Messages come in order: one queued for the session while away would have come first.
+    assert [m.payload for m in received.messages] == [b"after"]
+    wire.close()
+
+
+async def test_wait_closed_waits_for_the_socket_and_aborts_one_that_does_not_close(
+    connected: Connect,
+) -> None:
+    # Over TLS, close() only starts the shutdown: a loop that ends at once would leave the socket open.
+    wire, transport = connected(ignore)
+    wire.close()
+    assert transport.closed
+    await wire.wait_closed(timeout_s=0.05)  # the fake transport never reports the end: aborted
+    assert transport.aborted
+    wire, transport = connected(ignore)
+    wire.close()
+    wire.connection_lost(None)  # what asyncio calls once the socket is closed
+    await wire.wait_closed(timeout_s=5)
+    assert not transport.aborted

@@ -338,3 +338,88 @@ def test_reload_never_signals_a_process_that_is_not_mosquitto(tmp_path: Path) ->
     outcome = Site(site_settings(tmp_path, broker_pid_file=str(pid_file))).reload_broker()
     assert not outcome.sent
     assert "systemctl reload mosquitto" in outcome.message
+
+
+# --- named bridges ----------------------------------------------------------------------------------------
+
+
+def test_the_acl_gives_each_named_bridge_the_default_bridges_rights() -> None:
+    acl = acl_text(
+        prefix="nerve",
+        bridge_user="nerve-bridge",
+        mapped_topics=["zigbee2mqtt/+"],
+        named_bridges=["nerve-bridge-a"],
+    )
+    named = acl[acl.index("user nerve-bridge-a\n") :].splitlines()
+    assert named == [
+        "user nerve-bridge-a",
+        "topic read nerve/#",
+        "topic read zigbee2mqtt/+",
+        "user nerve-bridge-a-down",
+        "topic write nerve/+/commands/#",
+    ]
+    with pytest.raises(ValueError, match="bridge user"):
+        acl_text(prefix="nerve", bridge_user="nerve-bridge", named_bridges=["a/#"])
+
+
+def test_add_bridge_writes_logins_acl_and_a_working_settings_file(tmp_path: Path) -> None:
+    site = Site(site_settings(tmp_path))
+    added = site.add_bridge("a")
+    second = site.add_bridge("b")
+    assert (added.username, added.downlink_username) == ("nerve-bridge-a", "nerve-bridge-a-down")
+    settings = load_settings(added.config)
+    assert settings.mqtt.username == settings.bridge.client_id == "nerve-bridge-a"
+    assert settings.bridge.effective_downlink_client_id == "nerve-bridge-a-down"
+    assert settings.mqtt.url == "mqtts://mqtt.site.example:8883"
+    group = settings.bridge.shared_group
+    assert group is not None
+    assert is_token(group)
+    assert group.startswith("nerve-")
+    assert load_settings(second.config).bridge.shared_group == group  # one group per site
+    assert Site(site_settings(tmp_path / "other")).add_bridge("a").config.read_text().count(group) == 0
+    passwd = dict(line.split(":", 1) for line in site.paths.passwd.read_text().splitlines())
+    assert settings.mqtt.password_file is not None
+    assert settings.bridge.downlink_password_file is not None
+    assert password_matches(settings.mqtt.password_file.read_text().strip(), passwd["nerve-bridge-a"])
+    assert password_matches(
+        settings.bridge.downlink_password_file.read_text().strip(), passwd["nerve-bridge-a-down"]
+    )
+    assert {"nerve-bridge", "nerve-bridge-down", "nerve-bridge-b", "nerve-bridge-b-down"} < set(passwd)
+    acl = site.paths.acl.read_text()
+    assert "user nerve-bridge-a\n" in acl
+    assert "user nerve-bridge-b-down\n" in acl
+    assert mode(added.bundle) == 0o700
+
+
+def test_add_bridge_refuses_a_name_that_is_a_devices_login(tmp_path: Path, central: Path) -> None:
+    site = Site(site_settings(tmp_path))
+    with pytest.raises(ConfigError, match="kept for the logins of named bridges"):
+        site.add("nerve-bridge-a", central_public_key=central)
+    # A device added under such an id before this rule: its id is not given to a bridge.
+    site.add("pi-01", central_public_key=central)
+    ledger = site.paths.ledger.read_text().replace('"pi-01"', '"nerve-bridge-x-down"')
+    site.paths.ledger.write_text(ledger)
+    with pytest.raises(SiteError, match="'nerve-bridge-x-down' is a device's id"):
+        site.add_bridge("x")
+    assert not (site.paths.bridges / "x").exists()
+
+
+async def test_revoking_a_bridge_that_the_broker_cannot_let_in_says_to_run_it_again(tmp_path: Path) -> None:
+    # No broker here: the bridge is cut off in the files, and the run stops, saying what is left to do.
+    site = Site(site_settings(tmp_path, port=1))
+    site.add_bridge("a")
+    with pytest.raises(SiteError, match="run the revoke again once the broker has reloaded"):
+        await site.revoke_bridge("a", timeout_s=0.2)
+    passwd = site.paths.passwd.read_text()
+    assert "nerve-bridge-a-down:" not in passwd  # its downlink login is gone
+    assert "nerve-bridge-a:" in passwd  # its uplink's stays, with a password only this site has, to leave
+    assert "nerve-bridge-a" not in site.paths.acl.read_text()
+    assert list((site.paths.bridges / "a").iterdir()) == [site.paths.bridges / "a" / BUNDLE_PASSWORD]
+    (info,) = site.bridges()
+    assert (info.revoked is not None, info.left) == (True, False)
+    with pytest.raises(SiteError, match="is being revoked"):
+        site.add_bridge("a")
+    kept = (site.paths.bridges / "a" / BUNDLE_PASSWORD).read_text()
+    with pytest.raises(SiteError, match="run the revoke again"):
+        await site.revoke_bridge("a", timeout_s=0.2)
+    assert (site.paths.bridges / "a" / BUNDLE_PASSWORD).read_text() == kept  # no new reload needed

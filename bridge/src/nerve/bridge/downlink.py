@@ -226,6 +226,7 @@ class Downlink:
                     await subscription.unsubscribe()
         finally:
             wire.close()
+            await wire.wait_closed()  # its loop may end next: over TLS, the socket closes a moment later
 
     async def _bind(self, wire: MqttWire) -> tuple[JetStreamContext.PushSubscription, float]:
         """Bind the shared durable consumer (NATS trouble is retried); its ack wait too."""

@@ -7,6 +7,8 @@ those files. See docs/devices.md.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import copy
 import dataclasses
 import json
 import shlex
@@ -15,13 +17,13 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
-    from nerve.runtime.trust.site import Reload, SetUp, Site
+    from nerve.runtime.trust.site import AddedBridge, Reload, SetUp, Site
 
 
 def add_parser(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    """`nerve devices {add,list,revoke,site}` under the `nerve` command's subcommands."""
+    """`nerve devices {add,list,revoke,site,bridge}` under the `nerve` command's subcommands."""
     devices = sub.add_parser(
         "devices", help="device identities on the site broker: add, list, revoke (docs/devices.md)"
     )
@@ -48,16 +50,64 @@ def add_parser(
     revoke.add_argument("device_id", metavar="ID", help="the device id")
     site = actions.add_parser(
         "site",
-        aliases=["bridge"],
         parents=[shared],
         help="set up the site (CA, broker certificate, the bridge's logins) and print the bridge's settings",
     )
-    site.add_argument("--renew", action="store_true", help="issue a new broker certificate")
-    site.add_argument(
+    _site_options(site)
+    # `nerve devices bridge` alone is `site` (as it always was); with an action, it keeps named bridges,
+    # each with logins of its own, for several bridges in a $share group.
+    bridge = actions.add_parser(
+        "bridge",
+        parents=[shared],
+        help="`site`; or, with add/list/revoke, bridges of a $share group, each with its own logins",
+    )
+    _site_options(bridge)
+    bridges = bridge.add_subparsers(dest="bridge_command", metavar="ACTION")
+    # Options given after the action must not reset those given before it to their defaults.
+    nested = _without_defaults(shared)
+    bridge_add = bridges.add_parser(
+        "add", parents=[nested], help="make a bridge's two logins and its bundle (settings, passwords)"
+    )
+    bridge_add.add_argument("name", metavar="NAME", help="the bridge's name (1-64 of A-Z a-z 0-9 _ -)")
+    bridge_add.add_argument(
+        "--dir",
+        type=Path,
+        help="where the bundle will be on the bridge's host (default: where it is written here)",
+    )
+    bridge_add.add_argument("--force", action="store_true", help="give an existing bridge new passwords")
+    bridge_list = bridges.add_parser(
+        "list", parents=[nested], help="the named bridges: logins, added, revoked"
+    )
+    bridge_list.add_argument("--json", action="store_true", help="as a JSON list")
+    bridge_revoke = bridges.add_parser(
+        "revoke",
+        parents=[nested],
+        help="revoke a bridge: its logins go, and its session leaves the $share group",
+    )
+    bridge_revoke.add_argument("name", metavar="NAME", help="the bridge's name")
+
+
+def _site_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--renew", action="store_true", help="issue a new broker certificate")
+    parser.add_argument(
         "--new-bridge-password",
         action="store_true",
         help="give the bridge new passwords (its uplink's and downlink's)",
     )
+
+
+def _without_defaults(parent: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """`parent`'s options with no defaults, for a nested subcommand.
+
+    argparse copies every attribute a subcommand's parser sets over the outer namespace, defaults
+    included: `nerve devices bridge --config x add a` would lose `--config` to the nested default.
+    """
+    suppressed = argparse.ArgumentParser(add_help=False)
+    for action in parent._actions:  # noqa: SLF001 - argparse has no public way to copy options
+        clone = copy.copy(action)
+        clone.default = argparse.SUPPRESS
+        suppressed._add_action(clone)  # noqa: SLF001
+    return suppressed
 
 
 def _shared(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -94,6 +144,9 @@ def run(args: argparse.Namespace, settings: Settings, *, keys_dir: Path) -> int:
             print(f"revoked {args.device_id}: its login is gone; its public key moved to {_shown(moved)}")
             _reload(site)
             return 0
+        bridge_command = getattr(args, "bridge_command", None)
+        if bridge_command is not None:
+            return _bridge(site, args, bridge_command)
         return _site(site, renew=args.renew, new_bridge_password=args.new_bridge_password)
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("cryptography"):
@@ -155,6 +208,68 @@ def _list(site: Site, *, as_json: bool) -> int:
     for d in devices:
         status = f"revoked {d.revoked}" if d.revoked else "active"
         print(f"{d.device:<{width}}  {d.added:<25}  {status:<33}  {d.fingerprint}")
+    return 0
+
+
+def _bridge(site: Site, args: argparse.Namespace, command: str) -> int:
+    if command == "add":
+        added = site.add_bridge(args.name, directory=args.dir, force=args.force)
+        _made(added.setup)
+        _print_added_bridge(added, directory=args.dir)
+        _reload(site)
+        return 0
+    if command == "list":
+        return _list_bridges(site, as_json=args.json)
+    revoked = asyncio.run(site.revoke_bridge(args.name))
+    had = "" if revoked.session_found else " (it had none: the bridge never connected)"
+    print(
+        f"revoked bridge {revoked.name}: its logins {revoked.username!r} and {revoked.downlink_username!r} "
+        f"are gone, and its session left the site's $share group{had}: the group's other bridges take "
+        "the whole uplink"
+    )
+    for reload in revoked.reloads:
+        print(reload.message if reload.sent else f"the broker still has the old files: {reload.message}")
+    return 0
+
+
+def _print_added_bridge(added: AddedBridge, *, directory: Path | None) -> None:
+    bundle, config = shlex.quote(_shown(added.bundle)), _shown(added.config)
+    print(
+        f"added bridge {added.name} to the site's $share group: logins {added.username!r} (uplink) and "
+        f"{added.downlink_username!r} (downlink) on {added.url}\n"
+        f"  its bundle (its two passwords and the site CA, mode 0700): {_shown(added.bundle)}\n"
+        f"  its settings: {config} (add its nats settings to it; no password in it, but keep the group's "
+        "name in it to the bridges)"
+    )
+    if directory is None:
+        print(f"run it on this host:\n  nerve bridge --config {shlex.quote(config)}")
+    else:
+        print(
+            f"copy the bundle to the bridge's host as {directory} (the paths in its settings are there):\n"
+            f"  scp -rp {bundle} root@BRIDGE-HOST:{directory}\n"
+            f"then run it there: nerve bridge --config {directory / added.config.name}"
+        )
+
+
+def _list_bridges(site: Site, *, as_json: bool) -> int:
+    bridges = site.bridges()
+    if as_json:
+        print(json.dumps([dataclasses.asdict(b) for b in bridges], indent=2))
+        return 0
+    if not bridges:
+        print("no named bridges on this site yet (`nerve devices bridge add NAME`)")
+        return 0
+    name_width = max(len("NAME"), *(len(b.name) for b in bridges))
+    login_width = max(len("LOGIN"), *(len(b.username) for b in bridges))
+    print(f"{'NAME':<{name_width}}  {'LOGIN':<{login_width}}  {'ADDED':<25}  STATUS")
+    for b in bridges:
+        if b.revoked is None:
+            status = "active"
+        elif b.left:
+            status = f"revoked {b.revoked}"
+        else:
+            status = f"revoked {b.revoked}, its session still in the group: run `bridge revoke` again"
+        print(f"{b.name:<{name_width}}  {b.username:<{login_width}}  {b.added:<25}  {status}")
     return 0
 
 

@@ -7,6 +7,7 @@ site.json            the devices: id, when added, when revoked, key fingerprint
 lock                 held while a `nerve devices` run changes anything
 ca.key ca.crt        the site CA (the key never leaves this directory)
 bridge/              the bridge's logins: mqtt-password (uplink), mqtt-password-down (downlink), mqtt-ca.pem
+bridges/<name>/      a named bridge (`nerve devices bridge add`): its two passwords, the CA, bridge.yaml
 bundles/<id>/        what to copy to a device (0700, files 0600): delete it once copied
 broker/              what mosquitto reads (`site.broker_dir`): server.key server.crt ca.crt passwd acl
 ```
@@ -22,6 +23,7 @@ and only ever written to 0600 files, never passed on a command line.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -53,7 +55,9 @@ if TYPE_CHECKING:
     from nerve.runtime.config.settings import Settings
 
 __all__ = [
+    "BRIDGE_CONFIG",
     "DOWNLINK_PASSWORD",
+    "BridgeRecord",
     "DeviceRecord",
     "Site",
     "SiteError",
@@ -82,6 +86,15 @@ BUNDLE_PASSWORD: Final = "mqtt-password"  # noqa: S105 - a file name
 DOWNLINK_PASSWORD: Final = "mqtt-password-down"  # noqa: S105 - a file name
 BUNDLE_TRUSTED: Final = "trusted"
 BUNDLE_CONFIG: Final = "edge.yaml"
+#: A named bridge's settings file, in its bundle.
+BRIDGE_CONFIG: Final = "bridge.yaml"
+#: Random bytes in the name of the site's `$share` group. mosquitto's file ACL cannot keep a login out of a
+#: shared subscription, and gives the group's messages to a member whose reads it then denies (measured,
+#: 2.0.11): a device that joined the group would swallow a share of the uplink. It cannot guess this name.
+SHARED_GROUP_BYTES: Final = 16
+#: How long `nerve devices bridge revoke` waits for the reloaded broker to let it in (to leave the group).
+LEAVE_TIMEOUT_S: Final = 10.0
+_LEAVE_RETRY_S: Final = 0.1
 _UTC_STAMP: Final = "%Y%m%dT%H%M%SZ"
 
 
@@ -159,6 +172,11 @@ class SitePaths:
     def bridge(self) -> Path:
         """The bridge's logins: `mqtt-password`, `mqtt-password-down` (its downlink) and `mqtt-ca.pem`."""
         return self.root / "bridge"
+
+    @property
+    def bridges(self) -> Path:
+        """The named bridges' bundles (`bridges/<name>/`)."""
+        return self.root / "bridges"
 
     @property
     def bundles(self) -> Path:
@@ -300,7 +318,12 @@ def _passwd_text(entries: Mapping[str, str]) -> str:
 
 
 def acl_text(
-    *, prefix: str, bridge_user: str, downlink_user: str | None = None, mapped_topics: Sequence[str] = ()
+    *,
+    prefix: str,
+    bridge_user: str,
+    downlink_user: str | None = None,
+    mapped_topics: Sequence[str] = (),
+    named_bridges: Sequence[str] = (),
 ) -> str:
     """The ACL for mosquitto: each device (user name = device id) to its own topics; the bridge to the uplink.
 
@@ -308,7 +331,8 @@ def acl_text(
     only `<prefix>/<id>/commands/...`. The bridge's uplink login reads everything under the prefix (it
     dead-letters what is mistyped, and ignores commands and presence) and each mapping's foreign topic, and
     writes nothing; its downlink login (`downlink_user`, default `<bridge_user>-down`) writes commands and
-    reads nothing.
+    reads nothing. Each of `named_bridges` (uplink logins, `nerve devices bridge add`) gets the same two
+    entries, for itself and `<it>-down`.
     """
     check_token(bridge_user, "bridge user")
     downlink_user = downlink_user or f"{bridge_user}-down"
@@ -331,6 +355,17 @@ def acl_text(
         f"user {downlink_user}",
         f"topic write {prefix}/+/commands/#",
     ]
+    for user in named_bridges:
+        check_token(user, "bridge user")
+        lines += [
+            "",
+            "# A bridge of a $share group (`nerve devices bridge add`): the same rights, its own logins.",
+            f"user {user}",
+            f"topic read {prefix}/#",
+            *(f"topic read {topic}" for topic in mapped_topics),
+            f"user {user}-down",
+            f"topic write {prefix}/+/commands/#",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -459,9 +494,24 @@ class DeviceRecord(msgspec.Struct, frozen=True, kw_only=True):
     revoked: str | None = None
 
 
+class BridgeRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One named bridge the site knows: its `$share` group, when it was added (and revoked).
+
+    `left` is whether its session has left the group (a revocation's second step): until then its login
+    stays, with a password nobody but `nerve devices` has, and no ACL line.
+    """
+
+    group: str
+    added: str
+    revoked: str | None = None
+    left: bool = False
+
+
 class _Ledger(msgspec.Struct, kw_only=True):
     hosts: list[str] = msgspec.field(default_factory=list)
+    shared_group: str | None = None  # made by the first `nerve devices bridge add`
     devices: dict[str, DeviceRecord] = msgspec.field(default_factory=dict)
+    bridges: dict[str, BridgeRecord] = msgspec.field(default_factory=dict)
 
 
 def _read_ledger(path: Path) -> _Ledger:
@@ -513,6 +563,42 @@ class Added:
 
 
 @dataclass(frozen=True, slots=True)
+class AddedBridge:
+    """A named bridge made: its bundle (its settings file and passwords) and its two logins."""
+
+    name: str
+    bundle: Path
+    config: Path
+    username: str
+    downlink_username: str
+    url: str
+    setup: SetUp
+
+
+@dataclass(frozen=True, slots=True)
+class RevokedBridge:
+    """A named bridge revoked: its logins are gone and its session left its `$share` group."""
+
+    name: str
+    username: str
+    downlink_username: str
+    session_found: bool
+    reloads: tuple[Reload, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class BridgeInfo:
+    """One line of `nerve devices bridge list`."""
+
+    name: str
+    username: str
+    downlink_username: str
+    added: str
+    revoked: str | None
+    left: bool
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceInfo:
     """One line of `nerve devices list`."""
 
@@ -542,15 +628,22 @@ class Site:
     def _url(self, hosts: Sequence[str]) -> str:
         return f"mqtts://{_url_host(hosts[0])}:{self._settings.site.port}"
 
-    def _check_device(self, device: str) -> None:
+    def _check_device(self, device: str, *, adding: bool = False) -> None:
         try:
             check_token(device, "device id")
         except ValueError as exc:
             raise ConfigError(f"{exc} (no wildcards, no dots, no slashes)", key="ID") from None
-        if device in {self._settings.site.bridge_user, self._settings.site.downlink_user}:
+        bridge_user = self._settings.site.bridge_user
+        if device in {bridge_user, self._settings.site.downlink_user}:
             raise ConfigError(
                 f"{device!r} is one of the bridge's logins (site.bridge_user, and its downlink's "
                 "<bridge_user>-down): a device cannot have it",
+                key="ID",
+            )
+        if adding and device.startswith(f"{bridge_user}-"):
+            raise ConfigError(
+                f"{device!r} begins with {bridge_user}-, kept for the logins of named bridges "
+                f"(`nerve devices bridge add NAME` makes {bridge_user}-NAME): a device cannot have it",
                 key="ID",
             )
 
@@ -603,13 +696,14 @@ class Site:
                 passwd[user] = password_hash(password)
                 made.append(f"{what} {user!r} (password in {paths.bridge / file_name})")
         write_atomic(paths.bridge / BUNDLE_CA, ca_cert, mode=PRIVATE_MODE)
-        self._write_broker_files(passwd)
+        self._write_broker_files(passwd, ledger)
         if tuple(ledger.hosts) != hosts:
             ledger.hosts = list(hosts)
             _write_ledger(paths.ledger, ledger)
         return SetUp(made=tuple(made), hosts=hosts)
 
-    def _write_broker_files(self, passwd: Mapping[str, str]) -> None:
+    def _write_broker_files(self, passwd: Mapping[str, str], ledger: _Ledger) -> None:
+        """The password file and the ACL: the ACL names the named bridges that are not revoked."""
         site = self._settings.site
         mapped = [rule.topic for rule in self._settings.bridge.mappings]
         acl = acl_text(
@@ -617,6 +711,11 @@ class Site:
             bridge_user=site.bridge_user,
             downlink_user=site.downlink_user,
             mapped_topics=mapped,
+            named_bridges=[
+                self.bridge_logins(name)[0]
+                for name, record in sorted(ledger.bridges.items())
+                if record.revoked is None
+            ],
         )
         write_atomic(self._paths.acl, acl.encode(), mode=PRIVATE_MODE, owner=site.broker_user)
         write_atomic(
@@ -647,7 +746,7 @@ class Site:
         Raises `ConfigError` (bad id, the bridge's id, unreadable central key) or `SiteError` (already
         active, without `force`).
         """
-        self._check_device(device)
+        self._check_device(device, adding=True)
         central = _read_public_key(central_public_key)
         with site_lock(self._paths.lock):
             ledger = _read_ledger(self._paths.ledger)
@@ -664,8 +763,8 @@ class Site:
             write_atomic(registered, public.encode(), mode=PUBLIC_MODE)
             passwd = _read_passwd(self._paths.passwd)
             passwd[device] = password_hash(password)
-            self._write_broker_files(passwd)
             ledger = _read_ledger(self._paths.ledger)
+            self._write_broker_files(passwd, ledger)
             ledger.devices[device] = DeviceRecord(added=_now().isoformat(), fingerprint=fingerprint(public))
             _write_ledger(self._paths.ledger, ledger)
             return Added(
@@ -727,7 +826,7 @@ class Site:
                 raise SiteError(f"device {device!r} was revoked already, at {known.revoked}")
             passwd = _read_passwd(self._paths.passwd)
             passwd.pop(device, None)
-            self._write_broker_files(passwd)
+            self._write_broker_files(passwd, ledger)
             moved = self._retire_key(device)
             shutil.rmtree(self._paths.bundles / device, ignore_errors=True)
             ledger.devices[device] = msgspec.structs.replace(known, revoked=_now().isoformat())
@@ -753,6 +852,218 @@ class Site:
                 device=device, added=record.added, revoked=record.revoked, fingerprint=record.fingerprint
             )
             for device, record in sorted(ledger.devices.items())
+        ]
+
+    # -- named bridges (several in a $share group) --
+
+    def bridge_logins(self, name: str) -> tuple[str, str]:
+        """The logins of bridge `name`: `<site.bridge_user>-<name>` (uplink) and `<that>-down` (downlink)."""
+        uplink = f"{self._settings.site.bridge_user}-{name}"
+        return uplink, f"{uplink}-down"
+
+    def _check_bridge(self, name: str) -> None:
+        try:
+            check_token(name, "bridge name")
+        except ValueError as exc:
+            raise ConfigError(f"{exc} (no wildcards, no dots, no slashes)", key="NAME") from None
+        if name == "down" or name.endswith("-down"):
+            raise ConfigError(
+                f"bridge name {name!r}: `down` and names ending in -down are refused (a bridge's downlink "
+                "login is <its login>-down, and would be another bridge's login)",
+                key="NAME",
+            )
+
+    def add_bridge(self, name: str, *, directory: Path | None = None, force: bool = False) -> AddedBridge:
+        """Make bridge `name` of the site's `$share` group: two logins, ACL entries, and a bundle.
+
+        The group's name is made at the first bridge, with `SHARED_GROUP_BYTES` random bytes in it (only
+        the bundles have it). `directory` is where the bundle's files will be on the bridge's host
+        (default: where the bundle is written). Raises `ConfigError` (a bad name) or `SiteError` (an active
+        bridge of that name, without `force`; a name whose login is a device's id; a revocation not
+        finished).
+        """
+        self._check_bridge(name)
+        uplink, downlink = self.bridge_logins(name)
+        with site_lock(self._paths.lock):
+            ledger = _read_ledger(self._paths.ledger)
+            known = ledger.bridges.get(name)
+            if known is not None and known.revoked is None and not force:
+                raise SiteError(
+                    f"bridge {name!r} exists already (added {known.added}); pass --force to give it new "
+                    "passwords (its running connections end at the reload)"
+                )
+            if known is not None and known.revoked is not None and not known.left:
+                raise SiteError(
+                    f"bridge {name!r} is being revoked and its session has not left its group yet: "
+                    f"finish with `nerve devices bridge revoke {name}` first"
+                )
+            for login in (uplink, downlink):
+                if login in ledger.devices:
+                    raise SiteError(f"{login!r} is a device's id on this site: name the bridge otherwise")
+            setup = self._setup()
+            ledger = _read_ledger(self._paths.ledger)
+            if ledger.shared_group is None:
+                ledger.shared_group = f"nerve-{secrets.token_urlsafe(SHARED_GROUP_BYTES)}"
+            group = ledger.shared_group
+            passwords = (secrets.token_urlsafe(PASSWORD_BYTES), secrets.token_urlsafe(PASSWORD_BYTES))
+            bundle = self._bridge_bundle(name, group, passwords, directory, setup.hosts)
+            passwd = _read_passwd(self._paths.passwd)
+            passwd[uplink] = password_hash(passwords[0])
+            passwd[downlink] = password_hash(passwords[1])
+            ledger.bridges[name] = BridgeRecord(group=group, added=_now().isoformat())
+            self._write_broker_files(passwd, ledger)
+            _write_ledger(self._paths.ledger, ledger)
+            return AddedBridge(
+                name=name,
+                bundle=bundle,
+                config=bundle / BRIDGE_CONFIG,
+                username=uplink,
+                downlink_username=downlink,
+                url=self._url(setup.hosts),
+                setup=setup,
+            )
+
+    def _bridge_bundle(
+        self,
+        name: str,
+        group: str,
+        passwords: tuple[str, str],
+        directory: Path | None,
+        hosts: Sequence[str],
+    ) -> Path:
+        """Write bridge `name`'s bundle (built aside, then renamed into place); return where it is."""
+        _private_dir(self._paths.bridges)
+        final = self._paths.bridges / name
+        building = Path(tempfile.mkdtemp(dir=self._paths.bridges, prefix=f".{name}."))
+        try:
+            write_atomic(building / BUNDLE_PASSWORD, passwords[0].encode() + b"\n", mode=PRIVATE_MODE)
+            write_atomic(building / DOWNLINK_PASSWORD, passwords[1].encode() + b"\n", mode=PRIVATE_MODE)
+            write_atomic(building / BUNDLE_CA, self._paths.ca_cert.read_bytes(), mode=PRIVATE_MODE)
+            uplink, downlink = self.bridge_logins(name)
+            config = bridge_config(
+                name=name,
+                group=group,
+                url=self._url(hosts),
+                directory=directory or final.absolute(),
+                username=uplink,
+                downlink_username=downlink,
+            )
+            write_atomic(building / BRIDGE_CONFIG, config.encode(), mode=PRIVATE_MODE)
+            if final.exists():
+                shutil.rmtree(final)
+            building.replace(final)
+        except BaseException:
+            shutil.rmtree(building, ignore_errors=True)
+            raise
+        return final
+
+    async def revoke_bridge(self, name: str, *, timeout_s: float = LEAVE_TIMEOUT_S) -> RevokedBridge:
+        """Revoke bridge `name` and take its session out of its `$share` group; reloads the broker twice.
+
+        mosquitto keeps giving a share of the uplink to a persistent session of the group while its client
+        is away (measured, 2.0.11): a revoked bridge's session would swallow its share. So: (1) its
+        downlink login and its ACL lines go, and its uplink login gets a password only this site has
+        (reload: the bridge is cut off); (2) this process logs in as it, resuming its session, and
+        unsubscribes its group's filters: nothing more is routed to it, what was queued for it stays in
+        that session until it expires (`mqtt.session_expiry_s`) or the same name is added again; (3) the
+        login goes (reload). Raises `SiteError` if it cannot (an unknown name; the broker not reloaded or
+        unreachable: run it again, it goes on where it stopped) or `ConfigError` (a bad name).
+        """
+        try:
+            check_token(name, "bridge name")
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="NAME") from None
+        uplink, downlink = self.bridge_logins(name)
+        password_file = self._paths.bridges / name / BUNDLE_PASSWORD
+        with site_lock(self._paths.lock):
+            ledger = _read_ledger(self._paths.ledger)
+            known = ledger.bridges.get(name)
+            if known is None:
+                raise SiteError(f"no bridge {name!r} on this site (`nerve devices bridge list` shows them)")
+            if known.left:
+                raise SiteError(f"bridge {name!r} was revoked already, at {known.revoked}")
+            passwd = _read_passwd(self._paths.passwd)
+            if known.revoked is None or not password_file.exists():
+                shutil.rmtree(self._paths.bridges / name, ignore_errors=True)
+                _private_dir(self._paths.bridges / name)
+                password = secrets.token_urlsafe(PASSWORD_BYTES)
+                write_atomic(password_file, password.encode() + b"\n", mode=PRIVATE_MODE)
+                passwd[uplink] = password_hash(password)
+            passwd.pop(downlink, None)
+            known = msgspec.structs.replace(known, revoked=known.revoked or _now().isoformat())
+            ledger.bridges[name] = known
+            self._write_broker_files(passwd, ledger)
+            _write_ledger(self._paths.ledger, ledger)
+        cut = self.reload_broker()
+        session_found = await self._leave_group(uplink, known.group, password_file, cut, timeout_s=timeout_s)
+        with site_lock(self._paths.lock):
+            ledger = _read_ledger(self._paths.ledger)
+            passwd = _read_passwd(self._paths.passwd)
+            passwd.pop(uplink, None)
+            ledger.bridges[name] = msgspec.structs.replace(known, left=True)
+            self._write_broker_files(passwd, ledger)
+            _write_ledger(self._paths.ledger, ledger)
+            shutil.rmtree(self._paths.bridges / name, ignore_errors=True)
+        return RevokedBridge(
+            name=name,
+            username=uplink,
+            downlink_username=downlink,
+            session_found=session_found,
+            reloads=(cut, self.reload_broker()),
+        )
+
+    async def _leave_group(
+        self, username: str, group: str, password_file: Path, reload: Reload, *, timeout_s: float
+    ) -> bool:
+        """Log in as `username` (its session resumed), unsubscribe its uplink filters; True if it had one."""
+        # Only a bridge's revocation connects: the other `nerve devices` runs need not import the client.
+        from nerve.runtime.config.settings import MqttSettings  # noqa: PLC0415
+        from nerve.runtime.wire.client import MqttClient  # noqa: PLC0415
+        from nerve.runtime.wire.mqtt import MqttWireError  # noqa: PLC0415
+
+        settings = MqttSettings(
+            url=f"mqtts://127.0.0.1:{self._settings.site.port}",
+            ca_file=self._paths.ca_cert,
+            username=username,
+            password_file=password_file,
+            session_expiry_s=self._settings.mqtt.session_expiry_s,
+        )
+        topics = [f"{self._settings.prefix}/#", *(rule.topic for rule in self._settings.bridge.mappings)]
+        filters = [*(f"$share/{group}/{topic}" for topic in topics), *topics]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                # Receive Maximum 1: what mosquitto queued for the session stays there, unacknowledged.
+                async with MqttClient(
+                    settings, client_id=username, persistent=True, receive_maximum=1
+                ) as client:
+                    found = client.session_present
+                    await client.unsubscribe(*filters)
+                    return found
+            except MqttWireError as exc:
+                if time.monotonic() >= deadline:
+                    hint = "" if reload.sent else f" ({reload.message})"
+                    raise SiteError(
+                        f"cannot log in to the broker at {settings.url} as {username} to take its session "
+                        f"out of the site's $share group: {exc}{hint}; the bridge is cut off, but its "
+                        "session still takes a share of the uplink: run the revoke again once the broker "
+                        "has reloaded"
+                    ) from None
+                await asyncio.sleep(_LEAVE_RETRY_S)
+
+    def bridges(self) -> list[BridgeInfo]:
+        """Every named bridge the site knows, active and revoked, by name."""
+        ledger = _read_ledger(self._paths.ledger)
+        return [
+            BridgeInfo(
+                name=name,
+                username=self.bridge_logins(name)[0],
+                downlink_username=self.bridge_logins(name)[1],
+                added=record.added,
+                revoked=record.revoked,
+                left=record.left,
+            )
+            for name, record in sorted(ledger.bridges.items())
         ]
 
     # -- the running broker --
@@ -819,6 +1130,33 @@ def _read_public_key(path: Path) -> str:
         ) from None
     Verifier.from_config({public.stem: text})  # raises ConfigError naming it if it is no key
     return text
+
+
+def bridge_config(
+    *, name: str, group: str, url: str, directory: Path, username: str, downlink_username: str
+) -> str:
+    """The `bridge.yaml` of a named bridge's bundle: its MQTT side; every path under `directory`."""
+    settings = {
+        "mqtt": {
+            "url": url,
+            "ca_file": str(directory / BUNDLE_CA),
+            "username": username,
+            "password_file": str(directory / BUNDLE_PASSWORD),
+        },
+        "bridge": {
+            "client_id": username,  # what the broker calls it anyway (use_username_as_clientid)
+            "shared_group": group,
+            "downlink_username": downlink_username,
+            "downlink_password_file": str(directory / DOWNLINK_PASSWORD),
+        },
+    }
+    header = (
+        f"# Written by `nerve devices bridge add {name}`: bridge {name}'s settings for `nerve bridge`,\n"
+        "# one of the site broker's $share group (keep its name to the bridges: a device that knew it could\n"
+        f"# join the group and swallow a share of the uplink). Every file it names is in {directory}.\n"
+        "# Add the rest (nats: its URL and credentials; configs/bridge.yaml has them all); keep these.\n"
+    )
+    return header + yaml.safe_dump(settings, sort_keys=False)
 
 
 def edge_config(*, device: str, prefix: str, url: str, device_dir: Path, signing_key: str) -> str:

@@ -97,6 +97,10 @@ class MqttClient:
         """Subscribe to `filters` at QoS1; raise `MqttWireError` if the broker refuses one."""
         await self.wire.subscribe(filters, timeout_s=self._timeout_s)
 
+    async def unsubscribe(self, *filters: str) -> None:
+        """Unsubscribe from `filters`; raise `MqttWireError` if the broker refuses one."""
+        await self.wire.unsubscribe(filters, timeout_s=self._timeout_s)
+
     async def publish(
         self,
         topic: str,

@@ -9,7 +9,8 @@ what nerve needs, and nothing else (it is small too: paho and aiomqtt cost the e
 - CONNECT (clean start or a persistent session with an expiry, a Receive Maximum that bounds how many
   unacknowledged QoS1 messages the broker may send us, our Maximum Packet Size, user name and password,
   an optional will: topic, payload, QoS, retain) and CONNACK; over TCP or TLS (`nerve.runtime.wire.endpoint`);
-- SUBSCRIBE/SUBACK (QoS1 maximum, so the broker never sends QoS2; No Local and Retain Handling if asked);
+- SUBSCRIBE/SUBACK (QoS1 maximum, so the broker never sends QoS2; No Local and Retain Handling if asked),
+  UNSUBSCRIBE/UNSUBACK (`nerve devices bridge revoke` takes a revoked bridge out of its `$share` group);
 - incoming PUBLISH at QoS0/1, with its user properties and content type (the CloudEvents MQTT binary
   mode), acknowledged only when the caller says so (`puback`), in receive order;
 - outgoing PUBLISH at QoS1 with a future for its PUBACK (the downlink, the edge's outbox; the broker's
@@ -69,6 +70,8 @@ PUBLISH: Final = 3
 PUBACK: Final = 4
 SUBSCRIBE: Final = 8
 SUBACK: Final = 9
+UNSUBSCRIBE: Final = 10
+UNSUBACK: Final = 11
 PINGREQ: Final = 12
 PINGRESP: Final = 13
 DISCONNECT: Final = 14
@@ -291,6 +294,12 @@ def subscribe_packet(
     return packet((SUBSCRIBE << 4) | 0x02, body)
 
 
+def unsubscribe_packet(packet_id: int, filters: Sequence[str]) -> bytes:
+    """UNSUBSCRIBE from `filters`, no properties (MQTT v5 3.10)."""
+    body = struct.pack("!H", packet_id) + b"\x00" + b"".join(utf8(topic) for topic in filters)
+    return packet((UNSUBSCRIBE << 4) | 0x02, body)
+
+
 def publish_properties(
     user_properties: Sequence[tuple[str, str]] = (), content_type: str | None = None
 ) -> bytes:
@@ -498,6 +507,7 @@ class MqttWire(WireProtocol[Incoming]):
         self.receive_maximum = MAX_PACKET_ID
         self.session_present = False
         self.lost: Exception | None = None
+        self._gone = asyncio.Event()  # the transport is closed: connection_lost was called
 
     # -- parsing
 
@@ -538,7 +548,7 @@ class MqttWire(WireProtocol[Incoming]):
             self._on_puback(buf, start, end)
         elif kind == PINGRESP:
             self._pong()
-        elif kind == SUBACK:
+        elif kind in {SUBACK, UNSUBACK}:  # the same layout: packet id, properties, one reason code a filter
             self._on_suback(buf, start, end)
         elif kind == CONNACK:
             self._on_connack(buf, start, end)
@@ -601,6 +611,7 @@ class MqttWire(WireProtocol[Incoming]):
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail every waiter and `closed` with the reason (a TLS alert, a reset…) in one line."""
         self.lost = exc
+        self._gone.set()
         if is_tls_error(exc) and exc is not None and self._endpoint is not None:  # a TLS alert: say which
             self._fail(MqttWireError(f"connection lost: {explain(exc, self._endpoint)}"))
         elif exc is None and self._connack.done():
@@ -711,6 +722,29 @@ class MqttWire(WireProtocol[Incoming]):
         if refused or len(codes) != len(filters):
             raise MqttWireError(f"broker refused subscriptions: {', '.join(refused) or codes.hex()}")
 
+    async def unsubscribe(self, filters: Sequence[str], *, timeout_s: float = 30.0) -> None:
+        """Unsubscribe from `filters` (one that was not subscribed is no error: UNSUBACK 0x11).
+
+        Raises `MqttWireError` naming a filter the broker refused, or if no UNSUBACK came within `timeout_s`.
+        """
+        packet_id = self._packet_id(self._subacks)  # SUBACK and UNSUBACK share the packet ids' map
+        waiter: asyncio.Future[bytes] = self._loop.create_future()
+        self._subacks[packet_id] = waiter
+        self._write(unsubscribe_packet(packet_id, filters))
+        try:
+            async with asyncio.timeout(timeout_s):
+                codes = await waiter
+        except TimeoutError:
+            self._subacks.pop(packet_id, None)
+            raise MqttWireError(f"no UNSUBACK within {timeout_s:g}s") from None
+        refused = [
+            f"{topic} ({CONNACK_REASONS.get(code, 'refused')}, 0x{code:02x})"
+            for topic, code in zip(filters, codes, strict=False)
+            if code >= SUCCESS_LIMIT
+        ]
+        if refused or len(codes) != len(filters):
+            raise MqttWireError(f"broker refused to unsubscribe: {', '.join(refused) or codes.hex()}")
+
     def pause_reading(self) -> None:
         """Read nothing more until `resume_reading`: the broker keeps what it has not sent."""
         if not self._paused and self._transport is not None and not self.closed.done():
@@ -793,6 +827,20 @@ class MqttWire(WireProtocol[Incoming]):
                 self._transport.write(DISCONNECT_PACKET)
             self._transport.close()
         self._fail(MqttWireError("closed"))
+
+    async def wait_closed(self, timeout_s: float = 1.0) -> None:
+        """Wait until the socket is closed after `close` (over TLS, after the TLS shutdown); else abort it.
+
+        A loop about to end must wait for it (the bridge's downlink, in a thread of its own): over TLS,
+        `close` only starts the TLS shutdown, and a loop closed before it completes leaves the socket open.
+        """
+        if self._transport is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._gone.wait()
+        except TimeoutError:
+            self._transport.abort()
 
 
 async def open_mqtt(
