@@ -57,12 +57,15 @@ from bench.engine_steps import steps_per_second
 from bench.fleet import cpu_seconds, spawn, stop, write_config
 from bench.reaction_latency import floor, percentiles, spikes
 
+from nerve.agents import disk_runbook
 from nerve.runtime.central.runner import Central
 from nerve.runtime.config.settings import MqttSettings, load_settings
+from nerve.runtime.engine.journal import DECODER as JOURNAL
+from nerve.runtime.engine.names import RUNS_BUCKET
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, decode, encode
 from nerve.runtime.envelope.model import Command, CommandResult, Event
 from nerve.runtime.jetstream.client import envelope_headers, publish_envelope
-from nerve.runtime.jetstream.streams import ensure_streams
+from nerve.runtime.jetstream.streams import ensure_streams, open_bucket
 from nerve.runtime.stack.brokers import Mosquitto, NatsServer, free_port
 from nerve.runtime.testing import stream_messages, wait_for_count
 from nerve.runtime.trust.signing import Signer, generate_keypair
@@ -87,6 +90,8 @@ DRAIN_TIMEOUT_S: Final = 600.0
 PRELOAD_CHUNK: Final = 1_000
 # The registry must be older than this before central believes it (`trust.devices._SETTLE_NS`, 2 s).
 REGISTRY_SETTLE_S: Final = 2.2
+# Incidents: give up waiting for runs to end after this long without one ending.
+NO_PROGRESS_S: Final = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +120,17 @@ class Drain:
 # --- 1. step transitions -----------------------------------------------------------------------------
 
 
-async def baseline_transitions(js: JetStreamContext, root: Path, url: str, incidents: int) -> float:
-    """The hand-written runbook's incident transitions per second (module docstring, 1)."""
+async def incidents_per_second(
+    column: str, js: JetStreamContext, root: Path, url: str, count: int
+) -> Incidents:
+    """Disk incidents per second, each from its spike to its end, in one in-process `Central` (docstring, 1).
+
+    `count` spikes on distinct registered devices are stored at once; once every command is out, each
+    device's signed `ok` result (and, for the engine's verify step, a reading at 40 %) is stored. The
+    clock runs from the first spike stored until the last incident ended: the baseline's closed (its
+    runner handled 2 x `count` messages), the engine's runs done (claim, 2 facts, the command and its
+    result, its fact, verify, the closing fact, a cooldown of 0 s and the release: 9 steps).
+    """
     key, _ = generate_keypair(root / "keys", "central")
     settings = load_settings(
         overrides={
@@ -125,8 +139,12 @@ async def baseline_transitions(js: JetStreamContext, root: Path, url: str, incid
             "central": {
                 "signing_key": str(key),
                 "device_keys_dir": str(root / "devices"),
-                # Nothing times out or cools down during the run.
-                "disk": {"result_timeout_s": 600, "cooldown_s": 3600},
+                # Nothing times out during the run; the engine's runs end after a cooldown of 0 s.
+                "disk": {
+                    "result_timeout_s": 600,
+                    "verify_s": 600,
+                    "cooldown_s": 0 if column == "engine" else 3600,
+                },
             },
         }
     )
@@ -134,63 +152,157 @@ async def baseline_transitions(js: JetStreamContext, root: Path, url: str, incid
     device_key, public = generate_keypair(root / "device-keys", "bench-device")
     registry = root / "devices"
     registry.mkdir()
-    devices = [f"bench-{n:05d}" for n in range(incidents)]
+    devices = [f"bench-{n:05d}" for n in range(count)]
     for device in devices:
         shutil.copyfile(public, registry / f"{device}.pub")
     signers = {device: Signer.from_file(device_key, device) for device in devices}
     await asyncio.sleep(REGISTRY_SETTLE_S)
+    agent = disk_runbook(settings.central.disk)
     runner = Central(
         settings=settings,
         signer=Signer.from_file(key, "central"),
-        agents=[DiskRunbook(settings.central.disk)],
-        durable=(),
+        agents=[DiskRunbook(settings.central.disk)] if column == "baseline" else [],
+        durable=[agent] if column == "engine" else [],
     )
-    task = asyncio.create_task(runner.run(), name="bench-baseline-central")
+    task = asyncio.create_task(runner.run(), name=f"bench-{column}-central")
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await runner.ready.wait()
         commands_before = (await js.stream_info("NERVE_COMMANDS")).state.messages
         started = time.perf_counter()
-        for device in devices:
-            spike = Event(
-                source="nerve://bench", type="nerve.telemetry.disk", subject=device, data={"value": 97}
-            )
-            await publish_envelope(js, f"nerve.{device}.telemetry.disk", spike)
-        await wait_for_count(js, "NERVE_COMMANDS", commands_before + incidents, timeout=DRAIN_TIMEOUT_S)
+        spikes = [
+            Event(source="nerve://bench", type="nerve.telemetry.disk", subject=device, data={"value": 97})
+            for device in devices
+        ]
+        for spike in spikes:
+            await publish_envelope(js, f"nerve.{spike.subject}.telemetry.disk", spike)
+        await settle_count(js, "NERVE_COMMANDS", commands_before + count)
         for stored in (await stream_messages(js, "NERVE_COMMANDS"))[commands_before:]:
             command = decode(stored.data, Command)
+            device = command.subject
             result = CommandResult.for_command(command, source="nerve://bench", status="ok", data={})
-            await publish_envelope(
-                js, f"nerve.{command.subject}.results.clear_temp", signers[command.subject].sign(result)
-            )
-        async with asyncio.timeout(DRAIN_TIMEOUT_S):
-            while runner.handled < 2 * incidents:  # noqa: ASYNC110 - a counter; the runner has no event
-                await asyncio.sleep(0.005)
-        elapsed = time.perf_counter() - started
+            await publish_envelope(js, f"nerve.{device}.results.clear_temp", signers[device].sign(result))
+            if column == "engine":
+                cleared = Event(
+                    source="nerve://bench", type="nerve.telemetry.disk", subject=device, data={"value": 40}
+                )
+                await publish_envelope(js, f"nerve.{device}.telemetry.disk", cleared)
+        if column == "engine":
+            ended, failed, last = await runs_ended(js, {agent.run_id(spike.id) for spike in spikes})
+        else:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                while runner.handled < 2 * count:  # noqa: ASYNC110 - a counter; the runner has no event
+                    await asyncio.sleep(0.005)
+            ended, failed, last = count, 0, time.perf_counter()
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    return 2 * incidents / elapsed
+    return Incidents(ended=ended, of=count, seconds=last - started, failed=failed)
 
 
-async def transitions(args: argparse.Namespace) -> tuple[float, float]:
-    """(engine, baseline) step transitions per second, each on its own nats-server."""
-    results = []
-    for column in ("engine", "baseline"):
+async def settle_count(js: JetStreamContext, stream: str, target: int) -> int:
+    """Wait until `stream` holds `target` messages, or its count did not grow for `NO_PROGRESS_S`."""
+    count, grew = 0, time.perf_counter()
+    while count < target and time.perf_counter() - grew < NO_PROGRESS_S:
+        await asyncio.sleep(SAMPLE_S)
+        now = (await js.stream_info(stream)).state.messages
+        if now > count:
+            count, grew = now, time.perf_counter()
+    return count
+
+
+async def runs_ended(js: JetStreamContext, wanted: set[str]) -> tuple[int, int, float]:
+    """How many of the runs `wanted` ended, how many of those not `done`, and when the last ended.
+
+    It waits until all ended, or none did for `NO_PROGRESS_S`.
+
+    A run may never end in the time (say, its facts could not be chained: `FactChainContended`); then
+    the figure counts the runs that did, and says how many did not.
+    """
+    runs = await open_bucket(js, RUNS_BUCKET)
+    watcher = await runs.watchall()
+    ended: set[str] = set()
+    failed = 0
+    last = time.perf_counter()
+    try:
+        while len(ended) < len(wanted):
+            # Journals change without a run ending (lease renewals): the clock is since the last end.
+            left = last + NO_PROGRESS_S - time.perf_counter()
+            try:
+                async with asyncio.timeout(max(left, 0.0)):
+                    entry = await anext(watcher)
+            except TimeoutError:
+                break
+            if entry is None or not entry.value:
+                continue
+            record = JOURNAL.decode(entry.value)
+            if record.terminal and record.run_id in wanted and record.run_id not in ended:
+                ended.add(record.run_id)
+                failed += record.state != "done"
+                last = time.perf_counter()
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+    return len(ended), failed, last
+
+
+@dataclass(frozen=True, slots=True)
+class Incidents:
+    """Disk incidents run from spike to end in one process."""
+
+    ended: int
+    of: int
+    seconds: float
+    failed: int = 0
+
+    @property
+    def per_second(self) -> float:
+        return self.ended / self.seconds if self.seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        notes = [f"{self.failed} failed"] if self.failed else []
+        if self.ended < self.of:
+            notes.append(f"{self.of - self.ended} did not end")
+        return f"{self.per_second:,.1f}" + (f" ({', '.join(notes)} of {self.of})" if notes else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Steps:
+    """Figure 1 of both columns."""
+
+    engine_steps: float
+    baseline_steps: float
+    engine_incidents: Incidents
+    baseline_incidents: Incidents
+
+
+async def transitions(args: argparse.Namespace) -> Steps:
+    """Step transitions and incidents per second, each case on its own nats-server."""
+    steps = 0.0
+    figures: list[Incidents] = []
+    for case in ("steps", "engine", "baseline"):
         with tempfile.TemporaryDirectory(prefix="nerve-bench-central-") as tmp:
             async with NatsServer(port=free_port(), data_dir=Path(tmp) / "nats") as server:
                 nc = await nats.connect(server.url)
                 try:
                     js = nc.jetstream()
                     await ensure_streams(js, "nerve")
-                    if column == "engine":
-                        results.append(await steps_per_second(js, nc, args.runs, args.steps, waits=False))
+                    if case == "steps":
+                        steps = await steps_per_second(js, nc, args.runs, args.steps, waits=False)
                     else:
-                        results.append(await baseline_transitions(js, Path(tmp), server.url, args.incidents))
+                        figures.append(
+                            await incidents_per_second(case, js, Path(tmp), server.url, args.incidents)
+                        )
                 finally:
                     await nc.close()
-    return results[0], results[1]
+    engine, baseline = figures
+    # The baseline's only transitions are its two compare-and-sets per incident.
+    return Steps(
+        engine_steps=steps,
+        baseline_steps=2 * baseline.per_second,
+        engine_incidents=engine,
+        baseline_incidents=baseline,
+    )
 
 
 # --- 2. readings that fire nothing, whole stack ----------------------------------------------------
@@ -369,12 +481,12 @@ async def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small counts: a check that it all runs (~30 s)")
     parser.add_argument("--runs", type=positive, help="engine: runs (default 200, quick 20)")
     parser.add_argument("--steps", type=positive, help="engine: steps per run (default 20, quick 10)")
-    parser.add_argument("--incidents", type=positive, help="baseline: incidents (default 500, quick 50)")
+    parser.add_argument("--incidents", type=positive, help="incidents per column (default 500, quick 10)")
     parser.add_argument("--readings", type=positive, help="backlog (default 100000, quick 5000)")
     parser.add_argument("--spikes", type=positive, help="timed spikes per column (default 1,000, quick 30)")
     parser.add_argument("--warmup", type=int, help="untimed spikes first (default 50, quick 5)")
     args = parser.parse_args()
-    defaults = {"runs": (200, 20), "steps": (20, 10), "incidents": (500, 50), "readings": (100_000, 5_000)}
+    defaults = {"runs": (200, 20), "steps": (20, 10), "incidents": (500, 10), "readings": (100_000, 5_000)}
     defaults |= {"spikes": (1_000, 30), "warmup": (50, 5)}
     for name, (full, quick) in defaults.items():
         if getattr(args, name) is None:
@@ -384,8 +496,13 @@ async def main() -> int:
         f"{sys.version.split()[0]}{'; --quick: small counts' if args.quick else ''}",
         flush=True,
     )
-    engine_steps, baseline_steps = await transitions(args)
-    print(f"1. step transitions/s: engine {engine_steps:,.0f}, baseline {baseline_steps:,.0f}", flush=True)
+    steps = await transitions(args)
+    engine_steps = steps.engine_steps
+    print(
+        f"1. step transitions/s: engine {engine_steps:,.0f}, baseline {steps.baseline_steps:,.0f}; "
+        f"incidents/s: engine {steps.engine_incidents}, baseline {steps.baseline_incidents}",
+        flush=True,
+    )
     drains = {column: await drain(column, args.readings) for column in ("engine", "baseline")}
     print(
         "2. readings/s not firing: "
@@ -401,7 +518,12 @@ async def main() -> int:
 
     engine, baseline = drains["engine"], drains["baseline"]
     rows = [
-        ("step transitions/s per central process", f"{engine_steps:,.0f}", f"{baseline_steps:,.0f}"),
+        ("step transitions/s per central process", f"{engine_steps:,.0f}", f"{steps.baseline_steps:,.0f}"),
+        (
+            "  disk incidents/s, spike to end",
+            str(steps.engine_incidents),
+            str(steps.baseline_incidents),
+        ),
         ("readings/s not firing, whole stack", f"{engine.per_second:,.0f}", f"{baseline.per_second:,.0f}"),
         ("  central CPU per reading", f"{engine.cpu_us:.1f} us", f"{baseline.cpu_us:.1f} us"),
         ("  central / nats-server CPU, % of a core", engine.shares, baseline.shares),
@@ -410,13 +532,13 @@ async def main() -> int:
         ("  floor: mosquitto QoS1 round trip ms", ms(reactions["engine"][2]), ms(reactions["baseline"][2])),
     ]
     print()
-    print(f"{'figure':<42} {'engine':>22} {'baseline':>22}")
+    print(f"{'figure':<42} {'engine':>28} {'baseline':>28}")
     for name, left, right in rows:
-        print(f"{name:<42} {left:>22} {right:>22}")
+        print(f"{name:<42} {left:>28} {right:>28}")
     print(
-        f"(1: engine {args.runs} runs x {args.steps} steps, journal compare-and-sets; baseline "
-        f"{args.incidents} incidents x 2 KV compare-and-sets. 2: {args.readings:,} readings. "
-        f"3: {args.spikes} spikes each)"
+        f"(1: engine {args.runs} runs x {args.steps} trivial steps, a journal compare-and-set each; "
+        f"baseline {args.incidents} incidents x 2 KV compare-and-sets (open, close); incidents: "
+        f"{args.incidents} each. 2: {args.readings:,} readings. 3: {args.spikes} spikes each)"
     )
     print()
     p99 = reactions["engine"][0]["p99"]
