@@ -29,8 +29,9 @@ def run(*argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
 @pytest.mark.timeout(180)
 def test_quick_run_prints_every_figure_for_both_columns() -> None:
     done = run("--quick", timeout=170)
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.returncode in {0, 1}, done.stdout + done.stderr  # 1: a goal missed on this machine
+    # 1: a goal missed on this machine. stderr may hold the engine's own logs (a run that failed), so
+    # that the script ran to its end is told by its verdict lines below.
+    assert done.returncode in {0, 1}, done.stdout + done.stderr
     out = done.stdout
     for figure in (
         "step transitions/s per central process",
@@ -41,6 +42,11 @@ def test_quick_run_prints_every_figure_for_both_columns() -> None:
         assert found, f"{figure!r} missing:\n{out}"
         assert float(found[1].replace(",", "")) > 0, out  # the engine measured something
         assert float(found[2].replace(",", "")) > 0, out  # and so did the baseline
+    incidents = re.search(
+        rf"disk incidents resolved/s, spike to end\s+({NUMBER}).*\s({NUMBER})$", out, re.MULTILINE
+    )
+    assert incidents, out
+    assert float(incidents[2].replace(",", "")) > 0, out  # the baseline resolves every incident
     latency = re.search(rf"spike -> command p50 / p90 / p99 ms\s+{NUMBER} / {NUMBER} / ({NUMBER})\s+", out)
     assert latency, out
     verdicts = re.findall(r"^goal \(engine\) .*: (PASS|FAIL) \(", out, flags=re.MULTILINE)
