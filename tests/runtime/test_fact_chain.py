@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import nats
@@ -133,6 +133,42 @@ async def test_concurrent_writers_cannot_fork_the_chain(
             await client.close()
     assert len(await stored(js)) == 24
     assert await problems(js, verifier) == []
+
+
+@pytest.mark.broker
+async def test_one_connection_reads_the_head_once_and_its_concurrent_facts_chain(
+    nats_server: NatsServer, signer: Signer, verifier: Verifier
+) -> None:
+    """The head a connection stored last is remembered: read again only after another writer came."""
+    client, other = await nats.connect(nats_server.url), await nats.connect(nats_server.url)
+    try:
+        context = client.jetstream()
+        await ensure_streams(context, PREFIX)
+        reads = 0
+        real_info = context.stream_info
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await real_info(*args, **kwargs)
+
+        context.stream_info = counted  # type: ignore[method-assign]
+        async with asyncio.TaskGroup() as group:  # all at once: they queue for their places in turn
+            for n in range(20):
+                group.create_task(
+                    publish_fact(context, a_fact(n, device="pi-0"), prefix=PREFIX, signer=signer)
+                )
+        assert reads == 1
+        await publish_fact(other.jetstream(), a_fact(100, device="pi-1"), prefix=PREFIX, signer=signer)
+        await publish_fact(context, a_fact(21, device="pi-0"), prefix=PREFIX, signer=signer)
+        assert reads == 2  # its remembered head was stale: refused, read again, stored
+    finally:
+        await client.close()
+        await other.close()
+    js = (await nats.connect(nats_server.url)).jetstream()
+    assert len(await stored(js)) == 22
+    assert await problems(js, verifier) == []
+    await js._nc.close()
 
 
 @pytest.mark.broker

@@ -8,6 +8,10 @@ DIR/ready appears once the engine runs. Agent "crashy_saga" fails at its step "c
 with DIR/hold present, the undo of "b" stops after its effect (DIR/undo-started) in the same way.
 Agent "limited" (concurrency 1 per key) writes `start <run> <pid>` and `end <run> <pid>` lines to
 DIR/limited around a step that takes 0.3 s.
+Agent "chaos_saga" (the chaos tests, tests/chaos/test_engine_chaos.py): four steps with undos and a nap;
+a trigger with `"fail": true` fails at its last step, so the four undos run. Each execution of one of its
+steps or undos is a span in DIR/spans: `start|end <run> <name> <pid> <fencing token> <monotonic time>`
+(a process killed mid-step leaves a start without an end).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import asyncio
 import logging
 import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +32,8 @@ from nerve.runtime.engine import Engine, EngineSettings, Limits, Step, Terminal,
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from nats.js import JetStreamContext
 
     from nerve.runtime.engine import DurableAgent
@@ -33,6 +41,7 @@ if TYPE_CHECKING:
 
 STEPS = ("one", "slow", "two")
 SAGA_STEPS = ("a", "b", "c")
+CHAOS_STEPS = ("a", "b", "c", "d")
 
 
 class Effects:
@@ -46,6 +55,18 @@ class Effects:
         with (self.directory / "executions").open("a") as executions:
             executions.write(f"{step.run_id} {name}\n")
         await self.js.publish(f"effects.{name}", step.run_id.encode(), headers={"Nats-Msg-Id": step.id(name)})
+
+    @contextmanager
+    def span(self, step: Step, name: str) -> Iterator[None]:
+        """A `start` line in DIR/spans now, an `end` line when the block is left (however it is left)."""
+        where = f"{step.run_id} {name} {os.getpid()} {step.record.token}"
+        with (self.directory / "spans").open("a") as spans:
+            spans.write(f"start {where} {time.monotonic()}\n")
+        try:
+            yield
+        finally:
+            with (self.directory / "spans").open("a") as spans:
+                spans.write(f"end {where} {time.monotonic()}\n")
 
 
 def crashy(effect: Effects, delay: float) -> DurableAgent:
@@ -95,6 +116,33 @@ def crashy_saga(effect: Effects) -> DurableAgent:
     return agent
 
 
+def chaos_saga(effect: Effects, delay: float) -> DurableAgent:
+    """Steps a-d with undos and a nap after b; a trigger with `"fail": true` fails at d (terminal)."""
+
+    @durable_agent("chaos_saga", trigger=Trigger(Kind.EVENTS, "chaos_saga"), key=lambda e: str(e.data["n"]))
+    async def agent(event: Envelope, step: Step) -> str:
+        for name in CHAOS_STEPS:
+
+            async def do(name: str = name) -> None:
+                with effect.span(step, name):
+                    await effect(step, name)
+                    await asyncio.sleep(delay)  # a window for a kill between the effect and the journal
+                    if name == CHAOS_STEPS[-1] and event.data.get("fail"):
+                        raise Terminal(f"{name} fails for this run")
+
+            async def undo(name: str = name) -> None:
+                with effect.span(step, f"undo_{name}"):
+                    await effect(step, f"undo_{name}")
+                    await asyncio.sleep(delay)
+
+            await step.run(name, do, undo=undo)
+            if name == "b":
+                await step.sleep("nap", 0.2)
+        return "done"
+
+    return agent
+
+
 def limited(directory: Path) -> DurableAgent:
     """One open run per key at a time, in every process: its step says when it starts and ends."""
 
@@ -123,7 +171,7 @@ async def serve(url: str, directory: Path) -> int:
     delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
     effect = Effects(nc.jetstream(), directory)
     try:
-        agents = [crashy(effect, delay), crashy_saga(effect), limited(directory)]
+        agents = [crashy(effect, delay), crashy_saga(effect), limited(directory), chaos_saga(effect, delay)]
         async with Engine(nc=nc, agents=agents, settings=EngineSettings(lease_s=1.0)):
             (directory / "ready").touch()
             await asyncio.Event().wait()

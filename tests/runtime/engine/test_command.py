@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import pytest
@@ -164,3 +165,42 @@ async def test_a_command_step_needs_a_signer(nc: NatsClient, js: JetStreamContex
         done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=20)
     assert done.state == "failed"
     assert "no signer" in done.error
+
+
+async def test_a_crash_after_the_send_before_its_journal_entry_still_finds_the_result(
+    nc: NatsClient, js: JetStreamContext, tmp_path: Path, central: tuple[Signer, Verifier]
+) -> None:
+    """The send, its journal entry and its timer go out together: the entry may never land.
+
+    Here it never does (the first engine's write of the waiting step hangs, as for a process killed
+    there); the device answers meanwhile. The next engine resumes from the step before, sends the same
+    id again (kept once) and reads the result from a place before the first send.
+    """
+    signer, _ = central
+    dev5 = provision_device(tmp_path / "devices", "dev5")
+    keys = DeviceKeys(tmp_path / "devices")
+    first = Engine(nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, device_keys=keys)
+    hung = asyncio.Event()
+    async with first:
+        real_update = first.kv.update
+
+        async def update(key: str, value: bytes, last: int | None = None) -> int:
+            if b'"waiting"' in value:  # the command step's entry: never stored
+                hung.set()
+                await asyncio.get_running_loop().create_future()
+            return await real_update(key, value, last=last)
+
+        first.kv.update = update  # type: ignore[method-assign,assignment]
+        event = await publish_event(js, "broken", {"device": "dev5"}, event_id="e-broken-5")
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        async with asyncio.timeout(10):
+            await hung.wait()
+        (command,) = await commands(js)
+        await answer(js, command, dev5, files=9)
+    run_id = fixer.run_id(event.id)
+    async with Engine(
+        nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, device_keys=keys
+    ) as engine:
+        done = await wait_for_run(engine.kv, run_id, timeout=20)
+    assert done.result == "ok 9"
+    assert len(await commands(js)) == 1  # the same id twice: kept once

@@ -11,16 +11,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import StreamConfig
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
-from nerve.runtime.engine import wait_for_run
+from nerve.runtime.engine import Engine, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine.engine import ensure_engine_storage
 from nerve.runtime.envelope.model import derived_id
+from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
 
+    from nerve.runtime.envelope.model import Envelope
     from nerve.runtime.stack.brokers import NatsServer
 
 pytestmark = pytest.mark.broker
@@ -196,7 +200,8 @@ async def test_concurrency_holds_across_two_engine_processes_and_a_kill_of_one(
         # Kill whichever process executes the first run, in the middle of its step: its slot stays
         # taken by that run, which the other process resumes a lease later and ends.
         async with asyncio.timeout(30):
-            while not (tmp_path / "limited").exists():
+            # The file exists from the moment it is opened, before its first line is written.
+            while not (tmp_path / "limited").exists() or not (tmp_path / "limited").read_text():
                 await asyncio.sleep(0.02)
         pid = int((tmp_path / "limited").read_text().split()[2])
         await kill(first if first.pid == pid else second)
@@ -212,3 +217,46 @@ async def test_concurrency_holds_across_two_engine_processes_and_a_kill_of_one(
         line.split()[1] for line in (tmp_path / "limited").read_text().splitlines() if line.startswith("end")
     ]
     assert sorted(ends) == sorted(runs)  # each run's step ended once (the killed one in the survivor)
+
+
+#: What the agent "nats_hiccup" did, in order: ("do"|"undo", key, step).
+hiccups: list[tuple[str, str, str]] = []
+
+
+@durable_agent("nats_hiccup", trigger=Trigger(Kind.EVENTS, "hiccup"), key=lambda e: str(e.data["k"]))
+async def nats_hiccup(event: Envelope, step: Step) -> str:
+    """Step a, then (on its first execution only) an error between steps of the kind `error` names: the
+    engine's own NATS calls there (a journal write) raise nats-py's TimeoutError when NATS is slow."""
+
+    async def a() -> None:
+        hiccups.append(("do", step.key, "a"))
+
+    async def undo_a() -> None:
+        hiccups.append(("undo", step.key, "a"))
+
+    async def b() -> None:
+        hiccups.append(("do", step.key, "b"))
+
+    await step.run("a", a, undo=undo_a)
+    if step.record.token == 1:
+        raise NatsTimeoutError if event.data["error"] == "nats" else TimeoutError("the agent's own")
+    await step.run("b", b)
+    return "done"
+
+
+async def test_a_nats_timeout_between_steps_resumes_the_run_and_an_agent_timeout_compensates(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    hiccups.clear()
+    async with Engine(nc=nc, agents=[nats_hiccup], prefix=PREFIX, settings=FAST) as engine:
+        nats_event = await publish_event(js, "hiccup", {"k": "n", "error": "nats"}, event_id="e-hiccup-n")
+        own_event = await publish_event(js, "hiccup", {"k": "o", "error": "own"}, event_id="e-hiccup-o")
+        resumed = await wait_for_run(engine.kv, nats_hiccup.run_id(nats_event.id), timeout=30)
+        failed = await wait_for_run(engine.kv, nats_hiccup.run_id(own_event.id), timeout=30)
+    # NATS away is not the agent's failure: stopped, claimed again a lease later, a not run again.
+    assert (resumed.state, resumed.token, resumed.result) == ("done", 2, "done")
+    assert [entry for entry in hiccups if entry[1] == "n"] == [("do", "n", "a"), ("do", "n", "b")]
+    # The agent's own TimeoutError is its failure: a is undone.
+    assert (failed.state, failed.token) == ("compensated", 1)
+    assert "the agent's own" in failed.error
+    assert [entry for entry in hiccups if entry[1] == "o"] == [("do", "o", "a"), ("undo", "o", "a")]

@@ -21,7 +21,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S, MAX_MAX_COMMAND_VALIDITY_S
 from nerve.runtime.engine import StepFailed, Trigger, durable_agent
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.jetstream.streams import INCIDENTS_BUCKET, open_bucket
+from nerve.runtime.jetstream.streams import INCIDENTS_BUCKET
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def _mib(size: object) -> str:
 
 async def _claim(step: Step, device: str) -> bool:
     """Hold `device` for this run; True if this run holds it (again, after a crash), False if another does."""
-    kv = await open_bucket(step.js, INCIDENTS_BUCKET)
+    kv = await step.bucket(INCIDENTS_BUCKET)
     try:
         await kv.create(device, step.run_id.encode())
     except KeyWrongLastSequenceError:
@@ -65,7 +65,7 @@ async def _claim(step: Step, device: str) -> bool:
 
 
 async def _release(step: Step, device: str) -> None:
-    kv = await open_bucket(step.js, INCIDENTS_BUCKET)
+    kv = await step.bucket(INCIDENTS_BUCKET)
     try:
         entry = await kv.get(device)
     except KeyNotFoundError:

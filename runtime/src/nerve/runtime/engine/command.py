@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from datetime import timedelta
@@ -32,6 +33,8 @@ from nerve.runtime.jetstream.streams import STREAM_OF_KIND
 from nerve.runtime.subjects import Address, Kind, is_token
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from nerve.runtime.engine.step import Step
     from nerve.runtime.envelope.model import Envelope
 
@@ -77,10 +80,12 @@ async def send_command(
     _check(step, name, device, action, attempts, ttl)
     ctx = step._ctx  # noqa: SLF001
     while True:
-        journalled = await _begin(step, name, journalled, ttl)
+        journalled, journalling = await _begin(step, name, journalled, ttl)
         command_id, _timer = _ids(step, name, journalled.attempts)
         if journalled.due > time.time():  # resent after a crash: the same id, kept once
-            await _publish(step, command_id, device, action, args, ttl)
+            await asyncio.gather(_publish(step, command_id, device, action, args, ttl), journalling)
+        else:
+            await journalling
         found = await _await_result(step, journalled, command_id, device, action)
         if found is not None:
             result, seq = found
@@ -90,8 +95,10 @@ async def send_command(
                 result={"result": to_json(result).decode(), "seq": seq},
                 finished=time.time(),
             )
-            await step._record(name, done)  # noqa: SLF001
-            await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
+            await asyncio.gather(
+                step._record(name, done),  # noqa: SLF001
+                forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer),
+            )
             return result
         await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
         error = f"no result from {device} to {action} within {ttl + CLOCK_SKEW_S:g}s"
@@ -114,18 +121,31 @@ def _check(step: Step, name: str, device: str, action: str, attempts: int, ttl: 
     step._check_duration(name, ttl + CLOCK_SKEW_S)  # noqa: SLF001
 
 
-async def _begin(step: Step, name: str, journalled: StepRecord | None, ttl: float) -> StepRecord:
-    """Journal a new attempt (the results' position before its send, its timer), or resume the one begun."""
+async def _begin(
+    step: Step, name: str, journalled: StepRecord | None, ttl: float
+) -> tuple[StepRecord, Awaitable[None]]:
+    """A new attempt (a place in NERVE_RESULTS before its send, its timer), or the one begun before.
+
+    Returns it with what is left to journal and schedule, which goes with the send when the place comes
+    from the journal's last entry (`RunRecord.results_from`): stored before the send, so a crash before
+    this attempt's own entry is written resends the same id and reads from there again. Without one, the
+    stream is asked and the entry is written before the send.
+    """
     ctx = step._ctx  # noqa: SLF001
     if journalled is not None and journalled.status == "waiting":
         step._before_new_step(new=False)  # noqa: SLF001
         if not await has_fired(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer):
             await step._schedule(journalled.timer, journalled.due, name)  # noqa: SLF001
-        return journalled
+        return journalled, _nothing()
     attempt = (journalled.attempts if journalled is not None else 0) + 1
     step._before_new_step(new=journalled is None)  # noqa: SLF001
-    from_seq = (await ctx.js.stream_info(RESULTS_STREAM)).state.last_seq
-    positions = await step._positions()  # noqa: SLF001
+    reading = step._positions_soon()  # noqa: SLF001
+    # Stored before this send whatever happens to it: in the journal's last entry (or now, then the entry
+    # goes first).
+    from_seq = step.record.results_from
+    ahead = from_seq is not None
+    if from_seq is None:
+        from_seq = (await ctx.js.stream_info(RESULTS_STREAM)).state.last_seq
     now = time.time()
     _command_id, timer_id = _ids(step, name, attempt)
     waiting = StepRecord(
@@ -137,9 +157,24 @@ async def _begin(step: Step, name: str, journalled: StepRecord | None, ttl: floa
         from_seq=from_seq,
         started=journalled.started if journalled is not None else now,
     )
-    await step._record(name, waiting, positions=positions)  # noqa: SLF001
-    await step._schedule(timer_id, waiting.due, name)  # noqa: SLF001
-    return waiting
+
+    async def journal() -> None:
+        await step._record(name, waiting, positions=await reading)  # noqa: SLF001
+
+    async def schedule_timer() -> None:
+        await step._schedule(timer_id, waiting.due, name)  # noqa: SLF001
+
+    async def both() -> None:
+        await asyncio.gather(journal(), schedule_timer())
+
+    if ahead:
+        return waiting, both()
+    await journal()
+    return waiting, schedule_timer()
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def _publish(  # noqa: PLR0917

@@ -24,7 +24,10 @@ import uuid
 from typing import TYPE_CHECKING, Any, Final, Self
 
 import msgspec
+from nats.errors import ConnectionClosedError, NoRespondersError, NoServersError, StaleConnectionError
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import ServiceUnavailableError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.agent import RunFailure
@@ -101,6 +104,18 @@ START_TIMEOUT_S: Final = 30.0
 RELEASE_TIMEOUT_S: Final = 2.0
 #: How often the facts that flow control counted are kept (one per key and limit and window).
 LIMIT_FACTS_TICK_S: Final = 0.5
+#: NATS away or slow (no answer in time, the connection lost, JetStream not back yet): when one of these
+#: comes out of an agent function, it came from NATS calls outside a step's function (the engine's journal
+#: writes, stream positions, timers), whose errors `step.run` would have retried, then raised as `StepFailed`.
+#: nats-py's timeout only: an agent's own `TimeoutError` is its failure.
+NATS_AWAY: Final = (
+    NatsTimeoutError,
+    ConnectionClosedError,
+    StaleConnectionError,
+    NoServersError,
+    NoRespondersError,
+    ServiceUnavailableError,
+)
 
 
 async def ensure_engine_storage(js: JetStreamContext, prefix: str, settings: EngineSettings) -> KeyValue:
@@ -236,10 +251,15 @@ class Engine:
     async def _stop(self) -> None:
         if self._main is None:
             return
-        self._main.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._main
-        self._main = None
+        main, self._main = self._main, None
+        main.cancel()
+        try:
+            await main
+        except asyncio.CancelledError:
+            # Its own end, as asked; but if whoever stops the engine is being cancelled, that goes on.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
 
     @property
     def kv(self) -> KeyValue:
@@ -298,6 +318,7 @@ class Engine:
             refusals=self._refusals,
             flow=self._flow,
         )
+        await self._ctx.results.bound()  # known from the first run on (`RunRecord.results_from`)
         subscriptions: list[JetStreamContext.PushSubscription] = []
         watcher: KeyValue.KeyWatcher | None = None
         try:
@@ -485,11 +506,12 @@ class Engine:
         """
         now = self._clock.time()
         meta = msg.metadata
-        positions = {STREAM_OF_KIND[kind]: 0 for kind in agent.waits_on}
-        for stream in positions:
-            positions[stream] = (await self._context.js.stream_info(stream)).state.last_seq
-        # A first wait on the trigger's own stream reads everything after the trigger.
-        if meta.stream in positions:
+        # A first wait on the trigger's own stream reads everything after the trigger; on another
+        # stream, everything after where that stream was now (asked of every stream at once).
+        others = [STREAM_OF_KIND[kind] for kind in agent.waits_on if STREAM_OF_KIND[kind] != meta.stream]
+        infos = await asyncio.gather(*(self._context.js.stream_info(stream) for stream in others))
+        positions = {stream: info.state.last_seq for stream, info in zip(others, infos, strict=True)}
+        if any(STREAM_OF_KIND[kind] == meta.stream for kind in agent.waits_on):
             positions[meta.stream] = meta.sequence.stream
         record = RunRecord(
             run_id=agent.run_id(event.id),
@@ -502,6 +524,7 @@ class Engine:
             token=1,
             lease_until=now + self.settings.lease_s,
             positions=positions,
+            results_from=self._context.results.known(),
             created=now,
             updated=now,
         )
@@ -678,6 +701,7 @@ class Engine:
             rewake = body.result()
         except asyncio.CancelledError:
             # The engine is stopping: give the lease back so another engine resumes the run at once.
+            step.abandon()
             if not handle.lost and not handle.record.terminal:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(RELEASE_TIMEOUT_S):
@@ -772,11 +796,17 @@ class Engine:
             trigger = passed
         try:
             result = await agent.fn(trigger, step)
+            await step.settle()
         except Park as park:
             await handle.write(functools.partial(_set_waiting, wake_at=park.due), release=True)
             # The timer may have fired while the run parked: nobody would wake it then.
             return await has_fired(self._context.js, prefix=self._prefix, timer_id=park.timer_id)
         except LeaseLost:
+            raise
+        except NATS_AWAY:
+            # Not the agent's failure: compensating would undo a run that did nothing wrong. The run stops
+            # here and is resumed a lease later (by the watchdog, here or elsewhere) at its first step
+            # without a journalled result.
             raise
         except Exception as exc:  # noqa: BLE001 - an agent's failure of any kind ends in compensation
             await self._compensate(agent, step, handle, trigger, exc)

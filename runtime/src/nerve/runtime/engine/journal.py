@@ -75,6 +75,9 @@ class RunRecord(msgspec.Struct, kw_only=True, omit_defaults=True):
     undos: list[UndoRecord] = msgspec.field(default_factory=list)
     #: Stream positions (last sequence) when the run last completed a step: where a wait reads from.
     positions: dict[str, int] = msgspec.field(default_factory=dict)
+    #: A NERVE_RESULTS sequence reached before this record was last written (None: not known): a command
+    #: step reads its result from there, so its send need not wait for the step's own entry.
+    results_from: int | None = None
     result: Any = None
     error: str = ""
     cancelled: bool = False

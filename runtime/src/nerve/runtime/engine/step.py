@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
@@ -49,7 +50,7 @@ from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import Fact, derived_id
 from nerve.runtime.errors import DecodeError
 from nerve.runtime.jetstream.client import publish_fact
-from nerve.runtime.jetstream.streams import STREAM_OF_KIND
+from nerve.runtime.jetstream.streams import STREAM_OF_KIND, open_bucket
 from nerve.runtime.subjects import Kind, is_token, subject_root
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
 
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
     from nerve.runtime.engine.clock import Clock
@@ -98,6 +100,58 @@ class EngineContext:
     refusals: ResultRefusals | None = None
     #: Flow control (circuit breakers); None: no breakers.
     flow: Flow | None = None
+    #: The KV buckets steps opened (`Step.bucket`), each once.
+    buckets: dict[str, KeyValue] = field(default_factory=dict)
+    #: Where NERVE_RESULTS was lately (`RunRecord.results_from`); made by the engine.
+    results: StreamMark = field(init=False)
+
+    def __post_init__(self) -> None:
+        """Make `results` on `js`."""
+        object.__setattr__(self, "results", StreamMark(self.js, STREAM_OF_KIND[Kind.RESULTS]))
+
+
+class StreamMark:
+    """A lower bound of a stream's last sequence, re-read at most every `max_age_s` in the background.
+
+    For reads that filter exactly what they look for (a command's result, by the command's id): starting
+    further back only reads more.
+    """
+
+    def __init__(self, js: JetStreamContext, stream: str, *, max_age_s: float = 1.0) -> None:
+        self._js = js
+        self.stream = stream
+        self.max_age_s = max_age_s
+        self._seq: int | None = None
+        self._read_at = 0.0
+        self._reading: asyncio.Future[None] | None = None
+
+    def known(self) -> int | None:
+        """A sequence the stream had reached before this call (None: not read yet); re-read if stale."""
+        if time.monotonic() - self._read_at > self.max_age_s:
+            self.refresh()
+        return self._seq
+
+    def refresh(self) -> None:
+        """Read it again in the background (unless a read is under way)."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._read())
+            self._reading.add_done_callback(_retrieved)
+
+    async def bound(self) -> int:
+        """As `known`, but waits for a first read."""
+        seq = self.known()
+        if seq is None and self._reading is not None:
+            await self._reading
+            seq = self._seq
+        if seq is None:  # cannot happen: `_read` set it or raised
+            raise RuntimeError(f"no position of {self.stream}")
+        return seq
+
+    async def _read(self) -> None:
+        asked = time.monotonic()
+        seq = (await self._js.stream_info(self.stream)).state.last_seq
+        # A stream made again from scratch starts over: follow it down too.
+        self._seq, self._read_at = seq, asked
 
 
 class Park(BaseException):
@@ -139,6 +193,8 @@ class Step:
         self.undos: dict[str, UndoFunction] = {}
         self._cancelled = False
         self._wakeups: asyncio.Queue[Literal["cancel"]] = asyncio.Queue()
+        #: Journal writes sent ahead (`_record_soon`), in order: the next write waits for them.
+        self._ahead: list[asyncio.Future[None]] = []
 
     @property
     def run_id(self) -> str:
@@ -163,6 +219,13 @@ class Step:
     def id(self, name: str) -> str:
         """The id of step `name` of this run: the id to give what the step publishes (dedup)."""
         return derived_id(self.run_id, "step", name)
+
+    async def bucket(self, name: str) -> KeyValue:
+        """KV bucket `name` (it must exist: `StreamsMissing` if not), opened once per engine."""
+        bucket = self._ctx.buckets.get(name)
+        if bucket is None:
+            bucket = self._ctx.buckets[name] = await open_bucket(self._ctx.js, name)
+        return bucket
 
     def _now(self) -> float:
         """Now, by the engine's clock."""
@@ -204,19 +267,77 @@ class Step:
 
     async def _positions(self) -> dict[str, int]:
         """The last sequence of each stream the agent waits on: where its next wait will read from."""
-        positions: dict[str, int] = {}
-        for kind in self._agent.waits_on:
-            stream = STREAM_OF_KIND[kind]
-            positions[stream] = (await self._ctx.js.stream_info(stream)).state.last_seq
-        return positions
+        streams = [STREAM_OF_KIND[kind] for kind in self._agent.waits_on]
+        infos = await asyncio.gather(*(self._ctx.js.stream_info(stream) for stream in streams))
+        return {stream: info.state.last_seq for stream, info in zip(streams, infos, strict=True)}
+
+    def _positions_soon(self) -> asyncio.Future[dict[str, int]]:
+        """`_positions()`, asked now and read in the background while the step goes on.
+
+        Asked at the step's start, before the step sends anything on the engine's connection, so nothing
+        the step causes can be stored before the position it reads from; the step awaits it before it
+        journals. Saves a round trip per step.
+        """
+        if not self._agent.waits_on:
+            done: asyncio.Future[dict[str, int]] = asyncio.get_running_loop().create_future()
+            done.set_result({})
+            return done
+        future = asyncio.ensure_future(self._positions())
+        future.add_done_callback(_retrieved)
+        return future
+
+    async def settle(self) -> None:
+        """Wait for the journal writes sent ahead; raise what the first that failed raised.
+
+        The engine calls it when the agent function returned, before it journals the run's end.
+        """
+        ahead, self._ahead = self._ahead, []
+        for write in ahead:
+            await write
+
+    def abandon(self) -> None:
+        """Cancel the journal writes sent ahead (the engine is stopping): the run resumes from its journal."""
+        ahead, self._ahead = self._ahead, []
+        for write in ahead:
+            write.cancel()
+
+    def _record_soon(self, name: str, step: StepRecord) -> None:
+        """`_record`, sent ahead: the run goes on to its next step while the write is on its way.
+
+        Only for a step whose effect is kept once by its id whatever happens (a fact): a crash before the
+        write lands repeats the effect under the same id, as a crash just after the effect always could.
+        Writes keep their order (each waits for the one before); the next `_record`, and `settle`,
+        wait for them all and raise what failed.
+        """
+        before = self._ahead[-1] if self._ahead else None
+
+        async def write() -> None:
+            if before is not None:
+                await asyncio.wait([before])
+            await self._write(name, step)
+
+        task = asyncio.ensure_future(write())
+        task.add_done_callback(_retrieved)
+        self._ahead.append(task)
 
     async def _record(
         self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
     ) -> None:
+        if self._ahead:
+            await self.settle()
+        await self._write(name, step, positions=positions, undo=undo)
+
+    async def _write(
+        self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
+    ) -> None:
+        results_from = self._ctx.results.known()
+
         def change(record: RunRecord) -> None:
             record.steps[name] = step
             if positions:
                 record.positions.update(positions)
+            if results_from is not None:
+                record.results_from = results_from
             if undo and not any(entry.step == name for entry in record.undos):
                 record.undos.append(UndoRecord(step=name))
 
@@ -253,13 +374,15 @@ class Step:
         if journalled is not None and journalled.status == "failed":
             raise StepFailed(self.run_id, name, journalled.error)
         self._before_new_step(new=journalled is None)
-        positions = await self._positions()
+        reading = self._positions_soon()
         started = journalled.started if journalled is not None else self._now()
         attempts = journalled.attempts if journalled is not None else 0
         if undo is not None and not any(entry.step == name for entry in self._handle.record.undos):
             await self._record(
                 name, StepRecord(status="started", attempts=attempts, started=started), undo=True
             )
+        # Read before `fn` runs: `fn` may act on other connections, which nothing orders after the read.
+        positions = await reading
         policy = retry or self._agent.retry
         backoff = policy.backoff()
         while True:
@@ -579,7 +702,6 @@ class Step:
         if not is_token(kind):
             raise AgentDeclarationError(f"step {name!r}: fact kind {kind!r} is not a token")
         self._before_new_step()
-        positions = await self._positions()
         started = self._now()
         fact_id = await self.keep_fact(
             fact_id=derived_id(self.run_id, "fact", name),
@@ -588,10 +710,10 @@ class Step:
             data=data,
             subject=subject,
         )
-        await self._record(
-            name,
-            StepRecord(status="done", result=fact_id, started=started, finished=self._now()),
-            positions=positions,
+        # No new positions: a wait after a fact reads from where the step before it began (a fact takes
+        # a round trip; reading that much further back costs nothing and saves two).
+        self._record_soon(
+            name, StepRecord(status="done", result=fact_id, started=started, finished=self._now())
         )
         return fact_id
 
@@ -815,3 +937,9 @@ class Step:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a background read's error as seen: a step that failed before awaiting it has its own error."""
+    if not future.cancelled():
+        future.exception()
