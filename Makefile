@@ -12,7 +12,7 @@ ARGS ?=
 NERVE_ARGS ?=
 unexport ARGS NERVE_ARGS
 
-.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt bench-engine bench-downlink bench-fleet clean
+.PHONY: setup run demo test lint typecheck pytest bench bench-edge bench-bridge bench-mqtt bench-engine bench-downlink bench-fleet bench-central clean
 
 setup: $(STAMP) system-deps
 
@@ -85,6 +85,11 @@ bench-downlink: setup
 # 1,000 / 5,000 / 10,000 simulated devices, 150 s each, then the breaking point past 10,000 (long: ~15 min+).
 bench-fleet: setup
 	$(BIN)/python bench/fleet.py --beyond $(ARGS)
+
+# Central, engine beside the hand-written runbook of before: step transitions/s, readings/s that fire
+# nothing (whole stack, a real central process), spike -> command p50/p90/p99 (~2-3 min; ARGS=--quick: ~20 s).
+bench-central: setup
+	$(BIN)/python bench/central.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -10,7 +10,15 @@ import pytest
 from nats.js.errors import NotFoundError
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
-from nerve.runtime.engine import AgentDeclarationError, Engine, Step, Trigger, durable_agent, wait_for_run
+from nerve.runtime.engine import (
+    AgentDeclarationError,
+    Engine,
+    EngineSettings,
+    Step,
+    Trigger,
+    durable_agent,
+    wait_for_run,
+)
 from nerve.runtime.engine.names import TIMERS_STREAM, timer_schedule_subject
 from nerve.runtime.engine.timers import has_fired
 from nerve.runtime.envelope.model import derived_id
@@ -179,3 +187,52 @@ async def test_a_wait_on_a_kind_not_declared_fails_the_run_saying_so(
         record = await wait_for_run(engine.kv, agent.run_id(event.id), timeout=20)
     assert record.state == "failed"
     assert "waits_on=(Kind.EVENTS,)" in record.error
+
+
+@durable_agent(
+    "patient",
+    trigger=Trigger(Kind.EVENTS, "hold"),
+    key=lambda event: str(event.data["k"]),
+    waits_on=(Kind.EVENTS,),
+)
+async def patient(event: Envelope, step: Step) -> str:
+    key = str(event.data["k"])
+    got = await step.wait_for_event(
+        "go", "go", timeout=60, match=lambda e: isinstance(e.data, dict) and e.data.get("k") == key
+    )
+    return "went" if got is not None else "gave up"
+
+
+@durable_agent("quick", trigger=Trigger(Kind.EVENTS, "poke"), key=lambda event: str(event.data["k"]))
+async def quick(event: Envelope, step: Step) -> str:
+    return str(await step.run("one", lambda: _answer("done")))
+
+
+async def _answer(value: str) -> str:
+    return value
+
+
+@pytest.mark.parametrize("waiting_cap", [10, 2])
+async def test_runs_waiting_for_events_leave_their_slots_to_new_runs(
+    nc: NatsClient, js: JetStreamContext, waiting_cap: int
+) -> None:
+    """Two slots, four runs waiting: a new trigger still runs (up to `max_waiting_runs`; past it a wait
+    keeps its slot, and the other slot serves the new run)."""
+    settings = EngineSettings(lease_s=1.0, max_live_runs=3, max_waiting_runs=waiting_cap)
+    async with Engine(nc=nc, agents=[patient, quick], prefix=PREFIX, settings=settings) as engine:
+        holds = [await publish_event(js, "hold", {"k": f"h{n}"}, event_id=f"hold-{n}") for n in range(4)]
+        run_ids = [patient.run_id(event.id) for event in holds]
+        async with asyncio.timeout(20):
+            while True:
+                records = [await engine.record(run_id) for run_id in run_ids]
+                waiting = [r for r in records if r is not None and "go" in r.steps]
+                if len(waiting) == len(run_ids):
+                    break
+                await asyncio.sleep(0.05)
+        poke = await publish_event(js, "poke", {"k": "p"}, event_id="poke-1")
+        done = await wait_for_run(engine.kv, quick.run_id(poke.id), timeout=20)
+        assert done.result == "done"
+        for n in range(4):
+            await publish_event(js, "go", {"k": f"h{n}"}, event_id=f"go-{n}")
+        ended = [await wait_for_run(engine.kv, run_id, timeout=20) for run_id in run_ids]
+    assert [record.result for record in ended] == ["went"] * 4

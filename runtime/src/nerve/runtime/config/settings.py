@@ -627,6 +627,12 @@ class EngineSettings(_Settings):
 
     lease_s: float = Field(default=15.0, ge=1.0, le=3600.0, description="seconds a claim on a run lasts")
     max_live_runs: int = Field(default=1000, ge=1, description="runs one process executes at once")
+    max_waiting_runs: int = Field(
+        default=10_000,
+        ge=0,
+        le=1_000_000,
+        description="runs one process holds waiting (for an event, a result, a decision) without a slot",
+    )
     max_record_bytes: int = Field(
         default=1 * MIB, ge=64 * 1024, le=MAX_RECORD_BYTES, description="largest journal of one run"
     )

@@ -60,7 +60,7 @@ from nerve.runtime.engine.names import (
 )
 from nerve.runtime.engine.runs import request_cancel
 from nerve.runtime.engine.settings import EngineSettings
-from nerve.runtime.engine.step import EngineContext, Park, Step
+from nerve.runtime.engine.step import EngineContext, Park, Slot, Step, Waiting
 from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, has_fired, schedule
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
@@ -215,6 +215,8 @@ class Engine:
         self._known: dict[str, _Known] = {}
         self._cancels: set[str] = set()
         self._slots = asyncio.Semaphore(self.settings.max_live_runs)
+        #: Runs of this process waiting (for an event, a result, a decision) without a slot (`Slot`).
+        self._waiting = Waiting(self.settings.max_waiting_runs)
         self._main: asyncio.Task[None] | None = None
         self._configure = configure
         self._device_keys = device_keys
@@ -683,7 +685,8 @@ class Engine:
             self._slots.release()
             return
         trigger = decode(bytes(handle.record.trigger), MODEL_OF_KIND[agent.trigger.kind])
-        step = Step(ctx=self._context, handle=handle, agent=agent, trigger=trigger)
+        slot = Slot(self._slots, self._waiting)
+        step = Step(ctx=self._context, handle=handle, agent=agent, trigger=trigger, slot=slot)
         self._live[handle.run_id] = step
         if handle.run_id in self._cancels:
             step.cancel()
@@ -715,7 +718,7 @@ class Engine:
                 log.error("engine: run %s stopped: %r", handle.run_id, group.exceptions[0])  # noqa: TRY400
         finally:
             self._live.pop(handle.run_id, None)
-            self._slots.release()
+            step.slot.give_back()
         if handle.record.terminal and not handle.lost:
             await self._give_back(agent, handle.record)
         if rewake:

@@ -15,6 +15,7 @@ effect published under the step id, and a durable wait with a timer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ from nerve.runtime.jetstream.streams import STREAM_OF_KIND, open_bucket
 from nerve.runtime.subjects import Kind, is_token, subject_root
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
@@ -156,6 +157,53 @@ class StreamMark:
         self._seq, self._read_at = seq, asked
 
 
+class Waiting:
+    """How many runs of one process wait without an execution slot, and how many may (`max_waiting_runs`)."""
+
+    __slots__ = ("cap", "count")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.count = 0
+
+
+class Slot:
+    """A run's share of its process's execution slots (`max_live_runs`).
+
+    Taken when the run is claimed; given back while it waits for an event, a result or a decision (up to
+    `max_waiting_runs` such runs: past that, a wait keeps its slot), so that long waits cannot use up
+    the slots new triggers need; given back for good when the run stops.
+    """
+
+    __slots__ = ("_held", "_slots", "_waiting")
+
+    def __init__(self, slots: asyncio.Semaphore, waiting: Waiting) -> None:
+        self._slots = slots
+        self._waiting = waiting
+        self._held = True
+
+    def give_back(self) -> None:
+        """Give the slot back, if held."""
+        if self._held:
+            self._held = False
+            self._slots.release()
+
+    @contextlib.asynccontextmanager
+    async def waiting(self) -> AsyncIterator[None]:
+        """Wait without the slot (room permitting); take one again after."""
+        if not self._held or self._waiting.count >= self._waiting.cap:
+            yield
+            return
+        self._waiting.count += 1
+        self.give_back()
+        try:
+            yield
+        finally:
+            self._waiting.count -= 1
+            await self._slots.acquire()
+            self._held = True
+
+
 class Park(BaseException):
     """Raised through the agent function when the run must wait for timer `timer_id`: it is parked.
 
@@ -185,8 +233,11 @@ class Step:
         handle: RunHandle,
         agent: DurableAgent,
         trigger: Envelope,
+        slot: Slot | None = None,
     ) -> None:
+        """`slot`: the run's execution slot, given back while it waits (default: none to give back)."""
         self._ctx = ctx
+        self.slot = slot or Slot(asyncio.Semaphore(1), Waiting(0))
         self._handle = handle
         self._agent = agent
         self._trigger = trigger
@@ -613,35 +664,47 @@ class Step:
             ordered_consumer=True,
         )
         try:
-            while True:
-                got = await self._next(queue, waiting)
-                checkpoint()
-                if got == "cancel":
-                    raise RunCancelled(self.run_id)
-                if got == "timer":
-                    return None
-                if got is None:  # the timer is late: look, and schedule it again if it was lost
-                    if await has_fired(js, prefix=self._ctx.prefix, timer_id=waiting.timer):
-                        return None
-                    await schedule(
-                        js,
-                        prefix=self._ctx.prefix,
-                        timer_id=waiting.timer,
-                        due=waiting.due,
-                        run_id=self.run_id,
-                        step_id=waiting.timer,
-                    )
-                    continue
-                try:
-                    envelope = decode(got.data, model)
-                except DecodeError as exc:
-                    log.debug("engine: run %s skips an undecodable %s: %s", self.run_id, got.subject, exc)
-                    continue
-                if match is None or match(envelope):
-                    return envelope, got.metadata.sequence.stream
+            async with self.slot.waiting():
+                return await self._read(queue, waiting, model, match)
         finally:
             await events.unsubscribe()
             await timer.unsubscribe()
+
+    async def _read(
+        self,
+        queue: asyncio.Queue[Msg | Literal["timer"]],
+        waiting: StepRecord,
+        model: type[Envelope],
+        match: Callable[[Envelope], bool] | None,
+    ) -> tuple[Envelope, int] | None:
+        """`_watch`'s loop: the first message `match` accepts, or None when the timer fired."""
+        js = self._ctx.js
+        while True:
+            got = await self._next(queue, waiting)
+            checkpoint()
+            if got == "cancel":
+                raise RunCancelled(self.run_id)
+            if got == "timer":
+                return None
+            if got is None:  # the timer is late: look, and schedule it again if it was lost
+                if await has_fired(js, prefix=self._ctx.prefix, timer_id=waiting.timer):
+                    return None
+                await schedule(
+                    js,
+                    prefix=self._ctx.prefix,
+                    timer_id=waiting.timer,
+                    due=waiting.due,
+                    run_id=self.run_id,
+                    step_id=waiting.timer,
+                )
+                continue
+            try:
+                envelope = decode(got.data, model)
+            except DecodeError as exc:
+                log.debug("engine: run %s skips an undecodable %s: %s", self.run_id, got.subject, exc)
+                continue
+            if match is None or match(envelope):
+                return envelope, got.metadata.sequence.stream
 
     async def _next(
         self, queue: asyncio.Queue[Msg | Literal["timer"]], waiting: StepRecord
@@ -872,21 +935,24 @@ class Step:
         )
         seen = 0
         try:
-            while True:
-                got = await self._next(queue, waiting)
-                checkpoint()
-                if got == "cancel":
-                    raise RunCancelled(self.run_id)
-                if got is None and not await has_fired(js, prefix=self._ctx.prefix, timer_id=waiting.timer):
-                    await self._schedule(waiting.timer, waiting.due, name)  # the timer was lost
-                    continue
-                if got is None or got == "timer":
-                    # Expired: but a decision stored before now is read first (it may have come in time).
-                    return await self._last_decisions(name, waiting, queue, subject, seen)
-                seen += 1
-                decision = await self._judge(name, waiting, got)
-                if decision is not None:
-                    return decision
+            async with self.slot.waiting():
+                while True:
+                    got = await self._next(queue, waiting)
+                    checkpoint()
+                    if got == "cancel":
+                        raise RunCancelled(self.run_id)
+                    if got is None and not await has_fired(
+                        js, prefix=self._ctx.prefix, timer_id=waiting.timer
+                    ):
+                        await self._schedule(waiting.timer, waiting.due, name)  # the timer was lost
+                        continue
+                    if got is None or got == "timer":
+                        # Expired: but a decision stored before now is read first (it may have come in time).
+                        return await self._last_decisions(name, waiting, queue, subject, seen)
+                    seen += 1
+                    decision = await self._judge(name, waiting, got)
+                    if decision is not None:
+                        return decision
         finally:
             await decisions.unsubscribe()
             await timer.unsubscribe()
