@@ -31,6 +31,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
+from nats.js.api import KeyValueConfig
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 
 from nerve.runtime.cancellation import until_signalled
@@ -43,7 +44,6 @@ from nerve.runtime.config.settings import (
 )
 from nerve.runtime.envelope.model import CommandResult, Envelope, Event, derived_id
 from nerve.runtime.errors import ConfigError, NerveError
-from nerve.runtime.jetstream.streams import INCIDENTS_BUCKET, open_bucket
 from nerve.runtime.subjects import Kind
 from nerve.runtime.trust.signing import Signer
 
@@ -54,7 +54,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BUCKET: Final = INCIDENTS_BUCKET
+#: Its incidents, one key per device (nerve kept this bucket for it until the engine's singleton).
+BUCKET: Final = "nerve_incidents"
 ACTION: Final = "clear_temp"
 
 
@@ -130,7 +131,7 @@ class DiskRunbook(Agent):
 
     async def start(self, ctx: AgentContext) -> None:
         """Create the incidents bucket and pick up incidents a previous run left open."""
-        self._kv = await open_bucket(ctx.js, BUCKET)  # made by `nerve streams apply` (or central, in dev)
+        self._kv = await ctx.js.create_key_value(KeyValueConfig(bucket=BUCKET, history=1))  # or opens it
         try:
             keys = await self.kv.keys()
         except NoKeysError:
