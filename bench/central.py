@@ -423,7 +423,9 @@ async def reaction(column: str, args: argparse.Namespace) -> tuple[dict[str, flo
                 settings = MqttSettings(url=mosquitto.url)
                 await wait_ready(server.url, CONSUMERS[column], settings, log)
                 floor_ms = await floor(settings, args.spikes)
-                samples, missed = await spikes(settings, args.spikes, args.warmup)
+                samples, missed = await spikes(
+                    settings, args.spikes, args.warmup, registry=None if args.silent else root / "devices"
+                )
             finally:
                 for process in parts:
                     await stop(process)
@@ -489,6 +491,9 @@ async def main() -> int:
     parser.add_argument("--readings", type=positive, help="backlog (default 100000, quick 5000)")
     parser.add_argument("--spikes", type=positive, help="timed spikes per column (default 1,000, quick 30)")
     parser.add_argument("--warmup", type=int, help="untimed spikes first (default 50, quick 5)")
+    parser.add_argument(
+        "--silent", action="store_true", help="devices never answer their commands (every run waits 30 s)"
+    )
     args = parser.parse_args()
     defaults = {"runs": (200, 20), "steps": (20, 10), "incidents": (500, 10), "readings": (100_000, 5_000)}
     defaults |= {"spikes": (1_000, 30), "warmup": (50, 5)}

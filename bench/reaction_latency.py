@@ -3,10 +3,13 @@
 Starts `nerve up` as a user would (its own mosquitto and nats-server on free ports, a temp data dir),
 then publishes N disk spikes of `{"value": 97}`, one at a time, each on a new device id (so no open
 incident or cooldown hides a spike), and times each until the signed `clear_temp` command arrives on
-`nerve/<device>/commands/clear_temp`. In the same run it measures the floor: a QoS1 publish -> receive
-round trip through the same mosquitto. Prints p50 / p90 / p99 / max for both and the target verdict.
+`nerve/<device>/commands/clear_temp`. Each device is registered in central's device registry first and
+answers its command as an edge does (a signed `ok`, then a reading below the clear level), so its
+incident resolves; with `--silent` no device answers and every run waits for its result. In the same run
+it measures the floor: a QoS1 publish -> receive round trip through the same mosquitto. Prints p50 / p90
+/ p99 / max for both and the target verdict.
 
-    .venv/bin/python bench/reaction_latency.py [--spikes 1000]
+    .venv/bin/python bench/reaction_latency.py [--spikes 1000] [--silent]
 """
 
 from __future__ import annotations
@@ -24,12 +27,17 @@ from pathlib import Path
 from typing import Final
 
 from nerve.runtime.config.settings import MqttSettings
+from nerve.runtime.envelope.codec import decode, to_msgpack
+from nerve.runtime.envelope.model import Command, CommandResult
 from nerve.runtime.stack.brokers import free_port
+from nerve.runtime.testing import provision_device
 from nerve.runtime.wire.client import MqttClient
 from nerve.runtime.wire.mqtt import MqttWireError
 
 TARGET_P99_MS: Final = 10.0  # issue 8 (issue 2 asked 20)
 SPIKE: Final = b'{"value": 97}'
+CLEARED: Final = b'{"value": 40}'
+REGISTRY_RELOAD_S: Final = 1.5
 READY_TIMEOUT_S: Final = 60.0
 STEP_TIMEOUT_S: Final = 5.0
 
@@ -103,12 +111,34 @@ async def floor(settings: MqttSettings, rounds: int) -> list[float]:
     return samples
 
 
-async def spikes(settings: MqttSettings, count: int, warmup: int) -> tuple[list[float], int]:
-    samples: list[float] = []
-    missed = 0
+async def spikes(
+    settings: MqttSettings, count: int, warmup: int, *, registry: Path | None = None
+) -> tuple[list[float], int]:
+    """Spike -> command samples (ms) and how many spikes got no command within `STEP_TIMEOUT_S`.
+
+    With `registry` (central's device key registry), every spiked device is registered first and
+    answers its command as an edge does: a signed `ok`, then a disk reading below the clear level, so
+    its incident resolves instead of waiting for a result that never comes (each waiting run costs
+    central its subscriptions and lease renewals, which a fleet that answers does not pay).
+    """
     waiting: dict[str, asyncio.Future[float]] = {}
+    run = f"{os.getpid()}-{int(time.time())}"
+    devices = [f"bench-{run}-{i:05d}" for i in range(warmup + count)]
+    signers = {device: provision_device(registry, device) for device in devices} if registry else {}
+    if signers:
+        await asyncio.sleep(REGISTRY_RELOAD_S)  # central reads the registry again within a second
+    answers: set[asyncio.Task[None]] = set()
     async with MqttClient(settings, client_id="bench-spiker") as client:
         await client.subscribe("nerve/+/commands/+")
+
+        async def answer(device: str, payload: bytes) -> None:
+            command = decode(payload, Command)
+            result = CommandResult.for_command(
+                command, source=f"nerve://{device}", status="ok", data={"files_deleted": 1, "bytes_freed": 1}
+            )
+            signed = signers[device].sign(result)
+            await client.publish(f"nerve/{device}/results/{command.action}", to_msgpack(signed), qos=1)
+            await client.publish(f"nerve/{device}/telemetry/disk", CLEARED, qos=1)
 
         async def receive() -> None:
             async for message in client.messages:
@@ -116,28 +146,41 @@ async def spikes(settings: MqttSettings, count: int, warmup: int) -> tuple[list[
                 future = waiting.pop(device, None)
                 if future is not None and not future.done():
                     future.set_result(time.perf_counter())
+                if device in signers:
+                    task = asyncio.create_task(answer(device, message.payload))
+                    answers.add(task)
+                    task.add_done_callback(answers.discard)
 
         receiver = asyncio.create_task(receive())
-        run = f"{os.getpid()}-{int(time.time())}"
         try:
-            for i in range(warmup + count):
-                device = f"bench-{run}-{i:05d}"
-                future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-                waiting[device] = future
-                start = time.perf_counter()
-                await client.publish(f"nerve/{device}/telemetry/disk", SPIKE, qos=1)
-                try:
-                    async with asyncio.timeout(STEP_TIMEOUT_S):
-                        arrived = await future
-                except TimeoutError:
-                    missed += 1
-                    continue
-                if i >= warmup:
-                    samples.append((arrived - start) * 1000)
+            return await _timed(client, devices, warmup, waiting)
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError, MqttWireError):
                 await receiver
+            for task in list(answers):
+                task.cancel()
+
+
+async def _timed(
+    client: MqttClient, devices: list[str], warmup: int, waiting: dict[str, asyncio.Future[float]]
+) -> tuple[list[float], int]:
+    """One spike a device, one at a time: the samples after `warmup`, and how many got no command."""
+    samples: list[float] = []
+    missed = 0
+    for i, device in enumerate(devices):
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        waiting[device] = future
+        start = time.perf_counter()
+        await client.publish(f"nerve/{device}/telemetry/disk", SPIKE, qos=1)
+        try:
+            async with asyncio.timeout(STEP_TIMEOUT_S):
+                arrived = await future
+        except TimeoutError:
+            missed += 1
+            continue
+        if i >= warmup:
+            samples.append((arrived - start) * 1000)
     return samples, missed
 
 
@@ -145,6 +188,9 @@ async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spikes", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument(
+        "--silent", action="store_true", help="devices never answer: every run waits for its result (30 s)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="nerve-bench-") as tmp:
         mqtt_port, nats_port = free_port(), free_port()
@@ -152,7 +198,9 @@ async def main() -> int:
         try:
             settings = MqttSettings(url=f"mqtt://127.0.0.1:{mqtt_port}")
             floor_ms = await floor(settings, args.spikes)
-            reaction_ms, missed = await spikes(settings, args.spikes, args.warmup)
+            reaction_ms, missed = await spikes(
+                settings, args.spikes, args.warmup, registry=None if args.silent else Path(tmp) / "devices"
+            )
         finally:
             process.send_signal(signal.SIGTERM)
             started = time.perf_counter()
