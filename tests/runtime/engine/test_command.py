@@ -204,3 +204,39 @@ async def test_a_crash_after_the_send_before_its_journal_entry_still_finds_the_r
         done = await wait_for_run(engine.kv, run_id, timeout=20)
     assert done.result == "ok 9"
     assert len(await commands(js)) == 1  # the same id twice: kept once
+
+
+@durable_agent("halves", trigger=Trigger(Kind.EVENTS, "halved"), key=lambda event: str(event.data["device"]))
+async def halves(event: Envelope, step: Step) -> str:
+    """`send`, a fact while the command is out, then `result`; or `result` alone, which is a mistake."""
+    if event.data.get("mistake"):
+        await step.result("fix")
+        return "unreachable"
+    command_id = await step.send("fix", device=step.key, action="clear_temp", args={}, ttl=30)
+    await step.fact("out", kind="command_issued", summary=f"sent {command_id}")
+    result = await step.result("fix")
+    return f"{command_id == step.id('fix')} {result.status}"
+
+
+async def test_send_then_result_are_the_command_in_two_halves(
+    nc: NatsClient, js: JetStreamContext, tmp_path: Path, central: tuple[Signer, Verifier]
+) -> None:
+    signer, _ = central
+    dev6 = provision_device(tmp_path / "devices", "dev6")
+    keys = DeviceKeys(tmp_path / "devices")
+    async with Engine(
+        nc=nc, agents=[halves], prefix=PREFIX, settings=FAST, signer=signer, device_keys=keys
+    ) as engine:
+        event = await publish_event(js, "halved", {"device": "dev6"}, event_id="e-halved-1")
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands(js)
+        await answer(js, command, dev6)
+        done = await wait_for_run(engine.kv, halves.run_id(event.id), timeout=20)
+        assert done.result == "True ok"
+        assert list(done.steps) == ["fix", "out"]
+        mistake = await publish_event(
+            js, "halved", {"device": "dev7", "mistake": True}, event_id="e-halved-2"
+        )
+        failed = await wait_for_run(engine.kv, halves.run_id(mistake.id), timeout=20)
+    assert failed.state == "failed"
+    assert "result() of a command that send() did not send" in failed.error

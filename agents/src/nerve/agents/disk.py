@@ -4,7 +4,9 @@ One incident per device at a time: the agent is a singleton per device (`Limits(
 a spike while the device's incident is open or cooling down starts no run; the engine counts it and keeps
 a sampled `trigger_dropped` fact instead.
 
-1. Send `clear_temp`, signed, and wait durably for the device's signed result (`step.command`).
+1. Send `clear_temp`, signed (`step.send`: the reflex comes before the facts about it), keep the
+   `incident_opened` and `command_issued` facts, and wait durably for the device's signed result
+   (`step.result`).
 2. Verify: a reading of the device since the spike must be below `clear_below` within `verify_s`; else a
    person is needed (`incident_failed`). A failed result, or none in time, fails the incident too.
 3. Cool down (a durable sleep): the run, and so the device's incident, stays open until then.
@@ -117,13 +119,16 @@ def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
         device, value = step.key, _value(reading) or 0.0
         mount = str(reading.data.get("mount", "")) if isinstance(reading.data, dict) else ""
         disk, incident = _disk(mount), step.run_id
+        # The reflex first: the command is out before the facts about it are kept.
+        command_id = await step.send(
+            ACTION, device=device, action=ACTION, args={"older_than_s": settings.older_than_s}, ttl=ttl
+        )
         await step.fact(
             "opened",
             kind="incident_opened",
             summary=f"{device}: {disk} at {value:.1f}% (threshold {settings.threshold:g}%): incident opened",
             data={"incident_id": incident, "value": value, "mount": mount},
         )
-        command_id = step.id(ACTION)
         await step.fact(
             "issued",
             kind="command_issued",
@@ -133,9 +138,7 @@ def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
         )
         failed = ""
         try:
-            result = await step.command(
-                ACTION, device=device, action=ACTION, args={"older_than_s": settings.older_than_s}, ttl=ttl
-            )
+            result = await step.result(ACTION)
         except StepFailed as exc:
             if exc.step != ACTION:  # not a timeout: the run is being compensated or stopped
                 raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -61,6 +62,23 @@ def _ids(step: Step, name: str, attempt: int) -> tuple[str, str]:
     return command_id, derived_id(command_id, "timer")
 
 
+@dataclass
+class Sent:
+    """A command step sent (`Step.send`), or found done or failed in the journal: what `wait_for` needs."""
+
+    name: str
+    device: str
+    action: str
+    args: dict[str, Any]
+    ttl: float
+    attempts: int
+    #: The attempt under way (None: the journal says how the step ended).
+    journalled: StepRecord | None = None
+    #: How it ended, from the journal: its result, or why it failed.
+    result: CommandResult | None = None
+    error: str = ""
+
+
 async def send_command(
     step: Step,
     name: str,
@@ -70,23 +88,32 @@ async def send_command(
     args: dict[str, Any],
     ttl: float,
     attempts: int,
-) -> CommandResult:
-    """What `Step.command` does (see the module docstring)."""
+) -> Sent:
+    """What `Step.send` does (see the module docstring): journal and send, or find the step's end."""
+    sent = Sent(name=name, device=device, action=action, args=args, ttl=ttl, attempts=attempts)
     journalled = step._enter(name)  # noqa: SLF001 - a step of Step's, kept in a module of its own
     if journalled is not None and journalled.status == "done":
-        return decode(str(journalled.result["result"]).encode(), CommandResult)
+        sent.result = decode(str(journalled.result["result"]).encode(), CommandResult)
+        return sent
     if journalled is not None and journalled.status == "failed":
-        raise StepFailed(step.run_id, name, journalled.error)
+        sent.error = journalled.error or "failed"
+        return sent
     _check(step, name, device, action, attempts, ttl)
+    sent.journalled = await _attempt(step, sent, journalled)
+    return sent
+
+
+async def wait_for(step: Step, sent: Sent) -> CommandResult:
+    """What `Step.result` does: the device's verified result, sending again while `attempts` last."""
+    if sent.result is not None:
+        return sent.result
+    journalled = sent.journalled
+    if journalled is None:
+        raise StepFailed(step.run_id, sent.name, sent.error)
     ctx = step._ctx  # noqa: SLF001
     while True:
-        journalled, journalling = await _begin(step, name, journalled, ttl)
-        command_id, _timer = _ids(step, name, journalled.attempts)
-        if journalled.due > time.time():  # resent after a crash: the same id, kept once
-            await asyncio.gather(_publish(step, command_id, device, action, args, ttl), journalling)
-        else:
-            await journalling
-        found = await _await_result(step, journalled, command_id, device, action)
+        command_id, _timer = _ids(step, sent.name, journalled.attempts)
+        found = await _await_result(step, journalled, command_id, sent.device, sent.action)
         if found is not None:
             result, seq = found
             done = msgspec.structs.replace(
@@ -96,18 +123,33 @@ async def send_command(
                 finished=time.time(),
             )
             await asyncio.gather(
-                step._record(name, done),  # noqa: SLF001
+                step._record(sent.name, done),  # noqa: SLF001
                 forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer),
             )
             return result
         await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
-        error = f"no result from {device} to {action} within {ttl + CLOCK_SKEW_S:g}s"
-        if journalled.attempts >= attempts:
+        error = f"no result from {sent.device} to {sent.action} within {sent.ttl + CLOCK_SKEW_S:g}s"
+        if journalled.attempts >= sent.attempts:
             failed = msgspec.structs.replace(journalled, status="failed", error=error, finished=time.time())
-            await step._record(name, failed)  # noqa: SLF001
-            raise StepFailed(step.run_id, name, error)
-        log.info("engine: run %s step %r: %s (try %d)", step.run_id, name, error, journalled.attempts)
-        journalled = msgspec.structs.replace(journalled, status="started", error=error)
+            await step._record(sent.name, failed)  # noqa: SLF001
+            raise StepFailed(step.run_id, sent.name, error)
+        log.info("engine: run %s step %r: %s (try %d)", step.run_id, sent.name, error, journalled.attempts)
+        journalled = await _attempt(
+            step, sent, msgspec.structs.replace(journalled, status="started", error=error)
+        )
+
+
+async def _attempt(step: Step, sent: Sent, journalled: StepRecord | None) -> StepRecord:
+    """Begin an attempt (or resume the one begun) and send its command (again: the same id, kept once)."""
+    journalled, journalling = await _begin(step, sent.name, journalled, sent.ttl)
+    command_id, _timer = _ids(step, sent.name, journalled.attempts)
+    if journalled.due > time.time():
+        await asyncio.gather(
+            _publish(step, command_id, sent.device, sent.action, sent.args, sent.ttl), journalling
+        )
+    else:
+        await journalling
+    return journalled
 
 
 def _check(step: Step, name: str, device: str, action: str, attempts: int, ttl: float) -> None:  # noqa: PLR0917

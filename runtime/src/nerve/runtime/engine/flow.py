@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
@@ -86,6 +86,10 @@ LOOP_REFUSED: Final = "loop_guard"
 BREAKER_OPENED: Final = "breaker_opened"
 #: Compare-and-set tries before a limit's state is declared contended (the trigger comes again).
 MAX_CAS_TRIES: Final = 20
+#: Limit states this process remembers (`Flow._cas` writes them without reading them first), and the
+#: largest it remembers.
+KNOWN_STATES: Final = 10_000
+KNOWN_STATE_BYTES: Final = 4096
 #: A slot held by a run whose journal is missing (it was never created) is freed only this much later,
 #: so a run that took its slot and is being created is not mistaken for one that vanished.
 STALE_AFTER_S: Final = 30.0
@@ -268,6 +272,7 @@ class Flow:
     ) -> None:
         self._js = js
         self._limits = limits
+        self._known: OrderedDict[tuple[int, str], tuple[int, bytes]] = OrderedDict()
         self._lineage = lineage
         self._runs = runs
         self._prefix = prefix
@@ -739,26 +744,44 @@ class Flow:
         was written in between; else it is tried again. Raises `LimitContended`.
         """
         kv = bucket or self._limits
-        for _ in range(MAX_CAS_TRIES):
-            try:
-                entry = await kv.get(name)
-                revision = entry.revision or 0
-                state = msgspec.json.decode(entry.value, type=kind) if entry.value else None
-            except KeyNotFoundError:
-                revision, state = 0, None
+        where = (id(kv), name)
+        # First from what this process wrote last (no read), else as if absent (a create, no read): one
+        # round trip either way when nobody else wrote; a refused write reads the state and tries again.
+        known = self._known.pop(where, None)
+        for attempt in range(MAX_CAS_TRIES):
+            if attempt == 0:
+                revision, raw = known or (0, b"")
+            else:
+                try:
+                    entry = await kv.get(name)
+                    revision, raw = entry.revision or 0, entry.value or b""
+                except KeyNotFoundError:
+                    revision, raw = 0, b""
+            state = msgspec.json.decode(raw, type=kind) if raw else None
             new, result = change(state)
             if new is None:
+                if attempt == 0:
+                    continue  # nothing to write: say so only of the state as it is now
+                self._remember(where, revision, raw)
                 return result
             data = msgspec.json.encode(new)
             try:
                 if revision:
-                    await kv.update(name, data, last=revision)
+                    written = await kv.update(name, data, last=revision)
                 else:
-                    await kv.create(name, data)
+                    written = await kv.create(name, data)
             except KeyWrongLastSequenceError:
                 continue
+            self._remember(where, written, data)
             return result
         raise LimitContended(name)
+
+    def _remember(self, where: tuple[int, str], revision: int, raw: bytes) -> None:
+        """Keep a state this process read or wrote (small ones, the newest `KNOWN_STATES`)."""
+        if revision and len(raw) <= KNOWN_STATE_BYTES:
+            self._known[where] = (revision, raw)
+            if len(self._known) > KNOWN_STATES:
+                self._known.popitem(last=False)
 
 
 def _delay_text(decision: Decision) -> str:

@@ -64,7 +64,7 @@ if TYPE_CHECKING:
 
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
     from nerve.runtime.engine.clock import Clock
-    from nerve.runtime.engine.command import ResultRefusals
+    from nerve.runtime.engine.command import ResultRefusals, Sent
     from nerve.runtime.engine.fallback import FallbackSpec
     from nerve.runtime.engine.flow import Flow
     from nerve.runtime.engine.journal import RunHandle
@@ -246,6 +246,8 @@ class Step:
         self.undos: dict[str, UndoFunction] = {}
         self._cancelled = False
         self._wakeups: asyncio.Queue[Literal["cancel"]] = asyncio.Queue()
+        #: Commands sent and not waited for yet (`send`, `result`).
+        self._sent: dict[str, Sent] = {}
         #: Journal writes sent ahead (`_record_soon`), in order: the next write waits for them.
         self._ahead: list[asyncio.Future[None]] = []
 
@@ -747,13 +749,45 @@ class Step:
         result on NERVE_RESULTS from where the stream was before the send, and acts only on one that
         verifies against the device registry. No result within `ttl` (plus clock skew): the command is
         sent again under a new id while `attempts` last, then the step fails (`StepFailed`).
+        `send` and `result` are its two halves, for steps to run in between (facts, say).
         See `nerve.runtime.engine.command`.
+        """
+        await self.send(name, device=device, action=action, args=args, ttl=ttl, attempts=attempts)
+        return await self.result(name)
+
+    async def send(
+        self,
+        name: str,
+        *,
+        device: str,
+        action: str,
+        args: dict[str, Any],
+        ttl: float,
+        attempts: int = 1,
+    ) -> str:
+        """The first half of `command`: send it (journalled), return its id; `result(name)` waits for it.
+
+        What a reflex uses: the command is out before the facts about it are kept.
         """
         from nerve.runtime.engine.command import send_command  # noqa: PLC0415 - it imports this module
 
-        return await send_command(
+        self._sent[name] = await send_command(
             self, name, device=device, action=action, args=args, ttl=ttl, attempts=attempts
         )
+        return self.id(name)
+
+    async def result(self, name: str) -> CommandResult:
+        """The second half of `command`: the device's verified result to the command `send(name)` sent.
+
+        Raises `StepFailed` when no result came in time (after every attempt), `AgentDeclarationError`
+        when `send(name)` did not come first.
+        """
+        from nerve.runtime.engine.command import wait_for  # noqa: PLC0415 - it imports this module
+
+        sent = self._sent.pop(name, None)
+        if sent is None:
+            raise AgentDeclarationError(f"step {name!r}: result() of a command that send() did not send")
+        return await wait_for(self, sent)
 
     async def fact(
         self,
