@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.approval import (
@@ -80,6 +81,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_STEP_NAME_CHARS: Final = 128
+#: How many stored messages a wait reads one by one before it subscribes (`Step._look`).
+LOOK_AHEAD: Final = 8
 #: How long an expired approval waits for the decisions stored before its expiry to be read.
 DECISIONS_READ_S: Final = 10.0
 # The subject of a fact about a run whose key is not a token (an order id with a dot, say).
@@ -596,11 +599,29 @@ class Step:
         if since_trigger and stream != self._handle.record.trigger_stream:
             raise AgentDeclarationError(f"step {name!r}: since_trigger reads only the trigger's stream")
         timer_id = derived_id(self.run_id, "timer", name)
+        subject = f"{subject_root(self._ctx.prefix)}.{source}.{kind.value}.{event_type}"
         if journalled is None:
             self._before_new_step()
             record = self._handle.record
             from_seq = record.trigger_seq if since_trigger else record.positions.get(stream, 0)
-            positions = await self._positions()
+            reading = self._positions_soon()
+            started = self._now()
+            # Already there (a device answers fast): done at once, without a timer or a subscription.
+            # What it finds is the stream's first match after `from_seq`: a replay finds the same.
+            early = await self._look(subject, stream, model, match, from_seq)
+            if early is not None:
+                event, seq = early
+                done = StepRecord(
+                    status="done",
+                    result={"event": to_json(event).decode(), "seq": seq},
+                    started=started,
+                    finished=self._now(),
+                    stream=stream,
+                    from_seq=from_seq,
+                )
+                await self._record(name, done, positions=await reading)
+                return event
+            positions = await reading
             due = self._now() + timeout
             journalled = StepRecord(
                 status="waiting",
@@ -616,7 +637,6 @@ class Step:
             self._before_new_step(new=False)
             if not await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
                 await self._schedule(timer_id, journalled.due, name)
-        subject = f"{subject_root(self._ctx.prefix)}.{source}.{kind.value}.{event_type}"
         found = await self._watch(journalled, subject, stream, model, match)
         result = None if found is None else {"event": to_json(found[0]).decode(), "seq": found[1]}
         done = StepRecord(
@@ -631,6 +651,36 @@ class Step:
         await self._record(name, done)
         await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
         return None if found is None else found[0]
+
+    async def _look(
+        self,
+        subject: str,
+        stream: str,
+        model: type[Envelope],
+        match: Callable[[Envelope], bool] | None,
+        from_seq: int,
+    ) -> tuple[Envelope, int] | None:
+        """The first message on `subject` after `from_seq` that `match` accepts, if one is stored now.
+
+        Read message by message (`next_by_subj`), at most `LOOK_AHEAD` of them: no consumer to make and
+        delete. None: none stored yet (or more than that many to read: a subscription reads them).
+        """
+        seq = from_seq + 1
+        for _ in range(LOOK_AHEAD):
+            try:
+                raw = await self._ctx.js.get_msg(stream, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                return None
+            if raw.seq is None or raw.data is None:
+                return None
+            seq = raw.seq + 1
+            try:
+                envelope = decode(raw.data, model)
+            except DecodeError:
+                continue
+            if match is None or match(envelope):
+                return envelope, raw.seq
+        return None
 
     async def _watch(
         self,

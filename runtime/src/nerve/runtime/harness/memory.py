@@ -546,12 +546,27 @@ class MemoryJetStreamContext:
         return self._server.stream(name).info()
 
     async def get_msg(
-        self, stream_name: str, seq: int | None = None, subject: str | None = None, **_options: object
+        self,
+        stream_name: str,
+        seq: int | None = None,
+        subject: str | None = None,
+        *,
+        next: bool = False,  # noqa: A002 - nats-py's name
+        **_options: object,
     ) -> RawStreamMsg:
-        """The message at `seq` (or the last on `subject`); `NotFoundError` if there is none."""
+        """The message at `seq` (or the last on `subject`); `NotFoundError` if there is none.
+
+        With `next`: the first message at or after `seq` on `subject` (a filter).
+        """
         self._nc.check()
         stream = self._server.stream(stream_name)
-        if seq is None and subject is not None:
+        if next and subject is not None:
+            start, seq = seq or 0, None
+            for stored_seq, candidate in stream.messages.items():  # kept in sequence order
+                if stored_seq >= start and subject_matches(subject, candidate.subject):
+                    seq = stored_seq
+                    break
+        elif seq is None and subject is not None:
             seq = stream.last_on(subject)
         stored = stream.messages.get(seq or 0)
         if stored is None or seq is None:
