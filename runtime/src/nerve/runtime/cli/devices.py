@@ -7,7 +7,6 @@ those files. See docs/devices.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import copy
 import dataclasses
 import json
@@ -220,6 +219,8 @@ def _bridge(site: Site, args: argparse.Namespace, command: str) -> int:
         return 0
     if command == "list":
         return _list_bridges(site, as_json=args.json)
+    import asyncio  # noqa: PLC0415 - only here: every nerve command builds this parser (nerve edge too)
+
     revoked = asyncio.run(site.revoke_bridge(args.name))
     had = "" if revoked.session_found else " (it had none: the bridge never connected)"
     print(
