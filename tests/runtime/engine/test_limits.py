@@ -397,15 +397,18 @@ async def test_concurrency_one_runs_a_keys_triggers_one_at_a_time_in_order_acros
     Gate.event = asyncio.Event()
     first, second = _two_engines(nc, other_nc, [queued])
     async with first, second:
-        for n in range(3):
-            await publish_event(js, "queued", {"key": "q1"}, event_id=f"queued-{n}")
+        # The first in before the others come (two engines take the triggers: published one after the
+        # other, they may reach the pool in either order).
+        await publish_event(js, "queued", {"key": "q1"}, event_id="queued-0")
         await _until(lambda: len(started["queued"]) == 1)
+        for n in (1, 2):
+            await publish_event(js, "queued", {"key": "q1"}, event_id=f"queued-{n}")
         await _until(lambda: _total((first, second), "queued.concurrency.delayed") == 2)
         Gate.event.set()
         for n in range(3):
             record = await wait_for_run(first.kv, queued.run_id(f"queued-{n}"), timeout=20)
             assert record.state == "done"
-    # In the order they joined the queue: two engines take the triggers, so 1 and 2 may come either way.
+    # The one that held the slot first; 1 and 2 in the order they joined the queue, which may be either.
     assert started["queued"][0] == "queued-0"
     assert sorted(started["queued"]) == ["queued-0", "queued-1", "queued-2"]
     assert most_open["queued"] == 1
