@@ -129,6 +129,7 @@ def test_any_mutated_attribute_of_a_signed_result_is_refused(
     pi01: Signer, keys: DeviceKeys, data: st.DataObject
 ) -> None:
     signed = pi01.sign(result_of(command(), status="ok", files_deleted=3, bytes_freed=4096))
+    assert keys.refusal(signed) is None  # verified and remembered: a changed copy must not pass for it
     document = json.loads(to_json(signed))
     name = data.draw(st.sampled_from([*sorted(set(document) - {"sig"}), "expires", "datacontenttype"]))
     value = data.draw(wire_values.filter(lambda v: v != document.get(name, object())))
@@ -207,6 +208,18 @@ def test_revoked_device_is_refused(registry: Path, pi01: Signer) -> None:
     assert refusal is not None
     assert (refusal.kind, refusal.reason) == ("revoked", "device pi-01 is revoked")
     assert keys.knows("pi-01")
+
+
+def test_a_result_verified_once_is_refused_once_its_device_is_revoked(registry: Path, pi01: Signer) -> None:
+    clock = [0.0]
+    keys = DeviceKeys(registry, clock=lambda: clock[0])
+    result = pi01.sign(result_of(command()))
+    assert keys.refusal(result) is None
+    assert keys.refusal(result) is None  # the second check remembers the first
+    (registry / REVOKED_DIR).mkdir()
+    (registry / "pi-01.pub").rename(registry / REVOKED_DIR / "pi-01.pub")
+    clock[0] += 60.0  # past the registry's re-read interval
+    assert kind(keys, result) == "revoked"
 
 
 def test_no_registry_directory_believes_nobody(tmp_path: Path, pi01: Signer) -> None:

@@ -374,7 +374,10 @@ _CHAINS: weakref.WeakKeyDictionary[NatsClient, dict[str, _Chain]] = weakref.Weak
 
 def _chain_of(js: JetStreamContext, stream: str) -> _Chain:
     per_client = _CHAINS.setdefault(js._nc, {})  # noqa: SLF001 - the connection a context publishes on
-    return per_client.setdefault(stream, _Chain(stream))
+    chain = per_client.get(stream)
+    if chain is None:
+        chain = per_client[stream] = _Chain(stream)
+    return chain
 
 
 async def publish_fact(

@@ -19,14 +19,16 @@ device either. See docs/trust.md.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
 from nerve.runtime.errors import ConfigError, SignatureError
 from nerve.runtime.subjects import is_token
-from nerve.runtime.trust.signing import PUBLIC_SUFFIX, Verifier, read_public_key
+from nerve.runtime.trust.signing import PUBLIC_SUFFIX, Verifier, canonical_bytes, read_public_key
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -47,6 +49,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+#: How many verified results `DeviceKeys` remembers (so that a second check of one costs no signature check).
+VERIFIED_KEPT: Final = 4096
 
 REVOKED_DIR: Final = "revoked"
 DEFAULT_RECHECK_S: Final = 1.0
@@ -115,6 +119,10 @@ class DeviceKeys:
         self._clock = clock
         self._checked: float | None = None
         self._snapshot = _EMPTY
+        #: Results verified against the registry as it is now (central checks a result in its command
+        #: audit and again in the step that waits for it): digest of what was signed and the signature.
+        self._verified: OrderedDict[bytes, None] = OrderedDict()
+        self._verified_in: Verifier | None = None
 
     @property
     def directory(self) -> Path:
@@ -130,7 +138,7 @@ class DeviceKeys:
     def knows(self, device: str) -> bool:
         """Whether `device` is registered or revoked: a device of this fleet, not a name made up."""
         self._refresh()
-        return device in self._snapshot.verifier.keyids or device in self._snapshot.revoked
+        return self._snapshot.verifier.trusts(device) or device in self._snapshot.revoked
 
     def refusal(self, result: CommandResult) -> Refusal | None:
         """Why `result` must not be acted on, or None if its device signed it (see the module docstring)."""
@@ -144,14 +152,28 @@ class DeviceKeys:
             )
         self._refresh()
         snapshot = self._snapshot
-        if result.subject not in snapshot.verifier.keyids:
+        if not snapshot.verifier.trusts(result.subject):
             if result.subject in snapshot.revoked:
                 return Refusal("revoked", f"device {result.subject} is revoked")
             return Refusal("unknown_device", f"device {result.subject} has no registered key")
+        return self._signature_refusal(result, snapshot.verifier)
+
+    def _signature_refusal(self, result: CommandResult, verifier: Verifier) -> Refusal | None:
+        """`refusal`'s last check, remembered for results verified against this registry as it is now."""
+        if self._verified_in is not verifier:  # the registry changed (a key revoked, say): check again
+            self._verified.clear()
+            self._verified_in = verifier
+        signed = canonical_bytes(result) + b"\0" + result.sig.encode()
+        digest = hashlib.blake2b(signed, digest_size=16).digest()
+        if digest in self._verified:
+            return None
         try:
-            snapshot.verifier.verify(result)
+            verifier.verify(result)
         except SignatureError as exc:
             return Refusal("bad_signature", f"result from {result.subject}: {exc}")
+        self._verified[digest] = None
+        if len(self._verified) > VERIFIED_KEPT:
+            self._verified.popitem(last=False)
         return None
 
     def _refresh(self) -> None:

@@ -145,8 +145,12 @@ class Verifier:
 
     @property
     def keyids(self) -> frozenset[str]:
-        """The key ids trusted."""
+        """The key ids trusted (a new set each time: for one id, `trusts`)."""
         return frozenset(self._trusted)
+
+    def trusts(self, keyid: str) -> bool:
+        """Whether key id `keyid` is trusted (no copy of the set, as `keyids` makes)."""
+        return keyid in self._trusted
 
     def verify(self, message: Command | CommandResult) -> None:
         """Return if `message` is signed by a trusted key; raise `SignatureError` saying why not."""
