@@ -7,10 +7,11 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import math
 import resource
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nats
 import pytest
@@ -291,3 +292,35 @@ def test_more_connections_than_open_files_is_one_line_before_connecting(
     assert len(err) == 1
     assert "--connections" in err[0]
     assert f"{hard + 1} connections need as many open files" in err[0]
+
+
+@pytest.mark.broker
+async def test_a_server_slow_to_say_how_far_the_stream_is_skips_a_line_not_the_run(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At 10,000 devices nats-server once took over 5 s to answer: the run ended in a traceback."""
+    real = Simulation._stream_last_seq
+    calls = 0
+
+    async def slow(self: Simulation, nc: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls in {2, 3}:  # the first is the start; then two seconds without an answer
+            raise TimeoutError
+        return await real(self, nc)
+
+    monkeypatch.setattr(Simulation, "_stream_last_seq", slow)
+    async with Stack(settings=_quiet(settings), device="pi-sim") as stack:
+        args = _parser().parse_args(
+            ["simulate", "--devices", "10", "--rate", "5", "--duration", "5", "--json"]
+        )
+        out = io.StringIO()
+        with caplog.at_level(logging.WARNING):
+            status = await run(args, stack.settings, out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    summary = lines[-1]
+    assert status == 0
+    assert summary["type"] == "summary"
+    assert summary["stored"] == summary["offered"] > 0
+    assert calls >= 4
+    assert "no answer to how far NERVE_TELEMETRY is (TimeoutError)" in caplog.text
