@@ -56,8 +56,9 @@ from nats.js.errors import NotFoundError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.baseline_runbook import DiskRunbook
+from bench.bridge_throughput import cpu_seconds
 from bench.engine_steps import steps_per_second
-from bench.fleet import cpu_seconds, spawn, stop, write_config
+from bench.fleet import spawn, stop, write_config
 from bench.reaction_latency import floor, percentiles, spikes
 
 from nerve.agents import disk_runbook
