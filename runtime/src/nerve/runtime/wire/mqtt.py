@@ -704,46 +704,60 @@ class MqttWire(WireProtocol[Incoming]):
             )
         if retain_handling not in {0, 1, 2}:
             raise ValueError(f"retain_handling must be 0, 1 or 2, not {retain_handling!r}")
-        packet_id = self._packet_id(self._subacks)
-        waiter: asyncio.Future[bytes] = self._loop.create_future()
-        self._subacks[packet_id] = waiter
-        self._write(subscribe_packet(packet_id, filters, no_local=no_local, retain_handling=retain_handling))
-        try:
-            async with asyncio.timeout(timeout_s):
-                codes = await waiter
-        except TimeoutError:
-            self._subacks.pop(packet_id, None)
-            raise MqttWireError(f"no SUBACK within {timeout_s:g}s") from None
-        refused = [
-            f"{topic} ({CONNACK_REASONS.get(code, 'refused')}, 0x{code:02x})"
-            for topic, code in zip(filters, codes, strict=False)
-            if code >= SUCCESS_LIMIT
-        ]
-        if refused or len(codes) != len(filters):
-            raise MqttWireError(f"broker refused subscriptions: {', '.join(refused) or codes.hex()}")
+        await self._acknowledged(
+            lambda packet_id: subscribe_packet(
+                packet_id, filters, no_local=no_local, retain_handling=retain_handling
+            ),
+            filters,
+            ack="SUBACK",
+            refused="broker refused subscriptions",
+            timeout_s=timeout_s,
+        )
 
     async def unsubscribe(self, filters: Sequence[str], *, timeout_s: float = 30.0) -> None:
         """Unsubscribe from `filters` (one that was not subscribed is no error: UNSUBACK 0x11).
 
         Raises `MqttWireError` naming a filter the broker refused, or if no UNSUBACK came within `timeout_s`.
         """
-        packet_id = self._packet_id(self._subacks)  # SUBACK and UNSUBACK share the packet ids' map
+        await self._acknowledged(
+            lambda packet_id: unsubscribe_packet(packet_id, filters),
+            filters,
+            ack="UNSUBACK",
+            refused="broker refused to unsubscribe",
+            timeout_s=timeout_s,
+        )
+
+    async def _acknowledged(
+        self,
+        packet: Callable[[int], bytes],
+        filters: Sequence[str],
+        *,
+        ack: str,
+        refused: str,
+        timeout_s: float,
+    ) -> None:
+        """Send `packet(packet_id)` and wait for its SUBACK or UNSUBACK (they share the packet ids' map).
+
+        Raises `MqttWireError` naming each filter whose reason code is a refusal, or if no answer came
+        within `timeout_s`.
+        """
+        packet_id = self._packet_id(self._subacks)
         waiter: asyncio.Future[bytes] = self._loop.create_future()
         self._subacks[packet_id] = waiter
-        self._write(unsubscribe_packet(packet_id, filters))
+        self._write(packet(packet_id))
         try:
             async with asyncio.timeout(timeout_s):
                 codes = await waiter
         except TimeoutError:
             self._subacks.pop(packet_id, None)
-            raise MqttWireError(f"no UNSUBACK within {timeout_s:g}s") from None
-        refused = [
+            raise MqttWireError(f"no {ack} within {timeout_s:g}s") from None
+        named = [
             f"{topic} ({CONNACK_REASONS.get(code, 'refused')}, 0x{code:02x})"
             for topic, code in zip(filters, codes, strict=False)
             if code >= SUCCESS_LIMIT
         ]
-        if refused or len(codes) != len(filters):
-            raise MqttWireError(f"broker refused to unsubscribe: {', '.join(refused) or codes.hex()}")
+        if named or len(codes) != len(filters):
+            raise MqttWireError(f"{refused}: {', '.join(named) or codes.hex()}")
 
     def pause_reading(self) -> None:
         """Read nothing more until `resume_reading`: the broker keeps what it has not sent."""
