@@ -279,6 +279,14 @@ async def test_a_bridge_killed_with_commands_in_flight_loses_none(
             await devices.subscribe("nerve/+/commands/+")
             await store_commands(js, [warmup])
             assert [c.id for c in await receive(devices, 1)] == [warmup.id]
+
+            async def warmup_acknowledged() -> bool:
+                # mosquitto may deliver to the device before it PUBACKs the bridge: without this wait the
+                # kill can catch the warmup in flight too, and it arrives again with the sixty.
+                info = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
+                return bool(info.num_ack_pending == 0)
+
+            await until(warmup_acknowledged)
             os.kill(mosquitto.pid, signal.SIGSTOP)
             try:
                 await store_commands(js, commands)
