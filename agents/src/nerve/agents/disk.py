@@ -161,7 +161,7 @@ def disk_runbook(settings: DiskRunbookSettings) -> DurableAgent:
             failed = (
                 f"{ACTION} ran but the disk was not below {settings.clear_below:g}% in {settings.verify_s:g}s"
             )
-        took = step.record.updated - step.record.created
+        took = step.now() - step.record.created  # for the closing fact's words (kept once, by its id)
         if failed:
             await step.fact(
                 "closed",

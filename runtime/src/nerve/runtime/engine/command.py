@@ -122,10 +122,9 @@ async def wait_for(step: Step, sent: Sent) -> CommandResult:
                 result={"result": to_json(result).decode(), "seq": seq},
                 finished=time.time(),
             )
-            await asyncio.gather(
-                step._record(sent.name, done),  # noqa: SLF001
-                forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer),
-            )
+            # Carried by the run's next write: a crash before it reads the same result again, from there.
+            step._record_later(sent.name, done)  # noqa: SLF001
+            await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
             return result
         await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
         error = f"no result from {sent.device} to {sent.action} within {sent.ttl + CLOCK_SKEW_S:g}s"
@@ -248,14 +247,15 @@ async def _await_result(
     """The first verified result of `command_id` after `waiting.from_seq`, or None when the timer fired."""
     ctx = step._ctx  # noqa: SLF001
     subject = Address(device=device, kind=Kind.RESULTS, name=action).subject(ctx.prefix)
+
+    def answers(result: Envelope) -> bool:
+        return result.causationid == command_id
+
     while True:
-        found = await step._watch(  # noqa: SLF001
-            waiting,
-            subject,
-            RESULTS_STREAM,
-            CommandResult,
-            lambda result: result.causationid == command_id,
-        )
+        # Already stored (a device answers fast): no subscription to make.
+        found = await step._look(subject, RESULTS_STREAM, CommandResult, answers, waiting.from_seq)  # noqa: SLF001
+        if found is None:
+            found = await step._watch(waiting, subject, RESULTS_STREAM, CommandResult, answers)  # noqa: SLF001
         if found is None:
             return None
         result, seq = found

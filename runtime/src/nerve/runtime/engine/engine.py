@@ -704,7 +704,6 @@ class Engine:
             rewake = body.result()
         except asyncio.CancelledError:
             # The engine is stopping: give the lease back so another engine resumes the run at once.
-            step.abandon()
             if not handle.lost and not handle.record.terminal:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(RELEASE_TIMEOUT_S):
@@ -799,7 +798,6 @@ class Engine:
             trigger = passed
         try:
             result = await agent.fn(trigger, step)
-            await step.settle()
         except Park as park:
             await handle.write(functools.partial(_set_waiting, wake_at=park.due), release=True)
             # The timer may have fired while the run parked: nobody would wake it then.

@@ -206,14 +206,32 @@ class RunHandle:
         #: The lease was given back (the run ended or parked): renewing it would claim the run again.
         self.released = False
         self._lock = asyncio.Lock()
+        #: Changes that go with the next write (`defer`).
+        self._deferred: list[Callable[[RunRecord], None]] = []
 
     @property
     def run_id(self) -> str:
         """The run's id."""
         return self.record.run_id
 
+    def defer(self, change: Callable[[RunRecord], None]) -> None:
+        """Have `change` go with the next write instead of a write of its own.
+
+        Only for what a crash before that write may repeat: an effect kept once by its id (a fact), or a
+        wait's answer read again from its stream. A step that blocks (waits, sleeps, runs a function)
+        writes first (`flush`), so nothing stays deferred for long.
+        """
+        self._deferred.append(change)
+
+    async def flush(self) -> None:
+        """Write what is deferred, if anything is."""
+        if self._deferred:
+            await self.write(_nothing)
+
     async def write(self, change: Callable[[RunRecord], None], *, release: bool = False) -> None:
-        """Apply `change` to the record and store it (renewing the lease, or giving it up with `release`).
+        """Apply the deferred changes and `change` to the record and store it, renewing the lease.
+
+        With `release`, the lease is given up instead.
 
         Raises `LeaseLost` if another process wrote since (the change is not applied), `RecordTooLarge`
         if the record would exceed its limit (nothing is written).
@@ -227,6 +245,9 @@ class RunHandle:
                 undos=list(self.record.undos),
                 positions=dict(self.record.positions),
             )
+            deferred = len(self._deferred)
+            for earlier in self._deferred[:deferred]:
+                earlier(updated)
             change(updated)
             now = self.clock.time()
             updated.updated = now
@@ -243,8 +264,13 @@ class RunHandle:
                 raise LeaseLost(self.run_id) from None
             self.record = updated
             self.released = release
+            del self._deferred[:deferred]
 
     async def renew(self) -> None:
         """Extend the lease, unless it was given back (raises `LeaseLost` like `write`)."""
         if not self.released:
-            await self.write(lambda _record: None)
+            await self.write(_nothing)
+
+
+def _nothing(_record: RunRecord) -> None:
+    return None

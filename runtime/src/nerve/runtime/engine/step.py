@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -251,8 +252,6 @@ class Step:
         self._wakeups: asyncio.Queue[Literal["cancel"]] = asyncio.Queue()
         #: Commands sent and not waited for yet (`send`, `result`).
         self._sent: dict[str, Sent] = {}
-        #: Journal writes sent ahead (`_record_soon`), in order: the next write waits for them.
-        self._ahead: list[asyncio.Future[None]] = []
 
     @property
     def run_id(self) -> str:
@@ -285,8 +284,11 @@ class Step:
             bucket = self._ctx.buckets[name] = await open_bucket(self._ctx.js, name)
         return bucket
 
-    def _now(self) -> float:
-        """Now, by the engine's clock."""
+    def now(self) -> float:
+        """Now, by the engine's clock (the harness's fake clock in tests): what a step function should read.
+
+        Not journalled: a replayed run reads it again.
+        """
         return self._ctx.clock.time()
 
     def retrigger(self, trigger: Envelope) -> None:
@@ -344,56 +346,22 @@ class Step:
         future.add_done_callback(_retrieved)
         return future
 
-    async def settle(self) -> None:
-        """Wait for the journal writes sent ahead; raise what the first that failed raised.
+    def _record_later(self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None) -> None:
+        """`_record`, without a write of its own: the run's next journal write carries it.
 
-        The engine calls it when the agent function returned, before it journals the run's end.
+        Only for what a crash before that write may repeat (`RunHandle.defer`): a fact, kept once by its
+        id (JetStream's duplicate window is 20 minutes, and every step that blocks writes first), or a
+        wait's answer, which a replay reads again from the same place in its stream.
         """
-        ahead, self._ahead = self._ahead, []
-        for write in ahead:
-            await write
-
-    def abandon(self) -> None:
-        """Cancel the journal writes sent ahead (the engine is stopping): the run resumes from its journal."""
-        ahead, self._ahead = self._ahead, []
-        for write in ahead:
-            write.cancel()
-
-    def _record_soon(self, name: str, step: StepRecord) -> None:
-        """`_record`, sent ahead: the run goes on to its next step while the write is on its way.
-
-        Only for a step whose effect is kept once by its id whatever happens (a fact): a crash before the
-        write lands repeats the effect under the same id, as a crash just after the effect always could.
-        Writes keep their order (each waits for the one before); the next `_record`, and `settle`,
-        wait for them all and raise what failed.
-        """
-        before = self._ahead[-1] if self._ahead else None
-
-        async def write() -> None:
-            if before is not None:
-                await asyncio.wait([before])
-            await self._write(name, step)
-
-        task = asyncio.ensure_future(write())
-        task.add_done_callback(_retrieved)
-        self._ahead.append(task)
+        self._handle.defer(functools.partial(_put_step, name=name, step=step, positions=positions))
 
     async def _record(
-        self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
-    ) -> None:
-        if self._ahead:
-            await self.settle()
-        await self._write(name, step, positions=positions, undo=undo)
-
-    async def _write(
         self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
     ) -> None:
         results_from = self._ctx.results.known()
 
         def change(record: RunRecord) -> None:
-            record.steps[name] = step
-            if positions:
-                record.positions.update(positions)
+            _put_step(record, name=name, step=step, positions=positions)
             if results_from is not None:
                 record.results_from = results_from
             if undo and not any(entry.step == name for entry in record.undos):
@@ -440,7 +408,7 @@ class Step:
             raise StepFailed(self.run_id, name, journalled.error)
         self._before_new_step(new=journalled is None)
         reading = self._positions_soon()
-        started = journalled.started if journalled is not None else self._now()
+        started = journalled.started if journalled is not None else self.now()
         attempts = journalled.attempts if journalled is not None else 0
         if undo is not None and not any(entry.step == name for entry in self._handle.record.undos):
             await self._record(
@@ -448,6 +416,7 @@ class Step:
             )
         # Read before `fn` runs: `fn` may act on other connections, which nothing orders after the read.
         positions = await reading
+        await self._handle.flush()  # before `fn`, which may take long (`_record_later`)
         policy = retry or self._agent.retry
         backoff = policy.backoff()
         while True:
@@ -472,7 +441,7 @@ class Step:
             except TypeError as exc:
                 await self._fail(name, attempts, started, f"its result cannot be journalled as JSON: {exc}")
             done = StepRecord(
-                status="done", result=result, attempts=attempts, started=started, finished=self._now()
+                status="done", result=result, attempts=attempts, started=started, finished=self.now()
             )
             await self._record(name, done, positions=positions)
             return result
@@ -491,7 +460,7 @@ class Step:
         except Exception:
             if await flow.breaker_outcome(action, breaker, ok=False):
                 await self.keep_fact(
-                    fact_id=derived_id(self.run_id, "breaker", action, str(self._now())),
+                    fact_id=derived_id(self.run_id, "breaker", action, str(self.now())),
                     kind="breaker_opened",
                     summary=(
                         f"{self._agent.name}: circuit breaker of {action!r} opened after {breaker.failures} "
@@ -506,7 +475,7 @@ class Step:
 
     async def _fail(self, name: str, attempts: int, started: float, error: str) -> NoReturn:
         failed = StepRecord(
-            status="failed", attempts=attempts, error=error, started=started, finished=self._now()
+            status="failed", attempts=attempts, error=error, started=started, finished=self.now()
         )
         await self._record(name, failed)
         raise StepFailed(self.run_id, name, error)
@@ -522,26 +491,28 @@ class Step:
             return
         self._check_duration(name, seconds)
         timer_id = derived_id(self.run_id, "timer", name)
-        fresh = journalled is None
         if journalled is None:
+            # One write for the step and the parking (the engine's, when `Park` reaches it), after the
+            # schedule: a crash before it leaves a run that sleeps anew when replayed, under the same
+            # timer (scheduling it again replaces it). The engine looks whether it fired once parked.
             self._before_new_step()
-            due = self._now() + seconds
-            positions = await self._positions()
-            journalled = StepRecord(status="sleeping", due=due, timer=timer_id, started=self._now())
-            await self._record(name, journalled, positions=positions)
+            due = self.now() + seconds
+            reading = self._positions_soon()
             await self._schedule(timer_id, due, name)
-        else:
-            self._before_new_step(new=False)
-        fired = await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
-        if fired:
-            done = StepRecord(status="done", started=journalled.started, finished=self._now(), timer=timer_id)
-            await self._record(name, done)
+            sleeping = StepRecord(status="sleeping", due=due, timer=timer_id, started=self.now())
+            self._record_later(name, sleeping, positions=await reading)
+            raise Park(timer_id, due)
+        self._before_new_step(new=False)
+        if await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
+            # Carried by the next write: a crash before it finds the step sleeping, and a timer whose
+            # fired message is gone is scheduled again at its due time, which has passed: it fires at once.
+            done = StepRecord(status="done", started=journalled.started, finished=self.now(), timer=timer_id)
+            self._record_later(name, done)
             await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
             return
-        if not fresh:
-            # Maybe the process that journalled the timer died before it scheduled it, or the schedule was
-            # lost: schedule it again (a pending schedule on the same subject is replaced, not doubled).
-            await self._schedule(timer_id, journalled.due, name)
+        # Maybe the process that journalled the timer died before it scheduled it, or the schedule was
+        # lost: schedule it again (a pending schedule on the same subject is replaced, not doubled).
+        await self._schedule(timer_id, journalled.due, name)
         raise Park(timer_id, journalled.due)
 
     def _check_duration(self, name: str, seconds: float) -> None:
@@ -605,7 +576,7 @@ class Step:
             record = self._handle.record
             from_seq = record.trigger_seq if since_trigger else record.positions.get(stream, 0)
             reading = self._positions_soon()
-            started = self._now()
+            started = self.now()
             # Already there (a device answers fast): done at once, without a timer or a subscription.
             # What it finds is the stream's first match after `from_seq`: a replay finds the same.
             early = await self._look(subject, stream, model, match, from_seq)
@@ -615,21 +586,21 @@ class Step:
                     status="done",
                     result={"event": to_json(event).decode(), "seq": seq},
                     started=started,
-                    finished=self._now(),
+                    finished=self.now(),
                     stream=stream,
                     from_seq=from_seq,
                 )
-                await self._record(name, done, positions=await reading)
+                self._record_later(name, done, positions=await reading)
                 return event
             positions = await reading
-            due = self._now() + timeout
+            due = self.now() + timeout
             journalled = StepRecord(
                 status="waiting",
                 due=due,
                 timer=timer_id,
                 stream=stream,
                 from_seq=from_seq,
-                started=self._now(),
+                started=self.now(),
             )
             await self._record(name, journalled, positions=positions)
             await self._schedule(timer_id, due, name)
@@ -643,12 +614,12 @@ class Step:
             status="done",
             result=result,
             started=journalled.started,
-            finished=self._now(),
+            finished=self.now(),
             timer=timer_id,
             stream=stream,
             from_seq=journalled.from_seq,
         )
-        await self._record(name, done)
+        self._record_later(name, done)
         await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
         return None if found is None else found[0]
 
@@ -699,6 +670,7 @@ class Step:
         async def on_timer(_msg: Msg) -> None:
             await queue.put("timer")
 
+        await self._handle.flush()  # before the run blocks (`_record_later`)
         js = self._ctx.js
         events = await js.subscribe(
             subject,
@@ -764,7 +736,7 @@ class Step:
         """The next message or timer, "cancel", or None when the timer is overdue by a lease."""
         if self._cancelled:
             return "cancel"
-        wait_s = max(0.0, waiting.due - self._now()) + self._ctx.settings.lease_s
+        wait_s = max(0.0, waiting.due - self.now()) + self._ctx.settings.lease_s
         got_item = asyncio.ensure_future(queue.get())
         got_cancel = asyncio.ensure_future(self._wakeups.get())
         try:
@@ -858,7 +830,7 @@ class Step:
         if not is_token(kind):
             raise AgentDeclarationError(f"step {name!r}: fact kind {kind!r} is not a token")
         self._before_new_step()
-        started = self._now()
+        started = self.now()
         fact_id = await self.keep_fact(
             fact_id=derived_id(self.run_id, "fact", name),
             kind=kind,
@@ -868,8 +840,8 @@ class Step:
         )
         # No new positions: a wait after a fact reads from where the step before it began (a fact takes
         # a round trip; reading that much further back costs nothing and saves two).
-        self._record_soon(
-            name, StepRecord(status="done", result=fact_id, started=started, finished=self._now())
+        self._record_later(
+            name, StepRecord(status="done", result=fact_id, started=started, finished=self.now())
         )
         return fact_id
 
@@ -931,7 +903,7 @@ class Step:
         if journalled is None:
             self._before_new_step()
             positions = await self._positions()
-            now = self._now()
+            now = self.now()
             journalled = StepRecord(
                 status="waiting", due=now + expires, timer=timer_id, stream=RUNS_STREAM, started=now
             )
@@ -985,7 +957,7 @@ class Step:
         done = msgspec.structs.replace(
             journalled,
             status="done",
-            finished=self._now(),
+            finished=self.now(),
             result={**journalled.result, "decision": msgspec.to_builtins(decision)},
         )
         await self._record(name, done)
@@ -1096,6 +1068,14 @@ class Step:
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+def _put_step(
+    record: RunRecord, *, name: str, step: StepRecord, positions: dict[str, int] | None = None
+) -> None:
+    record.steps[name] = step
+    if positions:
+        record.positions.update(positions)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
