@@ -13,7 +13,7 @@ from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.runtime.engine import Engine, LeaseLost, RunRecord, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine.engine import ensure_engine_storage
-from nerve.runtime.engine.journal import RunHandle, create_record, read_record, try_claim
+from nerve.runtime.engine.journal import RunHandle, create_record, encode_record, read_record, try_claim
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
@@ -45,9 +45,11 @@ def a_record(run_id: str, *, owner: str, lease_until: float) -> RunRecord:
 async def test_a_claim_fences_the_former_holder_out(js: JetStreamContext) -> None:
     kv = await ensure_engine_storage(js, PREFIX, FAST)
     record = a_record("r1", owner="a", lease_until=time.time() - 1)  # a's lease ran out
-    revision = await create_record(kv, record, LIMIT)
+    revision = await create_record(kv, record.run_id, encode_record(record, LIMIT))
     assert revision is not None
-    assert await create_record(kv, record, LIMIT) is None  # the same run twice: one journal
+    assert (
+        await create_record(kv, record.run_id, encode_record(record, LIMIT)) is None
+    )  # the same run twice: one journal
     holder_a = RunHandle(kv=kv, record=record, revision=revision, lease_s=1.0, limit=LIMIT)
     claimed = await try_claim(kv, "r1", owner="b", lease_s=30.0, limit=LIMIT)
     assert claimed is not None

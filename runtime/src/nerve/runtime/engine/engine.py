@@ -42,6 +42,7 @@ from nerve.runtime.engine.journal import (
     RunRecord,
     UndoStatus,
     create_record,
+    encode_record,
     error_text,
     read_record,
     try_claim,
@@ -60,7 +61,7 @@ from nerve.runtime.engine.names import (
 )
 from nerve.runtime.engine.runs import request_cancel
 from nerve.runtime.engine.settings import EngineSettings
-from nerve.runtime.engine.step import EngineContext, Park, Slot, Step, Waiting
+from nerve.runtime.engine.step import EngineContext, Park, Slot, Step, Waiting, mark_retrieved
 from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, has_fired, schedule
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
@@ -465,7 +466,8 @@ class Engine:
             return
         await self._slots.acquire()
         try:
-            handle = await self._create(agent, event, key, msg)
+            record = await self._new_record(agent, event, key, msg)
+            data = encode_record(record, self.settings.max_record_bytes)
         except RecordTooLarge as exc:
             self._slots.release()
             await self._dead_letter(msg, f"{agent.name}: {exc}")
@@ -473,11 +475,21 @@ class Engine:
         except BaseException:
             self._slots.release()
             raise
-        if handle is None:
-            self._slots.release()
+        # The run starts while its journal is on its way (a round trip less before its first command):
+        # until it is stored only what is kept once by its id leaves (`RunHandle.confirm`). A run that
+        # existed already (the same trigger) stops at its first write; the trigger is acknowledged then.
+        creating = asyncio.ensure_future(self._store_new(agent, event, key, record.run_id, data))
+        creating.add_done_callback(mark_retrieved)
+        step = self._start(agent, self._handle(record, 0, creating=creating))
+        try:
+            await creating
+        except BaseException:
+            # Not journalled: the run stops at its first write, and the trigger comes again (nak'ed), to
+            # a run not taken for this one.
+            if step is not None and self._live.get(record.run_id) is step:
+                del self._live[record.run_id]
+            raise
         await msg.ack()
-        if handle is not None:
-            self._start(agent, handle)
 
     async def _park_new(
         self, agent: DurableAgent, event: Envelope, key: str, msg: Msg, decision: Decision
@@ -506,6 +518,15 @@ class Engine:
         With `gate`, the run is parked there instead (nobody holds it), to be woken at `due` (or, with no
         `due`, when a slot frees; the watchdog looks again a lease after `wake_at`).
         """
+        record = await self._new_record(agent, event, key, msg, gate=gate, due=due)
+        data = encode_record(record, self.settings.max_record_bytes)
+        revision = await self._store_new(agent, event, key, record.run_id, data)
+        return None if revision is None else self._handle(record, revision)
+
+    async def _new_record(
+        self, agent: DurableAgent, event: Envelope, key: str, msg: Msg, *, gate: str = "", due: float = 0.0
+    ) -> RunRecord:
+        """A new run's journal, not stored yet (see `_create`)."""
         now = self._clock.time()
         meta = msg.metadata
         # A first wait on the trigger's own stream reads everything after the trigger; on another
@@ -534,18 +555,23 @@ class Engine:
             record = msgspec.structs.replace(
                 record, owner="", token=0, lease_until=0.0, state="waiting", gate=gate, wake_at=due or now
             )
-        if self._flow is None:
-            revision = await create_record(self.kv, record, self.settings.max_record_bytes)
-        else:  # the loop guard's note of the run, in the same round trip
-            revision, _ = await asyncio.gather(
-                create_record(self.kv, record, self.settings.max_record_bytes),
-                self._flow.remember(agent, event, key, record.run_id),
-            )
-        if revision is None:
-            return None
-        return self._handle(record, revision)
+        return record
 
-    def _handle(self, record: RunRecord, revision: int) -> RunHandle:
+    async def _store_new(
+        self, agent: DurableAgent, event: Envelope, key: str, run_id: str, data: bytes
+    ) -> int | None:
+        """Store a new run's journal (`data`): its revision, or None if the run exists already."""
+        if self._flow is None:
+            return await create_record(self.kv, run_id, data)
+        # The loop guard's note of the run, in the same round trip.
+        revision, _ = await asyncio.gather(
+            create_record(self.kv, run_id, data), self._flow.remember(agent, event, key, run_id)
+        )
+        return revision
+
+    def _handle(
+        self, record: RunRecord, revision: int, *, creating: asyncio.Future[int | None] | None = None
+    ) -> RunHandle:
         return RunHandle(
             kv=self.kv,
             record=record,
@@ -553,6 +579,7 @@ class Engine:
             lease_s=self.settings.lease_s,
             limit=self.settings.max_record_bytes,
             clock=self._clock,
+            creating=creating,
         )
 
     async def _consume_timers(self, sub: JetStreamContext.PushSubscription) -> None:
@@ -679,11 +706,11 @@ class Engine:
 
     # --- executing a run -----------------------------------------------------------------------------
 
-    def _start(self, agent: DurableAgent, handle: RunHandle) -> None:
+    def _start(self, agent: DurableAgent, handle: RunHandle) -> Step | None:
         """Execute a claimed run in the background (it holds one of the slots, given back at its end)."""
         if self._tasks is None:
             self._slots.release()
-            return
+            return None
         trigger = decode(bytes(handle.record.trigger), MODEL_OF_KIND[agent.trigger.kind])
         slot = Slot(self._slots, self._waiting)
         step = Step(ctx=self._context, handle=handle, agent=agent, trigger=trigger, slot=slot)
@@ -693,6 +720,7 @@ class Engine:
         self._tasks.create_task(
             self._execute(agent, step, handle, trigger), name=f"engine-run-{handle.run_id}"
         )
+        return step
 
     async def _execute(self, agent: DurableAgent, step: Step, handle: RunHandle, trigger: Envelope) -> None:
         rewake = False
@@ -710,13 +738,16 @@ class Engine:
                         await handle.write(lambda _record: None, release=True)
             raise
         except ExceptionGroup as group:
-            if group.subgroup(LeaseLost) is not None:
+            if handle.existed:
+                log.debug("engine: run %s was journalled already (the same trigger again)", handle.run_id)
+            elif group.subgroup(LeaseLost) is not None:
                 log.warning("engine: run %s: lease lost to another process; stopped here", handle.run_id)
             else:
                 # Journal or broker trouble: the run stays claimed until its lease runs out, then resumes.
                 log.error("engine: run %s stopped: %r", handle.run_id, group.exceptions[0])  # noqa: TRY400
         finally:
-            self._live.pop(handle.run_id, None)
+            if self._live.get(handle.run_id) is step:
+                del self._live[handle.run_id]
             step.slot.give_back()
         if handle.record.terminal and not handle.lost:
             await self._give_back(agent, handle.record)

@@ -141,10 +141,10 @@ async def read_record(kv: KeyValue, run_id: str) -> tuple[RunRecord, int] | None
     return DECODER.decode(entry.value), entry.revision or 0
 
 
-async def create_record(kv: KeyValue, record: RunRecord, limit: int) -> int | None:
-    """Store a new run's journal; its revision, or None if the run exists already (the same trigger)."""
+async def create_record(kv: KeyValue, run_id: str, data: bytes) -> int | None:
+    """Store a new run's journal (`encode_record`); its revision, or None if it exists already."""
     try:
-        return await kv.create(run_key(record.run_id), encode_record(record, limit))
+        return await kv.create(run_key(run_id), data)
     except KeyWrongLastSequenceError:
         return None
 
@@ -195,6 +195,7 @@ class RunHandle:
         lease_s: float,
         limit: int,
         clock: Clock = SYSTEM_CLOCK,
+        creating: asyncio.Future[int | None] | None = None,
     ) -> None:
         self.kv = kv
         self.clock = clock
@@ -208,6 +209,10 @@ class RunHandle:
         self._lock = asyncio.Lock()
         #: Changes that go with the next write (`defer`).
         self._deferred: list[Callable[[RunRecord], None]] = []
+        #: A new run's journal on its way (`confirm`): its revision, or None if the run existed already.
+        self._creating = creating
+        #: The run's journal was not created by this handle: it existed already (the same trigger).
+        self.existed = False
 
     @property
     def run_id(self) -> str:
@@ -223,8 +228,26 @@ class RunHandle:
         """
         self._deferred.append(change)
 
+    async def confirm(self) -> None:
+        """Wait until the run's journal is stored, if it is on its way; `LeaseLost` if the run existed.
+
+        Before that only what is kept once by its id may leave (a command, a fact): a run that existed
+        already sent it under the same id.
+        """
+        if self._creating is None:
+            return
+        revision = await self._creating
+        self._creating = None
+        if revision is None:
+            self.lost = self.existed = True
+        else:
+            self.revision = revision
+        if self.lost:
+            raise LeaseLost(self.run_id)
+
     async def flush(self) -> None:
-        """Write what is deferred, if anything is."""
+        """Write what is deferred, if anything is (first waiting until the journal is stored)."""
+        await self.confirm()
         if self._deferred:
             await self.write(_nothing)
 
@@ -237,6 +260,7 @@ class RunHandle:
         if the record would exceed its limit (nothing is written).
         """
         async with self._lock:
+            await self.confirm()
             if self.lost:
                 raise LeaseLost(self.run_id)
             updated = msgspec.structs.replace(

@@ -142,7 +142,7 @@ class StreamMark:
         """Read it again in the background (unless a read is under way)."""
         if self._reading is None or self._reading.done():
             self._reading = asyncio.ensure_future(self._read())
-            self._reading.add_done_callback(_retrieved)
+            self._reading.add_done_callback(mark_retrieved)
 
     async def bound(self) -> int:
         """As `known`, but waits for a first read."""
@@ -343,7 +343,7 @@ class Step:
             done.set_result({})
             return done
         future = asyncio.ensure_future(self._positions())
-        future.add_done_callback(_retrieved)
+        future.add_done_callback(mark_retrieved)
         return future
 
     def _record_later(self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None) -> None:
@@ -1078,7 +1078,7 @@ def _put_step(
         record.positions.update(positions)
 
 
-def _retrieved(future: asyncio.Future[Any]) -> None:
+def mark_retrieved(future: asyncio.Future[Any]) -> None:
     """Mark a background read's error as seen: a step that failed before awaiting it has its own error."""
     if not future.cancelled():
         future.exception()
