@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,8 @@ from nerve.runtime.engine import (
     durable_agent,
     wait_for_run,
 )
+from nerve.runtime.engine.journal import RunRecord, create_record, encode_record, read_record
+from nerve.runtime.engine.names import trigger_consumer
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Fact
 from nerve.runtime.jetstream.streams import FACTS_STREAM
@@ -32,6 +35,7 @@ from nerve.runtime.testing import stream_messages
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
     from nerve.runtime.envelope.model import Envelope
@@ -125,6 +129,92 @@ async def test_the_same_trigger_twice_starts_one_run(nc: NatsClient, js: JetStre
         await asyncio.sleep(0.5)  # let the engine take it (nothing to wait for: nothing must happen)
     assert record.state == "done"
     assert log["o-twice"] == [("do", "s0"), ("do", "s1")]
+
+
+@durable_agent(
+    "plain", trigger=Trigger(Kind.EVENTS, "order_noted"), key=lambda event: str(event.data["order"])
+)
+async def plain(event: Envelope, step: Step) -> None:
+    """One step without an undo: nothing is journalled before its function runs."""
+    order = str(event.data["order"])
+
+    async def do() -> None:
+        log[order].append(("do", "first"))
+
+    await step.run("first", do)
+
+
+async def test_a_trigger_whose_run_another_process_holds_runs_no_step_there(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    """A new run starts while its journal is on its way: when the run existed (another process holds it),
+    no step function runs here, the journal is left as it was, and the trigger is acknowledged."""
+    event_id = f"e-held-{uuid.uuid4().hex}"
+    run_id = plain.run_id(event_id)
+    async with Engine(nc=nc, agents=[plain], prefix=PREFIX, settings=FAST) as engine:
+        kv = engine.kv
+        held = RunRecord(
+            run_id=run_id,
+            agent=plain.name,
+            key="o-held",
+            trigger=msgspec.Raw(b"{}"),
+            trigger_stream="NERVE_EVENTS",
+            trigger_seq=1,
+            owner="another-process",
+            token=1,
+            lease_until=time.time() + 600,
+        )
+        revision = await create_record(kv, run_id, encode_record(held, 1 << 20))
+        assert revision is not None
+        await publish_event(js, "order_noted", {"order": "o-held"}, event_id=event_id)
+
+        async def acknowledged() -> bool:
+            info = await js.consumer_info("NERVE_EVENTS", trigger_consumer(plain.name))
+            return bool(info.num_ack_pending == 0 and info.num_pending == 0 and info.delivered.stream_seq)
+
+        async with asyncio.timeout(20):
+            while not await acknowledged():
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # a step function that ran anyway would have logged by now
+    assert log["o-held"] == []
+    found = await read_record(kv, run_id)
+    assert found is not None
+    assert found[1] == revision  # nothing written over the holder's journal
+    assert found[0].owner == "another-process"
+
+
+@durable_agent(
+    "noter", trigger=Trigger(Kind.EVENTS, "order_shipped"), key=lambda event: str(event.data["order"])
+)
+async def noter(event: Envelope, step: Step) -> str:
+    """Three facts, then the end."""
+    for name in ("packed", "labelled", "shipped"):
+        await step.fact(name, kind=f"order_{name}", summary=f"order {event.data['order']} {name}")
+    return "shipped"
+
+
+async def test_facts_are_journalled_with_the_next_write(nc: NatsClient, js: JetStreamContext) -> None:
+    """A fact step has no journal write of its own: the run's end carries all three (two revisions)."""
+    event_id = f"e-noted-{uuid.uuid4().hex}"
+    writes: set[str] = set()  # each write names the revision it replaces
+
+    async def seen(msg: Msg) -> None:
+        writes.add((msg.headers or {}).get("Nats-Expected-Last-Subject-Sequence", ""))
+
+    watch = await nc.subscribe(f"$KV.nerve_runs.run.{noter.run_id(event_id)}", cb=seen)
+    async with Engine(nc=nc, agents=[noter], prefix=PREFIX, settings=FAST) as engine:
+        await publish_event(js, "order_shipped", {"order": "o-noted"}, event_id=event_id)
+        record = await wait_for_run(engine.kv, noter.run_id(event_id), timeout=20)
+    await watch.unsubscribe()
+    assert record.state == "done"
+    assert [(name, entry.status) for name, entry in record.steps.items()] == [
+        ("packed", "done"),
+        ("labelled", "done"),
+        ("shipped", "done"),
+    ]
+    assert len(writes) == 2  # created, ended
+    facts = await facts_of(js, record.run_id)
+    assert [fact.kind for fact in facts] == ["order_packed", "order_labelled", "order_shipped"]
 
 
 async def test_a_terminal_failure_undoes_in_reverse_once_each_as_facts(
