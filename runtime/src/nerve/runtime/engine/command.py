@@ -29,7 +29,7 @@ from nerve.runtime.engine.journal import StepRecord
 from nerve.runtime.engine.timers import forget, has_fired
 from nerve.runtime.envelope.codec import decode, to_json
 from nerve.runtime.envelope.model import Command, CommandResult, derived_id
-from nerve.runtime.jetstream.client import publish_envelope
+from nerve.runtime.jetstream.client import last_sequence, publish_envelope
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND
 from nerve.runtime.subjects import Address, Kind, is_token
 
@@ -123,8 +123,7 @@ async def wait_for(step: Step, sent: Sent) -> CommandResult:
                 finished=time.time(),
             )
             # Carried by the run's next write: a crash before it reads the same result again, from there.
-            step._record_later(sent.name, done)  # noqa: SLF001
-            await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
+            step._record_later(sent.name, done, forget_timer=journalled.timer)  # noqa: SLF001
             return result
         await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
         error = f"no result from {sent.device} to {sent.action} within {sent.ttl + CLOCK_SKEW_S:g}s"
@@ -186,7 +185,7 @@ async def _begin(
     from_seq = step.record.results_from
     ahead = from_seq is not None
     if from_seq is None:
-        from_seq = (await ctx.js.stream_info(RESULTS_STREAM)).state.last_seq
+        from_seq = await last_sequence(ctx.js, RESULTS_STREAM)
     now = time.time()
     _command_id, timer_id = _ids(step, name, attempt)
     waiting = StepRecord(

@@ -66,7 +66,7 @@ from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, has_fired, sche
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.jetstream.client import publish_dead_letter, shared_durable
+from nerve.runtime.jetstream.client import last_sequence, publish_dead_letter, shared_durable
 from nerve.runtime.jetstream.streams import (
     LIMITS_BUCKET,
     LINEAGE_BUCKET,
@@ -532,8 +532,8 @@ class Engine:
         # A first wait on the trigger's own stream reads everything after the trigger; on another
         # stream, everything after where that stream was now (asked of every stream at once).
         others = [STREAM_OF_KIND[kind] for kind in agent.waits_on if STREAM_OF_KIND[kind] != meta.stream]
-        infos = await asyncio.gather(*(self._context.js.stream_info(stream) for stream in others))
-        positions = {stream: info.state.last_seq for stream, info in zip(others, infos, strict=True)}
+        lasts = await asyncio.gather(*(last_sequence(self._context.js, stream) for stream in others))
+        positions = dict(zip(others, lasts, strict=True))
         if any(STREAM_OF_KIND[kind] == meta.stream for kind in agent.waits_on):
             positions[meta.stream] = meta.sequence.stream
         record = RunRecord(

@@ -20,7 +20,7 @@ from nerve.runtime.engine.errors import EngineError, LeaseLost
 from nerve.runtime.engine.names import run_key
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from nats.js.kv import KeyValue
 
@@ -207,8 +207,8 @@ class RunHandle:
         #: The lease was given back (the run ended or parked): renewing it would claim the run again.
         self.released = False
         self._lock = asyncio.Lock()
-        #: Changes that go with the next write (`defer`).
-        self._deferred: list[Callable[[RunRecord], None]] = []
+        #: Changes that go with the next write, and what to do once it landed (`defer`).
+        self._deferred: list[tuple[Callable[[RunRecord], None], Callable[[], Awaitable[None]] | None]] = []
         #: A new run's journal on its way (`confirm`): its revision, or None if the run existed already.
         self._creating = creating
         #: The run's journal was not created by this handle: it existed already (the same trigger).
@@ -219,14 +219,18 @@ class RunHandle:
         """The run's id."""
         return self.record.run_id
 
-    def defer(self, change: Callable[[RunRecord], None]) -> None:
-        """Have `change` go with the next write instead of a write of its own.
+    def defer(
+        self, change: Callable[[RunRecord], None], *, then: Callable[[], Awaitable[None]] | None = None
+    ) -> None:
+        """Have `change` go with the next write instead of a write of its own, and `then()` run after it.
 
         Only for what a crash before that write may repeat: an effect kept once by its id (a fact), or a
         wait's answer read again from its stream. A step that blocks (waits, sleeps, runs a function)
-        writes first (`flush`), so nothing stays deferred for long.
+        writes first (`flush`), so nothing stays deferred for long. `then` (best effort, in the
+        background: deleting a fired timer, say) must wait until the journal no longer needs what it
+        removes.
         """
-        self._deferred.append(change)
+        self._deferred.append((change, then))
 
     async def confirm(self) -> None:
         """Wait until the run's journal is stored, if it is on its way; `LeaseLost` if the run existed.
@@ -269,8 +273,8 @@ class RunHandle:
                 undos=list(self.record.undos),
                 positions=dict(self.record.positions),
             )
-            deferred = len(self._deferred)
-            for earlier in self._deferred[:deferred]:
+            deferred = self._deferred[:]
+            for earlier, _then in deferred:
                 earlier(updated)
             change(updated)
             now = self.clock.time()
@@ -288,12 +292,21 @@ class RunHandle:
                 raise LeaseLost(self.run_id) from None
             self.record = updated
             self.released = release
-            del self._deferred[:deferred]
+            del self._deferred[: len(deferred)]
+        for _change, then in deferred:
+            if then is not None:
+                task = asyncio.ensure_future(then())
+                _AFTER_WRITES.add(task)
+                task.add_done_callback(_AFTER_WRITES.discard)
 
     async def renew(self) -> None:
         """Extend the lease, unless it was given back (raises `LeaseLost` like `write`)."""
         if not self.released:
             await self.write(_nothing)
+
+
+#: `RunHandle.defer`'s `then`s under way (asyncio keeps only weak references to tasks).
+_AFTER_WRITES: Final[set[asyncio.Future[None]]] = set()
 
 
 def _nothing(_record: RunRecord) -> None:

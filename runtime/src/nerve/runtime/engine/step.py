@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
 
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.engine.approval import (
@@ -53,7 +52,7 @@ from nerve.runtime.engine.timers import forget, has_fired, schedule
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import Fact, derived_id
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.jetstream.client import publish_fact
+from nerve.runtime.jetstream.client import last_sequence, next_stored, publish_fact
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, open_bucket
 from nerve.runtime.subjects import Kind, is_token, subject_root
 
@@ -156,7 +155,7 @@ class StreamMark:
 
     async def _read(self) -> None:
         asked = time.monotonic()
-        seq = (await self._js.stream_info(self.stream)).state.last_seq
+        seq = await last_sequence(self._js, self.stream)
         # A stream made again from scratch starts over: follow it down too.
         self._seq, self._read_at = seq, asked
 
@@ -328,8 +327,8 @@ class Step:
     async def _positions(self) -> dict[str, int]:
         """The last sequence of each stream the agent waits on: where its next wait will read from."""
         streams = [STREAM_OF_KIND[kind] for kind in self._agent.waits_on]
-        infos = await asyncio.gather(*(self._ctx.js.stream_info(stream) for stream in streams))
-        return {stream: info.state.last_seq for stream, info in zip(streams, infos, strict=True)}
+        lasts = await asyncio.gather(*(last_sequence(self._ctx.js, stream) for stream in streams))
+        return dict(zip(streams, lasts, strict=True))
 
     def _positions_soon(self) -> asyncio.Future[dict[str, int]]:
         """`_positions()`, asked now and read in the background while the step goes on.
@@ -346,14 +345,27 @@ class Step:
         future.add_done_callback(mark_retrieved)
         return future
 
-    def _record_later(self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None) -> None:
+    def _record_later(
+        self,
+        name: str,
+        step: StepRecord,
+        *,
+        positions: dict[str, int] | None = None,
+        forget_timer: str = "",
+    ) -> None:
         """`_record`, without a write of its own: the run's next journal write carries it.
 
         Only for what a crash before that write may repeat (`RunHandle.defer`): a fact, kept once by its
         id (JetStream's duplicate window is 20 minutes, and every step that blocks writes first), or a
-        wait's answer, which a replay reads again from the same place in its stream.
+        wait's answer, which a replay reads again from the same place in its stream. `forget_timer`: the
+        step's timer, whose fired message is deleted once the write landed (before, a replay may need it:
+        a timer cannot be scheduled again under its id within JetStream's duplicate window).
         """
-        self._handle.defer(functools.partial(_put_step, name=name, step=step, positions=positions))
+        then = None
+        if forget_timer:
+            then = functools.partial(forget, self._ctx.js, prefix=self._ctx.prefix, timer_id=forget_timer)
+        change = functools.partial(_put_step, name=name, step=step, positions=positions)
+        self._handle.defer(change, then=then)
 
     async def _record(
         self, name: str, step: StepRecord, *, positions: dict[str, int] | None = None, undo: bool = False
@@ -504,11 +516,9 @@ class Step:
             raise Park(timer_id, due)
         self._before_new_step(new=False)
         if await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
-            # Carried by the next write: a crash before it finds the step sleeping, and a timer whose
-            # fired message is gone is scheduled again at its due time, which has passed: it fires at once.
+            # Carried by the next write: a crash before it finds the step sleeping and its timer fired.
             done = StepRecord(status="done", started=journalled.started, finished=self.now(), timer=timer_id)
-            self._record_later(name, done)
-            await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
+            self._record_later(name, done, forget_timer=timer_id)
             return
         # Maybe the process that journalled the timer died before it scheduled it, or the schedule was
         # lost: schedule it again (a pending schedule on the same subject is replaced, not doubled).
@@ -619,8 +629,7 @@ class Step:
             stream=stream,
             from_seq=journalled.from_seq,
         )
-        self._record_later(name, done)
-        await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
+        self._record_later(name, done, forget_timer=timer_id)
         return None if found is None else found[0]
 
     async def _look(
@@ -636,21 +645,18 @@ class Step:
         Read message by message (`next_by_subj`), at most `LOOK_AHEAD` of them: no consumer to make and
         delete. None: none stored yet (or more than that many to read: a subscription reads them).
         """
-        seq = from_seq + 1
+        after = from_seq
         for _ in range(LOOK_AHEAD):
-            try:
-                raw = await self._ctx.js.get_msg(stream, seq=seq, subject=subject, next=True)
-            except NotFoundError:
+            stored = await next_stored(self._ctx.js, stream, after=after, subject=subject)
+            if stored is None:
                 return None
-            if raw.seq is None or raw.data is None:
-                return None
-            seq = raw.seq + 1
+            after, data = stored
             try:
-                envelope = decode(raw.data, model)
+                envelope = decode(data, model)
             except DecodeError:
                 continue
             if match is None or match(envelope):
-                return envelope, raw.seq
+                return envelope, after
         return None
 
     async def _watch(

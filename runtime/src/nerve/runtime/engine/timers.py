@@ -14,10 +14,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
-from nats.js.errors import NotFoundError
 
 from nerve.runtime.engine.names import TIMERS_STREAM, timer_fired_subject, timer_schedule_subject
-from nerve.runtime.jetstream.client import MSG_ID_HEADER, PUBLISH_TIMEOUT_S
+from nerve.runtime.jetstream.client import MSG_ID_HEADER, PUBLISH_TIMEOUT_S, last_stored_seq
 from nerve.runtime.jetstream.streams import timers_config
 
 if TYPE_CHECKING:
@@ -56,10 +55,7 @@ async def schedule(
 
 async def fired_seq(js: JetStreamContext, *, prefix: str, timer_id: str) -> int | None:
     """The sequence of timer `timer_id`'s fired message in NERVE_TIMERS, or None if it has not fired."""
-    try:
-        return (await js.get_last_msg(TIMERS_STREAM, timer_fired_subject(prefix, timer_id))).seq
-    except NotFoundError:
-        return None
+    return await last_stored_seq(js, TIMERS_STREAM, timer_fired_subject(prefix, timer_id))
 
 
 async def has_fired(js: JetStreamContext, *, prefix: str, timer_id: str) -> bool:

@@ -8,18 +8,20 @@ the codec `nats.codec` chooses, and its media type in the `Content-Type` header
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.errors import Error as NatsError
-from nats.errors import NoServersError
+from nats.errors import NoRespondersError, NoServersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.config.settings import host_port
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
 
     from nats.aio.msg import Msg
-    from nats.js import JetStreamContext
     from nats.js.api import PubAck
 
     from nerve.runtime.config.settings import NatsSettings
@@ -56,6 +57,8 @@ PUBLISH_TIMEOUT_S: Final = 5.0
 DISCARD_TIMEOUT_S: Final = 2.0
 # JetStream's error code for a store refused at a stream's limit (`maximum bytes exceeded`, discard new).
 STREAM_FULL_CODE: Final = 10077
+#: JetStream's error code for "no message found" (a stream that does not exist is another 404).
+NO_MESSAGE_CODE: Final = 10037
 
 
 class StreamFull(NerveError, APIError):
@@ -447,3 +450,106 @@ async def _chain_and_store(  # noqa: PLR0917 - publish_fact's, passed on
             chain.head = None if ack.duplicate else (ack.seq, payload)
             return ack
     raise FactChainContended(subject, MAX_CHAIN_ATTEMPTS)
+
+
+# --- lean reads ------------------------------------------------------------------------------------
+# The engine asks a stream's last sequence at most steps and reads stored messages one by one in its
+# waits. nats-py answers both with its full objects (the stream's whole configuration, the message's
+# headers through the email parser): 16 % of central's CPU in back-to-back disk incidents (py-spy,
+# bench/central.py's reaction). These read only the fields asked for, with msgspec; on anything else than
+# nats-py's JetStreamContext (the harness's in-memory JetStream) they fall back to its API.
+
+
+class _ApiError(msgspec.Struct):
+    code: int = 0
+    err_code: int = 0
+    description: str = ""
+
+
+class _State(msgspec.Struct):
+    last_seq: int = 0
+
+
+class _InfoReply(msgspec.Struct):
+    state: _State | None = None
+    error: _ApiError | None = None
+
+
+class _Stored(msgspec.Struct):
+    seq: int = 0
+    data: str = ""  # base64
+
+
+class _MsgReply(msgspec.Struct):
+    message: _Stored | None = None
+    error: _ApiError | None = None
+
+
+_INFO_REPLY: Final = msgspec.json.Decoder(_InfoReply)
+_MSG_REPLY: Final = msgspec.json.Decoder(_MsgReply)
+
+
+def _raise_api_error(error: _ApiError) -> NoReturn:
+    APIError.from_error({"code": error.code, "err_code": error.err_code, "description": error.description})
+    raise APIError(code=error.code, err_code=error.err_code, description=error.description)
+
+
+def _is_nats_py(js: object) -> bool:
+    """Whether `js` is nats-py's JetStreamContext (not a double with its API)."""
+    return isinstance(js, JetStreamContext)
+
+
+async def _api(js: JetStreamContext, subject: str, body: bytes) -> bytes:
+    prefix: str = js._prefix  # noqa: SLF001 - nats-py's API prefix ($JS.API, or a domain's)
+    try:
+        reply = await js._nc.request(f"{prefix}.{subject}", body, timeout=PUBLISH_TIMEOUT_S)  # noqa: SLF001
+    except NoRespondersError:
+        raise ServiceUnavailableError from None
+    return reply.data
+
+
+async def last_sequence(js: JetStreamContext, stream: str) -> int:
+    """The last sequence of `stream` (0: empty). Raises nats-py's errors (`NotFoundError`: no such stream)."""
+    if not _is_nats_py(js):
+        return int((await js.stream_info(stream)).state.last_seq)
+    reply = _INFO_REPLY.decode(await _api(js, f"STREAM.INFO.{stream}", b""))
+    if reply.error is not None:
+        _raise_api_error(reply.error)
+    return reply.state.last_seq if reply.state is not None else 0
+
+
+async def next_stored(
+    js: JetStreamContext, stream: str, *, after: int, subject: str
+) -> tuple[int, bytes] | None:
+    """The first message on `subject` stored in `stream` after sequence `after`: (sequence, data), or None."""
+    if not _is_nats_py(js):
+        try:
+            raw = await js.get_msg(stream, seq=after + 1, subject=subject, next=True)
+        except NotFoundError:
+            return None
+        return (raw.seq, raw.data or b"") if raw.seq is not None else None
+    body = msgspec.json.encode({"seq": after + 1, "next_by_subj": subject})
+    reply = _MSG_REPLY.decode(await _api(js, f"STREAM.MSG.GET.{stream}", body))
+    if reply.error is not None:
+        if reply.error.err_code == NO_MESSAGE_CODE:
+            return None
+        _raise_api_error(reply.error)
+    if reply.message is None:
+        return None
+    return reply.message.seq, base64.b64decode(reply.message.data)
+
+
+async def last_stored_seq(js: JetStreamContext, stream: str, subject: str) -> int | None:
+    """The sequence of the last message on `subject` in `stream`, or None if there is none."""
+    if not _is_nats_py(js):
+        try:
+            return (await js.get_last_msg(stream, subject)).seq
+        except NotFoundError:
+            return None
+    body = msgspec.json.encode({"last_by_subj": subject})
+    reply = _MSG_REPLY.decode(await _api(js, f"STREAM.MSG.GET.{stream}", body))
+    if reply.error is not None:
+        if reply.error.err_code == NO_MESSAGE_CODE:
+            return None
+        _raise_api_error(reply.error)
+    return None if reply.message is None else reply.message.seq
