@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from nerve.runtime.envelope.codec import envelope_from
 from nerve.runtime.envelope.model import (
@@ -20,6 +23,7 @@ from nerve.runtime.envelope.model import (
     Event,
     Fact,
     check_extensions,
+    derived_id,
     new_id,
     utcnow,
 )
@@ -379,3 +383,10 @@ def test_every_model_is_an_envelope(model: type[Envelope]) -> None:
     assert issubclass(model, Envelope)
     assert model.__struct_config__.frozen is True
     assert model.__struct_config__.forbid_unknown_fields is True
+
+
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=5))
+def test_derived_id_is_uuid5_of_its_parts(parts: list[str]) -> None:
+    """Ids derived before (uuid.uuid5) and now are the same: a run resumed across an upgrade keeps them."""
+    expected = uuid.uuid5(uuid.UUID("6f1c1f1e-5e7a-4f43-9a35-8f2f3b9a6a10"), "\x1f".join(parts)).hex
+    assert derived_id(*parts) == expected
