@@ -42,6 +42,7 @@ from nerve.runtime.errors import DecodeError, TopicError, shown_url
 from nerve.runtime.jetstream.client import publish_dead_letter, publish_envelope, shared_durable
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
+from nerve.runtime.trust.expiry import COMMAND_SEQ_HEADER
 from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, SessionTakenOver, open_mqtt
 
 if TYPE_CHECKING:
@@ -348,7 +349,7 @@ class Downlink:
                 await self._dead_letter(reason=outcome, origin=msg.subject, payload=msg.data)
                 await msg.term()
             else:
-                await self._expire(outcome)
+                await self._expire(outcome, msg.metadata.sequence.stream)
                 await msg.ack()
         except (NatsError, TimeoutError) as exc:
             log.warning("bridge: downlink: %s; the command will come again", exc or type(exc).__name__)
@@ -369,7 +370,7 @@ class Downlink:
                 log.warning("bridge: dead-lettered a message from %s: %s", origin, reason)
                 return
 
-    async def _expire(self, command: Command) -> None:
+    async def _expire(self, command: Command, seq: int) -> None:
         reason = f"expired at {command.expires.isoformat()} before the bridge could send it"
         result = CommandResult.for_command(
             command,
@@ -380,8 +381,16 @@ class Downlink:
         )
         result_subject = Address(command.subject, Kind.RESULTS, command.action).subject(self._prefix)
         # The result is the record; central's command audit keeps the fact (signed and chained by central,
-        # as every fact: the bridge holds no key, so a fact of its own would not verify).
-        await publish_envelope(self.js, result_subject, result, codec=self._settings.nats.codec)
+        # as every fact: the bridge holds no key, so a fact of its own would not verify). Unsigned, it is
+        # believed only once the command expired (nerve.runtime.trust.expiry); the header says where the
+        # command is, for central's runner, which did not send it itself.
+        await publish_envelope(
+            self.js,
+            result_subject,
+            result,
+            codec=self._settings.nats.codec,
+            headers={COMMAND_SEQ_HEADER: str(seq)},
+        )
         self._stats.commands_expired += 1
         log.warning("bridge: command %s to %s %s", command.id, command.subject, reason)
 

@@ -35,11 +35,15 @@ if TYPE_CHECKING:
 
     from nerve.runtime.envelope.model import Command, CommandResult
 
-__all__ = ["EXPIRED_CLAIM_MARGIN_S", "expired_claim_refusal"]
+__all__ = ["COMMAND_SEQ_HEADER", "EXPIRED_CLAIM_MARGIN_S", "expired_claim_refusal"]
 
 #: Seconds past a command's `expires` before an unsigned `expired` result for it is believed: clocks of
 #: the bridge and of the receiver (NTP keeps them within milliseconds) may differ by up to this.
 EXPIRED_CLAIM_MARGIN_S: Final = 1.0
+#: The header the bridge stores its `expired` result with: the command's sequence in NERVE_COMMANDS. Only
+#: where to look: central's runner, which did not send the command itself, believes the claim only for a
+#: command stored there that central's own key signed.
+COMMAND_SEQ_HEADER: Final = "Nerve-Command-Seq"
 
 
 def expired_claim_refusal(
