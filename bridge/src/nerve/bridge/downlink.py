@@ -12,7 +12,9 @@ What holds:
   Maximum from CONNACK), written in the order JetStream delivered them;
 - a command held here (waiting for a slot, or for its PUBACK) is kept from its ack wait: `in_progress`
   (+WPI) every third of the consumer's ack wait, so load never makes JetStream deliver it again;
-- an expired command is not sent (checked just before sending): a CommandResult `expired` says so;
+- an expired command is not sent (checked just before sending): a CommandResult `expired` says so, or
+  `unknown` if JetStream delivered it before (an earlier attempt may have reached mosquitto, so the
+  bridge cannot say it was never sent; central believes an unsigned `expired`, never an `unknown`);
 - a command that cannot be read is dead-lettered with the reason, and terminated;
 - when the connection fails or the bridge stops, what was not acknowledged is handed back (`nak`):
   JetStream delivers it again at once, here or to another bridge of the group, and a device's journal
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 
     from nerve.bridge.stats import BridgeStats
     from nerve.runtime.config.settings import MqttSettings, Settings
+    from nerve.runtime.envelope.model import ResultStatus
     from nerve.runtime.wire.mqtt import Incoming
 
 __all__ = ["Downlink", "downlink_mqtt"]
@@ -349,7 +352,7 @@ class Downlink:
                 await self._dead_letter(reason=outcome, origin=msg.subject, payload=msg.data)
                 await msg.term()
             else:
-                await self._expire(outcome, msg.metadata.sequence.stream)
+                await self._expire(outcome, msg.metadata.sequence.stream, msg.metadata.num_delivered or 1)
                 await msg.ack()
         except (NatsError, TimeoutError) as exc:
             log.warning("bridge: downlink: %s; the command will come again", exc or type(exc).__name__)
@@ -370,12 +373,19 @@ class Downlink:
                 log.warning("bridge: dead-lettered a message from %s: %s", origin, reason)
                 return
 
-    async def _expire(self, command: Command, seq: int) -> None:
+    async def _expire(self, command: Command, seq: int, delivered: int) -> None:
+        status: ResultStatus = "expired"
         reason = f"expired at {command.expires.isoformat()} before the bridge could send it"
+        if delivered > 1:
+            # Handed back before (a connection lost, a bridge stopped): it may have been written to
+            # mosquitto then, and run. Central believes the bridge's `expired` (it cannot hide a run after
+            # the command expired), so it is said only when the bridge knows it never sent the command.
+            status = "unknown"
+            reason += f" again (delivery {delivered}: an earlier attempt may have reached the device)"
         result = CommandResult.for_command(
             command,
             source=SOURCE,
-            status="expired",
+            status=status,
             reason=reason,
             result_id=derived_id(command.id, "expired"),
         )
