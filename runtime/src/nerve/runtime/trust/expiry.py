@@ -2,8 +2,9 @@
 
 The bridge's downlink does not send a command whose signed `expires` has passed; it stores a result
 `expired` for it instead, from `nerve://bridge`. It holds no device's key, so that result is unsigned,
-and every other unsigned result is refused (`nerve.runtime.trust.devices`). This module holds the one
-exception, used by the engine's command step and by `nerve send`, the two that know the command they sent.
+and every other unsigned result is refused (`nerve.runtime.trust.devices`). `expired_claim_refusal` is
+the one exception, applied by whoever knows the command it sent: the engine's command step, `nerve send`,
+and central's runner for a command its own key signed (found through `COMMAND_SEQ_HEADER`).
 
 An unsigned result is believed only when all of these hold:
 
@@ -11,18 +12,20 @@ An unsigned result is believed only when all of these hold:
 - it answers the command the receiver itself sent: its `causationid` is that command's id, its
   `subject` and `action` are the command's;
 - it arrived once the command's own signed `expires`, plus `EXPIRED_CLAIM_MARGIN_S`, had passed by the
-  receiver's clock (the engine: the time JetStream stored it; `nerve send`: the time it was received).
+  receiver's clock (the engine and central's runner: the time JetStream stored it; `nerve send`: the
+  time it was received), never by the result's `time`, which its sender writes.
 
 Why that is safe: the bridge sends no command after its `expires`, and a device refuses a command that
-reaches it after its `expires` (`edge.clock_skew_s` later by the device's own clock), so an `expired`
-claim made after that instant cannot hide an execution the bridge has yet to cause; and since the time
-is the receiver's, not the result's (`time`, which the sender writes), a claim forged before that instant
-is refused, however it is dated. The margin covers the difference between the receiver's clock and the
-bridge's. What it does not cover: a command the bridge handed to mosquitto before `expires` and that
-mosquitto delivers late (an offline device's queued session) may still run up to `edge.clock_skew_s`
-(30 s by default) after `expires`; a forged `expired` believed then would hide it. Only someone allowed
-to publish that device's results (its own broker identity, which can sign anyway, or a NATS user allowed
-results subjects) can forge one. See docs/trust.md.
+reaches it after its `expires` (by its own clock, `edge.clock_skew_s` later), so an `expired` claim made
+after that instant cannot hide a run the bridge has yet to cause; a claim forged before that instant is
+refused, however it is dated. The bridge says `expired` only for a command JetStream delivered to it
+once (one handed back may have reached the device: that one gets `unknown`, never believed unsigned).
+The margin covers the difference between the bridge's clock and the receiver's. What it does not cover:
+a command the bridge handed to mosquitto before `expires` and that mosquitto delivers late (an offline
+device's queued session) may still run up to `edge.clock_skew_s` (30 s by default) after `expires`; a
+forged `expired` believed then would hide it. Only someone allowed to publish that device's results
+(its own broker identity, which can sign anyway, or a NATS identity allowed results subjects) can forge
+one. See docs/trust.md.
 """
 
 from __future__ import annotations
