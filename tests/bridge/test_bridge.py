@@ -22,6 +22,7 @@ from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.stack.brokers import free_port, port_answers
 from nerve.runtime.testing import stream_messages, wait_for_count
 from nerve.runtime.trust.chain import verify_records
+from nerve.runtime.trust.expiry import COMMAND_SEQ_HEADER
 from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
 from nerve.runtime.wire.client import MqttClient
 
@@ -273,3 +274,48 @@ async def test_an_expired_command_becomes_a_signed_fact_of_central_and_the_chain
     assert fact.data["command_id"] == stale.id
     records = [(message.seq, message.data) for message in stored]
     assert verify_records(records, Verifier.from_config({}, tmp_path / "keys")) == []
+
+
+async def test_the_bridges_expired_for_centrals_own_command_reaches_the_audit_and_a_forged_one_does_not(
+    settings: Settings, nc: NatsClient, running: Running, tmp_path: Path
+) -> None:
+    """A command signed by central, expired in NERVE_COMMANDS: the bridge's `expired` is `command_expired`.
+
+    A forged unsigned `expired` for a command still valid (with the header pointing at it) is refused.
+    """
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    private, _ = generate_keypair(tmp_path / "keys", "central")
+    signer = Signer.from_file(private)
+
+    def signed(ttl: timedelta) -> Command:
+        return signer.sign(
+            Command.create(device="pi-01", action="clear_temp", args={}, source="nerve://central/t", ttl=ttl)
+        )
+
+    stale, fresh = signed(timedelta(seconds=-2)), signed(timedelta(minutes=5))
+    await publish_envelope(js, "nerve.pi-01.commands.clear_temp", stale)
+    fresh_seq = (await publish_envelope(js, "nerve.pi-01.commands.clear_temp", fresh)).seq
+    forged = CommandResult.for_command(fresh, source="nerve://bridge", status="expired")
+    audit = Central(settings=settings, signer=signer, agents=[CommandAudit(settings.streams)])
+    async with running(audit, wait=WAIT):
+        await publish_envelope(
+            js, "nerve.pi-01.results.clear_temp", forged, headers={COMMAND_SEQ_HEADER: str(fresh_seq)}
+        )
+        async with running(Bridge(settings=settings), wait=WAIT):
+            await wait_for_count(js, "NERVE_FACTS", 2)
+    facts = {
+        fact.kind: fact for fact in (decode(m.data, Fact) for m in await stream_messages(js, "NERVE_FACTS"))
+    }
+    assert set(facts) == {"command_expired", "result_refused"}
+    assert facts["command_expired"].data["command_id"] == stale.id
+    assert "before the bridge could send it" in facts["command_expired"].summary
+    refused = facts["result_refused"]
+    assert (refused.data["command_id"], refused.data["status"]) == (fresh.id, "expired")
+    assert "before the command expired" in refused.data["detail"]
+    (result,) = [
+        decode(m.data, CommandResult)
+        for m in await stream_messages(js, "NERVE_RESULTS")
+        if decode(m.data, CommandResult).causationid == stale.id
+    ]
+    assert result.sig == ""

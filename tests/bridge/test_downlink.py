@@ -20,12 +20,13 @@ import pytest
 from tests.chaos.test_bridge_restarts import start_bridge  # one way to run `nerve bridge` in tests
 
 import nerve.bridge.bridge as bridge_module
+import nerve.bridge.downlink as downlink_module
 from nerve.bridge import Bridge
 from nerve.bridge.downlink import downlink_mqtt
 from nerve.bridge.natswire import open_nats
 from nerve.runtime.config.settings import load_settings
 from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command
+from nerve.runtime.envelope.model import Command, CommandResult, utcnow
 from nerve.runtime.jetstream.client import publish_envelope, shared_durable
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Kind, kind_filter
@@ -321,3 +322,49 @@ async def test_a_bridge_killed_with_commands_in_flight_loses_none(
         await bridge.wait()
     assert {c.id for c in seen} == {c.id for c in commands}
     assert await stream_messages(js, "NERVE_RESULTS") == []  # none expired
+
+
+async def test_a_command_handed_back_that_expired_before_it_came_again_is_unknown_not_expired(
+    settings: Settings,
+    nc: NatsClient,
+    mosquitto: Mosquitto,
+    running: Running,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Written to mosquitto, no PUBACK, handed back; expired when it comes again: the bridge cannot say
+    it never sent it (mosquitto may deliver what it read), so its result is `unknown`, which central never
+    believes unsigned, not `expired`, which it does once the command expired (nerve.runtime.trust.expiry)."""
+    monkeypatch.setattr(downlink_module, "MQTT_PUBLISH_TIMEOUT_S", 1.0)
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    command = Command.create(
+        device="dev-x", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=2)
+    )
+    bridge = Bridge(settings=settings)
+    assert mosquitto.pid is not None
+    async with running(bridge, wait=WAIT):
+        assert bridge.downlink is not None
+        downlink = bridge.downlink
+        os.kill(mosquitto.pid, signal.SIGSTOP)
+        try:
+            await store_commands(js, [command])
+
+            async def written() -> bool:
+                return downlink.in_flight == 1
+
+            await until(written)
+            left = (command.expires - utcnow()).total_seconds()
+            await asyncio.sleep(max(0.0, left) + 0.1)  # no PUBACK: handed back, and expired by now
+        finally:
+            os.kill(mosquitto.pid, signal.SIGCONT)
+
+        async def answered() -> bool:
+            return bool(await stream_messages(js, "NERVE_RESULTS"))
+
+        await until(answered)
+    (stored,) = await stream_messages(js, "NERVE_RESULTS")
+    result = decode(stored.data, CommandResult)
+    assert (result.status, result.causationid, result.sig) == ("unknown", command.id, "")
+    assert "an earlier attempt may have reached the device" in result.reason
+    assert bridge.stats.commands_sent == 0
+    assert bridge.stats.commands_expired == 1

@@ -38,6 +38,7 @@ from nerve.runtime.envelope.model import Command, CommandResult, Fact
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.testing import provision_device, stream_messages, wait_for_count
+from nerve.runtime.trust.expiry import EXPIRED_CLAIM_MARGIN_S
 from nerve.runtime.trust.signing import Signer, generate_keypair
 from nerve.runtime.wire.client import MqttClient
 
@@ -578,3 +579,70 @@ async def test_a_forged_ok_for_an_offline_device_is_ignored_and_send_does_not_ex
     assert "ignored: result from pi-offline is not signed" in ignored[0]
     assert "ignored: result from pi-offline: bad signature: the result was altered or forged" in ignored[1]
     assert err.splitlines()[-1].startswith(f"nerve send: no result from {offline} within 3s")
+
+
+# --- the bridge's unsigned `expired` (nerve.runtime.trust.expiry) ---------------------------------
+
+
+@pytest.mark.broker
+async def test_a_command_the_bridge_expired_exits_4(
+    stack_settings: Settings, nc: NatsClient, tmp_path: Path
+) -> None:
+    """The bridge is away until the command expired; back, it stores `expired` (unsigned): exit 4, not 6."""
+    js = nc.jetstream()
+    await ensure_streams(js, stack_settings.prefix)
+    process = await start(
+        *send_args(stack_settings, tmp_path, DEVICE, "clear_temp", "--expires-in", "1s", "--timeout", "20s"),
+        env=device_env(stack_settings),
+    )
+    await wait_for_count(js, "NERVE_COMMANDS", 1)
+    (stored,) = await stream_messages(js, "NERVE_COMMANDS")
+    command = decode(stored.data, Command)
+    left = (command.expires - datetime.now(UTC)).total_seconds() + EXPIRED_CLAIM_MARGIN_S
+    await asyncio.sleep(max(0.0, left) + 0.05)
+    async with running_stack(stack_settings), asyncio.timeout(WAIT):
+        out, err = await process.communicate()
+    assert process.returncode == 4, err.decode()
+    assert out.decode().startswith(f"expired: clear_temp on {DEVICE}: expired at ")
+    assert "before the bridge could send it" in out.decode()
+    assert "unverified" not in err.decode()
+
+
+@pytest.mark.broker
+async def test_a_forged_expired_before_the_command_expired_is_ignored_and_send_does_not_exit_4(
+    stack_settings: Settings, tmp_path: Path
+) -> None:
+    """Someone answers `expired` (unsigned, dated an hour on) at once: it is too early to be believed."""
+    offline = "pi-away"
+    provision_device(stack_settings.data_dir / "devices", offline)  # registered, but not running
+    forged: list[CommandResult] = []
+
+    async def attacker(client: MqttClient) -> None:
+        async for message in client.messages:
+            command = decode(message.payload, Command)
+            result = CommandResult.for_command(command, source="nerve://bridge", status="expired")
+            late = msgspec.structs.replace(result, time=command.expires + timedelta(hours=1))
+            await client.publish(f"nerve/{offline}/results/{command.action}", to_json(late), qos=1)
+            forged.append(late)
+
+    async with (
+        running_stack(stack_settings),
+        MqttClient(stack_settings.mqtt, client_id="attacker") as client,
+        asyncio.TaskGroup() as tasks,
+    ):
+        await client.subscribe(f"nerve/{offline}/commands/+")
+        listening = tasks.create_task(attacker(client))
+        code, out, err = await nerve(
+            *send_args(
+                stack_settings, tmp_path, offline, "clear_temp", "--expires-in", "30s", "--timeout", "3s"
+            ),
+            env=device_env(stack_settings),
+        )
+        listening.cancel()
+    assert len(forged) == 1
+    assert code == 6, err
+    assert out == ""
+    [ignored] = [line for line in err.splitlines() if "unverified result" in line]
+    expected = f"unverified result {forged[0].id} (expired) ignored: result from {offline} is not signed, and"
+    assert f"{expected} it came at " in ignored
+    assert "before the command expired" in ignored

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
+from nerve.bridge import Bridge
+from nerve.bridge.downlink import SOURCE as BRIDGE
 from nerve.runtime.engine import Engine, Step, StepFailed, Trigger, durable_agent, wait_for_run
 from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, CommandResult, derived_id
+from nerve.runtime.envelope.model import Command, CommandResult, derived_id, utcnow
 from nerve.runtime.jetstream.client import publish_envelope
 from nerve.runtime.subjects import Address, Kind
 from nerve.runtime.testing import provision_device, stream_messages, wait_for_count
 from nerve.runtime.trust.devices import DeviceKeys
+from nerve.runtime.trust.expiry import EXPIRED_CLAIM_MARGIN_S
 from nerve.runtime.trust.signing import Signer, Verifier, generate_keypair
 
 if TYPE_CHECKING:
@@ -22,7 +27,9 @@ if TYPE_CHECKING:
 
     from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
+    from tests.conftest import Running
 
+    from nerve.runtime.config.settings import Settings
     from nerve.runtime.envelope.model import Envelope
 
 pytestmark = pytest.mark.broker
@@ -240,3 +247,97 @@ async def test_send_then_result_are_the_command_in_two_halves(
         failed = await wait_for_run(engine.kv, halves.run_id(mistake.id), timeout=20)
     assert failed.state == "failed"
     assert "result() of a command that send() did not send" in failed.error
+
+
+# --- the bridge's unsigned `expired` (nerve.runtime.trust.expiry) ---------------------------------
+
+
+async def until_expired(command: Command) -> None:
+    """Sleep until `command` expired, plus the margin after which the bridge's `expired` is believed."""
+    left = (command.expires - utcnow()).total_seconds() + EXPIRED_CLAIM_MARGIN_S
+    await asyncio.sleep(max(0.0, left) + 0.05)
+
+
+async def test_the_bridges_expired_result_ends_the_wait_before_the_steps_timeout(  # noqa: PLR0917
+    settings: Settings,
+    nc: NatsClient,
+    js: JetStreamContext,
+    tmp_path: Path,
+    central: tuple[Signer, Verifier],
+    running: Running,
+) -> None:
+    """The bridge was away until the command expired: it stores `expired`, unsigned, and the run takes it."""
+    signer, _ = central
+    provision_device(tmp_path / "devices", "dev8")
+    refusals = Refusals(DeviceKeys(tmp_path / "devices"))
+    engine = Engine(nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, refusals=refusals)
+    async with engine:
+        event = await publish_event(js, "broken", {"device": "dev8", "ttl": 1}, event_id="e-broken-8")
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands(js)
+        await until_expired(command)
+        async with running(Bridge(settings=settings), wait=30):
+            done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=30)
+    assert done.result == "expired None"
+    step = done.steps["fix"]
+    assert step.finished is not None
+    assert step.finished < step.due  # learnt from the bridge, not from the step's own timer
+    (stored,) = [decode(m.data, CommandResult) for m in await stream_messages(js, "NERVE_RESULTS")]
+    assert (stored.source, stored.sig, stored.causationid) == (BRIDGE, "", command.id)
+    assert refusals.refused == []
+
+
+async def test_a_forged_expired_before_the_command_expired_is_refused_and_the_run_waits_on(
+    nc: NatsClient, js: JetStreamContext, tmp_path: Path, central: tuple[Signer, Verifier]
+) -> None:
+    signer, _ = central
+    dev9 = provision_device(tmp_path / "devices", "dev9")
+    refusals = Refusals(DeviceKeys(tmp_path / "devices"))
+    engine = Engine(nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, refusals=refusals)
+    async with engine:
+        event = await publish_event(js, "broken", {"device": "dev9", "ttl": 30}, event_id="e-broken-9")
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands(js)
+        subject = "nerve.dev9.results.clear_temp"
+        # Dated after `expires`, and shaped as the bridge's: judged by when it was stored.
+        forged = msgspec.structs.replace(
+            CommandResult.for_command(command, source=BRIDGE, status="expired"),
+            time=command.expires + timedelta(minutes=5),
+        )
+        await publish_envelope(js, subject, forged)
+        forged_ok = CommandResult.for_command(command, source=BRIDGE, status="ok")
+        await publish_envelope(js, subject, forged_ok)
+        await wait_for_count(js, "NERVE_RESULTS", 2)
+        async with asyncio.timeout(10):
+            while len(refusals.refused) < 2:  # both read and refused: the run is still waiting
+                await asyncio.sleep(0.05)
+        record = await engine.record(fixer.run_id(event.id))
+        assert record is not None
+        assert record.state != "done"
+        await answer(js, command, dev9, files=2)  # the device's own, signed: taken
+        done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=20)
+    assert done.result == "ok 2"
+    assert refusals.refused == [forged.id, forged_ok.id]
+
+
+async def test_an_unsigned_expired_for_another_command_is_refused_even_after_it_expired(
+    nc: NatsClient, js: JetStreamContext, tmp_path: Path, central: tuple[Signer, Verifier]
+) -> None:
+    """The claim must name the command this step sent: one for an expired command of someone else's is not."""
+    signer, _ = central
+    provision_device(tmp_path / "devices", "dev10")
+    refusals = Refusals(DeviceKeys(tmp_path / "devices"))
+    engine = Engine(nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, refusals=refusals)
+    async with engine:
+        event = await publish_event(js, "broken", {"device": "dev10", "ttl": 1}, event_id="e-broken-10")
+        await wait_for_count(js, "NERVE_COMMANDS", 1)
+        (command,) = await commands(js)
+        await until_expired(command)
+        # For this command, but on another device's subject and naming it (read: causationid matches).
+        other = CommandResult.for_command(command, source=BRIDGE, status="expired", subject="dev11")
+        await publish_envelope(js, "nerve.dev10.results.clear_temp", other)
+        with_data = CommandResult.for_command(command, source=BRIDGE, status="expired", data={"x": 1})
+        await publish_envelope(js, "nerve.dev10.results.clear_temp", with_data)
+        done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=30)
+    assert str(done.result).startswith("timed out")
+    assert refusals.refused == [other.id, with_data.id]

@@ -12,7 +12,9 @@ What holds:
   Maximum from CONNACK), written in the order JetStream delivered them;
 - a command held here (waiting for a slot, or for its PUBACK) is kept from its ack wait: `in_progress`
   (+WPI) every third of the consumer's ack wait, so load never makes JetStream deliver it again;
-- an expired command is not sent (checked just before sending): a CommandResult `expired` says so;
+- an expired command is not sent (checked just before sending): a CommandResult `expired` says so, or
+  `unknown` if JetStream delivered it before (an earlier attempt may have reached mosquitto, so the
+  bridge cannot say it was never sent; central believes an unsigned `expired`, never an `unknown`);
 - a command that cannot be read is dead-lettered with the reason, and terminated;
 - when the connection fails or the bridge stops, what was not acknowledged is handed back (`nak`):
   JetStream delivers it again at once, here or to another bridge of the group, and a device's journal
@@ -42,6 +44,7 @@ from nerve.runtime.errors import DecodeError, TopicError, shown_url
 from nerve.runtime.jetstream.client import publish_dead_letter, publish_envelope, shared_durable
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND
 from nerve.runtime.subjects import Address, Kind, kind_filter, parse_subject
+from nerve.runtime.trust.expiry import COMMAND_SEQ_HEADER
 from nerve.runtime.wire.mqtt import MqttWire, MqttWireError, SessionTakenOver, open_mqtt
 
 if TYPE_CHECKING:
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
 
     from nerve.bridge.stats import BridgeStats
     from nerve.runtime.config.settings import MqttSettings, Settings
+    from nerve.runtime.envelope.model import ResultStatus
     from nerve.runtime.wire.mqtt import Incoming
 
 __all__ = ["Downlink", "downlink_mqtt"]
@@ -348,7 +352,7 @@ class Downlink:
                 await self._dead_letter(reason=outcome, origin=msg.subject, payload=msg.data)
                 await msg.term()
             else:
-                await self._expire(outcome)
+                await self._expire(outcome, msg.metadata.sequence.stream, msg.metadata.num_delivered or 1)
                 await msg.ack()
         except (NatsError, TimeoutError) as exc:
             log.warning("bridge: downlink: %s; the command will come again", exc or type(exc).__name__)
@@ -369,19 +373,34 @@ class Downlink:
                 log.warning("bridge: dead-lettered a message from %s: %s", origin, reason)
                 return
 
-    async def _expire(self, command: Command) -> None:
+    async def _expire(self, command: Command, seq: int, delivered: int) -> None:
+        status: ResultStatus = "expired"
         reason = f"expired at {command.expires.isoformat()} before the bridge could send it"
+        if delivered > 1:
+            # Handed back before (a connection lost, a bridge stopped): it may have been written to
+            # mosquitto then, and run. Central believes the bridge's `expired` (it cannot hide a run after
+            # the command expired), so it is said only when the bridge knows it never sent the command.
+            status = "unknown"
+            reason += f" again (delivery {delivered}: an earlier attempt may have reached the device)"
         result = CommandResult.for_command(
             command,
             source=SOURCE,
-            status="expired",
+            status=status,
             reason=reason,
             result_id=derived_id(command.id, "expired"),
         )
         result_subject = Address(command.subject, Kind.RESULTS, command.action).subject(self._prefix)
         # The result is the record; central's command audit keeps the fact (signed and chained by central,
-        # as every fact: the bridge holds no key, so a fact of its own would not verify).
-        await publish_envelope(self.js, result_subject, result, codec=self._settings.nats.codec)
+        # as every fact: the bridge holds no key, so a fact of its own would not verify). Unsigned, it is
+        # believed only once the command expired (nerve.runtime.trust.expiry); the header says where the
+        # command is, for central's runner, which did not send it itself.
+        await publish_envelope(
+            self.js,
+            result_subject,
+            result,
+            codec=self._settings.nats.codec,
+            headers={COMMAND_SEQ_HEADER: str(seq)},
+        )
         self._stats.commands_expired += 1
         log.warning("bridge: command %s to %s %s", command.id, command.subject, reason)
 

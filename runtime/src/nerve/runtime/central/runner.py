@@ -11,7 +11,9 @@ and agent at once, the rest counted into one fact per window.
 A command result reaches an agent only if its device signed it: it verifies against the key registered
 for its `subject` (`DeviceKeys`, `central.device_keys_dir`). Any other result (unsigned, signed by
 another key, by an unknown or revoked device, altered or forged) is acknowledged, changes nothing, and
-is kept as a `result_refused` fact, sampled the same way per device and kind of refusal; results
+is kept as a `result_refused` fact, sampled the same way per device and kind of refusal (but for the
+bridge's unsigned `expired` for a command central's key signed, stored once it expired:
+`nerve.runtime.trust.expiry`; it reaches the agents, the command audit among them); results
 claiming to be from devices the registry does not know share one key (`UNREGISTERED`), so made-up
 device ids cannot multiply the facts. Every agent subscribed to results gets its own copy of one; each
 copy is refused, and the first such agent's copy is the one counted (`refused_results`, the facts).
@@ -31,13 +33,15 @@ from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.central.agent import DEFAULT_MAX_HOPS, NO_SUBJECT, Agent, AgentContext, Reject, Retry
 from nerve.runtime.engine.errors import EngineError
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode
-from nerve.runtime.envelope.model import CommandResult, Event, derived_id
-from nerve.runtime.errors import DecodeError
+from nerve.runtime.envelope.model import Command, CommandResult, Event, derived_id
+from nerve.runtime.errors import DecodeError, SignatureError
 from nerve.runtime.jetstream.client import connect_forever, publish_dead_letter, shared_durable
 from nerve.runtime.jetstream.sampling import RefusalSampler
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
 from nerve.runtime.subjects import Kind
 from nerve.runtime.trust.devices import DeviceKeys, registry_dir
+from nerve.runtime.trust.expiry import COMMAND_SEQ_HEADER
+from nerve.runtime.trust.signing import Verifier
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -67,6 +71,8 @@ LOOP_GUARD: Final = "loop_guard"
 RESULT_REFUSED: Final = "result_refused"
 #: The sampling key (and fact subject) of refused results claiming a device the registry does not know.
 UNREGISTERED: Final = "unregistered-devices"
+#: A stream sequence is a uint64: at most 20 digits (`COMMAND_SEQ_HEADER`).
+MAX_SEQ_DIGITS: Final = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +124,8 @@ class Central:
             registry_dir(settings.central.device_keys_dir, settings.data_dir)
         )
         self._own: AgentContext | None = None
+        #: Central's own key: a command it signed is one it sent (`_expired_command`).
+        self._own_key = Verifier.from_config({signer.keyid: signer.public_key})
         self._instance = uuid.uuid4().hex  # tells this process's sampled facts from another's
         self._loop_guard = RefusalSampler(
             window_s=settings.streams.sample_window_s, max_keys=settings.streams.sample_max_keys
@@ -267,9 +275,15 @@ class Central:
                     return candidate is agent
         return False
 
-    async def _refuse_result(self, result: CommandResult, *, record: bool) -> bool:
-        """True if `result` is not its device's (`DeviceKeys`); then, if `record`, count it (sampled fact)."""
-        refusal = self._device_keys.refusal(result)
+    async def _refuse_result(self, result: CommandResult, *, record: bool, stored: Msg | None = None) -> bool:
+        """True if `result` is not its device's (`DeviceKeys`); then, if `record`, count it (sampled fact).
+
+        Or, `stored` being its message, the bridge's unsigned `expired` for a command of central's that it
+        names (`_expired_command`), stored once that command expired (`nerve.runtime.trust.expiry`).
+        """
+        sent = await self._expired_command(result, stored) if stored is not None else None
+        arrived = stored.metadata.timestamp if sent is not None and stored is not None else None
+        refusal = self._device_keys.refusal(result, sent=sent, arrived=arrived)
         if refusal is None:
             return False
         if not record:
@@ -293,6 +307,28 @@ class Central:
         except (NatsError, TimeoutError) as exc:  # the facts stream full, say: still refused, and said
             log.warning("central: result %s refused; its fact not kept: %s", result.id, exc)
         return True
+
+    async def _expired_command(self, result: CommandResult, stored: Msg) -> Command | None:
+        """The command of central's that an unsigned `expired` result names, or None.
+
+        The bridge stores its `expired` with the command's place in NERVE_COMMANDS (`COMMAND_SEQ_HEADER`):
+        only a hint, read for an unsigned `expired` alone; the command there must be the one the result
+        answers (`expired_claim_refusal` checks) and signed by central's own key.
+        """
+        place = (stored.headers or {}).get(COMMAND_SEQ_HEADER, "")
+        if result.status != "expired" or result.sig or not place.isdecimal() or len(place) > MAX_SEQ_DIGITS:
+            return None
+        own = self._own
+        if own is None:  # cannot happen: set before any consumer starts
+            return None
+        try:
+            raw = await own.js.get_msg(STREAM_OF_KIND[Kind.COMMANDS], int(place))
+            command = decode(raw.data or b"", Command)
+            self._own_key.verify(command)
+        except (NatsError, TimeoutError, DecodeError, SignatureError) as exc:
+            log.debug("central: result %s: its command at %s is not central's: %s", result.id, place, exc)
+            return None
+        return command
 
     async def _refusal_fact(self, result: CommandResult, refusal: Refusal, sample: Sample) -> None:
         own = self._own
@@ -355,7 +391,7 @@ class Central:
             await self._dead_letter(ctx, msg, f"{agent.name}: {exc.reason}")
             return
         if isinstance(envelope, CommandResult) and await self._refuse_result(
-            envelope, record=self._records_results(agent, envelope.action)
+            envelope, record=self._records_results(agent, envelope.action), stored=msg
         ):
             await msg.ack()
             return

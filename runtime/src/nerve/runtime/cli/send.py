@@ -4,7 +4,8 @@ The command goes into JetStream (`NERVE_COMMANDS`, subject `<prefix>.<device>.co
 the bridge's downlink carries it to the device over MQTT, and the device's result comes back up into
 `NERVE_RESULTS`, where this waits for the one whose `causationid` is the command's id and that the
 device signed (it verifies against the key registered for the device, `central.device_keys_dir`, as
-central checks it: `nerve.runtime.trust.devices`); any other is reported as ignored. Meanwhile it
+central checks it: `nerve.runtime.trust.devices`), or the bridge's unsigned `expired` that came after
+the command expired (`nerve.runtime.trust.expiry`); any other is reported as ignored. Meanwhile it
 looks up the device's last reading, event or result in the streams, to say early that a device has
 never been seen or seems offline rather than wait in silence.
 """
@@ -22,7 +23,7 @@ from nats.js.errors import NotFoundError
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.config.settings import DEFAULT_MAX_COMMAND_VALIDITY_S
 from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, CommandResult
+from nerve.runtime.envelope.model import Command, CommandResult, utcnow
 from nerve.runtime.errors import ConfigError, DecodeError
 from nerve.runtime.jetstream.client import connect, publish_envelope
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
@@ -284,8 +285,10 @@ class CommandChannel:
     ) -> CommandResult | None:
         """The device's signed result for `command`, or None if none came within `timeout` seconds.
 
-        A result for `command` that does not verify against the device's registered key is not returned:
-        `ignored` is told `unverified result ... ignored` with the reason, and the wait goes on.
+        Or the bridge's unsigned `expired` one, if it came once `command` expired
+        (`nerve.runtime.trust.expiry`). Any other result for `command` that does not verify against the
+        device's registered key is not returned: `ignored` is told `unverified result ... ignored` with
+        the reason, and the wait goes on.
         """
         if self._results is None:
             raise RuntimeError("result() before send()")
@@ -299,7 +302,8 @@ class CommandChannel:
                         continue  # someone else's garbage on the subject; not ours to judge here
                     if result.causationid != command.id:
                         continue
-                    refusal = self._device_keys.refusal(result)
+                    # When it came: an unsigned `expired` for it is believed only after it expired.
+                    refusal = self._device_keys.refusal(result, sent=command, arrived=utcnow())
                     if refusal is None:
                         return result
                     if ignored is not None:

@@ -6,8 +6,10 @@
    so a resumed run publishes the same id again and JetStream keeps it once (the edge runs an id once).
 3. It reads NERVE_RESULTS from the journalled position for a result whose `causationid` is the command id:
    a result stored between the send and the wait, or while no engine ran, is found. Only a result that
-   verifies against the device registry (`DeviceKeys`) is acted on; any other is refused (a sampled
-   `result_refused` fact, through `ResultRefusals`: central's own) and the wait goes on.
+   verifies against the device registry (`DeviceKeys`) is acted on, or the bridge's unsigned `expired`
+   for the command this process sent, stored once that command's `expires` passed
+   (`nerve.runtime.trust.expiry`); any other is refused (a sampled `result_refused` fact, through
+   `ResultRefusals`: central's own) and the wait goes on.
 4. When the timer fires first, the command is sent again under a new id if `attempts` are left (a
    retryable timeout), else the step fails (`StepFailed`: terminal, the run compensates unless the agent
    catches it).
@@ -23,6 +25,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import msgspec
+from nats.errors import Error as NatsError
 
 from nerve.runtime.engine.errors import AgentDeclarationError, StepFailed
 from nerve.runtime.engine.journal import StepRecord
@@ -32,6 +35,7 @@ from nerve.runtime.envelope.model import Command, CommandResult, derived_id
 from nerve.runtime.jetstream.client import last_sequence, publish_envelope
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND
 from nerve.runtime.subjects import Address, Kind, is_token
+from nerve.runtime.trust.expiry import expired_claim_refusal
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable
@@ -77,6 +81,9 @@ class Sent:
     #: How it ended, from the journal: its result, or why it failed.
     result: CommandResult | None = None
     error: str = ""
+    #: The command this process last published for the step (None: none since it resumed): the one an
+    #: unsigned `expired` result may answer (`nerve.runtime.trust.expiry`).
+    command: Command | None = None
 
 
 async def send_command(
@@ -113,7 +120,7 @@ async def wait_for(step: Step, sent: Sent) -> CommandResult:
     ctx = step._ctx  # noqa: SLF001
     while True:
         command_id, _timer = _ids(step, sent.name, journalled.attempts)
-        found = await _await_result(step, journalled, command_id, sent.device, sent.action)
+        found = await _await_result(step, journalled, command_id, sent)
         if found is not None:
             result, seq = found
             done = msgspec.structs.replace(
@@ -142,7 +149,7 @@ async def _attempt(step: Step, sent: Sent, journalled: StepRecord | None) -> Ste
     journalled, journalling = await _begin(step, sent.name, journalled, sent.ttl)
     command_id, _timer = _ids(step, sent.name, journalled.attempts)
     if journalled.due > time.time():
-        await asyncio.gather(
+        sent.command, _ = await asyncio.gather(
             _publish(step, command_id, sent.device, sent.action, sent.args, sent.ttl), journalling
         )
     else:
@@ -241,11 +248,11 @@ async def _publish(  # noqa: PLR0917
 
 
 async def _await_result(
-    step: Step, waiting: StepRecord, command_id: str, device: str, action: str
+    step: Step, waiting: StepRecord, command_id: str, sent: Sent
 ) -> tuple[CommandResult, int] | None:
     """The first verified result of `command_id` after `waiting.from_seq`, or None when the timer fired."""
     ctx = step._ctx  # noqa: SLF001
-    subject = Address(device=device, kind=Kind.RESULTS, name=action).subject(ctx.prefix)
+    subject = Address(device=sent.device, kind=Kind.RESULTS, name=sent.action).subject(ctx.prefix)
 
     def answers(result: Envelope) -> bool:
         return result.causationid == command_id
@@ -260,10 +267,31 @@ async def _await_result(
         result, seq = found
         if not isinstance(result, CommandResult):  # cannot happen: decoded as one
             return None
-        if not await _refused(step, result):
+        if await _bridge_expired(step, result, seq, sent.command) or not await _refused(step, result):
             return result, seq
         # Read on after the refused one.
         waiting = msgspec.structs.replace(waiting, from_seq=seq)
+
+
+async def _bridge_expired(step: Step, result: CommandResult, seq: int, command: Command | None) -> bool:
+    """Whether `result` (stored at `seq`) is an unsigned `expired` for `command` to believe.
+
+    The rule is `expired_claim_refusal`'s; the time it is judged by is the time JetStream stored the
+    result (asked only for an unsigned `expired`), so a claim stored early is refused even when read late.
+    """
+    if command is None or result.status != "expired" or result.sig:
+        return False
+    try:
+        stored = (await step._ctx.js.get_msg(RESULTS_STREAM, seq)).time  # noqa: SLF001
+    except (NatsError, TimeoutError) as exc:
+        log.warning("engine: result %s: cannot read when it was stored (%s): refused", result.id, exc)
+        return False
+    if stored is None:  # every JetStream message has its time; a server without one is not believed
+        return False
+    if expired_claim_refusal(result, command, arrived=stored) is not None:
+        return False
+    log.info("engine: run %s: command %s expired before the bridge sent it", step.run_id, command.id)
+    return True
 
 
 async def _refused(step: Step, result: CommandResult) -> bool:

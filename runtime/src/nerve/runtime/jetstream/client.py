@@ -40,7 +40,7 @@ from nerve.runtime.trust.chain import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine, Mapping
 
     from nats.aio.msg import Msg
     from nats.js.api import PubAck
@@ -273,13 +273,17 @@ async def publish_envelope(
     *,
     codec: Codec = DEFAULT_CODEC,
     timeout: float = PUBLISH_TIMEOUT_S,
+    headers: Mapping[str, str] | None = None,
 ) -> PubAck:
     """Store `envelope` on `subject` (with `codec`), deduplicated by its id; return JetStream's ack.
 
+    `headers`: more headers to store it with (the envelope's own, `envelope_headers`, win).
+
     Raises `StreamFull` if its stream refuses new messages at its limit (commands, results, facts).
     """
+    own = envelope_headers(envelope, codec)
     return await _store(
-        js, subject, encode(envelope, codec), timeout=timeout, headers=envelope_headers(envelope, codec)
+        js, subject, encode(envelope, codec), timeout=timeout, headers={**headers, **own} if headers else own
     )
 
 

@@ -2,6 +2,7 @@
 
 from nerve.runtime.trust.chain import Problem, fact_bytes, record_hash, seal, verify_records
 from nerve.runtime.trust.devices import DeviceKeys, Refusal, registry_dir
+from nerve.runtime.trust.expiry import COMMAND_SEQ_HEADER, EXPIRED_CLAIM_MARGIN_S, expired_claim_refusal
 from nerve.runtime.trust.signing import (
     PRIVATE_SUFFIX,
     PUBLIC_SUFFIX,
@@ -13,6 +14,8 @@ from nerve.runtime.trust.signing import (
 )
 
 __all__ = [
+    "COMMAND_SEQ_HEADER",
+    "EXPIRED_CLAIM_MARGIN_S",
     "PRIVATE_SUFFIX",
     "PUBLIC_SUFFIX",
     "DeviceKeys",
@@ -21,6 +24,7 @@ __all__ = [
     "Signer",
     "Verifier",
     "canonical_bytes",
+    "expired_claim_refusal",
     "fact_bytes",
     "generate_keypair",
     "read_public_key",

@@ -14,7 +14,8 @@ A result is believed only if it is signed (`keyid`, `sig`), its `keyid` is its `
 as itself), the device is registered and not revoked, and the signature verifies against its key
 (`nerve.runtime.trust.signing`): the signature covers `subject`, `causationid` (the command), `action`,
 `status`, `reason`, `data` and `time`, so a genuine result cannot be replayed for another command or
-device either. See docs/trust.md.
+device either. One unsigned result is believed: the bridge's `expired` for a command the caller sent,
+once that command expired (`nerve.runtime.trust.expiry`). See docs/trust.md.
 """
 
 from __future__ import annotations
@@ -28,15 +29,17 @@ from typing import TYPE_CHECKING, Final, Literal
 
 from nerve.runtime.errors import ConfigError, SignatureError
 from nerve.runtime.subjects import is_token
+from nerve.runtime.trust.expiry import expired_claim_refusal
 from nerve.runtime.trust.signing import PUBLIC_SUFFIX, Verifier, canonical_bytes, read_public_key
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from datetime import datetime
     from pathlib import Path
 
     from nacl.signing import VerifyKey
 
-    from nerve.runtime.envelope.model import CommandResult
+    from nerve.runtime.envelope.model import Command, CommandResult
 
 __all__ = [
     "DEFAULT_RECHECK_S",
@@ -140,10 +143,16 @@ class DeviceKeys:
         self._refresh()
         return self._snapshot.verifier.trusts(device) or device in self._snapshot.revoked
 
-    def refusal(self, result: CommandResult) -> Refusal | None:
-        """Why `result` must not be acted on, or None if its device signed it (see the module docstring)."""
+    def refusal(
+        self, result: CommandResult, *, sent: Command | None = None, arrived: datetime | None = None
+    ) -> Refusal | None:
+        """Why `result` must not be acted on, or None if its device signed it (see the module docstring).
+
+        Given the command the caller `sent` and when the result `arrived` (by the caller's clock), an
+        unsigned `expired` result for it is believed on the terms of `nerve.runtime.trust.expiry`.
+        """
         if not result.sig or not result.keyid:
-            return Refusal("unsigned", f"result from {result.subject} is not signed")
+            return _unsigned_refusal(result, sent, arrived)
         if result.keyid != result.subject:
             return Refusal(
                 "wrong_keyid",
@@ -186,6 +195,21 @@ class DeviceKeys:
             return
         self._snapshot = _EMPTY if stamp is None else _read(self._directory, stamp)
         log.debug("device keys: %d registered in %s", len(self._snapshot.verifier.keyids), self._directory)
+
+
+def _unsigned_refusal(
+    result: CommandResult, sent: Command | None, arrived: datetime | None
+) -> Refusal | None:
+    """`DeviceKeys.refusal` of an unsigned result: None only for an `expired` the rule believes."""
+    refusal = Refusal("unsigned", f"result from {result.subject} is not signed")
+    if sent is None or arrived is None:
+        return refusal
+    why = expired_claim_refusal(result, sent, arrived=arrived)
+    if why is None:
+        return None
+    if result.status != "expired":
+        return refusal
+    return Refusal("unsigned", f"{refusal.reason}, and {why}")
 
 
 def _mtime_ns(path: Path) -> int:
