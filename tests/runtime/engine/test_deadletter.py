@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
-from nerve.runtime.engine import Engine, Step, Trigger, durable_agent
+from nerve.runtime.engine import Engine, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine import engine as engine_module
 from nerve.runtime.engine.engine import (
     ACK_WAIT_S,
@@ -186,3 +186,40 @@ async def test_a_trigger_whose_engines_died_holding_it_is_dead_lettered_unhandle
     )
     trigger = await js.get_last_msg(EVENTS, "nerve.shop.events.poison")
     assert msgspec.msgpack.decode(stored.data)["payload"] == trigger.data
+
+
+held = asyncio.Event()
+
+
+async def _hold() -> int:
+    await held.wait()
+    return 1
+
+
+@durable_agent("busy", trigger=Trigger(Kind.EVENTS, "busy"), key=lambda event: str(event.data["n"]))
+async def busy(event: Envelope, step: Step) -> int:
+    if event.data["n"] == 1:
+        return int(await step.run("hold", _hold))
+    return 2
+
+
+async def test_a_trigger_waiting_for_a_free_slot_is_in_progress_not_delivered_again(
+    nc: NatsClient, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A short ack wait (the consumer is made with it) and one execution slot: the second trigger waits
+    # for the first run many ack waits long. Redelivered meanwhile, it would end dead-lettered.
+    monkeypatch.setattr(engine_module, "ACK_WAIT_S", 0.5)
+    held.clear()
+    settings = FAST.model_copy(update={"max_live_runs": 1})
+    async with Engine(nc=nc, agents=[busy], prefix=PREFIX, settings=settings) as engine:
+        first = await publish_event(js, "busy", {"n": 1}, event_id="e-busy-1")
+        await wait_for_run(engine.kv, busy.run_id(first.id), timeout=10, ended=False)
+        second = await publish_event(js, "busy", {"n": 2}, event_id="e-busy-2")
+        await asyncio.sleep(4.0)  # eight ack waits
+        info = await js.consumer_info(EVENTS, trigger_consumer(busy.name))
+        assert (info.num_ack_pending, info.num_redelivered) == (1, 0)
+        held.set()
+        done = await wait_for_run(engine.kv, busy.run_id(second.id), timeout=10)
+        await settled(js, trigger_consumer(busy.name))
+    assert done.result == 2
+    assert (await js.stream_info(DEADLETTER_STREAM)).state.messages == 0
