@@ -33,7 +33,7 @@ from tests.runtime.engine.test_crash import executions, kill, start_engine, stop
 from tests.runtime.engine.test_nats_restart import jetstream_back
 
 from nerve.runtime.engine import RunRecord, Trigger, wait_for_run
-from nerve.runtime.engine.engine import MAX_ACK_PENDING, MAX_DELIVER, ensure_engine_storage
+from nerve.runtime.engine.engine import MAX_ACK_PENDING, NO_LIMIT, ensure_engine_storage
 from nerve.runtime.engine.names import trigger_consumer
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.jetstream.client import shared_durable
@@ -76,7 +76,7 @@ async def js(nc: NatsClient) -> JetStreamContext:
         name=trigger_consumer(AGENT),
         ack_wait_s=ACK_WAIT_S,
         max_ack_pending=MAX_ACK_PENDING,
-        max_deliver=MAX_DELIVER,
+        max_deliver=NO_LIMIT,
     )
     await consumer.unsubscribe()  # the durable consumer stays; no trigger was published yet
     info = await context.consumer_info(STREAM_OF_KIND[trigger.kind], trigger_consumer(AGENT))

@@ -8,6 +8,8 @@ DIR/ready appears once the engine runs. Agent "crashy_saga" fails at its step "c
 with DIR/hold present, the undo of "b" stops after its effect (DIR/undo-started) in the same way.
 Agent "limited" (concurrency 1 per key) writes `start <run> <pid>` and `end <run> <pid>` lines to
 DIR/limited around a step that takes 0.3 s.
+Agent "poison": a trigger with `"kill": true` kills the process (SIGKILL) while it is taken (in its key
+function), as a trigger that crashes central would.
 Agent "chaos_saga" (the chaos tests, tests/chaos/test_engine_chaos.py): four steps with undos and a nap;
 a trigger with `"fail": true` fails at its last step, so the four undos run. Each execution of one of its
 steps or undos is a span in DIR/spans: `start|end <run> <name> <pid> <fencing token> <monotonic time>`
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -165,13 +168,32 @@ def limited(directory: Path) -> DurableAgent:
     return agent
 
 
+def _poison_key(event: Envelope) -> str:
+    if event.data.get("kill"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "k"
+
+
+async def _nothing(_event: Envelope, _step: Step) -> None:
+    return None
+
+
+poison = durable_agent("poison", trigger=Trigger(Kind.EVENTS, "poison"), key=_poison_key)(_nothing)
+
+
 async def serve(url: str, directory: Path) -> int:
     nc = await nats.connect(url)
     delay_file = directory / "delay"
     delay = float(delay_file.read_text()) if delay_file.exists() else 0.0
     effect = Effects(nc.jetstream(), directory)
     try:
-        agents = [crashy(effect, delay), crashy_saga(effect), limited(directory), chaos_saga(effect, delay)]
+        agents = [
+            crashy(effect, delay),
+            crashy_saga(effect),
+            limited(directory),
+            chaos_saga(effect, delay),
+            poison,
+        ]
         async with Engine(nc=nc, agents=agents, settings=EngineSettings(lease_s=1.0)):
             (directory / "ready").touch()
             await asyncio.Event().wait()

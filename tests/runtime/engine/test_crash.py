@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import signal
 import sys
 from collections import Counter
@@ -16,9 +17,13 @@ from nats.js.api import StreamConfig
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.runtime.engine import Engine, Step, Trigger, durable_agent, wait_for_run
-from nerve.runtime.engine.engine import ensure_engine_storage
+from nerve.runtime.engine.engine import MAX_ACK_PENDING, MAX_DELIVER, NO_LIMIT, ensure_engine_storage
+from nerve.runtime.engine.names import trigger_consumer
 from nerve.runtime.envelope.model import derived_id
+from nerve.runtime.jetstream.client import REASON_HEADER, shared_durable
+from nerve.runtime.jetstream.streams import DEADLETTER_STREAM, STREAM_OF_KIND
 from nerve.runtime.subjects import Kind
+from nerve.runtime.testing import stream_messages
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -30,6 +35,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.broker
 
 SCRIPT = Path(__file__).with_name("crash_engine.py")
+EVENTS = STREAM_OF_KIND[Kind.EVENTS]
 STEPS = ("one", "slow", "two")
 
 
@@ -95,6 +101,55 @@ async def test_a_run_killed_mid_step_resumes_elsewhere_and_each_effect_lands_onc
     assert record.token >= 2  # claimed again by the second process
     assert executions(tmp_path) == {(run_id, "one"): 1, (run_id, "slow"): 2, (run_id, "two"): 1}
     assert await effects(js) == {(run_id, step): 1 for step in STEPS}
+
+
+async def test_a_trigger_that_kills_central_each_time_is_dead_lettered_by_the_next_one(
+    nats_server: NatsServer, js: JetStreamContext, tmp_path: Path
+) -> None:
+    await js.add_stream(StreamConfig(name="EFFECTS", subjects=["effects.>"]))
+    await ensure_engine_storage(js, PREFIX, FAST)
+    consumer = trigger_consumer("poison")
+    # The trigger consumer as the engine makes it, with a short ack wait: each death is noticed at once.
+    made = await shared_durable(
+        js,
+        subject=Trigger(Kind.EVENTS, "poison").subject(PREFIX),
+        stream=EVENTS,
+        name=consumer,
+        ack_wait_s=0.5,
+        max_ack_pending=MAX_ACK_PENDING,
+        max_deliver=NO_LIMIT,
+    )
+    await made.unsubscribe()
+    await publish_event(js, "poison", {"kill": True}, event_id="e-poison")
+    deaths = 0
+    while (await js.stream_info(DEADLETTER_STREAM)).state.messages == 0:
+        assert deaths <= MAX_DELIVER, "still not dead-lettered"
+        (tmp_path / "ready").unlink(missing_ok=True)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(SCRIPT), nats_server.url, str(tmp_path)
+        )
+        try:
+            async with asyncio.timeout(30):
+                while (
+                    process.returncode is None
+                    and (await js.stream_info(DEADLETTER_STREAM)).state.messages == 0
+                ):
+                    await asyncio.sleep(0.05)
+        finally:
+            if process.returncode is None:
+                await stop(process)  # the one that dead-lettered it
+            else:
+                assert process.returncode == -signal.SIGKILL
+                deaths += 1
+    [stored] = await stream_messages(js, DEADLETTER_STREAM)
+    reason = stored.headers[REASON_HEADER]
+    # Each process that took it died; a delivery may also go to a dead process's connection before the
+    # server noticed it closed (counted, never taken). After MAX_DELIVER, it was not taken.
+    delivered = re.fullmatch(r"poison: delivered (\d+) times, never settled .*", reason)
+    assert delivered is not None, reason
+    assert 1 < deaths <= MAX_DELIVER < int(delivered[1]), (deaths, reason)
+    info = await js.consumer_info(EVENTS, consumer)
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
 
 
 async def test_a_compensation_killed_mid_undo_resumes_and_each_undo_lands_once(

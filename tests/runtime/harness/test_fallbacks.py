@@ -182,7 +182,48 @@ async def test_nobody_deciding_in_time_fails_the_step() -> None:
         record = await h.wait_for_run(run_id)
         assert record.state == "compensated"
         assert "charge_by_hand: the approval expired" in record.error
-        assert len(await h.facts("approval_expired")) == 1
+        [expired] = await h.facts("approval_expired")
+        assert expired.summary.endswith(": the run compensates")  # the last way: it does
+        [asked] = await h.facts("approval_requested")
+        assert asked.summary.endswith("then: compensate")
+
+
+@durable_agent(
+    "ask_first",
+    trigger=Trigger(Kind.EVENTS, "order_held", source="shop"),
+    key=lambda event: str(event.data["order"]),
+    retry=RetryPolicy(attempts=ATTEMPTS, initial_s=0.01, maximum_s=0.02),
+)
+async def ask_first(event: Envelope, step: Step) -> Any:
+    down = list(event.data.get("down", []))
+    return await step.run(
+        "charge",
+        gateways.charge("primary", down, step.id("charge")),
+        fallbacks=[
+            Person("ask_ops", route="ops", expires=30, summary="charge it by hand"),
+            Fallback("charge_backup", gateways.charge("backup", down, step.id("charge_backup"))),
+        ],
+    )
+
+
+async def test_a_person_before_the_last_way_says_the_next_way_follows_not_that_the_run_compensates() -> None:
+    async with AgentHarness(agents=[ask_first], signer=OPERATOR) as h:
+        event = await h.publish_event("order_held", {"order": "o-7", "down": ["primary"]})
+        run_id = ask_first.run_id(event.id)
+        await h.wait_for_step(run_id, "ask_ops", status="waiting")
+        await h.advance(31)
+        record = await h.wait_for_run(run_id)
+        [asked] = await h.facts("approval_requested")
+        [expired] = await h.facts("approval_expired")
+        compensated = await h.facts("compensated") + await h.facts("run_failed")
+    assert (record.state, record.result) == ("done", "backup")  # the next way was taken, and worked
+    assert asked.data["on_expiry"] == "fallback"
+    assert asked.summary.endswith("then: fallback")
+    assert expired.data["on_expiry"] == "fallback"
+    assert expired.summary.endswith(": this way failed; the step's next fallback is taken")
+    assert "compensat" not in asked.summary + expired.summary
+    assert compensated == []
+    assert record.steps["ask_ops"].status == "failed"
 
 
 async def test_a_crash_while_the_fallback_runs_resumes_it_and_never_the_primary(

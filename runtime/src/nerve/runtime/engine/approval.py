@@ -27,9 +27,10 @@ if TYPE_CHECKING:
 #: The actions of a decision.
 APPROVE: Final = "approve"
 REJECT: Final = "reject"
-#: What an expired approval does: go on (an `expired` decision) or fail the run (its undos run).
-OnExpiry = Literal["escalate", "compensate"]
-ON_EXPIRY: Final = ("escalate", "compensate")
+#: What an expired approval does: go on (an `expired` decision) or fail the run (its undos run); `fallback`,
+#: a `Person` fallback that is not the last way: fail the step so that the next way is taken.
+OnExpiry = Literal["escalate", "compensate", "fallback"]
+ON_EXPIRY: Final = ("escalate", "compensate", "fallback")
 #: The longest comment a decision carries.
 MAX_COMMENT_CHARS: Final = 1000
 Outcome = Literal["approved", "rejected", "expired"]
@@ -59,6 +60,15 @@ class DecisionRefused(Exception):
         self.reason = reason
         self.elsewhere = elsewhere
         super().__init__(reason)
+
+
+def expiry_path(on_expiry: OnExpiry, route: str) -> str:
+    """What an approval's expiry leads to, as its `approval_expired` fact says it."""
+    if on_expiry == "escalate":
+        return f"escalated: {route} must look"
+    if on_expiry == "fallback":
+        return "this way failed; the step's next fallback is taken"
+    return "the run compensates"
 
 
 def pending_info(*, route: str, due: float, on_expiry: OnExpiry, summary: str) -> dict[str, Any]:

@@ -98,9 +98,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PART: Final = "central"
+#: How long JetStream waits for a trigger's or a timer's acknowledgement before it delivers it again.
 ACK_WAIT_S: Final = 30.0
 MAX_ACK_PENDING: Final = 1000
+#: A trigger is handled at most this many times; a delivery after that is dead-lettered unhandled (the
+#: deliveries before it each failed on NATS, or the process handling it died: a poison trigger that crashes
+#: central stops there). JetStream itself never gives up on one (`NO_LIMIT`): it would drop it unseen.
 MAX_DELIVER: Final = 5
+#: JetStream's max_deliver for "deliver until acknowledged" (the trigger and timer consumers').
+NO_LIMIT: Final = -1
+#: A trigger or timer not handled now comes again after this, doubled at each delivery up to `ACK_WAIT_S`:
+#: 2, 4, 8, 16 s, so that a short NATS outage does not use up a trigger's deliveries in seconds.
+RETRY_FIRST_S: Final = 2.0
 START_TIMEOUT_S: Final = 30.0
 RELEASE_TIMEOUT_S: Final = 2.0
 #: How often the facts that flow control counted are kept (one per key and limit and window).
@@ -338,6 +347,7 @@ class Engine:
                     name=TIMERS_CONSUMER,
                     ack_wait_s=ACK_WAIT_S,
                     max_ack_pending=MAX_ACK_PENDING,
+                    max_deliver=NO_LIMIT,  # a timer that cannot be handled now comes again, later
                 )
                 subscriptions.append(timers)
                 tasks.create_task(self._consume_timers(timers), name="engine-timers")
@@ -351,7 +361,7 @@ class Engine:
                         name=trigger_consumer(agent.name),
                         ack_wait_s=ACK_WAIT_S,
                         max_ack_pending=MAX_ACK_PENDING,
-                        max_deliver=MAX_DELIVER,
+                        max_deliver=NO_LIMIT,  # the engine gives up itself, into the dead letters
                         cb=functools.partial(self._on_trigger_message, agent),
                     )
                     subscriptions.append(sub)
@@ -391,12 +401,46 @@ class Engine:
     # --- where runs come from ------------------------------------------------------------------------
 
     async def _on_trigger_message(self, agent: DurableAgent, msg: Msg) -> None:
-        """nats-py's callback for a trigger: never raises (nats-py would only log it)."""
+        """nats-py's callback for a trigger: never raises (nats-py would only log it).
+
+        Every trigger ends acknowledged (a run, or nothing to start) or in NERVE_DEADLETTER: NATS failing
+        on its `MAX_DELIVER`th delivery dead-letters it with the error; a later delivery (the ones before
+        never settled: NATS failed each time, or the process handling it died) is dead-lettered unhandled.
+        A dead letter that cannot be stored now is tried again at the next delivery.
+        """
+        delivered = msg.metadata.num_delivered
         try:
-            await self._take_trigger(agent, msg)
+            if delivered > MAX_DELIVER:
+                # Nothing of the trigger's is looked at (it may be what killed the processes before).
+                reason = (
+                    f"{agent.name}: delivered {delivered} times, never settled (each time NATS failed or "
+                    f"the engine holding it stopped); not taken again after {MAX_DELIVER}"
+                )
+                await self._dead_letter(msg, reason)
+            else:
+                await self._take_trigger(agent, msg)
         except (NatsError, TimeoutError) as exc:
-            log.warning("engine: trigger of %s not taken now (%s); it comes again", agent.name, exc)
-            await _nak(msg)
+            await self._not_taken(agent, msg, exc)
+
+    async def _not_taken(self, agent: DurableAgent, msg: Msg, failure: BaseException) -> None:
+        """NATS failed while a trigger was taken: at its `MAX_DELIVER`th delivery dead-letter it, else nak."""
+        delivered = msg.metadata.num_delivered
+        if delivered == MAX_DELIVER:
+            reason = f"{agent.name}: not taken in {MAX_DELIVER} deliveries, the last: {error_text(failure)}"
+            try:
+                await self._dead_letter(msg, reason)
+            except (NatsError, TimeoutError) as exc:
+                failure = exc
+            else:
+                return
+        log.warning(
+            "engine: trigger of %s not taken now, delivery %d (%s); it comes again in %gs",
+            agent.name,
+            delivered,
+            failure,
+            retry_delay(delivered),
+        )
+        await _nak(msg)
 
     async def _take_trigger(self, agent: DurableAgent, msg: Msg) -> None:
         """Start the run of one trigger; a failure other than NATS's is retried, then dead-lettered."""
@@ -413,6 +457,12 @@ class Engine:
                 await _nak(msg)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
+        """Keep `msg` in NERVE_DEADLETTER with `reason`, once per consumer and stream message; then drop it.
+
+        Its id derives from the consumer and the stream sequence: dead-lettered again (the process died
+        between the store and the `term`), it is stored once (JetStream's dedup window, 20 minutes).
+        """
+        meta = msg.metadata
         await publish_dead_letter(
             self._context.js,
             prefix=self._prefix,
@@ -420,9 +470,14 @@ class Engine:
             reason=reason,
             origin=msg.subject,
             payload=msg.data,
+            stream=meta.stream,
+            seq=meta.sequence.stream,
+            msg_id=derived_id("deadletter", meta.stream, meta.consumer, str(meta.sequence.stream)),
         )
         await msg.term()
-        log.warning("engine: dead-lettered %s: %s", msg.subject, reason)
+        log.warning(
+            "engine: dead-lettered %s (%s #%d): %s", msg.subject, meta.stream, meta.sequence.stream, reason
+        )
 
     @property
     def _context(self) -> EngineContext:
@@ -464,7 +519,7 @@ class Engine:
                 return
             await msg.ack()
             return
-        await self._slots.acquire()
+        await self._slot_for(msg)
         try:
             record = await self._new_record(agent, event, key, msg)
             data = encode_record(record, self.settings.max_record_bytes)
@@ -490,6 +545,22 @@ class Engine:
                 del self._live[record.run_id]
             raise
         await msg.ack()
+
+    async def _slot_for(self, msg: Msg) -> None:
+        """Take an execution slot for the run of trigger `msg`, saying it is in progress while none is free.
+
+        Else a trigger waiting for a slot longer than the ack wait would be delivered again, counting
+        towards `MAX_DELIVER`, and end dead-lettered though nothing failed.
+        """
+        while True:
+            try:
+                async with asyncio.timeout(ACK_WAIT_S / 3):
+                    await self._slots.acquire()
+            except TimeoutError:
+                with contextlib.suppress(NatsError, TimeoutError):
+                    await msg.in_progress()
+                continue
+            return
 
     async def _park_new(
         self, agent: DurableAgent, event: Envelope, key: str, msg: Msg, decision: Decision
@@ -947,10 +1018,15 @@ class Engine:
         return False, reason, agent.retry.attempts
 
 
+def retry_delay(delivered: int) -> float:
+    """How long a trigger or timer not handled at delivery `delivered` waits: `RETRY_FIRST_S` doubled."""
+    return min(RETRY_FIRST_S * 2.0 ** (max(delivered, 1) - 1), ACK_WAIT_S)
+
+
 async def _nak(msg: Msg) -> None:
-    """Have `msg` delivered again in a second; if NATS is not there, it comes again after the ack wait."""
+    """Have `msg` delivered again after `retry_delay`; if NATS is not there, it comes after the ack wait."""
     try:
-        await msg.nak(delay=1.0)
+        await msg.nak(delay=retry_delay(msg.metadata.num_delivered))
     except (NatsError, TimeoutError) as exc:
         log.debug("engine: nak of %s not sent: %s", msg.subject, exc)
 

@@ -66,7 +66,8 @@ class Person:
     """The last resort: a person (`route`, a token naming who) does it, within `expires` seconds.
 
     Run as `step.approve(name, route=, expires=, summary=)`: approved means done (the step returns the
-    decision as JSON); rejected, or nobody deciding in time, means this way failed too.
+    decision as JSON); rejected, or nobody deciding in time, means this way failed too: the next way is
+    taken, and after the last one the step fails (the run compensates, unless the agent catches it).
     """
 
     name: str
@@ -137,7 +138,7 @@ async def run_with_fallbacks(
             raise
         failed = exc
     reasons = [f"{name}: {failed.reason}"]
-    for way in ways:
+    for index, way in enumerate(ways):
         await step.fact(
             f"{way.name}{TAKEN_SUFFIX}",
             kind=FALLBACK_TAKEN,
@@ -147,7 +148,7 @@ async def run_with_fallbacks(
             subject=None,
         )
         try:
-            return await _take(step, way)
+            return await _take(step, way, last=index == len(ways) - 1)
         except StepFailed as exc:
             if exc.step != way.name:
                 raise
@@ -156,11 +157,17 @@ async def run_with_fallbacks(
     raise StepFailed(step.run_id, name, "every way failed: " + "; ".join(reasons))
 
 
-async def _take(step: Step, way: Fallback | Person) -> Any:  # noqa: ANN401 - as `run_with_fallbacks`
+async def _take(step: Step, way: Fallback | Person, *, last: bool) -> Any:  # noqa: ANN401 - as `run_with_fallbacks`
     if isinstance(way, Fallback):
         return await step.run(way.name, way.fn, undo=way.undo, retry=way.retry, action=way.action)
+    # Its expiry fails the step: only after the last way does that fail the run (if the agent lets the
+    # `StepFailed` out); before it, the next way is taken, and the person's facts say so.
     decision = await step.approve(
-        way.name, route=way.route, expires=way.expires, on_expiry="compensate", summary=way.summary
+        way.name,
+        route=way.route,
+        expires=way.expires,
+        on_expiry="compensate" if last else "fallback",
+        summary=way.summary,
     )
     if not decision.approved:
         by = f" by {decision.by}" if decision.by else ""

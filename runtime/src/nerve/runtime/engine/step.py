@@ -33,6 +33,7 @@ from nerve.runtime.engine.approval import (
     DecisionRefused,
     OnExpiry,
     check_decision,
+    expiry_path,
     is_pending_approval,
     pending_info,
 )
@@ -893,7 +894,8 @@ class Step:
         operator's key, and only a decision signed by a key the engine trusts counts (any other is kept as
         an `approval_refused` fact and ignored). Returns the `Decision`. When nobody decided in time the
         declared path is taken: `escalate` keeps an `approval_expired` fact and returns an `expired`
-        decision; `compensate` keeps it and fails the step (`StepFailed`: the run's undos run).
+        decision; `compensate` keeps it and fails the step (`StepFailed`: the run's undos run); `fallback`
+        (a `Person` fallback before the last way) fails the step too, saying the next fallback is taken.
         """
         journalled = self._enter(name)
         if journalled is not None and journalled.status == "done":
@@ -934,7 +936,7 @@ class Step:
             await self._record(name, journalled)
         decision = await self._await_decision(name, journalled)
         if decision is None:
-            path = "the run compensates" if on_expiry == "compensate" else f"escalated: {route} must look"
+            path = expiry_path(on_expiry, route)
             await self.keep_fact(
                 fact_id=derived_id(self.run_id, "fact", name, "expired"),
                 kind="approval_expired",
@@ -942,7 +944,7 @@ class Step:
                 data={"step": name, "route": route, "on_expiry": on_expiry},
                 subject=None,
             )
-            if on_expiry == "compensate":
+            if on_expiry != "escalate":  # the step fails
                 await forget(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id)
                 await self._fail(name, 1, journalled.started, f"the approval expired at {until}")
             decision = Decision(outcome="expired")

@@ -11,8 +11,8 @@ semantics where the engine relies on them:
   replaces the previous one; when the fake clock reaches it, one message lands on its target (the
   schedule's body and headers) and the schedule is removed;
 - durable push consumers with a deliver group (messages split between the subscriptions bound to it),
-  explicit ack, `nak(delay)`, `term`, redelivery after the ack wait, `max_deliver`; ordered consumers
-  from a start sequence;
+  explicit ack, `nak(delay)`, `term`, redelivery after the ack wait, `max_deliver` (`consumer_info`, and
+  `add_consumer` to change it on an existing consumer); ordered consumers from a start sequence;
 - key-value buckets over streams (`$KV.<bucket>.<key>`, one revision kept per key): `get`, `create`,
   `update(last=)` (compare-and-set on the revision), `put`, `delete`, `watch`, `watchall`.
 
@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError
 from nats.js.api import (
     ConsumerConfig,
+    ConsumerInfo,
     DeliverPolicy,
     KeyValueConfig,
     PubAck,
@@ -312,6 +313,7 @@ class _Consumer:
         self.stream = stream
         self.name = name
         self.filter = config.filter_subject or ">"
+        self.config = config
         self.ack_wait_s = float(config.ack_wait or _DEFAULT_ACK_WAIT_S)
         self.max_deliver = config.max_deliver if config.max_deliver and config.max_deliver > 0 else 0
         self.next_seq = 1
@@ -644,6 +646,29 @@ class MemoryJetStreamContext:
             found.consumers[durable] = consumer
         consumer.bind(sub)
         return sub
+
+    async def consumer_info(self, stream: str, consumer: str, timeout: float | None = None) -> ConsumerInfo:  # noqa: ARG002
+        """Durable consumer `consumer` of `stream` (its configuration); `NotFoundError` if there is none."""
+        self._nc.check()
+        found = self._server.stream(stream).consumers.get(consumer)
+        if found is None:
+            raise NotFoundError(code=404, err_code=10014, description="consumer not found")
+        return ConsumerInfo(name=consumer, stream_name=stream, config=found.config, created=datetime.now(UTC))
+
+    async def add_consumer(
+        self,
+        stream: str,
+        config: ConsumerConfig,
+        timeout: float | None = None,  # noqa: ARG002 - nats-py's signature
+    ) -> ConsumerInfo:
+        """Change an existing durable consumer's `max_deliver` (all `shared_durable` does with this)."""
+        self._nc.check()
+        found = self._server.stream(stream).consumers.get(config.durable_name or "")
+        if found is None:
+            raise AttributeError("the in-memory JetStream creates consumers only by subscribing")
+        found.config = config
+        found.max_deliver = config.max_deliver if config.max_deliver and config.max_deliver > 0 else 0
+        return await self.consumer_info(stream, found.name)
 
     async def create_key_value(self, config: KeyValueConfig | None = None, **params: Any) -> KeyValue:  # noqa: ANN401
         """A new bucket; an existing one: `BadRequestError` (nerve then opens it and updates its limits)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 import weakref
 from typing import TYPE_CHECKING, Any, Final, NoReturn
@@ -243,7 +244,12 @@ async def shared_durable(
     Explicit acks; a new consumer starts from the beginning of the stream (nothing is skipped). With `cb`,
     nats-py calls it for each message in turn (it must not raise): the acks of a burst then leave in one
     write, where iterating `messages` flushes each on its own.
+
+    `max_deliver` (-1: no limit) is how often JetStream delivers a message before it gives up on it, silently:
+    an existing consumer with another one (made by an earlier version) is changed to it. Its other limits
+    (the ack wait) are left as they are: an operator may have chosen them.
     """
+    await _deliver_at_most(js, stream=stream, name=name, max_deliver=max_deliver)
     return await js.subscribe(
         subject,
         durable=name,
@@ -259,6 +265,19 @@ async def shared_durable(
             deliver_policy=DeliverPolicy.ALL,
         ),
     )
+
+
+async def _deliver_at_most(js: JetStreamContext, *, stream: str, name: str, max_deliver: int) -> None:
+    """Give consumer `name` of `stream`, if it exists, `max_deliver` (nats-py binds to it as it finds it)."""
+    try:
+        found = (await js.consumer_info(stream, name)).config
+    except NotFoundError:
+        return  # made by the subscribe, as asked
+    if (found.max_deliver or -1) == max_deliver:
+        return
+    log.info("consumer %s of %s: max_deliver %s -> %s", name, stream, found.max_deliver, max_deliver)
+    # As it was made (a durable create, not by name), with everything else as it is (its deliver subject).
+    await js.add_consumer(stream, config=dataclasses.replace(found, max_deliver=max_deliver, name=None))
 
 
 def envelope_headers(envelope: Envelope, codec: Codec) -> dict[str, str]:
@@ -292,17 +311,23 @@ ORIGIN_HEADER: Final = "Nerve-Origin"
 _HEADER_VALUE_MAX: Final = 512
 
 
-def dead_letter_body(*, part: str, reason: str, origin: str, payload: bytes) -> bytes:
-    """The msgpack record kept in NERVE_DEADLETTER: why, where it came from, and the original bytes."""
-    return msgspec.msgpack.encode(
-        {
-            "part": part,
-            "reason": reason,
-            "origin": origin,
-            "time": utcnow().isoformat(),
-            "payload": payload,
-        }
-    )
+def dead_letter_body(
+    *, part: str, reason: str, origin: str, payload: bytes, stream: str = "", seq: int = 0
+) -> bytes:
+    """The msgpack record kept in NERVE_DEADLETTER: why, where it came from, and the original bytes.
+
+    A message taken from a stream also says which one (`stream`, `seq`: its stream sequence).
+    """
+    record: dict[str, str | int | bytes] = {
+        "part": part,
+        "reason": reason,
+        "origin": origin,
+        "time": utcnow().isoformat(),
+        "payload": payload,
+    }
+    if stream:
+        record |= {"stream": stream, "seq": seq}
+    return msgspec.msgpack.encode(record)
 
 
 def header_safe(value: str) -> str:
@@ -319,18 +344,26 @@ async def publish_dead_letter(
     origin: str,
     payload: bytes,
     timeout: float = PUBLISH_TIMEOUT_S,
+    stream: str = "",
+    seq: int = 0,
+    msg_id: str = "",
 ) -> PubAck:
     """Keep what `part` could not handle in NERVE_DEADLETTER, with the reason and the original bytes.
 
-    `origin` is the MQTT topic or NATS subject it came from. The dead-letter stream drops its oldest
-    records at its limit (and counts them), so this is never refused for being full.
+    `origin` is the MQTT topic or NATS subject it came from; `stream` and `seq`, the stream message it was
+    (`dead_letter_body`). With `msg_id`, it is kept once however often it is dead-lettered (JetStream's
+    dedup window, docs/streams.md). The dead-letter stream drops its oldest records at its limit (and
+    counts them), so this is never refused for being full.
     """
+    headers = {REASON_HEADER: header_safe(reason), ORIGIN_HEADER: header_safe(origin)}
+    if msg_id:
+        headers[MSG_ID_HEADER] = msg_id
     return await _store(
         js,
         deadletter_subject(part, prefix),
-        dead_letter_body(part=part, reason=reason, origin=origin, payload=payload),
+        dead_letter_body(part=part, reason=reason, origin=origin, payload=payload, stream=stream, seq=seq),
         timeout=timeout,
-        headers={REASON_HEADER: header_safe(reason), ORIGIN_HEADER: header_safe(origin)},
+        headers=headers,
     )
 
 
