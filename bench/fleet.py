@@ -5,13 +5,15 @@ bridge`, `nerve central` (the shipped agents), then `nerve simulate --devices N 
 --duration D --json`. A one-device warm-up run (repeated until everything it sent was stored and its spike
 got its command) proves the bridge and central subscribed before the clock starts. While the load runs,
 CPU (% of one core, from /proc over the load window) and peak RSS of each process are sampled. Then one
-table row per case, with the issue's columns; with `--beyond` it adds 2,500 devices at a time past the
-largest case until a run misses a target (lost > 0, stored < 98 % of offered, lag p99 > 250 ms, spike →
-command p99 > 50 ms, a spike without its command) and prints that breaking point.
+table row per case, with the issue's columns. With `--beyond` it prints the breaking point, the first
+fleet size that misses a target (lost > 0, stored < 98 % of offered, lag p99 > 250 ms, spike → command
+p99 > 50 ms, a spike without its command): when every case met them, it adds 2,500 devices at a time
+past the largest; when one did not, it halves the gap between the largest that passed and the smallest
+that failed, down to 500 devices.
 
     .venv/bin/python bench/fleet.py                                  # 1,000 / 5,000 / 10,000, 150 s each
     .venv/bin/python bench/fleet.py --devices 1000 --seconds 20      # a quick check
-    .venv/bin/python bench/fleet.py --beyond                         # and the breaking point past 10,000
+    .venv/bin/python bench/fleet.py --beyond                         # and the breaking point
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ else:
 BIN: Final = Path(sys.executable).parent
 PAGE: Final = os.sysconf("SC_PAGE_SIZE")
 STEP: Final = 2_500
+#: Below a failing case, the breaking point is looked for to within this many devices.
+BISECT_STEP: Final = 500
 BEYOND_LIMIT: Final = 30_000
 WARMUP_TRIES: Final = 30
 STOP_TIMEOUT_S: Final = 30.0
@@ -319,14 +323,27 @@ async def main() -> int:
         flush=True,
     )
     rows = []
-    failed = False
+    passed: list[int] = []
+    failing: list[int] = []
     for devices in args.devices:
         summary, usage = await run_case(devices, args)
         rows.append(row(devices, summary, usage))
         print(rows[-1], flush=True)
-        failed |= bool(misses(summary))
+        (failing if misses(summary) else passed).append(devices)
     if args.beyond:
-        devices = max(args.devices)
+        rows += await breaking_point(args, passed, failing)
+    print()
+    print(HEADER)
+    print("\n".join(rows))
+    return 1 if failing else 0
+
+
+async def breaking_point(args: argparse.Namespace, passed: list[int], failing: list[int]) -> list[str]:
+    """The first fleet size that misses a target: past the largest case if every case passed, else
+    between the largest that passed and the smallest that failed (halved down to `BISECT_STEP`)."""
+    rows = []
+    if not failing:
+        devices = max(passed)
         while devices < BEYOND_LIMIT:
             devices += STEP
             summary, usage = await run_case(devices, args)
@@ -335,13 +352,24 @@ async def main() -> int:
             missed = misses(summary)
             if missed:
                 print(f"breaking point: {devices:,} devices ({'; '.join(missed)})")
-                break
+                return rows
+        print(f"no breaking point up to {BEYOND_LIMIT:,} devices")
+        return rows
+    low = max((devices for devices in passed if devices < min(failing)), default=0)
+    high = min(failing)
+    while high - low > BISECT_STEP:
+        devices = (low + high) // 2 // BISECT_STEP * BISECT_STEP or BISECT_STEP
+        if devices in {low, high}:
+            break
+        summary, usage = await run_case(devices, args)
+        rows.append(row(devices, summary, usage))
+        print(rows[-1], flush=True)
+        if misses(summary):
+            high = devices
         else:
-            print(f"no breaking point up to {BEYOND_LIMIT:,} devices")
-    print()
-    print(HEADER)
-    print("\n".join(rows))
-    return 1 if failed else 0
+            low = devices
+    print(f"breaking point: {high:,} devices (largest that met every target: {low:,})")
+    return rows
 
 
 if __name__ == "__main__":
