@@ -98,6 +98,7 @@ class StreamSpec:
             max_bytes=limits.max_bytes,
             discard=self.discard,
             duplicate_window=DUPLICATE_WINDOW_S,
+            allow_direct=True,  # the engine's waits read stored messages one by one (direct gets)
             deny_delete=self.kept,
             deny_purge=self.kept,
             # Left unset (the server's default, none) where nerve does not choose, so that applying these
@@ -222,6 +223,7 @@ def timers_config(prefix: str, engine: EngineSettings = DEFAULT_ENGINE) -> Strea
         max_bytes=engine.timers.max_bytes,
         discard=DiscardPolicy.OLD,
         duplicate_window=DUPLICATE_WINDOW_S,
+        allow_direct=True,
         allow_msg_schedules=True,
     )
 
