@@ -41,6 +41,7 @@ from nerve.runtime.engine.journal import (
     RunHandle,
     RunRecord,
     UndoStatus,
+    after_writes,
     create_record,
     encode_record,
     error_text,
@@ -272,6 +273,7 @@ class Engine:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
+        await after_writes(RELEASE_TIMEOUT_S)  # fired timers of steps journalled done: deleted before it goes
 
     @property
     def kv(self) -> KeyValue:

@@ -309,5 +309,12 @@ class RunHandle:
 _AFTER_WRITES: Final[set[asyncio.Future[None]]] = set()
 
 
+async def after_writes(timeout: float) -> None:
+    """Wait up to `timeout` seconds for what `RunHandle.defer`'s `then`s started (an engine stopping)."""
+    pending = set(_AFTER_WRITES)
+    if pending:
+        await asyncio.wait(pending, timeout=timeout)
+
+
 def _nothing(_record: RunRecord) -> None:
     return None
