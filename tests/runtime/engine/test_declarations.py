@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nats.aio.msg import Msg
 from pydantic import ValidationError
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
@@ -19,6 +22,7 @@ from nerve.runtime.engine import (
     durable_agent,
     wait_for_run,
 )
+from nerve.runtime.engine.engine import num_delivered
 from nerve.runtime.engine.names import ENGINE_NAMES, TIMERS_CONSUMER, engine_subjects, trigger_consumer
 from nerve.runtime.jetstream.streams import DEADLETTER_STREAM
 from nerve.runtime.subjects import Kind
@@ -190,3 +194,22 @@ async def test_cancelling_a_run_that_is_not_there_or_ended_says_so(
         await wait_for_run(engine.kv, agent.run_id(event.id), timeout=20)
         with pytest.raises(EngineError, match=r"has ended \(done\): nothing to cancel"):
             await engine.cancel(agent.run_id(event.id))
+
+
+@given(
+    delivered=st.integers(min_value=1, max_value=10**9),
+    stream_seq=st.integers(min_value=1, max_value=10**12),
+    domain=st.sampled_from(["", "hub"]),
+)
+def test_num_delivered_reads_the_ack_subject_as_nats_py_does(
+    delivered: int, stream_seq: int, domain: str
+) -> None:
+    """The engine reads a trigger's delivery count from its ack subject without nats-py's metadata."""
+    if domain:  # the v2 form: domain, account hash, ..., a random token
+        reply = (
+            f"$JS.ACK.{domain}.ACCHASH.NERVE_EVENTS.c.{delivered}.{stream_seq}.7.1700000000000000000.3.tok"
+        )
+    else:
+        reply = f"$JS.ACK.NERVE_EVENTS.c.{delivered}.{stream_seq}.7.1700000000000000000.3"
+    msg = Msg(_client=None, subject="nerve.x.events.y", reply=reply)  # type: ignore[arg-type]
+    assert num_delivered(msg) == msg.metadata.num_delivered == delivered

@@ -410,7 +410,7 @@ class Engine:
         never settled: NATS failed each time, or the process handling it died) is dead-lettered unhandled.
         A dead letter that cannot be stored now is tried again at the next delivery.
         """
-        delivered = msg.metadata.num_delivered
+        delivered = num_delivered(msg)
         try:
             if delivered > MAX_DELIVER:
                 # Nothing of the trigger's is looked at (it may be what killed the processes before).
@@ -1047,6 +1047,22 @@ def _set_waiting(record: RunRecord, *, wake_at: float) -> None:
 def _set_done(record: RunRecord, value: Any) -> None:  # noqa: ANN401 - any JSON value
     record.state = "done"
     record.result = value
+
+
+#: Tokens of a JetStream ack subject without a domain: `$JS.ACK.<stream>.<consumer>.<delivered>.<stream
+#: seq>.<consumer seq>.<time>.<pending>`.
+_ACK_TOKENS: Final = 9
+
+
+def num_delivered(msg: Msg) -> int:
+    """`msg.metadata.num_delivered`, without the rest of nats-py's metadata.
+
+    nats-py builds a datetime and two dataclasses for it, on every trigger of every reading.
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == _ACK_TOKENS and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[4])
+    return msg.metadata.num_delivered
 
 
 def _encodable(value: object) -> bool:
