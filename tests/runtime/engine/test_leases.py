@@ -13,7 +13,14 @@ from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.runtime.engine import Engine, LeaseLost, RunRecord, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine.engine import ensure_engine_storage
-from nerve.runtime.engine.journal import RunHandle, create_record, encode_record, read_record, try_claim
+from nerve.runtime.engine.journal import (
+    RecordTooLarge,
+    RunHandle,
+    create_record,
+    encode_record,
+    read_record,
+    try_claim,
+)
 from nerve.runtime.subjects import Kind
 
 if TYPE_CHECKING:
@@ -146,3 +153,34 @@ async def test_an_engine_that_lost_its_lease_stops_at_once(nc: NatsClient, js: J
     assert record.owner == "thief"
     assert "then" not in record.steps
     assert executed == ["slow by engine-a"]
+
+
+async def test_deferred_changes_go_with_the_next_write_and_a_too_large_one_does_not_stop_renewals(
+    js: JetStreamContext,
+) -> None:
+    kv = await ensure_engine_storage(js, PREFIX, FAST)
+    record = a_record("r-defer", owner="a", lease_until=time.time() + 30)
+    limit = len(encode_record(record, LIMIT)) + 200
+    revision = await create_record(kv, record.run_id, encode_record(record, limit))
+    assert revision is not None
+    handle = RunHandle(kv=kv, record=record, revision=revision, lease_s=30.0, limit=limit)
+    done: list[str] = []
+
+    async def then() -> None:
+        done.append("then")
+
+    handle.defer(lambda r: r.positions.update(small=1), then=then)
+    assert done == []
+    await handle.renew()  # carries it
+    stored = await read_record(kv, record.run_id)
+    assert stored is not None
+    assert stored[0].positions == {"small": 1}
+    await asyncio.sleep(0.01)
+    assert done == ["then"]
+    handle.defer(lambda r: r.positions.update({f"big-{i}": i for i in range(100)}))
+    before = handle.revision
+    await handle.renew()  # the lease is renewed without what is too large
+    assert handle.revision > before
+    assert "big-0" not in handle.record.positions
+    with pytest.raises(RecordTooLarge):  # the next write says so
+        await handle.write(lambda r: r.positions.update(more=2))

@@ -255,10 +255,12 @@ class RunHandle:
         if self._deferred:
             await self.write(_nothing)
 
-    async def write(self, change: Callable[[RunRecord], None], *, release: bool = False) -> None:
-        """Apply the deferred changes and `change` to the record and store it, renewing the lease.
+    async def write(
+        self, change: Callable[[RunRecord], None], *, release: bool = False, carry: bool = True
+    ) -> None:
+        """Apply the deferred changes (unless not `carry`) and `change` to the record, and store it.
 
-        With `release`, the lease is given up instead.
+        The lease is renewed, or with `release` given up.
 
         Raises `LeaseLost` if another process wrote since (the change is not applied), `RecordTooLarge`
         if the record would exceed its limit (nothing is written).
@@ -273,7 +275,7 @@ class RunHandle:
                 undos=list(self.record.undos),
                 positions=dict(self.record.positions),
             )
-            deferred = self._deferred[:]
+            deferred = self._deferred[:] if carry else []
             for earlier, _then in deferred:
                 earlier(updated)
             change(updated)
@@ -302,7 +304,12 @@ class RunHandle:
     async def renew(self) -> None:
         """Extend the lease, unless it was given back (raises `LeaseLost` like `write`)."""
         if not self.released:
-            await self.write(_nothing)
+            try:
+                await self.write(_nothing)
+            except RecordTooLarge:
+                # What is deferred makes the journal too large: the next step's own write says so (the
+                # step fails with the reason); the lease is renewed all the same.
+                await self.write(_nothing, carry=False)
 
 
 #: `RunHandle.defer`'s `then`s under way (asyncio keeps only weak references to tasks).
