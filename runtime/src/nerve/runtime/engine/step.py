@@ -506,8 +506,9 @@ class Step:
         timer_id = derived_id(self.run_id, "timer", name)
         if journalled is None:
             # One write for the step and the parking (the engine's, when `Park` reaches it), after the
-            # schedule: a crash before it leaves a run that sleeps anew when replayed, under the same
-            # timer (scheduling it again replaces it). The engine looks whether it fired once parked.
+            # schedule: a crash before it leaves a run that comes here again when replayed, and schedules
+            # the same timer (kept once by its id: it fires at its first due time, or has fired). The
+            # engine looks whether it fired once the run is parked.
             self._before_new_step()
             due = self.now() + seconds
             reading = self._positions_soon()
