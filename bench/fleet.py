@@ -250,7 +250,14 @@ async def warm_up(config: Path, log: Path) -> bool:
 def _ms(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value / 1000:.1f} s" if value >= 10_000 else f"{value:.1f}"
+    return f"{value / 1000:.1f} s" if value >= 10_000 else f"{value:.1f} ms"
+
+
+def _pair(p50: float | None, p99: float | None) -> str:
+    """`p50 / p99`, in one unit (seconds once either is 10 s or more)."""
+    if max(p50 or 0.0, p99 or 0.0) >= 10_000:
+        return f"{(p50 or 0.0) / 1000:.1f} / {(p99 or 0.0) / 1000:.1f} s"
+    return f"{_ms(p50).removesuffix(' ms')} / {_ms(p99)}"
 
 
 def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
@@ -264,7 +271,7 @@ def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
         lost += f", {summary['duplicates']:,} stored twice"
     if summary["unacknowledged"]:
         lost += f" ({summary['unacknowledged']:,} unacknowledged)"
-    command = f"{_ms(summary['command_p50_ms'])} / {_ms(summary['command_p99_ms'])} ms"
+    command = _pair(summary["command_p50_ms"], summary["command_p99_ms"])
     if summary["spikes_without_command"]:
         command += f"; {summary['spikes_without_command']} of {summary['spikes']} spikes got no command"
     if summary["connections_lost"]:
@@ -272,7 +279,7 @@ def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
     cpu = " / ".join(f"{usage.cpu_percent(name):.0f}" for name in PARTS)
     rss = " / ".join(f"{usage.peak_rss.get(name, 0.0):.0f}" for name in PARTS)
     return (
-        f"| {devices:,} | {stored} | {lost} | {_ms(summary['lag_p50_ms'])} / {_ms(summary['lag_p99_ms'])} ms "
+        f"| {devices:,} | {stored} | {lost} | {_pair(summary['lag_p50_ms'], summary['lag_p99_ms'])} "
         f"| {command} | {cpu} | {rss} |"
     )
 
