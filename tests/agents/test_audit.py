@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 import pytest
 from hypothesis import given
@@ -14,11 +14,11 @@ from nats.js.errors import ServiceUnavailableError
 
 from nerve.agents import CommandAudit, StreamWatch, disk_runbook
 from nerve.runtime.central.agent import Agent, AgentContext, Subscription
-from nerve.runtime.central.runner import Central
+from nerve.runtime.central.runner import MAX_DELIVER, Central, consumer_name
 from nerve.runtime.config.settings import MIB, load_settings
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import CommandResult, Envelope, Event, Fact, new_id
-from nerve.runtime.jetstream.client import StreamFull, publish_envelope
+from nerve.runtime.jetstream.client import StreamFull, publish_envelope, shared_durable
 from nerve.runtime.jetstream.sampling import OVERFLOW_DEVICE, RefusalSampler
 from nerve.runtime.jetstream.streams import ensure_streams, stream_usage
 from nerve.runtime.subjects import Kind
@@ -342,3 +342,59 @@ async def test_a_flood_of_too_deep_messages_makes_few_loop_guard_facts(
     assert per_subject == {"pi-0": 30, "pi-1": 30, "many-devices": 30}
     assert len(facts) <= 3 * 6  # 90 before
     assert (await js.stream_info("NERVE_COMMANDS")).state.messages == 0
+
+
+class Doomed(Agent):
+    """An agent on `doomed` events whose handler would fail the test: a poison message is never handled."""
+
+    name = "doomed"
+    subscriptions = (Subscription(Kind.EVENTS, "doomed"),)
+    handled: ClassVar[list[str]] = []
+
+    async def handle(self, envelope: Envelope, ctx: AgentContext) -> None:  # noqa: ARG002
+        """Note it."""
+        self.handled.append(envelope.id)
+
+
+@pytest.mark.broker
+async def test_a_message_whose_holders_all_died_is_dead_lettered_once_unhandled(
+    nats_server: NatsServer, tmp_path: Path, nc: NatsClient, signer: Signer
+) -> None:
+    """JetStream never gives up on an agent's message (it would drop it unseen): central dead-letters a
+    message delivered more than MAX_DELIVER times without settling, without handling it."""
+    settings = settings_for(nats_server, tmp_path, {})
+    js = nc.jetstream()
+    await ensure_streams(js, "nerve")
+    name = consumer_name(Doomed(), Doomed.subscriptions[0])
+    subject = Doomed.subscriptions[0].subject("nerve")
+    # The consumer as an earlier version made it (JetStream gave up after 5 deliveries); a short ack wait.
+    made = await shared_durable(
+        js,
+        subject=subject,
+        stream="NERVE_EVENTS",
+        name=name,
+        ack_wait_s=0.3,
+        max_ack_pending=100,
+        max_deliver=5,
+    )
+    await made.unsubscribe()
+    event = Event(source="t", type="doomed", subject="pi-1", data={"kills": "central"})
+    await publish_envelope(js, "nerve.pi-1.events.doomed", event)
+    dying = await js.subscribe(subject, queue=name, durable=name, stream="NERVE_EVENTS", manual_ack=True)
+    async with asyncio.timeout(10):
+        async for msg in dying.messages:  # a central that dies each time it holds it
+            if msg.metadata.num_delivered == MAX_DELIVER:
+                break
+    await dying.unsubscribe()
+    async with central(settings, signer, [Doomed()]) as runner:
+        async with asyncio.timeout(20):
+            while not (await stream_messages(js, "NERVE_DEADLETTER")):
+                await asyncio.sleep(0.1)
+        assert runner.deadlettered == 1
+    info = await js.consumer_info("NERVE_EVENTS", name)
+    assert info.config.max_deliver == -1  # JetStream no longer drops it unseen
+    assert (info.num_ack_pending, info.num_pending) == (0, 0)
+    [stored] = await stream_messages(js, "NERVE_DEADLETTER")
+    assert "doomed: delivered" in stored.headers["Nerve-Reason"]
+    assert "never settled" in stored.headers["Nerve-Reason"]
+    assert Doomed.handled == []

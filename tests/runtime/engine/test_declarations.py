@@ -22,8 +22,8 @@ from nerve.runtime.engine import (
     durable_agent,
     wait_for_run,
 )
-from nerve.runtime.engine.engine import num_delivered
 from nerve.runtime.engine.names import ENGINE_NAMES, TIMERS_CONSUMER, engine_subjects, trigger_consumer
+from nerve.runtime.jetstream.client import num_delivered
 from nerve.runtime.jetstream.streams import DEADLETTER_STREAM
 from nerve.runtime.subjects import Kind
 from nerve.runtime.testing import stream_messages, wait_for_count

@@ -3,7 +3,9 @@
 Each agent subscription gets a durable push consumer with a deliver group (`nerve-agent-<name>-<kind>`),
 so several central processes share the work and a restarted one carries on where the last left off.
 A message is acknowledged after its handler returned. Undecodable messages and messages that failed
-`MAX_DELIVER` times go to the dead-letter stream with the reason. Messages more than `max_hops`
+`MAX_DELIVER` times go to the dead-letter stream with the reason; so does one delivered more often than
+that without settling (each process that held it died: a poison message), unhandled. JetStream itself
+never gives up on a message (it would drop it unseen). Messages more than `max_hops`
 reactions deep are dropped, and a fact says so (the loop guard). Anyone may send a message with a large
 `hops`, so those facts are sampled (`RefusalSampler`, `streams.sample_window_s`): the first per device
 and agent at once, the rest counted into one fact per window.
@@ -35,7 +37,12 @@ from nerve.runtime.engine.errors import EngineError
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode
 from nerve.runtime.envelope.model import Command, CommandResult, Event, derived_id
 from nerve.runtime.errors import DecodeError, SignatureError
-from nerve.runtime.jetstream.client import connect_forever, publish_dead_letter, shared_durable
+from nerve.runtime.jetstream.client import (
+    connect_forever,
+    dead_letter_delivery,
+    num_delivered,
+    shared_durable,
+)
 from nerve.runtime.jetstream.sampling import RefusalSampler
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ready_streams
 from nerve.runtime.subjects import Kind
@@ -222,7 +229,6 @@ class Central:
             name=consumer_name(agent, subscription),
             ack_wait_s=ACK_WAIT_S,
             max_ack_pending=MAX_ACK_PENDING,
-            max_deliver=MAX_DELIVER,
         )
 
     async def _sampled_facts(self, ctx: AgentContext) -> None:
@@ -373,14 +379,16 @@ class Central:
     ) -> None:
         model = MODEL_OF_KIND[subscription.kind]
         async for msg in sub.messages:
-            await self._deliver(agent, ctx, model, msg)
+            delivered = num_delivered(msg)
+            if delivered > MAX_DELIVER:  # nothing of it is looked at: it may be what stopped those before
+                reason = f"{agent.name}: delivered {delivered} times, never settled; not handled again"
+                await self._dead_letter(ctx, msg, reason)
+            else:
+                await self._deliver(agent, ctx, model, msg)
             checkpoint()
 
     async def _dead_letter(self, ctx: AgentContext, msg: Msg, reason: str) -> None:
-        await publish_dead_letter(
-            ctx.js, prefix=ctx.prefix, part=PART, reason=reason, origin=msg.subject, payload=msg.data
-        )
-        await msg.term()
+        await dead_letter_delivery(ctx.js, msg, prefix=ctx.prefix, part=PART, reason=reason)
         self.deadlettered += 1
         log.warning("central: dead-lettered %s: %s", msg.subject, reason)
 

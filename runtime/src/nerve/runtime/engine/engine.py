@@ -67,7 +67,7 @@ from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, has_fired, sche
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.jetstream.client import last_sequence, publish_dead_letter, shared_durable
+from nerve.runtime.jetstream.client import dead_letter_delivery, last_sequence, num_delivered, shared_durable
 from nerve.runtime.jetstream.streams import (
     LIMITS_BUCKET,
     LINEAGE_BUCKET,
@@ -459,24 +459,9 @@ class Engine:
                 await _nak(msg)
 
     async def _dead_letter(self, msg: Msg, reason: str) -> None:
-        """Keep `msg` in NERVE_DEADLETTER with `reason`, once per consumer and stream message; then drop it.
-
-        Its id derives from the consumer and the stream sequence: dead-lettered again (the process died
-        between the store and the `term`), it is stored once (JetStream's dedup window, 20 minutes).
-        """
+        """Keep `msg` in NERVE_DEADLETTER with `reason` (once per consumer and message), then drop it."""
+        await dead_letter_delivery(self._context.js, msg, prefix=self._prefix, part=PART, reason=reason)
         meta = msg.metadata
-        await publish_dead_letter(
-            self._context.js,
-            prefix=self._prefix,
-            part=PART,
-            reason=reason,
-            origin=msg.subject,
-            payload=msg.data,
-            stream=meta.stream,
-            seq=meta.sequence.stream,
-            msg_id=derived_id("deadletter", meta.stream, meta.consumer, str(meta.sequence.stream)),
-        )
-        await msg.term()
         log.warning(
             "engine: dead-lettered %s (%s #%d): %s", msg.subject, meta.stream, meta.sequence.stream, reason
         )
@@ -1047,22 +1032,6 @@ def _set_waiting(record: RunRecord, *, wake_at: float) -> None:
 def _set_done(record: RunRecord, value: Any) -> None:  # noqa: ANN401 - any JSON value
     record.state = "done"
     record.result = value
-
-
-#: Tokens of a JetStream ack subject without a domain: `$JS.ACK.<stream>.<consumer>.<delivered>.<stream
-#: seq>.<consumer seq>.<time>.<pending>`.
-_ACK_TOKENS: Final = 9
-
-
-def num_delivered(msg: Msg) -> int:
-    """`msg.metadata.num_delivered`, without the rest of nats-py's metadata.
-
-    nats-py builds a datetime and two dataclasses for it, on every trigger of every reading.
-    """
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == _ACK_TOKENS and tokens[0] == "$JS" and tokens[1] == "ACK":
-        return int(tokens[4])
-    return msg.metadata.num_delivered
 
 
 def _encodable(value: object) -> bool:

@@ -28,7 +28,7 @@ from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 from nerve.runtime.backoff import Backoff
 from nerve.runtime.config.settings import host_port
 from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type, encode
-from nerve.runtime.envelope.model import utcnow
+from nerve.runtime.envelope.model import derived_id, utcnow
 from nerve.runtime.errors import BrokerUnavailable, NerveError
 from nerve.runtime.jetstream.identities import load_nkey
 from nerve.runtime.jetstream.streams import FACTS_STREAM
@@ -366,6 +366,46 @@ async def publish_dead_letter(
         timeout=timeout,
         headers=headers,
     )
+
+
+async def dead_letter_delivery(
+    js: JetStreamContext, msg: Msg, *, prefix: str, part: str, reason: str
+) -> None:
+    """Keep JetStream delivery `msg` in NERVE_DEADLETTER with `reason`, then drop it (`term`).
+
+    Its id derives from the consumer and the stream sequence: dead-lettered again (the process died
+    between the store and the `term`, or two paths gave up on it), it is stored once (JetStream's dedup
+    window, 20 minutes).
+    """
+    meta = msg.metadata
+    await publish_dead_letter(
+        js,
+        prefix=prefix,
+        part=part,
+        reason=reason,
+        origin=msg.subject,
+        payload=msg.data,
+        stream=meta.stream,
+        seq=meta.sequence.stream,
+        msg_id=derived_id("deadletter", meta.stream, meta.consumer, str(meta.sequence.stream)),
+    )
+    await msg.term()
+
+
+#: Tokens of a JetStream ack subject without a domain: `$JS.ACK.<stream>.<consumer>.<delivered>.<stream
+#: seq>.<consumer seq>.<time>.<pending>`.
+_ACK_TOKENS: Final = 9
+
+
+def num_delivered(msg: Msg) -> int:
+    """`msg.metadata.num_delivered`, without the rest of nats-py's metadata.
+
+    nats-py builds a datetime and two dataclasses for it, on every delivery (every reading a trigger sees).
+    """
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == _ACK_TOKENS and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[4])
+    return msg.metadata.num_delivered
 
 
 def fact_subject(fact: Fact, prefix: str) -> str:
