@@ -11,7 +11,16 @@ import nats
 import pytest
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
-from nerve.runtime.engine import Engine, LeaseLost, RunRecord, Step, Trigger, durable_agent, wait_for_run
+from nerve.runtime.engine import (
+    Engine,
+    EngineSettings,
+    LeaseLost,
+    RunRecord,
+    Step,
+    Trigger,
+    durable_agent,
+    wait_for_run,
+)
 from nerve.runtime.engine.engine import ensure_engine_storage
 from nerve.runtime.engine.journal import (
     RecordTooLarge,
@@ -184,3 +193,39 @@ async def test_deferred_changes_go_with_the_next_write_and_a_too_large_one_does_
     assert "big-0" not in handle.record.positions
     with pytest.raises(RecordTooLarge):  # the next write says so
         await handle.write(lambda r: r.positions.update(more=2))
+
+
+gate = asyncio.Event()
+started: list[str] = []
+
+
+@durable_agent("gated", trigger=Trigger(Kind.EVENTS, "gated"), key=lambda _e: "k")
+async def gated(_event: Envelope, step: Step) -> str:
+    async def wait() -> str:
+        started.append("wait")
+        await gate.wait()
+        return "through"
+
+    return str(await step.run("wait", wait))
+
+
+async def test_a_run_an_engine_gave_back_as_it_stopped_is_resumed_at_once(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    """Not at the watchdog's next look: with a 60 s lease, that would be 30 s later."""
+    slow = EngineSettings(lease_s=60.0)
+    gate.clear()
+    async with Engine(nc=nc, agents=[gated], prefix=PREFIX, settings=slow, instance="engine-a") as a:
+        event = await publish_event(js, "gated", {}, event_id="e-gated")
+        async with asyncio.timeout(10):
+            while not started:
+                await asyncio.sleep(0.02)
+        kv = a.kv
+    found = await read_record(kv, gated.run_id(event.id))
+    assert found is not None
+    assert (found[0].state, found[0].owner) == ("open", "")  # given back
+    gate.set()
+    async with Engine(nc=nc, agents=[gated], prefix=PREFIX, settings=slow, instance="engine-b"):
+        record = await wait_for_run(kv, gated.run_id(event.id), timeout=5)
+    assert (record.state, record.result) == ("done", "through")
+    assert started == ["wait", "wait"]

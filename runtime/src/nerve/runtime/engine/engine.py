@@ -696,6 +696,18 @@ class Engine:
                 self._known.pop(run_id, None)
             else:
                 self._known[run_id] = known
+                if known.state == "open" and not known.owner:
+                    self._resume_given_back(run_id, known)
+
+    def _resume_given_back(self, run_id: str, known: _Known) -> None:
+        """Claim at once a run an engine gave back as it stopped (open, nobody holds it), if it is ours.
+
+        Not at the watchdog's next look (half a lease later): a restart resumes its runs right away.
+        """
+        if known.agent not in self._agents or run_id in self._live or self._tasks is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the engine is stopping: the watchdog of another takes it
+            self._tasks.create_task(self._claim(run_id), name=f"engine-resume-{run_id}")
 
     async def _on_cancel(self, run_id: str) -> None:
         step = self._live.get(run_id)
