@@ -427,7 +427,7 @@ class Central:
             await self._dead_letter(ctx, msg, f"{agent.name}: {exc.reason}")
         except Exception as exc:  # noqa: BLE001 - a handler's bug must not stop the agent
             # A handler's failure must not stop the agent: redeliver, and give up after MAX_DELIVER.
-            delivered = msg.metadata.num_delivered
+            delivered = num_delivered(msg)
             if delivered >= MAX_DELIVER:
                 await self._dead_letter(
                     ctx, msg, f"{agent.name}: failed {delivered} times, last: {type(exc).__name__}: {exc}"

@@ -426,7 +426,7 @@ class Engine:
 
     async def _not_taken(self, agent: DurableAgent, msg: Msg, failure: BaseException) -> None:
         """NATS failed while a trigger was taken: at its `MAX_DELIVER`th delivery dead-letter it, else nak."""
-        delivered = msg.metadata.num_delivered
+        delivered = num_delivered(msg)
         if delivered == MAX_DELIVER:
             reason = f"{agent.name}: not taken in {MAX_DELIVER} deliveries, the last: {error_text(failure)}"
             try:
@@ -452,7 +452,7 @@ class Engine:
             raise
         except Exception as exc:  # noqa: BLE001 - one trigger's trouble must not stop the engine
             reason = f"{agent.name}: starting a run failed: {error_text(exc)}"
-            if msg.metadata.num_delivered >= MAX_DELIVER:
+            if num_delivered(msg) >= MAX_DELIVER:
                 await self._dead_letter(msg, f"{reason} ({MAX_DELIVER} times)")
             else:
                 log.error("engine: %s; it comes again", reason)  # noqa: TRY400
@@ -1025,7 +1025,7 @@ def retry_delay(delivered: int) -> float:
 async def _nak(msg: Msg) -> None:
     """Have `msg` delivered again after `retry_delay`; if NATS is not there, it comes after the ack wait."""
     try:
-        await msg.nak(delay=retry_delay(msg.metadata.num_delivered))
+        await msg.nak(delay=retry_delay(num_delivered(msg)))
     except (NatsError, TimeoutError) as exc:
         log.debug("engine: nak of %s not sent: %s", msg.subject, exc)
 
