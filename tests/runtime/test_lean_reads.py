@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.js.api import StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from nerve.runtime.harness.memory import MemoryJetStream
 from nerve.runtime.jetstream.client import (
@@ -22,11 +23,13 @@ from nerve.runtime.jetstream.client import (
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
 pytestmark = pytest.mark.broker
 
 SUBJECTS = ("lean.a", "lean.b", "lean.c")
+EXAMPLES = itertools.count()
 
 
 async def nats_py_next(
@@ -53,7 +56,9 @@ async def test_they_answer_as_nats_py_does(
     """Direct gets where the stream allows them, the JetStream API where it does not (a stream made by an
     older nerve): the same answers."""
     js = nc.jetstream()
-    name = "LEAN"
+    # A new name each example: a stream deleted and made again under one name read once as the old one
+    # (12 messages where 2 were published), once in about 25 runs.
+    name = f"LEAN_{next(EXAMPLES)}"
     await js.add_stream(StreamConfig(name=name, subjects=["lean.>"], allow_direct=direct))
     try:
         for where, data in published:
@@ -105,3 +110,55 @@ async def test_the_in_memory_jetstream_answers_the_same() -> None:
     assert await next_stored(js, "LEAN", after=3, subject="lean.a") is None
     assert await last_stored_seq(js, "LEAN", "lean.a") == 3
     assert await last_stored_seq(js, "LEAN", "lean.c") is None
+
+
+HOSTILE_PREFIX = "hostile.api"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.one_of(
+        st.binary(max_size=64),
+        st.sampled_from(
+            [
+                b"",
+                b"null",
+                b'{"state": {"last_seq": "many"}}',
+                b'{"state": {"last_seq": -1.5}}',
+                b'{"message": {"seq": 3, "data": "***not base64***"}}',
+                b'{"message": {"seq": "x"}}',
+                b'{"error": {"code": "x"}}',
+            ]
+        ),
+    ),
+    status=st.one_of(st.none(), st.sampled_from(["404", "408", "abc", ""])),
+    sequence=st.one_of(st.none(), st.sampled_from(["7", "", "-1", "seven", "1e3"])),
+)
+async def test_a_hostile_server_s_replies_are_a_nats_error_or_an_answer(
+    nc: NatsClient, body: bytes, status: str | None, sequence: str | None
+) -> None:
+    """Whatever answers the API (a broken or hostile server), the reads raise nats-py's APIError, never a
+    decode error: their callers retry or give up on NATS errors, anything else would escape as a traceback.
+    """
+    given_headers = (("Status", status), ("Nats-Sequence", sequence))
+    headers = {key: value for key, value in given_headers if value is not None}
+
+    async def answer(msg: Msg) -> None:
+        await nc.publish(msg.reply, body, headers=headers or None)
+
+    sub = await nc.subscribe(f"{HOSTILE_PREFIX}.>", cb=answer)
+    _NOT_DIRECT.pop("HOSTILE", None)
+    try:
+        js = nc.jetstream(prefix=HOSTILE_PREFIX)
+        for read in (
+            lambda: last_sequence(js, "HOSTILE"),
+            lambda: next_stored(js, "HOSTILE", after=0, subject="x"),
+            lambda: last_stored_seq(js, "HOSTILE", "x"),
+        ):
+            try:
+                answered = await read()
+            except APIError:
+                continue
+            assert answered is None or isinstance(answered, (int, tuple))
+    finally:
+        await sub.unsubscribe()

@@ -572,6 +572,14 @@ def _raise_api_error(error: _ApiError) -> NoReturn:
     raise APIError(code=error.code, err_code=error.err_code, description=error.description)
 
 
+def _unreadable(what: str, exc: Exception) -> APIError:
+    """A reply nats-server would never send (a hostile or broken server): a NATS error, said in one line.
+
+    Callers already retry or give up on NATS errors; a decode error would escape them as a traceback.
+    """
+    return APIError(code=0, description=f"unreadable reply to {what}: {exc}")
+
+
 def _is_nats_py(js: object) -> bool:
     """Whether `js` is nats-py's JetStreamContext (not a double with its API)."""
     return isinstance(js, JetStreamContext)
@@ -590,7 +598,10 @@ async def last_sequence(js: JetStreamContext, stream: str) -> int:
     """The last sequence of `stream` (0: empty). Raises nats-py's errors (`NotFoundError`: no such stream)."""
     if not _is_nats_py(js):
         return int((await js.stream_info(stream)).state.last_seq)
-    reply = _INFO_REPLY.decode(await _api(js, f"STREAM.INFO.{stream}", b""))
+    try:
+        reply = _INFO_REPLY.decode(await _api(js, f"STREAM.INFO.{stream}", b""))
+    except msgspec.DecodeError as exc:  # ValidationError is one too
+        raise _unreadable(f"STREAM.INFO.{stream}", exc) from None
     if reply.error is not None:
         _raise_api_error(reply.error)
     return reply.state.last_seq if reply.state is not None else 0
@@ -627,6 +638,19 @@ DIRECT_RETRY_S: Final = 60.0
 SEQUENCE_HEADER: Final = "Nats-Sequence"
 
 
+def _direct_answer(msg: Msg) -> tuple[int, bytes] | None:
+    """A direct get's reply: (sequence, data), None for 404, or APIError for anything else."""
+    headers = msg.headers or {}
+    status = headers.get("Status")
+    if status == "404":
+        return None
+    sequence = headers.get(SEQUENCE_HEADER, "")
+    if status is not None or not sequence.isdigit():
+        code = int(status) if status is not None and status.isdigit() else 0
+        raise APIError(code=code, description=headers.get("Description", f"no sequence in {sequence!r}"))
+    return int(sequence), msg.data
+
+
 async def _get(js: JetStreamContext, stream: str, request: dict[str, Any]) -> tuple[int, bytes] | None:
     """(sequence, data) of the stored message `request` names, or None if there is none.
 
@@ -643,18 +667,20 @@ async def _get(js: JetStreamContext, stream: str, request: dict[str, Any]) -> tu
             _NOT_DIRECT[stream] = time.monotonic()
         else:
             _NOT_DIRECT.pop(stream, None)
-            headers = msg.headers or {}
-            status = headers.get("Status")
-            if status == "404":
-                return None
-            if status is not None or SEQUENCE_HEADER not in headers:
-                raise APIError(code=int(status or 0), description=headers.get("Description", "no sequence"))
-            return int(headers[SEQUENCE_HEADER]), msg.data
-    reply = _MSG_REPLY.decode(await _api(js, f"STREAM.MSG.GET.{stream}", body))
+            return _direct_answer(msg)
+    what = f"STREAM.MSG.GET.{stream}"
+    try:
+        reply = _MSG_REPLY.decode(await _api(js, what, body))
+    except msgspec.DecodeError as exc:
+        raise _unreadable(what, exc) from None
     if reply.error is not None:
         if reply.error.err_code == NO_MESSAGE_CODE:
             return None
         _raise_api_error(reply.error)
     if reply.message is None:
         return None
-    return reply.message.seq, base64.b64decode(reply.message.data)
+    try:
+        data = base64.b64decode(reply.message.data, validate=True)
+    except ValueError as exc:  # binascii.Error
+        raise _unreadable(what, exc) from None
+    return reply.message.seq, data
