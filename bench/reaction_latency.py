@@ -9,7 +9,7 @@ incident resolves; with `--silent` no device answers and every run waits for its
 it measures the floor: a QoS1 publish -> receive round trip through the same mosquitto. Prints p50 / p90
 / p99 / max for both and the target verdict.
 
-    .venv/bin/python bench/reaction_latency.py [--spikes 1000] [--silent]
+    .venv/bin/python bench/reaction_latency.py [--spikes 1000] [--gap 0.05] [--silent]
 """
 
 from __future__ import annotations
@@ -112,9 +112,12 @@ async def floor(settings: MqttSettings, rounds: int) -> list[float]:
 
 
 async def spikes(
-    settings: MqttSettings, count: int, warmup: int, *, registry: Path | None = None
+    settings: MqttSettings, count: int, warmup: int, *, registry: Path | None = None, gap: float = 0.0
 ) -> tuple[list[float], int]:
     """Spike -> command samples (ms) and how many spikes got no command within `STEP_TIMEOUT_S`.
+
+    `gap`: seconds between a spike's command arriving and the next spike (0: back to back, so each spike
+    lands while central still handles the last incident's result, facts and verifying reading).
 
     With `registry` (central's device key registry), every spiked device is registered first and
     answers its command as an edge does: a signed `ok`, then a disk reading below the clear level, so
@@ -122,7 +125,7 @@ async def spikes(
     central its subscriptions and lease renewals, which a fleet that answers does not pay).
     """
     waiting: dict[str, asyncio.Future[float]] = {}
-    run = f"{os.getpid()}-{int(time.time())}"
+    run = f"{os.getpid()}-{time.time_ns()}"
     devices = [f"bench-{run}-{i:05d}" for i in range(warmup + count)]
     signers = {device: provision_device(registry, device) for device in devices} if registry else {}
     if signers:
@@ -153,7 +156,7 @@ async def spikes(
 
         receiver = asyncio.create_task(receive())
         try:
-            return await _timed(client, devices, warmup, waiting)
+            return await _timed(client, devices, warmup, waiting, gap)
         finally:
             receiver.cancel()
             with contextlib.suppress(asyncio.CancelledError, MqttWireError):
@@ -163,12 +166,14 @@ async def spikes(
 
 
 async def _timed(
-    client: MqttClient, devices: list[str], warmup: int, waiting: dict[str, asyncio.Future[float]]
+    client: MqttClient, devices: list[str], warmup: int, waiting: dict[str, asyncio.Future[float]], gap: float
 ) -> tuple[list[float], int]:
     """One spike a device, one at a time: the samples after `warmup`, and how many got no command."""
     samples: list[float] = []
     missed = 0
     for i, device in enumerate(devices):
+        if i and gap:
+            await asyncio.sleep(gap)
         future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         waiting[device] = future
         start = time.perf_counter()
@@ -189,6 +194,9 @@ async def main() -> int:
     parser.add_argument("--spikes", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument(
+        "--gap", type=float, default=0.0, help="seconds after a command before the next spike (default 0)"
+    )
+    parser.add_argument(
         "--silent", action="store_true", help="devices never answer: every run waits for its result (30 s)"
     )
     args = parser.parse_args()
@@ -199,7 +207,11 @@ async def main() -> int:
             settings = MqttSettings(url=f"mqtt://127.0.0.1:{mqtt_port}")
             floor_ms = await floor(settings, args.spikes)
             reaction_ms, missed = await spikes(
-                settings, args.spikes, args.warmup, registry=None if args.silent else Path(tmp) / "devices"
+                settings,
+                args.spikes,
+                args.warmup,
+                registry=None if args.silent else Path(tmp) / "devices",
+                gap=args.gap,
             )
         finally:
             process.send_signal(signal.SIGTERM)
@@ -207,7 +219,8 @@ async def main() -> int:
             code = await asyncio.wait_for(process.wait(), timeout=30)
             stop_s = time.perf_counter() - started
     print()
-    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; spikes one at a time")
+    spaced = f"{args.gap * 1000:g} ms after the last command" if args.gap else "back to back"
+    print(f"machine: {os.cpu_count()} cores; python {sys.version.split()[0]}; spikes one at a time, {spaced}")
     floor_stats = percentiles(floor_ms)
     print(line("baseline: mosquitto QoS1 round trip", floor_stats, len(floor_ms)))
     if not reaction_ms:

@@ -47,6 +47,7 @@ from nerve.runtime.engine.journal import (
     error_text,
     read_record,
     try_claim,
+    unchanged,
 )
 from nerve.runtime.engine.names import (
     APPROVAL_KEY_PREFIX,
@@ -805,7 +806,7 @@ class Engine:
             if not handle.lost and not handle.record.terminal:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(RELEASE_TIMEOUT_S):
-                        await handle.write(lambda _record: None, release=True)
+                        await handle.write(unchanged, release=True)
             raise
         except ExceptionGroup as group:
             if handle.existed:

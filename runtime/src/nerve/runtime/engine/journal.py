@@ -253,7 +253,7 @@ class RunHandle:
         """Write what is deferred, if anything is (first waiting until the journal is stored)."""
         await self.confirm()
         if self._deferred:
-            await self.write(_nothing)
+            await self.write(unchanged)
 
     async def write(
         self, change: Callable[[RunRecord], None], *, release: bool = False, carry: bool = True
@@ -305,11 +305,11 @@ class RunHandle:
         """Extend the lease, unless it was given back (raises `LeaseLost` like `write`)."""
         if not self.released:
             try:
-                await self.write(_nothing)
+                await self.write(unchanged)
             except RecordTooLarge:
                 # What is deferred makes the journal too large: the next step's own write says so (the
                 # step fails with the reason); the lease is renewed all the same.
-                await self.write(_nothing, carry=False)
+                await self.write(unchanged, carry=False)
 
 
 #: `RunHandle.defer`'s `then`s under way (asyncio keeps only weak references to tasks).
@@ -323,5 +323,5 @@ async def after_writes(timeout: float) -> None:
         await asyncio.wait(pending, timeout=timeout)
 
 
-def _nothing(_record: RunRecord) -> None:
-    return None
+def unchanged(_record: RunRecord) -> None:
+    """A change that changes nothing: a write that renews the lease, carries deferred entries, or releases."""
