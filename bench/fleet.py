@@ -284,6 +284,16 @@ def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
     )
 
 
+def where(devices: int, summary: dict[str, Any] | None) -> str:
+    """Where a spike's command spent its time, p50 / p99 per part (`nerve simulate`'s summary)."""
+    if summary is None or summary.get("central_p50_ms") is None:
+        return f"  {devices:,}: no command's path measured"
+    parts = (("spike stored", "spike_stored"), ("central", "central"), ("command to device", "downlink"))
+    return f"  {devices:,}: spike -> command, p50 / p99 of each part: " + ", ".join(
+        f"{name} {_pair(summary[f'{key}_p50_ms'], summary[f'{key}_p99_ms'])}" for name, key in parts
+    )
+
+
 def misses(summary: dict[str, Any] | None) -> list[str]:
     """The targets a run missed."""
     if summary is None:
@@ -330,11 +340,13 @@ async def main() -> int:
         flush=True,
     )
     rows = []
+    paths = []
     passed: list[int] = []
     failing: list[int] = []
     for devices in args.devices:
         summary, usage = await run_case(devices, args)
         rows.append(row(devices, summary, usage))
+        paths.append(where(devices, summary))
         print(rows[-1], flush=True)
         (failing if misses(summary) else passed).append(devices)
     if args.beyond:
@@ -342,6 +354,8 @@ async def main() -> int:
     print()
     print(HEADER)
     print("\n".join(rows))
+    print()
+    print("\n".join(paths))
     return 1 if failing else 0
 
 

@@ -80,6 +80,13 @@ async def test_a_small_fleet_is_stored_once_and_every_spike_gets_its_command(set
     assert summary["duplicate_commands"] == 0
     assert summary["command_p50_ms"] is not None
     assert summary["command_p99_ms"] is not None
+    # Where the time went: every part is a duration, and at the median they add up to about the whole
+    # (each part's median is of its own samples, so only about).
+    parts = ("spike_stored", "central", "downlink")
+    for part in parts:
+        assert 0 <= summary[f"{part}_p50_ms"] <= summary[f"{part}_p99_ms"]
+    assert sum(summary[f"{part}_p50_ms"] for part in parts) <= 2 * summary["command_p99_ms"]
+    assert max(summary[f"{part}_p99_ms"] for part in parts) <= summary["command_p99_ms"] + 1
     # Signed by each device's own key, so central believed them and closed every incident.
     assert summary["incidents_resolved"] == summary["spikes"]
     assert summary["incidents_failed"] == 0

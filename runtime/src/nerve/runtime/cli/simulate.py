@@ -144,4 +144,11 @@ def format_summary(summary: Summary) -> str:
             f"{summary.incidents_resolved}, failed {summary.incidents_failed}"
         ),
     ]
+    if summary.central_p50_ms is not None:
+        lines.append(
+            f"  of which, p50/p99: spike stored {_ms(summary.spike_stored_p50_ms)}/"
+            f"{_ms(summary.spike_stored_p99_ms)} ms, central {_ms(summary.central_p50_ms)}/"
+            f"{_ms(summary.central_p99_ms)} ms, command to device {_ms(summary.downlink_p50_ms)}/"
+            f"{_ms(summary.downlink_p99_ms)} ms"
+        )
     return "\n".join(lines)

@@ -182,6 +182,15 @@ class Summary:
     connections_lost: int = 0
     skipped: int = 0
     interrupted: bool = False
+    # Where a spike's command spent its time (ms, p50 / p99), for the spikes whose stored time was seen:
+    # publish -> the spike stored in JetStream; stored -> the command made by central (its `time`);
+    # made -> at the device. Clocks of one machine: from several machines, their skew is in the figures.
+    spike_stored_p50_ms: float | None = None
+    spike_stored_p99_ms: float | None = None
+    central_p50_ms: float | None = None
+    central_p99_ms: float | None = None
+    downlink_p50_ms: float | None = None
+    downlink_p99_ms: float | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -282,7 +291,10 @@ class Simulation:
         self._devices: list[_Device] = []
         self._by_name: dict[str, _Device] = {}
         self._links: list[_Link] = []
-        self._spikes: dict[str, float] = {}  # spike reading id -> when it was sent
+        self._spikes: dict[str, float] = {}  # spike reading id -> when it was sent, until its command came
+        self._spike_sent: dict[str, float] = {}  # every spike reading id -> when it was sent
+        self._spike_stored: dict[str, float] = {}  # spike reading id -> when JetStream stored it
+        self._command_paths: list[tuple[str, float, float]] = []  # spike id, command made, command came
         self._commands_seen: set[str] = set()
         self._registered: list[Path] = []
         # Counters and samples (wall-clock seconds).
@@ -439,6 +451,7 @@ class Simulation:
         device.link.offer(device.topics[metric], payload, done)
         if metric == len(METRICS) - 1 and value >= self._threshold:
             self._spikes[event_id] = now
+            self._spike_sent[event_id] = now
             self._spike_count += 1
             self._window_spikes += 1
 
@@ -489,10 +502,12 @@ class Simulation:
             self._duplicate_commands += 1
         else:
             self._commands_seen.add(command.id)
-            sent = self._spikes.pop(command.causationid or "", None)
+            spike = command.causationid or ""
+            sent = self._spikes.pop(spike, None)
             if sent is not None:
                 self._command_latencies.append(now - sent)
                 self._window_commands.append(now - sent)
+                self._command_paths.append((spike, command.time.timestamp(), now))
         ok = command.action == ACTION and command.subject == device.name
         result = CommandResult.for_command(
             command,
@@ -517,7 +532,8 @@ class Simulation:
 
     async def _on_stored(self, msg: Msg) -> None:
         headers = msg.headers or {}
-        parts = headers.get(_ID_HEADER, "").split(".")
+        reading_id = headers.get(_ID_HEADER, "")
+        parts = reading_id.split(".")
         if len(parts) != 3 or parts[1] != self._run:  # noqa: PLR2004 - device.run.seq
             return
         device = self._by_name.get(parts[0])
@@ -531,7 +547,10 @@ class Simulation:
             return
         device.state[seq] |= 2
         self._stored_ours += 1
-        lag = msg.metadata.timestamp.timestamp() - device.sent[seq]
+        stored = msg.metadata.timestamp.timestamp()
+        if reading_id in self._spike_sent:
+            self._spike_stored[reading_id] = stored
+        lag = stored - device.sent[seq]
         self._lags.append(lag)
         self._window_lags.append(lag)
 
@@ -731,6 +750,13 @@ class Simulation:
                     unacknowledged += 1
         span = max(seconds, 1e-9)
         lags = self._lags
+        uplink, central, downlink = [], [], []
+        for spike, made, came in self._command_paths:
+            stored = self._spike_stored.get(spike)
+            if stored is not None:
+                uplink.append(stored - self._spike_sent[spike])
+                central.append(made - stored)
+                downlink.append(came - made)
         return Summary(
             devices=self._plan.devices,
             connections=len(self._links),
@@ -759,6 +785,12 @@ class Simulation:
             connections_lost=self._connections_lost,
             skipped=self._skipped,
             interrupted=interrupted,
+            spike_stored_p50_ms=_ms(percentile(uplink, 0.5)),
+            spike_stored_p99_ms=_ms(percentile(uplink, 0.99)),
+            central_p50_ms=_ms(percentile(central, 0.5)),
+            central_p99_ms=_ms(percentile(central, 0.99)),
+            downlink_p50_ms=_ms(percentile(downlink, 0.5)),
+            downlink_p99_ms=_ms(percentile(downlink, 0.99)),
         )
 
 
