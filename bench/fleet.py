@@ -271,7 +271,10 @@ def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
         lost += f", {summary['duplicates']:,} stored twice"
     if summary["unacknowledged"]:
         lost += f" ({summary['unacknowledged']:,} unacknowledged)"
-    command = _pair(summary["command_p50_ms"], summary["command_p99_ms"])
+    command = _pair(*_command_ms(summary))
+    if summary.get("delivered_p99_ms") is not None:
+        handled = _pair(summary["command_p50_ms"], summary["command_p99_ms"])
+        command += f" (handled by the simulator: {handled})"
     if summary["spikes_without_command"]:
         command += f"; {summary['spikes_without_command']} of {summary['spikes']} spikes got no command"
     if summary["connections_lost"]:
@@ -294,6 +297,14 @@ def where(devices: int, summary: dict[str, Any] | None) -> str:
     )
 
 
+def _command_ms(summary: dict[str, Any]) -> tuple[float | None, float | None]:
+    """Spike -> command p50 / p99: as mosquitto delivered it (the watcher), else as the simulator handled
+    it."""
+    if summary.get("delivered_p99_ms") is not None:
+        return summary["delivered_p50_ms"], summary["delivered_p99_ms"]
+    return summary["command_p50_ms"], summary["command_p99_ms"]
+
+
 def misses(summary: dict[str, Any] | None) -> list[str]:
     """The targets a run missed."""
     if summary is None:
@@ -305,8 +316,9 @@ def misses(summary: dict[str, Any] | None) -> list[str]:
         found.append(f"stored {summary['stored']} of {summary['offered']}")
     if (summary["lag_p99_ms"] or 0) > TARGET_LAG_P99_MS:
         found.append(f"lag p99 {summary['lag_p99_ms']:.0f} ms > {TARGET_LAG_P99_MS:g}")
-    if (summary["command_p99_ms"] or 0) > TARGET_COMMAND_P99_MS:
-        found.append(f"spike -> command p99 {summary['command_p99_ms']:.0f} ms > {TARGET_COMMAND_P99_MS:g}")
+    command_p99 = _command_ms(summary)[1] or 0
+    if command_p99 > TARGET_COMMAND_P99_MS:
+        found.append(f"spike -> command p99 {command_p99:.0f} ms > {TARGET_COMMAND_P99_MS:g}")
     if summary["spikes_without_command"]:
         found.append(f"{summary['spikes_without_command']} spikes without a command")
     return found

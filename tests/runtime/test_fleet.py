@@ -11,6 +11,8 @@ import logging
 import math
 import resource
 import struct
+import subprocess
+import sys
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -23,7 +25,9 @@ from nerve.runtime.cli.simulate import run
 from nerve.runtime.config.settings import load_settings
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.fleet import FleetPlan, Second, Simulation, Summary, percentile
+from nerve.runtime.fleet import simulate as simulate_module
 from nerve.runtime.fleet.simulate import MAX_QUEUED
+from nerve.runtime.fleet.watch import ARGV as WATCH_ARGV
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.stack.brokers import free_port
 from nerve.runtime.stack.local import Stack
@@ -80,6 +84,8 @@ async def test_a_small_fleet_is_stored_once_and_every_spike_gets_its_command(set
     assert summary["duplicate_commands"] == 0
     assert summary["command_p50_ms"] is not None
     assert summary["command_p99_ms"] is not None
+    # The command watcher (its own process) saw every command mosquitto delivered.
+    assert 0 < summary["delivered_p50_ms"] <= summary["delivered_p99_ms"]
     # Where the time went: every part is a duration, and at the median they add up to about the whole
     # (each part's median is of its own samples, so only about).
     parts = ("spike_stored", "central", "downlink")
@@ -331,3 +337,55 @@ async def test_a_server_slow_to_say_how_far_the_stream_is_skips_a_line_not_the_r
     assert summary["stored"] == summary["offered"] > 0
     assert calls >= 4
     assert "no answer to how far NERVE_TELEMETRY is (TimeoutError)" in caplog.text
+
+
+def _watch(request: bytes) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, *WATCH_ARGV],
+        input=request,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "request_line", [b"", b"not json\n", b'{"mqtt": {}}\n', b'{"mqtt": {"url": "ftp://x"}}\n']
+)
+def test_the_command_watcher_refuses_a_bad_request_in_one_line(request_line: bytes) -> None:
+    done = _watch(request_line)
+    assert done.returncode == 1
+    assert done.stdout == b""
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("nerve simulate's command watcher: ")
+
+
+def test_the_command_watcher_says_in_one_line_that_no_broker_answers() -> None:
+    request = {
+        "mqtt": {"url": f"mqtt://127.0.0.1:{free_port()}"},
+        "client_id": "w",
+        "filter": "nerve/+/commands/+",
+    }
+    done = _watch(json.dumps(request).encode() + b"\n")
+    assert done.returncode == 1
+    lines = done.stderr.decode().strip().splitlines()
+    assert len(lines) == 1
+    assert "127.0.0.1" in lines[0]
+
+
+@pytest.mark.broker
+async def test_a_fleet_without_its_command_watcher_still_times_commands_as_the_devices_handle_them(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A watcher that cannot start is one warning, not a failed run: the summary has no delivered figures,
+    and the handled ones as before."""
+    monkeypatch.setattr(simulate_module, "WATCH_ARGV", ("-c", "raise SystemExit('no watcher here')"))
+    async with Stack(settings=_quiet(settings), device="pi-nowatch") as stack:
+        plan = FleetPlan(devices=5, rate=2, spikes=2, duration_s=2)
+        with caplog.at_level(logging.WARNING, logger="nerve.runtime.fleet.simulate"):
+            summary = await Simulation(settings=stack.settings, plan=plan).run()
+    assert summary.delivered_p50_ms is None
+    assert summary.commands == summary.spikes > 0
+    assert summary.command_p50_ms is not None
+    assert any("no command watcher" in record.getMessage() for record in caplog.records)

@@ -144,6 +144,11 @@ def format_summary(summary: Summary) -> str:
             f"{summary.incidents_resolved}, failed {summary.incidents_failed}"
         ),
     ]
+    if summary.delivered_p50_ms is not None:
+        lines.append(
+            f"  spike -> command delivered by mosquitto (the watcher's connection) p50 "
+            f"{_ms(summary.delivered_p50_ms)} ms, p99 {_ms(summary.delivered_p99_ms)} ms"
+        )
     if summary.central_p50_ms is not None:
         lines.append(
             f"  of which, p50/p99: spike stored {_ms(summary.spike_stored_p50_ms)}/"

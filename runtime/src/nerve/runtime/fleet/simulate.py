@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import random
 import resource
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 from array import array
@@ -42,6 +44,8 @@ from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult, Event, Fact, derived_id
 from nerve.runtime.errors import ConfigError, DecodeError, shown_url
+from nerve.runtime.fleet.watch import ARGV as WATCH_ARGV
+from nerve.runtime.fleet.watch import READY
 from nerve.runtime.jetstream.client import connect
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND
 from nerve.runtime.subjects import Address, Kind, kind_filter, subject_root
@@ -85,6 +89,8 @@ INTERRUPTED_DRAIN_S: Final = 3.0
 # Open files kept for NATS, the key files and the interpreter, beyond one per MQTT connection.
 SPARE_FILES: Final = 100
 _ID_HEADER: Final = "Nats-Msg-Id"
+# How long the command watcher (nerve.runtime.fleet.watch, its own process) may take to subscribe.
+WATCH_READY_S: Final = 15.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +191,11 @@ class Summary:
     # Where a spike's command spent its time (ms, p50 / p99), for the spikes whose stored time was seen:
     # publish -> the spike stored in JetStream; stored -> the command made by central (its `time`);
     # made -> at the device. Clocks of one machine: from several machines, their skew is in the figures.
+    # Spike -> the command delivered by mosquitto, as the command watcher (its own process and MQTT
+    # connection, subscribed to every device's commands) saw it; `command_*`: as the simulated device,
+    # one of thousands on the simulator's event loop, handled it. None: no watcher (docs/fleet.md).
+    delivered_p50_ms: float | None = None
+    delivered_p99_ms: float | None = None
     spike_stored_p50_ms: float | None = None
     spike_stored_p99_ms: float | None = None
     central_p50_ms: float | None = None
@@ -295,6 +306,7 @@ class Simulation:
         self._spike_sent: dict[str, float] = {}  # every spike reading id -> when it was sent
         self._spike_stored: dict[str, float] = {}  # spike reading id -> when JetStream stored it
         self._command_paths: list[tuple[str, float, float]] = []  # spike id, command made, command came
+        self._delivered: dict[str, float] = {}  # spike id -> when the watcher saw its command
         self._commands_seen: set[str] = set()
         self._registered: list[Path] = []
         # Counters and samples (wall-clock seconds).
@@ -691,10 +703,16 @@ class Simulation:
             await nc.subscribe(f"{root}.*.facts.{kind}", cb=self._on_fact)
             for kind in ("incident_resolved", "incident_failed")
         ]
+        watcher = await self._start_watcher()
         began = time.monotonic()
         interrupted = False
         try:
             async with asyncio.TaskGroup() as tasks:
+                reader = (
+                    None
+                    if watcher is None
+                    else tasks.create_task(self._read_watcher(watcher), name="nerve-simulate-watch")
+                )
                 generator = tasks.create_task(self._generate(), name="nerve-simulate-generate")
                 reporter = tasks.create_task(self._report(nc, began), name="nerve-simulate-report")
                 try:
@@ -713,15 +731,65 @@ class Simulation:
                 interrupted = not await self._drain(drain_s) or interrupted
                 self._finished.set()
                 await reporter
+                if watcher is not None and reader is not None:
+                    await _stop_process(watcher)  # what it printed is still read to its end
+                    await asyncio.wait([reader], timeout=WATCH_READY_S)
+                    reader.cancel()
         except asyncio.CancelledError:  # a second Ctrl-C while draining: the summary as it is
             interrupted = True
             _uncancel()
             seconds = time.monotonic() - began
+        if watcher is not None:
+            await _stop_process(watcher)
         with contextlib.suppress(Exception):
             await stored.unsubscribe()
             for sub in facts:
                 await sub.unsubscribe()
         return self._summary(seconds=seconds, connect_s=connect_s, interrupted=interrupted)
+
+    async def _start_watcher(self) -> asyncio.subprocess.Process | None:
+        """The command watcher (`nerve.runtime.fleet.watch`), subscribed; None (said in a line) if not."""
+        request = {
+            "mqtt": self._settings.mqtt.model_dump(mode="json"),
+            "client_id": f"nerve-sim-{self._run}-watch",
+            "filter": f"{self._prefix}/+/{Kind.COMMANDS}/+",
+        }
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *WATCH_ARGV,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert process.stdin is not None  # noqa: S101 - piped above
+        assert process.stdout is not None  # noqa: S101 - piped above
+        process.stdin.write(json.dumps(request).encode() + b"\n")
+        line = b""
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(WATCH_READY_S):
+                await process.stdin.drain()
+                line = await process.stdout.readline()
+        if line.strip() == READY.encode():
+            return process
+        await _stop_process(process)
+        reason = b""
+        if process.stderr is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    reason = await process.stderr.read()
+        log.warning(
+            "simulate: no command watcher (%s): commands are timed as the simulated devices handle them",
+            reason.decode(errors="replace").strip() or "it did not subscribe in time",
+        )
+        return None
+
+    async def _read_watcher(self, watcher: asyncio.subprocess.Process) -> None:
+        assert watcher.stdout is not None  # noqa: S101 - piped in _start_watcher
+        async for raw in watcher.stdout:
+            arrived, _, spike = raw.decode(errors="replace").strip().partition(" ")
+            with contextlib.suppress(ValueError):
+                self._delivered.setdefault(spike, float(arrived))
+            checkpoint()
 
     async def _drain(self, drain_s: float) -> bool:
         """Wait up to `drain_s` for what was sent to be stored and answered; False if cancelled."""
@@ -750,13 +818,16 @@ class Simulation:
                     unacknowledged += 1
         span = max(seconds, 1e-9)
         lags = self._lags
-        uplink, central, downlink = [], [], []
+        uplink, central, downlink, delivered = [], [], [], []
         for spike, made, came in self._command_paths:
+            reached = self._delivered.get(spike)
+            if reached is not None:
+                delivered.append(reached - self._spike_sent[spike])
             stored = self._spike_stored.get(spike)
             if stored is not None:
                 uplink.append(stored - self._spike_sent[spike])
                 central.append(made - stored)
-                downlink.append(came - made)
+                downlink.append((came if reached is None else reached) - made)
         return Summary(
             devices=self._plan.devices,
             connections=len(self._links),
@@ -785,6 +856,8 @@ class Simulation:
             connections_lost=self._connections_lost,
             skipped=self._skipped,
             interrupted=interrupted,
+            delivered_p50_ms=_ms(percentile(delivered, 0.5)),
+            delivered_p99_ms=_ms(percentile(delivered, 0.99)),
             spike_stored_p50_ms=_ms(percentile(uplink, 0.5)),
             spike_stored_p99_ms=_ms(percentile(uplink, 0.99)),
             central_p50_ms=_ms(percentile(central, 0.5)),
@@ -792,6 +865,20 @@ class Simulation:
             downlink_p50_ms=_ms(percentile(downlink, 0.5)),
             downlink_p99_ms=_ms(percentile(downlink, 0.99)),
         )
+
+
+async def _stop_process(process: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after a second."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            async with asyncio.timeout(1.0):
+                await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
 
 
 def raise_open_files_limit() -> int:
