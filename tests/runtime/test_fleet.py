@@ -31,6 +31,7 @@ from nerve.runtime.fleet.watch import ARGV as WATCH_ARGV
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.stack.brokers import free_port
 from nerve.runtime.stack.local import Stack
+from nerve.runtime.subjects import Kind
 from nerve.runtime.wire.mqtt import packet, varint
 
 if TYPE_CHECKING:
@@ -389,3 +390,26 @@ async def test_a_fleet_without_its_command_watcher_still_times_commands_as_the_d
     assert summary.commands == summary.spikes > 0
     assert summary.command_p50_ms is not None
     assert any("no command watcher" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.broker
+async def test_a_sampled_live_lag_and_a_short_drain_still_account_for_every_reading(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Live, only every k-th device's readings are read (here k = 5); at the end every reading is read
+    back from where the run began, even after a drain window too short to wait for it: each is stored
+    once, none lost, and the lag covers all of them."""
+    monkeypatch.setattr(simulate_module, "LIVE_SAMPLE_PER_S", 20)  # 20 devices x 5/s: every 5th device
+    seconds: list[Second] = []
+    async with Stack(settings=_quiet(settings), device="pi-sample") as stack:
+        plan = FleetPlan(devices=20, rate=5, spikes=1, duration_s=3, drain_s=0.05)
+        simulation = Simulation(settings=stack.settings, plan=plan, on_second=seconds.append)
+        summary = await simulation.run()
+        filters = simulation._sampled_filters()
+    assert len(filters) == 4
+    assert all(f".{Kind.TELEMETRY}.*" in subject for subject in filters)
+    assert summary.offered > 0
+    assert summary.stored == summary.offered
+    assert summary.lost == summary.unacknowledged == summary.duplicates == 0
+    assert summary.lag_p50_ms is not None
+    assert any(line.lag_p50_ms is not None for line in seconds)  # the sample's lags, live
