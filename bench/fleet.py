@@ -143,11 +143,19 @@ def write_config(root: Path, mqtt_url: str, nats_url: str) -> Path:
 
 
 async def simulate(
-    config: Path, log: Path, argv: list[str], usage: Usage | None = None
+    config: Path, log: Path, argv: list[str], usage: Usage | None = None, *, nice: int = 0
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """Run `nerve simulate --json`; its summary (None if it failed) and its seconds."""
+    """Run `nerve simulate --json` (at CPU priority `nice`); its summary (None if it failed) and seconds."""
     process = await spawn(
-        [str(BIN / "nerve"), "simulate", "--config", str(config), "--json", *argv],
+        [
+            *(["nice", "-n", str(nice)] if nice else []),
+            str(BIN / "nerve"),
+            "simulate",
+            "--config",
+            str(config),
+            "--json",
+            *argv,
+        ],
         log,
         stdout=asyncio.subprocess.PIPE,
     )
@@ -222,6 +230,7 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                         str(args.connections),
                     ],
                     usage,
+                    nice=args.nice,
                 )
                 if summary is None:
                     print(f"  {devices}: nerve simulate failed:\n{log.read_text()[-4000:]}")
@@ -342,6 +351,12 @@ async def main() -> int:
     parser.add_argument("--drain", type=float, default=30.0, help="seconds to wait for the backlog")
     parser.add_argument(
         "--connections", type=int, default=0, help="nerve simulate --connections (default 0: one per device)"
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the simulator at this CPU priority (nice), so it takes the box's spare time (default 0)",
     )
     parser.add_argument("--beyond", action="store_true", help="then find the breaking point past the largest")
     args = parser.parse_args()
