@@ -94,8 +94,18 @@ class Usage:
         self.stopped = True
 
     def cpu_percent(self, name: str) -> float:
+        """% of one core over the window, of `name` and its numbered siblings (`bridge`, `bridge 2`...)."""
         span = max(self.window[1] - self.window[0], 1e-9)
-        return 100 * (self.ended.get(name, 0.0) - self.began.get(name, 0.0)) / span
+        return sum(
+            100 * (self.ended.get(part, 0.0) - self.began.get(part, 0.0)) / span for part in self._named(name)
+        )
+
+    def rss(self, name: str) -> float:
+        """Peak RSS in MiB of `name`, with its numbered siblings added."""
+        return sum(self.peak_rss.get(part, 0.0) for part in self._named(name))
+
+    def _named(self, name: str) -> list[str]:
+        return [part for part in self.pids if part == name or part.startswith(f"{name} ")]
 
 
 def clean_env() -> dict[str, str]:
@@ -103,16 +113,30 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("NERVE_")}
 
 
-async def spawn(argv: list[str], log: Path, *, stdout: int | None = None) -> asyncio.subprocess.Process:
+async def spawn(
+    argv: list[str], log: Path, *, stdout: int | None = None, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
         return await asyncio.create_subprocess_exec(
             *argv,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=stdout if stdout is not None else out,
             stderr=out,
-            env=clean_env(),
+            env={**clean_env(), **(env or {})},
             limit=1 << 20,
         )
+
+
+def bridge_env(index: int, count: int, root: Path) -> dict[str, str]:
+    """The settings of bridge `index` of `count`: alone, the defaults; several share a `$share` group, each
+    with its own client ids and data dir (docs/devices.md, "Several bridges in a `$share` group")."""
+    if count == 1:
+        return {}
+    return {
+        "NERVE_BRIDGE__SHARED_GROUP": "bench",
+        "NERVE_BRIDGE__CLIENT_ID": f"nerve-bridge-{index}",
+        "NERVE_DATA_DIR": str(root / f"bridge-{index}"),
+    }
 
 
 async def stop(process: asyncio.subprocess.Process) -> None:
@@ -195,16 +219,27 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
         ):
             config = write_config(root, mosquitto.url, nats_server.url)
             nerve = str(BIN / "nerve")
+            bridges = [
+                await spawn(
+                    [nerve, "bridge", "--config", str(config), "--log-level", "warning"],
+                    log,
+                    env=bridge_env(index, args.bridges, root),
+                )
+                for index in range(1, args.bridges + 1)
+            ]
             parts = [
-                await spawn([nerve, "bridge", "--config", str(config), "--log-level", "warning"], log),
+                *bridges,
                 await spawn([nerve, "central", "--config", str(config), "--log-level", "warning"], log),
             ]
             usage = Usage(
                 pids={
                     "mosquitto": mosquitto.pid,
                     "nats-server": nats_server.pid,
-                    "bridge": parts[0].pid,
-                    "central": parts[1].pid,
+                    **{
+                        "bridge" if index == 1 else f"bridge {index}": process.pid
+                        for index, process in enumerate(bridges, start=1)
+                    },
+                    "central": parts[-1].pid,
                 }
             )
             try:
@@ -289,7 +324,7 @@ def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
     if summary["connections_lost"]:
         lost += f" ({summary['connections_lost']} connections lost)"
     cpu = " / ".join(f"{usage.cpu_percent(name):.0f}" for name in PARTS)
-    rss = " / ".join(f"{usage.peak_rss.get(name, 0.0):.0f}" for name in PARTS)
+    rss = " / ".join(f"{usage.rss(name):.0f}" for name in PARTS)
     return (
         f"| {devices:,} | {stored} | {lost} | {_pair(summary['lag_p50_ms'], summary['lag_p99_ms'])} "
         f"| {command} | {cpu} | {rss} |"
@@ -353,6 +388,12 @@ async def main() -> int:
         "--connections", type=int, default=0, help="nerve simulate --connections (default 0: one per device)"
     )
     parser.add_argument(
+        "--bridges",
+        type=int,
+        default=1,
+        help="bridge processes, several sharing the uplink in a $share group (default 1)",
+    )
+    parser.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -363,7 +404,8 @@ async def main() -> int:
     print(
         f"{args.seconds:g} s per case, {args.rate:g} reading/s per device, {args.spikes:g} spikes/s, "
         f"{args.connections or 'one'} MQTT connection(s) {'in all' if args.connections else 'per device'}, "
-        f"{os.cpu_count()} cores; processes: {', '.join(PARTS)}",
+        f"{os.cpu_count()} cores; processes: {', '.join(PARTS)}"
+        + (f" ({args.bridges} bridges in a $share group, CPU and RSS added)" if args.bridges > 1 else ""),
         flush=True,
     )
     rows = []
@@ -377,7 +419,7 @@ async def main() -> int:
         print(rows[-1], flush=True)
         (failing if misses(summary) else passed).append(devices)
     if args.beyond:
-        rows += await breaking_point(args, passed, failing)
+        rows += await breaking_point(args, passed, failing, paths)
     print()
     print(HEADER)
     print("\n".join(rows))
@@ -386,7 +428,9 @@ async def main() -> int:
     return 1 if failing else 0
 
 
-async def breaking_point(args: argparse.Namespace, passed: list[int], failing: list[int]) -> list[str]:
+async def breaking_point(
+    args: argparse.Namespace, passed: list[int], failing: list[int], paths: list[str]
+) -> list[str]:
     """The first fleet size that misses a target: past the largest case if every case passed, else
     between the largest that passed and the smallest that failed (halved down to `BISECT_STEP`)."""
     rows = []
@@ -396,6 +440,7 @@ async def breaking_point(args: argparse.Namespace, passed: list[int], failing: l
             devices += STEP
             summary, usage = await run_case(devices, args)
             rows.append(row(devices, summary, usage))
+            paths.append(where(devices, summary))
             print(rows[-1], flush=True)
             missed = misses(summary)
             if missed:
@@ -411,6 +456,7 @@ async def breaking_point(args: argparse.Namespace, passed: list[int], failing: l
             break
         summary, usage = await run_case(devices, args)
         rows.append(row(devices, summary, usage))
+        paths.append(where(devices, summary))
         print(rows[-1], flush=True)
         if misses(summary):
             high = devices
