@@ -355,6 +355,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _up(args: argparse.Namespace) -> int:
+    from nerve.runtime.pauses import freeze_survivors  # noqa: PLC0415
     from nerve.runtime.stack.local import Stack  # noqa: PLC0415 - needs every part installed
 
     settings = _settings(args)
@@ -383,6 +384,7 @@ async def _up(args: argparse.Namespace) -> int:
         )
         if "mosquitto" in info.started_brokers:
             print(LOOPBACK_BROKER_LINE.format(nerve=nerve), flush=True)
+        freeze_survivors()  # every part is up: shorter collector pauses from here on (nerve.runtime.pauses)
         await stack.wait()
     return 0
 
@@ -533,8 +535,14 @@ def _edge(args: argparse.Namespace) -> int:
 
 async def _bridge(args: argparse.Namespace) -> int:
     from nerve.bridge import Bridge  # noqa: PLC0415
+    from nerve.runtime.pauses import freeze_when  # noqa: PLC0415
 
-    await Bridge(settings=_settings(args)).run()
+    bridge = Bridge(settings=_settings(args))
+    freezer = freeze_when(bridge.ready)  # shorter collector pauses once started (nerve.runtime.pauses)
+    try:
+        await bridge.run()
+    finally:
+        freezer.cancel()
     return 0
 
 
@@ -542,6 +550,7 @@ async def _central(args: argparse.Namespace) -> int:
     from nerve.agents import builtin_agents, builtin_durable_agents  # noqa: PLC0415
     from nerve.runtime.central.runner import Central  # noqa: PLC0415
     from nerve.runtime.errors import ConfigError  # noqa: PLC0415
+    from nerve.runtime.pauses import freeze_when  # noqa: PLC0415
     from nerve.runtime.trust.signing import Signer  # noqa: PLC0415
 
     settings = _settings(args)
@@ -555,7 +564,11 @@ async def _central(args: argparse.Namespace) -> int:
         agents=builtin_agents(settings),
         durable=builtin_durable_agents(settings),
     )
-    await central.run()
+    freezer = freeze_when(central.ready)  # shorter collector pauses once started (nerve.runtime.pauses)
+    try:
+        await central.run()
+    finally:
+        freezer.cancel()
     return 0
 
 
