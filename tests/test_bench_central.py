@@ -47,11 +47,19 @@ def test_quick_run_prints_every_figure_for_both_columns() -> None:
     )
     assert incidents, out
     assert float(incidents[2].replace(",", "")) > 0, out  # the baseline resolves every incident
-    latency = re.search(rf"spike -> command p50 / p90 / p99 ms\s+{NUMBER} / {NUMBER} / ({NUMBER})\s+", out)
-    assert latency, out
+    for reaction in (r"spike -> command, \d+ ms apart, p50/90/99 ms", r"back to back, p50 / p90 / p99 ms"):
+        # Both columns measured the reaction, spaced and back to back.
+        found = re.search(
+            rf"{reaction}\s+{NUMBER} / {NUMBER} / ({NUMBER})\s+{NUMBER} / {NUMBER} / ({NUMBER})$",
+            out,
+            re.MULTILINE,
+        )
+        assert found, f"{reaction!r} missing:\n{out}"
+        assert float(found[1]) > 0, out
+        assert float(found[2]) > 0, out
     verdicts = re.findall(r"^goal \(engine\) .*: (PASS|FAIL) \(", out, flags=re.MULTILINE)
-    assert len(verdicts) == 3, out
-    assert (done.returncode == 0) == (verdicts == ["PASS"] * 3)
+    assert len(verdicts) == 4, out
+    assert (done.returncode == 0) == (verdicts == ["PASS"] * 4)
 
 
 def test_a_count_below_one_is_refused_in_one_line() -> None:
