@@ -197,14 +197,15 @@ class Summary:
     connections_lost: int = 0
     skipped: int = 0
     interrupted: bool = False
-    # Where a spike's command spent its time (ms, p50 / p99), for the spikes whose stored time was seen:
-    # publish -> the spike stored in JetStream; stored -> the command made by central (its `time`);
-    # made -> at the device. Clocks of one machine: from several machines, their skew is in the figures.
     # Spike -> the command delivered by mosquitto, as the command watcher (its own process and MQTT
     # connection, subscribed to every device's commands) saw it; `command_*`: as the simulated device,
     # one of thousands on the simulator's event loop, handled it. None: no watcher (docs/fleet.md).
     delivered_p50_ms: float | None = None
     delivered_p99_ms: float | None = None
+    # Where a spike's command spent its time (ms, p50 / p99), for the spikes whose stored time was seen:
+    # publish -> the spike stored in JetStream; stored -> the command made by central (its `time`);
+    # made -> delivered (the watcher; else handled by the simulated device). Clocks of one machine: from
+    # several machines, their skew is in the figures.
     spike_stored_p50_ms: float | None = None
     spike_stored_p99_ms: float | None = None
     central_p50_ms: float | None = None
