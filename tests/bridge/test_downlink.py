@@ -198,6 +198,13 @@ async def test_200_commands_to_200_devices_are_pipelined_and_each_delivered_once
                 return bridge.stats.commands_sent == len(commands)
 
             await until(all_sent)
+
+            async def all_acknowledged() -> bool:
+                # Sent counts at mosquitto's PUBACK; JetStream's ack follows it on another connection.
+                info = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
+                return bool(info.num_ack_pending == 0)
+
+            await until(all_acknowledged)
             consumer = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
     per_device = collections.Counter(c.subject for c in received)
     assert per_device == {f"dev-{i:03d}": 1 for i in range(200)}
