@@ -554,17 +554,22 @@ class Simulation:
             disk = len(METRICS) - 1
             self._reading(device, disk, self._normal_value(disk))
 
+    def _reading_of(self, msg: Msg) -> tuple[str, _Device, int] | None:
+        """The reading of this run a stored message is (its id, device and seq), from its `Nats-Msg-Id`."""
+        reading_id = (msg.headers or {}).get(_ID_HEADER, "")
+        parts = reading_id.split(".")
+        if len(parts) != 3 or parts[1] != self._run:  # noqa: PLR2004 - device.run.seq
+            return None
+        device = self._by_name.get(parts[0])
+        if device is None or not parts[2].isdigit() or int(parts[2]) >= len(device.sent):
+            return None
+        return reading_id, device, int(parts[2])
+
     async def _on_sampled(self, msg: Msg) -> None:
         """Live: a sampled device's reading stored; its lag goes to this second's line."""
-        headers = msg.headers or {}
-        parts = headers.get(_ID_HEADER, "").split(".")
-        if len(parts) != 3 or parts[1] != self._run:  # noqa: PLR2004 - device.run.seq
-            return
-        device = self._by_name.get(parts[0])
-        if device is None or not parts[2].isdigit():
-            return
-        seq = int(parts[2])
-        if seq < len(device.sent):
+        found = self._reading_of(msg)
+        if found is not None:
+            _, device, seq = found
             self._window_lags.append(msg.metadata.timestamp.timestamp() - device.sent[seq])
 
     async def _on_stored(self, msg: Msg) -> None:
@@ -572,17 +577,10 @@ class Simulation:
         metadata = msg.metadata
         self._read_back_seq = metadata.sequence.stream
         self._read_back_at = time.monotonic()
-        headers = msg.headers or {}
-        reading_id = headers.get(_ID_HEADER, "")
-        parts = reading_id.split(".")
-        if len(parts) != 3 or parts[1] != self._run:  # noqa: PLR2004 - device.run.seq
+        found = self._reading_of(msg)
+        if found is None:
             return
-        device = self._by_name.get(parts[0])
-        if device is None or not parts[2].isdigit():
-            return
-        seq = int(parts[2])
-        if seq >= len(device.state):
-            return
+        reading_id, device, seq = found
         if device.state[seq] & 2:
             self._duplicates += 1
             return
