@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.bridge import Bridge
 from nerve.bridge.downlink import SOURCE as BRIDGE
 from nerve.runtime.engine import Engine, Step, StepFailed, Trigger, durable_agent, wait_for_run
+from nerve.runtime.engine import engine as engine_module
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult, derived_id, utcnow
 from nerve.runtime.jetstream.client import publish_envelope
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
     from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
+    from nats.js.kv import KeyValue
     from tests.conftest import Running
 
     from nerve.runtime.config.settings import Settings
@@ -211,6 +214,52 @@ async def test_a_crash_after_the_send_before_its_journal_entry_still_finds_the_r
         done = await wait_for_run(engine.kv, run_id, timeout=20)
     assert done.result == "ok 9"
     assert len(await commands(js)) == 1  # the same id twice: kept once
+
+
+async def test_a_trigger_whose_journal_failed_after_its_command_left_finds_the_answer_when_it_comes_again(
+    nc: NatsClient,
+    js: JetStreamContext,
+    tmp_path: Path,
+    central: tuple[Signer, Verifier],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first delivery starts the run while its journal is on its way: here NATS fails that journal
+    after the command left, and the device answers before the trigger comes again (2 s later).
+
+    The second delivery journals first and reads results from where NERVE_RESULTS was when the trigger
+    was stored: it finds the answer, sends nothing twice, and the run ends ok. (Reading from where the
+    stream was at the second delivery, it waited in vain and timed out.)
+    """
+    signer, _ = central
+    dev7 = provision_device(tmp_path / "devices", "dev7")
+    provision_device(tmp_path / "devices", "dev8")
+    keys = DeviceKeys(tmp_path / "devices")
+    failed = asyncio.Event()
+    real_create = engine_module.create_record
+
+    async def create(kv: KeyValue, run_id: str, data: bytes) -> int | None:
+        if not failed.is_set():
+            await wait_for_count(js, "NERVE_COMMANDS", 1)  # the run's command left first
+            failed.set()
+            raise NatsTimeoutError
+        return await real_create(kv, run_id, data)
+
+    monkeypatch.setattr(engine_module, "create_record", create)
+    async with Engine(
+        nc=nc, agents=[fixer], prefix=PREFIX, settings=FAST, signer=signer, device_keys=keys
+    ) as engine:
+        event = await publish_event(js, "broken", {"device": "dev7", "ttl": 3}, event_id="e-broken-7")
+        async with asyncio.timeout(10):
+            await failed.wait()
+        (command,) = await commands(js)
+        await answer(js, command, dev7, files=4)
+        # A busy central reads NERVE_RESULTS' position again in the meantime (here for another run),
+        # so at the second delivery the position it knows is past the answer.
+        await asyncio.sleep(1.2)
+        await publish_event(js, "broken", {"device": "dev8", "ttl": 0.5}, event_id="e-broken-8")
+        done = await wait_for_run(engine.kv, fixer.run_id(event.id), timeout=30)
+    assert done.result == "ok 4"
+    assert [sent.id for sent in await commands(js) if sent.subject == "dev7"] == [command.id]
 
 
 @durable_agent("halves", trigger=Trigger(Kind.EVENTS, "halved"), key=lambda event: str(event.data["device"]))

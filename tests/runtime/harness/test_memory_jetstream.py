@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import nats
@@ -16,6 +17,7 @@ from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 from nerve.runtime.engine.timers import at_expression
 from nerve.runtime.harness import FakeClock, MemoryJetStream
 from nerve.runtime.harness.memory import subject_matches
+from nerve.runtime.jetstream.client import sequence_before
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -163,6 +165,23 @@ async def test_an_ordered_consumer_reads_from_a_sequence(side: Side) -> None:
     seen = [(await asyncio.wait_for(got.get(), 5)).data for _ in range(3)]
     assert seen == [b"2", b"3", b"4"]
     await sub.unsubscribe()
+
+
+async def test_the_sequence_a_stream_had_reached_before_a_time(side: Side) -> None:
+    """`sequence_before`: what a redelivered trigger's run reads results and events from."""
+    await side.js.add_stream(StreamConfig(name="B", subjects=["b.>"], allow_direct=True))
+    start = datetime.fromtimestamp(side.now(), UTC)
+    assert await sequence_before(side.js, "B", start) == 0  # empty
+    cuts = []
+    for body in (b"1", b"2", b"3"):
+        await side.advance(0.02)
+        cuts.append(datetime.fromtimestamp(side.now(), UTC))
+        await side.advance(0.02)
+        await side.js.publish("b.x", body)
+    assert [await sequence_before(side.js, "B", cut) for cut in cuts] == [0, 1, 2]
+    await side.advance(0.02)
+    assert await sequence_before(side.js, "B", datetime.fromtimestamp(side.now(), UTC)) == 3
+    assert await sequence_before(side.js, "B", start - timedelta(days=1)) == 0
 
 
 tokens = st.lists(st.text("abc", min_size=1, max_size=2), min_size=1, max_size=5)

@@ -68,7 +68,13 @@ from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, has_fired, sche
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.jetstream.client import dead_letter_delivery, last_sequence, num_delivered, shared_durable
+from nerve.runtime.jetstream.client import (
+    dead_letter_delivery,
+    last_sequence,
+    num_delivered,
+    sequence_before,
+    shared_durable,
+)
 from nerve.runtime.jetstream.streams import (
     LIMITS_BUCKET,
     LINEAGE_BUCKET,
@@ -473,7 +479,7 @@ class Engine:
             raise EngineError("the engine has not started")
         return self._ctx
 
-    async def _on_trigger(self, agent: DurableAgent, msg: Msg) -> None:  # noqa: C901, PLR0911 - each exit a case
+    async def _on_trigger(self, agent: DurableAgent, msg: Msg) -> None:  # noqa: PLR0911 - each exit a case
         try:
             event = decode(msg.data, MODEL_OF_KIND[agent.trigger.kind])
         except DecodeError as exc:
@@ -507,9 +513,16 @@ class Engine:
                 return
             await msg.ack()
             return
+        await self._begin_new(agent, event, key, msg)
+
+    async def _begin_new(self, agent: DurableAgent, event: Envelope, key: str, msg: Msg) -> None:
+        """Journal and start the new run of trigger `msg` (the flow let it start), then acknowledge it."""
         await self._slot_for(msg)
+        # A delivery after the first: an earlier one may have started the run and sent its first command
+        # before its journal failed to be stored (see below).
+        redelivered = num_delivered(msg) > 1
         try:
-            record = await self._new_record(agent, event, key, msg)
+            record = await self._new_record(agent, event, key, msg, redelivered=redelivered)
             data = encode_record(record, self.settings.max_record_bytes)
         except RecordTooLarge as exc:
             self._slots.release()
@@ -518,6 +531,10 @@ class Engine:
         except BaseException:
             self._slots.release()
             raise
+        if redelivered:
+            await self._start_journalled(agent, record, data, event, key)
+            await msg.ack()
+            return
         # The run starts while its journal is on its way (a round trip less before its first command):
         # until it is stored only what is kept once by its id leaves (`RunHandle.confirm`). A run that
         # existed already (the same trigger) stops at its first write; the trigger is acknowledged then.
@@ -533,6 +550,25 @@ class Engine:
                 del self._live[record.run_id]
             raise
         await msg.ack()
+
+    async def _start_journalled(
+        self, agent: DurableAgent, record: RunRecord, data: bytes, event: Envelope, key: str
+    ) -> None:
+        """Store a new run's journal, then start it (nothing leaves before): a redelivered trigger's way.
+
+        Its first delivery may have sent the run's first effects (kept once by their ids) before its
+        journal failed; this one sends nothing more until the journal is stored, and reads from where the
+        streams were when the trigger was stored (`_new_record`), so it finds the answers to those effects.
+        """
+        try:
+            revision = await self._store_new(agent, event, key, record.run_id, data)
+        except BaseException:
+            self._slots.release()
+            raise
+        if revision is None:  # stored by an earlier delivery after all: that run goes on
+            self._slots.release()
+            return
+        self._start(agent, self._handle(record, revision))
 
     async def _slot_for(self, msg: Msg) -> None:
         """Take an execution slot for the run of trigger `msg`, saying it is in progress while none is free.
@@ -583,15 +619,37 @@ class Engine:
         return None if revision is None else self._handle(record, revision)
 
     async def _new_record(
-        self, agent: DurableAgent, event: Envelope, key: str, msg: Msg, *, gate: str = "", due: float = 0.0
+        self,
+        agent: DurableAgent,
+        event: Envelope,
+        key: str,
+        msg: Msg,
+        *,
+        gate: str = "",
+        due: float = 0.0,
+        redelivered: bool = False,
     ) -> RunRecord:
-        """A new run's journal, not stored yet (see `_create`)."""
+        """A new run's journal, not stored yet (see `_create`).
+
+        `redelivered`: the positions it reads other streams and command results from are where those
+        streams were when the trigger was stored, not now: what an earlier delivery's run may have caused
+        (a device's result to its command) is read too.
+        """
         now = self._clock.time()
         meta = msg.metadata
+        js = self._context.js
         # A first wait on the trigger's own stream reads everything after the trigger; on another
         # stream, everything after where that stream was now (asked of every stream at once).
         others = [STREAM_OF_KIND[kind] for kind in agent.waits_on if STREAM_OF_KIND[kind] != meta.stream]
-        lasts = await asyncio.gather(*(last_sequence(self._context.js, stream) for stream in others))
+        stored = meta.timestamp if redelivered else None
+        if stored is not None:
+            lasts = await asyncio.gather(
+                *(sequence_before(js, stream, stored) for stream in [*others, self._context.results.stream])
+            )
+            results_from: int | None = lasts.pop()
+        else:
+            lasts = await asyncio.gather(*(last_sequence(js, stream) for stream in others))
+            results_from = self._context.results.known()
         positions = dict(zip(others, lasts, strict=True))
         if any(STREAM_OF_KIND[kind] == meta.stream for kind in agent.waits_on):
             positions[meta.stream] = meta.sequence.stream
@@ -606,7 +664,7 @@ class Engine:
             token=1,
             lease_until=now + self.settings.lease_s,
             positions=positions,
-            results_from=self._context.results.known(),
+            results_from=results_from,
             created=now,
             updated=now,
         )

@@ -554,15 +554,23 @@ class MemoryJetStreamContext:
         subject: str | None = None,
         *,
         next: bool = False,  # noqa: A002 - nats-py's name
+        start_time: datetime | None = None,
         **_options: object,
     ) -> RawStreamMsg:
         """The message at `seq` (or the last on `subject`); `NotFoundError` if there is none.
 
-        With `next`: the first message at or after `seq` on `subject` (a filter).
+        With `next`: the first message at or after `seq` on `subject` (a filter). With `start_time` (what
+        nats-server's message get takes, and nats-py does not): the first message stored at or after it.
         """
         self._nc.check()
         stream = self._server.stream(stream_name)
-        if next and subject is not None:
+        if start_time is not None:
+            since, seq = start_time.timestamp(), None
+            for stored_seq, candidate in stream.messages.items():  # kept in sequence order
+                if candidate.time >= since:
+                    seq = stored_seq
+                    break
+        elif next and subject is not None:
             start, seq = seq or 0, None
             for stored_seq, candidate in stream.messages.items():  # kept in sequence order
                 if stored_seq >= start and subject_matches(subject, candidate.subject):

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 import msgspec
 from nats.aio.client import Client as NatsClient
@@ -43,6 +43,7 @@ from nerve.runtime.trust.chain import (
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Mapping
+    from datetime import datetime
 
     from nats.aio.msg import Msg
     from nats.js.api import PubAck
@@ -605,6 +606,23 @@ async def last_sequence(js: JetStreamContext, stream: str) -> int:
     if reply.error is not None:
         _raise_api_error(reply.error)
     return reply.state.last_seq if reply.state is not None else 0
+
+
+async def sequence_before(js: JetStreamContext, stream: str, when: datetime) -> int:
+    """The last sequence `stream` had stored before time `when` (0: none): all after it were stored later.
+
+    Reads the stream's last sequence first, then the first message stored at or after `when`: whatever is
+    stored in between is after `when` either way. Raises nats-py's errors.
+    """
+    last = await last_sequence(js, stream)
+    if not _is_nats_py(js):  # the in-memory JetStream of `nerve.testing`, which takes a start time
+        try:
+            raw = await cast("Any", js).get_msg(stream, start_time=when)
+        except NotFoundError:
+            return last
+        return min(last, int(raw.seq) - 1)
+    found = await _get(js, stream, {"start_time": when.isoformat()})
+    return last if found is None else min(last, found[0] - 1)
 
 
 async def next_stored(
