@@ -15,6 +15,7 @@ from nerve.bridge import Bridge
 from nerve.bridge.downlink import SOURCE as BRIDGE
 from nerve.runtime.engine import Engine, Step, StepFailed, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine import engine as engine_module
+from nerve.runtime.engine.journal import create_record
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Command, CommandResult, derived_id, utcnow
 from nerve.runtime.jetstream.client import publish_envelope
@@ -235,7 +236,7 @@ async def test_a_trigger_whose_journal_failed_after_its_command_left_finds_the_a
     provision_device(tmp_path / "devices", "dev8")
     keys = DeviceKeys(tmp_path / "devices")
     failed = asyncio.Event()
-    real_create = engine_module.create_record
+    real_create = create_record
 
     async def create(kv: KeyValue, run_id: str, data: bytes) -> int | None:
         if not failed.is_set():
