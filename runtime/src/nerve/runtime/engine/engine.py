@@ -540,7 +540,7 @@ class Engine:
         # existed already (the same trigger) stops at its first write; the trigger is acknowledged then.
         creating = asyncio.ensure_future(self._store_new(agent, event, key, record.run_id, data))
         creating.add_done_callback(mark_retrieved)
-        step = self._start(agent, self._handle(record, 0, creating=creating))
+        step = self._start(agent, self._handle(record, 0, creating=creating), event)
         try:
             await creating
         except BaseException:
@@ -568,7 +568,7 @@ class Engine:
         if revision is None:  # stored by an earlier delivery after all: that run goes on
             self._slots.release()
             return
-        self._start(agent, self._handle(record, revision))
+        self._start(agent, self._handle(record, revision), event)
 
     async def _slot_for(self, msg: Msg) -> None:
         """Take an execution slot for the run of trigger `msg`, saying it is in progress while none is free.
@@ -835,12 +835,16 @@ class Engine:
 
     # --- executing a run -----------------------------------------------------------------------------
 
-    def _start(self, agent: DurableAgent, handle: RunHandle) -> Step | None:
-        """Execute a claimed run in the background (it holds one of the slots, given back at its end)."""
+    def _start(self, agent: DurableAgent, handle: RunHandle, trigger: Envelope | None = None) -> Step | None:
+        """Execute a claimed run in the background (it holds one of the slots, given back at its end).
+
+        `trigger`: the run's trigger, when the caller has it decoded (else read from the journal).
+        """
         if self._tasks is None:
             self._slots.release()
             return None
-        trigger = decode(bytes(handle.record.trigger), MODEL_OF_KIND[agent.trigger.kind])
+        if trigger is None:
+            trigger = decode(bytes(handle.record.trigger), MODEL_OF_KIND[agent.trigger.kind])
         slot = Slot(self._slots, self._waiting)
         step = Step(ctx=self._context, handle=handle, agent=agent, trigger=trigger, slot=slot)
         self._live[handle.run_id] = step
@@ -856,9 +860,12 @@ class Engine:
         try:
             async with asyncio.TaskGroup() as tasks:
                 renewal = tasks.create_task(self._renew(handle), name=f"engine-renew-{handle.run_id}")
-                body = tasks.create_task(self._drive(agent, step, handle, trigger))
-                body.add_done_callback(lambda _done: renewal.cancel())
-            rewake = body.result()
+                # In this task, not one of its own (a loop turn less before the run's first effect): a
+                # renewal that fails cancels it all the same, and its error comes out of the group.
+                try:
+                    rewake = await self._drive(agent, step, handle, trigger)
+                finally:
+                    renewal.cancel()
         except asyncio.CancelledError:
             # The engine is stopping: give the lease back so another engine resumes the run at once.
             if not handle.lost and not handle.record.terminal:
