@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import json
 import signal
@@ -13,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from nerve.runtime.pauses import freeze_survivors, freeze_when
+from nerve.runtime.pauses import freeze_survivors, frozen_once_ready
 from nerve.runtime.trust.signing import generate_keypair
 
 if TYPE_CHECKING:
@@ -52,20 +51,22 @@ def test_what_is_alive_is_frozen_and_garbage_is_collected_first() -> None:
 @pytest.mark.usefixtures("unfrozen")
 async def test_it_freezes_once_the_part_is_ready_and_not_before() -> None:
     ready = asyncio.Event()
-    task = freeze_when(ready)
-    await asyncio.sleep(0.05)
-    assert gc.get_freeze_count() == 0
-    ready.set()
-    await asyncio.wait_for(task, timeout=5)
-    assert gc.get_freeze_count() > 0
+    async with frozen_once_ready(ready):
+        await asyncio.sleep(0.05)
+        assert gc.get_freeze_count() == 0
+        ready.set()
+        async with asyncio.timeout(5):
+            while not gc.get_freeze_count():
+                await asyncio.sleep(0.01)
 
 
 @pytest.mark.usefixtures("unfrozen")
 async def test_a_part_stopped_before_it_was_ready_freezes_nothing() -> None:
-    task = freeze_when(asyncio.Event())
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    ready = asyncio.Event()
+    async with frozen_once_ready(ready):
+        await asyncio.sleep(0.05)
+    ready.set()  # too late: the part stopped
+    await asyncio.sleep(0.05)
     assert gc.get_freeze_count() == 0
 
 

@@ -16,10 +16,15 @@ everything else), which is why it runs once, when a part has started, over what 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+from typing import TYPE_CHECKING
 
-__all__ = ["freeze_survivors", "freeze_when"]
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+__all__ = ["freeze_survivors", "frozen_once_ready"]
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +38,22 @@ def freeze_survivors() -> int:
     return frozen
 
 
-def freeze_when(ready: asyncio.Event) -> asyncio.Task[None]:
-    """A task that calls `freeze_survivors` once `ready` is set; cancel it when the part stops."""
+@contextlib.asynccontextmanager
+async def frozen_once_ready(ready: asyncio.Event) -> AsyncIterator[None]:
+    """Within it, `freeze_survivors` runs once `ready` is set; leaving it first freezes nothing.
+
+    A part stopped before it was ready never freezes:
+
+        async with frozen_once_ready(bridge.ready):
+            await bridge.run()
+    """
 
     async def wait_then_freeze() -> None:
         await ready.wait()
         freeze_survivors()
 
-    return asyncio.create_task(wait_then_freeze(), name="freeze-survivors")
+    task = asyncio.create_task(wait_then_freeze(), name="freeze-survivors")
+    try:
+        yield
+    finally:
+        task.cancel()

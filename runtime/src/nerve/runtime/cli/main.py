@@ -535,14 +535,11 @@ def _edge(args: argparse.Namespace) -> int:
 
 async def _bridge(args: argparse.Namespace) -> int:
     from nerve.bridge import Bridge  # noqa: PLC0415
-    from nerve.runtime.pauses import freeze_when  # noqa: PLC0415
+    from nerve.runtime.pauses import frozen_once_ready  # noqa: PLC0415
 
     bridge = Bridge(settings=_settings(args))
-    freezer = freeze_when(bridge.ready)  # shorter collector pauses once started (nerve.runtime.pauses)
-    try:
+    async with frozen_once_ready(bridge.ready):  # shorter collector pauses once started
         await bridge.run()
-    finally:
-        freezer.cancel()
     return 0
 
 
@@ -550,7 +547,7 @@ async def _central(args: argparse.Namespace) -> int:
     from nerve.agents import builtin_agents, builtin_durable_agents  # noqa: PLC0415
     from nerve.runtime.central.runner import Central  # noqa: PLC0415
     from nerve.runtime.errors import ConfigError  # noqa: PLC0415
-    from nerve.runtime.pauses import freeze_when  # noqa: PLC0415
+    from nerve.runtime.pauses import frozen_once_ready  # noqa: PLC0415
     from nerve.runtime.trust.signing import Signer  # noqa: PLC0415
 
     settings = _settings(args)
@@ -564,11 +561,8 @@ async def _central(args: argparse.Namespace) -> int:
         agents=builtin_agents(settings),
         durable=builtin_durable_agents(settings),
     )
-    freezer = freeze_when(central.ready)  # shorter collector pauses once started (nerve.runtime.pauses)
-    try:
+    async with frozen_once_ready(central.ready):  # shorter collector pauses once started
         await central.run()
-    finally:
-        freezer.cancel()
     return 0
 
 
