@@ -19,11 +19,12 @@ import nats
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.js import JetStreamContext
 
 from nerve.runtime.cli.main import _parser, main
 from nerve.runtime.cli.simulate import run
 from nerve.runtime.config.settings import load_settings
-from nerve.runtime.errors import ConfigError
+from nerve.runtime.errors import BrokerUnavailable, ConfigError
 from nerve.runtime.fleet import FleetPlan, Second, Simulation, Summary, percentile
 from nerve.runtime.fleet import simulate as simulate_module
 from nerve.runtime.fleet.simulate import MAX_QUEUED
@@ -413,3 +414,52 @@ async def test_a_sampled_live_lag_and_a_short_drain_still_account_for_every_read
     assert summary.lost == summary.unacknowledged == summary.duplicates == 0
     assert summary.lag_p50_ms is not None
     assert any(line.lag_p50_ms is not None for line in seconds)  # the sample's lags, live
+
+
+def _slow_read_back(monkeypatch: pytest.MonkeyPatch, fails: int) -> list[int]:
+    """nats-server too busy to make the simulator's read-back consumer: its first `fails` requests time out.
+
+    Only the simulator's headers-only consumers are touched, and its first (the live sample) never.
+    """
+    real = JetStreamContext.subscribe
+    calls: list[int] = []
+
+    async def subscribe(self: JetStreamContext, subject: str, *args: Any, **kwargs: Any) -> Any:
+        config = kwargs.get("config")
+        if config is not None and config.headers_only:
+            calls.append(1)
+            if 1 < len(calls) <= 1 + fails:
+                raise nats.errors.TimeoutError
+        return await real(self, subject, *args, **kwargs)
+
+    monkeypatch.setattr(JetStreamContext, "subscribe", subscribe)
+    return calls
+
+
+@pytest.mark.broker
+async def test_a_nats_too_busy_to_make_the_read_back_consumer_is_asked_again(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under an overload nats-server's API requests time out: the read-back waits, it does not crash."""
+    calls = _slow_read_back(monkeypatch, fails=2)
+    async with Stack(settings=_quiet(settings), device="pi-busy") as stack:
+        plan = FleetPlan(devices=5, rate=5, duration_s=2)
+        with caplog.at_level(logging.WARNING, logger="nerve.runtime.fleet.simulate"):
+            summary = await Simulation(settings=stack.settings, plan=plan).run()
+    assert len(calls) == 4  # the sample, two timeouts, the read-back
+    assert summary.stored == summary.offered > 0
+    assert summary.lost == 0
+    assert sum("too busy to make a consumer" in record.getMessage() for record in caplog.records) == 2
+
+
+@pytest.mark.broker
+async def test_a_nats_that_never_makes_the_read_back_consumer_is_one_error_not_a_traceback(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(simulate_module, "CONSUMER_PATIENCE_S", 1.5)
+    _slow_read_back(monkeypatch, fails=1_000)
+    async with Stack(settings=_quiet(settings), device="pi-stuck") as stack:
+        plan = FleetPlan(devices=5, rate=5, duration_s=1)
+        with pytest.raises(BrokerUnavailable) as raised:  # an ExceptionGroup would not be caught here
+            await Simulation(settings=stack.settings, plan=plan).run()
+    assert "no consumer of NERVE_TELEMETRY made in 1.5s" in str(raised.value)

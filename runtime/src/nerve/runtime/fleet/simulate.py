@@ -46,7 +46,7 @@ from nats.js.errors import NotFoundError
 from nerve.runtime.cancellation import checkpoint
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Command, CommandResult, Event, Fact, derived_id
-from nerve.runtime.errors import ConfigError, DecodeError, shown_url
+from nerve.runtime.errors import BrokerUnavailable, ConfigError, DecodeError, shown_url
 from nerve.runtime.fleet.watch import ARGV as WATCH_ARGV
 from nerve.runtime.fleet.watch import READY
 from nerve.runtime.jetstream.client import connect
@@ -58,7 +58,7 @@ from nerve.runtime.trust.signing import PUBLIC_SUFFIX
 from nerve.runtime.wire.mqtt import MqttWireError, open_mqtt
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Sequence
+    from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
     from nats.aio.client import Client as NatsClient
     from nats.aio.msg import Msg
@@ -98,6 +98,9 @@ LIVE_SAMPLE_PER_S: Final = 500
 #: After the drain window, reading back what was stored goes on while it progresses: it stops when no
 #: stored reading came for this long.
 READ_BACK_STALL_S: Final = 10.0
+#: How long NATS may take to make a consumer of stored readings (busy storing an overload's backlog, its
+#: API requests time out): asked again each second until then, a warning each time.
+CONSUMER_PATIENCE_S: Final = 120.0
 # How long the command watcher (nerve.runtime.fleet.watch, its own process) may take to subscribe.
 WATCH_READY_S: Final = 15.0
 
@@ -724,7 +727,7 @@ class Simulation:
         began = time.monotonic()
         interrupted = False
         try:
-            async with asyncio.TaskGroup() as tasks:
+            async with _unwrapped(BrokerUnavailable), asyncio.TaskGroup() as tasks:
                 reader = (
                     None
                     if watcher is None
@@ -756,10 +759,11 @@ class Simulation:
             interrupted = True
             _uncancel()
             seconds = time.monotonic() - began
-        await _end_watcher(watcher, None)
-        with contextlib.suppress(Exception):
-            for sub in [sampled, *facts, *([read_back] if read_back is not None else [])]:
-                await sub.unsubscribe()
+        finally:  # also when NATS failed the run: no watcher process or consumer left behind
+            await _end_watcher(watcher, None)
+            with contextlib.suppress(Exception):
+                for sub in [sampled, *facts, *([read_back] if read_back is not None else [])]:
+                    await sub.unsubscribe()
         return self._summary(seconds=seconds, connect_s=connect_s, interrupted=interrupted)
 
     async def _start_watcher(self) -> asyncio.subprocess.Process | None:
@@ -817,20 +821,37 @@ class Simulation:
     async def _read_stored(
         self, js: JetStreamContext, start_seq: int, filters: list[str], cb: Callable[[Msg], Awaitable[None]]
     ) -> JetStreamContext.PushSubscription:
-        """An ordered, headers-only consumer of NERVE_TELEMETRY from `start_seq` on `filters`."""
+        """An ordered, headers-only consumer of NERVE_TELEMETRY from `start_seq` on `filters`.
+
+        NATS too busy to answer (an overload): asked again for up to `CONSUMER_PATIENCE_S`, then
+        `BrokerUnavailable`.
+        """
         one = len(filters) == 1
-        return await js.subscribe(
-            filters[0],
-            stream=STREAM_OF_KIND[Kind.TELEMETRY],
-            cb=cb,
-            ordered_consumer=True,
-            config=ConsumerConfig(
-                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=start_seq,
-                headers_only=True,
-                filter_subjects=None if one else filters,
-            ),
-        )
+        stream = STREAM_OF_KIND[Kind.TELEMETRY]
+        patience = time.monotonic() + CONSUMER_PATIENCE_S
+        while True:
+            try:
+                return await js.subscribe(
+                    filters[0],
+                    stream=stream,
+                    cb=cb,
+                    ordered_consumer=True,
+                    config=ConsumerConfig(
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                        opt_start_seq=start_seq,
+                        headers_only=True,
+                        filter_subjects=None if one else filters,
+                    ),
+                )
+            except TimeoutError:  # nats-py's too
+                if time.monotonic() > patience:
+                    raise BrokerUnavailable(
+                        self._settings.nats.url,
+                        f"no consumer of {stream} made in {CONSUMER_PATIENCE_S:g}s (every request timed "
+                        "out): what was stored cannot be counted",
+                    ) from None
+                log.warning("simulate: NATS is too busy to make a consumer of %s now; asking again", stream)
+                await asyncio.sleep(1.0)
 
     async def _drain(self, drain_s: float, nc: NatsClient) -> bool:
         """Wait up to `drain_s` for what was sent to be stored and answered; False if cancelled.
@@ -956,3 +977,12 @@ def _uncancel() -> None:
     task = asyncio.current_task()
     if task is not None:
         task.uncancel()
+
+
+@contextlib.asynccontextmanager
+async def _unwrapped(kind: type[Exception]) -> AsyncIterator[None]:
+    """Within it, a `kind` coming out of a task group comes out alone (one line from the CLI)."""
+    try:
+        yield
+    except* kind as group:
+        raise group.exceptions[0] from None
