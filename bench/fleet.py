@@ -14,6 +14,11 @@ that failed, down to 500 devices.
     .venv/bin/python bench/fleet.py                                  # 1,000 / 5,000 / 10,000, 150 s each
     .venv/bin/python bench/fleet.py --devices 1000 --seconds 20      # a quick check
     .venv/bin/python bench/fleet.py --beyond                         # and the breaking point
+    .venv/bin/python bench/fleet.py --devices 18000 --rate 2 --simulators 2 --seconds 60   # an overload
+
+One `nerve simulate` process offers at most about 17,500 readings/s on this machine; `--simulators N`
+splits the devices, spikes and connections between N of them (their CPU and RSS added, each latency
+percentile the worst of theirs), to offer more than the stack can store.
 """
 
 from __future__ import annotations
@@ -77,12 +82,17 @@ class Usage:
     stopped: bool = False
 
     def start(self) -> None:
+        """The load began (the first of several simulators to say so starts the window)."""
+        if self.window[0]:
+            return
         self.began = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self.window = (time.monotonic(), 0.0)
 
     def sample(self) -> None:
         """Peak RSS, and CPU so far: a process that exits before `stop` keeps its last sample."""
         for name, pid in self.pids.items():
+            if name not in self.began:  # started after the window opened: counted from now
+                self.began[name] = cpu_seconds(pid)
             self.peak_rss[name] = max(self.peak_rss.get(name, 0.0), rss_mib(pid))
             used = cpu_seconds(pid)
             if used:
@@ -167,9 +177,18 @@ def write_config(root: Path, mqtt_url: str, nats_url: str) -> Path:
 
 
 async def simulate(
-    config: Path, log: Path, argv: list[str], usage: Usage | None = None, *, nice: int = 0
+    config: Path,
+    log: Path,
+    argv: list[str],
+    usage: Usage | None = None,
+    *,
+    nice: int = 0,
+    name: str = "simulate",
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-    """Run `nerve simulate --json` (at CPU priority `nice`); its summary (None if it failed) and seconds."""
+    """Run `nerve simulate --json` (at CPU priority `nice`); its summary (None if it failed) and seconds.
+
+    `name`: the process's name in `usage` (`simulate 2`... for the others of several).
+    """
     process = await spawn(
         [
             *(["nice", "-n", str(nice)] if nice else []),
@@ -185,7 +204,7 @@ async def simulate(
     )
     assert process.stdout is not None  # noqa: S101 - piped above
     if usage is not None:
-        usage.pids["simulate"] = process.pid
+        usage.pids[name] = process.pid
     seconds: list[dict[str, Any]] = []
     summary: dict[str, Any] | None = None
     started = False
@@ -247,32 +266,86 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                     print(f"  {devices}: warm-up never completed; see {log}")
                     print(log.read_text()[-4000:])
                     return None, usage
-                summary, _ = await simulate(
-                    config,
-                    log,
-                    [
-                        "--devices",
-                        str(devices),
-                        "--rate",
-                        f"{args.rate:g}",
-                        "--spikes",
-                        f"{args.spikes:g}",
-                        "--duration",
-                        f"{args.seconds:g}",
-                        "--drain",
-                        f"{args.drain:g}",
-                        "--connections",
-                        str(args.connections),
-                    ],
-                    usage,
-                    nice=args.nice,
+                summaries = await asyncio.gather(
+                    *(
+                        simulate(
+                            config,
+                            log,
+                            [
+                                "--devices",
+                                str(share),
+                                "--rate",
+                                f"{args.rate:g}",
+                                "--spikes",
+                                f"{args.spikes / args.simulators:g}",
+                                "--duration",
+                                f"{args.seconds:g}",
+                                "--drain",
+                                f"{args.drain:g}",
+                                "--connections",
+                                str(args.connections // args.simulators),
+                            ],
+                            usage,
+                            nice=args.nice,
+                            name="simulate" if index == 0 else f"simulate {index + 1}",
+                        )
+                        for index, share in enumerate(shares(devices, args.simulators))
+                    )
                 )
+                summary = merged([found for found, _ in summaries])
                 if summary is None:
                     print(f"  {devices}: nerve simulate failed:\n{log.read_text()[-4000:]}")
                 return summary, usage
             finally:
                 for process in parts:
                     await stop(process)
+
+
+def shares(devices: int, simulators: int) -> list[int]:
+    """`devices` split between `simulators` processes as evenly as can be."""
+    return [devices // simulators + (index < devices % simulators) for index in range(simulators)]
+
+
+#: Summary fields that add up over several simulators; `*_ms` fields take the worst (largest) of them.
+SUMMED: Final = (
+    "devices",
+    "connections",
+    "offered",
+    "offered_per_s",
+    "stored",
+    "stored_per_s",
+    "lost",
+    "unacknowledged",
+    "duplicates",
+    "spikes",
+    "commands",
+    "spikes_without_command",
+    "duplicate_commands",
+    "incidents_resolved",
+    "incidents_failed",
+    "connections_lost",
+    "skipped",
+)
+
+
+def merged(summaries: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """One summary of several simulators' (None if one failed): counts and rates added; each latency
+    percentile the worst of theirs (percentiles of separate samples cannot be combined exactly)."""
+    if not summaries or any(summary is None for summary in summaries):
+        return None
+    found = [summary for summary in summaries if summary is not None]
+    if len(found) == 1:
+        return found[0]
+    total = dict(found[0])
+    for key in total:
+        values = [summary.get(key) for summary in found]
+        if key in SUMMED:
+            total[key] = sum(value or 0 for value in values)
+        elif key.endswith("_ms"):
+            present = [value for value in values if value is not None]
+            total[key] = max(present) if present else None
+    total["simulators"] = len(found)
+    return total
 
 
 async def warm_up(config: Path, log: Path) -> bool:
@@ -310,6 +383,8 @@ def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
     stored = f"{summary['stored_per_s']:,.0f}"
     if summary["stored"] < STORED_SHARE * summary["offered"]:
         stored += f" of {summary['offered_per_s']:,.0f} offered"
+    if summary.get("skipped"):
+        stored += f" ({summary['skipped']:,} readings not offered: a simulator's queue was full)"
     lost = f"{summary['lost']}"
     if summary["duplicates"]:
         lost += f", {summary['duplicates']:,} stored twice"
@@ -399,13 +474,27 @@ async def main() -> int:
         default=0,
         help="run the simulator at this CPU priority (nice), so it takes the box's spare time (default 0)",
     )
+    parser.add_argument(
+        "--simulators",
+        type=int,
+        default=1,
+        help="nerve simulate processes sharing the devices, spikes and connections (default 1): to offer "
+        "more than one process can",
+    )
     parser.add_argument("--beyond", action="store_true", help="then find the breaking point past the largest")
     args = parser.parse_args()
+    if args.simulators < 1:
+        parser.error("--simulators must be at least 1")
     print(
         f"{args.seconds:g} s per case, {args.rate:g} reading/s per device, {args.spikes:g} spikes/s, "
         f"{args.connections or 'one'} MQTT connection(s) {'in all' if args.connections else 'per device'}, "
         f"{os.cpu_count()} cores; processes: {', '.join(PARTS)}"
-        + (f" ({args.bridges} bridges in a $share group, CPU and RSS added)" if args.bridges > 1 else ""),
+        + (f" ({args.bridges} bridges in a $share group, CPU and RSS added)" if args.bridges > 1 else "")
+        + (
+            f"; {args.simulators} simulators (their CPU and RSS added; each latency the worst of theirs)"
+            if args.simulators > 1
+            else ""
+        ),
         flush=True,
     )
     rows = []
