@@ -64,7 +64,7 @@ from nerve.runtime.engine.names import (
 from nerve.runtime.engine.runs import request_cancel
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.engine.step import EngineContext, Park, Slot, Step, Waiting, mark_retrieved
-from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, has_fired, schedule
+from nerve.runtime.engine.timers import RUN_HEADER, STEP_HEADER, TimerBell, has_fired, schedule
 from nerve.runtime.envelope.codec import DEFAULT_CODEC, MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import derived_id
 from nerve.runtime.errors import DecodeError
@@ -327,12 +327,14 @@ class Engine:
             instance=self.instance,
             fleet_size=self._fleet_size,
         )
+        bell = TimerBell(self._prefix)
         self._ctx = EngineContext(
             js=js,
             prefix=self._prefix,
             settings=self.settings,
             signer=self._signer,
             codec=self._codec,
+            bell=bell,
             clock=self._clock,
             operators=self._operators,
             device_keys=self._device_keys,
@@ -343,6 +345,7 @@ class Engine:
         subscriptions: list[JetStreamContext.PushSubscription] = []
         watcher: KeyValue.KeyWatcher | None = None
         try:
+            subscriptions.append(await bell.start(js))
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
                 watcher = await self.kv.watchall()

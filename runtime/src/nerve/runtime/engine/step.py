@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -48,8 +49,8 @@ from nerve.runtime.engine.errors import (
 )
 from nerve.runtime.engine.fallback import run_with_fallbacks
 from nerve.runtime.engine.journal import RecordTooLarge, RunRecord, StepRecord, UndoRecord, error_text
-from nerve.runtime.engine.names import RUNS_STREAM, TIMERS_STREAM, approvals_subject, timer_fired_subject
-from nerve.runtime.engine.timers import forget, has_fired, schedule
+from nerve.runtime.engine.names import RUNS_STREAM, approvals_subject
+from nerve.runtime.engine.timers import TimerBell, forget, has_fired, schedule
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import Fact, derived_id
 from nerve.runtime.errors import DecodeError
@@ -84,8 +85,8 @@ log = logging.getLogger(__name__)
 MAX_STEP_NAME_CHARS: Final = 128
 #: How many stored messages a wait reads one by one before it subscribes (`Step._look`).
 LOOK_AHEAD: Final = 8
-#: How long an expired approval waits for the decisions stored before its expiry to be read.
-DECISIONS_READ_S: Final = 10.0
+#: How long an expired wait (an approval's, an event's) waits for what was stored before to be read.
+STORED_READ_S: Final = 10.0
 # The subject of a fact about a run whose key is not a token (an order id with a dot, say).
 NO_SUBJECT: Final = "unknown"
 
@@ -99,6 +100,8 @@ class EngineContext:
     settings: EngineSettings
     signer: Signer | None
     codec: Codec
+    #: Tells waiting steps that their timer fired (one subscription per engine).
+    bell: TimerBell
     clock: Clock = SYSTEM_CLOCK
     #: The operator keys whose decisions `approve` acts on (None: none).
     operators: Verifier | None = None
@@ -641,23 +644,22 @@ class Step:
         model: type[Envelope],
         match: Callable[[Envelope], bool] | None,
         from_seq: int,
+        *,
+        ahead: int | None = LOOK_AHEAD,
     ) -> tuple[Envelope, int] | None:
         """The first message on `subject` after `from_seq` that `match` accepts, if one is stored now.
 
-        Read message by message (`next_by_subj`), at most `LOOK_AHEAD` of them: no consumer to make and
-        delete. None: none stored yet (or more than that many to read: a subscription reads them).
+        Read message by message (`next_by_subj`), at most `ahead` of them (None: all): no consumer to make
+        and delete. None: none stored yet (or more than that many to read: a subscription reads them).
         """
         after = from_seq
-        for _ in range(LOOK_AHEAD):
+        for _ in range(ahead) if ahead is not None else itertools.count():
             stored = await next_stored(self._ctx.js, stream, after=after, subject=subject)
             if stored is None:
                 return None
             after, data = stored
-            try:
-                envelope = decode(data, model)
-            except DecodeError:
-                continue
-            if match is None or match(envelope):
+            envelope = self._accepted(data, subject, model, match)
+            if envelope is not None:
                 return envelope, after
         return None
 
@@ -675,9 +677,6 @@ class Step:
         async def on_event(msg: Msg) -> None:
             await queue.put(msg)
 
-        async def on_timer(_msg: Msg) -> None:
-            await queue.put("timer")
-
         await self._handle.flush()  # before the run blocks (`_record_later`)
         js = self._ctx.js
         events = await js.subscribe(
@@ -689,38 +688,51 @@ class Step:
                 deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=waiting.from_seq + 1
             ),
         )
-        timer = await js.subscribe(
-            timer_fired_subject(self._ctx.prefix, waiting.timer),
-            stream=TIMERS_STREAM,
-            cb=on_timer,
-            ordered_consumer=True,
-        )
         try:
-            async with self.slot.waiting():
-                return await self._read(queue, waiting, model, match)
+            async with self._timer_rings(waiting.timer, queue), self.slot.waiting():
+                return await self._read(queue, waiting, subject, model, match)
         finally:
             await events.unsubscribe()
-            await timer.unsubscribe()
+
+    @contextlib.asynccontextmanager
+    async def _timer_rings(
+        self, timer_id: str, queue: asyncio.Queue[Msg | Literal["timer"]]
+    ) -> AsyncIterator[None]:
+        """Within it, "timer" goes on `queue` once timer `timer_id` fires, or at once if it fired already."""
+
+        def ring() -> None:
+            queue.put_nowait("timer")
+
+        with self._ctx.bell.listening(timer_id, ring):
+            if await has_fired(self._ctx.js, prefix=self._ctx.prefix, timer_id=timer_id):
+                ring()
+            yield
 
     async def _read(
         self,
         queue: asyncio.Queue[Msg | Literal["timer"]],
         waiting: StepRecord,
+        subject: str,
         model: type[Envelope],
         match: Callable[[Envelope], bool] | None,
     ) -> tuple[Envelope, int] | None:
-        """`_watch`'s loop: the first message `match` accepts, or None when the timer fired."""
+        """`_watch`'s loop: the first message `match` accepts, or None when the timer fired.
+
+        When it fires, what was stored before and not read yet is read first (as for an approval): the
+        timer may have fired while no engine watched, after the awaited event came.
+        """
         js = self._ctx.js
+        read_to = waiting.from_seq
         while True:
             got = await self._next(queue, waiting)
             checkpoint()
             if got == "cancel":
                 raise RunCancelled(self.run_id)
             if got == "timer":
-                return None
+                return await self._stored_before(subject, waiting.stream, model, match, read_to)
             if got is None:  # the timer is late: look, and schedule it again if it was lost
                 if await has_fired(js, prefix=self._ctx.prefix, timer_id=waiting.timer):
-                    return None
+                    return await self._stored_before(subject, waiting.stream, model, match, read_to)
                 await schedule(
                     js,
                     prefix=self._ctx.prefix,
@@ -730,13 +742,41 @@ class Step:
                     step_id=waiting.timer,
                 )
                 continue
-            try:
-                envelope = decode(got.data, model)
-            except DecodeError as exc:
-                log.debug("engine: run %s skips an undecodable %s: %s", self.run_id, got.subject, exc)
-                continue
-            if match is None or match(envelope):
-                return envelope, got.metadata.sequence.stream
+            read_to = got.metadata.sequence.stream
+            envelope = self._accepted(got.data, got.subject, model, match)
+            if envelope is not None:
+                return envelope, read_to
+
+    async def _stored_before(
+        self,
+        subject: str,
+        stream: str,
+        model: type[Envelope],
+        match: Callable[[Envelope], bool] | None,
+        read_to: int,
+    ) -> tuple[Envelope, int] | None:
+        """The timer fired: the first match stored on `subject` after `read_to` by now, or None.
+
+        Read from the stream (for `STORED_READ_S` at most), not from the subscription, which may not have
+        delivered it yet: the timer may have fired while no engine watched, after the event came.
+        """
+        try:
+            async with asyncio.timeout(STORED_READ_S):
+                return await self._look(subject, stream, model, match, read_to, ahead=None)
+        except TimeoutError:
+            log.warning("engine: run %s: %s stored before its timeout, unread", self.run_id, subject)
+        return None
+
+    def _accepted(
+        self, data: bytes, subject: str, model: type[Envelope], match: Callable[[Envelope], bool] | None
+    ) -> Envelope | None:
+        """`data` (a message on `subject`) decoded if `match` accepts it; None if not, or undecodable."""
+        try:
+            envelope = decode(data, model)
+        except DecodeError as exc:
+            log.debug("engine: run %s skips an undecodable %s: %s", self.run_id, subject, exc)
+            return None
+        return envelope if match is None or match(envelope) else None
 
     async def _next(
         self, queue: asyncio.Queue[Msg | Literal["timer"]], waiting: StepRecord
@@ -980,9 +1020,6 @@ class Step:
         async def on_decision(msg: Msg) -> None:
             await queue.put(msg)
 
-        async def on_timer(_msg: Msg) -> None:
-            await queue.put("timer")
-
         js = self._ctx.js
         subject = approvals_subject(self.run_id)
         decisions = await js.subscribe(
@@ -992,15 +1029,9 @@ class Step:
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
         )
-        timer = await js.subscribe(
-            timer_fired_subject(self._ctx.prefix, waiting.timer),
-            stream=TIMERS_STREAM,
-            cb=on_timer,
-            ordered_consumer=True,
-        )
         seen = 0
         try:
-            async with self.slot.waiting():
+            async with self._timer_rings(waiting.timer, queue), self.slot.waiting():
                 while True:
                     got = await self._next(queue, waiting)
                     checkpoint()
@@ -1020,7 +1051,6 @@ class Step:
                         return decision
         finally:
             await decisions.unsubscribe()
-            await timer.unsubscribe()
 
     async def _last_decisions(
         self,
@@ -1034,7 +1064,7 @@ class Step:
         info = await self._ctx.js.stream_info(RUNS_STREAM, subjects_filter=subject)
         stored = sum((info.state.subjects or {}).values())
         try:
-            async with asyncio.timeout(DECISIONS_READ_S):
+            async with asyncio.timeout(STORED_READ_S):
                 while seen < stored:
                     got = await queue.get()
                     if got == "timer":

@@ -9,17 +9,22 @@ Scheduling a timer again before it fires replaces it (same subject); its id is a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Final
 
 from nats.errors import Error as NatsError
+from nats.js.api import DeliverPolicy
 
 from nerve.runtime.engine.names import TIMERS_STREAM, timer_fired_subject, timer_schedule_subject
 from nerve.runtime.jetstream.client import MSG_ID_HEADER, PUBLISH_TIMEOUT_S, last_stored_seq
 from nerve.runtime.jetstream.streams import timers_config
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
 log = logging.getLogger(__name__)
@@ -73,4 +78,46 @@ async def forget(js: JetStreamContext, *, prefix: str, timer_id: str) -> None:
         log.debug("timers: fired message of %s not deleted: %s", timer_id, exc)
 
 
-__all__ = ["at_expression", "fired_seq", "forget", "has_fired", "schedule", "timers_config"]
+class TimerBell:
+    """Tells the steps of one engine waiting on a timer that it fired.
+
+    One subscription to every timer's fired subject, from when the engine started, instead of a consumer
+    of its own per waiting step.
+    A step listens first (`listening`), then looks whether its timer fired already (`has_fired`): a timer
+    that fired before is found there, one that fires after rings here. Each engine process hears every
+    timer of the site fire (a message of headers), and makes no consumer per wait.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._prefix = prefix
+        self._root = timer_fired_subject(prefix, "")
+        self._listeners: dict[str, list[Callable[[], None]]] = {}
+
+    async def start(self, js: JetStreamContext) -> JetStreamContext.PushSubscription:
+        """Subscribe (the caller unsubscribes the subscription returned when the engine stops)."""
+        return await js.subscribe(
+            timer_fired_subject(self._prefix),
+            stream=TIMERS_STREAM,
+            cb=self._ring,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+        )
+
+    async def _ring(self, msg: Msg) -> None:
+        for listener in list(self._listeners.get(msg.subject.removeprefix(self._root), ())):
+            listener()
+
+    @contextlib.contextmanager
+    def listening(self, timer_id: str, listener: Callable[[], None]) -> Iterator[None]:
+        """Within it, `listener()` is called each time timer `timer_id` fires."""
+        listeners = self._listeners.setdefault(timer_id, [])
+        listeners.append(listener)
+        try:
+            yield
+        finally:
+            listeners.remove(listener)
+            if not listeners:
+                del self._listeners[timer_id]
+
+
+__all__ = ["TimerBell", "at_expression", "fired_seq", "forget", "has_fired", "schedule", "timers_config"]
