@@ -165,6 +165,49 @@ async def test_an_event_while_no_engine_ran_is_found_by_the_resumed_wait(
     assert record.result == "paid with e-paid-down"
 
 
+async def test_an_event_before_a_timeout_that_came_due_while_no_engine_ran_still_wins(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    """Back after the wait's timeout: its timer fired and the payment is stored, both while no engine ran.
+    The payment came first, so it is the answer (read from the stream before the timeout counts)."""
+    async with Engine(nc=nc, agents=[recovery], prefix=PREFIX, settings=FAST) as engine:
+        data = {"order": "o-down-late", "timeout": 1.0}
+        event = await publish_event(js, "payment_failed", data, event_id="e-down-late")
+        run_id = recovery.run_id(event.id)
+        async with asyncio.timeout(20):
+            while (record := await engine.record(run_id)) is None or "paid" not in record.steps:
+                await asyncio.sleep(0.02)
+    await publish_event(js, "payment_succeeded", {"order": "o-down-late"}, event_id="e-paid-down-late")
+    timer = derived_id(run_id, "timer", "paid")
+    async with asyncio.timeout(10):
+        while not await has_fired(js, prefix=PREFIX, timer_id=timer):
+            await asyncio.sleep(0.1)
+    async with Engine(nc=nc, agents=[recovery], prefix=PREFIX, settings=FAST) as engine:
+        record = await wait_for_run(engine.kv, run_id, timeout=20)
+    assert record.result == "paid with e-paid-down-late"
+
+
+async def test_waiting_runs_make_no_consumer_for_their_timers(nc: NatsClient, js: JetStreamContext) -> None:
+    """One subscription per engine hears every timer fire: 5 runs waiting add no consumer on the timers'
+    stream (the engine's durable consumer and that subscription are all there is)."""
+    async with Engine(nc=nc, agents=[recovery], prefix=PREFIX, settings=FAST) as engine:
+        run_ids = []
+        for index in range(5):
+            data = {"order": f"o-many-{index}", "timeout": 60}
+            event = await publish_event(js, "payment_failed", data, event_id=f"e-many-{index}")
+            run_ids.append(recovery.run_id(event.id))
+        async with asyncio.timeout(20):
+            for run_id in run_ids:
+                while (record := await engine.record(run_id)) is None or "paid" not in record.steps:
+                    await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # each wait subscribed by now
+        info = await js.stream_info(TIMERS_STREAM)
+        assert info.state.consumer_count == 2
+        await publish_event(js, "payment_succeeded", {"order": "o-many-3"}, event_id="e-paid-many-3")
+        record = await wait_for_run(engine.kv, run_ids[3], timeout=20)
+    assert record.result == "paid with e-paid-many-3"
+
+
 async def test_a_wait_times_out_by_its_durable_timer(nc: NatsClient, js: JetStreamContext) -> None:
     async with Engine(nc=nc, agents=[recovery], prefix=PREFIX, settings=FAST) as engine:
         event = await publish_event(
