@@ -80,6 +80,8 @@ class Usage:
     peak_rss: dict[str, float] = field(default_factory=dict)
     window: tuple[float, float] = (0.0, 0.0)
     stopped: bool = False
+    #: Simulators whose load is not over yet: the window ends with the last one's.
+    loads: int = 1
 
     def start(self) -> None:
         """The load began (the first of several simulators to say so starts the window)."""
@@ -102,6 +104,12 @@ class Usage:
     def stop(self) -> None:
         self.sample()
         self.stopped = True
+
+    def load_over(self) -> None:
+        """One simulator's load is over: the window ends once every simulator's is."""
+        self.loads -= 1
+        if self.loads <= 0 and not self.stopped:
+            self.stop()
 
     def cpu_percent(self, name: str) -> float:
         """% of one core over the window, of `name` and its numbered siblings (`bridge`, `bridge 2`...)."""
@@ -184,10 +192,12 @@ async def simulate(
     *,
     nice: int = 0,
     name: str = "simulate",
+    load_s: float = 0.0,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Run `nerve simulate --json` (at CPU priority `nice`); its summary (None if it failed) and seconds.
 
-    `name`: the process's name in `usage` (`simulate 2`... for the others of several).
+    `name`: the process's name in `usage` (`simulate 2`... for the others of several); `load_s`: its
+    `--duration`, after which `usage` stops counting (once every simulator's load is over).
     """
     process = await spawn(
         [
@@ -207,7 +217,7 @@ async def simulate(
         usage.pids[name] = process.pid
     seconds: list[dict[str, Any]] = []
     summary: dict[str, Any] | None = None
-    started = False
+    started = over = False
     async for raw in process.stdout:
         line = json.loads(raw)
         if line["type"] == "second":
@@ -218,12 +228,14 @@ async def simulate(
                     started = True
                 if not usage.stopped:
                     usage.sample()
-                if line["offered_per_s"] == 0 and not usage.stopped:
-                    usage.stop()  # the load is over; draining
+                if not over and line["t"] >= load_s:  # its load is over; draining
+                    over = True
+                    usage.load_over()
         else:
             summary = line
-            if usage is not None and not usage.stopped:
-                usage.stop()
+            if usage is not None and not over:
+                over = True
+                usage.load_over()
     await process.wait()
     return summary, seconds
 
@@ -259,7 +271,8 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                         for index, process in enumerate(bridges, start=1)
                     },
                     "central": parts[-1].pid,
-                }
+                },
+                loads=args.simulators,
             )
             try:
                 if not await warm_up(config, log):
@@ -288,6 +301,7 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                             usage,
                             nice=args.nice,
                             name="simulate" if index == 0 else f"simulate {index + 1}",
+                            load_s=args.seconds,
                         )
                         for index, share in enumerate(shares(devices, args.simulators))
                     )
@@ -411,8 +425,12 @@ def where(devices: int, summary: dict[str, Any] | None) -> str:
     if summary is None or summary.get("central_p50_ms") is None:
         return f"  {devices:,}: no command's path measured"
     parts = (("spike stored", "spike_stored"), ("central", "central"), ("command to device", "downlink"))
-    return f"  {devices:,}: spike -> command, p50 / p99 of each part: " + ", ".join(
-        f"{name} {_pair(summary[f'{key}_p50_ms'], summary[f'{key}_p99_ms'])}" for name, key in parts
+    return (
+        f"  {devices:,}: spike -> command ({summary['commands']} commands to {summary['spikes']} spikes), "
+        "p50 / p99 of each part: "
+        + ", ".join(
+            f"{name} {_pair(summary[f'{key}_p50_ms'], summary[f'{key}_p99_ms'])}" for name, key in parts
+        )
     )
 
 

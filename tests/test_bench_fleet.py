@@ -1,0 +1,97 @@
+"""`bench/fleet.py`: how several simulators share a fleet and how their summaries add up; a short real run.
+
+The figures themselves are not judged here (timing is the bench's business).
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+BENCH: Final = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _fleet() -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # how python runs the script: its neighbours import by name
+    return importlib.import_module("fleet")
+
+
+@given(devices=st.integers(1, 100_000), simulators=st.integers(1, 16))
+def test_the_devices_are_shared_as_evenly_as_can_be(devices: int, simulators: int) -> None:
+    shares = _fleet().shares(devices, simulators)
+    assert len(shares) == simulators
+    assert sum(shares) == devices
+    assert max(shares) - min(shares) <= 1
+
+
+def _summary(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "type": "summary",
+        "devices": 10,
+        "offered": 100,
+        "stored": 100,
+        "stored_per_s": 10.0,
+        "lost": 0,
+        "spikes": 3,
+        "commands": 3,
+        "lag_p50_ms": 5.0,
+        "lag_p99_ms": 9.0,
+        "delivered_p99_ms": None,
+        "rate": 1.0,
+    }
+    return {**base, **fields}
+
+
+def test_summaries_add_up_and_each_latency_is_the_worst() -> None:
+    fleet = _fleet()
+    one = _summary(lost=1, lag_p99_ms=30.0, delivered_p99_ms=7.0)
+    two = _summary(devices=11, stored=90, lag_p50_ms=8.0)
+    total = fleet.merged([one, two])
+    assert (total["devices"], total["offered"], total["stored"], total["lost"]) == (21, 200, 190, 1)
+    assert (total["stored_per_s"], total["spikes"], total["commands"]) == (20.0, 6, 6)
+    assert (total["lag_p50_ms"], total["lag_p99_ms"], total["delivered_p99_ms"]) == (8.0, 30.0, 7.0)
+    assert total["rate"] == 1.0  # the same for each: not added
+    assert total["simulators"] == 2
+
+
+def test_one_failed_simulator_fails_the_case_and_one_alone_is_itself() -> None:
+    fleet = _fleet()
+    alone = _summary()
+    assert fleet.merged([alone]) is alone
+    assert fleet.merged([alone, None]) is None
+    assert fleet.merged([]) is None
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_simulators_share_a_small_fleet_end_to_end() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "fleet.py"),
+            *("--devices", "200", "--seconds", "4", "--rate", "2", "--drain", "10", "--simulators", "2"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=230,
+        check=False,
+    )
+    assert done.returncode in {0, 1}, done.stdout + done.stderr  # 1: a target missed on a busy machine
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 200 |")]
+    assert rows, done.stdout + done.stderr
+    cells = [cell.strip() for cell in rows[-1].split("|")]
+    assert cells[2] != "failed", done.stdout
+    assert cells[3] == "0", done.stdout  # nothing lost, nothing stored twice
+    assert "2 simulators" in done.stdout
