@@ -458,6 +458,18 @@ async def test_send_writes_at_once_and_its_future_is_settled_by_the_puback(conne
         first.result()
 
 
+async def test_a_closing_transport_takes_no_more_writes(connected: Connect) -> None:
+    """A send failed (asyncio says so a loop turn later): publishing is refused at once and acks are
+    dropped, instead of writes asyncio throws away with a warning each (70,105 of them in one overload)."""
+    wire, transport = connected(ignore)
+    transport.aborted = True  # what a failed send leaves: closing, `connection_lost` not called yet
+    written = len(transport.written)
+    with pytest.raises(MqttWireError, match="not connected"):
+        wire.publish_nowait("nerve/pi-01/telemetry/cpu", b"a")
+    wire.puback([1, 2])
+    assert len(transport.written) == written
+
+
 async def test_the_brokers_receive_maximum_is_kept_from_its_connack(connected: Connect) -> None:
     wire, _ = connected(ignore)
     assert wire.receive_maximum == 65535  # none said: MQTT's default

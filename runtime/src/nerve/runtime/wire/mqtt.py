@@ -635,7 +635,9 @@ class MqttWire(WireProtocol[Incoming]):
     # -- requests
 
     def _write(self, data: bytes) -> None:
-        if self._transport is None or self.closed.done():
+        # A transport closing (a send failed: asyncio tells `connection_lost` a loop turn later) takes
+        # nothing more: a write then is lost all the same, and asyncio logs a warning for each.
+        if self._transport is None or self.closed.done() or self._transport.is_closing():
             raise MqttWireError("not connected")
         self._transport.write(data)
 
@@ -773,7 +775,7 @@ class MqttWire(WireProtocol[Incoming]):
 
     def puback(self, packet_ids: Sequence[int]) -> None:
         """Acknowledge received QoS1 messages (in the order they were received). No-op once closed."""
-        if packet_ids and not self.closed.done() and self._transport is not None:
+        if packet_ids and not self.closed.done() and self._transport and not self._transport.is_closing():
             self._transport.write(puback_packets(packet_ids))
 
     async def publish(
