@@ -568,7 +568,7 @@ class Engine:
         except BaseException:
             self._slots.release()
             raise
-        if revision is None:  # stored by an earlier delivery after all: that run goes on
+        if revision is None:  # stored by an earlier delivery after all: the watchdog resumes that run
             self._slots.release()
             return
         self._start(agent, self._handle(record, revision), event)

@@ -83,6 +83,7 @@ class TimerBell:
 
     One subscription to every timer's fired subject, from when the engine started, instead of a consumer
     of its own per waiting step.
+
     A step listens first (`listening`), then looks whether its timer fired already (`has_fired`): a timer
     that fired before is found there, one that fires after rings here. Each engine process hears every
     timer of the site fire (a message of headers), and makes no consumer per wait.
