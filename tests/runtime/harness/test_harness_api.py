@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from nacl.signing import SigningKey
 from tests.runtime.harness.orders import COMPENSATED, DONE, drive, fulfil, sink
 
+from nerve.runtime.engine import Limits, Trigger, Window, durable_agent
 from nerve.runtime.envelope.model import Event
 from nerve.runtime.harness import AgentHarness, HarnessError
 from nerve.runtime.jetstream.streams import FACTS_STREAM
 from nerve.runtime.stack.brokers import free_port
+from nerve.runtime.subjects import Kind
 from nerve.runtime.trust.chain import verify_records
 from nerve.runtime.trust.signing import Signer, Verifier
+
+if TYPE_CHECKING:
+    from nerve.runtime.engine import Step
+    from nerve.runtime.envelope.model import Envelope
 
 
 async def test_a_wrong_binding_or_crash_point_is_refused() -> None:
@@ -55,6 +62,38 @@ async def test_misuse_inside_is_one_clear_error() -> None:
         with pytest.raises(HarnessError, match="no step 'x'"):
             await h.wait_for_step("nope", "x", timeout=0.1)
         assert await h.run_state("nope") is None
+        with pytest.raises(HarnessError, match="device 'dev 1': not a token"):
+            h.device("dev 1")
+    with pytest.raises(HarnessError, match="has not started"):
+        h.device("dev1")
+
+
+@durable_agent(
+    "limited",
+    trigger=Trigger(Kind.EVENTS, "tick", source="shop"),
+    key=lambda _event: "one",
+    limits=Limits(rate=Window(1, 60.0)),
+)
+async def limited(event: Envelope, step: Step) -> str:
+    return event.id
+
+
+async def test_flow_control_counts_by_the_harness_clock() -> None:
+    """A minute advanced is a minute passed for the limits too, as for timers (not the machine's clock)."""
+    async with AgentHarness(agents=[limited]) as h:
+        await h.advance(3600)
+        first = await h.publish_event("tick", {})
+        assert (await h.wait_for_run(limited.run_id(first.id))).state == "done"
+        await h.advance(30)
+        early = await h.publish_event("tick", {})
+        async with asyncio.timeout(10):
+            while not (dropped := await h.facts("trigger_dropped")):
+                await asyncio.sleep(0.01)
+        assert [fact.data["trigger"] for fact in dropped] == [early.id]
+        await h.advance(31)
+        later = await h.publish_event("tick", {})
+        assert (await h.wait_for_run(limited.run_id(later.id))).state == "done"
+        assert await h.run(limited.run_id(early.id)) is None
 
 
 async def test_a_cancelled_run_is_compensated(binding: dict[str, Any]) -> None:

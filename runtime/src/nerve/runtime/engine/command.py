@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Protocol
@@ -128,7 +127,7 @@ async def wait_for(step: Step, sent: Sent) -> CommandResult:
                 journalled,
                 status="done",
                 result={"result": to_json(result).decode(), "seq": seq},
-                finished=time.time(),
+                finished=step.now(),
             )
             # Carried by the run's next write: a crash before it reads the same result again, from there.
             step._record_later(sent.name, done, forget_timer=journalled.timer)  # noqa: SLF001
@@ -136,7 +135,7 @@ async def wait_for(step: Step, sent: Sent) -> CommandResult:
         await forget(ctx.js, prefix=ctx.prefix, timer_id=journalled.timer)
         error = f"no result from {sent.device} to {sent.action} within {sent.ttl + CLOCK_SKEW_S:g}s"
         if journalled.attempts >= sent.attempts:
-            failed = msgspec.structs.replace(journalled, status="failed", error=error, finished=time.time())
+            failed = msgspec.structs.replace(journalled, status="failed", error=error, finished=step.now())
             await step._record(sent.name, failed)  # noqa: SLF001
             raise StepFailed(step.run_id, sent.name, error)
         log.info("engine: run %s step %r: %s (try %d)", step.run_id, sent.name, error, journalled.attempts)
@@ -149,7 +148,7 @@ async def _attempt(step: Step, sent: Sent, journalled: StepRecord | None) -> Ste
     """Begin an attempt (or resume the one begun) and send its command (again: the same id, kept once)."""
     journalled, journalling = await _begin(step, sent.name, journalled, sent.ttl)
     command_id, _timer = _ids(step, sent.name, journalled.attempts)
-    if journalled.due > time.time():
+    if journalled.due > step.now():
         # The send in this task, its journalling beside it (a loop turn less than gathering both).
         journal = asyncio.ensure_future(journalling)
         journal.add_done_callback(mark_retrieved)
@@ -196,7 +195,7 @@ async def _begin(
     ahead = from_seq is not None
     if from_seq is None:
         from_seq = await last_sequence(ctx.js, RESULTS_STREAM)
-    now = time.time()
+    now = step.now()
     _command_id, timer_id = _ids(step, name, attempt)
     waiting = StepRecord(
         status="waiting",

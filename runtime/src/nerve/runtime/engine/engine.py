@@ -326,6 +326,7 @@ class Engine:
             codec=self._codec,
             instance=self.instance,
             fleet_size=self._fleet_size,
+            clock=self._clock,
         )
         bell = TimerBell(self._prefix)
         self._ctx = EngineContext(

@@ -30,6 +30,7 @@ from nats.errors import Error as NatsError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError
 
+from nerve.runtime.engine.clock import SYSTEM_CLOCK, Clock
 from nerve.runtime.engine.errors import EngineError
 from nerve.runtime.engine.journal import read_record
 from nerve.runtime.engine.limits import (
@@ -269,8 +270,11 @@ class Flow:
         codec: Codec,
         instance: str,
         fleet_size: Callable[[], int] | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._js = js
+        #: The engine's clock (the harness's fake one in tests): the limits' windows and gates' times.
+        self._clock = clock
         self._limits = limits
         self._known: OrderedDict[tuple[int, str], tuple[int, bytes]] = OrderedDict()
         self._lineage = lineage
@@ -354,7 +358,7 @@ class Flow:
                     return await self._refuse(
                         agent, event, key, limit="throttle", kind=DROPPED, reason=reason
                     )
-                if start > time.time():
+                if start > self._clock.time():
                     return Decision("park", gate="throttle", due=start, trigger=swapped)
             elif gate == "concurrency" and limits.concurrency is not None:
                 pool = limit_key("concurrency", agent.name, key_hash(key))
@@ -417,7 +421,7 @@ class Flow:
 
     async def breaker_allows(self, action: str, breaker: Breaker) -> BreakerState:
         """The breaker's state for a step about to run; a half-open breaker lets this one step probe."""
-        now = time.time()
+        now = self._clock.time()
 
         def change(record: BreakerRecord | None) -> tuple[BreakerRecord | None, BreakerState]:
             current = record or BreakerRecord()
@@ -430,7 +434,7 @@ class Flow:
 
     async def breaker_outcome(self, action: str, breaker: Breaker, *, ok: bool) -> bool:
         """Count a step's outcome; True if this failure opened the breaker."""
-        now = time.time()
+        now = self._clock.time()
 
         def change(record: BreakerRecord | None) -> tuple[BreakerRecord | None, bool]:
             current = record or BreakerRecord()
@@ -454,7 +458,7 @@ class Flow:
     # --- the limits, one by one ----------------------------------------------------------------------
 
     async def _within_rate(self, agent: DurableAgent, key: str, window: Window) -> bool:
-        now = time.time()
+        now = self._clock.time()
 
         def change(state: _Starts | None) -> tuple[_Starts | None, bool]:
             starts = (state or _Starts()).starts
@@ -466,7 +470,7 @@ class Flow:
 
     async def _reserve(self, agent: DurableAgent, key: str, window: Window, max_queued: int) -> float | None:
         """When a throttled run may start (its start is counted now), or None if too many wait."""
-        now = time.time()
+        now = self._clock.time()
 
         def change(state: _Starts | None) -> tuple[_Starts | None, float | None]:
             starts = (state or _Starts()).starts
@@ -480,7 +484,7 @@ class Flow:
     async def _debounce(
         self, agent: DurableAgent, key: str, run_id: str, event: Envelope, *, quiet_s: float, parked: bool
     ) -> Decision:
-        now = time.time()
+        now = self._clock.time()
         name = limit_key("debounce", agent.name, key_hash(key))
         if not parked:  # a trigger arrives: the first of a burst opens a run, the others merge into it
 
@@ -533,7 +537,7 @@ class Flow:
         See `admit`; when the pool looks full, the slots of runs that ended are freed first (`_prune`).
         """
         for pruned in (False, True):
-            now = time.time()
+            now = self._clock.time()
 
             def change(
                 state: Pool | None, now: float = now, *, pruned: bool = pruned
@@ -565,7 +569,7 @@ class Flow:
         if not entry.value:
             return
         pool = msgspec.json.decode(entry.value, type=Pool)
-        now = time.time()
+        now = self._clock.time()
         gone = set()
         for run_id, slot in pool.running.items():
             if await self._ended(run_id, slot.since, now):

@@ -9,6 +9,14 @@ async with AgentHarness(agents=[payment_recovery], binding="memory") as h:
     assert await h.run_state(run_id) == "compensated"
 ```
 
+A command step's device answers through `answer`, signed by the device's key (made on first use, in
+the harness's own device registry):
+
+```python
+(command,) = await h.commands("clear_temp")
+await h.answer(command, status="ok", data={"files_deleted": 3})
+```
+
 The same test runs on both bindings (`binding="nats"` starts a nats-server of its own, or uses
 `nats_url`). On "memory" the engine's clock is a `FakeClock` that `advance` moves; on "nats" time is
 real and `advance` waits that long (keep sleeps and timeouts short in a test that runs on both).
@@ -34,7 +42,7 @@ from nerve.runtime.engine.journal import DECODER, RunRecord
 from nerve.runtime.engine.names import RUN_KEY_PREFIX, RUNS_BUCKET, RUNS_STREAM
 from nerve.runtime.engine.settings import EngineSettings
 from nerve.runtime.envelope.codec import decode
-from nerve.runtime.envelope.model import Command, Envelope, Event, Fact, new_id
+from nerve.runtime.envelope.model import Command, CommandResult, Envelope, Event, Fact, ResultStatus, new_id
 from nerve.runtime.errors import DecodeError, NerveError
 from nerve.runtime.harness.crash import CrashWhen, Gate, GatedNats
 from nerve.runtime.harness.memory import FakeClock, MemoryJetStream
@@ -42,11 +50,13 @@ from nerve.runtime.jetstream.client import connect, publish_envelope
 from nerve.runtime.jetstream.streams import FACTS_STREAM, STREAM_OF_KIND, ensure_streams
 from nerve.runtime.stack.brokers import NatsServer, free_port
 from nerve.runtime.subjects import DEFAULT_PREFIX, Address, Kind, is_token
-from nerve.runtime.testing import StoredMessage
+from nerve.runtime.testing import StoredMessage, provision_device
+from nerve.runtime.trust.devices import DeviceKeys
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from types import TracebackType
+    from typing import Any
 
     from nats.aio.client import Client as NatsClient
     from nats.js import JetStreamContext
@@ -80,7 +90,9 @@ class AgentHarness:
       `journal_writes` counts the writes so far, so a test can enumerate every boundary.
     - `deliver_twice`: every message the engine is given (triggers, timers, waited-for events) comes
       twice.
-    - `signer` signs (and chains) the facts the agents keep; without one they are kept unsigned.
+    - `signer` signs (and chains) the facts the agents keep, and the commands they send; without one
+      facts are kept unsigned (and a command step cannot send).
+    - The engine believes the results of the devices of the harness's own registry (`device`, `answer`).
 
     Raises `HarnessError` if the engine or the broker cannot start.
     """
@@ -131,6 +143,9 @@ class AgentHarness:
         #: How many times an engine was killed.
         self.crashes = 0
         self._engines = 0
+        #: The harness's device registry (a temporary directory) and its devices' signers.
+        self._registry: Path | None = None
+        self._devices: dict[str, Signer] = {}
 
     # --- lifecycle -----------------------------------------------------------------------------------
 
@@ -142,6 +157,9 @@ class AgentHarness:
                 self._server = MemoryJetStream(self.clock)
             elif self._nats_url is None:
                 self._nats_url = await self._start_nats_server()
+            self._registry = Path(
+                self._stack.enter_context(tempfile.TemporaryDirectory(prefix="nerve-harness-devices-"))
+            )
             self._nc = await self._connect()
             js = self._nc.jetstream()
             await ensure_streams(js, self.prefix)
@@ -171,6 +189,8 @@ class AgentHarness:
                 await self._nc.close()
             self._nc = None
         await self._stack.aclose()
+        self._registry = None
+        self._devices.clear()
 
     async def _start_nats_server(self) -> str:
         data_dir = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="nerve-harness-")))
@@ -204,6 +224,10 @@ class AgentHarness:
             signer=self._signer,
             instance=f"harness-engine-{self._engines}",
             clock=self.clock or SYSTEM_CLOCK,
+            # Read again at every result: a device the test adds is known at once.
+            device_keys=None
+            if self._registry is None
+            else DeviceKeys(self._registry / "registry", recheck_s=0),
         )
         await self._engine.__aenter__()
         await self._settle()
@@ -309,6 +333,41 @@ class AgentHarness:
         )
         await self.publish(event, kind=kind)
         return event
+
+    def device(self, name: str) -> Signer:
+        """The signer of device `name`'s results, registered in the harness's device registry on first use.
+
+        Raises `HarnessError` if `name` is not a token or the harness has not started.
+        """
+        if not is_token(name):
+            raise HarnessError(f"device {name!r}: not a token (A-Z a-z 0-9 _ -)")
+        if self._registry is None:
+            raise HarnessError("the harness has not started")
+        if name not in self._devices:
+            self._devices[name] = provision_device(
+                self._registry / "registry", name, keys=self._registry / "keys"
+            )
+        return self._devices[name]
+
+    async def answer(
+        self,
+        command: Command,
+        *,
+        status: ResultStatus = "ok",
+        data: dict[str, Any] | None = None,
+        reason: str = "",
+    ) -> CommandResult:
+        """Store the result of `command` as its device would: signed by the device's key (`device`).
+
+        A command step waiting for it returns it.
+        """
+        result = CommandResult.for_command(
+            command, source=f"nerve://{command.subject}", status=status, reason=reason, data=data
+        )
+        signed = self.device(command.subject).sign(result)
+        subject = Address(device=command.subject, kind=Kind.RESULTS, name=command.action).subject(self.prefix)
+        await publish_envelope(self._js, subject, signed)
+        return signed
 
     # --- what happened -------------------------------------------------------------------------------
 
