@@ -7,23 +7,19 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from nacl.signing import SigningKey
+from tests.runtime.harness.people import OPERATOR, decide
 
 from nerve.runtime.engine import (
     AgentDeclarationError,
-    EngineError,
     Fallback,
     Person,
     RetryPolicy,
     Trigger,
     durable_agent,
 )
-from nerve.runtime.engine.approval import sign_decision
 from nerve.runtime.engine.fallback import declared
-from nerve.runtime.engine.runs import pending_approval, store_decision
 from nerve.runtime.harness import AgentHarness
 from nerve.runtime.subjects import Kind
-from nerve.runtime.trust.signing import Signer
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -31,7 +27,6 @@ if TYPE_CHECKING:
     from nerve.runtime.engine import Step
     from nerve.runtime.envelope.model import Envelope
 
-OPERATOR = Signer("central", SigningKey.generate())  # the engine trusts its own key for decisions
 ATTEMPTS = 2
 
 
@@ -102,24 +97,6 @@ async def placed(h: AgentHarness, order: str, *down: str) -> str:
     return charge.run_id(event.id)
 
 
-async def decide(h: AgentHarness, run_id: str, *, approve: bool) -> None:
-    """A person decides on the run's pending approval, as `nerve approve` does."""
-    await h.wait_for_step(run_id, "charge_by_hand", status="waiting")
-    async with asyncio.timeout(10):  # the pending decision is journalled right after the step's first write
-        while True:
-            record = await h.run(run_id)
-            assert record is not None
-            try:
-                ask = pending_approval(record)
-                break
-            except EngineError:  # not pending yet
-                await asyncio.sleep(0.02)
-    decision = sign_decision(
-        OPERATOR, run_id=run_id, step=ask.step, approve=approve, comment="phoned", valid_until=ask.expires
-    )
-    await store_decision(h.kv, decision)
-
-
 async def test_a_primary_that_works_takes_no_fallback(binding: dict[str, Any]) -> None:
     async with AgentHarness(agents=[charge], signer=OPERATOR, **binding) as h:
         run_id = await placed(h, "o-1")
@@ -147,7 +124,7 @@ async def test_a_primary_that_fails_for_good_hands_over_to_the_next_gateway(bind
 async def test_when_every_gateway_fails_a_person_charges_by_hand(binding: dict[str, Any]) -> None:
     async with AgentHarness(agents=[charge], signer=OPERATOR, **binding) as h:
         run_id = await placed(h, "o-3", "primary", "backup")
-        await decide(h, run_id, approve=True)
+        await decide(h, run_id, "charge_by_hand", approve=True)
         record = await h.wait_for_run(run_id)
         assert record.state == "done"
         assert record.result["outcome"] == "approved"
@@ -163,7 +140,7 @@ async def test_when_every_gateway_fails_a_person_charges_by_hand(binding: dict[s
 async def test_a_person_who_refuses_fails_the_step_and_every_undo_runs(binding: dict[str, Any]) -> None:
     async with AgentHarness(agents=[charge], signer=OPERATOR, **binding) as h:
         run_id = await placed(h, "o-4", "primary", "backup")
-        await decide(h, run_id, approve=False)
+        await decide(h, run_id, "charge_by_hand", approve=False)
         record = await h.wait_for_run(run_id)
         assert record.state == "compensated"
         assert (

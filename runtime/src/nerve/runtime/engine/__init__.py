@@ -18,7 +18,7 @@ from nerve.runtime.engine.errors import (
     StepFailed,
     Terminal,
 )
-from nerve.runtime.engine.fallback import FALLBACK_TAKEN, Fallback, Person
+from nerve.runtime.engine.fallback import FALLBACK_TAKEN, CommandFallback, Fallback, Person
 from nerve.runtime.engine.journal import RunRecord, StepRecord, UndoRecord
 from nerve.runtime.engine.limits import BlastRadius, Breaker, Limits, Window
 from nerve.runtime.engine.names import ENGINE_NAMES, RUNS_BUCKET, TIMERS_STREAM
@@ -35,6 +35,7 @@ __all__ = [
     "AgentDeclarationError",
     "BlastRadius",
     "Breaker",
+    "CommandFallback",
     "Decision",
     "DurableAgent",
     "Engine",

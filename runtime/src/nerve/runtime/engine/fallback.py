@@ -23,12 +23,31 @@ Exactly-once like any step, since each way is a journalled step: a resumed run f
 every fallback before the one that was running) journalled as failed and goes straight to where it was;
 the primary never runs again once it failed. The order is fixed by the declaration, so a replay reaches
 the same steps in the same order.
+
+A command step names its fallbacks the same way (`step.command(..., fallbacks=[...])`): each a
+`CommandFallback` (another action, device or arguments: another gateway) or a `Person`. A way fails
+when no verified result came in time (after its attempts) or when its device answered anything but
+`ok`; that answer stays journalled as the step's result, so a resumed run takes the same turn.
+
+```python
+result = await step.command(
+    "clear",
+    device=step.key,
+    action="clear_temp",
+    args={},
+    ttl=30,
+    fallbacks=[
+        CommandFallback("rotate", device=step.key, action="rotate_logs"),
+        Person("clear_by_hand", route="ops", expires=3600),
+    ],
+)  # the device's `ok` result of the way that worked, or the person's `Decision`
+```
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 
@@ -39,7 +58,9 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
 
     from nerve.runtime.engine.agent import RetryPolicy
+    from nerve.runtime.engine.approval import Decision
     from nerve.runtime.engine.step import Step
+    from nerve.runtime.envelope.model import CommandResult
 
     StepFunction = Callable[[], Awaitable[Any]]
 
@@ -48,6 +69,7 @@ FALLBACK_TAKEN: Final = "fallback_taken"
 #: A fallback's "taken" fact is the step `<fallback name><TAKEN_SUFFIX>`.
 TAKEN_SUFFIX: Final = ":taken"
 PAIR: Final = 2
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,32 +98,78 @@ class Person:
     summary: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class CommandFallback:
+    """Another way of a command step: `action` with `args` to `device`, sent as command step `name`.
+
+    `ttl` and `attempts` (None: the primary command's) as `step.command` takes them.
+    """
+
+    name: str
+    device: str
+    action: str
+    args: dict[str, Any] = field(default_factory=dict)
+    ttl: float | None = None
+    attempts: int | None = None
+
+
 #: What `step.run(fallbacks=...)` takes: a `Fallback`, a `Person`, or `(name, fn)` for a bare `Fallback`.
 FallbackSpec = Fallback | Person | tuple[str, "StepFunction"]
 
 
 def declared(name: str, fallbacks: Sequence[FallbackSpec]) -> tuple[Fallback | Person, ...]:
-    """`fallbacks` as `Fallback`/`Person`.
+    """`fallbacks` (of `step.run`) as `Fallback`/`Person`.
 
     Raises `AgentDeclarationError` for a malformed fallback, a name used twice, or a route that is no token.
     """
     ways: list[Fallback | Person] = []
-    names = {name}
     for spec in fallbacks:
-        way: Fallback | Person
         given: object = spec  # as declared at run time, whatever the annotations say
         if isinstance(given, Fallback | Person):
-            way = given
+            ways.append(given)
         elif (
             isinstance(given, tuple)
             and len(given) == PAIR
             and isinstance(given[0], str)
             and callable(given[1])
         ):
-            way = Fallback(given[0], given[1])
+            ways.append(Fallback(given[0], given[1]))
         else:
             msg = f"step {name!r}: fallback {spec!r} is not a Fallback, a Person or a (name, function) pair"
             raise AgentDeclarationError(msg)
+    _check_ways(name, ways)
+    return tuple(ways)
+
+
+def declared_commands(
+    name: str, fallbacks: Sequence[CommandFallback | Person]
+) -> tuple[CommandFallback | Person, ...]:
+    """`fallbacks` of command step `name`, checked as `declared` checks those of `step.run`.
+
+    Each command's device and action must be tokens, its attempts at least 1.
+    """
+    ways: list[CommandFallback | Person] = []
+    for spec in fallbacks:
+        given: object = spec
+        if not isinstance(given, CommandFallback | Person):
+            msg = f"step {name!r}: fallback {spec!r} of a command is not a CommandFallback or a Person"
+            raise AgentDeclarationError(msg)
+        if isinstance(given, CommandFallback):
+            for what, value in (("device", given.device), ("action", given.action)):
+                if not is_token(value):
+                    msg = f"step {name!r}: fallback {given.name!r}: {what} {value!r} is not a token"
+                    raise AgentDeclarationError(msg)
+            if given.attempts is not None and given.attempts < 1:
+                msg = f"step {name!r}: fallback {given.name!r}: attempts must be at least 1"
+                raise AgentDeclarationError(msg)
+        ways.append(given)
+    _check_ways(name, ways)
+    return tuple(ways)
+
+
+def _check_ways(name: str, ways: Sequence[Fallback | CommandFallback | Person]) -> None:
+    names = {name}
+    for way in ways:
         if isinstance(way, Person) and not is_token(way.route):
             msg = (
                 f"step {name!r}: fallback {way.name!r}: route {way.route!r} is not a token (A-Z a-z 0-9 _ -)"
@@ -111,8 +179,6 @@ def declared(name: str, fallbacks: Sequence[FallbackSpec]) -> tuple[Fallback | P
             msg = f"step {name!r}: fallback name {way.name!r} is used twice (or ends in {TAKEN_SUFFIX!r})"
             raise AgentDeclarationError(msg)
         names.add(way.name)
-        ways.append(way)
-    return tuple(ways)
 
 
 async def run_with_fallbacks(
@@ -131,8 +197,76 @@ async def run_with_fallbacks(
     (a cancel, a lost lease, a replay during compensation) goes through untouched.
     """
     ways = declared(name, fallbacks)
-    try:
+
+    async def first() -> Any:  # noqa: ANN401 - as `step.run`
         return await step.run(name, fn, undo=undo, retry=retry, action=action)
+
+    async def take(way: Fallback | Person, *, last: bool) -> Any:  # noqa: ANN401 - as `step.run`
+        if isinstance(way, Fallback):
+            return await step.run(way.name, way.fn, undo=way.undo, retry=way.retry, action=way.action)
+        return msgspec.to_builtins(await _ask(step, way, last=last))
+
+    return await _in_turn(step, name, first, ways, take)
+
+
+async def command_with_fallbacks(
+    step: Step,
+    name: str,
+    *,
+    device: str,
+    action: str,
+    args: dict[str, Any],
+    ttl: float,
+    attempts: int,
+    fallbacks: Sequence[CommandFallback | Person],
+) -> CommandResult | Decision:
+    """`step.command(name, ...)`, then each fallback in turn while the previous way failed.
+
+    A command way failed when `step.command` raised its `StepFailed` (no verified result in time) or the
+    device answered anything but `ok`. Returns the `ok` result, or an approving person's `Decision`;
+    raises `StepFailed` (named after the primary) when every way failed.
+    """
+    ways = declared_commands(name, fallbacks)
+
+    primary = CommandFallback(name, device=device, action=action, args=args, ttl=ttl, attempts=attempts)
+
+    async def send(way: CommandFallback) -> CommandResult:
+        result = await step.command(
+            way.name,
+            device=way.device,
+            action=way.action,
+            args=way.args,
+            ttl=ttl if way.ttl is None else way.ttl,
+            attempts=attempts if way.attempts is None else way.attempts,
+        )
+        if result.status != "ok":
+            because = f": {result.reason}" if result.reason else ""
+            raise StepFailed(step.run_id, way.name, f"{way.device} answered {result.status}{because}")
+        return result
+
+    async def first() -> CommandResult | Decision:
+        return await send(primary)
+
+    async def take(way: CommandFallback | Person, *, last: bool) -> CommandResult | Decision:
+        return await (_ask(step, way, last=last) if isinstance(way, Person) else send(way))
+
+    return await _in_turn(step, name, first, ways, take)
+
+
+async def _in_turn(
+    step: Step,
+    name: str,
+    first: Callable[[], Awaitable[R]],
+    ways: Sequence[Fallback | CommandFallback | Person],
+    take: Callable[..., Awaitable[R]],
+) -> R:
+    """`first()`, then `take(way, last=...)` for each way in turn while the one before failed for good.
+
+    Before each way, a `fallback_taken` fact (step `<way>:taken`). Only a `StepFailed` of the way itself
+    moves on; anything else goes through.
+    """
+    try:
+        return await first()
     except StepFailed as exc:
         if exc.step != name:  # not this step's own failure (the run is compensating, a limit)
             raise
@@ -143,12 +277,12 @@ async def run_with_fallbacks(
             f"{way.name}{TAKEN_SUFFIX}",
             kind=FALLBACK_TAKEN,
             summary=f"step {failed.step!r} failed ({failed.reason}); taking fallback {way.name!r}"
-            + (f" (a person: {way.route})" if isinstance(way, Person) else ""),
+            + _what(way),
             data={"step": name, "failed": failed.step, "reason": failed.reason, "fallback": way.name},
             subject=None,
         )
         try:
-            return await _take(step, way, last=index == len(ways) - 1)
+            return await take(way, last=index == len(ways) - 1)
         except StepFailed as exc:
             if exc.step != way.name:
                 raise
@@ -157,9 +291,16 @@ async def run_with_fallbacks(
     raise StepFailed(step.run_id, name, "every way failed: " + "; ".join(reasons))
 
 
-async def _take(step: Step, way: Fallback | Person, *, last: bool) -> Any:  # noqa: ANN401 - as `run_with_fallbacks`
-    if isinstance(way, Fallback):
-        return await step.run(way.name, way.fn, undo=way.undo, retry=way.retry, action=way.action)
+def _what(way: Fallback | CommandFallback | Person) -> str:
+    if isinstance(way, Person):
+        return f" (a person: {way.route})"
+    if isinstance(way, CommandFallback):
+        return f" ({way.action} to {way.device})"
+    return ""
+
+
+async def _ask(step: Step, way: Person, *, last: bool) -> Decision:
+    """A person's way: approved is done; rejected or expired fails it (`StepFailed` of `way.name`)."""
     # Its expiry fails the step: only after the last way does that fail the run (if the agent lets the
     # `StepFailed` out); before it, the next way is taken, and the person's facts say so.
     decision = await step.approve(
@@ -173,4 +314,4 @@ async def _take(step: Step, way: Fallback | Person, *, last: bool) -> Any:  # no
         by = f" by {decision.by}" if decision.by else ""
         comment = f": {decision.comment}" if decision.comment else ""
         raise StepFailed(step.run_id, way.name, f"{decision.outcome}{by}{comment}")
-    return msgspec.to_builtins(decision)
+    return decision

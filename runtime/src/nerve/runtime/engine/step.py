@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, overload
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -47,7 +47,7 @@ from nerve.runtime.engine.errors import (
     StepFailed,
     Terminal,
 )
-from nerve.runtime.engine.fallback import run_with_fallbacks
+from nerve.runtime.engine.fallback import command_with_fallbacks, run_with_fallbacks
 from nerve.runtime.engine.journal import RecordTooLarge, RunRecord, StepRecord, UndoRecord, error_text
 from nerve.runtime.engine.names import RUNS_STREAM, approvals_subject
 from nerve.runtime.engine.timers import TimerBell, forget, has_fired, schedule
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from nerve.runtime.engine.agent import DurableAgent, RetryPolicy
     from nerve.runtime.engine.clock import Clock
     from nerve.runtime.engine.command import ResultRefusals, Sent
-    from nerve.runtime.engine.fallback import FallbackSpec
+    from nerve.runtime.engine.fallback import CommandFallback, FallbackSpec, Person
     from nerve.runtime.engine.flow import Flow
     from nerve.runtime.engine.journal import RunHandle
     from nerve.runtime.engine.settings import EngineSettings
@@ -803,6 +803,7 @@ class Step:
             return got_item.result()
         return None
 
+    @overload
     async def command(
         self,
         name: str,
@@ -812,7 +813,32 @@ class Step:
         args: dict[str, Any],
         ttl: float,
         attempts: int = 1,
-    ) -> CommandResult:
+    ) -> CommandResult: ...
+
+    @overload
+    async def command(
+        self,
+        name: str,
+        *,
+        device: str,
+        action: str,
+        args: dict[str, Any],
+        ttl: float,
+        attempts: int = 1,
+        fallbacks: Sequence[CommandFallback | Person],
+    ) -> CommandResult | Decision: ...
+
+    async def command(
+        self,
+        name: str,
+        *,
+        device: str,
+        action: str,
+        args: dict[str, Any],
+        ttl: float,
+        attempts: int = 1,
+        fallbacks: Sequence[CommandFallback | Person] = (),
+    ) -> CommandResult | Decision:
         """Send `action` to `device`, signed by the engine's signer, and return the device's result.
 
         The command id is the step id (a re-run sends the same id: kept once). Waits durably for the
@@ -821,7 +847,22 @@ class Step:
         sent again under a new id while `attempts` last, then the step fails (`StepFailed`).
         `send` and `result` are its two halves, for steps to run in between (facts, say).
         See `nerve.runtime.engine.command`.
+
+        `fallbacks`: the other ways (`CommandFallback`, `Person`), taken in turn once a way got no result
+        or an answer other than `ok`; then it returns the `ok` result or the approving `Decision`, and
+        `StepFailed` names every way when all failed. See `nerve.runtime.engine.fallback`.
         """
+        if fallbacks:
+            return await command_with_fallbacks(
+                self,
+                name,
+                device=device,
+                action=action,
+                args=args,
+                ttl=ttl,
+                attempts=attempts,
+                fallbacks=fallbacks,
+            )
         await self.send(name, device=device, action=action, args=args, ttl=ttl, attempts=attempts)
         return await self.result(name)
 
