@@ -16,6 +16,7 @@ from nerve.runtime.harness.memory import MemoryJetStream
 from nerve.runtime.jetstream.client import (
     _NOT_DIRECT,
     DIRECT_RETRY_S,
+    Stored,
     last_sequence,
     last_stored_seq,
     next_stored,
@@ -32,15 +33,18 @@ SUBJECTS = ("lean.a", "lean.b", "lean.c")
 EXAMPLES = itertools.count()
 
 
-async def nats_py_next(
-    js: JetStreamContext, stream: str, after: int, subject: str
-) -> tuple[int, bytes] | None:
+async def nats_py_next(js: JetStreamContext, stream: str, after: int, subject: str) -> Stored | None:
     try:
         raw = await js.get_msg(stream, seq=after + 1, subject=subject, next=True)
     except NotFoundError:
         return None
     assert raw.seq is not None
-    return raw.seq, raw.data or b""
+    assert raw.time is not None
+    return Stored(raw.seq, raw.subject or "", raw.data or b"", raw.time)
+
+
+def seq_data(found: Stored | None) -> tuple[int, bytes] | None:
+    return None if found is None else (found.seq, found.data)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -85,7 +89,7 @@ async def test_a_stream_without_direct_gets_is_asked_through_the_api_then_direct
     assert "LEAN_OLD" in _NOT_DIRECT
     await js.update_stream(StreamConfig(name="LEAN_OLD", subjects=["old.>"], allow_direct=True))  # applied
     monkeypatch.setitem(_NOT_DIRECT, "LEAN_OLD", time.monotonic() - DIRECT_RETRY_S - 1)
-    assert await next_stored(js, "LEAN_OLD", after=0, subject="old.a") == (1, b"1")
+    assert seq_data(await next_stored(js, "LEAN_OLD", after=0, subject="old.a")) == (1, b"1")
     assert "LEAN_OLD" not in _NOT_DIRECT
 
 
@@ -106,7 +110,10 @@ async def test_the_in_memory_jetstream_answers_the_same() -> None:
     await js.publish("lean.b", b"2")
     await js.publish("lean.a", b"3")
     assert await last_sequence(js, "LEAN") == 3
-    assert await next_stored(js, "LEAN", after=1, subject="lean.a") == (3, b"3")
+    found = await next_stored(js, "LEAN", after=1, subject="lean.a")
+    assert found is not None
+    assert (found.seq, found.subject, found.data) == (3, "lean.a", b"3")
+    assert found.time.tzinfo is not None
     assert await next_stored(js, "LEAN", after=3, subject="lean.a") is None
     assert await last_stored_seq(js, "LEAN", "lean.a") == 3
     assert await last_stored_seq(js, "LEAN", "lean.c") is None
@@ -127,20 +134,26 @@ HOSTILE_PREFIX = "hostile.api"
                 b'{"state": {"last_seq": -1.5}}',
                 b'{"message": {"seq": 3, "data": "***not base64***"}}',
                 b'{"message": {"seq": "x"}}',
+                b'{"message": {"seq": 3, "data": "", "time": "soon"}}',
+                b'{"message": {"seq": 3, "data": "", "time": "2026-12-02T01:13:43"}}',
+                b'{"message": {"seq": 3, "subject": "x", "data": "", "time": "2026-12-02T01:13:43.5Z"}}',
                 b'{"error": {"code": "x"}}',
             ]
         ),
     ),
     status=st.one_of(st.none(), st.sampled_from(["404", "408", "abc", ""])),
     sequence=st.one_of(st.none(), st.sampled_from(["7", "", "-1", "seven", "1e3"])),
+    stamp=st.one_of(
+        st.none(), st.sampled_from(["2026-12-02T01:13:43.644430123Z", "", "yesterday", "2026-12-02T01:13:43"])
+    ),
 )
 async def test_a_hostile_server_s_replies_are_a_nats_error_or_an_answer(
-    nc: NatsClient, body: bytes, status: str | None, sequence: str | None
+    nc: NatsClient, body: bytes, status: str | None, sequence: str | None, stamp: str | None
 ) -> None:
     """Whatever answers the API (a broken or hostile server), the reads raise nats-py's APIError, never a
     decode error: their callers retry or give up on NATS errors, anything else would escape as a traceback.
     """
-    given_headers = (("Status", status), ("Nats-Sequence", sequence))
+    given_headers = (("Status", status), ("Nats-Sequence", sequence), ("Nats-Time-Stamp", stamp))
     headers = {key: value for key, value in given_headers if value is not None}
 
     async def answer(msg: Msg) -> None:

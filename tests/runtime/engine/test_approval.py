@@ -17,8 +17,8 @@ from tests.runtime.engine.conftest import FAST, PREFIX, publish_event
 
 from nerve.runtime.engine import NO_RETRY, Decision, Engine, Step, Trigger, durable_agent, wait_for_run
 from nerve.runtime.engine.approval import DecisionRefused, check_decision, sign_decision
-from nerve.runtime.engine.journal import DECODER
-from nerve.runtime.engine.names import approval_key, run_key
+from nerve.runtime.engine.journal import DECODER, StepRecord
+from nerve.runtime.engine.names import RUNS_STREAM, approval_key, run_key
 from nerve.runtime.engine.runs import pending_approval, store_decision
 from nerve.runtime.envelope.codec import decode
 from nerve.runtime.envelope.model import Fact
@@ -232,6 +232,49 @@ async def test_a_decision_survives_a_restart_of_the_engine(nc: NatsClient, js: J
     assert done.steps["ok"].result["decision"]["decision"] == decision_id
     assert effects[done.key] == ["hold"]
     assert [fact.kind for fact in await facts_of(js, run_id)] == ["approval_requested", "approved"]
+
+
+async def test_a_decision_stored_in_time_while_no_engine_ran_counts_though_the_expiry_came_too(
+    nc: NatsClient, js: JetStreamContext
+) -> None:
+    """Both the decision and the expiry timer wait for the next engine: the decision was in time, it wins
+    (whichever of the two that engine hears first: at the expiry, what is stored is read first)."""
+    async with Engine(nc=nc, agents=[refund], prefix=PREFIX, settings=FAST, signer=CENTRAL) as engine:
+        run_id, record = await start(js, engine, expires=1.0)
+    kv = await js.key_value("nerve_runs")
+    decision_id = await decide(kv, record, CENTRAL, approve=True)
+    await asyncio.sleep(max(0.0, pending_approval(record).expires - time.time()) + 1.0)  # the timer fires
+    async with Engine(nc=nc, agents=[refund], prefix=PREFIX, settings=FAST, signer=CENTRAL) as engine:
+        done = await wait_for_run(engine.kv, run_id, timeout=20)
+    assert done.result["outcome"] == "approved"
+    assert done.steps["ok"].result["decision"]["decision"] == decision_id
+
+
+async def test_at_the_expiry_a_decision_stored_and_not_heard_yet_is_read_from_the_stream(
+    nc: NatsClient, js: JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step hears its timer before the decision its subscription has not delivered yet (a decision
+    stored while no engine ran, whose expiry came too): it reads what is stored, and the decision counts."""
+    stored = asyncio.Event()
+    heard: list[str] = []
+    hear = Step._next
+
+    async def timer_first(self: Step, queue: Any, waiting: StepRecord) -> Any:
+        if waiting.stream == RUNS_STREAM and not heard:
+            heard.append("timer")
+            await stored.wait()
+            return "timer"
+        return await hear(self, queue, waiting)
+
+    monkeypatch.setattr(Step, "_next", timer_first)
+    async with Engine(nc=nc, agents=[refund], prefix=PREFIX, settings=FAST, signer=CENTRAL) as engine:
+        run_id, record = await start(js, engine)
+        decision_id = await decide(engine.kv, record, CENTRAL, approve=True)
+        stored.set()
+        done = await wait_for_run(engine.kv, run_id, timeout=20)
+    assert heard == ["timer"]
+    assert done.result["outcome"] == "approved"
+    assert done.steps["ok"].result["decision"]["decision"] == decision_id
 
 
 def test_the_operator_key_may_differ_from_the_central_key() -> None:

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, overload
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, TypeVar, overload
 
 import msgspec
 from nats.js.api import ConsumerConfig, DeliverPolicy
@@ -54,7 +54,7 @@ from nerve.runtime.engine.timers import TimerBell, forget, has_fired, schedule
 from nerve.runtime.envelope.codec import MODEL_OF_KIND, decode, to_json
 from nerve.runtime.envelope.model import Fact, derived_id
 from nerve.runtime.errors import DecodeError
-from nerve.runtime.jetstream.client import last_sequence, next_stored, publish_fact
+from nerve.runtime.jetstream.client import Stored, last_sequence, next_stored, publish_fact
 from nerve.runtime.jetstream.streams import STREAM_OF_KIND, open_bucket
 from nerve.runtime.subjects import Kind, is_token, subject_root
 
@@ -81,6 +81,7 @@ if TYPE_CHECKING:
     UndoFunction = Callable[[], Awaitable[Any]]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_STEP_NAME_CHARS: Final = 128
 #: How many stored messages a wait reads one by one before it subscribes (`Step._look`).
@@ -649,19 +650,44 @@ class Step:
     ) -> tuple[Envelope, int] | None:
         """The first message on `subject` after `from_seq` that `match` accepts, if one is stored now.
 
-        Read message by message (`next_by_subj`), at most `ahead` of them (None: all): no consumer to make
-        and delete. None: none stored yet (or more than that many to read: a subscription reads them).
+        At most `ahead` of them are read (None: all); None: none stored yet (or more than that many to
+        read: a subscription reads them).
         """
-        after = from_seq
+        return await self._first_stored(subject, stream, from_seq, self._envelopes(model, match), ahead=ahead)
+
+    async def _first_stored(
+        self,
+        subject: str,
+        stream: str,
+        after: int,
+        accept: Callable[[Stored], Awaitable[T | None]],
+        *,
+        ahead: int | None,
+    ) -> tuple[T, int] | None:
+        """The first message on `subject` after `after` that `accept` makes something of; None: none now.
+
+        Returns what `accept` made of it and its sequence. Read message by message (`next_stored`), at
+        most `ahead` of them (None: all): no consumer to make and delete.
+        """
         for _ in range(ahead) if ahead is not None else itertools.count():
             stored = await next_stored(self._ctx.js, stream, after=after, subject=subject)
             if stored is None:
                 return None
-            after, data = stored
-            envelope = self._accepted(data, subject, model, match)
-            if envelope is not None:
-                return envelope, after
+            after = stored.seq
+            found = await accept(stored)
+            if found is not None:
+                return found, after
         return None
+
+    def _envelopes(
+        self, model: type[Envelope], match: Callable[[Envelope], bool] | None
+    ) -> Callable[[Stored], Awaitable[Envelope | None]]:
+        """What `_first_stored` accepts of a wait: a `model` that `match` accepts."""
+
+        async def accept(stored: Stored) -> Envelope | None:
+            return self._accepted(stored.data, stored.subject, model, match)
+
+        return accept
 
     async def _watch(
         self,
@@ -723,16 +749,17 @@ class Step:
         """
         js = self._ctx.js
         read_to = waiting.from_seq
+        accept = self._envelopes(model, match)
         while True:
             got = await self._next(queue, waiting)
             checkpoint()
             if got == "cancel":
                 raise RunCancelled(self.run_id)
             if got == "timer":
-                return await self._stored_before(subject, waiting.stream, model, match, read_to)
+                return await self._stored_before(subject, waiting.stream, read_to, accept)
             if got is None:  # the timer is late: look, and schedule it again if it was lost
                 if await has_fired(js, prefix=self._ctx.prefix, timer_id=waiting.timer):
-                    return await self._stored_before(subject, waiting.stream, model, match, read_to)
+                    return await self._stored_before(subject, waiting.stream, read_to, accept)
                 await schedule(
                     js,
                     prefix=self._ctx.prefix,
@@ -748,21 +775,17 @@ class Step:
                 return envelope, read_to
 
     async def _stored_before(
-        self,
-        subject: str,
-        stream: str,
-        model: type[Envelope],
-        match: Callable[[Envelope], bool] | None,
-        read_to: int,
-    ) -> tuple[Envelope, int] | None:
-        """The timer fired: the first match stored on `subject` after `read_to` by now, or None.
+        self, subject: str, stream: str, read_to: int, accept: Callable[[Stored], Awaitable[T | None]]
+    ) -> tuple[T, int] | None:
+        """The timer fired: the first message stored on `subject` after `read_to` by now that counts.
 
-        Read from the stream (for `STORED_READ_S` at most), not from the subscription, which may not have
-        delivered it yet: the timer may have fired while no engine watched, after the event came.
+        What counts is what `accept` makes something of: a wait's event, an approval's decision. Read
+        from the stream (for `STORED_READ_S` at most), not from the subscription, which may not have
+        delivered it yet: the timer may have fired while no engine watched, after the message came.
         """
         try:
             async with asyncio.timeout(STORED_READ_S):
-                return await self._look(subject, stream, model, match, read_to, ahead=None)
+                return await self._first_stored(subject, stream, read_to, accept, ahead=None)
         except TimeoutError:
             log.warning("engine: run %s: %s stored before its timeout, unread", self.run_id, subject)
         return None
@@ -1070,7 +1093,11 @@ class Step:
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL,
         )
-        seen = 0
+        read_to = 0
+
+        async def judged(stored: Stored) -> Decision | None:
+            return await self._judge(name, waiting, stored.subject, stored.data, stored.time)
+
         try:
             async with self._timer_rings(waiting.timer, queue), self.slot.waiting():
                 while True:
@@ -1085,49 +1112,27 @@ class Step:
                         continue
                     if got is None or got == "timer":
                         # Expired: but a decision stored before now is read first (it may have come in time).
-                        return await self._last_decisions(name, waiting, queue, subject, seen)
-                    seen += 1
-                    decision = await self._judge(name, waiting, got)
+                        found = await self._stored_before(subject, RUNS_STREAM, read_to, judged)
+                        return None if found is None else found[0]
+                    read_to = got.metadata.sequence.stream
+                    decision = await self._judge(name, waiting, got.subject, got.data, got.metadata.timestamp)
                     if decision is not None:
                         return decision
         finally:
             await decisions.unsubscribe()
 
-    async def _last_decisions(
-        self,
-        name: str,
-        waiting: StepRecord,
-        queue: asyncio.Queue[Msg | Literal["timer"]],
-        subject: str,
-        seen: int,
+    async def _judge(
+        self, name: str, waiting: StepRecord, subject: str, data: bytes, stored: datetime
     ) -> Decision | None:
-        """Read the decisions stored but not yet read (`seen` were); the first that counts, or None."""
-        info = await self._ctx.js.stream_info(RUNS_STREAM, subjects_filter=subject)
-        stored = sum((info.state.subjects or {}).values())
-        try:
-            async with asyncio.timeout(STORED_READ_S):
-                while seen < stored:
-                    got = await queue.get()
-                    if got == "timer":
-                        continue
-                    seen += 1
-                    decision = await self._judge(name, waiting, got)
-                    if decision is not None:
-                        return decision
-        except TimeoutError:
-            log.warning("engine: run %s: %d decision(s) not read in time", self.run_id, stored - seen)
-        return None
-
-    async def _judge(self, name: str, waiting: StepRecord, msg: Msg) -> Decision | None:
-        """The decision in `msg` if it counts; else None, and a refused one is kept as a fact."""
-        key = msg.subject.rsplit(".", 1)[-1]
+        """The decision stored on `subject` at `stored` if it counts; else None (a refused one is a fact)."""
+        key = subject.rsplit(".", 1)[-1]
         try:
             _, decision = check_decision(
-                msg.data,
+                data,
                 run_id=self.run_id,
                 step=name,
                 due=waiting.due,
-                stored=msg.metadata.timestamp,
+                stored=stored,
                 operators=self._ctx.operators,
             )
         except DecisionRefused as refused:

@@ -14,7 +14,8 @@ import dataclasses
 import logging
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, NoReturn, cast
 
 import msgspec
 from nats.aio.client import Client as NatsClient
@@ -43,7 +44,6 @@ from nerve.runtime.trust.chain import (
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine, Mapping
-    from datetime import datetime
 
     from nats.aio.msg import Msg
     from nats.js.api import PubAck
@@ -556,7 +556,18 @@ class _InfoReply(msgspec.Struct):
 
 class _Stored(msgspec.Struct):
     seq: int = 0
+    subject: str = ""
     data: str = ""  # base64
+    time: str = ""  # RFC 3339
+
+
+class Stored(NamedTuple):
+    """A message as `stream` holds it: its sequence, subject, data, and when JetStream stored it."""
+
+    seq: int
+    subject: str
+    data: bytes
+    time: datetime
 
 
 class _MsgReply(msgspec.Struct):
@@ -622,19 +633,19 @@ async def sequence_before(js: JetStreamContext, stream: str, when: datetime) -> 
             return last
         return min(last, int(raw.seq) - 1)
     found = await _get(js, stream, {"start_time": when.isoformat()})
-    return last if found is None else min(last, found[0] - 1)
+    return last if found is None else min(last, found.seq - 1)
 
 
-async def next_stored(
-    js: JetStreamContext, stream: str, *, after: int, subject: str
-) -> tuple[int, bytes] | None:
-    """The first message on `subject` stored in `stream` after sequence `after`: (sequence, data), or None."""
+async def next_stored(js: JetStreamContext, stream: str, *, after: int, subject: str) -> Stored | None:
+    """The first message on `subject` (wildcards: any) stored in `stream` after sequence `after`, or None."""
     if not _is_nats_py(js):
         try:
             raw = await js.get_msg(stream, seq=after + 1, subject=subject, next=True)
         except NotFoundError:
             return None
-        return (raw.seq, raw.data or b"") if raw.seq is not None else None
+        if raw.seq is None or raw.time is None:
+            return None
+        return Stored(raw.seq, raw.subject or "", raw.data or b"", raw.time)
     return await _get(js, stream, {"seq": after + 1, "next_by_subj": subject})
 
 
@@ -646,7 +657,7 @@ async def last_stored_seq(js: JetStreamContext, stream: str, subject: str) -> in
         except NotFoundError:
             return None
     found = await _get(js, stream, {"last_by_subj": subject})
-    return None if found is None else found[0]
+    return None if found is None else found.seq
 
 
 #: Streams that answered no direct get (made before nerve set `allow_direct`, and not applied since),
@@ -654,10 +665,12 @@ async def last_stored_seq(js: JetStreamContext, stream: str, subject: str) -> in
 _NOT_DIRECT: Final[dict[str, float]] = {}
 DIRECT_RETRY_S: Final = 60.0
 SEQUENCE_HEADER: Final = "Nats-Sequence"
+SUBJECT_HEADER: Final = "Nats-Subject"
+TIME_HEADER: Final = "Nats-Time-Stamp"
 
 
-def _direct_answer(msg: Msg) -> tuple[int, bytes] | None:
-    """A direct get's reply: (sequence, data), None for 404, or APIError for anything else."""
+def _direct_answer(msg: Msg) -> Stored | None:
+    """A direct get's reply: the message, None for 404, or APIError for anything else."""
     headers = msg.headers or {}
     status = headers.get("Status")
     if status == "404":
@@ -666,11 +679,28 @@ def _direct_answer(msg: Msg) -> tuple[int, bytes] | None:
     if status is not None or not sequence.isdigit():
         code = int(status) if status is not None and status.isdigit() else 0
         raise APIError(code=code, description=headers.get("Description", f"no sequence in {sequence!r}"))
-    return int(sequence), msg.data
+    what = "a direct get"
+    return Stored(
+        int(sequence),
+        headers.get(SUBJECT_HEADER, ""),
+        msg.data,
+        _stored_time(headers.get(TIME_HEADER, ""), what),
+    )
 
 
-async def _get(js: JetStreamContext, stream: str, request: dict[str, Any]) -> tuple[int, bytes] | None:
-    """(sequence, data) of the stored message `request` names, or None if there is none.
+def _stored_time(text: str, what: str) -> datetime:
+    """When a message was stored, from nats-server's RFC 3339 time (nanoseconds cut to microseconds)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise _unreadable(what, exc) from None
+    if when.tzinfo is None:
+        raise _unreadable(what, ValueError(f"time {text[:64]!r} has no zone"))
+    return when
+
+
+async def _get(js: JetStreamContext, stream: str, request: dict[str, Any]) -> Stored | None:
+    """The stored message `request` names, or None if there is none.
 
     A direct get where the stream allows it (nerve's streams do: `allow_direct`): served without the
     JetStream API's routing and advisory (7 % of nats-server's CPU per disk incident, side by side).
@@ -701,4 +731,4 @@ async def _get(js: JetStreamContext, stream: str, request: dict[str, Any]) -> tu
         data = base64.b64decode(reply.message.data, validate=True)
     except ValueError as exc:  # binascii.Error
         raise _unreadable(what, exc) from None
-    return reply.message.seq, data
+    return Stored(reply.message.seq, reply.message.subject, data, _stored_time(reply.message.time, what))
