@@ -225,6 +225,28 @@ async def test_a_crash_at_any_journal_write_sends_each_way_once(*, twice: bool) 
             assert taken == ["rotate"], (crash_at, when)
 
 
+@durable_agent(
+    "hasty",
+    trigger=Trigger(Kind.EVENTS, "hurry", source="ops"),
+    key=lambda event: str(event.data["device"]),
+)
+async def hasty(event: Envelope, step: Step) -> str:
+    result = await step.command(
+        "clear", device=step.key, action="clear_temp", args={}, ttl=float(str(event.data["ttl"]))
+    )
+    return result.status
+
+
+@pytest.mark.parametrize("ttl", [0.0, -5.0])
+async def test_a_command_that_would_expire_when_sent_is_refused_and_never_sent(ttl: float) -> None:
+    async with AgentHarness(agents=[hasty], signer=OPERATOR) as h:
+        event = await h.publish_event("hurry", {"device": "dev1", "ttl": ttl}, source="ops")
+        record = await h.wait_for_run(hasty.run_id(event.id))
+        assert await h.commands() == []
+    assert record.state == "failed"
+    assert f"ttl {ttl!r} must be above 0 seconds" in record.error
+
+
 def test_command_fallbacks_are_checked_when_declared() -> None:
     async def nothing() -> None:
         return None
@@ -241,5 +263,9 @@ def test_command_fallbacks_are_checked_when_declared() -> None:
         declared_commands("a", [CommandFallback("b", device="d", action="x.y")])
     with pytest.raises(AgentDeclarationError, match="attempts must be at least 1"):
         declared_commands("a", [CommandFallback("b", device="d", action="x", attempts=0)])
+    with pytest.raises(AgentDeclarationError, match="ttl 0 must be above 0 seconds"):
+        declared_commands("a", [CommandFallback("b", device="d", action="x", ttl=0)])
+    with pytest.raises(AgentDeclarationError, match="ttl nan must be above 0 seconds"):
+        declared_commands("a", [CommandFallback("b", device="d", action="x", ttl=float("nan"))])
     with pytest.raises(AgentDeclarationError, match="not a CommandFallback or a Person"):
         declared_commands("a", [Fallback("b", nothing)])  # type: ignore[list-item]

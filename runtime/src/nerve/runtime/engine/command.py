@@ -165,6 +165,8 @@ def _check(step: Step, name: str, device: str, action: str, attempts: int, ttl: 
             raise AgentDeclarationError(f"step {name!r}: {what} {value!r} is not valid")
     if attempts < 1:
         raise AgentDeclarationError(f"step {name!r}: attempts must be at least 1")
+    if not ttl > 0:  # NaN too: a command that expired when it was sent is no command
+        raise AgentDeclarationError(f"step {name!r}: ttl {ttl!r} must be above 0 seconds")
     if step._ctx.signer is None:  # noqa: SLF001
         raise AgentDeclarationError(f"step {name!r}: the engine has no signer to sign commands with")
     step._check_duration(name, ttl + CLOCK_SKEW_S)  # noqa: SLF001

@@ -146,7 +146,7 @@ def declared_commands(
 ) -> tuple[CommandFallback | Person, ...]:
     """`fallbacks` of command step `name`, checked as `declared` checks those of `step.run`.
 
-    Each command's device and action must be tokens, its attempts at least 1.
+    Each command's device and action must be tokens, its attempts at least 1, its ttl above 0.
     """
     ways: list[CommandFallback | Person] = []
     for spec in fallbacks:
@@ -161,6 +161,9 @@ def declared_commands(
                     raise AgentDeclarationError(msg)
             if given.attempts is not None and given.attempts < 1:
                 msg = f"step {name!r}: fallback {given.name!r}: attempts must be at least 1"
+                raise AgentDeclarationError(msg)
+            if given.ttl is not None and not given.ttl > 0:
+                msg = f"step {name!r}: fallback {given.name!r}: ttl {given.ttl!r} must be above 0 seconds"
                 raise AgentDeclarationError(msg)
         ways.append(given)
     _check_ways(name, ways)
