@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from nerve.bridge import redelivery
 from nerve.bridge.redelivery import RedeliveredIds
+
+if TYPE_CHECKING:
+    import pytest
 
 TOPICS = ("nerve/a/telemetry/cpu", "nerve/b/telemetry/cpu")
 PAYLOADS = (b"95", b'{"value": 95}', b"96")
@@ -58,6 +65,54 @@ def test_qos0_is_not_remembered_and_the_memory_is_bounded_by_packet_ids() -> Non
     assert len(ids) == 65535
 
 
+def test_the_ids_are_read_back_from_the_file_a_killed_bridge_left(tmp_path: Path) -> None:
+    path = tmp_path / "bridge" / "b.ids"
+    ids = RedeliveredIds(path)
+    ids.remember(7, TOPICS[0], b"95", "first")
+    ids.remember(8, TOPICS[1], b"96", "second")
+    ids.write()
+    ids.forget([8])
+    again = RedeliveredIds(path)  # no close: as after kill -9
+    assert again.recall(7, TOPICS[0], b"95", dup=True) == "first"
+    assert again.recall(8, TOPICS[1], b"96", dup=True) is None
+    again.session(present=False)  # the broker forgot the session: so does the file
+    assert len(RedeliveredIds(path)) == 0
+
+
+def test_lines_that_do_not_read_back_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "b.ids"
+    ids = RedeliveredIds(path)
+    ids.remember(7, TOPICS[0], b"95", "first")
+    ids.write()
+    with path.open("ab") as file:
+        file.write(b'[8,"nerve/a/telemetry/cpu",2,12\n[9,"x"]\n{"a": 1}\n\xff\n[10,"nerve/a/tel')  # cut short
+    again = RedeliveredIds(path)
+    assert len(again) == 1
+    assert again.recall(7, TOPICS[0], b"95", dup=True) == "first"
+    assert "5 line(s) that do not read back skipped" in caplog.text
+
+
+def test_the_file_is_rewritten_with_what_is_remembered_once_it_is_large(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redelivery, "LOG_REWRITE_BYTES", 2_000)
+    path = tmp_path / "b.ids"
+    ids = RedeliveredIds(path)
+    for n in range(1, 1_000):
+        ids.remember(n % 20 + 1, TOPICS[0], b"%d" % n, f"id-{n}")
+        ids.write()
+        if n % 3 == 0:
+            ids.forget([n % 20 + 1])
+    assert path.stat().st_size <= 2_000 + 200
+    again = RedeliveredIds(path)
+    assert len(again) == len(ids)
+    for n in range(980, 1_000):
+        packet_id = n % 20 + 1
+        assert again.recall(packet_id, TOPICS[0], b"%d" % n, dup=True) == ids.recall(
+            packet_id, TOPICS[0], b"%d" % n, dup=True
+        )
+
+
 # -- a model of an MQTT v5 broker's persistent session and of the bridge, driven by random steps --------
 
 
@@ -82,6 +137,12 @@ class World:
     given: dict[int, set[str]] = field(default_factory=dict)  # message number -> ids it was stored with
     lost_puback: set[int] = field(default_factory=set)  # messages a PUBACK of which was lost
     fresh: itertools.count[int] = field(default_factory=itertools.count)
+    #: The bridge's id file (None: memory only).
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            self.ids = RedeliveredIds(self.path)
 
     def publish(self, topic: str, payload: bytes) -> None:
         self.broker.queued.append(len(self.messages))
@@ -103,6 +164,7 @@ class World:
         topic, payload = self.messages[number]
         event_id = self.ids.recall(packet_id, topic, payload, dup=dup) or f"fresh-{next(self.fresh)}"
         self.ids.remember(packet_id, topic, payload, event_id)
+        self.ids.write()  # as the bridge does before the store leaves
         self.given.setdefault(number, set()).add(event_id)
         self.read_unacked.append(packet_id)
 
@@ -114,6 +176,12 @@ class World:
                 self.lost_puback.add(self.broker.inflight[packet_id])
             else:
                 del self.broker.inflight[packet_id]
+
+    def kill(self) -> None:
+        """The bridge process is killed (`kill -9`) and started again on its session: it reads its file."""
+        assert self.path is not None
+        self.ids = RedeliveredIds(self.path)
+        self.reconnect(present=True)
 
     def reconnect(self, *, present: bool) -> None:
         self.read_unacked = []
@@ -171,7 +239,41 @@ REDELIVERED = [
 @example(SESSION_LOST)
 @example(REDELIVERED)
 def test_no_two_readings_share_an_id_and_a_redelivery_keeps_its_id(steps: list[tuple[object, ...]]) -> None:
-    world = World()
+    check(World(), steps)
+
+
+KILLED = [
+    ("publish", TOPICS[0], b"95"),
+    ("publish", TOPICS[0], b"95"),
+    ("deliver", True),
+    ("deliver", True),
+    ("kill",),
+    ("deliver", True),
+    ("deliver", True),
+]
+# Acknowledged, its packet id reused for the same reading again, then a kill before the second is read.
+KILLED_AFTER_REUSE = [
+    ("publish", TOPICS[0], b"95"),
+    ("deliver", True),
+    ("puback", 1, False),
+    ("publish", TOPICS[0], b"95"),
+    ("deliver", False),
+    ("kill",),
+    ("deliver", True),
+]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(STEPS, st.just(("kill",))), max_size=60))
+@example(KILLED)
+@example(KILLED_AFTER_REUSE)
+def test_a_killed_bridge_reads_its_ids_back_and_the_same_holds(steps: list[tuple[object, ...]]) -> None:
+    """The same, with the bridge's id file, and the bridge killed and started again at any step."""
+    with tempfile.TemporaryDirectory() as directory:
+        check(World(path=Path(directory) / "bridge" / "b.ids"), steps)
+
+
+def check(world: World, steps: list[tuple[object, ...]]) -> None:
     for step in steps:
         match step:
             case ("publish", str(topic), bytes(payload)):
@@ -184,6 +286,13 @@ def test_no_two_readings_share_an_id_and_a_redelivery_keeps_its_id(steps: list[t
                     world.reconnect(present=True)  # a lost PUBACK means the connection ended
             case ("reconnect", bool(present)):
                 world.reconnect(present=present)
+            case ("kill",):
+                world.kill()
+    assert_one_id_each(world)
+
+
+def assert_one_id_each(world: World) -> None:
+    """No id was given to two readings; a reading none of whose PUBACKs was lost was stored under one."""
     owners: dict[str, int] = {}
     for number, event_ids in world.given.items():
         for event_id in event_ids:

@@ -24,7 +24,7 @@ from nerve.bridge.metrics import MetricsServer
 from nerve.bridge.natsclient import connect_nats
 from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
 from nerve.bridge.pump import Pump
-from nerve.bridge.redelivery import RedeliveredIds
+from nerve.bridge.redelivery import RedeliveredIds, ids_path
 from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
@@ -63,8 +63,9 @@ class Bridge:
         self.downlink: Downlink | None = None
         self._uplink_ready = asyncio.Event()
         self._downlink_ready = asyncio.Event()
-        # Across uplink sessions: what mosquitto sends again after a reconnect keeps its first id.
-        self._redelivered_ids = RedeliveredIds()
+        # Across uplink sessions, and across a kill of this process (a file in the data dir): what
+        # mosquitto sends again after a reconnect keeps its first id.
+        self._redelivered_ids = RedeliveredIds(ids_path(settings))
 
     def _ready_changed(self) -> None:
         if self.downlink is not None and self.downlink.ready.is_set():

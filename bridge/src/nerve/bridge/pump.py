@@ -142,8 +142,8 @@ class Pump:
         """Acknowledge through `mqtt` (PUBACKs earned before this go out now)."""
         self._mqtt = mqtt
         if self._unsent_pubacks and not mqtt.closed.done():
+            self._ids.forget(self._unsent_pubacks)  # before the PUBACKs leave
             mqtt.puback(self._unsent_pubacks)
-            self._ids.forget(self._unsent_pubacks)
             self._unsent_pubacks = []
 
     @property
@@ -181,6 +181,7 @@ class Pump:
         self._next_token = token
         stats.received += len(batch)
         stats.in_flight = len(queue)
+        self._ids.write()  # the ids given, on disk before their readings leave
         nats.flush()
         if ignored:
             self._release()
@@ -272,8 +273,8 @@ class Pump:
             if mqtt is None:
                 self._unsent_pubacks += packet_ids
             elif not mqtt.closed.done():
+                self._ids.forget(packet_ids)  # before the PUBACKs leave (the id file says so first)
                 mqtt.puback(packet_ids)
-                self._ids.forget(packet_ids)
             # Else the connection is gone and these PUBACKs with it (stores answered after it dropped):
             # mosquitto sends the messages again, and a raw reading must get its id again then.
         self._stats.in_flight = len(queue)

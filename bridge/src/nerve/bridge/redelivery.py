@@ -18,8 +18,15 @@ Two different readings are never given one id, even with identical payloads (a d
   a fresh id: stored twice, as before. A PUBACK written to a live connection is rarely lost.)
 - a session the broker did not keep (Session Present 0) forgets everything: nothing of it comes again.
 
-The bridge's memory only: a bridge process that is killed forgets, and the readings mosquitto sends its
-successor again are stored twice (at-least-once, as the architecture promises).
+Kept on disk too (`<data_dir>/bridge/<client id>.ids`), so a bridge killed with `kill -9` does not
+forget: its successor on the same session reads the file and gives mosquitto's redeliveries their first
+ids. Each id given is appended before its reading leaves for JetStream (one write per batch of
+readings), and each packet id acknowledged is appended as forgotten before its PUBACK leaves. Written
+without fsync: the file is for a killed process, whose writes the kernel keeps; a machine that loses
+power also loses mosquitto's in-memory session, and with it every redelivery. The file is rewritten
+with only what is remembered once it passes `LOG_REWRITE_BYTES`; a line that does not read back (cut
+short) is skipped, and its reading, if mosquitto sends it again, gets a fresh id (stored twice, never
+lost).
 
 Bounded: keyed by packet id (16 bits), so at most 65,535 entries, and in practice the bridge's in-flight
 window (`bridge.max_in_flight`). An entry holds a digest of the payload, not the payload: a few dozen
@@ -29,10 +36,41 @@ bytes each, whatever the payload's size (two payloads of one length and topic un
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+import contextlib
+import hashlib
+import logging
+import os
+from typing import TYPE_CHECKING, Final, NamedTuple
+
+import msgspec
+
+from nerve.runtime.subjects import is_token
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from pathlib import Path
+
+    from nerve.runtime.config.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: The id file is rewritten with only what is remembered once it is this large.
+LOG_REWRITE_BYTES: Final = 4 << 20
+
+
+def ids_path(settings: Settings) -> Path:
+    """The id file of the bridge of `settings`: `<data_dir>/bridge/<client id>.ids`.
+
+    A client id that is not a token is named by its digest instead.
+    """
+    client_id = settings.bridge.client_id
+    name = client_id if is_token(client_id) else hashlib.sha256(client_id.encode()).hexdigest()[:32]
+    return settings.data_dir / "bridge" / f"{name}.ids"
+
+
+def digest_of(payload: bytes) -> int:
+    """A digest of `payload` that is the same in every process (Python's `hash` of bytes is not)."""
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "big")
 
 
 class _Given(NamedTuple):
@@ -43,12 +81,16 @@ class _Given(NamedTuple):
 
 
 class RedeliveredIds:
-    """Packet id → the event id the bridge gave that unacknowledged PUBLISH; see the module docstring."""
+    """Packet id → the event id the bridge gave that unacknowledged PUBLISH; see the module docstring.
 
-    __slots__ = ("_given",)
+    With `path`, kept in that file too, and read back from it (a bridge that was killed).
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_given", "_log")
+
+    def __init__(self, path: Path | None = None) -> None:
         self._given: dict[int, _Given] = {}
+        self._log = None if path is None else _IdLog(path, self._given)
 
     def __len__(self) -> int:
         return len(self._given)
@@ -57,6 +99,8 @@ class RedeliveredIds:
         """A new MQTT session began: without Session Present the broker forgot ours, so do we."""
         if not present:
             self._given.clear()
+            if self._log is not None:
+                self._log.rewrite()
 
     def recall(self, packet_id: int, topic: str, payload: bytes, *, dup: bool) -> str | None:
         """The id given to this PUBLISH's first delivery, if it is a redelivery of one we remember."""
@@ -67,19 +111,128 @@ class RedeliveredIds:
             given is None
             or given.topic != topic
             or given.size != len(payload)
-            or given.digest != hash(payload)
+            or given.digest != digest_of(payload)
         ):
             return None
         return given.event_id
 
     def remember(self, packet_id: int, topic: str, payload: bytes, event_id: str) -> None:
-        """PUBLISH `packet_id` (`topic`, `payload`) was given `event_id`; no-op at QoS0 (packet id 0)."""
+        """PUBLISH `packet_id` (`topic`, `payload`) was given `event_id`; no-op at QoS0 (packet id 0).
+
+        On disk once `write` is called: before the reading leaves for JetStream.
+        """
         if packet_id:
-            self._given[packet_id] = _Given(topic, len(payload), hash(payload), event_id)
+            given = _Given(topic, len(payload), digest_of(payload), event_id)
+            self._given[packet_id] = given
+            if self._log is not None:
+                self._log.given(packet_id, given)
+
+    def write(self) -> None:
+        """Put what was remembered since the last call on disk (before its readings leave)."""
+        if self._log is not None:
+            self._log.write()
 
     def forget(self, packet_ids: Iterable[int]) -> None:
-        """Their PUBACKs are written: the broker may give these packet ids to other messages now."""
+        """Their PUBACKs are about to be written: the broker may then give these packet ids to others.
+
+        Call it before the PUBACKs leave: the file says so first.
+        """
         given = self._given
         if given:
+            packet_ids = list(packet_ids)
             for packet_id in packet_ids:
                 given.pop(packet_id, None)
+            if self._log is not None:
+                self._log.forgotten(packet_ids)
+                self._log.write()
+
+
+_LINE: Final = msgspec.json.Decoder(list[int | str])
+_ENCODE: Final = msgspec.json.Encoder()
+
+
+class _IdLog:
+    """The file behind a `RedeliveredIds`: one JSON line per id given, `[packet id]` per one forgotten."""
+
+    __slots__ = ("_fd", "_path", "_pending", "_size", "_state")
+
+    def __init__(self, path: Path, state: dict[int, _Given]) -> None:
+        self._path = path
+        self._state = state
+        self._pending = bytearray()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._read()
+        self._fd = -1
+        self._size = 0
+        self.rewrite()
+
+    def _read(self) -> None:
+        try:
+            data = self._path.read_bytes()
+        except FileNotFoundError:
+            return
+        skipped = 0
+        for line in data.splitlines():
+            try:
+                entry = _LINE.decode(line)
+            except msgspec.DecodeError:
+                skipped += 1
+                continue
+            match entry:
+                case [int(packet_id)]:
+                    self._state.pop(packet_id, None)
+                case [int(packet_id), str(topic), int(size), int(digest), str(event_id)]:
+                    self._state[packet_id] = _Given(topic, size, digest, event_id)
+                case _:
+                    skipped += 1
+        if skipped:
+            log.warning("bridge: %s: %d line(s) that do not read back skipped", self._path, skipped)
+        if self._state:
+            log.info(
+                "bridge: %d reading id(s) not yet acknowledged read back from %s",
+                len(self._state),
+                self._path,
+            )
+
+    def given(self, packet_id: int, given: _Given) -> None:
+        self._pending += _ENCODE.encode((packet_id, *given)) + b"\n"
+
+    def forgotten(self, packet_ids: Iterable[int]) -> None:
+        for packet_id in packet_ids:
+            self._pending += b"[%d]\n" % packet_id
+
+    def write(self) -> None:
+        """Append what is pending (the kernel keeps it if the process is killed); rewrite when large."""
+        if not self._pending:
+            return
+        if self._size + len(self._pending) > LOG_REWRITE_BYTES:
+            self._pending.clear()
+            self.rewrite()
+            return
+        self._size += _write_all(self._fd, self._pending)
+        self._pending.clear()
+
+    def rewrite(self) -> None:
+        """Write the file anew with only what is remembered, then append to it."""
+        lines = b"".join(_ENCODE.encode((pid, *given)) + b"\n" for pid, given in self._state.items())
+        fresh = self._path.with_suffix(".tmp")
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        try:
+            _write_all(fd, lines)
+            fresh.replace(self._path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd = fd
+        self._size = len(lines)
+        self._pending.clear()
+
+
+def _write_all(fd: int, data: bytes | bytearray) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
