@@ -382,7 +382,8 @@ async def spawn(argv: list[str], log: Path) -> asyncio.subprocess.Process:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
-            env=clean_env(),
+            # The bridge's data dir (its id file) beside its log, not the working directory's .nerve.
+            env={**clean_env(), "NERVE_DATA_DIR": str(log.parent / "nerve-data")},
         )
 
 

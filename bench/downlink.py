@@ -85,8 +85,11 @@ def baseline_tree(revision: str, into: Path) -> Path:
     return into / "bridge" / "src"
 
 
-async def start_bridge(mqtt_url: str, nats_url: str, pythonpath: Path | None) -> asyncio.subprocess.Process:
+async def start_bridge(
+    mqtt_url: str, nats_url: str, pythonpath: Path | None, data_dir: Path
+) -> asyncio.subprocess.Process:
     env = {k: v for k, v in os.environ.items() if not k.startswith("NERVE_")}
+    env["NERVE_DATA_DIR"] = str(data_dir)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     env["NERVE_BRIDGE__CLIENT_ID"] = BRIDGE_ID
@@ -184,7 +187,7 @@ async def run_case(name: str, args: argparse.Namespace, *, backlog: bool, python
             js = nc.jetstream()
             await ensure_streams(js, "nerve")
             mqtt = MqttSettings(url=mosquitto.url)
-            bridge = await start_bridge(mosquitto.url, nats_server.url, pythonpath)
+            bridge = await start_bridge(mosquitto.url, nats_server.url, pythonpath, Path(tmp) / "bridge-data")
             seen = Devices()
             pending: int | None = None
             try:
@@ -200,7 +203,9 @@ async def run_case(name: str, args: argparse.Namespace, *, backlog: bool, python
                     if backlog:
                         await stop(bridge)
                         await publish_readings(mqtt, args.readings)
-                        bridge = await start_bridge(mosquitto.url, nats_server.url, pythonpath)
+                        bridge = await start_bridge(
+                            mosquitto.url, nats_server.url, pythonpath, Path(tmp) / "bridge-data"
+                        )
                         await until_draining(js)
                     sent = await send_commands(js, args, seen)
                     if backlog:

@@ -86,6 +86,7 @@ async def main() -> int:
                 **os.environ,
                 "NERVE_MQTT__KEEPALIVE_S": str(args.keepalive),
                 "NERVE_BRIDGE__MAX_IN_FLIGHT": str(args.max_in_flight),
+                "NERVE_DATA_DIR": str(Path(tmp) / "bridge-data"),  # its id file, kept across its restart
             }
 
             async def bridge(log: Path) -> asyncio.subprocess.Process:

@@ -113,6 +113,19 @@ def test_the_file_is_rewritten_with_what_is_remembered_once_it_is_large(
         )
 
 
+def test_a_data_dir_it_cannot_write_leaves_the_ids_in_memory_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "bridge").write_text("a file where the directory would be")
+    ids = RedeliveredIds(tmp_path / "bridge" / "b.ids")
+    ids.remember(7, TOPICS[0], b"95", "first")
+    ids.write()
+    ids.forget([8])
+    ids.session(present=True)
+    assert ids.recall(7, TOPICS[0], b"95", dup=True) == "first"
+    assert "cannot keep reading ids in" in caplog.text
+
+
 # -- a model of an MQTT v5 broker's persistent session and of the bridge, driven by random steps --------
 
 

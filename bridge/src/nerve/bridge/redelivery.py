@@ -40,6 +40,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 import msgspec
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: The id file is rewritten with only what is remembered once it is this large.
 LOG_REWRITE_BYTES: Final = 4 << 20
+#: A failing write of the id file is said at most this often.
+WARN_EVERY_S: Final = 60.0
 
 
 def ids_path(settings: Settings) -> Path:
@@ -90,7 +93,17 @@ class RedeliveredIds:
 
     def __init__(self, path: Path | None = None) -> None:
         self._given: dict[int, _Given] = {}
-        self._log = None if path is None else _IdLog(path, self._given)
+        self._log: _IdLog | None = None
+        if path is not None:
+            try:
+                self._log = _IdLog(path, self._given)
+            except OSError as exc:  # a read-only data dir: the bridge works, and forgets when killed
+                log.warning(
+                    "bridge: cannot keep reading ids in %s (%s): a bridge killed now stores the readings "
+                    "mosquitto sends again twice; set data_dir to a writable directory",
+                    path,
+                    exc.strerror or exc,
+                )
 
     def __len__(self) -> int:
         return len(self._given)
@@ -100,7 +113,7 @@ class RedeliveredIds:
         if not present:
             self._given.clear()
             if self._log is not None:
-                self._log.rewrite()
+                self._log.cleared()
 
     def recall(self, packet_id: int, topic: str, payload: bytes, *, dup: bool) -> str | None:
         """The id given to this PUBLISH's first delivery, if it is a redelivery of one we remember."""
@@ -128,7 +141,10 @@ class RedeliveredIds:
                 self._log.given(packet_id, given)
 
     def write(self) -> None:
-        """Put what was remembered since the last call on disk (before its readings leave)."""
+        """Put what was remembered since the last call on disk (before its readings leave).
+
+        A write that fails (a full disk) is said once a minute at most; the ids stay in memory.
+        """
         if self._log is not None:
             self._log.write()
 
@@ -154,12 +170,13 @@ _ENCODE: Final = msgspec.json.Encoder()
 class _IdLog:
     """The file behind a `RedeliveredIds`: one JSON line per id given, `[packet id]` per one forgotten."""
 
-    __slots__ = ("_fd", "_path", "_pending", "_size", "_state")
+    __slots__ = ("_fd", "_path", "_pending", "_size", "_state", "_warned")
 
     def __init__(self, path: Path, state: dict[int, _Given]) -> None:
         self._path = path
         self._state = state
         self._pending = bytearray()
+        self._warned = -WARN_EVERY_S
         path.parent.mkdir(parents=True, exist_ok=True)
         self._read()
         self._fd = -1
@@ -207,10 +224,26 @@ class _IdLog:
             return
         if self._size + len(self._pending) > LOG_REWRITE_BYTES:
             self._pending.clear()
-            self.rewrite()
+            self.cleared()  # rewritten with what is remembered: the pending lines are in it
             return
-        self._size += _write_all(self._fd, self._pending)
+        try:
+            self._size += _write_all(self._fd, self._pending)
+        except OSError as exc:
+            self._failed(exc)
         self._pending.clear()
+
+    def cleared(self) -> None:
+        """Write the file anew with what is remembered (nothing, after a session the broker forgot)."""
+        try:
+            self.rewrite()
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._warned > WARN_EVERY_S:
+            self._warned = now
+            log.warning("bridge: cannot write reading ids to %s: %s", self._path, exc.strerror or exc)
 
     def rewrite(self) -> None:
         """Write the file anew with only what is remembered, then append to it."""
