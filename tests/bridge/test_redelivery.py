@@ -79,6 +79,21 @@ def test_the_ids_are_read_back_from_the_file_a_killed_bridge_left(tmp_path: Path
     assert len(RedeliveredIds(path)) == 0
 
 
+def test_the_file_holds_a_descriptor_only_between_a_write_and_close(tmp_path: Path) -> None:
+    """A descriptor per bridge, not per instance made: the suite's processes make thousands (paho-mqtt's
+    select() cannot take a descriptor numbered 1024 or more)."""
+    path = tmp_path / "b.ids"
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for n in range(200):
+        ids = RedeliveredIds(path)
+        ids.remember(n % 10 + 1, TOPICS[0], b"95", f"id-{n}")
+        ids.write()
+        ids.close()
+        RedeliveredIds(path)  # read back, never written: no descriptor kept
+    assert len(list(Path("/proc/self/fd").iterdir())) == before
+    assert len(RedeliveredIds(path)) == 10
+
+
 def test_lines_that_do_not_read_back_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "b.ids"
     ids = RedeliveredIds(path)
@@ -193,6 +208,7 @@ class World:
     def kill(self) -> None:
         """The bridge process is killed (`kill -9`) and started again on its session: it reads its file."""
         assert self.path is not None
+        self.ids.close()  # as the kernel does for a killed process
         self.ids = RedeliveredIds(self.path)
         self.reconnect(present=True)
 
@@ -301,6 +317,7 @@ def check(world: World, steps: list[tuple[object, ...]]) -> None:
                 world.reconnect(present=present)
             case ("kill",):
                 world.kill()
+    world.ids.close()
     assert_one_id_each(world)
 
 

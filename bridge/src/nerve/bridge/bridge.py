@@ -99,6 +99,7 @@ class Bridge:
         try:
             await self._bridge()
         finally:
+            self._redelivered_ids.close()
             if metrics is not None:
                 metrics.close()
 

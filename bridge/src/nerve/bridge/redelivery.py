@@ -148,6 +148,11 @@ class RedeliveredIds:
         if self._log is not None:
             self._log.write()
 
+    def close(self) -> None:
+        """Close the file, if one is kept (a later `write` opens it again)."""
+        if self._log is not None:
+            self._log.close()
+
     def forget(self, packet_ids: Iterable[int]) -> None:
         """Their PUBACKs are about to be written: the broker may then give these packet ids to others.
 
@@ -227,10 +232,19 @@ class _IdLog:
             self.cleared()  # rewritten with what is remembered: the pending lines are in it
             return
         try:
+            if self._fd < 0:
+                self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._size += _write_all(self._fd, self._pending)
         except OSError as exc:
             self._failed(exc)
         self._pending.clear()
+
+    def close(self) -> None:
+        """Close the file (it opens again at the next `write`)."""
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
 
     def cleared(self) -> None:
         """Write the file anew with what is remembered (nothing, after a session the broker forgot)."""
@@ -249,17 +263,13 @@ class _IdLog:
         """Write the file anew with only what is remembered, then append to it."""
         lines = b"".join(_ENCODE.encode((pid, *given)) + b"\n" for pid, given in self._state.items())
         fresh = self._path.with_suffix(".tmp")
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             _write_all(fd, lines)
-            fresh.replace(self._path)
-        except BaseException:
+        finally:
             os.close(fd)
-            raise
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-        self._fd = fd
+        fresh.replace(self._path)
+        self.close()  # the next write appends to the new file
         self._size = len(lines)
         self._pending.clear()
 
