@@ -87,21 +87,26 @@ class Responder:
             self.answered.append(command)
             await self.h.answer(command, status=status, reason="" if status == "ok" else "disk busy")
 
-    async def run(self) -> None:
-        while True:
+    async def run(self, stop: asyncio.Event) -> None:
+        # Stopped by `stop`, not by a cancel: Python 3.11 can lose a cancel inside nats-py's requests
+        # (`asyncio.wait_for`), and a loop waiting for one would never end.
+        while not stop.is_set():
             await self.answer_pending()
-            await asyncio.sleep(0.01)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.01):
+                    await stop.wait()
 
 
 @contextlib.asynccontextmanager
 async def responding(h: AgentHarness, **script: ResultStatus | None) -> AsyncIterator[Responder]:
     responder = Responder(h, script)
-    task = asyncio.create_task(responder.run())
+    stop = asyncio.Event()
+    task = asyncio.create_task(responder.run(stop))
     try:
         yield responder
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        stop.set()
+        async with asyncio.timeout(30):
             await task
 
 
