@@ -3,19 +3,17 @@ gateway is, then a person offers by hand; a crash at any journal write changes n
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
 from nacl.signing import SigningKey
 from nats.errors import TimeoutError as NatsTimeout
+from tests.runtime.harness.people import decide
 
 from nerve.agents.payment import AGENT, OFFER_BY_HAND, payment_recovery
 from nerve.runtime.central.agent import AgentContext
 from nerve.runtime.config.settings import load_settings
-from nerve.runtime.engine import EngineError, RetryPolicy
-from nerve.runtime.engine.approval import sign_decision
-from nerve.runtime.engine.runs import pending_approval, store_decision
+from nerve.runtime.engine import RetryPolicy
 from nerve.runtime.harness import AgentHarness
 from nerve.runtime.trust.signing import Signer
 
@@ -64,23 +62,6 @@ async def offers(h: AgentHarness) -> list[str]:
     return [command.subject for command in await h.commands("offer_alternative_payment")]
 
 
-async def decide(h: AgentHarness, run_id: str, *, approve: bool) -> None:
-    await h.wait_for_step(run_id, OFFER_BY_HAND, status="waiting")
-    async with asyncio.timeout(10):  # the pending decision is journalled right after the step's first write
-        while True:
-            record = await h.run(run_id)
-            assert record is not None
-            try:
-                ask = pending_approval(record)
-                break
-            except EngineError:
-                await asyncio.sleep(0.02)
-    decision = sign_decision(
-        CENTRAL, run_id=run_id, step=ask.step, approve=approve, comment="called them", valid_until=ask.expires
-    )
-    await store_decision(h.kv, decision)
-
-
 async def test_an_offer_the_shop_cannot_get_goes_to_the_next_gateway() -> None:
     outage = Outage(SHOP_OFFER)
     agent = saga(outage, fallback_sources=["backup-gw"])
@@ -106,7 +87,7 @@ async def test_when_no_service_can_offer_a_person_does(binding: dict[str, Any]) 
     agent = saga(outage)
     async with AgentHarness(agents=[agent], signer=CENTRAL, **binding) as h:
         run_id = await failed_payment(h, agent, outage, "o-2")
-        await decide(h, run_id, approve=True)
+        await decide(h, run_id, OFFER_BY_HAND, approve=True, signer=CENTRAL, comment="called them")
         await h.wait_for_step(run_id, "paid", status="waiting")
         await h.publish_event("payment_succeeded", {"order_id": "o-2"})
         record = await h.wait_for_run(run_id)
@@ -130,7 +111,7 @@ async def test_a_person_who_cannot_offer_either_winds_the_order_up() -> None:
     agent = saga(outage, fallback_sources=["backup-gw"])
     async with AgentHarness(agents=[agent], signer=CENTRAL) as h:
         run_id = await failed_payment(h, agent, outage, "o-3")
-        await decide(h, run_id, approve=False)
+        await decide(h, run_id, OFFER_BY_HAND, approve=False, signer=CENTRAL, comment="called them")
         record = await h.wait_for_run(run_id)
         assert record.state == "compensated"
         assert "offer_by_hand: rejected by central: called them" in record.error

@@ -19,8 +19,16 @@ if TYPE_CHECKING:
 OPERATOR = Signer("central", SigningKey.generate())
 
 
-async def decide(h: AgentHarness, run_id: str, step: str, *, approve: bool) -> None:
-    """Once approval step `step` of run `run_id` waits, decide on it (signed by `OPERATOR`)."""
+async def decide(
+    h: AgentHarness,
+    run_id: str,
+    step: str,
+    *,
+    approve: bool,
+    signer: Signer = OPERATOR,
+    comment: str = "phoned",
+) -> None:
+    """Once approval step `step` of run `run_id` waits, decide on it (signed by `signer`)."""
     await h.wait_for_step(run_id, step, status="waiting")
     async with asyncio.timeout(10):  # the pending decision is journalled right after the step's first write
         while True:
@@ -32,6 +40,6 @@ async def decide(h: AgentHarness, run_id: str, step: str, *, approve: bool) -> N
             except EngineError:  # not pending yet
                 await asyncio.sleep(0.02)
     decision = sign_decision(
-        OPERATOR, run_id=run_id, step=ask.step, approve=approve, comment="phoned", valid_until=ask.expires
+        signer, run_id=run_id, step=ask.step, approve=approve, comment=comment, valid_until=ask.expires
     )
     await store_decision(h.kv, decision)
