@@ -240,7 +240,8 @@ async def test_a_decision_stored_in_time_while_no_engine_ran_counts_though_the_e
     """Both the decision and the expiry timer wait for the next engine: the decision was in time, it wins
     (whichever of the two that engine hears first: at the expiry, what is stored is read first)."""
     async with Engine(nc=nc, agents=[refund], prefix=PREFIX, settings=FAST, signer=CENTRAL) as engine:
-        run_id, record = await start(js, engine, expires=1.0)
+        # Long enough to stop the engine and decide in time on a loaded box (1 s was not, once, in CI).
+        run_id, record = await start(js, engine, expires=5.0)
     kv = await js.key_value("nerve_runs")
     decision_id = await decide(kv, record, CENTRAL, approve=True)
     await asyncio.sleep(max(0.0, pending_approval(record).expires - time.time()) + 1.0)  # the timer fires
