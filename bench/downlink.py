@@ -8,7 +8,8 @@ Four cases, each on fresh brokers (mosquitto and nats-server on free ports, a te
   downlink had its own connection), its `bridge/src` extracted with `git archive` and put first on
   PYTHONPATH; the rest of nerve is this tree's.
 
-A case: the bridge starts and a warm-up command reaches the device. For `backlog`, the bridge is stopped
+A case: the bridge starts, a warm-up command reaches the device and a warm-up reading is stored (the
+uplink holds its subscription). For `backlog`, the bridge is stopped
 (SIGTERM), `--readings` raw QoS1 readings are published into its persistent session, and the bridge is
 started again; once JetStream holds its first reading (it is draining the backlog), `--commands`
 commands are stored in NERVE_COMMANDS, one every `--gap-ms`, each for another device. Each command's
@@ -155,11 +156,27 @@ async def telemetry_stored(js: JetStreamContext) -> int:
     return int((await js.stream_info("NERVE_TELEMETRY")).state.messages)
 
 
-async def until_draining(js: JetStreamContext) -> None:
-    """Until JetStream holds the first reading of the backlog: the restarted bridge is draining it."""
+async def until_stored(js: JetStreamContext, count: int) -> None:
+    """Until JetStream holds more than `count` readings (polling another process's progress)."""
     async with asyncio.timeout(WAIT_S):
-        while await telemetry_stored(js) == 0:  # noqa: ASYNC110 - polling another process's progress
+        while await telemetry_stored(js) <= count:  # noqa: ASYNC110 - polling another process's progress
             await asyncio.sleep(0.005)
+
+
+async def until_uplink_subscribed(js: JetStreamContext, mqtt: MqttSettings) -> int:
+    """Until a warm-up reading is stored (the bridge's uplink holds its subscription); how many are stored.
+
+    The downlink connects first (a warm-up command can arrive while the uplink is still connecting): a
+    bridge stopped before its uplink ever subscribed leaves no session to queue the backlog in. A warm-up
+    reading published before that subscription reaches nobody, so one goes every half second.
+    """
+    async with MqttClient(mqtt, client_id="bench-warmup") as warmup, asyncio.timeout(WAIT_S):
+        while True:
+            await warmup.publish("nerve/warmup/telemetry/disk", b"1")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await until_stored(js, 0)
+                    return await telemetry_stored(js)
 
 
 async def send_commands(js: JetStreamContext, args: argparse.Namespace, seen: Devices) -> dict[str, float]:
@@ -200,16 +217,17 @@ async def run_case(name: str, args: argparse.Namespace, *, backlog: bool, python
                     await publish_envelope(js, "nerve.warmup.commands.clear_temp", command_for("warmup"))
                     async with asyncio.timeout(WAIT_S):
                         await seen.warm.wait()
+                    warm = await until_uplink_subscribed(js, mqtt)
                     if backlog:
                         await stop(bridge)
                         await publish_readings(mqtt, args.readings)
                         bridge = await start_bridge(
                             mosquitto.url, nats_server.url, pythonpath, Path(tmp) / "bridge-data"
                         )
-                        await until_draining(js)
+                        await until_stored(js, warm)  # the first reading of the backlog: draining it
                     sent = await send_commands(js, args, seen)
                     if backlog:
-                        pending = max(0, args.readings - await telemetry_stored(js))
+                        pending = max(0, args.readings + warm - await telemetry_stored(js))
                     receiver.cancel()
                 consumer = await js.consumer_info("NERVE_COMMANDS", "nerve-bridge-downlink")
             finally:
