@@ -12,6 +12,7 @@ import collections
 import contextlib
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -164,6 +165,18 @@ async def test_commands_reach_devices_while_the_uplink_is_stalled_behind_a_backl
                 await asyncio.sleep(0.1)
     assert sorted(c.id for c in received) == sorted(c.id for c in commands)
     assert stored == 0  # the backlog was still all pending when the last command arrived
+
+
+async def test_the_downlink_thread_waits_at_most_1_ms_for_the_gil_while_it_runs(
+    settings: Settings, running: Running
+) -> None:
+    """The interpreter's switch interval is 1 ms while a bridge's downlink thread runs (a command waits
+    that long at most for the uplink thread at each hop, not Python's 5 ms), and as it was once it ended."""
+    before = sys.getswitchinterval()
+    assert before > bridge_module.DOWNLINK_SWITCH_INTERVAL_S  # Python's default, 5 ms
+    async with running(Bridge(settings=settings), wait=WAIT):
+        assert sys.getswitchinterval() == bridge_module.DOWNLINK_SWITCH_INTERVAL_S
+    assert sys.getswitchinterval() == before
 
 
 async def test_200_commands_to_200_devices_are_pipelined_and_each_delivered_once(
