@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from nerve.bridge.pump import Pump
+from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import (
-    ROUTE_CACHE_SIZE,
     Forward,
     Ignore,
     Reject,
@@ -17,9 +20,10 @@ from nerve.bridge.uplink import (
     translate,
     uplink_filters,
 )
-from nerve.runtime.config.settings import DEFAULT_METRICS, DEFAULT_RANGES, BridgeSettings
+from nerve.runtime.config.settings import DEFAULT_METRICS, DEFAULT_RANGES, BridgeSettings, load_settings
 from nerve.runtime.envelope.codec import decode, to_json, to_msgpack
 from nerve.runtime.envelope.model import CommandResult, Event
+from nerve.runtime.errors import ConfigError
 
 LIMIT = 1024
 
@@ -259,13 +263,24 @@ def test_a_translator_that_remembers_topics_says_what_a_fresh_one_says(
 
 
 def test_the_route_cache_is_bounded_and_starts_again_when_full() -> None:
-    remembering = translator()
-    for i in range(ROUTE_CACHE_SIZE + 10):
+    remembering = translator(route_cache=100)
+    for i in range(100 + 10):
         outcome = remembering.translate(f"nerve/dev-{i}/telemetry/disk", b"5")
         assert isinstance(outcome, Forward)
         assert outcome.device == f"dev-{i}"
-        assert len(remembering._routes) <= ROUTE_CACHE_SIZE
-    assert len(remembering._routes) == 10  # emptied at ROUTE_CACHE_SIZE, then refilled
+        assert len(remembering._routes) <= 100
+    assert len(remembering._routes) == 10  # emptied at 100, then refilled
+
+
+def test_by_default_the_topics_of_10000_devices_with_3_metrics_stay_remembered() -> None:
+    remembering = translator()
+    topics = [
+        f"nerve/dev-{i}/telemetry/{metric}" for i in range(10_000) for metric in ("cpu", "memory", "disk")
+    ]
+    for _ in range(2):
+        for topic in topics:
+            remembering.translate(topic, b"5")
+    assert len(remembering._routes) == len(topics)  # the second round found every one
 
 
 def test_topics_that_do_not_parse_are_not_remembered() -> None:
@@ -331,3 +346,28 @@ def test_binary_mode_never_raises(properties: list[tuple[str, str]], payload: by
             properties=[("specversion", "1.0"), *properties],
         )
         assert isinstance(outcome, Forward | Reject)
+
+
+def test_a_route_cache_below_one_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match="route_cache") as refused:
+        load_settings(overrides={"bridge": {"route_cache": 0}})
+    assert "\n" not in str(refused.value).strip()
+
+
+async def test_the_pump_remembers_as_many_topics_as_the_setting_says() -> None:
+    settings = load_settings(overrides={"bridge": {"route_cache": 3}})
+    pump = Pump(
+        loop=asyncio.get_running_loop(),
+        stats=BridgeStats(),
+        prefix="nerve",
+        metrics=DEFAULT_METRICS,
+        max_payload=LIMIT,
+        mappings=(),
+        store_timeout_s=5.0,
+        max_in_flight=100,
+        route_cache=settings.bridge.route_cache,
+    )
+    translator = pump._translator
+    for i in range(4):
+        translator.translate(f"nerve/dev-{i}/telemetry/disk", b"5")
+    assert len(translator._routes) == 1  # emptied at 3

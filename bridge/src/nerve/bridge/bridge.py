@@ -220,6 +220,7 @@ class Bridge:
             max_in_flight=settings.bridge.max_in_flight,
             codec=settings.nats.codec,
             ids=self._redelivered_ids,
+            route_cache=settings.bridge.route_cache,
         )
         # Read at every session: a rotated seed is picked up at the next reconnect.
         nkey = load_nkey(settings.nats.nkey_file) if settings.nats.nkey_file is not None else None

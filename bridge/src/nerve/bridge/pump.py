@@ -39,6 +39,7 @@ from nerve.bridge.natswire import StoreAck, headers_block
 from nerve.bridge.redelivery import RedeliveredIds
 from nerve.bridge.uplink import Forward, Ignore, Reject, Translator
 from nerve.runtime.backoff import Backoff
+from nerve.runtime.config.settings import DEFAULT_ROUTE_CACHE
 from nerve.runtime.envelope.codec import CONTENT_TYPE_HEADER, DEFAULT_CODEC, Codec, content_type
 from nerve.runtime.jetstream.client import (
     MSG_ID_HEADER,
@@ -98,6 +99,7 @@ class Pump:
         max_in_flight: int,
         codec: Codec = DEFAULT_CODEC,
         ids: RedeliveredIds | None = None,
+        route_cache: int = DEFAULT_ROUTE_CACHE,
     ) -> None:
         self._loop = loop
         # The bridge's, across its sessions (a redelivery comes on the next one); else this pump's own.
@@ -109,6 +111,7 @@ class Pump:
             mappings=mappings,
             codec=codec,
             ranges=ranges,
+            route_cache=route_cache,
         )
         # Every stored message's headers are these two with its id in between: built once.
         self._headers_head = b"NATS/1.0\r\n" + MSG_ID_HEADER.encode() + b": "

@@ -15,8 +15,12 @@ are user properties, `specversion` among them, and the payload is the data); a p
 (`95`, `{"value": 95}`) is a raw reading or event and is wrapped into one.
 
 What a topic of nerve's own scheme says (device, kind, subject, range) is worked out once per topic and
-kept in a bounded cache (`ROUTE_CACHE_SIZE` topics, emptied when full): devices publish on the same few
-topics again and again, and parsing them was a tenth of the bridge's time.
+kept in a bounded cache (`bridge.route_cache` topics, 65,536 by default; emptied when full): devices
+publish on the same topics again and again, and parsing them was a tenth of the bridge's time. The
+cache must hold every topic of the fleet: devices report in turn, so a cache smaller than the fleet's
+topics is emptied before any topic comes again, and every message pays for the parse. At 4,096 (the
+size before) a fleet of 5,000 devices with 3 metrics did: 125 µs a raw reading instead of 48 µs
+(30,000 topics, each translated twice, on this machine), 13 % of the bridge's time at 5,000 readings/s.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
 
+from nerve.runtime.config.settings import DEFAULT_ROUTE_CACHE
 from nerve.runtime.envelope.binary import event_from_binary, is_binary_mode
 from nerve.runtime.envelope.codec import (
     DEFAULT_CODEC,
@@ -52,8 +57,6 @@ if TYPE_CHECKING:
 UPLINK_KINDS = frozenset({Kind.TELEMETRY, Kind.EVENTS, Kind.RESULTS})
 #: Kinds whose messages may come in binary content mode (results are structured: they are signed).
 BINARY_KINDS = frozenset({Kind.TELEMETRY, Kind.EVENTS})
-#: How many topics' routes the translator keeps; when full it starts again from empty.
-ROUTE_CACHE_SIZE: Final = 4096
 
 
 class Forward(NamedTuple):
@@ -152,8 +155,10 @@ class Translator:
         mappings: Sequence[TopicMapping] = (),
         codec: Codec = DEFAULT_CODEC,
         ranges: Mapping[str, tuple[float, float]] | None = None,
+        route_cache: int = DEFAULT_ROUTE_CACHE,
     ) -> None:
         self._prefix = prefix
+        self._route_cache = route_cache
         self._own_start = f"{prefix}/"
         self._status_levels = prefix.count("/") + 3
         self._metrics = metrics
@@ -222,7 +227,7 @@ class Translator:
                 bounds=self._ranges.get(address.name) if address.kind is Kind.TELEMETRY else None,
             )
         # Only topics that parsed get here: their levels are tokens, so each key is at most ~200 characters.
-        if len(self._routes) >= ROUTE_CACHE_SIZE:
+        if len(self._routes) >= self._route_cache:
             self._routes.clear()
         self._routes[topic] = route
         return route

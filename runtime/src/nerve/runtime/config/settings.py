@@ -29,6 +29,9 @@ ENV_PREFIX: Final = "NERVE_"
 MQTT_SCHEMES: Final = frozenset({"mqtt", "tcp", "mqtts"})
 MIN_MAX_PACKET_SIZE: Final = 4096
 MAX_MAX_PACKET_SIZE: Final = 268_435_460  # MQTT's own ceiling: a 4-byte remaining length plus 5 bytes
+#: Topics whose route the bridge's uplink remembers (`bridge.route_cache`): 10,000 devices with 3
+#: metrics each publish on 30,000; 65,536 of them take about 29 MiB.
+DEFAULT_ROUTE_CACHE: Final = 65_536
 DEFAULT_METRICS: Final = ("disk", "cpu", "memory", "load", "temperature")
 # What a reading of a built-in metric can be: the bridge dead-letters the rest (bridge.ranges adds more).
 DEFAULT_RANGES: Final[dict[str, tuple[float, float]]] = {
@@ -363,6 +366,14 @@ class BridgeSettings(_Settings):
     )
     downlink_password_file: ReadableFile | None = Field(
         default=None, description="holds the downlink's password; one trailing newline is stripped"
+    )
+    route_cache: int = Field(
+        default=DEFAULT_ROUTE_CACHE,
+        ge=1,
+        le=10_000_000,
+        description="topics whose meaning the bridge remembers (about 450 bytes each); every topic the "
+        "fleet publishes on (devices x metrics and event names) should fit, else each message parses its "
+        "topic again",
     )
     downlink_in_flight: int = Field(
         default=64,
