@@ -131,8 +131,10 @@ def test_config_common(spec: StreamSpec, prefix: str) -> None:
     assert config.name == spec.name
     assert config.retention is RetentionPolicy.LIMITS
     assert config.storage is StorageType.FILE
-    assert config.duplicate_window == DUPLICATE_WINDOW_S == 20 * 60
-    assert config.as_dict()["duplicate_window"] == 20 * 60 * 10**9  # nanoseconds on the wire
+    window = 2 * 60 if spec.name == "NERVE_TELEMETRY" else DUPLICATE_WINDOW_S
+    assert DUPLICATE_WINDOW_S == 20 * 60
+    assert config.duplicate_window == window
+    assert config.as_dict()["duplicate_window"] == window * 10**9  # nanoseconds on the wire
     assert config.subjects is not None
     assert len(config.subjects) == 1
 
@@ -431,6 +433,36 @@ async def test_apply_compresses_an_existing_telemetry_stream_and_keeps_what_it_h
     await publish_envelope(js, "nerve.pi.telemetry.cpu", reading(5))
     stored = await stream_messages(js, "NERVE_TELEMETRY")
     assert [decode(m.data, Event).data["value"] for m in stored] == list(range(6))
+
+
+@pytest.mark.broker
+async def test_apply_gives_an_existing_telemetry_stream_the_window_of_the_settings(nc: NatsClient) -> None:
+    """A telemetry stream made with the 20-minute window of earlier releases gets 2 minutes (the ids it
+    keeps in memory are readings/s x the window); what it holds stays, and an id within the new window
+    is still stored once."""
+    js = nc.jetstream()
+    before = SPEC["NERVE_TELEMETRY"].config("nerve")
+    await js.add_stream(replace(before, duplicate_window=DUPLICATE_WINDOW_S))
+    first = reading(0)
+    await publish_envelope(js, "nerve.pi.telemetry.cpu", first)
+    await ensure_streams(js, "nerve", StreamsSettings())
+    info = await js.stream_info("NERVE_TELEMETRY")
+    assert info.config.duplicate_window == 120
+    assert info.state.messages == 1
+    again = await publish_envelope(js, "nerve.pi.telemetry.cpu", first)
+    assert again.duplicate
+    shorter = load_settings(overrides={"streams": {"telemetry": {"duplicate_window_s": 5}}})
+    await ensure_streams(js, "nerve", shorter.streams)
+    assert (await js.stream_info("NERVE_TELEMETRY")).config.duplicate_window == 5
+    events = await js.stream_info("NERVE_EVENTS")
+    assert events.config.duplicate_window == DUPLICATE_WINDOW_S  # the other streams keep theirs
+
+
+@pytest.mark.parametrize("window", [0, 0.5, 3601])
+def test_a_telemetry_window_outside_1_s_to_an_hour_is_refused_in_one_line(window: float) -> None:
+    with pytest.raises(ConfigError, match="duplicate_window_s") as refused:
+        load_settings(overrides={"streams": {"telemetry": {"duplicate_window_s": window}}})
+    assert "\n" not in str(refused.value).strip()
 
 
 @pytest.mark.broker

@@ -548,6 +548,12 @@ _DAY_S: Final = 24 * 3600.0
 MIN_STREAM_BYTES: Final = MIB
 # The shortest age limit: an hour, above JetStream's 20-minute dedup window (which may not exceed it).
 MIN_STREAM_AGE_S: Final = 3600.0
+#: How long JetStream remembers a reading's id (`streams.telemetry.duplicate_window_s`). Each id of the
+#: window takes nats-server memory: at 10,000 readings/s the 20 minutes of the other streams would be
+#: 12 million ids, over a GiB; 2 minutes is 1.2 million. It covers what sends a stored reading again:
+#: mosquitto redelivering after the bridge reconnects (seconds; systemd restarts it after 2 s), an
+#: edge resending what was in flight when its connection dropped.
+TELEMETRY_DUPLICATE_WINDOW_S: Final = 120.0
 
 
 class StreamLimits(_Settings):
@@ -578,6 +584,13 @@ class TelemetryLimits(_Settings):
     max_age_s: float = Field(default=_WEEK_S, ge=MIN_STREAM_AGE_S, description="seconds a reading is kept")
     compression: Literal["s2", "none"] = Field(
         default="s2", description="how JetStream stores readings on disk (s2 needs nats-server 2.10 or later)"
+    )
+    duplicate_window_s: float = Field(
+        default=TELEMETRY_DUPLICATE_WINDOW_S,
+        ge=1.0,
+        le=MIN_STREAM_AGE_S,
+        description="seconds JetStream remembers a reading's id to store it once; nats-server keeps every "
+        "id of the window in memory (about 100-270 bytes each): readings/s x this",
     )
 
     @model_validator(mode="before")

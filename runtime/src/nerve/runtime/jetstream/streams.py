@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 DAY: Final = 24 * 3600.0
 # JetStream drops a second message with the same Nats-Msg-Id inside this window: long enough to cover
-# a bridge restart and an edge replaying its outbox after a short outage.
+# a bridge restart and an edge replaying its outbox after a short outage. Telemetry's is its own, and
+# shorter (`streams.telemetry.duplicate_window_s`, 2 minutes): its ids come 10,000 a second.
 DUPLICATE_WINDOW_S: Final = 20 * 60.0
 DEFAULT_STREAMS: Final = StreamsSettings()
 DEFAULT_ENGINE: Final = EngineSettings()
@@ -97,7 +98,9 @@ class StreamSpec:
             max_age=limits.max_age_s,
             max_bytes=limits.max_bytes,
             discard=self.discard,
-            duplicate_window=DUPLICATE_WINDOW_S,
+            duplicate_window=(
+                limits.duplicate_window_s if isinstance(limits, TelemetryLimits) else DUPLICATE_WINDOW_S
+            ),
             allow_direct=True,  # the engine's waits read stored messages one by one (direct gets)
             deny_delete=self.kept,
             deny_purge=self.kept,
