@@ -89,7 +89,13 @@ class StreamSpec:
         """The JetStream configuration of this stream under `prefix`, with its limits from `streams`."""
         subject = kind_filter(self.kind, prefix) if self.kind else deadletter_subject("*", prefix)
         limits = self.limits(streams)
-        compressed = isinstance(limits, TelemetryLimits) and limits.compression == "s2"
+        # Compression is left unset (the server's default, none) where nerve does not choose, so that
+        # applying these limits never changes what an operator chose for another stream.
+        compression: StoreCompression | None = None
+        duplicate_window = DUPLICATE_WINDOW_S
+        if isinstance(limits, TelemetryLimits):
+            compression = StoreCompression.S2 if limits.compression == "s2" else StoreCompression.NONE
+            duplicate_window = limits.duplicate_window_s
         return StreamConfig(
             name=self.name,
             subjects=[subject],
@@ -98,21 +104,11 @@ class StreamSpec:
             max_age=limits.max_age_s,
             max_bytes=limits.max_bytes,
             discard=self.discard,
-            duplicate_window=(
-                limits.duplicate_window_s if isinstance(limits, TelemetryLimits) else DUPLICATE_WINDOW_S
-            ),
+            duplicate_window=duplicate_window,
             allow_direct=True,  # the engine's waits read stored messages one by one (direct gets)
             deny_delete=self.kept,
             deny_purge=self.kept,
-            # Left unset (the server's default, none) where nerve does not choose, so that applying these
-            # limits never changes what an operator chose for another stream.
-            compression=(
-                StoreCompression.S2
-                if compressed
-                else StoreCompression.NONE
-                if isinstance(limits, TelemetryLimits)
-                else None
-            ),
+            compression=compression,
         )
 
 
