@@ -168,19 +168,19 @@ async def stop(process: asyncio.subprocess.Process) -> None:
             await process.wait()
 
 
-def write_config(root: Path, mqtt_url: str, nats_url: str) -> Path:
+def write_config(root: Path, mqtt_url: str, nats_url: str, *, telemetry_dedup_s: float | None = None) -> Path:
+    """nerve.yaml for a case; `telemetry_dedup_s`, if given, is `streams.telemetry.duplicate_window_s`."""
     key, _ = generate_keypair(root / "keys", "central")
     config = root / "nerve.yaml"
-    config.write_text(
-        json.dumps(  # YAML is a superset of JSON
-            {
-                "data_dir": str(root / "data"),
-                "mqtt": {"url": mqtt_url},
-                "nats": {"url": nats_url},
-                "central": {"signing_key": str(key), "device_keys_dir": str(root / "devices")},
-            }
-        )
-    )
+    settings: dict[str, Any] = {
+        "data_dir": str(root / "data"),
+        "mqtt": {"url": mqtt_url},
+        "nats": {"url": nats_url},
+        "central": {"signing_key": str(key), "device_keys_dir": str(root / "devices")},
+    }
+    if telemetry_dedup_s is not None:
+        settings["streams"] = {"telemetry": {"duplicate_window_s": telemetry_dedup_s}}
+    config.write_text(json.dumps(settings))  # YAML is a superset of JSON
     return config
 
 
@@ -248,7 +248,9 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
             Mosquitto(port=free_port(), data_dir=root / "mosquitto") as mosquitto,
             NatsServer(port=free_port(), data_dir=root / "nats-server") as nats_server,
         ):
-            config = write_config(root, mosquitto.url, nats_server.url)
+            config = write_config(
+                root, mosquitto.url, nats_server.url, telemetry_dedup_s=args.telemetry_dedup_s
+            )
             nerve = str(BIN / "nerve")
             bridges = [
                 await spawn(
@@ -498,6 +500,12 @@ async def main() -> int:
         default=1,
         help="nerve simulate processes sharing the devices, spikes and connections (default 1): to offer "
         "more than one process can",
+    )
+    parser.add_argument(
+        "--telemetry-dedup-s",
+        type=float,
+        default=None,
+        help="the telemetry stream's dedup window (streams.telemetry.duplicate_window_s; default: nerve's)",
     )
     parser.add_argument("--beyond", action="store_true", help="then find the breaking point past the largest")
     args = parser.parse_args()
