@@ -28,7 +28,14 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, ServerError, ServiceUnavailableError
 
 from nerve.bridge import Bridge
-from nerve.runtime.config.settings import COMPRESSION_CREDIT, GIB, MIB, StreamsSettings, load_settings
+from nerve.runtime.config.settings import (
+    COMPRESSION_CREDIT,
+    GIB,
+    MIB,
+    TELEMETRY_DUPLICATE_WINDOW_S,
+    StreamsSettings,
+    load_settings,
+)
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import CommandResult, Event
 from nerve.runtime.errors import ConfigError
@@ -131,7 +138,7 @@ def test_config_common(spec: StreamSpec, prefix: str) -> None:
     assert config.name == spec.name
     assert config.retention is RetentionPolicy.LIMITS
     assert config.storage is StorageType.FILE
-    window = 2 * 60 if spec.name == "NERVE_TELEMETRY" else DUPLICATE_WINDOW_S
+    window = 30 if spec.name == "NERVE_TELEMETRY" else DUPLICATE_WINDOW_S
     assert DUPLICATE_WINDOW_S == 20 * 60
     assert config.duplicate_window == window
     assert config.as_dict()["duplicate_window"] == window * 10**9  # nanoseconds on the wire
@@ -437,7 +444,7 @@ async def test_apply_compresses_an_existing_telemetry_stream_and_keeps_what_it_h
 
 @pytest.mark.broker
 async def test_apply_gives_an_existing_telemetry_stream_the_window_of_the_settings(nc: NatsClient) -> None:
-    """A telemetry stream made with the 20-minute window of earlier releases gets 2 minutes (the ids it
+    """A telemetry stream made with the 20-minute window of earlier releases gets 30 s (the ids it
     keeps in memory are readings/s x the window); what it holds stays, and an id within the new window
     is still stored once."""
     js = nc.jetstream()
@@ -447,7 +454,7 @@ async def test_apply_gives_an_existing_telemetry_stream_the_window_of_the_settin
     await publish_envelope(js, "nerve.pi.telemetry.cpu", first)
     await ensure_streams(js, "nerve", StreamsSettings())
     info = await js.stream_info("NERVE_TELEMETRY")
-    assert info.config.duplicate_window == 120
+    assert info.config.duplicate_window == TELEMETRY_DUPLICATE_WINDOW_S == 30
     assert info.state.messages == 1
     again = await publish_envelope(js, "nerve.pi.telemetry.cpu", first)
     assert again.duplicate

@@ -548,12 +548,15 @@ _DAY_S: Final = 24 * 3600.0
 MIN_STREAM_BYTES: Final = MIB
 # The shortest age limit: an hour, above JetStream's 20-minute dedup window (which may not exceed it).
 MIN_STREAM_AGE_S: Final = 3600.0
-#: How long JetStream remembers a reading's id (`streams.telemetry.duplicate_window_s`). Each id of the
-#: window takes nats-server memory: at 10,000 readings/s the 20 minutes of the other streams would be
-#: 12 million ids, over a GiB; 2 minutes is 1.2 million. It covers what sends a stored reading again:
-#: mosquitto redelivering after the bridge reconnects (seconds; systemd restarts it after 2 s), an
-#: edge resending what was in flight when its connection dropped.
-TELEMETRY_DUPLICATE_WINDOW_S: Final = 120.0
+#: How long JetStream remembers a reading's id (`streams.telemetry.duplicate_window_s`). nats-server keeps
+#: every id of the window in its heap, and its garbage collector marks them all every few seconds, taking
+#: CPU from every part on the box. At 10,000 readings/s (`bench/fleet.py`, nats-server 2.15.1, 2 cores)
+#: 2 minutes held 1.2 million ids: nats-server's RSS 1.1 GiB, each mark 200-350 ms, and the slowest
+#: spike -> command paths each fell in one; 30 s: RSS 0.7 GiB, marks about 120 ms (docs/streams.md).
+#: 30 s covers what sends a stored reading again: mosquitto redelivering once the bridge reconnects
+#: (systemd restarts it after 2 s, reconnects back off to 10 s at most), an edge resending what was in
+#: flight when its connection dropped (its reconnects too).
+TELEMETRY_DUPLICATE_WINDOW_S: Final = 30.0
 
 
 class StreamLimits(_Settings):
@@ -590,7 +593,7 @@ class TelemetryLimits(_Settings):
         ge=1.0,
         le=MIN_STREAM_AGE_S,
         description="seconds JetStream remembers a reading's id to store it once; nats-server keeps every "
-        "id of the window in memory (about 100-270 bytes each): readings/s x this",
+        "id of the window in memory (about 450 bytes of RSS each): readings/s x this",
     )
 
     @model_validator(mode="before")

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 DAY: Final = 24 * 3600.0
 # JetStream drops a second message with the same Nats-Msg-Id inside this window: long enough to cover
 # a bridge restart and an edge replaying its outbox after a short outage. Telemetry's is its own, and
-# shorter (`streams.telemetry.duplicate_window_s`, 2 minutes): its ids come 10,000 a second.
+# shorter (`streams.telemetry.duplicate_window_s`, 30 s): its ids come 10,000 a second.
 DUPLICATE_WINDOW_S: Final = 20 * 60.0
 DEFAULT_STREAMS: Final = StreamsSettings()
 DEFAULT_ENGINE: Final = EngineSettings()
