@@ -12,7 +12,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from nerve.runtime.pauses import freeze_survivors, frozen_once_ready
+from nerve.runtime.pauses import (
+    FULL_COLLECTION_EVERY,
+    freeze_survivors,
+    frozen_once_ready,
+    rarer_full_collections,
+)
 from nerve.runtime.trust.signing import generate_keypair
 
 if TYPE_CHECKING:
@@ -68,6 +73,17 @@ async def test_a_part_stopped_before_it_was_ready_freezes_nothing() -> None:
     ready.set()  # too late: the part stopped
     await asyncio.sleep(0.05)
     assert gc.get_freeze_count() == 0
+
+
+def test_rarer_full_collections_changes_only_the_oldest_generations_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        rarer_full_collections()
+        assert gc.get_threshold() == (*before[:2], FULL_COLLECTION_EVERY) != before
+        rarer_full_collections(7)
+        assert gc.get_threshold() == (*before[:2], 7)
+    finally:
+        gc.set_threshold(*before)
 
 
 async def _says_frozen(argv: list[str]) -> bool:

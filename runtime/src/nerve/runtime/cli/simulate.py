@@ -65,7 +65,7 @@ def add_parser(
 async def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | None = None) -> int:
     """Run the simulation of `args` against `settings`; print each second and the summary to `out`."""
     from nerve.runtime.fleet import FleetPlan, Simulation  # noqa: PLC0415 - needs nats-py
-    from nerve.runtime.pauses import freeze_survivors  # noqa: PLC0415
+    from nerve.runtime.pauses import freeze_survivors, rarer_full_collections  # noqa: PLC0415
 
     out = out or sys.stdout
     plan = FleetPlan(
@@ -91,6 +91,7 @@ async def run(args: argparse.Namespace, settings: Settings, *, out: TextIO | Non
 
     def ready(line: str) -> None:
         freeze_survivors()  # the fleet is up: shorter collector pauses from here on (nerve.runtime.pauses)
+        rarer_full_collections()  # and fewer of them: they are in what the simulator measures
         if not args.json:
             print(line, file=out, flush=True)
 
