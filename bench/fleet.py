@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from nerve.runtime.config.settings import load_settings
+from nerve.runtime.errors import ConfigError
 from nerve.runtime.stack.brokers import Mosquitto, NatsServer, free_port
 from nerve.runtime.trust.signing import generate_keypair
 
@@ -511,6 +513,13 @@ async def main() -> int:
     args = parser.parse_args()
     if args.simulators < 1:
         parser.error("--simulators must be at least 1")
+    if args.telemetry_dedup_s is not None:
+        try:  # refused here in one line, not by every process of every case
+            load_settings(
+                overrides={"streams": {"telemetry": {"duplicate_window_s": args.telemetry_dedup_s}}}
+            )
+        except ConfigError as exc:
+            parser.error(f"--telemetry-dedup-s: {exc}")
     print(
         f"{args.seconds:g} s per case, {args.rate:g} reading/s per device, {args.spikes:g} spikes/s, "
         f"{args.connections or 'one'} MQTT connection(s) {'in all' if args.connections else 'per device'}, "
