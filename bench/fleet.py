@@ -170,8 +170,10 @@ async def stop(process: asyncio.subprocess.Process) -> None:
             await process.wait()
 
 
-def write_config(root: Path, mqtt_url: str, nats_url: str, *, telemetry_dedup_s: float | None = None) -> Path:
-    """nerve.yaml for a case; `telemetry_dedup_s`, if given, is `streams.telemetry.duplicate_window_s`."""
+def write_config(
+    root: Path, mqtt_url: str, nats_url: str, *, overrides: dict[str, Any] | None = None
+) -> Path:
+    """nerve.yaml for a case; `overrides` (`setting_overrides`) are more settings, by section."""
     key, _ = generate_keypair(root / "keys", "central")
     config = root / "nerve.yaml"
     settings: dict[str, Any] = {
@@ -180,10 +182,20 @@ def write_config(root: Path, mqtt_url: str, nats_url: str, *, telemetry_dedup_s:
         "nats": {"url": nats_url},
         "central": {"signing_key": str(key), "device_keys_dir": str(root / "devices")},
     }
-    if telemetry_dedup_s is not None:
-        settings["streams"] = {"telemetry": {"duplicate_window_s": telemetry_dedup_s}}
+    for section, values in (overrides or {}).items():
+        settings[section] = {**settings.get(section, {}), **values}
     config.write_text(json.dumps(settings))  # YAML is a superset of JSON
     return config
+
+
+def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the flags change from nerve's defaults, by section (`write_config`)."""
+    overrides: dict[str, Any] = {}
+    if args.telemetry_dedup_s is not None:
+        overrides["streams"] = {"telemetry": {"duplicate_window_s": args.telemetry_dedup_s}}
+    if args.downlink_connections is not None:
+        overrides["bridge"] = {"downlink_connections": args.downlink_connections}
+    return overrides
 
 
 async def simulate(
@@ -250,9 +262,7 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
             Mosquitto(port=free_port(), data_dir=root / "mosquitto") as mosquitto,
             NatsServer(port=free_port(), data_dir=root / "nats-server") as nats_server,
         ):
-            config = write_config(
-                root, mosquitto.url, nats_server.url, telemetry_dedup_s=args.telemetry_dedup_s
-            )
+            config = write_config(root, mosquitto.url, nats_server.url, overrides=setting_overrides(args))
             nerve = str(BIN / "nerve")
             bridges = [
                 await spawn(
@@ -509,17 +519,20 @@ async def main() -> int:
         default=None,
         help="the telemetry stream's dedup window (streams.telemetry.duplicate_window_s; default: nerve's)",
     )
+    parser.add_argument(
+        "--downlink-connections",
+        type=int,
+        default=None,
+        help="the bridge's MQTT connections for commands (bridge.downlink_connections; default: nerve's)",
+    )
     parser.add_argument("--beyond", action="store_true", help="then find the breaking point past the largest")
     args = parser.parse_args()
     if args.simulators < 1:
         parser.error("--simulators must be at least 1")
-    if args.telemetry_dedup_s is not None:
-        try:  # refused here in one line, not by every process of every case
-            load_settings(
-                overrides={"streams": {"telemetry": {"duplicate_window_s": args.telemetry_dedup_s}}}
-            )
-        except ConfigError as exc:
-            parser.error(f"--telemetry-dedup-s: {exc}")
+    try:  # refused here in one line, not by every process of every case
+        load_settings(overrides=setting_overrides(args))
+    except ConfigError as exc:
+        parser.error(str(exc))
     print(
         f"{args.seconds:g} s per case, {args.rate:g} reading/s per device, {args.spikes:g} spikes/s, "
         f"{args.connections or 'one'} MQTT connection(s) {'in all' if args.connections else 'per device'}, "
