@@ -18,12 +18,14 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from tests.chaos.test_bridge_restarts import start_bridge  # one way to run `nerve bridge` in tests
 
 import nerve.bridge.bridge as bridge_module
 import nerve.bridge.downlink as downlink_module
 from nerve.bridge import Bridge
-from nerve.bridge.downlink import downlink_mqtt
+from nerve.bridge.downlink import downlink_mqtt, lane_of
 from nerve.bridge.natswire import open_nats
 from nerve.runtime.config.settings import load_settings
 from nerve.runtime.envelope.codec import decode
@@ -33,6 +35,7 @@ from nerve.runtime.jetstream.streams import STREAM_OF_KIND, ensure_streams
 from nerve.runtime.subjects import Kind, kind_filter
 from nerve.runtime.testing import stream_messages
 from nerve.runtime.wire.client import MqttClient
+from nerve.runtime.wire.mqtt import open_mqtt
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -222,7 +225,8 @@ async def test_200_commands_to_200_devices_are_pipelined_and_each_delivered_once
     per_device = collections.Counter(c.subject for c in received)
     assert per_device == {f"dev-{i:03d}": 1 for i in range(200)}
     assert sorted(c.id for c in received) == sorted(c.id for c in commands)
-    assert downlink.window == 20  # mosquitto's Receive Maximum (its max_inflight_messages) bounds it
+    # mosquitto's Receive Maximum (its max_inflight_messages) bounds each connection's window
+    assert downlink.window == RECEIVE_MAXIMUM * settings.bridge.downlink_connections
     assert downlink.max_in_flight == downlink.window
     assert consumer.num_ack_pending == 0
     assert consumer.num_pending == 0
@@ -247,8 +251,32 @@ async def test_the_downlink_has_its_own_client_id_and_login(settings: Settings, 
         }
     )
     assert own.bridge.effective_downlink_client_id == "down-1"
+    assert own.bridge.downlink_client_ids == ("down-1", "down-1-1", "down-1-2", "down-1-3")
     assert (downlink_mqtt(own).username, downlink_mqtt(own).password_file) == ("down", password)
+    assert [downlink_mqtt(own, lane).username for lane in range(4)] == ["down", "down-1", "down-2", "down-3"]
     assert downlink_mqtt(own).url == own.mqtt.url
+    one = load_settings(overrides={"bridge": {"downlink_connections": 1}})
+    assert one.bridge.downlink_client_ids == ("nerve-bridge-down",)
+
+
+@given(
+    device=st.from_regex(r"[A-Za-z0-9_-]{1,40}", fullmatch=True),
+    actions=st.lists(st.from_regex(r"[a-z_]{1,20}", fullmatch=True), min_size=1, max_size=5),
+    lanes=st.integers(min_value=1, max_value=16),
+)
+def test_a_devices_commands_always_take_one_connection(device: str, actions: list[str], lanes: int) -> None:
+    """Whatever the action, a device's commands go on one connection (so in JetStream's order)."""
+    chosen = {lane_of(f"nerve.{device}.commands.{action}", "nerve", lanes) for action in actions}
+    assert len(chosen) == 1
+    assert 0 <= chosen.pop() < lanes
+
+
+def test_commands_spread_over_the_connections_and_an_unreadable_subject_takes_the_first() -> None:
+    lanes = collections.Counter(lane_of(f"nerve.dev-{i:03d}.commands.clear", "nerve", 4) for i in range(200))
+    assert set(lanes) == {0, 1, 2, 3}
+    assert min(lanes.values()) >= 20  # 200 devices: none of 4 connections is left nearly idle
+    assert lane_of("nerve.a.b", "nerve", 4) == 0
+    assert lane_of("other.dev.commands.x", "nerve", 4) == 0
 
 
 @pytest.mark.parametrize(
@@ -261,6 +289,10 @@ async def test_the_downlink_has_its_own_client_id_and_login(settings: Settings, 
             "mqtt.url carries the bridge's credentials",
         ),
         ({"bridge": {"downlink_in_flight": 0}}, "downlink_in_flight"),
+        ({"bridge": {"downlink_connections": 0}}, "downlink_connections"),
+        ({"bridge": {"downlink_connections": 17}}, "downlink_connections"),
+        # its second connection would be x-1: the uplink's
+        ({"bridge": {"client_id": "x-1", "downlink_client_id": "x"}}, "'x-1' .* is the uplink's client_id"),
     ],
 )
 def test_bad_downlink_settings_are_refused_in_one_line(overrides: dict[str, Any], says: str) -> None:
@@ -388,3 +420,46 @@ async def test_a_command_handed_back_that_expired_before_it_came_again_is_unknow
     assert "an earlier attempt may have reached the device" in result.reason
     assert bridge.stats.commands_sent == 0
     assert bridge.stats.commands_expired == 1
+
+
+async def test_each_devices_commands_keep_their_order_and_a_connection_taken_over_loses_none(
+    settings: Settings, nc: NatsClient, running: Running
+) -> None:
+    """Four devices' commands, ten each, interleaved over the downlink's connections: each device gets
+    its own in the order stored. Then a client takes one connection's session over (its client id):
+    the downlink makes them all again, and every command stored after still arrives."""
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    assert settings.bridge.downlink_connections > 1
+    devices = [f"dev-{i}" for i in range(4)]
+    first = [command_for(devices[i % 4]) for i in range(40)]
+    bridge = Bridge(settings=settings)
+    async with MqttClient(settings.mqtt, client_id="devices") as client:
+        await client.subscribe("nerve/+/commands/+")
+        async with running(bridge, wait=WAIT):
+            await store_commands(js, first)
+            received = await receive(client, len(first))
+            for device in devices:
+                assert [c.id for c in received if c.subject == device] == [
+                    c.id for c in first if c.subject == device
+                ]
+            intruder = await open_mqtt(
+                settings.mqtt,
+                client_id=settings.bridge.downlink_client_ids[-1],
+                on_messages=lambda _: None,
+                clean_start=True,
+                session_expiry_s=0,
+                receive_maximum=1,
+            )
+            try:
+
+                async def reconnected() -> bool:
+                    return bridge.stats.downlink_reconnects >= 1 and bridge.ready.is_set()
+
+                await until(reconnected)
+            finally:
+                intruder.close()
+            later = [command_for(devices[i % 4]) for i in range(20)]
+            await store_commands(js, later)
+            got = await receive(client, len(later))
+    assert {c.id for c in got} == {c.id for c in later}

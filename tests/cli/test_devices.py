@@ -196,8 +196,9 @@ def test_bridge_add_with_a_dir_says_where_to_copy_it(
     ("argv", "says"),
     [
         (["bridge", "add", "a.b"], "NAME: bridge name 'a.b' is not valid"),
-        (["bridge", "add", "down"], "names ending in -down are refused"),
-        (["bridge", "add", "b1-down"], "names ending in -down are refused"),
+        (["bridge", "add", "down"], "names ending in -down or -down-<number>"),
+        (["bridge", "add", "b1-down"], "names ending in -down or -down-<number>"),
+        (["bridge", "add", "b1-down-2"], "names ending in -down or -down-<number>"),
         (["bridge", "revoke", "ghost"], "no bridge 'ghost' on this site"),
         (["add", "nerve-bridge-b1"], "kept for the logins of named bridges"),
     ],

@@ -339,16 +339,25 @@ async def test_a_provisioned_edge_and_the_bridge_carry_a_signed_command_and_its_
     )
     signer = Signer.from_file(keys / "central.key")
     command = sign_command(signer, device="dev3", action="clear_temp", args={}, expires_in=60)
+    bridge = Bridge(settings=bridge_settings)
     async with (
-        running(Bridge(settings=bridge_settings), wait=WAIT),
+        running(bridge, wait=WAIT),
         open_edge(edge_settings, device="dev3") as edge,
         running(edge, wait=WAIT),
         CommandChannel(bridge_settings, registry=site.paths.registry) as channel,  # where dev3 was added
     ):
         await channel.send(command, device="dev3")
         result = await channel.result(command, timeout=WAIT)
+        downlink = bridge.downlink
+        assert downlink is not None
+        window = downlink.window
     assert result is not None
     assert (result.status, result.subject) == ("ok", "dev3")
+    # Each of the downlink's connections has its own login (the site broker makes it the client id):
+    # none took another's session over, and each was given mosquitto's window.
+    assert bridge_settings.bridge.downlink_connections > 1
+    assert bridge.stats.downlink_reconnects == 0
+    assert window == 20 * bridge_settings.bridge.downlink_connections
 
 
 # --- several bridges in a $share group, each with its own logins (`nerve devices bridge add`) ---------

@@ -39,6 +39,10 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
+# The default downlink's connections beyond its first (bridge.downlink_connections, 4): a login each.
+DOWNLINK_LANES = ("nerve-bridge-down-1", "nerve-bridge-down-2", "nerve-bridge-down-3")
+
+
 def site_settings(tmp_path: Path, **site: object) -> Settings:
     return load_settings(
         overrides={"data_dir": str(tmp_path / "data"), "site": {"hosts": ["mqtt.site.example"], **site}}
@@ -157,7 +161,9 @@ def test_add_writes_private_files_and_keeps_the_private_key_out_of_the_registry(
     # The password is in the bundle (for the device) and, hashed, in the broker's file: nowhere else.
     password = (added.bundle / BUNDLE_PASSWORD).read_text().strip()
     entries = dict(line.split(":", 1) for line in paths.passwd.read_text().splitlines())
-    assert set(entries) == {"pi-01", "nerve-bridge", "nerve-bridge-down"}
+    assert set(entries) == {"pi-01", "nerve-bridge", "nerve-bridge-down", *DOWNLINK_LANES}
+    # the downlink's other connections log in with its password (one login per session on the site broker)
+    assert {entries[lane] for lane in DOWNLINK_LANES} == {entries["nerve-bridge-down"]}
     assert password_matches(password, entries["pi-01"])
     holding = [p for p in tmp_path.rglob("*") if p.is_file() and password.encode() in p.read_bytes()]
     assert holding == [added.bundle / BUNDLE_PASSWORD]
@@ -259,7 +265,7 @@ def test_revoke_removes_the_login_and_retires_the_key(tmp_path: Path, central: P
     assert moved.exists()
     assert sorted(p.name for p in site.paths.registry.glob("*.pub")) == ["pi-02.pub"]
     users = [line.split(":")[0] for line in site.paths.passwd.read_text().splitlines()]
-    assert users == ["nerve-bridge", "nerve-bridge-down", "pi-02"]
+    assert users == ["nerve-bridge", "nerve-bridge-down", *DOWNLINK_LANES, "pi-02"]
     assert not (site.paths.bundles / "pi-01").exists()
     listed = {d.device: d.revoked for d in site.devices()}
     assert listed["pi-01"] is not None
@@ -307,7 +313,7 @@ def test_concurrent_adds_all_land(tmp_path: Path, central: Path) -> None:
     site = Site(settings)
     assert [d.device for d in site.devices()] == [f"pi-{n:02d}" for n in range(6)]
     users = {line.split(":")[0] for line in site.paths.passwd.read_text().splitlines()}
-    assert users == {"nerve-bridge", "nerve-bridge-down", *(f"pi-{n:02d}" for n in range(6))}
+    assert users == {"nerve-bridge", "nerve-bridge-down", *DOWNLINK_LANES, *(f"pi-{n:02d}" for n in range(6))}
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
@@ -388,6 +394,8 @@ def test_add_bridge_writes_logins_acl_and_a_working_settings_file(tmp_path: Path
     acl = site.paths.acl.read_text()
     assert "user nerve-bridge-a\n" in acl
     assert "user nerve-bridge-b-down\n" in acl
+    assert "user nerve-bridge-b-down-3\ntopic write nerve/+/commands/#\n" in acl
+    assert passwd["nerve-bridge-a-down-3"] == passwd["nerve-bridge-a-down"]
     assert mode(added.bundle) == 0o700
 
 
@@ -412,6 +420,7 @@ async def test_revoking_a_bridge_that_the_broker_cannot_let_in_says_to_run_it_ag
         await site.revoke_bridge("a", timeout_s=0.2)
     passwd = site.paths.passwd.read_text()
     assert "nerve-bridge-a-down:" not in passwd  # its downlink login is gone
+    assert "nerve-bridge-a-down-1:" not in passwd  # and its other connections' logins
     assert "nerve-bridge-a:" in passwd  # its uplink's stays, with a password only this site has, to leave
     assert "nerve-bridge-a" not in site.paths.acl.read_text()
     assert list((site.paths.bridges / "a").iterdir()) == [site.paths.bridges / "a" / BUNDLE_PASSWORD]

@@ -1,22 +1,26 @@
-"""The downlink: commands from NERVE_COMMANDS to mosquitto, on an MQTT connection of its own, pipelined.
+"""The downlink: commands from NERVE_COMMANDS to mosquitto, on MQTT connections of its own, pipelined.
 
-Why its own connection: mosquitto sends a PUBACK on the connection the PUBLISH came in on. On the
+Why its own connections: mosquitto sends a PUBACK on the connection the PUBLISH came in on. On the
 uplink's, it queued behind every reading mosquitto had for the bridge (and the bridge stops reading that
 socket at `bridge.max_in_flight` unacknowledged readings): at 7,500 devices a command waited ~3 s for its
-PUBACK, one command at a time, and commands outlived their ack wait. Here (client id `<client_id>-down`, a
-clean session, no subscription: nothing comes in but PUBACKs) a command waits for nothing the uplink does.
+PUBACK, one command at a time, and commands outlived their ack wait. Here (client ids `<client_id>-down`,
+`<that>-1`, ...; clean sessions, no subscription: nothing comes in but PUBACKs) a command waits for
+nothing the uplink does. Why several (`bridge.downlink_connections`, 4): mosquitto reads one packet per
+connection per pass over its sockets, and a pass takes tens of milliseconds under load (`_Lanes`).
 
 What holds:
 - a command is acknowledged to JetStream only after mosquitto acknowledged its QoS1 publish (PUBACK);
-- up to `window` commands are on their way at once, min(`bridge.downlink_in_flight`, the broker's Receive
-  Maximum from CONNACK), written in the order JetStream delivered them;
+- a device's commands always go on the same connection (`lane_of`), in the order JetStream delivered
+  them; each connection has up to min(`bridge.downlink_in_flight`, the broker's Receive Maximum from
+  CONNACK) on their way at once (`window`: all connections' together);
 - a command held here (waiting for a slot, or for its PUBACK) is kept from its ack wait: `in_progress`
   (+WPI) every third of the consumer's ack wait, so load never makes JetStream deliver it again;
 - an expired command is not sent (checked just before sending): a CommandResult `expired` says so, or
   `unknown` if JetStream delivered it before (an earlier attempt may have reached mosquitto, so the
   bridge cannot say it was never sent; central believes an unsigned `expired`, never an `unknown`);
 - a command that cannot be read is dead-lettered with the reason, and terminated;
-- when the connection fails or the bridge stops, what was not acknowledged is handed back (`nak`):
+- when a connection fails (all are made again) or the bridge stops, what was not acknowledged is handed
+  back (`nak`):
   JetStream delivers it again at once, here or to another bridge of the group, and a device's journal
   drops a command it has run already.
 """
@@ -30,6 +34,7 @@ import functools
 import logging
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -77,13 +82,18 @@ RECEIVE_MAXIMUM: Final = 1
 DRAIN_TIMEOUT_S: Final = 5.0
 
 
-def downlink_mqtt(settings: Settings) -> MqttSettings:
-    """The downlink's MQTT settings: the bridge's, with `bridge.downlink_username`/`_password_file` if set."""
+def downlink_mqtt(settings: Settings, lane: int = 0) -> MqttSettings:
+    """The MQTT settings of the downlink's connection `lane`: the bridge's, or the lane's own login.
+
+    The lane's login, if `bridge.downlink_username` is set: that name, `<it>-1`, ...
+    (`BridgeSettings.downlink_usernames`), with `bridge.downlink_password_file`.
+    """
     bridge = settings.bridge
-    if bridge.downlink_username is None:
+    usernames = bridge.downlink_usernames
+    if usernames is None:
         return settings.mqtt
     return settings.mqtt.model_copy(
-        update={"username": bridge.downlink_username, "password_file": bridge.downlink_password_file}
+        update={"username": usernames[lane], "password_file": bridge.downlink_password_file}
     )
 
 
@@ -107,8 +117,10 @@ class Downlink:
         self._prefix = settings.prefix
         self._stats = stats
         self._on_ready = on_ready
-        self._mqtt = downlink_mqtt(settings)
-        self._client_id = settings.bridge.effective_downlink_client_id
+        self._lanes = [
+            (downlink_mqtt(settings, lane), client_id)
+            for lane, client_id in enumerate(settings.bridge.downlink_client_ids)
+        ]
         self._js: JetStreamContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
@@ -158,6 +170,16 @@ class Downlink:
             self._task.cancel()
 
     @property
+    def prefix(self) -> str:
+        """The topic and subject prefix (`prefix`)."""
+        return self._prefix
+
+    @property
+    def in_flight_per_connection(self) -> int:
+        """`bridge.downlink_in_flight`: commands one connection has on their way at most."""
+        return self._settings.bridge.downlink_in_flight
+
+    @property
     def js(self) -> JetStreamContext:
         """The JetStream context of the downlink's own connection."""
         if self._js is None:
@@ -184,15 +206,24 @@ class Downlink:
 
     def _hint(self, failure: BaseException) -> str:
         """What a session taken over means when the downlink shares the uplink's login."""
-        shared = self._settings.bridge.downlink_username is None and self._settings.mqtt.username is not None
+        bridge = self._settings.bridge
+        shared = bridge.downlink_username is None and self._settings.mqtt.username is not None
         taken = isinstance(failure, SessionTakenOver) or "without a reason" in str(failure)
-        if not (shared and taken):
+        if not taken:
             return ""
-        return (
-            " (the downlink logs in as the uplink does: a broker that makes the login the client id, as "
-            "the site broker does, gives both one session; set bridge.downlink_username and "
-            "bridge.downlink_password_file, which `nerve devices site` makes)"
-        )
+        if shared:
+            return (
+                " (the downlink logs in as the uplink does: a broker that makes the login the client id, "
+                "as the site broker does, gives both one session; set bridge.downlink_username and "
+                "bridge.downlink_password_file, which `nerve devices site` makes)"
+            )
+        if bridge.downlink_connections > 1:
+            return (
+                f" (each of the downlink's {bridge.downlink_connections} connections needs a session of its "
+                "own: on a broker that makes the login the client id, give each its login, "
+                f"{', '.join(bridge.downlink_usernames or ())}, or set bridge.downlink_connections: 1)"
+            )
+        return ""
 
     def _set_ready(self, *, ready: bool) -> None:
         if ready != self.ready.is_set():
@@ -203,43 +234,51 @@ class Downlink:
             self._on_ready()
 
     async def _session(self, backoff: Backoff) -> None:
-        """One MQTT connection, and the consumer bound while it holds."""
-        wire = await open_mqtt(
-            self._mqtt,
-            client_id=self._client_id,
-            on_messages=_unexpected,
-            clean_start=True,
-            session_expiry_s=0,
-            receive_maximum=RECEIVE_MAXIMUM,
-        )
+        """The MQTT connections (`bridge.downlink_connections`), and the consumer bound while they hold."""
+        wires: list[MqttWire] = []
         try:
-            subscription, ack_wait_s = await self._bind(wire)
-            self.window = min(self._settings.bridge.downlink_in_flight, wire.receive_maximum)
+            for mqtt, client_id in self._lanes:
+                wires.append(
+                    await open_mqtt(
+                        mqtt,
+                        client_id=client_id,
+                        on_messages=_unexpected,
+                        clean_start=True,
+                        session_expiry_s=0,
+                        receive_maximum=RECEIVE_MAXIMUM,
+                    )
+                )
+            subscription, ack_wait_s = await self._bind(wires)
+            in_flight = self._settings.bridge.downlink_in_flight
+            self.window = sum(min(in_flight, wire.receive_maximum) for wire in wires)
             log.info(
                 "bridge: downlink connected to %s as %s, up to %d commands in flight",
                 shown_url(self._settings.mqtt.url),
-                self._client_id,
+                ", ".join(client_id for _, client_id in self._lanes),
                 self.window,
             )
             backoff.reset()
             self._set_ready(ready=True)
             try:
-                await self._pipeline(wire, subscription, ack_wait_s)
+                await self._pipeline(wires, subscription, ack_wait_s)
             finally:
                 with contextlib.suppress(NatsError, TimeoutError):
                     await subscription.unsubscribe()
         finally:
-            wire.close()
-            await wire.wait_closed()  # its loop may end next: over TLS, the socket closes a moment later
+            for wire in wires:
+                wire.close()
+            for wire in wires:
+                await wire.wait_closed()  # its loop may end next: over TLS, the socket closes a moment later
 
-    async def _bind(self, wire: MqttWire) -> tuple[JetStreamContext.PushSubscription, float]:
+    async def _bind(self, wires: list[MqttWire]) -> tuple[JetStreamContext.PushSubscription, float]:
         """Bind the shared durable consumer (NATS trouble is retried); its ack wait too."""
         backoff = Backoff()
         stream = STREAM_OF_KIND[Kind.COMMANDS]
         name = self._settings.bridge.downlink_durable
         while True:
-            if wire.closed.done():
-                wire.closed.result()  # raises: the MQTT side went meanwhile
+            for wire in wires:
+                if wire.closed.done():
+                    wire.closed.result()  # raises: the MQTT side went meanwhile
             try:
                 subscription = await shared_durable(
                     self.js,
@@ -258,19 +297,19 @@ class Downlink:
             return subscription, info.config.ack_wait or DOWNLINK_ACK_WAIT_S
 
     async def _pipeline(
-        self, wire: MqttWire, subscription: JetStreamContext.PushSubscription, ack_wait_s: float
+        self, wires: list[MqttWire], subscription: JetStreamContext.PushSubscription, ack_wait_s: float
     ) -> None:
         """Take commands as JetStream delivers them; keep up to `window` on their way to mosquitto.
 
         Returns once drained (`stop`); raises why the session failed otherwise.
         """
-        pipeline: _Pipeline | None = None
+        pipeline: _Lanes | None = None
         self._piping = True
         try:
             async with asyncio.TaskGroup() as tasks:
-                pipeline = _Pipeline(self, wire, tasks)
+                pipeline = _Lanes(self, wires, tasks)
                 tasks.create_task(self._progress(pipeline, ack_wait_s), name="downlink-progress")
-                tasks.create_task(self._watch(wire), name="downlink-watch")
+                tasks.create_task(self._watch(wires), name="downlink-watch")
                 taking = tasks.create_task(self._take(subscription, pipeline), name="downlink-take")
                 await self._draining.wait()
                 taking.cancel()
@@ -291,14 +330,14 @@ class Downlink:
                     await held.msg.nak()
             self.in_flight = 0
 
-    async def _take(self, subscription: JetStreamContext.PushSubscription, pipeline: _Pipeline) -> None:
+    async def _take(self, subscription: JetStreamContext.PushSubscription, pipeline: _Lanes) -> None:
         # Taken out of nats-py's queue at once: a command waiting here is one `_progress` sees.
         async for msg in subscription.messages:
             pipeline.take(msg)
             checkpoint()
         raise NatsError("the commands subscription ended")
 
-    async def _progress(self, pipeline: _Pipeline, ack_wait_s: float) -> None:
+    async def _progress(self, pipeline: _Lanes, ack_wait_s: float) -> None:
         """+WPI for every command held a third of the ack wait: load never makes it pass."""
         every = ack_wait_s / 3
         while True:
@@ -311,10 +350,10 @@ class Downlink:
                         await held.msg.in_progress()
             checkpoint()
 
-    async def _watch(self, wire: MqttWire) -> None:
-        """Raise the reason as soon as the connection ends, even with nothing in flight."""
-        await asyncio.wait([wire.closed])
-        wire.closed.result()
+    async def _watch(self, wires: list[MqttWire]) -> None:
+        """Raise the reason as soon as a connection ends, even with nothing in flight."""
+        done, _ = await asyncio.wait([wire.closed for wire in wires], return_when=asyncio.FIRST_COMPLETED)
+        done.pop().result()
 
     def read_command(self, msg: Msg) -> tuple[Command, str] | str:
         """The command in `msg` and its topic, or why it cannot be sent (a reason to dead-letter it)."""
@@ -405,8 +444,55 @@ class Downlink:
         log.warning("bridge: command %s to %s %s", command.id, command.subject, reason)
 
 
+class _Lanes:
+    """One session's pipelines, one per MQTT connection; a device's commands always take the same one.
+
+    Why several: mosquitto 2.0 reads one packet from each ready connection per pass over its sockets.
+    Under load a pass takes tens of milliseconds, so commands queued on one connection went in one per
+    pass: measured with 12,000 devices overloading a 2-core box (`bench/fleet.py --devices 12000 --rate
+    3 --simulators 2`), a burst of commands came out of mosquitto 20-70 ms apart, the 8th ~240 ms after
+    it was written. Per device the order stays JetStream's (one connection, in order).
+    """
+
+    def __init__(self, downlink: Downlink, wires: list[MqttWire], tasks: asyncio.TaskGroup) -> None:
+        self._prefix = downlink.prefix
+        self._lanes = [_Pipeline(downlink, wire, tasks) for wire in wires]
+
+    def take(self, msg: Msg) -> None:
+        """A command from JetStream, to the pipeline of its device (`lane_of`)."""
+        self._lanes[lane_of(msg.subject, self._prefix, len(self._lanes))].take(msg)
+
+    def unsettled(self) -> list[_Held]:
+        """Every command taken and not yet acknowledged, terminated or handed back."""
+        return [held for lane in self._lanes for held in lane.unsettled()]
+
+    async def hand_back_waiting(self) -> None:
+        """Give the commands not yet sent back to JetStream (`nak`): delivered again at once."""
+        for lane in self._lanes:
+            await lane.hand_back_waiting()
+
+    async def settled(self) -> None:
+        """Until every command sent is settled (acknowledged after its PUBACK, or given up)."""
+        for lane in self._lanes:
+            await lane.settled()
+
+
+def lane_of(subject: str, prefix: str, lanes: int) -> int:
+    """The connection a command on `subject` goes on: by its device (CRC-32), so in order per device.
+
+    A subject that names no device (it will be dead-lettered) takes the first.
+    """
+    if lanes == 1:
+        return 0
+    try:
+        device = parse_subject(subject, prefix).device
+    except TopicError:
+        return 0
+    return zlib.crc32(device.encode()) % lanes
+
+
 class _Pipeline:
-    """One session's commands: those waiting for a slot, and those on their way (up to `window`).
+    """One connection's commands: those waiting for a slot, and those on their way (up to `window`).
 
     A command is written to mosquitto from the very step that takes it from JetStream (or frees its
     slot), not a loop iteration later: on a bridge busy with the uplink, each iteration can cost a batch
@@ -417,7 +503,7 @@ class _Pipeline:
         self._downlink = downlink
         self._wire = wire
         self._tasks = tasks
-        self._window = downlink.window
+        self._window = min(downlink.in_flight_per_connection, wire.receive_maximum)
         self._waiting: collections.deque[_Held] = collections.deque()
         self._active: set[_Held] = set()
         self._idle = asyncio.Event()

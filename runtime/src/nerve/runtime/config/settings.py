@@ -32,6 +32,11 @@ MAX_MAX_PACKET_SIZE: Final = 268_435_460  # MQTT's own ceiling: a 4-byte remaini
 #: Topics whose route the bridge's uplink remembers (`bridge.route_cache`): 10,000 devices with 3
 #: metrics each publish on 30,000; 65,536 of them take about 29 MiB.
 DEFAULT_ROUTE_CACHE: Final = 65_536
+#: The downlink's MQTT connections (`bridge.downlink_connections`). mosquitto 2.0 reads one packet from
+#: each ready connection per pass over its sockets; with 12,000 devices overloading a 2-core box a pass
+#: took 20-70 ms, so the 8th command of a burst on one connection waited ~240 ms in mosquitto.
+DEFAULT_DOWNLINK_CONNECTIONS: Final = 4
+MAX_DOWNLINK_CONNECTIONS: Final = 16
 DEFAULT_METRICS: Final = ("disk", "cpu", "memory", "load", "temperature")
 # What a reading of a built-in metric can be: the bridge dead-letters the rest (bridge.ranges adds more).
 DEFAULT_RANGES: Final[dict[str, tuple[float, float]]] = {
@@ -46,6 +51,11 @@ DEFAULT_RANGES: Final[dict[str, tuple[float, float]]] = {
 DEFAULT_MAX_COMMAND_VALIDITY_S: Final = 300.0
 #: The most `edge.max_command_validity_s` may be set to: a command good for days is a standing order.
 MAX_MAX_COMMAND_VALIDITY_S: Final = 86400.0
+
+
+def downlink_lane_names(name: str, connections: int) -> tuple[str, ...]:
+    """`name` for the downlink's first connection, `<name>-1` ... for the others (client ids, logins)."""
+    return (name, *(f"{name}-{lane}" for lane in range(1, connections)))
 
 
 def _mqtt_url(value: str) -> str:
@@ -382,6 +392,14 @@ class BridgeSettings(_Settings):
         description="commands sent to mosquitto and not yet acknowledged (PUBACK), at most; the broker's "
         "Receive Maximum bounds it too (mosquitto: max_inflight_messages, 20 by default)",
     )
+    downlink_connections: int = Field(
+        default=DEFAULT_DOWNLINK_CONNECTIONS,
+        ge=1,
+        le=MAX_DOWNLINK_CONNECTIONS,
+        description="MQTT connections the downlink sends commands on, each device's always on the same one "
+        "(mosquitto reads one packet per connection per pass over its sockets: under load, commands "
+        "queued on one connection wait a pass each); each takes up to downlink_in_flight",
+    )
 
     @property
     def effective_ranges(self) -> dict[str, tuple[float, float]]:
@@ -393,14 +411,26 @@ class BridgeSettings(_Settings):
         """The downlink's MQTT client id: `downlink_client_id`, else `<client_id>-down`."""
         return self.downlink_client_id or f"{self.client_id}-down"
 
+    @property
+    def downlink_client_ids(self) -> tuple[str, ...]:
+        """The client id of each downlink connection: the downlink's, then `<it>-1`, `<it>-2`, ..."""
+        return downlink_lane_names(self.effective_downlink_client_id, self.downlink_connections)
+
+    @property
+    def downlink_usernames(self) -> tuple[str, ...] | None:
+        """The login of each downlink connection (as `downlink_client_ids`); None: the bridge's own."""
+        if self.downlink_username is None:
+            return None
+        return downlink_lane_names(self.downlink_username, self.downlink_connections)
+
     @model_validator(mode="after")
     def _check_mappings(self) -> Self:
         if self.downlink_password_file is not None and self.downlink_username is None:
             raise ValueError("downlink_password_file is set without downlink_username")
-        if self.effective_downlink_client_id == self.client_id:
+        if self.client_id in self.downlink_client_ids:
             raise ValueError(
-                f"downlink_client_id {self.client_id!r} is the uplink's client_id: each connection takes "
-                "the other's session over"
+                f"downlink client id {self.client_id!r} (of {', '.join(self.downlink_client_ids)}) is the "
+                "uplink's client_id: each connection takes the other's session over"
             )
         for metric, (low, high) in self.ranges.items():
             if not (math.isfinite(low) and math.isfinite(high) and low <= high):

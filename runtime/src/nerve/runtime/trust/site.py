@@ -32,6 +32,7 @@ import hashlib
 import ipaddress
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 import yaml
 
+from nerve.runtime.config.settings import MAX_DOWNLINK_CONNECTIONS, downlink_lane_names
 from nerve.runtime.errors import ConfigError, NerveError
 from nerve.runtime.subjects import check_token
 from nerve.runtime.trust.devices import registry_dir
@@ -324,6 +326,7 @@ def acl_text(
     downlink_user: str | None = None,
     mapped_topics: Sequence[str] = (),
     named_bridges: Sequence[str] = (),
+    downlink_connections: int = 1,
 ) -> str:
     """The ACL for mosquitto: each device (user name = device id) to its own topics; the bridge to the uplink.
 
@@ -331,8 +334,9 @@ def acl_text(
     only `<prefix>/<id>/commands/...`. The bridge's uplink login reads everything under the prefix (it
     dead-letters what is mistyped, and ignores commands and presence) and each mapping's foreign topic, and
     writes nothing; its downlink login (`downlink_user`, default `<bridge_user>-down`) writes commands and
-    reads nothing. Each of `named_bridges` (uplink logins, `nerve devices bridge add`) gets the same two
-    entries, for itself and `<it>-down`.
+    reads nothing, and so do the logins of its other connections (`downlink_connections`: `<it>-1`, ...).
+    Each of `named_bridges` (uplink logins, `nerve devices bridge add`) gets the same entries, for itself
+    and `<it>-down` (and its `-down-1`, ...).
     """
     check_token(bridge_user, "bridge user")
     downlink_user = downlink_user or f"{bridge_user}-down"
@@ -351,9 +355,8 @@ def acl_text(
         f"topic read {prefix}/#",
         *(f"topic read {topic}" for topic in mapped_topics),
         "",
-        "# The bridge's downlink (a connection of its own): writes every device's commands, reads nothing.",
-        f"user {downlink_user}",
-        f"topic write {prefix}/+/commands/#",
+        "# The bridge's downlink (connections of its own): writes every device's commands, reads nothing.",
+        *_downlink_acl(prefix, downlink_user, downlink_connections),
     ]
     for user in named_bridges:
         check_token(user, "bridge user")
@@ -363,10 +366,26 @@ def acl_text(
             f"user {user}",
             f"topic read {prefix}/#",
             *(f"topic read {topic}" for topic in mapped_topics),
-            f"user {user}-down",
-            f"topic write {prefix}/+/commands/#",
+            *_downlink_acl(prefix, f"{user}-down", downlink_connections),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _downlink_acl(prefix: str, downlink_user: str, connections: int) -> list[str]:
+    """Each downlink login (`downlink_lane_names`) may write every device's commands."""
+    lines: list[str] = []
+    for user in downlink_lane_names(downlink_user, connections):
+        lines += [f"user {user}", f"topic write {prefix}/+/commands/#"]
+    return lines
+
+
+def downlink_lane_logins(downlink_user: str) -> tuple[str, ...]:
+    """The logins a bridge's downlink connections beyond the first may have: `<downlink_user>-1` ...
+
+    As many as `bridge.downlink_connections` may be (`MAX_DOWNLINK_CONNECTIONS`): a device or bridge
+    cannot take any of them.
+    """
+    return downlink_lane_names(downlink_user, MAX_DOWNLINK_CONNECTIONS)[1:]
 
 
 # --- certificates -------------------------------------------------------------------------------------
@@ -634,10 +653,11 @@ class Site:
         except ValueError as exc:
             raise ConfigError(f"{exc} (no wildcards, no dots, no slashes)", key="ID") from None
         bridge_user = self._settings.site.bridge_user
-        if device in {bridge_user, self._settings.site.downlink_user}:
+        downlink_user = self._settings.site.downlink_user
+        if device in {bridge_user, downlink_user, *downlink_lane_logins(downlink_user)}:
             raise ConfigError(
                 f"{device!r} is one of the bridge's logins (site.bridge_user, and its downlink's "
-                "<bridge_user>-down): a device cannot have it",
+                "<bridge_user>-down, -down-1, ...): a device cannot have it",
                 key="ID",
             )
         if adding and device.startswith(f"{bridge_user}-"):
@@ -703,9 +723,23 @@ class Site:
         return SetUp(made=tuple(made), hosts=hosts)
 
     def _write_broker_files(self, passwd: Mapping[str, str], ledger: _Ledger) -> None:
-        """The password file and the ACL: the ACL names the named bridges that are not revoked."""
+        """The password file and the ACL: the ACL names the named bridges that are not revoked.
+
+        Each downlink login in `passwd` gets the logins of its other connections (`-1`, ... as many as
+        `bridge.downlink_connections` needs), with its password: the site broker makes the login the
+        client id, so each connection needs a login of its own. Those of a login that is gone go too.
+        """
         site = self._settings.site
+        connections = self._settings.bridge.downlink_connections
         mapped = [rule.topic for rule in self._settings.bridge.mappings]
+        downlinks = [site.downlink_user, *(self.bridge_logins(name)[1] for name in ledger.bridges)]
+        passwd = dict(passwd)
+        for downlink in downlinks:
+            for lane in downlink_lane_logins(downlink):
+                passwd.pop(lane, None)
+            if downlink in passwd:
+                for lane in downlink_lane_names(downlink, connections)[1:]:
+                    passwd[lane] = passwd[downlink]
         acl = acl_text(
             prefix=self._settings.prefix,
             bridge_user=site.bridge_user,
@@ -716,6 +750,7 @@ class Site:
                 for name, record in sorted(ledger.bridges.items())
                 if record.revoked is None
             ],
+            downlink_connections=connections,
         )
         write_atomic(self._paths.acl, acl.encode(), mode=PRIVATE_MODE, owner=site.broker_user)
         write_atomic(
@@ -866,10 +901,10 @@ class Site:
             check_token(name, "bridge name")
         except ValueError as exc:
             raise ConfigError(f"{exc} (no wildcards, no dots, no slashes)", key="NAME") from None
-        if name == "down" or name.endswith("-down"):
+        if re.fullmatch(r"(.*-)?down(-[0-9]+)?", name):
             raise ConfigError(
-                f"bridge name {name!r}: `down` and names ending in -down are refused (a bridge's downlink "
-                "login is <its login>-down, and would be another bridge's login)",
+                f"bridge name {name!r}: `down`, and names ending in -down or -down-<number>, are refused (a "
+                "bridge's downlink logins are <its login>-down, -down-1, ..., and would be another bridge's)",
                 key="NAME",
             )
 
@@ -897,7 +932,7 @@ class Site:
                     f"bridge {name!r} is being revoked and its session has not left its group yet: "
                     f"finish with `nerve devices bridge revoke {name}` first"
                 )
-            for login in (uplink, downlink):
+            for login in (uplink, downlink, *downlink_lane_logins(downlink)):
                 if login in ledger.devices:
                     raise SiteError(f"{login!r} is a device's id on this site: name the bridge otherwise")
             setup = self._setup()
