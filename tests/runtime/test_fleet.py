@@ -486,3 +486,43 @@ async def test_devices_are_provisioned_off_the_loop_while_their_connections_stay
     assert threads
     assert threading.current_thread().name not in threads
     assert summary.stored == summary.offered > 0
+
+
+@pytest.mark.broker
+async def test_a_read_back_that_stalls_reads_on_from_where_it_stopped(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The first read-back consumer goes quiet after 10 readings (as one of nats-py's that lost its place
+    and could not make its replacement): a new one reads on from there, and every reading is counted
+    stored once, none lost, none twice."""
+    monkeypatch.setattr(simulate_module, "READ_BACK_STALL_S", 0.5)
+    real = Simulation._read_stored
+    read_backs: list[int] = []
+
+    async def read_stored(self: Simulation, js: Any, start_seq: int, filters: list[str], cb: Any) -> Any:
+        if getattr(cb, "__func__", None) is not Simulation._on_stored:
+            return await real(self, js, start_seq, filters, cb)
+        read_backs.append(start_seq)
+        if len(read_backs) > 1:
+            return await real(self, js, start_seq, filters, cb)
+        seen = 0
+
+        async def goes_quiet(msg: Any) -> None:
+            nonlocal seen
+            seen += 1
+            if seen <= 10:
+                await cb(msg)
+
+        return await real(self, js, start_seq, filters, goes_quiet)
+
+    monkeypatch.setattr(Simulation, "_read_stored", read_stored)
+    async with Stack(settings=_quiet(settings), device="pi-stall") as stack:
+        plan = FleetPlan(devices=5, rate=10, duration_s=2, drain_s=0.05)
+        with caplog.at_level(logging.WARNING, logger="nerve.runtime.fleet.simulate"):
+            summary = await Simulation(settings=stack.settings, plan=plan).run()
+    assert len(read_backs) == 2
+    assert read_backs[1] > read_backs[0]  # on from the last reading seen, not from the start
+    assert summary.offered > 10
+    assert summary.stored == summary.offered
+    assert summary.lost == summary.duplicates == 0
+    assert sum("reading back what was stored stalled" in r.getMessage() for r in caplog.records) == 1
