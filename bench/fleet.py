@@ -353,6 +353,7 @@ SUMMED: Final = (
     "incidents_failed",
     "connections_lost",
     "skipped",
+    "behind",
 )
 
 
@@ -413,6 +414,8 @@ def row(devices: int, summary: dict[str, Any] | None, usage: Usage) -> str:
         stored += f" of {summary['offered_per_s']:,.0f} offered"
     if summary.get("skipped"):
         stored += f" ({summary['skipped']:,} readings not offered: a simulator's queue was full)"
+    if summary.get("behind"):
+        stored += f" ({summary['behind']:,} readings not made: a simulator could not keep up)"
     lost = f"{summary['lost']}"
     if summary["duplicates"]:
         lost += f", {summary['duplicates']:,} stored twice"

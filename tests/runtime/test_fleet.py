@@ -28,7 +28,7 @@ from nerve.runtime.config.settings import load_settings
 from nerve.runtime.errors import BrokerUnavailable, ConfigError
 from nerve.runtime.fleet import FleetPlan, Second, Simulation, Summary, percentile
 from nerve.runtime.fleet import simulate as simulate_module
-from nerve.runtime.fleet.simulate import MAX_QUEUED
+from nerve.runtime.fleet.simulate import MAX_QUEUED, readings_due
 from nerve.runtime.fleet.watch import ARGV as WATCH_ARGV
 from nerve.runtime.jetstream.streams import ensure_streams
 from nerve.runtime.stack.brokers import free_port
@@ -526,3 +526,19 @@ async def test_a_read_back_that_stalls_reads_on_from_where_it_stopped(
     assert summary.stored == summary.offered
     assert summary.lost == summary.duplicates == 0
     assert sum("reading back what was stored stalled" in r.getMessage() for r in caplog.records) == 1
+
+
+@given(
+    due=st.integers(min_value=0, max_value=10**9),
+    made=st.integers(min_value=0, max_value=10**9),
+    burst=st.integers(min_value=1, max_value=10**6),
+)
+def test_a_simulator_behind_makes_one_burst_and_gives_up_the_rest(due: int, made: int, burst: int) -> None:
+    """Never more than `burst` readings in one go (the loop is not held); what is due is either made
+    now or given up, never both, never lost from the count."""
+    target, behind = readings_due(due, made, burst)
+    assert target - made <= burst
+    assert behind >= 0
+    assert target + behind == max(due, target)
+    if due - made <= burst:
+        assert (target, behind) == (due, 0)

@@ -133,6 +133,7 @@ def format_summary(summary: Summary) -> str:
             f"({summary.stored_per_s:.1f}/s), lost {summary.lost}, unacknowledged {summary.unacknowledged}, "
             f"duplicates {summary.duplicates}"
             + (f", skipped {summary.skipped} (mosquitto took nothing more)" if summary.skipped else "")
+            + (f", behind {summary.behind} (not made: could not keep up)" if summary.behind else "")
             + (f", connections lost {summary.connections_lost}" if summary.connections_lost else "")
         ),
         (
