@@ -463,3 +463,27 @@ async def test_each_devices_commands_keep_their_order_and_a_connection_taken_ove
             await store_commands(js, later)
             got = await receive(client, len(later))
     assert {c.id for c in got} == {c.id for c in later}
+
+
+def test_a_session_taken_over_says_what_to_set(tmp_path: Path) -> None:
+    """On a broker that makes the login the client id, connections sharing a login take each other's
+    session over: the log line says which logins each needs, or to use one connection."""
+    from nerve.bridge.stats import BridgeStats  # noqa: PLC0415
+    from nerve.runtime.wire.mqtt import SessionTakenOver  # noqa: PLC0415
+
+    password = tmp_path / "password"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    login = {"username": "up", "password_file": str(password)}
+
+    def hint(bridge: dict[str, Any]) -> str:
+        settings = load_settings(overrides={"mqtt": login, "bridge": bridge})
+        downlink = downlink_module.Downlink(settings=settings, stats=BridgeStats(), on_ready=lambda: None)
+        return downlink._hint(SessionTakenOver("x"))
+
+    assert "logs in as the uplink does" in hint({})
+    own = {"downlink_username": "down", "downlink_password_file": str(password)}
+    lanes = hint(own)
+    assert "(down, down-1, down-2, down-3)" in lanes
+    assert "bridge.downlink_connections: 1" in lanes
+    assert hint({**own, "downlink_connections": 1}) == ""

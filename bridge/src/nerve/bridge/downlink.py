@@ -218,10 +218,11 @@ class Downlink:
                 "bridge.downlink_password_file, which `nerve devices site` makes)"
             )
         if bridge.downlink_connections > 1:
+            logins = f" ({', '.join(bridge.downlink_usernames)})" if bridge.downlink_usernames else ""
             return (
                 f" (each of the downlink's {bridge.downlink_connections} connections needs a session of its "
-                "own: on a broker that makes the login the client id, give each its login, "
-                f"{', '.join(bridge.downlink_usernames or ())}, or set bridge.downlink_connections: 1)"
+                f"own: on a broker that makes the login the client id, each needs its own login{logins}, "
+                "which `nerve devices site` makes; or set bridge.downlink_connections: 1)"
             )
         return ""
 
