@@ -147,16 +147,25 @@ async def spawn(
         )
 
 
-def bridge_env(index: int, count: int, root: Path) -> dict[str, str]:
+def bridge_env(index: int, count: int, root: Path, *, split: bool = False) -> dict[str, str]:
     """The settings of bridge `index` of `count`: alone, the defaults; several share a `$share` group, each
-    with its own client ids and data dir (docs/devices.md, "Several bridges in a `$share` group")."""
+    with its own client ids and data dir (docs/devices.md, "Several bridges in a `$share` group"). `split`:
+    it runs the uplink only, and the process of `downlink_env` the downlink."""
+    part = {"NERVE_BRIDGE__PART": "uplink"} if split else {}
     if count == 1:
-        return {}
+        return part
     return {
+        **part,
         "NERVE_BRIDGE__SHARED_GROUP": "bench",
         "NERVE_BRIDGE__CLIENT_ID": f"nerve-bridge-{index}",
         "NERVE_DATA_DIR": str(root / f"bridge-{index}"),
     }
+
+
+def downlink_env() -> dict[str, str]:
+    """The settings of the downlink's own process (`--split-downlink`; docs/fleet.md): the default client
+    ids, which no uplink-only bridge uses for a downlink."""
+    return {"NERVE_BRIDGE__PART": "downlink"}
 
 
 async def stop(process: asyncio.subprocess.Process) -> None:
@@ -268,10 +277,23 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                 await spawn(
                     [nerve, "bridge", "--config", str(config), "--log-level", "warning"],
                     log,
-                    env=bridge_env(index, args.bridges, root),
+                    env=bridge_env(index, args.bridges, root, split=args.split_downlink),
                 )
                 for index in range(1, args.bridges + 1)
             ]
+            named = {
+                "bridge" if index == 1 else f"bridge {index}": process.pid
+                for index, process in enumerate(bridges, start=1)
+            }
+            if args.split_downlink:
+                bridges.append(
+                    await spawn(
+                        [nerve, "bridge", "--config", str(config), "--log-level", "warning"],
+                        log,
+                        env=downlink_env(),
+                    )
+                )
+                named["bridge downlink"] = bridges[-1].pid
             parts = [
                 *bridges,
                 await spawn([nerve, "central", "--config", str(config), "--log-level", "warning"], log),
@@ -280,10 +302,7 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                 pids={
                     "mosquitto": mosquitto.pid,
                     "nats-server": nats_server.pid,
-                    **{
-                        "bridge" if index == 1 else f"bridge {index}": process.pid
-                        for index, process in enumerate(bridges, start=1)
-                    },
+                    **named,
                     "central": parts[-1].pid,
                 },
                 loads=args.simulators,
@@ -528,6 +547,12 @@ async def main() -> int:
         default=None,
         help="the bridge's MQTT connections for commands (bridge.downlink_connections; default: nerve's)",
     )
+    parser.add_argument(
+        "--split-downlink",
+        action="store_true",
+        help="the bridge's downlink in a process of its own (bridge.part: uplink / downlink), its CPU "
+        "and RSS added to the bridge's",
+    )
     parser.add_argument("--beyond", action="store_true", help="then find the breaking point past the largest")
     args = parser.parse_args()
     if args.simulators < 1:
@@ -541,6 +566,7 @@ async def main() -> int:
         f"{args.connections or 'one'} MQTT connection(s) {'in all' if args.connections else 'per device'}, "
         f"{os.cpu_count()} cores; processes: {', '.join(PARTS)}"
         + (f" ({args.bridges} bridges in a $share group, CPU and RSS added)" if args.bridges > 1 else "")
+        + ("; the downlink in a process of its own (bridge CPU and RSS added)" if args.split_downlink else "")
         + (
             f"; {args.simulators} simulators (their CPU and RSS added; each latency the worst of theirs)"
             if args.simulators > 1

@@ -76,12 +76,13 @@ def test_one_failed_simulator_fails_the_case_and_one_alone_is_itself() -> None:
 @pytest.mark.broker
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_two_simulators_share_a_small_fleet_end_to_end() -> None:
+def test_two_simulators_share_a_small_fleet_end_to_end_with_the_downlink_split_off() -> None:
     done = subprocess.run(
         [
             sys.executable,
             str(BENCH / "fleet.py"),
             *("--devices", "200", "--seconds", "4", "--rate", "2", "--drain", "10", "--simulators", "2"),
+            "--split-downlink",
         ],
         capture_output=True,
         text=True,
@@ -94,4 +95,6 @@ def test_two_simulators_share_a_small_fleet_end_to_end() -> None:
     cells = [cell.strip() for cell in rows[-1].split("|")]
     assert cells[2] != "failed", done.stdout
     assert cells[3] == "0", done.stdout  # nothing lost, nothing stored twice
+    assert "spikes got no command" not in cells[5], done.stdout  # the downlink's own process sent them
     assert "2 simulators" in done.stdout
+    assert "the downlink in a process of its own" in done.stdout

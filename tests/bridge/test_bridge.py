@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import urllib.request
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -319,3 +320,96 @@ async def test_the_bridges_expired_for_centrals_own_command_reaches_the_audit_an
         if decode(m.data, CommandResult).causationid == stale.id
     ]
     assert result.sig == ""
+
+
+def _clear_temp() -> Command:
+    return Command.create(device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60))
+
+
+def _part(settings: Settings, part: str) -> Settings:
+    return settings.model_copy(update={"bridge": settings.bridge.model_copy(update={"part": part})})
+
+
+async def test_an_uplink_process_and_a_downlink_process_split_the_bridge(
+    settings: Settings, nc: NatsClient, running: Running
+) -> None:
+    """Same settings but `bridge.part`: readings go through one, commands through the other, once."""
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    uplink, downlink = (
+        Bridge(settings=_part(settings, "uplink")),
+        Bridge(settings=_part(settings, "downlink")),
+    )
+    command = Command.create(
+        device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60)
+    )
+    async with (
+        running(uplink, wait=WAIT),
+        running(downlink, wait=WAIT),
+        publisher(settings, "device") as device,
+    ):
+        await device.subscribe("nerve/pi-01/commands/+")
+        await device.publish("nerve/pi-01/telemetry/disk", b"95", qos=1)
+        await publish_envelope(js, "nerve.pi-01.commands.clear_temp", command)
+        async with asyncio.timeout(WAIT):
+            message = await anext(aiter(device.messages))
+        await wait_for_count(js, "NERVE_TELEMETRY", 1)
+        await asyncio.sleep(0.3)
+    assert isinstance(message.payload, bytes)
+    assert decode(message.payload, Command) == command
+    assert uplink.downlink is None
+    assert (uplink.stats.stored, uplink.stats.commands_sent) == (1, 0)
+    assert (downlink.stats.received, downlink.stats.commands_sent) == (0, 1)
+    assert (await js.stream_info("NERVE_TELEMETRY")).state.messages == 1
+
+
+async def test_a_downlink_process_takes_no_reading_and_an_uplink_process_sends_no_command(
+    settings: Settings, nc: NatsClient, running: Running
+) -> None:
+    js = nc.jetstream()
+    await ensure_streams(js, settings.prefix)
+    command = Command.create(
+        device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60)
+    )
+    downlink_only = Bridge(settings=_part(settings, "downlink"))
+    async with publisher(settings, "device") as device:
+        await device.subscribe("nerve/pi-01/commands/+")
+        async with running(downlink_only, wait=WAIT):
+            await device.publish("nerve/pi-01/telemetry/disk", b"95", qos=1)
+            await publish_envelope(js, "nerve.pi-01.commands.clear_temp", command)
+            async with asyncio.timeout(WAIT):
+                await anext(aiter(device.messages))  # the downlink process is up and working
+            await asyncio.sleep(0.3)
+        assert downlink_only.stats.received == 0
+        assert (await js.stream_info("NERVE_TELEMETRY")).state.messages == 0
+        # Its client id is the uplink's, but the uplink's id file is not its to open.
+        assert not (settings.data_dir / "bridge").exists()
+
+        second = Command.create(
+            device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60)
+        )
+        uplink_only = Bridge(settings=_part(settings, "uplink"))
+        async with running(uplink_only, wait=WAIT):
+            await publish_envelope(js, "nerve.pi-01.commands.clear_temp", second)
+            await device.publish("nerve/pi-01/telemetry/disk", b"96", qos=1)
+            await wait_for_count(js, "NERVE_TELEMETRY", 1)
+            await asyncio.sleep(0.3)
+            consumer = await js.consumer_info("NERVE_COMMANDS", settings.bridge.downlink_durable)
+        assert uplink_only.stats.commands_sent == 0
+        assert consumer.num_pending == 1  # waits for a downlink
+
+
+async def test_a_metrics_port_in_use_is_one_line(settings: Settings, running: Running) -> None:
+    from nerve.runtime.errors import ConfigError  # noqa: PLC0415
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        busy = settings.model_copy(
+            update={"bridge": settings.bridge.model_copy(update={"metrics_port": port})}
+        )
+        with pytest.raises(
+            ConfigError, match=rf"bridge.metrics_port: cannot serve metrics on 127.0.0.1:{port}"
+        ):
+            await Bridge(settings=busy).run()

@@ -291,6 +291,14 @@ def test_commands_spread_over_the_connections_and_an_unreadable_subject_takes_th
         ({"bridge": {"downlink_in_flight": 0}}, "downlink_in_flight"),
         ({"bridge": {"downlink_connections": 0}}, "downlink_connections"),
         ({"bridge": {"downlink_connections": 17}}, "downlink_connections"),
+        ({"bridge": {"part": "sideways"}}, "bridge.part"),
+        (  # the downlink's second login would be the uplink's
+            {
+                "mqtt": {"username": "d-1", "password_file": "/etc/hostname"},
+                "bridge": {"downlink_username": "d", "downlink_password_file": "/etc/hostname"},
+            },
+            "mqtt.username 'd-1' is one of the downlink's logins",
+        ),
         # its second connection would be x-1: the uplink's
         ({"bridge": {"client_id": "x-1", "downlink_client_id": "x"}}, "'x-1' .* is the uplink's client_id"),
     ],
@@ -486,4 +494,7 @@ def test_a_session_taken_over_says_what_to_set(tmp_path: Path) -> None:
     lanes = hint(own)
     assert "(down, down-1, down-2, down-3)" in lanes
     assert "bridge.downlink_connections: 1" in lanes
-    assert hint({**own, "downlink_connections": 1}) == ""
+    assert "another bridge process runs a downlink" in lanes
+    alone = hint({**own, "downlink_connections": 1})
+    assert "logins" not in alone
+    assert "bridge.part: downlink" in alone

@@ -1,5 +1,9 @@
 """The bridge: MQTT ⇄ JetStream, the uplink on one persistent MQTT session, the downlink on another.
 
+One process runs both, or one of them (`bridge.part`): an `uplink` process and a `downlink` process with
+the same settings split the work, and a command never waits for the CPU or the interpreter that the
+readings take.
+
 Uplink: every message from devices is stored in JetStream (or dead-lettered with the reason) before
 its PUBACK goes back to mosquitto, so a bridge killed at any moment loses nothing: mosquitto redelivers
 what was not acknowledged, and JetStream's dedup (by event id) stores an envelope once.
@@ -50,33 +54,46 @@ SUBSCRIBE_TIMEOUT_S: Final = 30.0
 #: the downlink waits at most for the uplink thread to hand over the GIL, at every hop of a command.
 DOWNLINK_SWITCH_INTERVAL_S: Final = 0.001
 
+#: What `bridge: running ...` says at start, by `bridge.part`.
+_PARTS: Final = {
+    "both": "uplink and downlink",
+    "uplink": "the uplink only (bridge.part: uplink; commands need a downlink process)",
+    "downlink": "the downlink only (bridge.part: downlink; readings need an uplink process)",
+}
+
 
 class Bridge:
-    """Runs uplink and downlink until cancelled; reconnects to either broker forever.
+    """Runs uplink and downlink (or the one `bridge.part` names) until cancelled; reconnects forever.
 
-    `ready` is set while the uplink is subscribed and the downlink has its connection and consumer.
-    `downlink` is the running downlink (None before `run` reached NATS).
+    `ready` is set while the uplink is subscribed and the downlink has its connections and consumer (of
+    what this process runs). `downlink` is the running downlink (None before `run` reached NATS, and in
+    an uplink-only process).
     """
 
     def __init__(self, *, settings: Settings) -> None:
         self._settings = settings
         self._prefix = settings.prefix
         self._metrics = frozenset(settings.bridge.metrics)
+        part = settings.bridge.part
+        self._uplink = part in {"both", "uplink"}
+        self._downlink = part in {"both", "downlink"}
         self.stats = BridgeStats()
         self.ready = asyncio.Event()
         self.downlink: Downlink | None = None
         self._uplink_ready = asyncio.Event()
         self._downlink_ready = asyncio.Event()
         # Across uplink sessions, and across a kill of this process (a file in the data dir): what
-        # mosquitto sends again after a reconnect keeps its first id.
-        self._redelivered_ids = RedeliveredIds(ids_path(settings))
+        # mosquitto sends again after a reconnect keeps its first id. Not opened by a downlink-only
+        # process, which shares the uplink's client id and so its file's name.
+        self._redelivered_ids = RedeliveredIds(ids_path(settings) if self._uplink else None)
 
     def _ready_changed(self) -> None:
         if self.downlink is not None and self.downlink.ready.is_set():
             self._downlink_ready.set()
         else:
             self._downlink_ready.clear()
-        if self._uplink_ready.is_set() and self._downlink_ready.is_set():
+        uplink_ready = self._uplink_ready.is_set() or not self._uplink
+        if uplink_ready and (self._downlink_ready.is_set() or not self._downlink):
             self.ready.set()
         else:
             self.ready.clear()
@@ -117,18 +134,22 @@ class Bridge:
             def ready_changed() -> None:  # called in the downlink's thread
                 main.call_soon_threadsafe(self._ready_changed)
 
-            self.downlink = Downlink(settings=self._settings, stats=self.stats, on_ready=ready_changed)
+            if self._downlink:
+                self.downlink = Downlink(settings=self._settings, stats=self.stats, on_ready=ready_changed)
+            log.info("bridge: running %s", _PARTS[self._settings.bridge.part])
             async with asyncio.TaskGroup() as tasks:
                 # Each on its own MQTT connection, each reconnecting on its own: a stalled uplink (NATS
                 # slow, its in-flight window full) holds no command, and a command no reading.
-                tasks.create_task(self._run_downlink(), name="bridge-downlink")
-                # The downlink connects first: a resumed uplink session floods the process with readings
-                # from its first moment, and would slow the downlink's start (bounded: a downlink that
-                # cannot connect, say its login is missing, holds no reading back for long).
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(DOWNLINK_FIRST_S):
-                        await self._downlink_ready.wait()
-                tasks.create_task(self._run_mqtt(), name="bridge-uplink")
+                if self._downlink:
+                    tasks.create_task(self._run_downlink(), name="bridge-downlink")
+                    # The downlink connects first: a resumed uplink session floods the process with
+                    # readings from its first moment, and would slow the downlink's start (bounded: a
+                    # downlink that cannot connect, say its login is missing, holds no reading back long).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(DOWNLINK_FIRST_S):
+                            await self._downlink_ready.wait()
+                if self._uplink:
+                    tasks.create_task(self._run_mqtt(), name="bridge-uplink")
                 await asyncio.Future()  # parked in the body (see `_session`)
         finally:
             self.ready.clear()

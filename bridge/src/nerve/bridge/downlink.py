@@ -217,14 +217,19 @@ class Downlink:
                 "as the site broker does, gives both one session; set bridge.downlink_username and "
                 "bridge.downlink_password_file, which `nerve devices site` makes)"
             )
+        # Two processes running a downlink with the same settings take each other's sessions over.
+        twin = (
+            "another bridge process runs a downlink with these client ids (of two processes that split "
+            "a bridge, one has bridge.part: uplink, the other bridge.part: downlink)"
+        )
         if bridge.downlink_connections > 1:
             logins = f" ({', '.join(bridge.downlink_usernames)})" if bridge.downlink_usernames else ""
             return (
                 f" (each of the downlink's {bridge.downlink_connections} connections needs a session of its "
                 f"own: on a broker that makes the login the client id, each needs its own login{logins}, "
-                "which `nerve devices site` makes; or set bridge.downlink_connections: 1)"
+                f"which `nerve devices site` makes, or set bridge.downlink_connections: 1; or {twin})"
             )
-        return ""
+        return f" ({twin})"
 
     def _set_ready(self, *, ready: bool) -> None:
         if ready != self.ready.is_set():

@@ -12,6 +12,8 @@ from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from nerve.runtime.errors import ConfigError
+
 if TYPE_CHECKING:
     import threading
     from collections.abc import Iterator
@@ -61,7 +63,11 @@ class MetricsServer:
         registry.register(BridgeCollector(stats))
         server: WSGIServer
         thread: threading.Thread
-        server, thread = start_http_server(port, addr=address, registry=registry)
+        try:
+            server, thread = start_http_server(port, addr=address, registry=registry)
+        except OSError as exc:  # in use (say, by the other half of a split bridge), or not this host's
+            msg = f"cannot serve metrics on {address}:{port}: {exc.strerror or exc}"
+            raise ConfigError(msg, key="bridge.metrics_port") from None
         self._server = server
         self._thread = thread
         self.port = server.server_port

@@ -340,6 +340,10 @@ class TopicMapping(_Settings):
         return self
 
 
+#: What one bridge process runs (`bridge.part`).
+BridgePart = Literal["both", "uplink", "downlink"]
+
+
 class BridgeSettings(_Settings):
     """The MQTT ⇄ JetStream bridge."""
 
@@ -391,6 +395,12 @@ class BridgeSettings(_Settings):
         le=65535,
         description="commands sent to mosquitto and not yet acknowledged (PUBACK), at most; the broker's "
         "Receive Maximum bounds it too (mosquitto: max_inflight_messages, 20 by default)",
+    )
+    part: BridgePart = Field(
+        default="both",
+        description="what this process runs: both, uplink (devices -> JetStream) or downlink (commands -> "
+        "devices); two processes, one `uplink` and one `downlink`, keep commands off the CPU and "
+        "interpreter the readings take (docs/fleet.md)",
     )
     downlink_connections: int = Field(
         default=DEFAULT_DOWNLINK_CONNECTIONS,
@@ -758,6 +768,14 @@ class Settings(_Settings):
             raise ValueError(
                 "bridge.downlink_username is set but mqtt.url carries the bridge's credentials: give them "
                 "as mqtt.username and mqtt.password_file instead"
+            )
+        lane_logins = self.bridge.downlink_usernames or ()
+        if self.mqtt.username is not None and self.mqtt.username in lane_logins:
+            # A broker that makes the login the client id (the site broker) would give both one session.
+            raise ValueError(
+                f"mqtt.username {self.mqtt.username!r} is one of the downlink's logins "
+                f"({', '.join(lane_logins)}): the uplink and that connection would take each other's "
+                "session over"
             )
         first = self.prefix.split("/")[0]
         for rule in self.bridge.mappings:
