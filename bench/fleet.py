@@ -460,7 +460,13 @@ def where(devices: int, summary: dict[str, Any] | None) -> str:
     """Where a spike's command spent its time, p50 / p99 per part (`nerve simulate`'s summary)."""
     if summary is None or summary.get("central_p50_ms") is None:
         return f"  {devices:,}: no command's path measured"
-    parts = (("spike stored", "spike_stored"), ("central", "central"), ("command to device", "downlink"))
+    parts = (
+        ("spike stored", "spike_stored"),
+        ("central", "central"),
+        ("command to device", "downlink"),
+        ("of which command stored", "command_stored"),
+        ("stored -> device", "sent_down"),
+    )
     return (
         f"  {devices:,}: spike -> command ({summary['commands']} commands to {summary['spikes']} spikes), "
         "p50 / p99 of each part: "

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from nerve.runtime.config.settings import load_settings
 
@@ -102,3 +103,24 @@ def test_edge_unit_exposure_is_ok() -> None:
     assert "Overall exposure level for nerve-edge.service" in last
     score = float(last.split(":")[1].split()[0])
     assert score <= 2.0, last
+
+
+def test_the_downlink_unit_runs_the_bridges_config_as_its_downlink_on_a_port_of_its_own(
+    tmp_path: Path,
+) -> None:
+    bridge = directives(SYSTEMD / "nerve-bridge.service")
+    downlink = directives(SYSTEMD / "nerve-bridge-downlink.service")
+    assert downlink["ExecStart"] == bridge["ExecStart"]  # the same settings file
+    env = dict(value.split("=", 1) for value in downlink["Environment"])
+    assert env["NERVE_DATA_DIR"] == "/var/lib/nerve"
+    # The operator sets `bridge.part: uplink` in the shipped file; the unit's variables win over it.
+    config = yaml.safe_load((CONFIGS / "bridge.yaml").read_text())
+    config["bridge"]["part"] = "uplink"
+    split = tmp_path / "bridge.yaml"
+    split.write_text(yaml.safe_dump(config))
+    uplink, as_downlink = load_settings(split), load_settings(split, env=env)
+    assert uplink.bridge.part == "uplink"
+    assert as_downlink.bridge.part == "downlink"
+    assert as_downlink.bridge.metrics_port not in {None, uplink.bridge.metrics_port}
+    for key in ("User", "ProtectSystem", "NoNewPrivileges", "StateDirectory", "KillSignal", "Restart"):
+        assert downlink[key] == bridge[key], key

@@ -160,4 +160,10 @@ def format_summary(summary: Summary) -> str:
             f"{_ms(summary.central_p99_ms)} ms, command to device {_ms(summary.downlink_p50_ms)}/"
             f"{_ms(summary.downlink_p99_ms)} ms"
         )
+    if summary.command_stored_p50_ms is not None:
+        lines.append(
+            f"  command to device, p50/p99: made -> stored in JetStream {_ms(summary.command_stored_p50_ms)}/"
+            f"{_ms(summary.command_stored_p99_ms)} ms, stored -> device {_ms(summary.sent_down_p50_ms)}/"
+            f"{_ms(summary.sent_down_p99_ms)} ms"
+        )
     return "\n".join(lines)

@@ -231,6 +231,13 @@ class Summary:
     central_p99_ms: float | None = None
     downlink_p50_ms: float | None = None
     downlink_p99_ms: float | None = None
+    # The last part split at JetStream's stored time of the command: made -> stored (central publishing
+    # it), stored -> delivered (the bridge's downlink and mosquitto). For the commands whose stored time
+    # the simulator's consumer of the commands stream saw.
+    command_stored_p50_ms: float | None = None
+    command_stored_p99_ms: float | None = None
+    sent_down_p50_ms: float | None = None
+    sent_down_p99_ms: float | None = None
 
 
 def readings_due(due: int, made: int, burst: int) -> tuple[int, int]:
@@ -345,7 +352,9 @@ class Simulation:
         self._spikes: dict[str, float] = {}  # spike reading id -> when it was sent, until its command came
         self._spike_sent: dict[str, float] = {}  # every spike reading id -> when it was sent
         self._spike_stored: dict[str, float] = {}  # spike reading id -> when JetStream stored it
-        self._command_paths: list[tuple[str, float, float]] = []  # spike id, command made, command came
+        # spike id, command id, command made, command came
+        self._command_paths: list[tuple[str, str, float, float]] = []
+        self._command_stored: dict[str, float] = {}  # id of a command to our devices -> when stored
         self._delivered: dict[str, float] = {}  # spike id -> when the watcher saw its command
         self._read_back: JetStreamContext.PushSubscription | None = None  # the consumer reading back
         self._read_back_from = 0  # where it began (the stream's first sequence that may be ours)
@@ -566,7 +575,7 @@ class Simulation:
             if sent is not None:
                 self._command_latencies.append(now - sent)
                 self._window_commands.append(now - sent)
-                self._command_paths.append((spike, command.time.timestamp(), now))
+                self._command_paths.append((spike, command.id, command.time.timestamp(), now))
         ok = command.action == ACTION and command.subject == device.name
         result = CommandResult.for_command(
             command,
@@ -625,6 +634,14 @@ class Simulation:
         if reading_id in self._spike_sent:
             self._spike_stored[reading_id] = stored
         self._lags.append(stored - device.sent[seq])
+
+    async def _on_command_stored(self, msg: Msg) -> None:
+        """Live: a command to one of our devices stored; when, by its id (`Nats-Msg-Id`)."""
+        parts = msg.subject.split(".")
+        if len(parts) >= 3 and parts[-3] in self._by_name:  # noqa: PLR2004 - device/kind/action
+            command_id = (msg.headers or {}).get(_ID_HEADER)
+            if command_id:
+                self._command_stored[command_id] = msg.metadata.timestamp.timestamp()
 
     async def _on_fact(self, msg: Msg) -> None:
         # A plain subscription sees every publish, also one JetStream then refused as a duplicate: an
@@ -739,6 +756,8 @@ class Simulation:
         plan = self._plan
         # Whatever is stored from here on may be ours (the stream is checked before anything connects).
         start_seq = await self._stream_last_seq(nc) + 1
+        # The commands stream is there too (the stack makes every stream); from its end, ours.
+        commands_from = (await nc.jetstream().stream_info(STREAM_OF_KIND[Kind.COMMANDS])).state.last_seq + 1
         connect_began = time.monotonic()
         links = await self._connect_fleet()  # before provisioning: an unreachable broker leaves nothing
         # In a thread (about 2 ms a device): the connections just opened keep pinging meanwhile. On this
@@ -752,6 +771,13 @@ class Simulation:
         js = nc.jetstream()
         root = subject_root(self._prefix)
         sampled = await self._read_stored(js, start_seq, self._sampled_filters(), self._on_sampled)
+        commands = await self._read_stored(
+            js,
+            commands_from,
+            [kind_filter(Kind.COMMANDS, self._prefix)],
+            self._on_command_stored,
+            Kind.COMMANDS,
+        )
         facts = [
             await nc.subscribe(f"{root}.*.facts.{kind}", cb=self._on_fact)
             for kind in ("incident_resolved", "incident_failed")
@@ -794,7 +820,12 @@ class Simulation:
         finally:  # also when NATS failed the run: no watcher process or consumer left behind
             await _end_watcher(watcher, None)
             with contextlib.suppress(Exception):
-                for sub in [sampled, *facts, *([self._read_back] if self._read_back is not None else [])]:
+                for sub in [
+                    sampled,
+                    commands,
+                    *facts,
+                    *([self._read_back] if self._read_back is not None else []),
+                ]:
                     await sub.unsubscribe()
         return self._summary(seconds=seconds, connect_s=connect_s, interrupted=interrupted)
 
@@ -851,15 +882,20 @@ class Simulation:
         return [f"{root}.{device.name}.{Kind.TELEMETRY}.*" for device in self._devices[::every]]
 
     async def _read_stored(
-        self, js: JetStreamContext, start_seq: int, filters: list[str], cb: Callable[[Msg], Awaitable[None]]
+        self,
+        js: JetStreamContext,
+        start_seq: int,
+        filters: list[str],
+        cb: Callable[[Msg], Awaitable[None]],
+        kind: Kind = Kind.TELEMETRY,
     ) -> JetStreamContext.PushSubscription:
-        """An ordered, headers-only consumer of NERVE_TELEMETRY from `start_seq` on `filters`.
+        """An ordered, headers-only consumer of `kind`'s stream from `start_seq` on `filters`.
 
         NATS too busy to answer (an overload): asked again for up to `CONSUMER_PATIENCE_S`, then
         `BrokerUnavailable`.
         """
         one = len(filters) == 1
-        stream = STREAM_OF_KIND[Kind.TELEMETRY]
+        stream = STREAM_OF_KIND[kind]
         patience = time.monotonic() + CONSUMER_PATIENCE_S
         while True:
             try:
@@ -950,8 +986,8 @@ class Simulation:
                     unacknowledged += 1
         span = max(seconds, 1e-9)
         lags = self._lags
-        uplink, central, downlink, delivered = [], [], [], []
-        for spike, made, came in self._command_paths:
+        uplink, central, downlink, delivered, stored_at, sent_down = [], [], [], [], [], []
+        for spike, command_id, made, came in self._command_paths:
             reached = self._delivered.get(spike)
             if reached is not None:
                 delivered.append(reached - self._spike_sent[spike])
@@ -960,6 +996,10 @@ class Simulation:
                 uplink.append(stored - self._spike_sent[spike])
                 central.append(made - stored)
                 downlink.append((came if reached is None else reached) - made)
+            command_stored = self._command_stored.get(command_id)
+            if command_stored is not None:
+                stored_at.append(command_stored - made)
+                sent_down.append((came if reached is None else reached) - command_stored)
         return Summary(
             devices=self._plan.devices,
             connections=len(self._links),
@@ -997,6 +1037,10 @@ class Simulation:
             central_p99_ms=_ms(percentile(central, 0.99)),
             downlink_p50_ms=_ms(percentile(downlink, 0.5)),
             downlink_p99_ms=_ms(percentile(downlink, 0.99)),
+            command_stored_p50_ms=_ms(percentile(stored_at, 0.5)),
+            command_stored_p99_ms=_ms(percentile(stored_at, 0.99)),
+            sent_down_p50_ms=_ms(percentile(sent_down, 0.5)),
+            sent_down_p99_ms=_ms(percentile(sent_down, 0.99)),
         )
 
 
