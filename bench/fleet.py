@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from nerve.runtime.config.settings import load_settings
 from nerve.runtime.errors import ConfigError
-from nerve.runtime.stack.brokers import Mosquitto, NatsServer, free_port
+from nerve.runtime.stack.brokers import Mosquitto, NatsServer, die_with_parent, free_port
 from nerve.runtime.trust.signing import generate_keypair
 
 if TYPE_CHECKING:
@@ -144,6 +144,9 @@ async def spawn(
             stderr=out,
             env={**clean_env(), **(env or {})},
             limit=1 << 20,
+            # This script killed (a timeout, kill -9) must not leave a bridge or central running: with
+            # the same client ids, they would fight the next case's for their sessions.
+            preexec_fn=die_with_parent,
         )
 
 

@@ -5,9 +5,13 @@ The figures themselves are not judged here (timing is the bench's business).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -98,3 +102,58 @@ def test_two_simulators_share_a_small_fleet_end_to_end_with_the_downlink_split_o
     assert "spikes got no command" not in cells[5], done.stdout  # the downlink's own process sent them
     assert "2 simulators" in done.stdout
     assert "the downlink in a process of its own" in done.stdout
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_bench_killed_outright_leaves_no_part_running() -> None:
+    """kill -9 of the script: its bridge and central go with it (they would fight the next run's for their
+    MQTT sessions), as its brokers do."""
+    bench = subprocess.Popen(
+        [sys.executable, str(BENCH / "fleet.py"), "--devices", "50", "--seconds", "60"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        parts: list[int] = []
+        while time.monotonic() < deadline and len(parts) < 2:
+            parts = [pid for pid in _children(bench.pid) if b"nerve" in _cmdline(pid)]
+            time.sleep(0.2)
+        assert len(parts) >= 2, "the bench never started its bridge and central"
+    finally:
+        bench.kill()
+        bench.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(pid) for pid in parts):
+        time.sleep(0.2)
+    left = [pid for pid in parts if _alive(pid)]
+    for pid in left:  # not left behind for the rest of the suite either
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a parent (init reaps orphans; a zombie here is gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

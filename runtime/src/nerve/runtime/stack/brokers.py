@@ -219,8 +219,8 @@ log_timestamp_format %Y-%m-%dT%H:%M:%S
 _PR_SET_PDEATHSIG: Final = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM when nerve dies, even by SIGKILL (Linux only).
+def die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when its parent dies, even by SIGKILL (Linux only).
 
     The broker runs in its own session so that a Ctrl-C reaches nerve alone (which then drains its
     clients before stopping the broker); without this, a `kill -9` of nerve would leave it orphaned.
@@ -323,7 +323,7 @@ class ManagedBroker(ABC):
                 stderr=asyncio.subprocess.STDOUT,
                 cwd=self._data_dir,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         try:
             await self._wait_until_ready(self._process)
