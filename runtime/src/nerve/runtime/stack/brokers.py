@@ -188,7 +188,8 @@ user {user}
 persistence true
 persistence_location {data_dir}/
 # Saved on SIGTERM and every 60 s; the 30 min default would lose up to half an hour of queued
-# messages on a crash. The whole database is written each time, which is cheap at edge sizes.
+# messages on a crash. The whole database is written each time, which is cheap at edge sizes; with
+# readings queued for a lagging bridge (an overload) mosquitto stops for it, about 1 s at 400 MiB.
 autosave_interval 60
 
 # Nagle's algorithm holds small packets back until the previous one is acked: a QoS1 round trip
