@@ -53,6 +53,12 @@ def test_the_stack_runs_its_parts_with_them(tmp_path: Path) -> None:
     assert (stack.settings.bridge.client_id, stack.settings.edge.client_id) == (bridge, edge)
 
 
+def test_the_stack_runs_the_whole_bridge_whatever_bridge_part_says(tmp_path: Path) -> None:
+    for part in ("uplink", "downlink"):
+        settings = load_settings(overrides={"data_dir": str(tmp_path), "bridge": {"part": part}})
+        assert Stack(settings=settings, device="pi").settings.bridge.part == "both"
+
+
 @pytest.mark.broker
 async def test_two_stacks_on_one_broker_take_no_session_over(
     mosquitto: Mosquitto, settings: Settings, tmp_path: Path

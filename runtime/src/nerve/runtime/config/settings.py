@@ -398,9 +398,9 @@ class BridgeSettings(_Settings):
     )
     part: BridgePart = Field(
         default="both",
-        description="what this process runs: both, uplink (devices -> JetStream) or downlink (commands -> "
-        "devices); two processes, one `uplink` and one `downlink`, keep commands off the CPU and "
-        "interpreter the readings take (docs/fleet.md)",
+        description="what a `nerve bridge` process runs: both, uplink (devices -> JetStream) or downlink "
+        "(commands -> devices); two processes, one `uplink` and one `downlink`, keep commands off the CPU "
+        "and interpreter the readings take (bridge/README.md); `nerve up` always runs both",
     )
     downlink_connections: int = Field(
         default=DEFAULT_DOWNLINK_CONNECTIONS,

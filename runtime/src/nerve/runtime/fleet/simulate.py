@@ -756,8 +756,6 @@ class Simulation:
         plan = self._plan
         # Whatever is stored from here on may be ours (the stream is checked before anything connects).
         start_seq = await self._stream_last_seq(nc) + 1
-        # The commands stream is there too (the stack makes every stream); from its end, ours.
-        commands_from = (await nc.jetstream().stream_info(STREAM_OF_KIND[Kind.COMMANDS])).state.last_seq + 1
         connect_began = time.monotonic()
         links = await self._connect_fleet()  # before provisioning: an unreachable broker leaves nothing
         # In a thread (about 2 ms a device): the connections just opened keep pinging meanwhile. On this
@@ -771,13 +769,7 @@ class Simulation:
         js = nc.jetstream()
         root = subject_root(self._prefix)
         sampled = await self._read_stored(js, start_seq, self._sampled_filters(), self._on_sampled)
-        commands = await self._read_stored(
-            js,
-            commands_from,
-            [kind_filter(Kind.COMMANDS, self._prefix)],
-            self._on_command_stored,
-            Kind.COMMANDS,
-        )
+        commands = await self._read_commands_stored(nc)  # before any spike: none is missed
         facts = [
             await nc.subscribe(f"{root}.*.facts.{kind}", cb=self._on_fact)
             for kind in ("incident_resolved", "incident_failed")
@@ -822,7 +814,7 @@ class Simulation:
             with contextlib.suppress(Exception):
                 for sub in [
                     sampled,
-                    commands,
+                    *commands,
                     *facts,
                     *([self._read_back] if self._read_back is not None else []),
                 ]:
@@ -920,6 +912,18 @@ class Simulation:
                     ) from None
                 log.warning("simulate: NATS is too busy to make a consumer of %s now; asking again", stream)
                 await asyncio.sleep(1.0)
+
+    async def _read_commands_stored(self, nc: NatsClient) -> list[JetStreamContext.PushSubscription]:
+        """The consumer of the commands stored from now on (`_on_command_stored`); none without the stream."""
+        js = nc.jetstream()
+        stream = STREAM_OF_KIND[Kind.COMMANDS]
+        try:
+            start = (await js.stream_info(stream)).state.last_seq + 1
+        except NotFoundError:
+            log.warning("simulate: no stream %s: commands are timed without their stored time", stream)
+            return []
+        filters = [kind_filter(Kind.COMMANDS, self._prefix)]
+        return [await self._read_stored(js, start, filters, self._on_command_stored, Kind.COMMANDS)]
 
     async def _read_back_from_last(self, js: JetStreamContext) -> None:
         """Read back what was stored, from the last stored reading seen on (from the start at first).

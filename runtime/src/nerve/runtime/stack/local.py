@@ -124,7 +124,8 @@ class Stack:
         self._settings = settings.model_copy(
             update={
                 "data_dir": data_dir,
-                "bridge": settings.bridge.model_copy(update={"client_id": bridge_id}),
+                # The whole bridge, uplink and downlink: `bridge.part` splits `nerve bridge` processes.
+                "bridge": settings.bridge.model_copy(update={"client_id": bridge_id, "part": "both"}),
                 "edge": settings.edge.model_copy(
                     update={
                         "device": device,
