@@ -107,13 +107,14 @@ def test_two_simulators_share_a_small_fleet_end_to_end_with_the_downlink_split_o
 @pytest.mark.broker
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_bench_killed_outright_leaves_no_part_running() -> None:
+def test_a_bench_killed_outright_leaves_no_part_running(tmp_path: Path) -> None:
     """kill -9 of the script: its bridge and central go with it (they would fight the next run's for their
-    MQTT sessions), as its brokers do."""
+    MQTT sessions), as its brokers do. (Its temp dir stays: here under tmp_path.)"""
     bench = subprocess.Popen(
         [sys.executable, str(BENCH / "fleet.py"), "--devices", "50", "--seconds", "60"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     try:
         deadline = time.monotonic() + 60
