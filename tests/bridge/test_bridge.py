@@ -49,6 +49,11 @@ async def publisher(settings: Settings, name: str = "test-pub") -> AsyncIterator
         yield client
 
 
+def _clear_temp() -> Command:
+    """A command for pi-01 that expires in a minute."""
+    return Command.create(device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60))
+
+
 async def test_raw_and_enveloped_readings_are_stored_once(
     settings: Settings, nc: NatsClient, running: Running
 ) -> None:
@@ -121,9 +126,7 @@ async def test_command_goes_down_and_expired_one_does_not(
 ) -> None:
     js = nc.jetstream()
     await ensure_streams(js, settings.prefix)
-    fresh = Command.create(
-        device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60)
-    )
+    fresh = _clear_temp()
     stale = Command.create(
         device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=-1)
     )
@@ -322,10 +325,6 @@ async def test_the_bridges_expired_for_centrals_own_command_reaches_the_audit_an
     assert result.sig == ""
 
 
-def _clear_temp() -> Command:
-    return Command.create(device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60))
-
-
 def _part(settings: Settings, part: str) -> Settings:
     return settings.model_copy(update={"bridge": settings.bridge.model_copy(update={"part": part})})
 
@@ -340,9 +339,7 @@ async def test_an_uplink_process_and_a_downlink_process_split_the_bridge(
         Bridge(settings=_part(settings, "uplink")),
         Bridge(settings=_part(settings, "downlink")),
     )
-    command = Command.create(
-        device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60)
-    )
+    command = _clear_temp()
     async with (
         running(uplink, wait=WAIT),
         running(downlink, wait=WAIT),
@@ -368,9 +365,7 @@ async def test_a_downlink_process_takes_no_reading_and_an_uplink_process_sends_n
 ) -> None:
     js = nc.jetstream()
     await ensure_streams(js, settings.prefix)
-    command = Command.create(
-        device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60)
-    )
+    command = _clear_temp()
     downlink_only = Bridge(settings=_part(settings, "downlink"))
     async with publisher(settings, "device") as device:
         await device.subscribe("nerve/pi-01/commands/+")
@@ -385,9 +380,7 @@ async def test_a_downlink_process_takes_no_reading_and_an_uplink_process_sends_n
         # Its client id is the uplink's, but the uplink's id file is not its to open.
         assert not (settings.data_dir / "bridge").exists()
 
-        second = Command.create(
-            device="pi-01", action="clear_temp", args={}, source="t", ttl=timedelta(seconds=60)
-        )
+        second = _clear_temp()
         uplink_only = Bridge(settings=_part(settings, "uplink"))
         async with running(uplink_only, wait=WAIT):
             await publish_envelope(js, "nerve.pi-01.commands.clear_temp", second)
