@@ -995,15 +995,16 @@ class Simulation:
             reached = self._delivered.get(spike)
             if reached is not None:
                 delivered.append(reached - self._spike_sent[spike])
+            arrived = came if reached is None else reached  # at the watcher, else at the simulated device
             stored = self._spike_stored.get(spike)
             if stored is not None:
                 uplink.append(stored - self._spike_sent[spike])
                 central.append(made - stored)
-                downlink.append((came if reached is None else reached) - made)
+                downlink.append(arrived - made)
             command_stored = self._command_stored.get(command_id)
             if command_stored is not None:
                 stored_at.append(command_stored - made)
-                sent_down.append((came if reached is None else reached) - command_stored)
+                sent_down.append(arrived - command_stored)
         return Summary(
             devices=self._plan.devices,
             connections=len(self._links),
