@@ -198,6 +198,8 @@ async def test_metrics_count_stored_duplicates_and_dead_letters(
     assert "nerve_bridge_received_total 3.0" in text
     assert "nerve_bridge_stored_total 2.0" in text
     assert "nerve_bridge_duplicates_total 1.0" in text
+    assert "nerve_bridge_spooled_total 0.0" in text  # JetStream kept up: nothing waited in the spool
+    assert "nerve_bridge_spool_bytes 0.0" in text
     assert "nerve_bridge_deadlettered_total 1.0" in text
     assert "nerve_bridge_in_flight 0.0" in text
     assert not await port_answers("127.0.0.1", port)  # closed with the bridge

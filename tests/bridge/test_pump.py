@@ -11,6 +11,7 @@ import pytest
 from nerve.bridge.natswire import StoreAck, headers_block
 from nerve.bridge.pump import Pump
 from nerve.bridge.redelivery import RedeliveredIds
+from nerve.bridge.spool import Spool
 from nerve.bridge.stats import BridgeStats
 from nerve.runtime.config.settings import DEFAULT_METRICS
 from nerve.runtime.envelope.codec import (
@@ -26,6 +27,8 @@ from nerve.runtime.jetstream.client import MSG_ID_HEADER
 from nerve.runtime.wire.mqtt import Incoming
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from nerve.bridge.natswire import NatsWire
     from nerve.runtime.wire.mqtt import MqttWire
 
@@ -74,6 +77,7 @@ def make_pump(
     attach_mqtt: bool = True,
     codec: Codec = Codec.MSGPACK,
     ids: RedeliveredIds | None = None,
+    spool: Spool | None = None,
 ) -> tuple[Pump, FakeNats, FakeMqtt, BridgeStats]:
     stats = BridgeStats()
     pump = Pump(
@@ -87,6 +91,7 @@ def make_pump(
         max_in_flight=max_in_flight,
         codec=codec,
         ids=ids,
+        spool=spool,
     )
     nats, mqtt = FakeNats(nats_max), FakeMqtt()
     pump.attach_nats(cast("NatsWire", nats))
@@ -341,3 +346,76 @@ async def test_an_enveloped_reading_keeps_its_own_id_and_is_not_remembered() -> 
     pump.on_messages([Incoming("nerve/a/telemetry/cpu", to_msgpack(event), 5, dup=True)])
     assert stored_ids(nats) == ["own-1"]
     assert len(ids) == 0
+
+
+# -- with a spool
+
+
+def values_of(nats: FakeNats, start: int = 0) -> list[int]:
+    return [decode(body, Event).data["value"] for _, _, body, _ in nats.published[start:]]
+
+
+async def test_what_finds_the_window_full_is_spooled_acknowledged_and_stored_from_the_spool_in_order(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "b.spool", budget=1 << 30)
+    pump, nats, mqtt, stats = make_pump(max_in_flight=4, spool=spool)
+    pump.on_messages([reading("a", v, v) for v in range(1, 11)])
+    assert values_of(nats) == [1, 2, 3, 4]  # the window
+    assert stats.spooled == 6
+    assert mqtt.pubacks == []  # 1-4 not stored yet: what is behind them waits its turn
+    pump.on_acks([ok(t) for t in nats.tokens()])
+    assert mqtt.pubacks == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]  # the spooled ones too: they are on disk
+    assert not mqtt.paused  # mosquitto may send more: behind the spool's records, into it
+    assert values_of(nats, 4) == [5, 6, 7, 8]  # from the spool, as the window has room
+    pump.on_messages([reading("a", 11, 11)])
+    assert values_of(nats, 8) == []  # behind the spooled 9 and 10, never past them
+    while len(nats.published) < 11:
+        before = len(nats.published)
+        pump.on_acks([ok(t) for t in nats.tokens()[before - 4 if before > 4 else 0 :]])
+        assert len(nats.published) > before
+    assert values_of(nats) == list(range(1, 12))
+    pump.on_acks([ok(t) for t in nats.tokens()[-3:]])
+    assert spool.empty
+    assert (tmp_path / "b.spool").stat().st_size == 16
+    assert stats.stored == 11
+    spool.close()
+
+
+async def test_a_new_session_publishes_again_what_the_spool_gave_the_last_one(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "b.spool", budget=1 << 30)
+    pump, nats, _, _ = make_pump(max_in_flight=2, spool=spool)
+    pump.on_messages([reading("a", v, v) for v in range(1, 5)])
+    pump.on_acks([ok(t) for t in nats.tokens()])
+    assert values_of(nats) == [1, 2, 3, 4]  # 3 and 4 from the spool, unanswered: the session ends
+    sent_before = nats.published[2:]
+    again, nats2, _, _ = make_pump(max_in_flight=2, spool=spool)
+    again.check_timeouts()  # what the bridge's watch does every second: feeds the spool
+    assert [p[:3] for p in nats2.published] == [p[:3] for p in sent_before]  # same dedup ids
+    spool.close()
+
+
+async def test_a_full_spool_stops_reading_until_everything_in_it_is_stored(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "b.spool", budget=200)
+    pump, nats, mqtt, _ = make_pump(max_in_flight=2, spool=spool)
+    pump.on_messages([reading("a", v, v) for v in range(1, 8)])
+    assert spool.holding
+    assert is_paused(mqtt)  # the backlog waits with mosquitto again
+    while not spool.empty:
+        pump.on_acks([ok(t) for t in nats.tokens()[-2:]])
+        if not spool.empty:
+            assert is_paused(mqtt)
+    assert not is_paused(mqtt)
+    assert values_of(nats) == list(range(1, 8))
+    spool.close()
+
+
+async def test_a_spool_that_cannot_be_written_sends_to_jetstream_directly(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "b.spool", budget=1 << 30)
+    spool.close()  # its descriptor is gone: every write fails
+    pump, nats, mqtt, stats = make_pump(max_in_flight=2, spool=spool)
+    pump.on_messages([reading("a", v, v) for v in range(1, 5)])
+    assert values_of(nats) == [1, 2, 3, 4]  # nothing lost, nothing spooled
+    assert stats.spooled == 0
+    pump.on_acks([ok(t) for t in nats.tokens()])
+    assert mqtt.pubacks == [[1, 2, 3, 4]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import pytest
 from nats.js.errors import NotFoundError
 
 from nerve.bridge.redelivery import ids_path
+from nerve.bridge.spool import Spool, spool_path
 from nerve.runtime.cli.history import read_stream
 from nerve.runtime.envelope.codec import decode, to_msgpack
 from nerve.runtime.envelope.model import Event
@@ -35,7 +37,7 @@ DEVICES = 10
 KILLS = 5
 
 
-async def start_bridge(settings: Settings) -> asyncio.subprocess.Process:
+async def start_bridge(settings: Settings, **env: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         NERVE,
         "bridge",
@@ -47,7 +49,8 @@ async def start_bridge(settings: Settings) -> asyncio.subprocess.Process:
         "error",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "NERVE_DATA_DIR": str(settings.data_dir)},  # its id file: not in the checkout
+        # Its id file and spool: not in the checkout.
+        env={**os.environ, "NERVE_DATA_DIR": str(settings.data_dir), **env},
     )
 
 
@@ -174,3 +177,68 @@ async def test_a_bridge_killed_with_raw_readings_stored_and_unacknowledged_store
     assert Counter((reading.type, int(reading.data["value"])) for reading in readings) == Counter(
         {**{("nerve.telemetry.cpu", value): 2 for value in values}, ("nerve.telemetry.memory", 50): 1}
     )
+
+
+async def throttle(pid: int) -> None:
+    """Hold nats-server most of the time (SIGSTOP 40 ms, SIGCONT 5 ms): a JetStream slower than the inflow."""
+    try:
+        while True:
+            os.kill(pid, signal.SIGSTOP)
+            await asyncio.sleep(0.04)
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(0.005)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+async def test_a_bridge_killed_with_readings_in_its_spool_stores_each_once_and_in_order(
+    settings: Settings, nc: NatsClient, nats_server: NatsServer
+) -> None:
+    """JetStream slower than the inflow (nats-server held most of the time) with a window of 8 stores:
+    what mosquitto sends meanwhile is spooled and acknowledged, so mosquitto keeps nothing of it. The
+    bridge is killed with records in its spool not yet stored; its successor stores them, each once, in
+    order. Raw readings (ids given by the bridge): what was in the window and not acknowledged to
+    mosquitto comes again with the ids the id file kept.
+    """
+    values = range(3000)
+    window = {"NERVE_BRIDGE__MAX_IN_FLIGHT": "8"}
+    path = spool_path(settings)
+    bridge = await start_bridge(settings, **window)
+    try:
+        await until_bridging(settings, nc)
+        assert nats_server.pid is not None
+        throttling = asyncio.create_task(throttle(nats_server.pid))
+        try:
+            async with MqttClient(settings.mqtt, client_id="raw-publisher") as client:
+                for value in values:
+                    reading = b'{"value": %d, "seq": %d}' % (value % 100, value)
+                    await client.publish("nerve/pi-01/telemetry/cpu", reading, qos=1)
+            async with asyncio.timeout(30):  # a wait for the bridge, not a timing assertion
+                while not path.exists() or path.stat().st_size < 500 * 100:
+                    await asyncio.sleep(0.02)
+            throttling.cancel()
+            os.kill(nats_server.pid, signal.SIGSTOP)
+            bridge.send_signal(signal.SIGKILL)
+            await bridge.wait()
+        finally:
+            throttling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await throttling
+            os.kill(nats_server.pid, signal.SIGCONT)
+        left = Spool(path, budget=1 << 30)  # what the killed bridge had on disk and not stored
+        waiting = len(left.take(10_000))
+        left.close()
+        assert waiting > 0
+        bridge = await start_bridge(settings, **window)
+        js = nc.jetstream()
+        await wait_for_count(js, "NERVE_TELEMETRY", len(values), timeout=60)
+        await asyncio.sleep(1.0)  # anything stored twice would be stored by now
+    finally:
+        if bridge.returncode is None:
+            bridge.send_signal(signal.SIGTERM)
+            await bridge.wait()
+    stored = [int(decode(m.data, Event).data["seq"]) for m in await stream_messages(js, "NERVE_TELEMETRY")]
+    assert stored == list(values)  # each once, in the order published
+    async with asyncio.timeout(10):
+        while path.stat().st_size != 16:  # all stored: the spool is cut back to its header
+            await asyncio.sleep(0.05)

@@ -30,6 +30,7 @@ from nerve.bridge.natsclient import connect_nats
 from nerve.bridge.natswire import NatsWire, NatsWireError, open_nats
 from nerve.bridge.pump import Pump
 from nerve.bridge.redelivery import RedeliveredIds, ids_path
+from nerve.bridge.spool import Spool, spool_path
 from nerve.bridge.stats import BridgeStats
 from nerve.bridge.uplink import uplink_filters
 from nerve.runtime.backoff import Backoff
@@ -86,6 +87,7 @@ class Bridge:
         # mosquitto sends again after a reconnect keeps its first id. Not opened by a downlink-only
         # process, which shares the uplink's client id and so its file's name.
         self._redelivered_ids = RedeliveredIds(ids_path(settings) if self._uplink else None)
+        self._spool = _open_spool(settings) if self._uplink else None
 
     def _ready_changed(self) -> None:
         if self.downlink is not None and self.downlink.ready.is_set():
@@ -121,6 +123,8 @@ class Bridge:
             await self._bridge()
         finally:
             self._redelivered_ids.close()
+            if self._spool is not None:
+                self._spool.close()
             if metrics is not None:
                 metrics.close()
 
@@ -242,6 +246,7 @@ class Bridge:
             codec=settings.nats.codec,
             ids=self._redelivered_ids,
             route_cache=settings.bridge.route_cache,
+            spool=self._spool,
         )
         # Read at every session: a rotated seed is picked up at the next reconnect.
         nkey = load_nkey(settings.nats.nkey_file) if settings.nats.nkey_file is not None else None
@@ -325,4 +330,31 @@ class Bridge:
             for future in done:
                 future.result()  # raises MqttWireError / NatsWireError
             pump.check_timeouts()
+            if self._spool is not None:
+                await self._sync_spool(self._spool)
             checkpoint()
+
+    async def _sync_spool(self, spool: Spool) -> None:
+        """Write what was spooled in the last second to disk (fsync), off the event loop."""
+        try:
+            await asyncio.to_thread(spool.sync)
+        except OSError as exc:
+            log.warning("bridge: cannot fsync the spool (%s)", exc.strerror or exc)
+
+
+def _open_spool(settings: Settings) -> Spool | None:
+    """The uplink's spool, if `bridge.spool_bytes` is set or an earlier run left one (it is sent first)."""
+    path = spool_path(settings)
+    budget = settings.bridge.spool_bytes
+    if budget == 0 and not path.exists():
+        return None
+    try:
+        return Spool(path, budget=budget)
+    except OSError as exc:
+        log.warning(
+            "bridge: cannot open the spool %s (%s): a backlog waits with mosquitto; set data_dir to a "
+            "writable directory",
+            path,
+            exc.strerror or exc,
+        )
+        return None

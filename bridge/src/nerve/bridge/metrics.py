@@ -45,6 +45,7 @@ class BridgeCollector(Collector):
                 "commands sent to NERVE_DEADLETTER (unreadable)",
                 stats.commands_deadlettered,
             ),
+            ("spooled", "messages written to the uplink's spool while JetStream was behind", stats.spooled),
             ("reconnects", "MQTT reconnections of the uplink", stats.reconnects),
             ("downlink_reconnects", "MQTT reconnections of the downlink", stats.downlink_reconnects),
         )
@@ -52,6 +53,11 @@ class BridgeCollector(Collector):
             yield CounterMetricFamily(f"nerve_bridge_{name}", documentation, value=value)
         yield GaugeMetricFamily(
             "nerve_bridge_in_flight", "messages received and not yet acknowledged", value=stats.in_flight
+        )
+        yield GaugeMetricFamily(
+            "nerve_bridge_spool_bytes",
+            "bytes in the uplink's spool (readings not yet stored, until it is empty again)",
+            value=stats.spool_bytes,
         )
 
 

@@ -26,6 +26,13 @@ behind it; one that gets no ack within `store_timeout_s` is published again (sam
 
 A raw reading (no id of its own) redelivered by mosquitto after a reconnect gets the id its first
 delivery got (`RedeliveredIds`, kept by the bridge across its sessions), so it too is stored once.
+
+With a spool (`nerve.bridge.spool`, `bridge.spool_bytes`), what arrives while `max_in_flight` stores are
+already on their way to JetStream is not left with mosquitto: it is appended to the spool and
+acknowledged (in its turn) once written, and the spool's records are published as acks make room, in
+order (while records wait there, new messages go behind them). mosquitto then holds no backlog for the
+bridge, and a command never waits behind one (mosquitto's autosave writes its whole backlog in its only
+thread). At the spool's budget the pump stops reading mosquitto until the spool is empty.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ if TYPE_CHECKING:
     from collections.abc import Collection, Mapping, Sequence
 
     from nerve.bridge.natswire import NatsWire
+    from nerve.bridge.spool import Spool
     from nerve.bridge.stats import BridgeStats
     from nerve.runtime.config.settings import TopicMapping
     from nerve.runtime.wire.mqtt import Incoming, MqttWire
@@ -80,6 +88,7 @@ class InFlight:
     sent_at: float = 0.0
     attempts: int = 0
     stored: bool = False
+    spool_end: int = 0  # > 0: taken from the spool; stored means the spool may drop it up to here
 
 
 class Pump:
@@ -100,8 +109,14 @@ class Pump:
         codec: Codec = DEFAULT_CODEC,
         ids: RedeliveredIds | None = None,
         route_cache: int = DEFAULT_ROUTE_CACHE,
+        spool: Spool | None = None,
     ) -> None:
         self._loop = loop
+        # The bridge's, across its sessions; a new session sends again what the last one took from it.
+        self._spool = spool
+        if spool is not None:
+            spool.rewind()
+        self._from_spool: deque[InFlight] = deque()
         # The bridge's, across its sessions (a redelivery comes on the next one); else this pump's own.
         self._ids = ids if ids is not None else RedeliveredIds()
         self._translator = Translator(
@@ -122,6 +137,8 @@ class Pump:
         self._store_timeout_s = store_timeout_s
         self._high_water = max_in_flight
         self._low_water = max_in_flight // 2
+        # Stores on their way to JetStream at once, at most, before new messages go to the spool.
+        self._window = max_in_flight
         self._deadletter_subject = deadletter_subject(PART, prefix)
         self._queue: deque[InFlight] = deque()
         self._by_token: dict[int, InFlight] = {}
@@ -170,11 +187,20 @@ class Pump:
         publish = nats.publish
         entry_of = self._entry
         ignored = False
+        spool = self._spool
+        # Into the spool: everything behind a record not yet taken from it, else what finds the window full.
+        spooling = spool is not None and spool.pending
+        can_spool = spool is not None and spool.accepts
+        window = self._window
+        spilled: list[InFlight] = []
         for message in batch:
             entry = entry_of(message, limit)
             queue.append(entry)
             if entry.stored:
                 ignored = True  # nothing to store; acknowledged in its turn
+            elif spooling or (can_spool and len(by_token) >= window):
+                spooling = True
+                spilled.append(entry)
             else:
                 token += 1
                 entry.token = token
@@ -183,13 +209,80 @@ class Pump:
                 publish(entry.subject, entry.headers, entry.body, token)
         self._next_token = token
         stats.received += len(batch)
+        self._ids.write()  # the ids given, on disk before their readings leave (or are spooled)
+        if spilled:
+            ignored |= self._spill(spilled)
         stats.in_flight = len(queue)
-        self._ids.write()  # the ids given, on disk before their readings leave
         nats.flush()
         if ignored:
             self._release()
-        if len(queue) >= self._high_water and self._mqtt is not None:
+        if self._mqtt is not None and (
+            len(queue) >= self._high_water or (spool is not None and spool.holding)
+        ):
             self._mqtt.pause_reading()
+
+    def _spill(self, entries: list[InFlight]) -> bool:
+        """Append `entries` to the spool (then each is acknowledged in its turn); True if written.
+
+        A spool that cannot be written (disk full, say) is not used again by this session, and the
+        entries are published at once, as without a spool.
+        """
+        spool = self._spool
+        assert spool is not None  # noqa: S101 - only called with a spool
+        try:
+            spool.append([(e.subject, e.headers, e.body, e.dead_letter, e.origin) for e in entries])
+        except OSError as exc:
+            log.warning(
+                "bridge: cannot write the spool (%s); sending to JetStream directly, the backlog waits "
+                "with mosquitto",
+                exc.strerror or exc,
+            )
+            self._spool_failed()
+            nats = self._nats
+            assert nats is not None  # noqa: S101 - on_messages checked
+            for entry in entries:
+                self._send(nats, entry)
+            return False
+        for entry in entries:
+            entry.stored = True  # for its PUBACK: it is on disk; JetStream gets it from the spool
+        self._stats.spooled += len(entries)
+        self._feed()
+        return True
+
+    def _spool_failed(self) -> None:
+        spool = self._spool
+        if spool is not None and not spool.pending and spool.empty:
+            self._spool = None  # nothing in it to keep in order behind
+
+    def _feed(self) -> None:
+        """Publish records from the spool while the window has room (a quarter of it, or all of it)."""
+        spool, nats = self._spool, self._nats
+        if spool is None or nats is None or nats.closed.done() or not spool.pending:
+            return
+        room = self._window - len(self._by_token)
+        if room <= 0 or (room < self._window // 4 and self._by_token):
+            return
+        try:
+            records = spool.take(room)
+        except OSError as exc:
+            log.warning("bridge: cannot read the spool (%s); trying again later", exc.strerror or exc)
+            return
+        from_spool = self._from_spool
+        for record in records:
+            entry = InFlight(
+                0,
+                record.subject,
+                record.headers,
+                record.body,
+                record.dead_letter,
+                record.origin,
+                spool_end=record.end,
+            )
+            from_spool.append(entry)
+            self._send(nats, entry)
+        if records:
+            nats.flush()
+        self._stats.spool_bytes = spool.size
 
     def _entry(self, message: Incoming, limit: int) -> InFlight:
         """What to publish for one message; `limit` is the NATS server's max_payload."""
@@ -261,7 +354,26 @@ class Pump:
                 stats.deadlettered += 1
             else:
                 stats.stored += 1
+        if self._spool is not None:
+            self._commit_spool()
         self._release()
+
+    def _commit_spool(self) -> None:
+        """Let the spool drop what is stored, up to the first record that is not; feed it on."""
+        spool = self._spool
+        if spool is None:
+            return
+        from_spool = self._from_spool
+        end = 0
+        while from_spool and from_spool[0].stored:
+            end = from_spool.popleft().spool_end
+        if end:
+            try:
+                spool.commit(end)
+            except OSError as exc:
+                log.warning("bridge: cannot update the spool (%s)", exc.strerror or exc)
+            self._stats.spool_bytes = spool.size
+        self._feed()
 
     def _release(self) -> None:
         queue = self._queue
@@ -281,7 +393,8 @@ class Pump:
             # Else the connection is gone and these PUBACKs with it (stores answered after it dropped):
             # mosquitto sends the messages again, and a raw reading must get its id again then.
         self._stats.in_flight = len(queue)
-        if len(queue) <= self._low_water and self._mqtt is not None:
+        spool = self._spool
+        if len(queue) <= self._low_water and self._mqtt is not None and not (spool and spool.holding):
             self._mqtt.resume_reading()  # a no-op unless paused
         if not queue and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
@@ -311,6 +424,7 @@ class Pump:
         nats = self._nats
         if nats is None or nats.closed.done():
             return
+        self._feed()  # records an earlier run left in the spool, once the session is up
         deadline = self._loop.time() - self._store_timeout_s
         late = [entry for entry in self._by_token.values() if entry.sent_at < deadline]
         for entry in late:

@@ -18,6 +18,8 @@ class BridgeStats:
     duplicates: int = 0
     deadlettered: int = 0
     in_flight: int = 0
+    spooled: int = 0
+    spool_bytes: int = 0
     commands_sent: int = 0
     commands_expired: int = 0
     commands_deadlettered: int = 0

@@ -32,6 +32,8 @@ MAX_MAX_PACKET_SIZE: Final = 268_435_460  # MQTT's own ceiling: a 4-byte remaini
 #: Topics whose route the bridge's uplink remembers (`bridge.route_cache`): 10,000 devices with 3
 #: metrics each publish on 30,000; 65,536 of them take about 29 MiB.
 DEFAULT_ROUTE_CACHE: Final = 65_536
+#: The uplink spool's budget (bridge.spool_bytes): about 3 million readings, 10 minutes of a 5,000/s overload.
+DEFAULT_SPOOL_BYTES: Final = 1 << 30
 #: The downlink's MQTT connections (`bridge.downlink_connections`). mosquitto 2.0 reads one packet from
 #: each ready connection per pass over its sockets; with 12,000 devices overloading a 2-core box a pass
 #: took 20-70 ms, so the 8th command of a burst on one connection waited ~240 ms in mosquitto.
@@ -395,6 +397,14 @@ class BridgeSettings(_Settings):
         le=65535,
         description="commands sent to mosquitto and not yet acknowledged (PUBACK), at most; the broker's "
         "Receive Maximum bounds it too (mosquitto: max_inflight_messages, 20 by default)",
+    )
+    spool_bytes: int = Field(
+        default=DEFAULT_SPOOL_BYTES,
+        ge=0,
+        le=1 << 40,
+        description="readings the uplink keeps on its own disk (<data_dir>/bridge/<client_id>.spool) while "
+        "JetStream is behind, instead of leaving them queued in mosquitto, whose autosave then stalls every "
+        "command; at this many bytes it takes no more until the spool is empty; 0: no spool",
     )
     part: BridgePart = Field(
         default="both",

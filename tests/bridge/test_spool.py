@@ -1,0 +1,199 @@
+"""The uplink's spool: what is appended comes back whole and in order, across a kill, and never twice."""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nerve.bridge.spool import HEADER, MAGIC, Spool
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+STORES = st.tuples(
+    st.text(min_size=1, max_size=40),
+    st.binary(max_size=64),
+    st.binary(max_size=600),
+    st.booleans(),
+    st.text(max_size=40),
+)
+
+
+def store(n: int, size: int = 10) -> tuple[str, bytes, bytes, bool, str]:
+    return (
+        f"nerve.d{n}.telemetry.cpu",
+        b"NATS/1.0\r\n\r\n",
+        bytes([n % 256]) * size,
+        False,
+        f"nerve/d{n}/telemetry/cpu",
+    )
+
+
+def holding(spool: Spool) -> bool:
+    """Read through a call: mypy would keep an asserted property's value across the calls that change it."""
+    return spool.holding
+
+
+def accepts(spool: Spool) -> bool:
+    return spool.accepts
+
+
+def taken(spool: Spool, limit: int = 1_000_000) -> list[tuple[str, bytes, bytes, bool, str]]:
+    return [record[:5] for record in spool.take(limit)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(batches=st.lists(st.lists(STORES, max_size=8), max_size=8), limit=st.integers(1, 5))
+def test_what_is_appended_is_taken_back_in_order_and_the_file_is_cut_back_once_stored(
+    tmp_path_factory: pytest.TempPathFactory,
+    batches: list[list[tuple[str, bytes, bytes, bool, str]]],
+    limit: int,
+) -> None:
+    path = tmp_path_factory.mktemp("spool") / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    for batch in batches:
+        spool.append(batch)
+    expected = [s for batch in batches for s in batch]
+    got: list[tuple[str, bytes, bytes, bool, str]] = []
+    while spool.pending:
+        records = spool.take(limit)
+        assert 0 < len(records) <= limit
+        got += [record[:5] for record in records]
+        spool.commit(records[-1].end)
+    assert got == expected
+    assert spool.empty
+    assert path.stat().st_size == HEADER.size  # all stored: cut back to the header
+    spool.close()
+
+
+def test_a_killed_bridge_gets_back_what_was_not_stored_and_not_what_was(tmp_path: Path) -> None:
+    path = tmp_path / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    spool.append([store(i) for i in range(5)])
+    first = spool.take(2)
+    spool.commit(first[-1].end)  # 0 and 1 stored
+    spool.take(2)  # 2 and 3 on their way, not stored
+    # Killed: no close, nothing else written.
+    again = Spool(path, budget=1 << 30)
+    assert taken(again) == [store(i) for i in range(2, 5)]
+    spool.close()
+    again.close()
+
+
+def test_a_new_session_takes_again_what_the_last_one_took_and_did_not_store(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "b.spool", budget=1 << 30)
+    spool.append([store(i) for i in range(3)])
+    assert len(spool.take(3)) == 3
+    assert not spool.pending
+    spool.rewind()
+    assert taken(spool) == [store(i) for i in range(3)]
+    spool.close()
+
+
+@pytest.mark.parametrize("cut", [1, 5, 9, 20])
+def test_a_record_cut_short_is_dropped_and_the_ones_before_it_kept(tmp_path: Path, cut: int) -> None:
+    path = tmp_path / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    spool.append([store(1), store(2)])
+    spool.close()
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.truncate(size - cut)  # the second record's tail never reached the disk
+    again = Spool(path, budget=1 << 30)
+    assert taken(again) == [store(1)]
+    again.append([store(3)])  # written where the torn one was
+    again.rewind()
+    assert taken(again) == [store(1), store(3)]
+    again.close()
+
+
+def test_a_record_whose_bytes_changed_ends_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    spool.append([store(1), store(2), store(3)])
+    spool.close()
+    data = bytearray(path.read_bytes())
+    data[-25] ^= 0xFF  # inside the third record's body: its checksum no longer matches
+    path.write_bytes(bytes(data))
+    again = Spool(path, budget=1 << 30)
+    assert taken(again) == [store(1), store(2)]
+    again.close()
+
+
+def test_a_file_that_is_not_a_spool_is_moved_aside_not_read(tmp_path: Path) -> None:
+    path = tmp_path / "b.spool"
+    path.write_bytes(b"something else entirely, not a spool")
+    spool = Spool(path, budget=1 << 30)
+    assert not spool.pending
+    assert (tmp_path / "b.spool.bad").read_bytes() == b"something else entirely, not a spool"
+    spool.close()
+
+
+def test_killed_while_cutting_back_reads_as_all_stored(tmp_path: Path) -> None:
+    """The header says "stored up to X", then the file is cut: a kill between leaves X past the end."""
+    path = tmp_path / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    spool.append([store(1), store(2)])
+    spool.close()
+    end = path.stat().st_size
+    with path.open("r+b") as f:
+        f.write(HEADER.pack(MAGIC, end))
+        f.truncate(HEADER.size)
+    again = Spool(path, budget=1 << 30)
+    assert not again.pending
+    assert again.empty
+    again.close()
+
+
+def test_at_its_budget_the_spool_holds_until_everything_in_it_is_stored(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "b.spool", budget=150)  # a record here is about 110 bytes
+    spool.append([store(1, 40)])
+    assert accepts(spool)
+    assert not holding(spool)
+    spool.append([store(2, 40)])  # past 150 bytes of records
+    assert holding(spool)
+    assert not accepts(spool)
+    records = spool.take(10)
+    spool.commit(records[0].end)
+    assert holding(spool)  # one still waits
+    spool.commit(records[1].end)
+    assert not holding(spool)
+    assert accepts(spool)
+    assert spool.size == 0
+    spool.close()
+
+
+def test_a_budget_of_zero_takes_nothing_new_but_gives_back_what_an_earlier_run_left(tmp_path: Path) -> None:
+    path = tmp_path / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    spool.append([store(1)])
+    spool.close()
+    again = Spool(path, budget=0)
+    assert not accepts(again)
+    assert holding(again)  # the bridge reads no more from mosquitto until this is stored
+    records = again.take(10)
+    assert [r[:5] for r in records] == [store(1)]
+    again.commit(records[-1].end)
+    assert not holding(again)
+    assert not accepts(again)
+    again.close()
+
+
+def test_records_are_framed_with_length_and_checksum(tmp_path: Path) -> None:
+    """The format the module docstring names: a header, then length | crc32 | msgpack."""
+    import zlib  # noqa: PLC0415
+
+    path = tmp_path / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    spool.append([store(7)])
+    spool.close()
+    data = path.read_bytes()
+    magic, committed = HEADER.unpack_from(data)
+    assert (magic, committed) == (MAGIC, HEADER.size)
+    length, crc = struct.unpack_from("<II", data, HEADER.size)
+    body = data[HEADER.size + 8 :]
+    assert (len(body), zlib.crc32(body)) == (length, crc)
