@@ -128,6 +128,71 @@ class Usage:
         return [part for part in self.pids if part == name or part.startswith(f"{name} ")]
 
 
+class CpuGroups:
+    """Each part in a CPU cgroup of its own, all of one weight: how systemd shares the CPU between units.
+
+    Without it every thread of the bench competes with every other (the kernel's fairness is per thread
+    within one group): nats-server's many threads and two simulators then take the CPU from a bridge
+    that has one busy thread, where on a site box each service is a unit (a cgroup) with the default
+    weight, and the devices are other machines. The load generator is one group too (`devices`).
+    cgroup v2 (`cpu.weight`) or v1 (`cpu.shares`); needs root. `close` removes the groups.
+    """
+
+    V1: Final = Path("/sys/fs/cgroup/cpu")
+    V2: Final = Path("/sys/fs/cgroup")
+
+    def __init__(self) -> None:
+        name = f"nerve-bench-{os.getpid()}"
+        if "cpu" in _read(self.V2 / "cgroup.controllers").split():
+            self._root = self.V2 / name
+            self._procs = "cgroup.procs"
+            (self.V2 / "cgroup.subtree_control").write_text("+cpu")
+        elif (self.V1 / "cgroup.procs").exists():
+            self._root = self.V1 / name
+            self._procs = "cgroup.procs"
+        else:
+            msg = "no cgroup CPU controller here (/sys/fs/cgroup: neither v2 with cpu nor v1's cpu)"
+            raise OSError(msg)
+        self._root.mkdir()
+        self._groups: list[Path] = []
+
+    def add(self, group: str, pid: int | None, *, cap_percent: float | None = None) -> None:
+        """Move process `pid` (every thread of it) into `group`, made on first use; `cap_percent`: the
+        group may use at most that much of one core (a stage made slow on purpose)."""
+        if pid is None:
+            return
+        path = self._root / group.replace(" ", "-")
+        if not path.exists():
+            path.mkdir()
+            self._groups.append(path)
+        if cap_percent is not None:
+            quota = int(cap_percent * 1000)  # of a 100 ms period
+            if self._root.parent == self.V2:
+                (path / "cpu.max").write_text(f"{quota} 100000")
+            else:
+                (path / "cpu.cfs_period_us").write_text("100000")
+                (path / "cpu.cfs_quota_us").write_text(str(quota))
+        with contextlib.suppress(ProcessLookupError):  # gone already
+            (path / self._procs).write_text(str(pid))
+
+    def close(self) -> None:
+        """Remove the groups; a process still in one (it should have ended) goes back to the root."""
+        root_procs = self._root.parent / self._procs
+        for path in [*self._groups, self._root]:
+            with contextlib.suppress(OSError):
+                for pid in _read(path / self._procs).split():
+                    with contextlib.suppress(OSError):
+                        root_procs.write_text(pid)
+                path.rmdir()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 def clean_env() -> dict[str, str]:
     # A user's NERVE_* settings must not change what the parts do here.
     return {k: v for k, v in os.environ.items() if not k.startswith("NERVE_")}
@@ -205,8 +270,13 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if args.telemetry_dedup_s is not None:
         overrides["streams"] = {"telemetry": {"duplicate_window_s": args.telemetry_dedup_s}}
+    bridge: dict[str, Any] = {}
     if args.downlink_connections is not None:
-        overrides["bridge"] = {"downlink_connections": args.downlink_connections}
+        bridge["downlink_connections"] = args.downlink_connections
+    if args.spool_bytes is not None:
+        bridge["spool_bytes"] = args.spool_bytes
+    if bridge:
+        overrides["bridge"] = bridge
     return overrides
 
 
@@ -219,11 +289,13 @@ async def simulate(
     nice: int = 0,
     name: str = "simulate",
     load_s: float = 0.0,
+    groups: CpuGroups | None = None,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """Run `nerve simulate --json` (at CPU priority `nice`); its summary (None if it failed) and seconds.
 
     `name`: the process's name in `usage` (`simulate 2`... for the others of several); `load_s`: its
-    `--duration`, after which `usage` stops counting (once every simulator's load is over).
+    `--duration`, after which `usage` stops counting (once every simulator's load is over); `groups`:
+    it runs in the `devices` CPU group.
     """
     process = await spawn(
         [
@@ -239,6 +311,8 @@ async def simulate(
         stdout=asyncio.subprocess.PIPE,
     )
     assert process.stdout is not None  # noqa: S101 - piped above
+    if groups is not None:
+        groups.add("devices", process.pid)
     if usage is not None:
         usage.pids[name] = process.pid
     seconds: list[dict[str, Any]] = []
@@ -310,6 +384,12 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                 },
                 loads=args.simulators,
             )
+            groups = CpuGroups() if args.cgroups or args.nats_cpu is not None else None
+            if groups is not None:
+                for part, pid in usage.pids.items():
+                    if args.cgroups or part == "nats-server":
+                        cap = args.nats_cpu if part == "nats-server" else None
+                        groups.add(part, pid, cap_percent=cap)
             try:
                 if not await warm_up(config, log):
                     print(f"  {devices}: warm-up never completed; see {log}")
@@ -338,6 +418,7 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                             nice=args.nice,
                             name="simulate" if index == 0 else f"simulate {index + 1}",
                             load_s=args.seconds,
+                            groups=groups if args.cgroups else None,
                         )
                         for index, share in enumerate(shares(devices, args.simulators))
                     )
@@ -349,6 +430,8 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
             finally:
                 for process in parts:
                     await stop(process)
+                if groups is not None:
+                    groups.close()
 
 
 def shares(devices: int, simulators: int) -> list[int]:
@@ -557,15 +640,42 @@ async def main() -> int:
         help="the bridge's MQTT connections for commands (bridge.downlink_connections; default: nerve's)",
     )
     parser.add_argument(
+        "--spool-bytes",
+        type=int,
+        default=None,
+        help="the uplink's spool budget (bridge.spool_bytes; 0: no spool, the backlog waits in mosquitto; "
+        "default: nerve's)",
+    )
+    parser.add_argument(
         "--split-downlink",
         action="store_true",
         help="the bridge's downlink in a process of its own (bridge.part: uplink / downlink), its CPU "
         "and RSS added to the bridge's",
     )
+    parser.add_argument(
+        "--cgroups",
+        action="store_true",
+        help="each part in a CPU cgroup of its own, one weight each, as systemd units are; the simulators "
+        "together in one (root; cgroup v1 or v2 CPU controller)",
+    )
+    parser.add_argument(
+        "--nats-cpu",
+        type=float,
+        default=None,
+        help="cap nats-server at this %% of one core (a cgroup; root): JetStream made the slow stage on "
+        "purpose, to see where the backlog waits",
+    )
     parser.add_argument("--beyond", action="store_true", help="then find the breaking point past the largest")
     args = parser.parse_args()
     if args.simulators < 1:
         parser.error("--simulators must be at least 1")
+    if args.nats_cpu is not None and not 1 <= args.nats_cpu <= 100 * (os.cpu_count() or 1):
+        parser.error("--nats-cpu must be between 1 and 100 per core")
+    if args.cgroups or args.nats_cpu is not None:
+        try:
+            CpuGroups().close()
+        except OSError as exc:
+            parser.error(f"--cgroups / --nats-cpu: {exc.strerror or exc}")
     try:  # refused here in one line, not by every process of every case
         load_settings(overrides=setting_overrides(args))
     except ConfigError as exc:

@@ -9,7 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nerve.bridge.spool import HEADER, MAGIC, Spool
+from nerve.bridge.bridge import open_spool
+from nerve.bridge.spool import HEADER, MAGIC, Spool, spool_path
+from nerve.runtime.config.settings import load_settings
+from nerve.runtime.errors import ConfigError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -197,3 +200,36 @@ def test_records_are_framed_with_length_and_checksum(tmp_path: Path) -> None:
     length, crc = struct.unpack_from("<II", data, HEADER.size)
     body = data[HEADER.size + 8 :]
     assert (len(body), zlib.crc32(body)) == (length, crc)
+
+
+def test_a_spool_budget_below_zero_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match=r"bridge\.spool_bytes") as refused:
+        load_settings(overrides={"bridge": {"spool_bytes": -1}})
+    assert "\n" not in str(refused.value).strip()
+
+
+def test_the_bridge_opens_its_spool_and_one_an_earlier_run_left_even_when_turned_off(tmp_path: Path) -> None:
+    on = load_settings(overrides={"data_dir": str(tmp_path)})
+    path = spool_path(on)
+    assert path == tmp_path / "bridge" / "nerve-bridge.spool"
+    spool = open_spool(on)
+    assert spool is not None
+    spool.append([store(1)])
+    spool.close()
+    off = load_settings(overrides={"data_dir": str(tmp_path), "bridge": {"spool_bytes": 0}})
+    left = open_spool(off)
+    assert left is not None  # what it holds was acknowledged to mosquitto: it must still be stored
+    assert taken(left) == [store(1)]
+    left.close()
+    path.unlink()
+    assert open_spool(off) is None
+
+
+def test_a_spool_that_cannot_be_opened_is_one_warning_and_no_spool(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "bridge").write_text("a file where the bridge's directory should be")
+    settings = load_settings(overrides={"data_dir": str(tmp_path)})
+    assert open_spool(settings) is None
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "cannot open the spool" in warning.getMessage()

@@ -87,7 +87,7 @@ class Bridge:
         # mosquitto sends again after a reconnect keeps its first id. Not opened by a downlink-only
         # process, which shares the uplink's client id and so its file's name.
         self._redelivered_ids = RedeliveredIds(ids_path(settings) if self._uplink else None)
-        self._spool = _open_spool(settings) if self._uplink else None
+        self._spool = open_spool(settings) if self._uplink else None
 
     def _ready_changed(self) -> None:
         if self.downlink is not None and self.downlink.ready.is_set():
@@ -342,7 +342,7 @@ class Bridge:
             log.warning("bridge: cannot fsync the spool (%s)", exc.strerror or exc)
 
 
-def _open_spool(settings: Settings) -> Spool | None:
+def open_spool(settings: Settings) -> Spool | None:
     """The uplink's spool, if `bridge.spool_bytes` is set or an earlier run left one (it is sent first)."""
     path = spool_path(settings)
     budget = settings.bridge.spool_bytes
