@@ -158,3 +158,46 @@ def _alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def _cpu_groups_here() -> bool:
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    with_cpu = Path("/sys/fs/cgroup/cpu/cgroup.procs").exists() or (
+        v2.exists() and "cpu" in v2.read_text().split()
+    )
+    return os.geteuid() == 0 and with_cpu
+
+
+@pytest.mark.skipif(not _cpu_groups_here(), reason="needs root and a cgroup CPU controller")
+def test_cpu_groups_hold_a_part_cap_it_and_are_removed() -> None:
+    fleet = _fleet()
+    groups = fleet.CpuGroups()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        groups.add("nats-server", sleeper.pid, cap_percent=25)
+        membership = Path(f"/proc/{sleeper.pid}/cgroup").read_text()
+        assert f"nerve-bench-{os.getpid()}/nats-server" in membership
+        root = groups._root
+        if (root.parent / "cgroup.controllers").exists() and root.parent == fleet.CpuGroups.V2:
+            assert (root / "nats-server" / "cpu.max").read_text().split()[0] == "25000"
+        else:
+            assert (root / "nats-server" / "cpu.cfs_quota_us").read_text().strip() == "25000"
+    finally:
+        groups.close()  # a process still inside goes back to the root group first
+        sleeper.kill()
+        sleeper.wait()
+    assert not root.exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "1000000"])
+def test_a_nats_cap_out_of_range_is_one_line(value: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "fleet.py"), "--nats-cpu", value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--nats-cpu must be between 1 and 100 per core" in done.stderr
+    assert "Traceback" not in done.stderr
