@@ -224,8 +224,8 @@ class Pump:
     def _spill(self, entries: list[InFlight]) -> bool:
         """Append `entries` to the spool (then each is acknowledged in its turn); True if written.
 
-        A spool that cannot be written (disk full, say) is not used again by this session, and the
-        entries are published at once, as without a spool.
+        When the spool cannot be written (disk full, say) the entries are published at once, as without
+        a spool; a spool that holds nothing then is not used again by this session (one warning).
         """
         spool = self._spool
         assert spool is not None  # noqa: S101 - only called with a spool
