@@ -27,8 +27,8 @@ behind it; one that gets no ack within `store_timeout_s` is published again (sam
 A raw reading (no id of its own) redelivered by mosquitto after a reconnect gets the id its first
 delivery got (`RedeliveredIds`, kept by the bridge across its sessions), so it too is stored once.
 
-With a spool (`nerve.bridge.spool`, `bridge.spool_bytes`), what arrives while `max_in_flight` stores are
-already on their way to JetStream is not left with mosquitto: it is appended to the spool and
+With a spool (`nerve.bridge.spool`, `bridge.spool_bytes`), what arrives while half of `max_in_flight`
+stores are already on their way to JetStream is not left with mosquitto: it is appended to the spool and
 acknowledged (in its turn) once written, and the spool's records are published as acks make room, in
 order (while records wait there, new messages go behind them). mosquitto then holds no backlog for the
 bridge, and a command never waits behind one (mosquitto's autosave writes its whole backlog in its only
@@ -137,8 +137,12 @@ class Pump:
         self._store_timeout_s = store_timeout_s
         self._high_water = max_in_flight
         self._low_water = max_in_flight // 2
-        # Stores on their way to JetStream at once, at most, before new messages go to the spool.
+        # Stores on their way to JetStream at once, at most (records from the spool included).
         self._window = max_in_flight
+        # With this many direct stores unanswered, new messages go to the spool: below max_in_flight, the
+        # Receive Maximum, since mosquitto sends no more than that many unacknowledged (a window that
+        # has to be full would let the spool start only by chance, measured: after 60 s of a backlog).
+        self._spill_at = max(1, max_in_flight // 2)
         self._deadletter_subject = deadletter_subject(PART, prefix)
         self._queue: deque[InFlight] = deque()
         self._by_token: dict[int, InFlight] = {}
@@ -191,14 +195,14 @@ class Pump:
         # Into the spool: everything behind a record not yet taken from it, else what finds the window full.
         spooling = spool is not None and spool.pending
         can_spool = spool is not None and spool.accepts
-        window = self._window
+        spill_at = self._spill_at
         spilled: list[InFlight] = []
         for message in batch:
             entry = entry_of(message, limit)
             queue.append(entry)
             if entry.stored:
                 ignored = True  # nothing to store; acknowledged in its turn
-            elif spooling or (can_spool and len(by_token) >= window):
+            elif spooling or (can_spool and len(by_token) >= spill_at):
                 spooling = True
                 spilled.append(entry)
             else:
