@@ -40,6 +40,8 @@ from nerve.runtime.config.settings import load_settings
 from nerve.runtime.errors import ConfigError
 from nerve.runtime.stack.brokers import Mosquitto, NatsServer, die_with_parent, free_port
 from nerve.runtime.trust.signing import generate_keypair
+from nerve.runtime.wire.client import MqttClient
+from nerve.runtime.wire.mqtt import MqttWireError
 
 if TYPE_CHECKING:
     from bench.bridge_throughput import cpu_seconds  # how mypy, run from the repo root, sees it
@@ -191,6 +193,57 @@ def _read(path: Path) -> str:
         return path.read_text()
     except OSError:
         return ""
+
+
+#: How often the probe publishes to itself through mosquitto (`mosquitto_probe`).
+PROBE_INTERVAL_S: Final = 0.01
+PROBE_TOPIC: Final = "nerve-bench/probe"
+
+
+async def mosquitto_probe(url: str, stop: asyncio.Event) -> list[float] | None:
+    """Round trips, in seconds, of a message a probe client publishes to itself through mosquitto every
+    `PROBE_INTERVAL_S` until `stop` (None if it could not connect).
+
+    What a command goes through in mosquitto, without the bridge or JetStream: mosquitto's own stalls
+    (an autosave of a large backlog, a pass over thousands of busy sockets) show up here as they are. QoS0
+    on a topic outside the prefix (the bridge does not see it); one that has not come back by the end
+    counts with how long it has waited.
+    """
+    loop = asyncio.get_running_loop()
+    sent: dict[bytes, float] = {}
+    trips: list[float] = []
+    try:
+        settings = load_settings(overrides={"mqtt": {"url": url}})
+        async with MqttClient(settings.mqtt, client_id="nerve-bench-probe") as client:
+            await client.subscribe(PROBE_TOPIC)
+
+            async def receive() -> None:
+                async for message in client.messages:
+                    at = sent.pop(bytes(message.payload), None)
+                    if at is not None:
+                        trips.append(loop.time() - at)
+
+            receiving = asyncio.create_task(receive())
+            try:
+                count = 0
+                while not stop.is_set():
+                    count += 1
+                    key = str(count).encode()
+                    sent[key] = loop.time()
+                    await client.publish(PROBE_TOPIC, key, qos=0)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(PROBE_INTERVAL_S):
+                            await stop.wait()
+            finally:
+                receiving.cancel()
+                with contextlib.suppress(asyncio.CancelledError, MqttWireError):
+                    await receiving
+    except (MqttWireError, OSError) as exc:
+        print(f"  the mosquitto probe stopped: {exc}", flush=True)
+        if not trips:
+            return None
+    now = loop.time()
+    return trips + [now - at for at in sent.values()]
 
 
 def clean_env() -> dict[str, str]:
@@ -395,6 +448,8 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                     print(f"  {devices}: warm-up never completed; see {log}")
                     print(log.read_text()[-4000:])
                     return None, usage
+                probe_stop = asyncio.Event()
+                probing = asyncio.create_task(mosquitto_probe(mosquitto.url, probe_stop))
                 summaries = await asyncio.gather(
                     *(
                         simulate(
@@ -423,7 +478,14 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                         for index, share in enumerate(shares(devices, args.simulators))
                     )
                 )
+                probe_stop.set()
+                trips = await probing
                 summary = merged([found for found, _ in summaries])
+                if summary is not None and trips:
+                    trips.sort()
+                    summary["probe_p50_ms"] = 1000 * trips[len(trips) // 2]
+                    summary["probe_p99_ms"] = 1000 * trips[min(len(trips) - 1, int(len(trips) * 0.99))]
+                    summary["probe_max_ms"] = 1000 * trips[-1]
                 if summary is None:
                     print(f"  {devices}: nerve simulate failed:\n{log.read_text()[-4000:]}")
                 return summary, usage
@@ -553,12 +615,17 @@ def where(devices: int, summary: dict[str, Any] | None) -> str:
         ("of which command stored", "command_stored"),
         ("stored -> device", "sent_down"),
     )
+    probe = ""
+    if summary.get("probe_max_ms") is not None:
+        trips = " / ".join(f"{summary[f'probe_{p}_ms']:.1f}" for p in ("p50", "p99", "max"))
+        probe = f"; mosquitto round trip (a probe's publish to itself every 10 ms) p50 / p99 / max {trips} ms"
     return (
         f"  {devices:,}: spike -> command ({summary['commands']} commands to {summary['spikes']} spikes), "
         "p50 / p99 of each part: "
         + ", ".join(
             f"{name} {_pair(summary[f'{key}_p50_ms'], summary[f'{key}_p99_ms'])}" for name, key in parts
         )
+        + probe
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +103,10 @@ def test_two_simulators_share_a_small_fleet_end_to_end_with_the_downlink_split_o
     assert "spikes got no command" not in cells[5], done.stdout  # the downlink's own process sent them
     assert "2 simulators" in done.stdout
     assert "the downlink in a process of its own" in done.stdout
+    probe = re.search(r"round trip .* p50 / p99 / max ([\d.]+) / ([\d.]+) / ([\d.]+) ms", done.stdout)
+    assert probe, done.stdout  # the probe ran through the case's mosquitto
+    p50, p99, worst = (float(group) for group in probe.groups())
+    assert 0 < p50 <= p99 <= worst
 
 
 @pytest.mark.broker
