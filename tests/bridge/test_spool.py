@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nerve.bridge.bridge import open_spool
-from nerve.bridge.spool import HEADER, MAGIC, Spool, spool_path
+from nerve.bridge.spool import HEADER, MAGIC, SCAN_CHUNK, Spool, spool_path
 from nerve.runtime.config.settings import load_settings
 from nerve.runtime.errors import ConfigError
 
@@ -233,3 +233,49 @@ def test_a_spool_that_cannot_be_opened_is_one_warning_and_no_spool(
     assert open_spool(settings) is None
     (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "cannot open the spool" in warning.getMessage()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    stores=st.lists(STORES, min_size=1, max_size=12),
+    cut=st.floats(0, 1),
+    flip=st.booleans(),
+)
+def test_whatever_is_cut_off_or_damaged_a_reopened_spool_gives_back_the_whole_records_before_it(
+    tmp_path_factory: pytest.TempPathFactory,
+    stores: list[tuple[str, bytes, bytes, bool, str]],
+    cut: float,
+    flip: bool,
+) -> None:
+    path = tmp_path_factory.mktemp("spool") / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    ends = []
+    for item in stores:
+        spool.append([item])
+        ends.append(spool.size + HEADER.size)
+    spool.close()
+    size = path.stat().st_size
+    at = HEADER.size + int(cut * (size - HEADER.size))
+    data = bytearray(path.read_bytes()[:at])
+    if flip and at > HEADER.size:
+        data[at - 1] ^= 0x01  # the last byte left is wrong: the record it belongs to is not whole
+        at -= 1
+    path.write_bytes(bytes(data))
+    whole = sum(1 for end in ends if end <= at)
+    again = Spool(path, budget=1 << 30)
+    assert taken(again) == stores[:whole]
+    again.append([store(99)])  # written where the damage was, not behind it
+    again.rewind()
+    assert taken(again) == [*stores[:whole], store(99)]
+    again.close()
+
+
+def test_a_record_longer_than_a_read_comes_back_whole(tmp_path: Path) -> None:
+    path = tmp_path / "b.spool"
+    spool = Spool(path, budget=1 << 30)
+    big = ("nerve.deadletter.bridge", b"h", b"x" * (SCAN_CHUNK + 12345), True, "nerve/d/events/big")
+    spool.append([store(1), big, store(2)])
+    spool.close()
+    again = Spool(path, budget=1 << 30)
+    assert taken(again) == [store(1), big, store(2)]
+    again.close()

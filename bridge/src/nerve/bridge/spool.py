@@ -59,8 +59,8 @@ HEADER: Final = struct.Struct("<8sQ")
 RECORD: Final = struct.Struct("<II")
 #: How much is read from the file at a time when records are taken back.
 READ_CHUNK: Final = 256 * 1024
-#: Records checked at a time when a spool is opened (not all held at once: a spool can be large).
-RECOVER_BATCH: Final = 10_000
+#: How much is read at a time when a spool is checked as it is opened.
+SCAN_CHUNK: Final = 4 << 20
 #: A record longer than this is not one of ours (the NATS server's largest payload is 64 MiB).
 MAX_RECORD: Final = 80 << 20
 
@@ -134,14 +134,7 @@ class Spool:
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self._write_header(HEADER.size)
             return HEADER.size, HEADER.size
-        end = committed
-        count = 0
-        while True:
-            taken = self._parse(end, size, limit=RECOVER_BATCH)
-            if not taken:
-                break
-            end = taken[-1].end
-            count += len(taken)
+        end, count = self._scan(committed, size)
         if end < size:
             log.warning(
                 "bridge: the spool %s ends in %d bytes that do not read back as a whole record (a write cut "
@@ -153,6 +146,38 @@ class Spool:
         if count:
             log.info("bridge: %d readings wait in the spool %s; sending them to JetStream", count, self._path)
         return committed, end
+
+    def _scan(self, start: int, stop: int) -> tuple[int, int]:
+        """Where the whole records from `start` end, and how many there are.
+
+        Framing and checksums only (decoding each record too took 1.6 s a million readings here).
+        """
+        offset, count = start, 0
+        while offset < stop:
+            chunk = os.pread(self._fd, min(SCAN_CHUNK, stop - offset), offset)
+            view = memoryview(chunk)
+            at = 0
+            while at + RECORD.size <= len(chunk):
+                length, crc = RECORD.unpack_from(chunk, at)
+                if length > MAX_RECORD or offset + at + RECORD.size + length > stop:
+                    return offset + at, count
+                if at + RECORD.size + length > len(chunk):
+                    break  # read on from this record
+                if zlib.crc32(view[at + RECORD.size : at + RECORD.size + length]) != crc:
+                    return offset + at, count
+                at += RECORD.size + length
+                count += 1
+            if at == 0:  # the chunk ends inside its first record: a record longer than the chunk
+                if len(chunk) < RECORD.size:
+                    return offset, count
+                length, crc = RECORD.unpack_from(chunk, 0)
+                whole = os.pread(self._fd, RECORD.size + length, offset)
+                if len(whole) < RECORD.size + length or zlib.crc32(whole[RECORD.size :]) != crc:
+                    return offset, count
+                at = len(whole)
+                count += 1
+            offset += at
+        return offset, count
 
     def _write_header(self, committed: int) -> None:
         os.pwrite(self._fd, HEADER.pack(MAGIC, committed), 0)
