@@ -86,6 +86,10 @@ class Usage:
     stopped: bool = False
     #: Simulators whose load is not over yet: the window ends with the last one's.
     loads: int = 1
+    #: The case's temp dir: the bridges' spools are `<it>/*/bridge/*.spool` (their data dirs).
+    root: Path | None = None
+    #: The bridges' spools together at their largest, in bytes, while the load lasted.
+    peak_spool: int = 0
 
     def start(self) -> None:
         """The load began (the first of several simulators to say so starts the window)."""
@@ -103,6 +107,8 @@ class Usage:
             used = cpu_seconds(pid)
             if used:
                 self.ended[name] = used
+        if self.root is not None:
+            self.peak_spool = max(self.peak_spool, spool_bytes(self.root))
         self.window = (self.window[0], time.monotonic())
 
     def stop(self) -> None:
@@ -128,6 +134,15 @@ class Usage:
 
     def _named(self, name: str) -> list[str]:
         return [part for part in self.pids if part == name or part.startswith(f"{name} ")]
+
+
+def spool_bytes(root: Path) -> int:
+    """The bridges' spools under `root` (their data dirs), together, in bytes."""
+    total = 0
+    for path in root.glob("*/bridge/*.spool"):
+        with contextlib.suppress(OSError):  # cut back or gone meanwhile
+            total += path.stat().st_size
+    return total
 
 
 class CpuGroups:
@@ -436,6 +451,7 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                     "central": parts[-1].pid,
                 },
                 loads=args.simulators,
+                root=root,
             )
             groups = CpuGroups() if args.cgroups or args.nats_cpu is not None else None
             if groups is not None:
@@ -480,12 +496,7 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                 )
                 probe_stop.set()
                 trips = await probing
-                summary = merged([found for found, _ in summaries])
-                if summary is not None and trips:
-                    trips.sort()
-                    summary["probe_p50_ms"] = 1000 * trips[len(trips) // 2]
-                    summary["probe_p99_ms"] = 1000 * trips[min(len(trips) - 1, int(len(trips) * 0.99))]
-                    summary["probe_max_ms"] = 1000 * trips[-1]
+                summary = observed(merged([found for found, _ in summaries]), usage, trips)
                 if summary is None:
                     print(f"  {devices}: nerve simulate failed:\n{log.read_text()[-4000:]}")
                 return summary, usage
@@ -494,6 +505,21 @@ async def run_case(devices: int, args: argparse.Namespace) -> tuple[dict[str, An
                     await stop(process)
                 if groups is not None:
                     groups.close()
+
+
+def observed(
+    summary: dict[str, Any] | None, usage: Usage, trips: list[float] | None
+) -> dict[str, Any] | None:
+    """`summary` with what the bench saw itself: the spools' largest size, the probe's round trips."""
+    if summary is None:
+        return None
+    summary["spool_peak_bytes"] = usage.peak_spool
+    if trips:
+        trips = sorted(trips)
+        summary["probe_p50_ms"] = 1000 * trips[len(trips) // 2]
+        summary["probe_p99_ms"] = 1000 * trips[min(len(trips) - 1, int(len(trips) * 0.99))]
+        summary["probe_max_ms"] = 1000 * trips[-1]
+    return summary
 
 
 def shares(devices: int, simulators: int) -> list[int]:
@@ -616,9 +642,13 @@ def where(devices: int, summary: dict[str, Any] | None) -> str:
         ("stored -> device", "sent_down"),
     )
     probe = ""
+    if summary.get("spool_peak_bytes") is not None:
+        probe += f"; the bridge's spool at its largest {summary['spool_peak_bytes'] / 1e6:,.1f} MB"
     if summary.get("probe_max_ms") is not None:
         trips = " / ".join(f"{summary[f'probe_{p}_ms']:.1f}" for p in ("p50", "p99", "max"))
-        probe = f"; mosquitto round trip (a probe's publish to itself every 10 ms) p50 / p99 / max {trips} ms"
+        probe += (
+            f"; mosquitto round trip (a probe's publish to itself every 10 ms) p50 / p99 / max {trips} ms"
+        )
     return (
         f"  {devices:,}: spike -> command ({summary['commands']} commands to {summary['spikes']} spikes), "
         "p50 / p99 of each part: "

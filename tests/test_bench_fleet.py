@@ -206,3 +206,24 @@ def test_a_nats_cap_out_of_range_is_one_line(value: str) -> None:
     assert done.returncode == 2
     assert "--nats-cpu must be between 1 and 100 per core" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_what_the_bench_saw_itself_is_added_to_the_summary(tmp_path: Path) -> None:
+    fleet = _fleet()
+    spool = tmp_path / "data" / "bridge" / "nerve-bridge.spool"
+    spool.parent.mkdir(parents=True)
+    spool.write_bytes(b"x" * 1000)
+    other = tmp_path / "bridge-2" / "bridge" / "nerve-bridge-2.spool"
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"x" * 24)
+    assert fleet.spool_bytes(tmp_path) == 1024  # every bridge's, together
+    usage = fleet.Usage(pids={}, root=tmp_path)
+    usage.sample()
+    trips = [i / 1000 for i in range(1, 201)]  # 1 to 200 ms
+    summary = fleet.observed(_summary(), usage, list(reversed(trips)))
+    assert summary["spool_peak_bytes"] == 1024
+    assert (summary["probe_p50_ms"], summary["probe_p99_ms"], summary["probe_max_ms"]) == pytest.approx(
+        (101.0, 199.0, 200.0)
+    )
+    assert fleet.observed(None, usage, trips) is None
+    assert "probe_max_ms" not in fleet.observed(_summary(), usage, None)
