@@ -80,10 +80,9 @@ def test_a_killed_bridge_gets_back_what_was_not_stored_and_not_what_was(tmp_path
     first = spool.take(2)
     spool.commit(first[-1].end)  # 0 and 1 stored
     spool.take(2)  # 2 and 3 on their way, not stored
-    # Killed: no close, nothing else written.
+    spool.close()  # killed: nothing else written; the kernel closes the file (and drops its lock)
     again = Spool(path, budget=1 << 30)
     assert taken(again) == [store(i) for i in range(2, 5)]
-    spool.close()
     again.close()
 
 
@@ -279,3 +278,24 @@ def test_a_record_longer_than_a_read_comes_back_whole(tmp_path: Path) -> None:
     again = Spool(path, budget=1 << 30)
     assert taken(again) == [store(1), big, store(2)]
     again.close()
+
+
+def test_a_spool_another_process_holds_is_refused_not_shared(tmp_path: Path) -> None:
+    path = tmp_path / "b.spool"
+    first = Spool(path, budget=1 << 30)
+    with pytest.raises(OSError, match="in use by another bridge process"):
+        Spool(path, budget=1 << 30)  # its own open file: as another process's would be
+    first.close()
+    again = Spool(path, budget=1 << 30)  # free once the holder is gone (the kernel drops it at a kill)
+    again.close()
+
+
+def test_the_bridge_runs_without_a_spool_another_bridge_holds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(overrides={"data_dir": str(tmp_path)})
+    held = open_spool(settings)
+    assert held is not None
+    assert open_spool(settings) is None
+    assert any("in use by another bridge process" in r.getMessage() for r in caplog.records)
+    held.close()

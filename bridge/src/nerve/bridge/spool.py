@@ -35,6 +35,7 @@ Order is kept: while records wait in the spool, new readings go behind them into
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -104,6 +105,7 @@ class Spool:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            self._lock()
             self._committed, self._end = self._recover()
         except BaseException:
             os.close(self._fd)
@@ -113,6 +115,17 @@ class Spool:
         self._records = 0  # appended since the spool was last empty
         self._since = 0.0
         self._holding = self._end - HEADER.size >= budget > 0 or (budget == 0 and not self.empty)
+
+    def _lock(self) -> None:
+        """Take the file for this process: two writers would write over each other's records."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            msg = (
+                f"{self._path} is in use by another bridge process (two uplinks with one bridge.client_id "
+                "take each other's MQTT session too)"
+            )
+            raise OSError(msg) from None
 
     def _recover(self) -> tuple[int, int]:
         size = os.fstat(self._fd).st_size
@@ -132,6 +145,7 @@ class Spool:
             self._path.replace(bad)
             os.close(self._fd)
             self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._lock()
             self._write_header(HEADER.size)
             return HEADER.size, HEADER.size
         end, count = self._scan(committed, size)
