@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 
 import msgspec
 
-from nerve.runtime.subjects import is_token
+from nerve.bridge.state import state_path
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -62,13 +62,8 @@ WARN_EVERY_S: Final = 60.0
 
 
 def ids_path(settings: Settings) -> Path:
-    """The id file of the bridge of `settings`: `<data_dir>/bridge/<client id>.ids`.
-
-    A client id that is not a token is named by its digest instead.
-    """
-    client_id = settings.bridge.client_id
-    name = client_id if is_token(client_id) else hashlib.sha256(client_id.encode()).hexdigest()[:32]
-    return settings.data_dir / "bridge" / f"{name}.ids"
+    """The id file of the bridge of `settings`: `<data_dir>/bridge/<client id>.ids`."""
+    return state_path(settings, "ids")
 
 
 def digest_of(payload: bytes) -> int:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import logging
 import os
 import struct
@@ -46,7 +45,7 @@ from typing import TYPE_CHECKING, Final, NamedTuple
 
 import msgspec
 
-from nerve.runtime.subjects import is_token
+from nerve.bridge.state import state_path
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -83,13 +82,8 @@ _decode = msgspec.msgpack.Decoder(tuple[str, bytes, bytes, bool, str]).decode
 
 
 def spool_path(settings: Settings) -> Path:
-    """The spool of the bridge of `settings`: `<data_dir>/bridge/<client id>.spool`.
-
-    A client id that is not a token is named by its digest instead (as the id file).
-    """
-    client_id = settings.bridge.client_id
-    name = client_id if is_token(client_id) else hashlib.sha256(client_id.encode()).hexdigest()[:32]
-    return settings.data_dir / "bridge" / f"{name}.spool"
+    """The spool of the bridge of `settings`: `<data_dir>/bridge/<client id>.spool`."""
+    return state_path(settings, "spool")
 
 
 class Spool:
