@@ -4,10 +4,10 @@ Why: under an overload (devices offer more than JetStream stores) the backlog ha
 with mosquitto (2.0), it is queued in mosquitto's memory for the bridge's session and written, whole, to
 mosquitto's database at every autosave, in mosquitto's only thread: at about 400 MiB queued a save stopped
 mosquitto for about 1.2 s, and every command sent then waited it out (docs/fleet.md, "A command waits
-out mosquitto's autosave"). Here the bridge keeps taking what mosquitto sends; what JetStream has no room
-for (`bridge.max_in_flight` stores already on their way) is appended to this file and acknowledged to
-mosquitto once written, and is sent to JetStream from the file, in order, as room comes back. mosquitto
-then holds no backlog, and a command goes through it at once.
+out mosquitto's autosave"). Here the bridge keeps taking what mosquitto sends; what comes while JetStream
+is behind (half of `bridge.max_in_flight` stores already on their way) is appended to this file and
+acknowledged to mosquitto once written, and is sent to JetStream from the file, in order, as room comes
+back. mosquitto then holds no backlog, and a command goes through it at once.
 
 The file (`<data_dir>/bridge/<client id>.spool`) is a 16-byte header (magic, then the offset up to which
 every record is stored in JetStream) and records, each `length (u32) | crc32 (u32) | msgpack of
@@ -48,6 +48,7 @@ import msgspec
 from nerve.bridge.state import state_path
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
     from nerve.runtime.config.settings import Settings
@@ -78,7 +79,7 @@ class Record(NamedTuple):
 
 _Stored = tuple[str, bytes, bytes, bool, str]
 _encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(tuple[str, bytes, bytes, bool, str]).decode
+_decode = msgspec.msgpack.Decoder(_Stored).decode
 
 
 def spool_path(settings: Settings) -> Path:
@@ -155,37 +156,47 @@ class Spool:
             log.info("bridge: %d readings wait in the spool %s; sending them to JetStream", count, self._path)
         return committed, end
 
+    def _frames(self, start: int, stop: int, chunk_size: int) -> Iterator[tuple[int, memoryview]]:
+        """Each whole record in [start, stop), in order: (where it ends, its checksummed bytes).
+
+        Stops at the first record that is cut short, too long or whose checksum is wrong. Reads
+        `chunk_size` at a time (a record longer than that is read on its own).
+        """
+        offset = start
+        while offset < stop:
+            chunk = memoryview(os.pread(self._fd, min(chunk_size, stop - offset), offset))
+            at = 0
+            while at + RECORD.size <= len(chunk):
+                length, crc = RECORD.unpack_from(chunk, at)
+                if length > MAX_RECORD or offset + at + RECORD.size + length > stop:
+                    return
+                if at + RECORD.size + length > len(chunk):
+                    break  # read on from this record
+                data = chunk[at + RECORD.size : at + RECORD.size + length]
+                if zlib.crc32(data) != crc:
+                    return
+                at += RECORD.size + length
+                yield offset + at, data
+            if at == 0:  # the chunk ends inside its first record: a record longer than the chunk
+                if len(chunk) < RECORD.size:
+                    return
+                length, crc = RECORD.unpack_from(chunk, 0)
+                whole = memoryview(os.pread(self._fd, RECORD.size + length, offset))
+                if len(whole) < RECORD.size + length or zlib.crc32(whole[RECORD.size :]) != crc:
+                    return
+                at = len(whole)
+                yield offset + at, whole[RECORD.size :]
+            offset += at
+
     def _scan(self, start: int, stop: int) -> tuple[int, int]:
         """Where the whole records from `start` end, and how many there are.
 
         Framing and checksums only (decoding each record too took 1.6 s a million readings here).
         """
-        offset, count = start, 0
-        while offset < stop:
-            chunk = os.pread(self._fd, min(SCAN_CHUNK, stop - offset), offset)
-            view = memoryview(chunk)
-            at = 0
-            while at + RECORD.size <= len(chunk):
-                length, crc = RECORD.unpack_from(chunk, at)
-                if length > MAX_RECORD or offset + at + RECORD.size + length > stop:
-                    return offset + at, count
-                if at + RECORD.size + length > len(chunk):
-                    break  # read on from this record
-                if zlib.crc32(view[at + RECORD.size : at + RECORD.size + length]) != crc:
-                    return offset + at, count
-                at += RECORD.size + length
-                count += 1
-            if at == 0:  # the chunk ends inside its first record: a record longer than the chunk
-                if len(chunk) < RECORD.size:
-                    return offset, count
-                length, crc = RECORD.unpack_from(chunk, 0)
-                whole = os.pread(self._fd, RECORD.size + length, offset)
-                if len(whole) < RECORD.size + length or zlib.crc32(whole[RECORD.size :]) != crc:
-                    return offset, count
-                at = len(whole)
-                count += 1
-            offset += at
-        return offset, count
+        end, count = start, 0
+        for end, _ in self._frames(start, stop, SCAN_CHUNK):  # noqa: B007 - the last one is the answer
+            count += 1
+        return end, count
 
     def _write_header(self, committed: int) -> None:
         os.pwrite(self._fd, HEADER.pack(MAGIC, committed), 0)
@@ -193,33 +204,16 @@ class Spool:
     def _parse(self, start: int, stop: int, *, limit: int) -> list[Record]:
         """The whole records in [start, stop), at most `limit`; stops at the first that does not read."""
         records: list[Record] = []
-        offset = start
-        chunk = b""
-        chunk_at = start
-        while offset < stop and len(records) < limit:
-            at = offset - chunk_at
-            if at + RECORD.size > len(chunk):
-                chunk = os.pread(self._fd, max(READ_CHUNK, RECORD.size), offset)
-                chunk_at, at = offset, 0
-                if len(chunk) < RECORD.size:
-                    break
-            length, crc = RECORD.unpack_from(chunk, at)
-            if length > MAX_RECORD or offset + RECORD.size + length > stop:
-                break
-            if at + RECORD.size + length > len(chunk):
-                chunk = os.pread(self._fd, max(READ_CHUNK, RECORD.size + length), offset)
-                chunk_at, at = offset, 0
-                if len(chunk) < RECORD.size + length:
-                    break
-            data = chunk[at + RECORD.size : at + RECORD.size + length]
-            if zlib.crc32(data) != crc:
-                break
+        if limit < 1:
+            return records
+        for end, data in self._frames(start, stop, READ_CHUNK):
             try:
                 subject, headers, body, dead_letter, origin = _decode(data)
             except msgspec.DecodeError:
                 break
-            offset += RECORD.size + length
-            records.append(Record(subject, headers, body, dead_letter, origin, offset))
+            records.append(Record(subject, headers, body, dead_letter, origin, end))
+            if len(records) >= limit:
+                break
         return records
 
     # -- state
